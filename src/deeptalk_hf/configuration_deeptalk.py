@@ -1,0 +1,223 @@
+"""DeepTalk configuration: a Qwen3-MoE-style config with modality experts and a speech vocabulary block."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+MODALITY_ROUTING_MODES = ("hard", "none")
+_ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@strict
+class DeepTalkConfig(PreTrainedConfig):
+    r"""
+    Configuration of a DeepTalk speech-text Mixture-of-Experts LLM.
+
+    Field names follow Qwen3-MoE (so a Qwen3-MoE `config.json` builds an equivalent config); the DeepTalk-specific
+    fields are:
+
+    - `speech_vocab_size`: size of the speech block, always the **last** ids of the vocabulary
+      (`speech_token_start = vocab_size - speech_vocab_size`). Speech ids use `model.speech_embed_tokens` and
+      `speech_lm_head`, text ids the original `embed_tokens` and `lm_head`.
+    - `num_experts`: text experts per MoE layer; `num_speech_experts`: speech experts per MoE layer (0 allowed).
+      Each is an int or a list with one entry per MoE layer (the layers not in `mlp_only_layers`).
+    - `modality_routing`: `"hard"` (a token only sees its own modality's experts) or `"none"` (every token is
+      scored over all experts, as the source MoE did). Read at forward time.
+    - `speech_expert_ids`: per MoE layer, the source-MoE indices of the experts held by `speech_experts` (recorded
+      by expert assignment), so routing `"none"` scores experts in the source order. `None` means the speech
+      experts follow the text experts.
+    - `shared_expert_intermediate_size` / `shared_expert_gate`: optional shared experts for every token, with an
+      optional Qwen2-MoE-style sigmoid gate.
+    - `router_z_loss_coef`: weight of the router z-loss (`mean(logsumexp(logits)**2)`).
+    - `qkv_bias`: bias on q/k/v only (Qwen2); `attention_bias` puts a bias on q/k/v/o (Llama, Qwen3).
+    - `use_qk_norm`: RMSNorm on queries and keys per head (Qwen3).
+
+    `decoder_sparse_step` and `first_k_dense_replace` are accepted and folded into `mlp_only_layers`, the one place
+    that holds the dense layers.
+    """
+
+    model_type = "deeptalk"
+    keys_to_ignore_at_inference = ["cache"]
+    attribute_map = {"num_local_experts": "num_experts", "n_routed_experts": "num_experts"}
+
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.speech_experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.speech_experts.down_proj": "rowwise",
+        "layers.*.mlp.speech_experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+        "layers.*.mlp.speech_experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.speech_experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.speech_experts": "ep_dispatch_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 151936
+    speech_vocab_size: int = 0
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    moe_intermediate_size: int = 768
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 4
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    use_qk_norm: bool = True
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    attention_dropout: float | int = 0.0
+    mlp_only_layers: list[int] | None = None
+    num_experts: int | list[int] = 8
+    num_speech_experts: int | list[int] = 0
+    num_experts_per_tok: int = 2
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    modality_routing: str = "hard"
+    speech_expert_ids: list[list[int]] | None = None
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_z_loss_coef: float = 0.0
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        # Folded into `mlp_only_layers` (Qwen2/3-MoE `decoder_sparse_step`, DeepSeek `first_k_dense_replace`).
+        sparse_step = kwargs.pop("decoder_sparse_step", 1) or 1
+        first_dense = kwargs.pop("first_k_dense_replace", 0) or 0
+        # Qwen-style switch: a window given with `use_sliding_window=False` is not used.
+        if not kwargs.pop("use_sliding_window", True):
+            self.sliding_window = None
+        kwargs.pop("max_window_layers", None)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        dense = set(self.mlp_only_layers or [])
+        dense.update(range(min(first_dense, self.num_hidden_layers)))
+        if sparse_step != 1:
+            dense.update(i for i in range(self.num_hidden_layers) if (i + 1) % sparse_step != 0)
+        self.mlp_only_layers = sorted(dense)
+        if self.layer_types is None:
+            kind = "full_attention" if self.sliding_window is None else "sliding_attention"
+            self.layer_types = [kind] * self.num_hidden_layers
+        self._validate_deeptalk()
+        super().__post_init__(**kwargs)
+
+    def _validate_deeptalk(self) -> None:
+        """Checks that fail with a `ValueError` naming the field and the offending values."""
+        if not 0 <= self.speech_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"speech_vocab_size={self.speech_vocab_size} does not fit in vocab_size={self.vocab_size}: the speech "
+                "block is the last `speech_vocab_size` ids and the text block must keep at least one id"
+            )
+        if self.modality_routing not in MODALITY_ROUTING_MODES:
+            raise ValueError(
+                f"modality_routing={self.modality_routing!r} is unknown; expected one of {MODALITY_ROUTING_MODES}"
+            )
+        bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad_layers:
+            raise ValueError(
+                f"mlp_only_layers has layer indices {bad_layers} outside [0, num_hidden_layers={self.num_hidden_layers})"
+            )
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(_ATTENTION_LAYER_TYPES):
+            raise ValueError(
+                f"layer_types={self.layer_types} must have num_hidden_layers={self.num_hidden_layers} entries from "
+                f"{_ATTENTION_LAYER_TYPES}"
+            )
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
+        if self.num_experts_per_tok < 1:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be at least 1")
+        num_moe = len(self.moe_layers)
+        for name, minimum in (("num_experts", 1), ("num_speech_experts", 0)):
+            value = getattr(self, name)
+            counts = value if isinstance(value, list) else [value]
+            if isinstance(value, list) and len(value) != num_moe:
+                raise ValueError(
+                    f"{name} has {len(value)} entries but the model has {num_moe} MoE layers "
+                    f"(num_hidden_layers={self.num_hidden_layers}, mlp_only_layers={self.mlp_only_layers})"
+                )
+            if any(c < minimum for c in counts):
+                raise ValueError(f"{name}={value} has counts below {minimum}")
+        if self.shared_expert_intermediate_size < 0:
+            raise ValueError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is negative")
+        if self.speech_expert_ids is not None:
+            if len(self.speech_expert_ids) != num_moe:
+                raise ValueError(
+                    f"speech_expert_ids has {len(self.speech_expert_ids)} entries but the model has {num_moe} MoE layers"
+                )
+            for layer, ids in zip(self.moe_layers, self.speech_expert_ids):
+                num_text, num_speech = self.layer_experts(layer)
+                if len(ids) != num_speech or len(set(ids)) != len(ids) or not all(
+                    0 <= i < num_text + num_speech for i in ids
+                ):
+                    raise ValueError(
+                        f"speech_expert_ids[{self.moe_layers.index(layer)}]={ids} must list {num_speech} distinct "
+                        f"expert indices in [0, {num_text + num_speech}) for layer {layer}"
+                    )
+
+    @property
+    def speech_token_start(self) -> int:
+        """First id of the speech block (the last `speech_vocab_size` ids of the vocabulary)."""
+        return self.vocab_size - self.speech_vocab_size
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the decoder layers with a sparse MoE block, in order."""
+        dense = set(self.mlp_only_layers or [])
+        return [i for i in range(self.num_hidden_layers) if i not in dense]
+
+    def layer_experts(self, layer_idx: int) -> tuple[int, int]:
+        """`(num_text_experts, num_speech_experts)` of MoE layer `layer_idx`."""
+        position = self.moe_layers.index(layer_idx)
+
+        def pick(value):
+            return value[position] if isinstance(value, list) else value
+
+        return pick(self.num_experts), pick(self.num_speech_experts)
+
+    def expert_order(self, layer_idx: int) -> list[int] | None:
+        """Source-MoE index of each expert in `[experts; speech_experts]` order, or `None` if it is the identity."""
+        if self.speech_expert_ids is None:
+            return None
+        num_text, num_speech = self.layer_experts(layer_idx)
+        speech = self.speech_expert_ids[self.moe_layers.index(layer_idx)]
+        taken = set(speech)
+        order = [i for i in range(num_text + num_speech) if i not in taken] + list(speech)
+        return None if order == list(range(num_text + num_speech)) else order
+
+
+__all__ = ["DeepTalkConfig"]

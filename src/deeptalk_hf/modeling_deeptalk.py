@@ -1,0 +1,606 @@
+"""DeepTalk: a speech-text Mixture-of-Experts causal LM whose experts are split by modality.
+
+The text model is an ordinary Qwen3-MoE-style decoder. Everything speech-specific lives in its own tensors beside it:
+`mlp.speech_experts` / `mlp.speech_gate` in each MoE layer, `model.speech_embed_tokens` and `speech_lm_head` for the
+speech block of the vocabulary. Under hard modality routing a text token only touches text tensors, so freezing a
+modality is `requires_grad=False` on whole tensors and text outputs stay bit-identical through speech-only training.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.qwen3_moe.modeling_qwen3_moe import (
+    Qwen3MoeExperts,
+    Qwen3MoeMLP,
+    Qwen3MoeRMSNorm,
+    Qwen3MoeRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_deeptalk import DeepTalkConfig
+
+DeepTalkRMSNorm = Qwen3MoeRMSNorm
+DeepTalkMLP = Qwen3MoeMLP
+DeepTalkRotaryEmbedding = Qwen3MoeRotaryEmbedding
+
+
+def speech_positions(
+    config: DeepTalkConfig,
+    input_ids: torch.LongTensor | None,
+    modality_ids: torch.Tensor | None,
+    shape: torch.Size,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean `[batch, seq]` mask of the positions routed as speech.
+
+    `modality_ids` (0 text, 1 speech) wins; without it the id block decides; without either, all positions are text.
+    """
+    if modality_ids is not None:
+        if tuple(modality_ids.shape) != tuple(shape):
+            raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(shape)}")
+        return modality_ids.to(device=device) == 1
+    if input_ids is not None:
+        return input_ids >= config.speech_token_start
+    return torch.zeros(shape, dtype=torch.bool, device=device)
+
+
+def topk_routing(
+    logits: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over one expert group and a tie-stable top-k (the lowest index wins among equal scores).
+
+    A group smaller than `top_k` uses all its experts; the spare slots carry the sentinel index `E` (the group size)
+    with weight 0, which every experts backend skips. Returns `(probs, weights, indices)`.
+    """
+    num_experts = logits.shape[-1]
+    probs = F.softmax(logits, dim=-1, dtype=torch.float)
+    k = min(top_k, num_experts)
+    weights, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, indices = weights[..., :k], indices[..., :k]
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if scaling != 1.0:
+        weights = weights * scaling
+    if k < top_k:
+        weights = F.pad(weights, (0, top_k - k), value=0.0)
+        indices = F.pad(indices, (0, top_k - k), value=num_experts)
+    return probs, weights.to(logits.dtype), indices
+
+
+class DeepTalkAttention(nn.Module):
+    """GQA attention with optional qkv bias (Qwen2), q/k norm (Qwen3) and sliding window, via `ALL_ATTENTION_FUNCTIONS`."""
+
+    def __init__(self, config: DeepTalkConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        qkv_bias = config.attention_bias or config.qkv_bias
+        q_size, kv_size = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        if config.use_qk_norm:
+            self.q_norm = DeepTalkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = DeepTalkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.sliding_window = (
+            config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.use_qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+@use_experts_implementation
+class DeepTalkExperts(Qwen3MoeExperts):
+    """Experts as fused 3D tensors (`gate_up_proj` `[E, 2I, H]`, `down_proj` `[E, H, I]`), Qwen3-MoE's eager math.
+
+    The expert count is per module (text and speech groups differ, and may differ per layer). DeepTalk routing emits
+    sentinel slots (hard routing, groups smaller than top-k), so the experts backends always take their sentinel-safe
+    path (the one they use under expert parallelism).
+    """
+
+    def __init__(self, config: DeepTalkConfig, num_experts: int):
+        nn.Module.__init__(self)
+        self.num_experts = num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    _is_expert_parallel = property(lambda self: True, lambda self, value: None)
+
+
+class DeepTalkTopKRouter(nn.Module):
+    """A linear router over one expert group; top-k selection happens in the sparse block, per modality."""
+
+    def __init__(self, config: DeepTalkConfig, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.zeros(num_experts, config.hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.weight)
+
+
+class DeepTalkSparseMoeBlock(nn.Module):
+    """Text experts + router, speech experts + router, optional shared experts.
+
+    Routing `"hard"`: text tokens are scored against `gate` only and use `experts`; speech tokens against
+    `speech_gate` and use `speech_experts` (or the text group in a layer without speech experts). Routing `"none"`:
+    every token is scored over `[gate; speech_gate]` in the source MoE's expert order, as that MoE did.
+    Returns the output and the router logits `[tokens, E_text + E_speech]` (text columns first).
+    """
+
+    def __init__(self, config: DeepTalkConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_text_experts, self.num_speech_experts = config.layer_experts(layer_idx)
+        self.gate = DeepTalkTopKRouter(config, self.num_text_experts)
+        self.experts = DeepTalkExperts(config, self.num_text_experts)
+        if self.num_speech_experts:
+            self.speech_gate = DeepTalkTopKRouter(config, self.num_speech_experts)
+            self.speech_experts = DeepTalkExperts(config, self.num_speech_experts)
+        if config.shared_expert_intermediate_size:
+            self.shared_experts = DeepTalkMLP(config, intermediate_size=config.shared_expert_intermediate_size)
+            if config.shared_expert_gate:
+                self.shared_experts_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        _, weights, indices = topk_routing(
+            logits, config.num_experts_per_tok, config.norm_topk_prob, config.routed_scaling_factor
+        )
+        return weights, indices
+
+    def _hard(self, hidden: torch.Tensor, text_logits, speech_logits, is_speech: torch.Tensor) -> torch.Tensor:
+        """Each token goes to its own modality's group only; the groups run on their own tokens."""
+        output = torch.zeros_like(hidden)
+        for rows, logits, experts in (
+            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts),
+            (is_speech.nonzero().squeeze(-1), speech_logits, self.speech_experts),
+        ):
+            if rows.numel():
+                weights, indices = self._route(logits[rows])
+                output = output.index_copy(0, rows, experts(hidden[rows], indices, weights))
+        return output
+
+    def _joint(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        """Routing `"none"`: one top-k over all experts in source order, then each group gets its slots."""
+        num_text = self.num_text_experts
+        order = self.config.expert_order(self.layer_idx)
+        if order is not None:
+            position = torch.argsort(torch.tensor(order, device=router_logits.device))
+            router_logits = router_logits[:, position]
+        weights, indices = self._route(router_logits)
+        if order is not None:
+            # Back from source indices to `[experts; speech_experts]` positions (the sentinel stays the sentinel).
+            lookup = torch.cat([position, position.new_tensor([position.numel()])])
+            indices = lookup[indices]
+        is_text = indices < num_text
+        is_speech = ~is_text & (indices < num_text + self.num_speech_experts)
+        text_out = self.experts(
+            hidden, torch.where(is_text, indices, num_text), weights.masked_fill(~is_text, 0.0)
+        )
+        speech_out = self.speech_experts(
+            hidden,
+            torch.where(is_speech, indices - num_text, self.num_speech_experts),
+            weights.masked_fill(~is_speech, 0.0),
+        )
+        return text_out + speech_out
+
+    def forward(
+        self, hidden_states: torch.Tensor, modality_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_size, seq_len, hidden_dim = hidden_states.shape
+        hidden = hidden_states.reshape(-1, hidden_dim)
+        text_logits = self.gate(hidden)
+        if not self.num_speech_experts:
+            router_logits = text_logits
+            weights, indices = self._route(text_logits)
+            output = self.experts(hidden, indices, weights)
+        else:
+            speech_logits = self.speech_gate(hidden)
+            router_logits = torch.cat([text_logits, speech_logits], dim=-1)
+            if self.config.modality_routing == "none":
+                output = self._joint(hidden, router_logits)
+            else:
+                is_speech = (
+                    modality_ids.reshape(-1)
+                    if modality_ids is not None
+                    else torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
+                )
+                output = self._hard(hidden, text_logits, speech_logits, is_speech)
+        if hasattr(self, "shared_experts"):
+            shared = self.shared_experts(hidden)
+            if hasattr(self, "shared_experts_gate"):
+                shared = torch.sigmoid(self.shared_experts_gate(hidden)) * shared
+            output = output + shared
+        return output.reshape(batch_size, seq_len, hidden_dim), router_logits
+
+
+class DeepTalkDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DeepTalkConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = DeepTalkAttention(config, layer_idx)
+        self.is_sparse = layer_idx not in config.mlp_only_layers
+        if self.is_sparse:
+            self.mlp = DeepTalkSparseMoeBlock(config, layer_idx)
+        else:
+            self.mlp = DeepTalkMLP(config, intermediate_size=config.intermediate_size)
+        self.input_layernorm = DeepTalkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DeepTalkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        modality_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if self.is_sparse:
+            hidden_states, _ = self.mlp(hidden_states, modality_ids)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class DeepTalkPreTrainedModel(PreTrainedModel):
+    config: DeepTalkConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepTalkDecoderLayer"]
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = False  # hard routing splits tokens by modality (data-dependent shapes)
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(DeepTalkSparseMoeBlock, index=1),
+        "hidden_states": DeepTalkDecoderLayer,
+        "attentions": DeepTalkAttention,
+    }
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DeepTalkExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, DeepTalkTopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+class DeepTalkModel(DeepTalkPreTrainedModel):
+    def __init__(self, config: DeepTalkConfig):
+        super().__init__(config)
+        text_vocab = config.speech_token_start
+        self.padding_idx = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < text_vocab else None
+        self.embed_tokens = nn.Embedding(text_vocab, config.hidden_size, self.padding_idx)
+        if config.speech_vocab_size:
+            self.speech_embed_tokens = nn.Embedding(config.speech_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [DeepTalkDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = DeepTalkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DeepTalkRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Text ids read `embed_tokens`, speech ids `speech_embed_tokens` (rows chosen by id)."""
+        start = self.config.speech_token_start
+        if not self.config.speech_vocab_size:
+            return self.embed_tokens(input_ids)
+        is_speech = input_ids >= start
+        text = self.embed_tokens(input_ids.masked_fill(is_speech, 0))
+        speech = self.speech_embed_tokens((input_ids - start).clamp(min=0))
+        return torch.where(is_speech.unsqueeze(-1), speech, text)
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        modality_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoeModelOutputWithPast:
+        r"""
+        modality_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            0 for text and 1 for speech positions; decides routing only (e.g. for `inputs_embeds` from an audio
+            encoder). Without it routing follows the id block; without either, every position is text.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        is_speech = speech_positions(
+            self.config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device
+        )
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        if not isinstance(causal_mask_mapping := attention_mask, dict):
+            mask_kwargs = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "cache": cache,
+                "position_ids": position_ids,
+            }
+            causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if "sliding_attention" in self.config.layer_types:
+                causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask_mapping[self.config.layer_types[layer_idx]],
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                modality_ids=is_speech,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+def modality_router_losses(
+    router_logits: tuple[torch.Tensor, ...],
+    is_speech: torch.Tensor,
+    config: DeepTalkConfig,
+    attention_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load-balancing and z-loss per modality group, averaged over MoE layers.
+
+    For each layer and group (hard routing: text tokens over the text router, speech tokens over the speech router,
+    or over the text router in a layer without speech experts; routing "none": all tokens over all experts) the
+    load-balancing loss is `E_g * sum_i f_i * P_i` (f_i: fraction of top-k assignments, summing to k; P_i: mean
+    router probability), the z-loss `mean(logsumexp(logits)**2)`; groups are weighted by their share of the
+    (non-padding) tokens. Returns `(aux_loss, z_loss)`.
+    """
+    device = router_logits[0].device
+    valid = torch.ones(is_speech.shape, device=device) if attention_mask is None else attention_mask.to(device).float()
+    if valid.dim() != 2:  # a 4D mask says nothing about padding here
+        valid = torch.ones(is_speech.shape, device=device)
+    valid = valid.reshape(-1)
+    is_speech = is_speech.reshape(-1).to(device)
+    total = valid.sum().clamp(min=1.0)
+    aux_loss = torch.zeros((), device=device)
+    z_loss = torch.zeros((), device=device)
+    for layer_idx, logits in zip(config.moe_layers, router_logits):
+        num_text, num_speech = config.layer_experts(layer_idx)
+        logits = logits.float()
+        if config.modality_routing == "none" or not num_speech:
+            groups = [(valid, logits)]
+        else:
+            groups = [(valid * ~is_speech, logits[:, :num_text]), (valid * is_speech, logits[:, num_text:])]
+        for weight, group_logits in groups:
+            count = weight.sum()
+            probs, _, indices = topk_routing(group_logits, config.num_experts_per_tok, False)
+            num_experts = group_logits.shape[-1]
+            assignments = torch.zeros(num_experts + 1, device=device).scatter_add_(
+                0, indices.reshape(-1), weight.repeat_interleave(indices.shape[-1])
+            )[:num_experts]
+            denominator = count.clamp(min=1.0)
+            fraction = assignments / denominator
+            mean_prob = (probs * weight[:, None]).sum(0) / denominator
+            share = count / total
+            aux_loss = aux_loss + share * num_experts * (fraction * mean_prob).sum()
+            z = torch.logsumexp(group_logits, dim=-1).pow(2)
+            z_loss = z_loss + share * (z * weight).sum() / denominator
+    num_layers = max(len(router_logits), 1)
+    return aux_loss / num_layers, z_loss / num_layers
+
+
+@dataclass
+class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    r"""
+    z_loss (`torch.FloatTensor`, *optional*):
+        Router z-loss `mean(logsumexp(router_logits)**2)`, per modality group, averaged over MoE layers.
+    """
+
+    z_loss: torch.FloatTensor | None = None
+
+
+class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
+    _tp_plan = {"lm_head": "colwise_gather_output", "speech_lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: DeepTalkConfig):
+        super().__init__(config)
+        self.model = DeepTalkModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.speech_token_start, bias=False)
+        tied = {"lm_head.weight": "model.embed_tokens.weight"}
+        if config.speech_vocab_size:
+            self.speech_lm_head = nn.Linear(config.hidden_size, config.speech_vocab_size, bias=False)
+            tied["speech_lm_head.weight"] = "model.speech_embed_tokens.weight"
+        self._tied_weights_keys = tied
+        self.post_init()
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits over the whole vocabulary: `[lm_head(h) ; speech_lm_head(h)]`."""
+        logits = self.lm_head(hidden_states)
+        if self.config.speech_vocab_size:
+            logits = torch.cat([logits, self.speech_lm_head(hidden_states)], dim=-1)
+        return logits
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        modality_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DeepTalkCausalLMOutputWithPast:
+        r"""
+        modality_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            0 for text and 1 for speech positions (routing only); defaults to the id block of `input_ids`.
+        """
+        config = self.config
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else config.output_router_logits
+        )
+        # Balancing must not silently stop in training because router logits were not requested.
+        wants_router_losses = self.training and labels is not None and (
+            config.router_aux_loss_coef or config.router_z_loss_coef
+        )
+        outputs: MoeModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            modality_ids=modality_ids,
+            output_router_logits=bool(output_router_logits or wants_router_losses),
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.compute_logits(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+
+        aux_loss = z_loss = None
+        if outputs.router_logits:
+            shape = outputs.last_hidden_state.shape[:2]
+            is_speech = speech_positions(config, input_ids, modality_ids, shape, logits.device)
+            aux_loss, z_loss = modality_router_losses(outputs.router_logits, is_speech, config, attention_mask)
+            if loss is not None:
+                loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + config.router_z_loss_coef * z_loss.to(loss.device)
+
+        return DeepTalkCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, modality_ids=None, **kwargs):
+        """Extends a prompt's `modality_ids` over the generated ids (whose block gives their modality)."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if modality_ids is None:
+            return model_inputs
+        step_ids = model_inputs.get("input_ids")
+        if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids cover it
+            model_inputs["modality_ids"] = modality_ids
+            return model_inputs
+        cache = model_inputs.get("cache")
+        past = cache.get_seq_length() if cache is not None else 0
+        step_modality = (step_ids >= self.config.speech_token_start).to(modality_ids.dtype)
+        covered = min(modality_ids.shape[1] - past, step_ids.shape[1])
+        if covered > 0:
+            step_modality[:, :covered] = modality_ids[:, past : past + covered]
+        model_inputs["modality_ids"] = step_modality
+        return model_inputs
+
+
+__all__ = ["DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]

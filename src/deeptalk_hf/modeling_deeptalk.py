@@ -512,6 +512,47 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         self._tied_weights_keys = tied
         self.post_init()
 
+    def resize_speech_vocab(self, speech_vocab_size: int) -> None:
+        """Give the speech block `speech_vocab_size` ids; the text block and the kept speech rows are untouched.
+
+        New speech rows (embedding and output) start at the mean of the text rows, a neutral point that keeps the
+        first speech logits in the range of the text logits. `vocab_size` grows or shrinks with the speech block.
+        """
+        if speech_vocab_size < 0:
+            raise ValueError(f"speech_vocab_size={speech_vocab_size} must be >= 0")
+        config = self.config
+        old = config.speech_vocab_size
+        if speech_vocab_size == old:
+            return
+
+        def resized(text_weight: torch.Tensor, speech_weight: torch.Tensor | None) -> torch.Tensor:
+            rows = text_weight.new_empty(speech_vocab_size, text_weight.shape[1])
+            with torch.no_grad():
+                rows.copy_(text_weight.mean(0, keepdim=True).expand_as(rows))
+                kept = min(old, speech_vocab_size)
+                if kept:
+                    rows[:kept] = speech_weight[:kept]
+            return rows
+
+        embed = self.model.embed_tokens.weight
+        old_embed = self.model.speech_embed_tokens.weight if old else None
+        old_head = self.speech_lm_head.weight if old else None
+        if old:
+            del self.model.speech_embed_tokens, self.speech_lm_head
+            self._tied_weights_keys.pop("speech_lm_head.weight")
+        config.vocab_size = config.speech_token_start + speech_vocab_size
+        config.speech_vocab_size = speech_vocab_size
+        self.vocab_size = config.vocab_size
+        if speech_vocab_size:
+            self.model.speech_embed_tokens = nn.Embedding.from_pretrained(resized(embed, old_embed), freeze=False)
+            self.speech_lm_head = nn.Linear(config.hidden_size, speech_vocab_size, bias=False)
+            self.speech_lm_head.to(device=embed.device, dtype=embed.dtype)
+            with torch.no_grad():
+                self.speech_lm_head.weight.copy_(resized(self.lm_head.weight, old_head))
+            self._tied_weights_keys["speech_lm_head.weight"] = "model.speech_embed_tokens.weight"
+            if config.tie_word_embeddings:
+                self.speech_lm_head.weight = self.model.speech_embed_tokens.weight
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary: `[lm_head(h) ; speech_lm_head(h)]`."""
         logits = self.lm_head(hidden_states)

@@ -44,3 +44,16 @@ def _register() -> None:
 _register()
 
 __all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]
+
+# Speech-token processor (issue 4): registered with AutoProcessor on import.
+from transformers import AutoProcessor  # noqa: E402
+
+from .processing_deeptalk import (  # noqa: E402
+    DeepTalkProcessor,
+    SpeechTextOutput,
+    add_speech_tokens,
+    fit_speech_vocab,
+)
+
+AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
+__all__ += ["DeepTalkProcessor", "SpeechTextOutput", "add_speech_tokens", "fit_speech_vocab"]

@@ -3,6 +3,9 @@ codecs and a tiny DeepTalk model, all with random weights (nothing can be downlo
 
 from __future__ import annotations
 
+from importlib.util import find_spec
+
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -17,6 +20,8 @@ SENTENCES = [
     "user assistant system",
 ]
 WORDS = sorted({word for sentence in SENTENCES for word in sentence.split()})
+HAVE_SNAC = find_spec("snac") is not None
+needs_snac = pytest.mark.skipif(not HAVE_SNAC, reason="needs the snac package: pip install 'deeptalk-hf[audio]'")
 TEXT_VOCAB_SIZE = 48  # the text model's rows, padded beyond the tokenizer (as real checkpoints are)
 
 

@@ -48,6 +48,7 @@ __all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPr
 # Speech-token processor (issue 4): registered with AutoProcessor on import.
 from transformers import AutoProcessor  # noqa: E402
 
+from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample  # noqa: E402
 from .processing_deeptalk import (  # noqa: E402
     DeepTalkProcessor,
     SpeechTextOutput,
@@ -56,4 +57,13 @@ from .processing_deeptalk import (  # noqa: E402
 )
 
 AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
-__all__ += ["DeepTalkProcessor", "SpeechTextOutput", "add_speech_tokens", "fit_speech_vocab"]
+__all__ += [
+    "AudioCodec",
+    "DeepTalkProcessor",
+    "MimiCodec",
+    "SnacCodec",
+    "SpeechTextOutput",
+    "add_speech_tokens",
+    "fit_speech_vocab",
+    "resample",
+]

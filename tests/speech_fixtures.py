@@ -71,9 +71,9 @@ def tiny_snac():
     torch.manual_seed(0)
     return SNAC(
         sampling_rate=24000,
-        encoder_dim=8,
+        encoder_dim=4,
         encoder_rates=[2, 4, 8, 8],
-        decoder_dim=64,
+        decoder_dim=16,
         decoder_rates=[8, 8, 4, 2],
         attn_window_size=None,
         codebook_size=64,

@@ -11,12 +11,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from queue import Queue
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from tokenizers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.generation import LogitsProcessor
+from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -526,10 +529,183 @@ class DeepTalkProcessor(ProcessorMixin):
         return empty, empty, [], {"speech_units": batch}
 
 
+@dataclass
+class TextDelta:
+    """New text since the previous delta."""
+
+    text: str
+
+
+@dataclass
+class SpeechChunk:
+    """New units of speech segment `segment` (0-based, in generation order)."""
+
+    segment: int
+    units: list[int]
+
+
+@dataclass
+class AudioChunk:
+    """The next stretch of speech segment `segment`'s waveform."""
+
+    segment: int
+    waveform: torch.Tensor
+    sampling_rate: int
+
+
+class DeepTalkStreamer(BaseStreamer):
+    """Streams `generate` as `TextDelta`, `SpeechChunk` and, with a codec, `AudioChunk` events, in generation order.
+
+    Iterate over it while `generate` runs in another thread (as with `TextIteratorStreamer`), or after it returns.
+    Per segment, the speech chunks concatenate to `processor.decode(...).speech_units`; the text deltas concatenate to
+    its text. An audio chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of
+    a segment), from those frames plus up to `context_frames` earlier ones whose samples are dropped, which smooths
+    chunk boundaries for codecs that look backwards.
+    """
+
+    def __init__(
+        self,
+        processor: DeepTalkProcessor,
+        codec: AudioCodec | None = None,
+        *,
+        skip_prompt: bool = True,
+        audio_chunk_frames: int = 2,
+        context_frames: int = 2,
+        timeout: float | None = None,
+        **decode_kwargs: Any,
+    ):
+        if audio_chunk_frames < 1 or context_frames < 0:
+            raise ValueError(
+                f"audio_chunk_frames={audio_chunk_frames} must be >= 1, context_frames={context_frames} >= 0"
+            )
+        self.processor, self.codec = processor, codec
+        self.skip_prompt, self.timeout = skip_prompt, timeout
+        self.audio_chunk_frames, self.context_frames = audio_chunk_frames, context_frames
+        self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
+        self.queue: Queue = Queue()
+        self._splitter = _SpeechSplitter(processor.speech_token_start, processor.num_speech_units)
+        self._seen_prompt = False
+        self._text_length = 0  # characters of text already sent
+        self._voiced_frames: dict[int, int] = {}  # per segment, frames already sent as audio
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("DeepTalkStreamer streams one sequence; generate with batch size 1")
+        if self.skip_prompt and not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        self._seen_prompt = True
+        splitter, units, segment = self._splitter, [], None
+        for token in value.reshape(-1).tolist():
+            kind = splitter.push(token)
+            if kind == "unit" and len(splitter.segments) - 1 != segment:
+                self._send_units(segment, units)
+                segment, units = len(splitter.segments) - 1, []
+            if kind == "unit":
+                units.append(splitter.segments[-1][-1])
+            elif kind == "text":
+                self._send_units(segment, units)
+                units = []
+                self._send_text(final=False)
+            elif kind in ("begin", "end"):
+                self._send_units(segment, units)
+                units = []
+                self._finish_segments(keep_open=kind == "begin")
+        self._send_units(segment, units)
+
+    def end(self) -> None:
+        self._send_text(final=True)
+        self._finish_segments(keep_open=False)
+        self.queue.put(None, timeout=self.timeout)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TextDelta | SpeechChunk | AudioChunk:
+        event = self.queue.get(timeout=self.timeout)
+        if event is None:
+            raise StopIteration
+        return event
+
+    def _send_text(self, final: bool) -> None:
+        text = self.processor.tokenizer.decode(self._splitter.text_ids, **self.decode_kwargs)
+        if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        if len(text) > self._text_length:
+            self.queue.put(TextDelta(text[self._text_length :]), timeout=self.timeout)
+            self._text_length = len(text)
+
+    def _send_units(self, segment: int | None, units: list[int]) -> None:
+        if not units:
+            return
+        self.queue.put(SpeechChunk(segment, units), timeout=self.timeout)
+        self._send_audio(segment, final=False)
+
+    def _finish_segments(self, keep_open: bool) -> None:
+        """Send the rest of the audio of every segment but (if `keep_open`) the one just opened."""
+        last = len(self._splitter.segments) - (1 if keep_open else 0)
+        for segment in [s for s in self._voiced_frames if s < last]:
+            self._send_audio(segment, final=True)
+            del self._voiced_frames[segment]
+
+    def _send_audio(self, segment: int, final: bool) -> None:
+        codec = self.codec
+        if codec is None:
+            return
+        per_frame = codec.units_per_frame
+        units = self._splitter.segments[segment]
+        done, ready = self._voiced_frames.setdefault(segment, 0), len(units) // per_frame
+        if ready == done or (ready - done < self.audio_chunk_frames and not final):
+            return
+        first = max(0, done - self.context_frames)
+        waveform = codec.decode(codec.from_units(units[first * per_frame : ready * per_frame]))
+        waveform = waveform[(done - first) * codec.samples_per_frame :]
+        self.queue.put(AudioChunk(segment, waveform, codec.sampling_rate), timeout=self.timeout)
+        self._voiced_frames[segment] = ready
+
+
+class SpeechUnitsLogitsProcessor(LogitsProcessor):
+    """Keeps generated speech decodable by `codec`: inside a `<|begin_of_speech|>` segment the next unit must have
+    the codebook level that the codec's frame layout puts at that position, and `<|end_of_speech|>` may only close
+    whole frames. Text stays allowed inside segments only with `allow_text=True` (interleaved answers).
+    Outside segments nothing changes. Useful for models in training and for random-weight pipelines."""
+
+    def __init__(self, processor: DeepTalkProcessor, codec: AudioCodec, *, allow_text: bool = False):
+        if codec.num_units > processor.num_speech_units:
+            raise ValueError(
+                f"the codec makes {codec.num_units} distinct units but the tokenizer has {processor.num_speech_units}"
+            )
+        self.start, self.num_units = processor.speech_token_start, processor.num_speech_units
+        self.begin, self.end = processor.begin_of_speech_id, processor.end_of_speech_id
+        self.levels = torch.tensor(codec.frame_levels)
+        self.codebook_size = codec.codebook_size
+        self.allow_text = allow_text
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        is_marker = (input_ids == self.begin) | (input_ids == self.end)
+        last_marker = torch.where(is_marker, positions, -1).max(dim=1).values
+        inside = (last_marker >= 0) & (input_ids.gather(1, last_marker.clamp(min=0)[:, None])[:, 0] == self.begin)
+        is_unit = (input_ids >= self.start) & (input_ids < self.start + self.num_units)
+        count = (is_unit & (positions > last_marker[:, None])).sum(1)
+        low = self.start + self.levels.to(input_ids.device)[count % len(self.levels)] * self.codebook_size
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        allowed = (vocab >= low[:, None]) & (vocab < low[:, None] + self.codebook_size)
+        allowed |= (vocab == self.end) & (count % len(self.levels) == 0)[:, None]
+        if self.allow_text:
+            allowed |= vocab < self.start
+        return scores.masked_fill(inside[:, None] & ~allowed, -float("inf"))
+
+
 __all__ = [
+    "AudioChunk",
     "DeepTalkProcessor",
+    "DeepTalkStreamer",
+    "INTERLEAVE_POLICIES",
+    "SpeechChunk",
     "SpeechTextOutput",
+    "SpeechUnitsLogitsProcessor",
+    "TextDelta",
     "add_speech_tokens",
     "fit_speech_vocab",
-    "INTERLEAVE_POLICIES",
 ]

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from speech_fixtures import HAVE_SNAC, needs_snac, tiny_mimi, tiny_processor, tiny_snac
+from transformers import AutoProcessor
 
 from deeptalk_hf.audio_codecs import AudioCodec, MimiCodec, SnacCodec, _snac_frame_levels, resample
 
@@ -230,3 +231,15 @@ def test_snac_loading_names_the_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "snac", None)  # as if the package were not installed
     with pytest.raises(ImportError, match=re.escape("pip install 'deeptalk-hf[audio]'")):
         SnacCodec.from_pretrained("hubertsiuzdak/snac_24khz")
+
+
+def test_the_codec_is_not_saved_with_the_processor_but_can_be_passed_back(tmp_path):
+    processor = tiny_processor(MIMI.num_units, codec=MIMI)
+    processor.save_pretrained(tmp_path)
+    assert "codec" not in json.loads((tmp_path / "processor_config.json").read_text())
+    assert processor.codec is MIMI  # saving leaves it in place
+    assert AutoProcessor.from_pretrained(tmp_path).codec is None
+    loaded = AutoProcessor.from_pretrained(tmp_path, codec=MIMI)
+    waveform = 0.1 * torch.randn(3000, generator=torch.Generator().manual_seed(3))
+    sample = {"text": "hello <|speech|>", "audio": waveform, "sampling_rate": 24000}
+    assert loaded(**sample)["input_ids"] == processor(**sample)["input_ids"]

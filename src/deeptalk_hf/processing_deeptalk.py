@@ -175,8 +175,11 @@ class _SpeechSplitter:
 
 
 def _is_unit_segment(value: Any) -> bool:
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.ndim == 1
+    """A non-empty 1-D sequence of integers (list, tuple, tensor or array)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 1 and value.numel() > 0 and not (value.is_floating_point() or value.is_complex())
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.size > 0 and np.issubdtype(value.dtype, np.integer)
     return (
         isinstance(value, (list, tuple))
         and len(value) > 0
@@ -416,9 +419,11 @@ class DeepTalkProcessor(ProcessorMixin):
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
 
     def _checked_units(self, units: Any, where: str) -> list[int]:
-        units = units.tolist() if isinstance(units, (torch.Tensor, np.ndarray)) else [int(u) for u in units]
-        if not units:
+        if len(units) == 0:
             raise ValueError(f"speech_units{where} is empty: a speech segment needs at least one unit")
+        if not _is_unit_segment(units):
+            raise ValueError(f"speech_units{where} must hold integer unit ids")
+        units = units.tolist() if isinstance(units, (torch.Tensor, np.ndarray)) else [int(u) for u in units]
         low, high = min(units), max(units)
         if low < 0 or high >= self.num_speech_units:
             bad = next(u for u in units if not 0 <= u < self.num_speech_units)
@@ -429,9 +434,9 @@ class DeepTalkProcessor(ProcessorMixin):
         return units
 
     def _audio_to_units(self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool) -> list[list]:
-        """The `audio=` path of this issue: waveforms → codec codes → the flat unit stream, per sample and segment.
+        """The codec path of `audio=`: waveforms → codes → the flat unit stream, per sample and segment.
 
-        (An audio-encoder path that feeds features instead of units belongs beside this one, not inside it.)
+        (An audio-encoder path, which feeds features instead of units, belongs beside this one, not inside it.)
         """
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples]

@@ -149,14 +149,18 @@ def build(args: argparse.Namespace) -> tuple[DeepTalkProcessor, DeepTalkForCausa
     return processor, model.eval(), codec
 
 
-def timed(fn, device: torch.device) -> tuple[object, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return result, time.perf_counter() - start
+def timed(fn, device: torch.device, repeats: int = 1) -> tuple[object, float]:
+    """`fn()`'s result and its median wall time over `repeats` calls."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
 
 
 def run_once(args, processor, model, codec) -> dict[str, float]:
@@ -171,7 +175,8 @@ def run_once(args, processor, model, codec) -> dict[str, float]:
     prepared = time.perf_counter()
     prompt_length = inputs["input_ids"].shape[1]
     script = ScriptedAnswer(processor, args.policy, args.text_tokens, args.units, prompt_length)
-    streamer = DeepTalkStreamer(processor, codec, audio_chunk_frames=args.audio_chunk_frames)
+    # a timeout, so that an error in the generation thread ends the benchmark instead of hanging it
+    streamer = DeepTalkStreamer(processor, codec, audio_chunk_frames=args.audio_chunk_frames, timeout=600)
     generation = threading.Thread(
         target=model.generate,
         kwargs=dict(
@@ -202,11 +207,11 @@ def run_once(args, processor, model, codec) -> dict[str, float]:
 
 
 def breakdown(args, processor, model, codec) -> dict[str, float]:
-    """Where the time goes: each stage alone."""
-    device = model.device
+    """Where the time goes: each stage alone (median of `--runs` calls; decode steps: of `--decode-steps`)."""
+    device, repeats = model.device, args.runs
     question = 0.1 * torch.randn(int(args.question_seconds * 16000), generator=torch.Generator().manual_seed(0))
     stages = {}
-    codes, stages["codec_encode_question_s"] = timed(lambda: codec.encode(question, 16000), device)
+    codes, stages["codec_encode_question_s"] = timed(lambda: codec.encode(question, 16000), device, repeats)
     units = codec.to_units(codes).tolist()
     inputs, stages["template_and_tokenize_s"] = timed(
         lambda: processor(
@@ -215,9 +220,10 @@ def breakdown(args, processor, model, codec) -> dict[str, float]:
             return_tensors="pt",
         ).to(device),
         device,
+        repeats,
     )
     with torch.inference_mode():
-        out, stages["prefill_s"] = timed(lambda: model(**inputs, use_cache=True), device)
+        out, stages["prefill_s"] = timed(lambda: model(**inputs, use_cache=True), device, repeats)
         cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         steps = []
         for _ in range(args.decode_steps):
@@ -226,7 +232,7 @@ def breakdown(args, processor, model, codec) -> dict[str, float]:
             steps.append(seconds)
     stages["decode_step_s"] = statistics.median(steps)
     chunk = [c[: args.audio_chunk_frames * codec.frame_levels.count(level)] for level, c in enumerate(codes)]
-    _, stages["codec_decode_chunk_s"] = timed(lambda: codec.decode(chunk), device)
+    _, stages["codec_decode_chunk_s"] = timed(lambda: codec.decode(chunk), device, repeats)
     return stages
 
 

@@ -215,6 +215,15 @@ def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():
     assert encoded["input_ids"].tolist() == PROCESSOR(text=prompt, speech_units=[[7, 8, 9], [1]])["input_ids"]
     assert encoded["input_ids"][0, -1] == PROCESSOR.begin_of_speech_id
     assert PROCESSOR.decode(encoded["input_ids"][0]).speech_units == [[7, 8, 9], [1], []]
+    # a batch of conversations, each with its own speech blocks
+    batch = PROCESSOR.apply_chat_template(
+        [conversation[:1], [{"role": "user", "content": [{"type": "speech", "units": [4]}]}]],
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True},
+    )
+    assert [d.speech_units for d in PROCESSOR.batch_decode(batch["input_ids"])] == [[[7, 8, 9]], [[4]]]
 
 
 def test_save_and_load_round_trip(tmp_path):

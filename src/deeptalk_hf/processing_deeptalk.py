@@ -223,7 +223,6 @@ def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any
 class DeepTalkProcessorKwargs(ProcessingKwargs, total=False):
     interleave: str
     text_speech_ratio: tuple[int, int] | list[int]
-    _defaults = {"text_kwargs": {"padding": False}}
 
 
 _SUPPORTED_TEXT_KWARGS = {

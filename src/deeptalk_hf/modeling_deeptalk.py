@@ -214,7 +214,23 @@ class DeepTalkSparseMoeBlock(nn.Module):
         return weights, indices
 
     def _hard(self, hidden: torch.Tensor, text_logits, speech_logits, is_speech: torch.Tensor) -> torch.Tensor:
-        """Each token goes to its own modality's group only; the groups run on their own tokens."""
+        """Each token goes to its own modality's group only; the groups run on their own tokens.
+
+        Under `torch.compile` shapes must not depend on data, so both groups see every token and the other
+        modality's slots become sentinels (weight 0, skipped by the backends): same result, more routing work.
+        """
+        if torch.compiler.is_compiling():
+            output = torch.zeros_like(hidden)
+            for keep, logits, experts in (
+                (~is_speech, text_logits, self.experts),
+                (is_speech, speech_logits, self.speech_experts),
+            ):
+                weights, indices = self._route(logits)
+                drop = ~keep.unsqueeze(-1)
+                output = output + experts(
+                    hidden, indices.masked_fill(drop, experts.num_experts), weights.masked_fill(drop, 0.0)
+                )
+            return output
         output = torch.zeros_like(hidden)
         for rows, logits, experts in (
             ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts),
@@ -333,13 +349,24 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # hard routing splits tokens by modality (data-dependent shapes)
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(DeepTalkSparseMoeBlock, index=1),
         "hidden_states": DeepTalkDecoderLayer,
         "attentions": DeepTalkAttention,
     }
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """Refuse a checkpoint whose tensors do not fit the config, naming each tensor (transformers only logs them)."""
+        if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
+            details = "; ".join(
+                f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
+                for key, found, expected in sorted(loading_info.mismatched_keys)
+            )
+            raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
+        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -25,6 +25,10 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(num_experts_per_tok=0), "num_experts_per_tok"),
         (dict(layer_types=["full_attention"]), "layer_types"),
         (dict(speech_expert_ids=[[0, 1, 9], [0, 1, 2]]), "speech_expert_ids"),
+        (dict(scoring_func="relu"), "scoring_func"),
+        (dict(topk_method="noaux_tc"), "n_group"),
+        (dict(topk_method="noaux_tc", n_group=3, topk_group=1, num_speech_experts=0), "n_group=3"),
+        (dict(kv_lora_rank=8, qk_rope_head_dim=4), "v_head_dim"),
     ],
 )
 def test_invalid_fields_raise_value_error_naming_them(overrides, field):
@@ -70,3 +74,9 @@ def test_auto_config_round_trip(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, DeepTalkConfig)
     assert loaded.to_diff_dict() | {"_name_or_path": ""} == config.to_diff_dict() | {"_name_or_path": ""}
+
+
+def test_mla_head_dim_is_the_rope_part():
+    config = tiny_config(kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    assert config.head_dim == 4 and config.qk_head_dim == 12
+    assert DeepTalkConfig(**config.to_dict()).qk_head_dim == 12

@@ -378,3 +378,103 @@ def test_torch_compile_fullgraph_matches_eager_mode(backend):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids).logits, model(input_ids).logits)
+
+
+DEEPSEEK_FIELDS = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=12,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_shared_experts=2,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    max_position_embeddings=128,
+    routed_scaling_factor=2.5,
+    n_group=4,
+    topk_group=2,
+)
+
+
+def deepseek_pair(version: str):
+    """A tiny random DeepSeek-V2 (group-limited greedy) or V3 (sigmoid, noaux_tc with a non-zero correction bias)
+    and the DeepTalk model holding the same weights."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    if version == "v2":
+        source_config = DeepseekV2Config(**DEEPSEEK_FIELDS, topk_method="group_limited_greedy")
+        source = DeepseekV2ForCausalLM(source_config).eval()
+        routing = dict(topk_method="group_limited_greedy")
+    else:
+        source_config = DeepseekV3Config(**DEEPSEEK_FIELDS, norm_topk_prob=True)
+        source = DeepseekV3ForCausalLM(source_config).eval()
+        routing = dict(topk_method="noaux_tc", scoring_func="sigmoid")
+        with torch.no_grad():
+            for name, buffer in source.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.normal_(std=0.1)
+    config = deeptalk_from(
+        source_config,
+        **routing,
+        use_qk_norm=False,
+        shared_expert_intermediate_size=source_config.moe_intermediate_size * source_config.n_shared_experts,
+    )
+    model = DeepTalkForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    assert not missing and not unexpected
+    return source, model
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_deepseek_mla_group_limited_routing_matches(version):
+    source, model = deepseek_pair(version)
+    input_ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (source(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
+    kwargs = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(input_ids))
+    assert torch.equal(source.generate(input_ids, **kwargs), model.generate(input_ids, **kwargs))
+
+
+def move_to_speech_group(model: DeepTalkForCausalLM, speech_ids: list[int]) -> DeepTalkForCausalLM:
+    """An independent, by-hand expert move: the listed experts (and their router rows and correction biases) of every
+    MoE layer go to a new speech group, recorded in `speech_expert_ids`."""
+    config = copy.deepcopy(model.config)
+    config.num_speech_experts = len(speech_ids)
+    config.num_experts = config.num_experts - len(speech_ids)
+    config.speech_expert_ids = [list(speech_ids) for _ in config.moe_layers]
+    split = DeepTalkForCausalLM(config).eval()
+    text_ids = [i for i in range(model.config.num_experts) if i not in speech_ids]
+    state = {}
+    for name, tensor in model.state_dict().items():
+        for group, ids in (("experts", text_ids), ("speech_experts", speech_ids)):
+            if ".mlp.experts." in name:
+                state[name.replace(".mlp.experts.", f".mlp.{group}.")] = tensor[ids]
+        for group, ids in (("gate", text_ids), ("speech_gate", speech_ids)):
+            if ".mlp.gate." in name:
+                state[name.replace(".mlp.gate.", f".mlp.{group}.")] = tensor[ids]
+        if ".mlp.experts." not in name and ".mlp.gate." not in name:
+            state[name] = tensor
+    missing, unexpected = split.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    return split
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_routing_none_scores_moved_experts_in_source_order(version):
+    source, model = deepseek_pair(version)
+    split = move_to_speech_group(model, [6, 1, 3])
+    split.config.modality_routing = "none"
+    input_ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = source(input_ids).logits
+        assert (split(input_ids).logits - expected).abs().max() <= 1e-5
+        split.config.modality_routing = "hard"  # now each modality uses its own group: a different model
+        assert (split(input_ids).logits - expected).abs().max() > 1e-3

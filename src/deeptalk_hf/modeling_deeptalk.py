@@ -21,6 +21,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeExperts,
     Qwen3MoeMLP,
@@ -62,25 +63,43 @@ def speech_positions(
 
 
 def topk_routing(
-    logits: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float = 1.0
+    logits: torch.Tensor,
+    config: DeepTalkConfig,
+    bias: torch.Tensor | None = None,
+    group_limited: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax over one expert group and a tie-stable top-k (the lowest index wins among equal scores).
+    """Scores one expert group and picks a tie-stable top-k (the lowest index wins among equal scores).
 
-    A group smaller than `top_k` uses all its experts; the spare slots carry the sentinel index `E` (the group size)
-    with weight 0, which every experts backend skips. Returns `(probs, weights, indices)`.
+    Scoring is softmax or sigmoid (`config.scoring_func`); DeepSeek-V3's score-correction `bias` shifts the choice but
+    not the weights; with `group_limited` (a router that sees all of a layer's experts) DeepSeek's group-limited top-k
+    keeps the `topk_group` best of `n_group` groups first. A group smaller than top-k uses all its experts: the spare
+    slots carry the sentinel index `E` (the group size) with weight 0, which every experts backend skips.
+    Returns `(probs, weights, indices)`, `probs` being the scores normalised per token (for balancing losses).
     """
     num_experts = logits.shape[-1]
-    probs = F.softmax(logits, dim=-1, dtype=torch.float)
+    top_k = config.num_experts_per_tok
+    scores = F.softmax(logits, dim=-1, dtype=torch.float) if config.scoring_func == "softmax" else logits.float().sigmoid()
+    choice = scores if bias is None else scores + bias
+    if group_limited and config.topk_method != "greedy":
+        grouped = choice.unflatten(-1, (config.n_group, -1))
+        if config.topk_method == "group_limited_greedy":  # DeepSeek-V2: a group's best expert
+            group_scores = grouped.amax(dim=-1)
+        else:  # DeepSeek-V3: the sum of a group's two best experts
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[..., : config.topk_group]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
     k = min(top_k, num_experts)
-    weights, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, indices = weights[..., :k], indices[..., :k]
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    if scaling != 1.0:
-        weights = weights * scaling
+    indices = torch.sort(choice, dim=-1, descending=True, stable=True).indices[..., :k]
+    weights = scores.gather(-1, indices)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
     if k < top_k:
         weights = F.pad(weights, (0, top_k - k), value=0.0)
         indices = F.pad(indices, (0, top_k - k), value=num_experts)
+    probs = scores if config.scoring_func == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
     return probs, weights.to(logits.dtype), indices
 
 
@@ -149,6 +168,11 @@ class DeepTalkAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+class DeepTalkMLAttention(DeepseekV3Attention):
+    """Multi-head latent attention (DeepSeek-V2/V3) as transformers implements it; the KV cache holds the compressed
+    latents. `config.rope_interleave` selects DeepSeek's interleaved rotary layout."""
+
+
 @use_experts_implementation
 class DeepTalkExperts(Qwen3MoeExperts):
     """Experts as fused 3D tensors (`gate_up_proj` `[E, 2I, H]`, `down_proj` `[E, H, I]`), Qwen3-MoE's eager math.
@@ -191,6 +215,10 @@ class DeepTalkTopKRouter(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.weight = nn.Parameter(torch.zeros(num_experts, config.hidden_size))
+        # DeepSeek-V3's per-expert score correction (a checkpoint buffer that moves with its expert); None elsewhere.
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(num_experts) if config.topk_method == "noaux_tc" else None
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden_states, self.weight)
@@ -220,11 +248,10 @@ class DeepTalkSparseMoeBlock(nn.Module):
             if config.shared_expert_gate:
                 self.shared_experts_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.config
-        _, weights, indices = topk_routing(
-            logits, config.num_experts_per_tok, config.norm_topk_prob, config.routed_scaling_factor
-        )
+    def _route(
+        self, logits: torch.Tensor, bias: torch.Tensor | None = None, group_limited: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, weights, indices = topk_routing(logits, self.config, bias, group_limited)
         return weights, indices
 
     def _hard(self, hidden: torch.Tensor, text_logits, speech_logits, is_speech: torch.Tensor) -> torch.Tensor:
@@ -235,27 +262,28 @@ class DeepTalkSparseMoeBlock(nn.Module):
         """
         if torch.compiler.is_compiling():
             output = torch.zeros_like(hidden)
-            for keep, logits, experts in (
-                (~is_speech, text_logits, self.experts),
-                (is_speech, speech_logits, self.speech_experts),
+            for keep, logits, experts, bias in (
+                (~is_speech, text_logits, self.experts, self.gate.e_score_correction_bias),
+                (is_speech, speech_logits, self.speech_experts, self.speech_gate.e_score_correction_bias),
             ):
-                weights, indices = self._route(logits)
+                weights, indices = self._route(logits, bias)
                 drop = ~keep.unsqueeze(-1)
                 output = output + experts(
                     hidden, indices.masked_fill(drop, experts.num_experts), weights.masked_fill(drop, 0.0)
                 )
             return output
         speech_rows = is_speech.nonzero().squeeze(-1)
+        groups = (
+            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts, self.gate.e_score_correction_bias),
+            (speech_rows, speech_logits, self.speech_experts, self.speech_gate.e_score_correction_bias),
+        )
         if speech_rows.numel() in (0, hidden.shape[0]):  # one modality (e.g. decoding): no gather and scatter
-            logits, experts = (speech_logits, self.speech_experts) if speech_rows.numel() else (text_logits, self.experts)
-            weights, indices = self._route(logits)
+            _, logits, experts, bias = groups[1 if speech_rows.numel() else 0]
+            weights, indices = self._route(logits, bias)
             return experts(hidden, indices, weights)
         output = torch.empty_like(hidden)
-        for rows, logits, experts in (
-            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts),
-            (speech_rows, speech_logits, self.speech_experts),
-        ):
-            weights, indices = self._route(logits[rows])
+        for rows, logits, experts, bias in groups:
+            weights, indices = self._route(logits[rows], bias)
             output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
         return output
 
@@ -263,10 +291,14 @@ class DeepTalkSparseMoeBlock(nn.Module):
         """Routing `"none"`: one top-k over all experts in source order, then each group gets its slots."""
         num_text = self.num_text_experts
         order = self.config.expert_order(self.layer_idx)
+        bias = self.gate.e_score_correction_bias
+        if bias is not None:
+            bias = torch.cat([bias, self.speech_gate.e_score_correction_bias])
         if order is not None:
             position = torch.argsort(torch.tensor(order, device=router_logits.device))
             router_logits = router_logits[:, position]
-        weights, indices = self._route(router_logits)
+            bias = bias[position] if bias is not None else None
+        weights, indices = self._route(router_logits, bias, group_limited=True)
         if order is not None:
             # Back from source indices to `[experts; speech_experts]` positions (the sentinel stays the sentinel).
             lookup = torch.cat([position, position.new_tensor([position.numel()])])
@@ -291,7 +323,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         text_logits = self.gate(hidden)
         if not self.num_speech_experts:
             router_logits = text_logits
-            weights, indices = self._route(text_logits)
+            weights, indices = self._route(text_logits, self.gate.e_score_correction_bias, group_limited=True)
             output = self.experts(hidden, indices, weights)
         else:
             speech_logits = self.speech_gate(hidden)
@@ -317,7 +349,8 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepTalkConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = DeepTalkAttention(config, layer_idx)
+        attention_class = DeepTalkAttention if config.kv_lora_rank is None else DeepTalkMLAttention
+        self.self_attn = attention_class(config, layer_idx)
         self.is_sparse = layer_idx not in config.mlp_only_layers
         if self.is_sparse:
             self.mlp = DeepTalkSparseMoeBlock(config, layer_idx)
@@ -372,7 +405,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     _can_record_outputs = {
         "router_logits": OutputRecorder(DeepTalkSparseMoeBlock, index=1),
         "hidden_states": DeepTalkDecoderLayer,
-        "attentions": DeepTalkAttention,
+        "attentions": OutputRecorder((DeepTalkAttention, DeepTalkMLAttention), index=1),
     }
 
     @staticmethod
@@ -394,6 +427,8 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, DeepTalkTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)
 
 
 class DeepTalkModel(DeepTalkPreTrainedModel):
@@ -515,7 +550,7 @@ def modality_router_losses(
             groups = [(valid * ~is_speech, logits[:, :num_text]), (valid * is_speech, logits[:, num_text:])]
         for weight, group_logits in groups:
             count = weight.sum()
-            probs, _, indices = topk_routing(group_logits, config.num_experts_per_tok, False)
+            probs, _, indices = topk_routing(group_logits, config)
             num_experts = group_logits.shape[-1]
             assignments = torch.zeros(num_experts + 1, device=device).scatter_add_(
                 0, indices.reshape(-1), weight.repeat_interleave(indices.shape[-1])

@@ -208,20 +208,22 @@ class DeepTalkExperts(Qwen3MoeExperts):
         self._expert_parallel = value
 
 
-class DeepTalkTopKRouter(nn.Module):
-    """A linear router over one expert group; top-k selection happens in the sparse block, per modality."""
+class DeepTalkTopKRouter(nn.Linear):
+    """A bias-free linear router over one expert group (an `nn.Linear`, so PEFT can put LoRA on it); top-k selection
+    happens in the sparse block, per modality."""
 
     def __init__(self, config: DeepTalkConfig, num_experts: int):
-        super().__init__()
+        super().__init__(config.hidden_size, num_experts, bias=False)
         self.num_experts = num_experts
-        self.weight = nn.Parameter(torch.zeros(num_experts, config.hidden_size))
         # DeepSeek-V3's per-expert score correction (a checkpoint buffer that moves with its expert); None elsewhere.
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(num_experts) if config.topk_method == "noaux_tc" else None
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight)
+
+def correction_bias(router: nn.Module) -> torch.Tensor | None:
+    """A router's score-correction bias, also when PEFT wraps the router (LoRA keeps the router as `base_layer`)."""
+    return getattr(router, "base_layer", router).e_score_correction_bias
 
 
 class DeepTalkSparseMoeBlock(nn.Module):
@@ -263,8 +265,8 @@ class DeepTalkSparseMoeBlock(nn.Module):
         if torch.compiler.is_compiling():
             output = torch.zeros_like(hidden)
             for keep, logits, experts, bias in (
-                (~is_speech, text_logits, self.experts, self.gate.e_score_correction_bias),
-                (is_speech, speech_logits, self.speech_experts, self.speech_gate.e_score_correction_bias),
+                (~is_speech, text_logits, self.experts, correction_bias(self.gate)),
+                (is_speech, speech_logits, self.speech_experts, correction_bias(self.speech_gate)),
             ):
                 weights, indices = self._route(logits, bias)
                 drop = ~keep.unsqueeze(-1)
@@ -274,8 +276,8 @@ class DeepTalkSparseMoeBlock(nn.Module):
             return output
         speech_rows = is_speech.nonzero().squeeze(-1)
         groups = (
-            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts, self.gate.e_score_correction_bias),
-            (speech_rows, speech_logits, self.speech_experts, self.speech_gate.e_score_correction_bias),
+            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts, correction_bias(self.gate)),
+            (speech_rows, speech_logits, self.speech_experts, correction_bias(self.speech_gate)),
         )
         if speech_rows.numel() in (0, hidden.shape[0]):  # one modality (e.g. decoding): no gather and scatter
             _, logits, experts, bias = groups[1 if speech_rows.numel() else 0]
@@ -291,9 +293,9 @@ class DeepTalkSparseMoeBlock(nn.Module):
         """Routing `"none"`: one top-k over all experts in source order, then each group gets its slots."""
         num_text = self.num_text_experts
         order = self.config.expert_order(self.layer_idx)
-        bias = self.gate.e_score_correction_bias
+        bias = correction_bias(self.gate)
         if bias is not None:
-            bias = torch.cat([bias, self.speech_gate.e_score_correction_bias])
+            bias = torch.cat([bias, correction_bias(self.speech_gate)])
         if order is not None:
             position = torch.argsort(torch.tensor(order, device=router_logits.device))
             router_logits = router_logits[:, position]
@@ -323,7 +325,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         text_logits = self.gate(hidden)
         if not self.num_speech_experts:
             router_logits = text_logits
-            weights, indices = self._route(text_logits, self.gate.e_score_correction_bias, group_limited=True)
+            weights, indices = self._route(text_logits, correction_bias(self.gate), group_limited=True)
             output = self.experts(hidden, indices, weights)
         else:
             speech_logits = self.speech_gate(hidden)

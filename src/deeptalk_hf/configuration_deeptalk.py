@@ -39,6 +39,13 @@ class DeepTalkConfig(PreTrainedConfig):
       `n_group`/`topk_group` and `routed_scaling_factor`. Group-limited top-k applies where a router sees all of a
       layer's experts (routing "none", or a layer without speech experts); a split modality group uses plain top-k.
 
+    Parallel text-speech decoding (DeepTalk / Mini-Omni style) is on when `num_audio_streams` (S) > 0: inputs are
+    `[batch, 1 + S, seq]` (stream 0 text), each audio stream has `audio_codebook_size` codes followed by its pad,
+    begin and end codes (`audio_pad_token_id`, `audio_bos_token_id`, `audio_eos_token_id`, by default the next three
+    ids), is delayed by `audio_stream_delays[s]` positions behind the text, and its embedding and output head are
+    speech tensors (`model.speech_stream_embed`, `speech_stream_heads`). `stream_loss_weights` weighs the text
+    stream and each audio stream in the loss. With S = 0 the model is the single-stream model, with no extra weights.
+
     `decoder_sparse_step` and `first_k_dense_replace` are accepted and folded into `mlp_only_layers`, the one place
     that holds the dense layers.
     """
@@ -123,6 +130,13 @@ class DeepTalkConfig(PreTrainedConfig):
     speech_expert_ids: list[list[int]] | None = None
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    num_audio_streams: int = 0
+    audio_codebook_size: int = 4096
+    audio_pad_token_id: int | None = None
+    audio_bos_token_id: int | None = None
+    audio_eos_token_id: int | None = None
+    audio_stream_delays: list[int] | None = None
+    stream_loss_weights: list[float] | None = None
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
@@ -145,6 +159,15 @@ class DeepTalkConfig(PreTrainedConfig):
             self.head_dim = self.qk_rope_head_dim
         elif self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_audio_streams:
+            codes = self.audio_codebook_size
+            for offset, name in enumerate(("audio_pad_token_id", "audio_bos_token_id", "audio_eos_token_id")):
+                if getattr(self, name) is None:
+                    setattr(self, name, codes + offset)
+            if self.audio_stream_delays is None:
+                self.audio_stream_delays = list(range(1, self.num_audio_streams + 1))
+            if self.stream_loss_weights is None:
+                self.stream_loss_weights = [1.0] * (self.num_audio_streams + 1)
         dense = set(self.mlp_only_layers or [])
         dense.update(range(min(first_dense, self.num_hidden_layers)))
         if sparse_step != 1:
@@ -211,6 +234,24 @@ class DeepTalkConfig(PreTrainedConfig):
                 total = sum(self.layer_experts(layer))
                 if total % self.n_group:
                     raise ValueError(f"n_group={self.n_group} does not divide the {total} experts of layer {layer}")
+        if self.num_audio_streams < 0:
+            raise ValueError(f"num_audio_streams={self.num_audio_streams} must be >= 0")
+        if self.num_audio_streams:
+            specials = [self.audio_pad_token_id, self.audio_bos_token_id, self.audio_eos_token_id]
+            if len(set(specials)) != 3 or any(i < self.audio_codebook_size for i in specials):
+                raise ValueError(
+                    f"audio pad/bos/eos ids {specials} must be distinct and above the {self.audio_codebook_size} codes"
+                )
+            if len(self.audio_stream_delays) != self.num_audio_streams or min(self.audio_stream_delays) < 1:
+                raise ValueError(
+                    f"audio_stream_delays={self.audio_stream_delays} needs num_audio_streams={self.num_audio_streams} "
+                    "delays of at least 1"
+                )
+            if len(self.stream_loss_weights) != self.num_audio_streams + 1:
+                raise ValueError(
+                    f"stream_loss_weights={self.stream_loss_weights} needs {self.num_audio_streams + 1} entries "
+                    "(text stream first)"
+                )
         if self.shared_expert_intermediate_size < 0:
             raise ValueError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is negative")
         if self.speech_expert_ids is not None:
@@ -237,6 +278,11 @@ class DeepTalkConfig(PreTrainedConfig):
     def qk_head_dim(self) -> int | None:
         """Query/key head width of multi-head latent attention (`None` for standard attention)."""
         return None if self.kv_lora_rank is None else self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def audio_stream_vocab_size(self) -> int:
+        """Ids per audio stream: the codes and the pad/begin/end codes."""
+        return max(self.audio_codebook_size, self.audio_pad_token_id, self.audio_bos_token_id, self.audio_eos_token_id) + 1
 
     @property
     def moe_layers(self) -> list[int]:

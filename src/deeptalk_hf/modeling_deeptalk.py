@@ -51,15 +51,18 @@ def speech_positions(
 ) -> torch.Tensor:
     """Boolean `[batch, seq]` mask of the positions routed as speech.
 
-    `modality_ids` (0 text, 1 speech) wins; without it the id block decides; without either, all positions are text.
+    `modality_ids` (0 text, 1 speech) wins; without it the ids decide: a speech-block id, or, with parallel streams
+    (`input_ids` `[batch, 1 + S, seq]`), an audio code in any audio stream. Without either, all positions are text.
     """
     if modality_ids is not None:
         if tuple(modality_ids.shape) != tuple(shape):
             raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(shape)}")
         return modality_ids.to(device=device) == 1
-    if input_ids is not None:
-        return input_ids >= config.speech_token_start
-    return torch.zeros(shape, dtype=torch.bool, device=device)
+    if input_ids is None:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    if input_ids.dim() == 3:
+        return (input_ids[:, 0] >= config.speech_token_start) | (input_ids[:, 1:] < config.audio_codebook_size).any(1)
+    return input_ids >= config.speech_token_start
 
 
 def topk_routing(
@@ -441,6 +444,10 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self.embed_tokens = nn.Embedding(text_vocab, config.hidden_size, self.padding_idx)
         if config.speech_vocab_size:
             self.speech_embed_tokens = nn.Embedding(config.speech_vocab_size, config.hidden_size)
+        if config.num_audio_streams:  # one table for all audio streams, stream s at offset s * stream vocabulary
+            self.speech_stream_embed = nn.Embedding(
+                config.num_audio_streams * config.audio_stream_vocab_size, config.hidden_size
+            )
         self.layers = nn.ModuleList(
             [DeepTalkDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -450,7 +457,21 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self.post_init()
 
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Text ids read `embed_tokens`, speech ids `speech_embed_tokens` (rows chosen by id)."""
+        """Text ids read `embed_tokens`, speech ids `speech_embed_tokens` (rows chosen by id); parallel streams
+        `[batch, 1 + S, seq]` add one `speech_stream_embed` row per non-pad audio code to the text stream's one."""
+        if input_ids.dim() == 3:
+            config = self.config
+            if input_ids.shape[1] != config.num_audio_streams + 1:
+                raise ValueError(
+                    f"input_ids has {input_ids.shape[1]} streams but the model has 1 text + "
+                    f"{config.num_audio_streams} audio streams"
+                )
+            audio_ids = input_ids[:, 1:]
+            offsets = torch.arange(config.num_audio_streams, device=input_ids.device) * config.audio_stream_vocab_size
+            audio = self.speech_stream_embed(audio_ids + offsets[:, None])
+            # Pad adds nothing, so a text position (all audio streams pad) is exactly the single-stream model's.
+            audio = audio.masked_fill((audio_ids == config.audio_pad_token_id).unsqueeze(-1), 0.0).sum(dim=1)
+            return self.embed(input_ids[:, 0]) + audio
         start = self.config.speech_token_start
         if not self.config.speech_vocab_size:
             return self.embed_tokens(input_ids)
@@ -573,9 +594,12 @@ class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     z_loss (`torch.FloatTensor`, *optional*):
         Router z-loss `mean(logsumexp(router_logits)**2)`, per modality group, averaged over MoE layers.
+    audio_logits (`torch.FloatTensor` of shape `(batch_size, num_audio_streams, sequence_length, audio_vocab)`):
+        Logits of each parallel audio stream (models with `num_audio_streams > 0`).
     """
 
     z_loss: torch.FloatTensor | None = None
+    audio_logits: torch.FloatTensor | None = None
 
 
 class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
@@ -591,6 +615,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if config.speech_vocab_size:
             self.speech_lm_head = nn.Linear(config.hidden_size, config.speech_vocab_size, bias=False)
             tied["speech_lm_head.weight"] = "model.speech_embed_tokens.weight"
+        if config.num_audio_streams:  # all audio streams' output heads in one projection
+            self.speech_stream_heads = nn.Linear(
+                config.hidden_size, config.num_audio_streams * config.audio_stream_vocab_size, bias=False
+            )
         self._tied_weights_keys = tied
         self.post_init()
 
@@ -642,6 +670,12 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             logits = torch.cat([logits, self.speech_lm_head(hidden_states)], dim=-1)
         return logits
 
+    def audio_stream_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of each parallel audio stream, `[batch, S, seq, audio_vocab]`."""
+        config = self.config
+        logits = self.speech_stream_heads(hidden_states)
+        return logits.unflatten(-1, (config.num_audio_streams, config.audio_stream_vocab_size)).transpose(1, 2)
+
     @can_return_tuple
     def forward(
         self,
@@ -658,10 +692,22 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> DeepTalkCausalLMOutputWithPast:
         r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, or `(batch_size, 1 + S, sequence_length)` with parallel audio streams):
+            Token ids. With `config.num_audio_streams = S`, stream 0 is text and streams 1..S the delayed audio
+            codes; a 2D input is then read as the streams flattened into rows (`batch * (1 + S)`), as in `generate`,
+            and the logits come back in that layout, each row padded with `-inf` to a common width.
+        labels (`torch.LongTensor`, same layout as `input_ids`, *optional*):
+            With parallel streams the loss is the `stream_loss_weights`-weighted mean of each stream's loss.
         modality_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            0 for text and 1 for speech positions (routing only); defaults to the id block of `input_ids`.
+            0 for text and 1 for speech positions (routing only); defaults to what the ids say.
         """
         config = self.config
+        streams = config.num_audio_streams + 1
+        flattened = config.num_audio_streams > 0 and input_ids is not None and input_ids.dim() == 2
+        if flattened:  # generation's layout: one row per stream
+            input_ids = input_ids.reshape(-1, streams, input_ids.shape[-1])
+            attention_mask = attention_mask[::streams] if attention_mask is not None else None
+            position_ids = position_ids[::streams] if position_ids is not None else None
         output_router_logits = (
             output_router_logits if output_router_logits is not None else config.output_router_logits
         )
@@ -682,10 +728,20 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.compute_logits(hidden_states)
+        audio_logits = self.audio_stream_logits(hidden_states) if config.num_audio_streams else None
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if audio_logits is None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            else:
+                weights = config.stream_loss_weights
+                loss = weights[0] * self.loss_function(logits, labels[:, 0], self.vocab_size, **kwargs)
+                for s in range(config.num_audio_streams):
+                    loss = loss + weights[s + 1] * self.loss_function(
+                        audio_logits[:, s], labels[:, s + 1], config.audio_stream_vocab_size, **kwargs
+                    )
+                loss = loss / sum(weights)
 
         aux_loss = z_loss = None
         if outputs.router_logits:
@@ -696,23 +752,37 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
                 loss = loss + config.router_z_loss_coef * z_loss.to(loss.device)
 
+        if flattened:
+            width = max(logits.shape[-1], audio_logits.shape[-1])
+            rows = [F.pad(logits, (0, width - logits.shape[-1]), value=-float("inf")).unsqueeze(1)]
+            rows.append(F.pad(audio_logits, (0, width - audio_logits.shape[-1]), value=-float("inf")))
+            logits = torch.cat(rows, dim=1).flatten(0, 1)
         return DeepTalkCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
+            audio_logits=audio_logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, modality_ids=None, **kwargs):
-        """Extends a prompt's `modality_ids` over the generated ids (whose block gives their modality)."""
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args, modality_ids=None, batch_parallel: bool = False, **kwargs
+    ):
+        """Extends a prompt's `modality_ids` over the generated ids (whose block gives their modality); with batch
+        parallel decoding, the text stream of each speech answer reads the text of its text-only copy."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        step_ids = model_inputs.get("input_ids")
+        if batch_parallel and step_ids is not None:
+            streams = step_ids.view(-1, self.config.num_audio_streams + 1, step_ids.shape[-1]).clone()
+            half = streams.shape[0] // 2
+            streams[:half, 0] = streams[half:, 0]
+            model_inputs["input_ids"] = step_ids = streams.flatten(0, 1)
         if modality_ids is None:
             return model_inputs
-        step_ids = model_inputs.get("input_ids")
         if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids cover it
             model_inputs["modality_ids"] = modality_ids
             return model_inputs
@@ -725,5 +795,66 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         model_inputs["modality_ids"] = step_modality
         return model_inputs
 
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *,
+        speech_answer: bool = True,
+        batch_parallel: bool = False,
+        **kwargs,
+    ):
+        r"""transformers' `generate`; with parallel audio streams, `inputs` is `[batch, 1 + S, seq]` in the delayed
+        layout and so is the result (`revert_delay_pattern` / `audio_codes_per_stream` read the codes back).
+
+        speech_answer (`bool`, defaults to `True`):
+            Parallel streams only: answer in speech (audio streams follow the delay pattern and generation stops when
+            every audio stream has ended) or in text only (audio streams emit pad; stops at the text end).
+        batch_parallel (`bool`, defaults to `False`):
+            Parallel streams only: decode a text-only copy of each query beside it, whose text drives the text stream
+            of the speech answer (DeepTalk / Mini-Omni batch parallel decoding).
+        """
+        config = self.config
+        if not config.num_audio_streams:
+            return super().generate(inputs, **kwargs)
+        from .generation_deeptalk import DelayPatternLogitsProcessor, ParallelStreamsStoppingCriteria
+
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+        streams = config.num_audio_streams + 1
+        if input_ids.dim() != 3 or input_ids.shape[1] != streams:
+            raise ValueError(
+                f"parallel-stream generation takes input_ids of shape [batch, {streams}, seq], got {tuple(input_ids.shape)}"
+            )
+        batch, _, prompt_length = input_ids.shape
+        attention_mask = kwargs.pop("attention_mask", None)
+        speech = torch.full((batch,), speech_answer, dtype=torch.bool)
+        if batch_parallel:
+            if not speech_answer:
+                raise ValueError("batch_parallel=True drives a speech answer; it needs speech_answer=True")
+            input_ids = torch.cat([input_ids, input_ids])
+            attention_mask = torch.cat([attention_mask, attention_mask]) if attention_mask is not None else None
+            speech = torch.cat([speech, torch.zeros_like(speech)])
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(streams, dim=0)
+        logits_processor = kwargs.pop("logits_processor", None) or []
+        stopping_criteria = kwargs.pop("stopping_criteria", None) or []
+        output = super().generate(
+            input_ids.flatten(0, 1),
+            attention_mask=attention_mask,
+            logits_processor=[*logits_processor, DelayPatternLogitsProcessor(prompt_length, config, speech)],
+            stopping_criteria=[*stopping_criteria, ParallelStreamsStoppingCriteria(prompt_length, config, speech)],
+            eos_token_id=None,  # the stopping criteria and the pattern handle the ends, per stream
+            pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
+            batch_parallel=batch_parallel,
+            **kwargs,
+        )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        sequences = sequences.view(-1, streams, sequences.shape[-1])
+        if batch_parallel:
+            sequences = torch.cat([sequences[batch:, :1], sequences[:batch, 1:]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
 
 __all__ = ["DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]

@@ -5,6 +5,8 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 MODALITY_ROUTING_MODES = ("hard", "none")
+SCORING_FUNCTIONS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -31,6 +33,18 @@ class DeepTalkConfig(PreTrainedConfig):
     - `router_z_loss_coef`: weight of the router z-loss (`mean(logsumexp(logits)**2)`).
     - `qkv_bias`: bias on q/k/v only (Qwen2); `attention_bias` puts a bias on q/k/v/o (Llama, Qwen3).
     - `use_qk_norm`: RMSNorm on queries and keys per head (Qwen3).
+    - DeepSeek-V2/V3: multi-head latent attention when `kv_lora_rank` is set (`q_lora_rank`, `qk_nope_head_dim`,
+      `qk_rope_head_dim`, `v_head_dim`, `rope_interleave`); router `scoring_func` (softmax or sigmoid), `topk_method`
+      (`"greedy"`, V2's `"group_limited_greedy"`, V3's `"noaux_tc"` with a per-expert score-correction bias),
+      `n_group`/`topk_group` and `routed_scaling_factor`. Group-limited top-k applies where a router sees all of a
+      layer's experts (routing "none", or a layer without speech experts); a split modality group uses plain top-k.
+
+    Parallel text-speech decoding (DeepTalk / Mini-Omni style) is on when `num_audio_streams` (S) > 0: inputs are
+    `[batch, 1 + S, seq]` (stream 0 text), each audio stream has `audio_codebook_size` codes followed by its pad,
+    begin and end codes (`audio_pad_token_id`, `audio_bos_token_id`, `audio_eos_token_id`, by default the next three
+    ids), is delayed by `audio_stream_delays[s]` positions behind the text, and its embedding and output head are
+    speech tensors (`model.speech_stream_embed`, `speech_stream_heads`). `stream_loss_weights` weighs the text
+    stream and each audio stream in the loss. With S = 0 the model is the single-stream model, with no extra weights.
 
     `decoder_sparse_step` and `first_k_dense_replace` are accepted and folded into `mlp_only_layers`, the one place
     that holds the dense layers.
@@ -96,16 +110,33 @@ class DeepTalkConfig(PreTrainedConfig):
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     attention_dropout: float | int = 0.0
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = True
     mlp_only_layers: list[int] | None = None
     num_experts: int | list[int] = 8
     num_speech_experts: int | list[int] = 0
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = False
     routed_scaling_factor: float = 1.0
+    scoring_func: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int | None = None
+    topk_group: int | None = None
     modality_routing: str = "hard"
     speech_expert_ids: list[list[int]] | None = None
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    num_audio_streams: int = 0
+    audio_codebook_size: int = 4096
+    audio_pad_token_id: int | None = None
+    audio_bos_token_id: int | None = None
+    audio_eos_token_id: int | None = None
+    audio_stream_delays: list[int] | None = None
+    stream_loss_weights: list[float] | None = None
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
@@ -123,8 +154,20 @@ class DeepTalkConfig(PreTrainedConfig):
         kwargs.pop("max_window_layers", None)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
+        kwargs.pop("qk_head_dim", None)  # derived (a property)
+        if self.kv_lora_rank is not None:  # MLA: RoPE covers the rope part of each head (as in DeepSeek's configs)
+            self.head_dim = self.qk_rope_head_dim
+        elif self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_audio_streams:
+            codes = self.audio_codebook_size
+            for offset, name in enumerate(("audio_pad_token_id", "audio_bos_token_id", "audio_eos_token_id")):
+                if getattr(self, name) is None:
+                    setattr(self, name, codes + offset)
+            if self.audio_stream_delays is None:
+                self.audio_stream_delays = list(range(1, self.num_audio_streams + 1))
+            if self.stream_loss_weights is None:
+                self.stream_loss_weights = [1.0] * (self.num_audio_streams + 1)
         dense = set(self.mlp_only_layers or [])
         dense.update(range(min(first_dense, self.num_hidden_layers)))
         if sparse_step != 1:
@@ -159,6 +202,20 @@ class DeepTalkConfig(PreTrainedConfig):
             )
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
+        if self.scoring_func not in SCORING_FUNCTIONS:
+            raise ValueError(f"scoring_func={self.scoring_func!r} is unknown; expected one of {SCORING_FUNCTIONS}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method={self.topk_method!r} is unknown; expected one of {TOPK_METHODS}")
+        if self.topk_method != "greedy" and not (self.n_group and self.topk_group and self.topk_group <= self.n_group):
+            raise ValueError(
+                f"topk_method={self.topk_method!r} needs n_group and topk_group with 0 < topk_group <= n_group, got "
+                f"n_group={self.n_group}, topk_group={self.topk_group}"
+            )
+        if self.kv_lora_rank is not None and None in (self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim):
+            raise ValueError(
+                "kv_lora_rank is set (multi-head latent attention) but qk_nope_head_dim, qk_rope_head_dim or "
+                f"v_head_dim is missing: {self.qk_nope_head_dim}, {self.qk_rope_head_dim}, {self.v_head_dim}"
+            )
         if self.num_experts_per_tok < 1:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be at least 1")
         num_moe = len(self.moe_layers)
@@ -172,6 +229,29 @@ class DeepTalkConfig(PreTrainedConfig):
                 )
             if any(c < minimum for c in counts):
                 raise ValueError(f"{name}={value} has counts below {minimum}")
+        if self.topk_method != "greedy":
+            for layer in self.moe_layers:
+                total = sum(self.layer_experts(layer))
+                if total % self.n_group:
+                    raise ValueError(f"n_group={self.n_group} does not divide the {total} experts of layer {layer}")
+        if self.num_audio_streams < 0:
+            raise ValueError(f"num_audio_streams={self.num_audio_streams} must be >= 0")
+        if self.num_audio_streams:
+            specials = [self.audio_pad_token_id, self.audio_bos_token_id, self.audio_eos_token_id]
+            if len(set(specials)) != 3 or any(i < self.audio_codebook_size for i in specials):
+                raise ValueError(
+                    f"audio pad/bos/eos ids {specials} must be distinct and above the {self.audio_codebook_size} codes"
+                )
+            if len(self.audio_stream_delays) != self.num_audio_streams or min(self.audio_stream_delays) < 1:
+                raise ValueError(
+                    f"audio_stream_delays={self.audio_stream_delays} needs num_audio_streams={self.num_audio_streams} "
+                    "delays of at least 1"
+                )
+            if len(self.stream_loss_weights) != self.num_audio_streams + 1:
+                raise ValueError(
+                    f"stream_loss_weights={self.stream_loss_weights} needs {self.num_audio_streams + 1} entries "
+                    "(text stream first)"
+                )
         if self.shared_expert_intermediate_size < 0:
             raise ValueError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is negative")
         if self.speech_expert_ids is not None:
@@ -193,6 +273,16 @@ class DeepTalkConfig(PreTrainedConfig):
     def speech_token_start(self) -> int:
         """First id of the speech block (the last `speech_vocab_size` ids of the vocabulary)."""
         return self.vocab_size - self.speech_vocab_size
+
+    @property
+    def qk_head_dim(self) -> int | None:
+        """Query/key head width of multi-head latent attention (`None` for standard attention)."""
+        return None if self.kv_lora_rank is None else self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def audio_stream_vocab_size(self) -> int:
+        """Ids per audio stream: the codes and the pad/begin/end codes."""
+        return max(self.audio_codebook_size, self.audio_pad_token_id, self.audio_bos_token_id, self.audio_eos_token_id) + 1
 
     @property
     def moe_layers(self) -> list[int]:

@@ -21,6 +21,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeExperts,
     Qwen3MoeMLP,
@@ -50,37 +51,58 @@ def speech_positions(
 ) -> torch.Tensor:
     """Boolean `[batch, seq]` mask of the positions routed as speech.
 
-    `modality_ids` (0 text, 1 speech) wins; without it the id block decides; without either, all positions are text.
+    `modality_ids` (0 text, 1 speech) wins; without it the ids decide: a speech-block id, or, with parallel streams
+    (`input_ids` `[batch, 1 + S, seq]`), an audio code in any audio stream. Without either, all positions are text.
     """
     if modality_ids is not None:
         if tuple(modality_ids.shape) != tuple(shape):
             raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(shape)}")
         return modality_ids.to(device=device) == 1
-    if input_ids is not None:
-        return input_ids >= config.speech_token_start
-    return torch.zeros(shape, dtype=torch.bool, device=device)
+    if input_ids is None:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    if input_ids.dim() == 3:
+        return (input_ids[:, 0] >= config.speech_token_start) | (input_ids[:, 1:] < config.audio_codebook_size).any(1)
+    return input_ids >= config.speech_token_start
 
 
 def topk_routing(
-    logits: torch.Tensor, top_k: int, norm_topk_prob: bool, scaling: float = 1.0
+    logits: torch.Tensor,
+    config: DeepTalkConfig,
+    bias: torch.Tensor | None = None,
+    group_limited: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax over one expert group and a tie-stable top-k (the lowest index wins among equal scores).
+    """Scores one expert group and picks a tie-stable top-k (the lowest index wins among equal scores).
 
-    A group smaller than `top_k` uses all its experts; the spare slots carry the sentinel index `E` (the group size)
-    with weight 0, which every experts backend skips. Returns `(probs, weights, indices)`.
+    Scoring is softmax or sigmoid (`config.scoring_func`); DeepSeek-V3's score-correction `bias` shifts the choice but
+    not the weights; with `group_limited` (a router that sees all of a layer's experts) DeepSeek's group-limited top-k
+    keeps the `topk_group` best of `n_group` groups first. A group smaller than top-k uses all its experts: the spare
+    slots carry the sentinel index `E` (the group size) with weight 0, which every experts backend skips.
+    Returns `(probs, weights, indices)`, `probs` being the scores normalised per token (for balancing losses).
     """
     num_experts = logits.shape[-1]
-    probs = F.softmax(logits, dim=-1, dtype=torch.float)
+    top_k = config.num_experts_per_tok
+    scores = F.softmax(logits, dim=-1, dtype=torch.float) if config.scoring_func == "softmax" else logits.float().sigmoid()
+    choice = scores if bias is None else scores + bias
+    if group_limited and config.topk_method != "greedy":
+        grouped = choice.unflatten(-1, (config.n_group, -1))
+        if config.topk_method == "group_limited_greedy":  # DeepSeek-V2: a group's best expert
+            group_scores = grouped.amax(dim=-1)
+        else:  # DeepSeek-V3: the sum of a group's two best experts
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[..., : config.topk_group]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
+        choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
     k = min(top_k, num_experts)
-    weights, indices = torch.sort(probs, dim=-1, descending=True, stable=True)
-    weights, indices = weights[..., :k], indices[..., :k]
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    if scaling != 1.0:
-        weights = weights * scaling
+    indices = torch.sort(choice, dim=-1, descending=True, stable=True).indices[..., :k]
+    weights = scores.gather(-1, indices)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
     if k < top_k:
         weights = F.pad(weights, (0, top_k - k), value=0.0)
         indices = F.pad(indices, (0, top_k - k), value=num_experts)
+    probs = scores if config.scoring_func == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
     return probs, weights.to(logits.dtype), indices
 
 
@@ -149,13 +171,18 @@ class DeepTalkAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+class DeepTalkMLAttention(DeepseekV3Attention):
+    """Multi-head latent attention (DeepSeek-V2/V3) as transformers implements it; the KV cache holds the compressed
+    latents. `config.rope_interleave` selects DeepSeek's interleaved rotary layout."""
+
+
 @use_experts_implementation
 class DeepTalkExperts(Qwen3MoeExperts):
     """Experts as fused 3D tensors (`gate_up_proj` `[E, 2I, H]`, `down_proj` `[E, H, I]`), Qwen3-MoE's eager math.
 
     The expert count is per module (text and speech groups differ, and may differ per layer). DeepTalk routing emits
-    sentinel slots (hard routing, groups smaller than top-k), so the experts backends always take their sentinel-safe
-    path (the one they use under expert parallelism).
+    sentinel slots (groups smaller than top-k, routing "none", compiled hard routing), which the experts backends skip
+    on their sentinel-safe path.
     """
 
     def __init__(self, config: DeepTalkConfig, num_experts: int):
@@ -167,19 +194,39 @@ class DeepTalkExperts(Qwen3MoeExperts):
         self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    _is_expert_parallel = property(lambda self: True, lambda self, value: None)
+    @property
+    def _is_expert_parallel(self) -> bool:
+        """Whether the backends take their sentinel-safe path (the expert-parallel one): only where sentinel slots can
+        occur, since masking every row costs ~15% of a layer on CPU."""
+        config = self.config
+        return (
+            self._expert_parallel
+            or self.num_experts < config.num_experts_per_tok
+            or config.modality_routing == "none"
+            or torch.compiler.is_compiling()
+        )
+
+    @_is_expert_parallel.setter
+    def _is_expert_parallel(self, value: bool) -> None:  # set by the decorator and by transformers' expert parallelism
+        self._expert_parallel = value
 
 
-class DeepTalkTopKRouter(nn.Module):
-    """A linear router over one expert group; top-k selection happens in the sparse block, per modality."""
+class DeepTalkTopKRouter(nn.Linear):
+    """A bias-free linear router over one expert group (an `nn.Linear`, so PEFT can put LoRA on it); top-k selection
+    happens in the sparse block, per modality."""
 
     def __init__(self, config: DeepTalkConfig, num_experts: int):
-        super().__init__()
+        super().__init__(config.hidden_size, num_experts, bias=False)
         self.num_experts = num_experts
-        self.weight = nn.Parameter(torch.zeros(num_experts, config.hidden_size))
+        # DeepSeek-V3's per-expert score correction (a checkpoint buffer that moves with its expert); None elsewhere.
+        self.register_buffer(
+            "e_score_correction_bias", torch.zeros(num_experts) if config.topk_method == "noaux_tc" else None
+        )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, self.weight)
+
+def correction_bias(router: nn.Module) -> torch.Tensor | None:
+    """A router's score-correction bias, also when PEFT wraps the router (LoRA keeps the router as `base_layer`)."""
+    return getattr(router, "base_layer", router).e_score_correction_bias
 
 
 class DeepTalkSparseMoeBlock(nn.Module):
@@ -206,33 +253,57 @@ class DeepTalkSparseMoeBlock(nn.Module):
             if config.shared_expert_gate:
                 self.shared_experts_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def _route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        config = self.config
-        _, weights, indices = topk_routing(
-            logits, config.num_experts_per_tok, config.norm_topk_prob, config.routed_scaling_factor
-        )
+    def _route(
+        self, logits: torch.Tensor, bias: torch.Tensor | None = None, group_limited: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        _, weights, indices = topk_routing(logits, self.config, bias, group_limited)
         return weights, indices
 
     def _hard(self, hidden: torch.Tensor, text_logits, speech_logits, is_speech: torch.Tensor) -> torch.Tensor:
-        """Each token goes to its own modality's group only; the groups run on their own tokens."""
-        output = torch.zeros_like(hidden)
-        for rows, logits, experts in (
-            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts),
-            (is_speech.nonzero().squeeze(-1), speech_logits, self.speech_experts),
-        ):
-            if rows.numel():
-                weights, indices = self._route(logits[rows])
-                output = output.index_copy(0, rows, experts(hidden[rows], indices, weights))
+        """Each token goes to its own modality's group only; the groups run on their own tokens.
+
+        Under `torch.compile` shapes must not depend on data, so both groups see every token and the other
+        modality's slots become sentinels (weight 0, skipped by the backends): same result, more routing work.
+        """
+        if torch.compiler.is_compiling():
+            output = torch.zeros_like(hidden)
+            for keep, logits, experts, bias in (
+                (~is_speech, text_logits, self.experts, correction_bias(self.gate)),
+                (is_speech, speech_logits, self.speech_experts, correction_bias(self.speech_gate)),
+            ):
+                weights, indices = self._route(logits, bias)
+                drop = ~keep.unsqueeze(-1)
+                output = output + experts(
+                    hidden, indices.masked_fill(drop, experts.num_experts), weights.masked_fill(drop, 0.0)
+                )
+            return output
+        speech_rows = is_speech.nonzero().squeeze(-1)
+        groups = (
+            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts, correction_bias(self.gate)),
+            (speech_rows, speech_logits, self.speech_experts, correction_bias(self.speech_gate)),
+        )
+        if speech_rows.numel() in (0, hidden.shape[0]):  # one modality (e.g. decoding): no gather and scatter
+            _, logits, experts, bias = groups[1 if speech_rows.numel() else 0]
+            weights, indices = self._route(logits, bias)
+            return experts(hidden, indices, weights)
+        output = torch.empty_like(hidden)
+        for rows, logits, experts, bias in groups:
+            weights, indices = self._route(logits[rows], bias)
+            output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
         return output
 
     def _joint(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """Routing `"none"`: one top-k over all experts in source order, then each group gets its slots."""
         num_text = self.num_text_experts
         order = self.config.expert_order(self.layer_idx)
+        bias = correction_bias(self.gate)
+        if bias is not None:
+            bias = torch.cat([bias, correction_bias(self.speech_gate)])
         if order is not None:
             position = torch.argsort(torch.tensor(order, device=router_logits.device))
             router_logits = router_logits[:, position]
-        weights, indices = self._route(router_logits)
+            bias = bias[position] if bias is not None else None
+        weights, indices = self._route(router_logits, bias, group_limited=True)
         if order is not None:
             # Back from source indices to `[experts; speech_experts]` positions (the sentinel stays the sentinel).
             lookup = torch.cat([position, position.new_tensor([position.numel()])])
@@ -257,7 +328,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         text_logits = self.gate(hidden)
         if not self.num_speech_experts:
             router_logits = text_logits
-            weights, indices = self._route(text_logits)
+            weights, indices = self._route(text_logits, correction_bias(self.gate), group_limited=True)
             output = self.experts(hidden, indices, weights)
         else:
             speech_logits = self.speech_gate(hidden)
@@ -283,7 +354,8 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepTalkConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        self.self_attn = DeepTalkAttention(config, layer_idx)
+        attention_class = DeepTalkAttention if config.kv_lora_rank is None else DeepTalkMLAttention
+        self.self_attn = attention_class(config, layer_idx)
         self.is_sparse = layer_idx not in config.mlp_only_layers
         if self.is_sparse:
             self.mlp = DeepTalkSparseMoeBlock(config, layer_idx)
@@ -333,13 +405,24 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
-    _can_compile_fullgraph = False  # hard routing splits tokens by modality (data-dependent shapes)
+    _can_compile_fullgraph = True
     _supports_attention_backend = True
     _can_record_outputs = {
         "router_logits": OutputRecorder(DeepTalkSparseMoeBlock, index=1),
         "hidden_states": DeepTalkDecoderLayer,
-        "attentions": DeepTalkAttention,
+        "attentions": OutputRecorder((DeepTalkAttention, DeepTalkMLAttention), index=1),
     }
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """Refuse a checkpoint whose tensors do not fit the config, naming each tensor (transformers only logs them)."""
+        if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
+            details = "; ".join(
+                f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
+                for key, found, expected in sorted(loading_info.mismatched_keys)
+            )
+            raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
+        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -349,6 +432,8 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, DeepTalkTopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+            if module.e_score_correction_bias is not None:
+                init.zeros_(module.e_score_correction_bias)
 
 
 class DeepTalkModel(DeepTalkPreTrainedModel):
@@ -359,6 +444,10 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self.embed_tokens = nn.Embedding(text_vocab, config.hidden_size, self.padding_idx)
         if config.speech_vocab_size:
             self.speech_embed_tokens = nn.Embedding(config.speech_vocab_size, config.hidden_size)
+        if config.num_audio_streams:  # one table for all audio streams, stream s at offset s * stream vocabulary
+            self.speech_stream_embed = nn.Embedding(
+                config.num_audio_streams * config.audio_stream_vocab_size, config.hidden_size
+            )
         self.layers = nn.ModuleList(
             [DeepTalkDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
@@ -368,7 +457,21 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self.post_init()
 
     def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Text ids read `embed_tokens`, speech ids `speech_embed_tokens` (rows chosen by id)."""
+        """Text ids read `embed_tokens`, speech ids `speech_embed_tokens` (rows chosen by id); parallel streams
+        `[batch, 1 + S, seq]` add one `speech_stream_embed` row per non-pad audio code to the text stream's one."""
+        if input_ids.dim() == 3:
+            config = self.config
+            if input_ids.shape[1] != config.num_audio_streams + 1:
+                raise ValueError(
+                    f"input_ids has {input_ids.shape[1]} streams but the model has 1 text + "
+                    f"{config.num_audio_streams} audio streams"
+                )
+            audio_ids = input_ids[:, 1:]
+            offsets = torch.arange(config.num_audio_streams, device=input_ids.device) * config.audio_stream_vocab_size
+            audio = self.speech_stream_embed(audio_ids + offsets[:, None])
+            # Pad adds nothing, so a text position (all audio streams pad) is exactly the single-stream model's.
+            audio = audio.masked_fill((audio_ids == config.audio_pad_token_id).unsqueeze(-1), 0.0).sum(dim=1)
+            return self.embed(input_ids[:, 0]) + audio
         start = self.config.speech_token_start
         if not self.config.speech_vocab_size:
             return self.embed_tokens(input_ids)
@@ -470,7 +573,7 @@ def modality_router_losses(
             groups = [(valid * ~is_speech, logits[:, :num_text]), (valid * is_speech, logits[:, num_text:])]
         for weight, group_logits in groups:
             count = weight.sum()
-            probs, _, indices = topk_routing(group_logits, config.num_experts_per_tok, False)
+            probs, _, indices = topk_routing(group_logits, config)
             num_experts = group_logits.shape[-1]
             assignments = torch.zeros(num_experts + 1, device=device).scatter_add_(
                 0, indices.reshape(-1), weight.repeat_interleave(indices.shape[-1])
@@ -491,9 +594,12 @@ class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
     z_loss (`torch.FloatTensor`, *optional*):
         Router z-loss `mean(logsumexp(router_logits)**2)`, per modality group, averaged over MoE layers.
+    audio_logits (`torch.FloatTensor` of shape `(batch_size, num_audio_streams, sequence_length, audio_vocab)`):
+        Logits of each parallel audio stream (models with `num_audio_streams > 0`).
     """
 
     z_loss: torch.FloatTensor | None = None
+    audio_logits: torch.FloatTensor | None = None
 
 
 class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
@@ -509,6 +615,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if config.speech_vocab_size:
             self.speech_lm_head = nn.Linear(config.hidden_size, config.speech_vocab_size, bias=False)
             tied["speech_lm_head.weight"] = "model.speech_embed_tokens.weight"
+        if config.num_audio_streams:  # all audio streams' output heads in one projection
+            self.speech_stream_heads = nn.Linear(
+                config.hidden_size, config.num_audio_streams * config.audio_stream_vocab_size, bias=False
+            )
         self._tied_weights_keys = tied
         self.post_init()
 
@@ -560,6 +670,12 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             logits = torch.cat([logits, self.speech_lm_head(hidden_states)], dim=-1)
         return logits
 
+    def audio_stream_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits of each parallel audio stream, `[batch, S, seq, audio_vocab]`."""
+        config = self.config
+        logits = self.speech_stream_heads(hidden_states)
+        return logits.unflatten(-1, (config.num_audio_streams, config.audio_stream_vocab_size)).transpose(1, 2)
+
     @can_return_tuple
     def forward(
         self,
@@ -576,10 +692,22 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         **kwargs: Unpack[TransformersKwargs],
     ) -> DeepTalkCausalLMOutputWithPast:
         r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, or `(batch_size, 1 + S, sequence_length)` with parallel audio streams):
+            Token ids. With `config.num_audio_streams = S`, stream 0 is text and streams 1..S the delayed audio
+            codes; a 2D input is then read as the streams flattened into rows (`batch * (1 + S)`), as in `generate`,
+            and the logits come back in that layout, each row padded with `-inf` to a common width.
+        labels (`torch.LongTensor`, same layout as `input_ids`, *optional*):
+            With parallel streams the loss is the `stream_loss_weights`-weighted mean of each stream's loss.
         modality_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            0 for text and 1 for speech positions (routing only); defaults to the id block of `input_ids`.
+            0 for text and 1 for speech positions (routing only); defaults to what the ids say.
         """
         config = self.config
+        streams = config.num_audio_streams + 1
+        flattened = config.num_audio_streams > 0 and input_ids is not None and input_ids.dim() == 2
+        if flattened:  # generation's layout: one row per stream
+            input_ids = input_ids.reshape(-1, streams, input_ids.shape[-1])
+            attention_mask = attention_mask[::streams] if attention_mask is not None else None
+            position_ids = position_ids[::streams] if position_ids is not None else None
         output_router_logits = (
             output_router_logits if output_router_logits is not None else config.output_router_logits
         )
@@ -600,10 +728,20 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.compute_logits(hidden_states)
+        audio_logits = self.audio_stream_logits(hidden_states) if config.num_audio_streams else None
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if audio_logits is None:
+                loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            else:
+                weights = config.stream_loss_weights
+                loss = weights[0] * self.loss_function(logits, labels[:, 0], self.vocab_size, **kwargs)
+                for s in range(config.num_audio_streams):
+                    loss = loss + weights[s + 1] * self.loss_function(
+                        audio_logits[:, s], labels[:, s + 1], config.audio_stream_vocab_size, **kwargs
+                    )
+                loss = loss / sum(weights)
 
         aux_loss = z_loss = None
         if outputs.router_logits:
@@ -614,23 +752,37 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
                 loss = loss + config.router_z_loss_coef * z_loss.to(loss.device)
 
+        if flattened:
+            width = max(logits.shape[-1], audio_logits.shape[-1])
+            rows = [F.pad(logits, (0, width - logits.shape[-1]), value=-float("inf")).unsqueeze(1)]
+            rows.append(F.pad(audio_logits, (0, width - audio_logits.shape[-1]), value=-float("inf")))
+            logits = torch.cat(rows, dim=1).flatten(0, 1)
         return DeepTalkCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             z_loss=z_loss,
             logits=logits,
+            audio_logits=audio_logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args, modality_ids=None, **kwargs):
-        """Extends a prompt's `modality_ids` over the generated ids (whose block gives their modality)."""
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args, modality_ids=None, batch_parallel: bool = False, **kwargs
+    ):
+        """Extends a prompt's `modality_ids` over the generated ids (whose block gives their modality); with batch
+        parallel decoding, the text stream of each speech answer reads the text of its text-only copy."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        step_ids = model_inputs.get("input_ids")
+        if batch_parallel and step_ids is not None:
+            streams = step_ids.view(-1, self.config.num_audio_streams + 1, step_ids.shape[-1]).clone()
+            half = streams.shape[0] // 2
+            streams[:half, 0] = streams[half:, 0]
+            model_inputs["input_ids"] = step_ids = streams.flatten(0, 1)
         if modality_ids is None:
             return model_inputs
-        step_ids = model_inputs.get("input_ids")
         if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids cover it
             model_inputs["modality_ids"] = modality_ids
             return model_inputs
@@ -643,5 +795,66 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         model_inputs["modality_ids"] = step_modality
         return model_inputs
 
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *,
+        speech_answer: bool = True,
+        batch_parallel: bool = False,
+        **kwargs,
+    ):
+        r"""transformers' `generate`; with parallel audio streams, `inputs` is `[batch, 1 + S, seq]` in the delayed
+        layout and so is the result (`revert_delay_pattern` / `audio_codes_per_stream` read the codes back).
+
+        speech_answer (`bool`, defaults to `True`):
+            Parallel streams only: answer in speech (audio streams follow the delay pattern and generation stops when
+            every audio stream has ended) or in text only (audio streams emit pad; stops at the text end).
+        batch_parallel (`bool`, defaults to `False`):
+            Parallel streams only: decode a text-only copy of each query beside it, whose text drives the text stream
+            of the speech answer (DeepTalk / Mini-Omni batch parallel decoding).
+        """
+        config = self.config
+        if not config.num_audio_streams:
+            return super().generate(inputs, **kwargs)
+        from .generation_deeptalk import DelayPatternLogitsProcessor, ParallelStreamsStoppingCriteria
+
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+        streams = config.num_audio_streams + 1
+        if input_ids.dim() != 3 or input_ids.shape[1] != streams:
+            raise ValueError(
+                f"parallel-stream generation takes input_ids of shape [batch, {streams}, seq], got {tuple(input_ids.shape)}"
+            )
+        batch, _, prompt_length = input_ids.shape
+        attention_mask = kwargs.pop("attention_mask", None)
+        speech = torch.full((batch,), speech_answer, dtype=torch.bool)
+        if batch_parallel:
+            if not speech_answer:
+                raise ValueError("batch_parallel=True drives a speech answer; it needs speech_answer=True")
+            input_ids = torch.cat([input_ids, input_ids])
+            attention_mask = torch.cat([attention_mask, attention_mask]) if attention_mask is not None else None
+            speech = torch.cat([speech, torch.zeros_like(speech)])
+        if attention_mask is not None:
+            attention_mask = attention_mask.repeat_interleave(streams, dim=0)
+        logits_processor = kwargs.pop("logits_processor", None) or []
+        stopping_criteria = kwargs.pop("stopping_criteria", None) or []
+        output = super().generate(
+            input_ids.flatten(0, 1),
+            attention_mask=attention_mask,
+            logits_processor=[*logits_processor, DelayPatternLogitsProcessor(prompt_length, config, speech)],
+            stopping_criteria=[*stopping_criteria, ParallelStreamsStoppingCriteria(prompt_length, config, speech)],
+            eos_token_id=None,  # the stopping criteria and the pattern handle the ends, per stream
+            pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
+            batch_parallel=batch_parallel,
+            **kwargs,
+        )
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        sequences = sequences.view(-1, streams, sequences.shape[-1])
+        if batch_parallel:
+            sequences = torch.cat([sequences[batch:, :1], sequences[:batch, 1:]], dim=1)
+        if isinstance(output, torch.Tensor):
+            return sequences
+        output.sequences = sequences
+        return output
 
 __all__ = ["DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]

@@ -1,0 +1,141 @@
+"""DeepTalk vs transformers' Qwen3-MoE at equal active compute: forward+backward and cached-decode tokens/s.
+
+DeepTalk runs hard modality routing on a mixed text/speech batch with E text + E speech experts per layer; Qwen3-MoE
+has 2E experts, the same top-k, expert size, attention and vocabulary width, and the same experts backend. Both get
+the same inputs. The goal is DeepTalk >= 0.95x Qwen3-MoE: modality routing should cost (almost) nothing.
+
+    python benchmarks/bench_model.py [--backend grouped_mm] [--device cpu] [--out benchmarks/results/model.json]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
+
+
+def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
+    shared = dict(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        moe_intermediate_size=args.expert_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(1, args.hidden // 256),
+        head_dim=64,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        max_position_embeddings=4096,
+        experts_implementation=args.backend,
+    )
+    torch.manual_seed(0)
+    deeptalk = DeepTalkForCausalLM(
+        DeepTalkConfig(**shared, speech_vocab_size=args.vocab // 4, num_experts=args.experts,
+                       num_speech_experts=args.experts)
+    )
+    torch.manual_seed(0)
+    qwen = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shared, num_experts=2 * args.experts))
+    return {"deeptalk": deeptalk.to(args.device), "qwen3_moe": qwen.to(args.device)}
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Median wall time of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def mixed_batch(args: argparse.Namespace) -> torch.Tensor:
+    """Half text ids, half speech ids (the speech block is the last quarter of the vocabulary), interleaved in runs."""
+    generator = torch.Generator().manual_seed(1)
+    speech_start = args.vocab - args.vocab // 4
+    text = torch.randint(0, speech_start, (args.batch, args.seq_len), generator=generator)
+    speech = torch.randint(speech_start, args.vocab, (args.batch, args.seq_len), generator=generator)
+    runs = (torch.arange(args.seq_len) // 16) % 2 == 1
+    return torch.where(runs, speech, text).to(args.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="grouped_mm", help="experts backend for both models")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--expert-size", type=int, default=128)
+    parser.add_argument("--experts", type=int, default=8, help="E: text experts = speech experts = E; Qwen3-MoE 2E")
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="benchmarks/results/model.json")
+    args = parser.parse_args()
+
+    models = build(args)
+    input_ids = mixed_batch(args)
+    prompt = input_ids[:1, :32]
+    results = {}
+    for name, model in models.items():
+        model.train()
+        # Qwen3-MoE computes its balancing loss only when asked; DeepTalk always does in training, so ask (not in
+        # decoding, where Qwen3-MoE would compute it on every step).
+        model.config.output_router_logits = name == "qwen3_moe"
+
+        def train_step(model=model):
+            model.zero_grad(set_to_none=True)
+            model(input_ids, labels=input_ids).loss.backward()
+
+        train_s = timed(train_step, args.repeats, args.device)
+        model.eval()
+        model.config.output_router_logits = False
+
+        def decode(model=model):
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
+                               do_sample=False)
+
+        decode_s = timed(decode, args.repeats, args.device)
+        results[name] = {
+            "train_tokens_per_s": input_ids.numel() / train_s,
+            "decode_tokens_per_s": args.decode_tokens / decode_s,
+        }
+    ratios = {
+        metric: results["deeptalk"][metric] / results["qwen3_moe"][metric]
+        for metric in ("train_tokens_per_s", "decode_tokens_per_s")
+    }
+    for name, figures in results.items():
+        print(f"{name:10s} fwd+bwd {figures['train_tokens_per_s']:10.0f} tok/s   "
+              f"decode {figures['decode_tokens_per_s']:8.1f} tok/s")
+    print(f"DeepTalk / Qwen3-MoE: fwd+bwd {ratios['train_tokens_per_s']:.3f}x   "
+          f"decode {ratios['decode_tokens_per_s']:.3f}x   (goal >= 0.95x)")
+    record = {
+        "args": vars(args),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "results": results,
+        "ratio_deeptalk_over_qwen3_moe": ratios,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

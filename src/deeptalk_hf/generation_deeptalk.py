@@ -1,0 +1,141 @@
+"""Parallel text-speech decoding: the delay pattern of the audio streams and the generation rules that keep it.
+
+With `config.num_audio_streams = S`, a sequence is `[batch, 1 + S, seq]`: stream 0 carries text, stream s carries the
+s-th audio codebook level, delayed `audio_stream_delays[s]` positions behind the text (Mini-Omni / DeepTalk). An answer
+of N audio frames lays each audio stream out as `pad * (d - 1), begin, code_0 ... code_{N-1}, end, pad ...`.
+
+For `generate`, each stream becomes a row of the batch (as transformers' MusicGen flattens its codebooks), so every
+stream is sampled from its own logits by the usual processors; `DelayPatternLogitsProcessor` forces the pattern's
+fixed tokens and `ParallelStreamsStoppingCriteria` ends an item when its speech (or, text-only, its text) has ended.
+"""
+
+import torch
+from transformers.generation import LogitsProcessor, StoppingCriteria
+
+from .configuration_deeptalk import DeepTalkConfig
+
+
+def build_delay_pattern(codes: torch.LongTensor, config: DeepTalkConfig) -> torch.LongTensor:
+    """Aligned codes `[batch, S, frames]` -> delayed audio streams `[batch, S, frames + max_delay + 1]`."""
+    batch, num_streams, frames = codes.shape
+    if num_streams != config.num_audio_streams:
+        raise ValueError(f"codes have {num_streams} streams but the config has {config.num_audio_streams}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= config.audio_codebook_size):
+        raise ValueError(f"audio codes must lie in [0, {config.audio_codebook_size})")
+    delays = config.audio_stream_delays
+    length = frames + max(delays) + 1
+    streams = codes.new_full((batch, num_streams, length), config.audio_pad_token_id)
+    for s, delay in enumerate(delays):
+        streams[:, s, delay - 1] = config.audio_bos_token_id
+        streams[:, s, delay : delay + frames] = codes[:, s]
+        streams[:, s, delay + frames] = config.audio_eos_token_id
+    return streams
+
+
+def revert_delay_pattern(streams: torch.LongTensor, config: DeepTalkConfig) -> torch.LongTensor:
+    """Inverse of `build_delay_pattern`: delayed streams `[batch, S, length]` -> aligned codes `[batch, S, frames]`."""
+    delays = config.audio_stream_delays
+    frames = streams.shape[-1] - max(delays) - 1
+    if frames < 0:
+        raise ValueError(f"{streams.shape[-1]} positions are too few for the delays {delays}")
+    return torch.stack([streams[:, s, delay : delay + frames] for s, delay in enumerate(delays)], dim=1)
+
+
+def audio_codes_per_stream(streams: torch.LongTensor, config: DeepTalkConfig) -> list[list[torch.LongTensor]]:
+    """The codes each generated audio stream carries between its begin and end codes (or the sequence end).
+
+    Returns one list per batch item with one 1D tensor per stream; streams of an item may differ in length when
+    generation stopped early."""
+    result = []
+    for item in streams:
+        per_stream = []
+        for row in item:
+            begins = (row == config.audio_bos_token_id).nonzero()
+            start = int(begins[0]) + 1 if len(begins) else 0
+            ends = (row[start:] == config.audio_eos_token_id).nonzero()
+            stop = start + int(ends[0]) if len(ends) else row.numel()
+            segment = row[start:stop]
+            per_stream.append(segment[segment < config.audio_codebook_size])
+        result.append(per_stream)
+    return result
+
+
+def _ends(token_ids: torch.Tensor | int | list[int] | None, row: torch.Tensor) -> torch.Tensor:
+    """Whether each row of `row` `[rows, steps]` contains one of the end ids."""
+    if token_ids is None:
+        return torch.zeros(row.shape[0], dtype=torch.bool, device=row.device)
+    ids = torch.as_tensor(token_ids, device=row.device).reshape(-1)
+    return torch.isin(row, ids).any(dim=-1)
+
+
+class DelayPatternLogitsProcessor(LogitsProcessor):
+    """Forces the delay pattern on flattened parallel streams (row `b * (1 + S) + s` is stream s of item b).
+
+    Audio stream s of a speech answer emits pad for its first `delay - 1` steps, then its begin code, then free codes
+    until it emits its end code, then pad. In a text-only answer (`speech_answer` False for the item) audio streams
+    only emit pad. The text stream emits the text pad id once it has emitted a text end id.
+    """
+
+    def __init__(self, prompt_length: int, config: DeepTalkConfig, speech_answer: torch.Tensor):
+        self.prompt_length = prompt_length
+        self.config = config
+        self.speech_answer = speech_answer  # [items] bool
+        self.text_pad = config.pad_token_id if config.pad_token_id is not None else 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        config = self.config
+        streams = config.num_audio_streams + 1
+        generated = input_ids[:, self.prompt_length :]
+        step = generated.shape[1]
+        device = scores.device
+        stream = torch.arange(input_ids.shape[0], device=device) % streams
+        speech = self.speech_answer.to(device).repeat_interleave(streams)
+        delay = torch.tensor([0, *config.audio_stream_delays], device=device)[stream]
+        is_audio = stream > 0
+        ended_text = _ends(config.eos_token_id, generated) & ~is_audio
+        ended_audio = _ends(config.audio_eos_token_id, generated) & is_audio
+
+        forced = torch.full_like(stream, -1)
+        forced = torch.where(ended_text, self.text_pad, forced)
+        audio_pad = is_audio & (~speech | (step < delay - 1) | ended_audio)
+        forced = torch.where(audio_pad, config.audio_pad_token_id, forced)
+        forced = torch.where(is_audio & speech & (step == delay - 1), config.audio_bos_token_id, forced)
+
+        scores = scores.clone()
+        free_audio = is_audio & (forced < 0)
+        for special in (config.audio_pad_token_id, config.audio_bos_token_id):
+            scores[free_audio, special] = -float("inf")
+        rows = (forced >= 0).nonzero().squeeze(-1)
+        scores[rows] = -float("inf")
+        scores[rows, forced[rows]] = 0.0
+        return scores
+
+
+class ParallelStreamsStoppingCriteria(StoppingCriteria):
+    """An item is done when all its audio streams emitted their end code (speech answer) or its text stream emitted a
+    text end id (text-only answer); all rows of an item stop together."""
+
+    def __init__(self, prompt_length: int, config: DeepTalkConfig, speech_answer: torch.Tensor):
+        self.prompt_length = prompt_length
+        self.config = config
+        self.speech_answer = speech_answer
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        config = self.config
+        streams = config.num_audio_streams + 1
+        generated = input_ids[:, self.prompt_length :].reshape(-1, streams, input_ids.shape[1] - self.prompt_length)
+        text_done = _ends(config.eos_token_id, generated[:, 0])
+        speech_done = torch.stack(
+            [_ends(config.audio_eos_token_id, generated[:, s]) for s in range(1, streams)], dim=-1
+        ).all(dim=-1)
+        done = torch.where(self.speech_answer.to(input_ids.device), speech_done, text_done)
+        return done.repeat_interleave(streams)
+
+
+__all__ = [
+    "DelayPatternLogitsProcessor",
+    "ParallelStreamsStoppingCriteria",
+    "audio_codes_per_stream",
+    "build_delay_pattern",
+    "revert_delay_pattern",
+]

@@ -1,0 +1,82 @@
+import pytest
+from transformers import AutoConfig, Qwen3MoeConfig
+
+from deeptalk_hf import DeepTalkConfig
+
+from .conftest import tiny_config
+
+
+def test_speech_block_is_the_end_of_the_vocabulary():
+    config = tiny_config(vocab_size=100, speech_vocab_size=30)
+    assert config.speech_token_start == 70
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(speech_vocab_size=80), "speech_vocab_size"),
+        (dict(speech_vocab_size=-1), "speech_vocab_size"),
+        (dict(num_experts=[4, 4, 4]), "num_experts"),
+        (dict(num_speech_experts=[1]), "num_speech_experts"),
+        (dict(num_experts=0), "num_experts"),
+        (dict(num_speech_experts=[2, -1]), "num_speech_experts"),
+        (dict(modality_routing="soft"), "modality_routing"),
+        (dict(mlp_only_layers=[5]), "mlp_only_layers"),
+        (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(layer_types=["full_attention"]), "layer_types"),
+        (dict(speech_expert_ids=[[0, 1, 9], [0, 1, 2]]), "speech_expert_ids"),
+        (dict(scoring_func="relu"), "scoring_func"),
+        (dict(topk_method="noaux_tc"), "n_group"),
+        (dict(topk_method="noaux_tc", n_group=3, topk_group=1, num_speech_experts=0), "n_group=3"),
+        (dict(kv_lora_rank=8, qk_rope_head_dim=4), "v_head_dim"),
+    ],
+)
+def test_invalid_fields_raise_value_error_naming_them(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_per_layer_expert_counts_follow_moe_layers():
+    config = tiny_config(num_hidden_layers=4, mlp_only_layers=[0], num_experts=[2, 3, 4], num_speech_experts=[0, 1, 2])
+    assert config.moe_layers == [1, 2, 3]
+    assert [config.layer_experts(i) for i in config.moe_layers] == [(2, 0), (3, 1), (4, 2)]
+
+
+def test_sparse_step_and_first_dense_fold_into_mlp_only_layers():
+    config = tiny_config(num_hidden_layers=6, mlp_only_layers=[5], decoder_sparse_step=2, first_k_dense_replace=1)
+    assert config.mlp_only_layers == [0, 2, 4, 5]
+    assert not hasattr(config, "decoder_sparse_step") and not hasattr(config, "first_k_dense_replace")
+    assert DeepTalkConfig(**config.to_dict()).mlp_only_layers == config.mlp_only_layers
+
+
+def test_qwen3_moe_fields_build_an_equivalent_config():
+    qwen = Qwen3MoeConfig(num_experts=6, num_experts_per_tok=3, mlp_only_layers=[0], num_hidden_layers=2,
+                          use_sliding_window=False, sliding_window=64, rope_parameters={"rope_type": "yarn",
+                          "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64})
+    fields = {k: v for k, v in qwen.to_dict().items() if k not in ("model_type", "architectures")}
+    config = DeepTalkConfig(**fields)
+    assert config.num_experts == 6 and config.num_local_experts == 6
+    assert config.sliding_window is None and config.layer_types == ["full_attention"] * 2
+    assert config.rope_parameters["rope_type"] == "yarn"
+    assert config.num_speech_experts == 0 and config.use_qk_norm
+
+
+def test_expert_order_records_the_source_positions():
+    config = tiny_config(num_experts=3, num_speech_experts=2, speech_expert_ids=[[1, 4], [0, 2]])
+    assert config.expert_order(0) == [0, 2, 3, 1, 4]
+    assert config.expert_order(2) == [1, 3, 4, 0, 2]
+    assert tiny_config(speech_expert_ids=[[4, 5, 6], [4, 5, 6]]).expert_order(0) is None
+
+
+def test_auto_config_round_trip(tmp_path):
+    config = tiny_config(num_speech_experts=[1, 2], modality_routing="none")
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, DeepTalkConfig)
+    assert loaded.to_diff_dict() | {"_name_or_path": ""} == config.to_diff_dict() | {"_name_or_path": ""}
+
+
+def test_mla_head_dim_is_the_rope_part():
+    config = tiny_config(kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    assert config.head_dim == 4 and config.qk_head_dim == 12
+    assert DeepTalkConfig(**config.to_dict()).qk_head_dim == 12

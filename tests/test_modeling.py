@@ -1,0 +1,480 @@
+"""DeepTalkForCausalLM against independent oracles: transformers' Qwen3-MoE / Qwen2-MoE, its own cache-free path,
+hand-computed losses, and black-box modality isolation."""
+
+import copy
+import os
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoModelForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+from transformers.generation.streamers import BaseStreamer
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
+from deeptalk_hf.modeling_deeptalk import modality_router_losses
+
+from .conftest import tiny_config
+
+QWEN_FIELDS = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=6,
+    num_experts_per_tok=2,
+    mlp_only_layers=[1],
+    norm_topk_prob=True,
+    max_position_embeddings=256,
+)
+
+
+def deeptalk_from(source_config, **overrides) -> DeepTalkConfig:
+    fields = {k: v for k, v in source_config.to_dict().items() if k not in ("model_type", "architectures")}
+    fields.update(overrides)
+    return DeepTalkConfig(**fields)
+
+
+def load_without_report_issues(path, config):
+    model, info = DeepTalkForCausalLM.from_pretrained(path, config=config, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {  # yarn RoPE, attention bias, sliding window shorter than the input
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            "attention_bias": True,
+            "use_sliding_window": True,
+            "sliding_window": 5,
+            "norm_topk_prob": False,
+        },
+    ],
+    ids=["plain", "yarn-bias-sliding"],
+)
+def test_qwen3_moe_checkpoint_loads_with_same_logits_and_generation(tmp_path, extra):
+    source_config = Qwen3MoeConfig(**(QWEN_FIELDS | extra))
+    source = Qwen3MoeForCausalLM(source_config).eval()
+    source.save_pretrained(tmp_path)
+    model = load_without_report_issues(tmp_path, deeptalk_from(source_config))
+    input_ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        expected, actual = source(input_ids).logits, model(input_ids).logits
+    assert (expected - actual).abs().max() <= 1e-5
+    generate = dict(max_new_tokens=10, do_sample=False)
+    assert torch.equal(source.generate(input_ids, **generate), model.generate(input_ids, **generate))
+
+
+def test_qwen2_moe_shared_expert_gate_and_qkv_bias_match(tmp_path):
+    source_config = Qwen2MoeConfig(
+        **QWEN_FIELDS, shared_expert_intermediate_size=24, qkv_bias=True, decoder_sparse_step=1
+    )
+    source = Qwen2MoeForCausalLM(source_config).eval()
+    state = {
+        k.replace("mlp.shared_expert.", "mlp.shared_experts.").replace("shared_expert_gate", "shared_experts_gate"): v
+        for k, v in source.state_dict().items()
+    }
+    config = deeptalk_from(source_config, use_qk_norm=False, shared_expert_gate=True)
+    model = DeepTalkForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    input_ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (source(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
+
+
+def perturb(model, predicate) -> DeepTalkForCausalLM:
+    perturbed = copy.deepcopy(model)
+    touched = 0
+    with torch.no_grad():
+        for name, param in perturbed.named_parameters():
+            if predicate(name):
+                param.add_(torch.randn_like(param))
+                touched += 1
+    assert touched
+    return perturbed
+
+
+def is_speech_tensor(name: str) -> bool:
+    return "speech" in name
+
+
+@given(
+    experts=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 3)), min_size=1, max_size=3),
+    top_k=st.integers(1, 3),
+    seq_len=st.integers(2, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_hard_routing_isolates_modalities(experts, top_k, seq_len, seed):
+    torch.manual_seed(seed)
+    if all(num_speech == 0 for _, num_speech in experts):
+        experts[0] = (experts[0][0], 1)
+    config = tiny_config(
+        num_hidden_layers=len(experts) + 1,
+        mlp_only_layers=[len(experts)],
+        num_experts=[e for e, _ in experts],
+        num_speech_experts=[s for _, s in experts],
+        num_experts_per_tok=top_k,
+        norm_topk_prob=bool(seed % 2),
+    )
+    model = DeepTalkForCausalLM(config).eval()
+    start = config.speech_token_start
+    text_ids = torch.randint(0, start, (2, seq_len))
+    speech_ids = torch.randint(start, config.vocab_size, (2, seq_len))
+    mixed_ids = torch.cat([text_ids, speech_ids], dim=1)
+
+    speech_changed = perturb(model, is_speech_tensor)
+    layers_with_speech = [f"layers.{layer}.mlp." for layer in config.moe_layers if config.layer_experts(layer)[1]]
+
+    def text_routing_tensor(name: str) -> bool:
+        return any(name.startswith(f"model.{p}experts.") or name == f"model.{p}gate.weight" for p in layers_with_speech)
+
+    text_changed = perturb(model, text_routing_tensor)
+    with torch.no_grad():
+        # Text positions keep their text-block logits (the speech columns come from `speech_lm_head`).
+        assert torch.equal(model(text_ids).logits[..., :start], speech_changed(text_ids).logits[..., :start])
+        assert torch.equal(model(speech_ids).logits, text_changed(speech_ids).logits)
+        before, after = model(mixed_ids).logits, speech_changed(mixed_ids).logits
+    assert torch.equal(before[:, :seq_len, :start], after[:, :seq_len, :start])
+    assert not torch.equal(before[:, seq_len:], after[:, seq_len:])
+
+
+def test_modality_ids_override_the_id_block_for_inputs_embeds():
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    modality_ids = (input_ids >= model.config.speech_token_start).long()
+    embeds = model.model.embed(input_ids)
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        assert torch.equal(model(inputs_embeds=embeds, modality_ids=modality_ids).logits, reference)
+        all_text = model(inputs_embeds=embeds).logits
+    assert not torch.equal(all_text, reference)
+    with pytest.raises(ValueError, match="modality_ids has shape"):
+        model(input_ids, modality_ids=modality_ids[:, :3])
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+        self.ended = False
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_cached_generation_equals_uncached_and_streams(attn):
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    model.set_attn_implementation(attn)
+    input_ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=None)
+    streamer = Collect()
+    cached = model.generate(input_ids, use_cache=True, streamer=streamer, **kwargs)
+    assert torch.equal(cached, model.generate(input_ids, use_cache=False, **kwargs))
+    assert torch.equal(model.generate(input_ids, cache_implementation="static", **kwargs), cached)
+    assert streamer.ended
+    assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks]), cached[0])
+
+
+def test_generation_extends_modality_ids_from_new_ids():
+    """A prompt whose modality comes from `modality_ids` must decode like a full recomputation that uses them."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    start = model.config.speech_token_start
+    prompt = torch.randint(3, start, (1, 6))
+    modality_ids = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    out = model.generate(prompt, modality_ids=modality_ids, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    uncached = model.generate(
+        prompt, modality_ids=modality_ids, max_new_tokens=8, do_sample=False, eos_token_id=None, use_cache=False
+    )
+    assert torch.equal(out, uncached)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            full_modality = torch.cat([modality_ids, (sequence[:, 6:] >= start).long()], dim=1)
+            next_id = model(sequence, modality_ids=full_modality).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_id], dim=1)
+    assert torch.equal(out, sequence)
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone():
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    prompts = [torch.randint(3, model.config.vocab_size, (n,)) for n in (7, 4)]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.stack([torch.cat([torch.zeros(width - len(p), dtype=torch.long), p]) for p in prompts])
+    attention_mask = (torch.arange(width)[None] >= torch.tensor([[width - len(p)] for p in prompts])).long()
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    batch = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], **kwargs)
+        assert torch.equal(batch[row, width:], alone[0, len(prompt) :])
+
+
+def test_save_pretrained_round_trip_is_bit_identical_safetensors_only(tmp_path):
+    model = DeepTalkForCausalLM(tiny_config(num_speech_experts=[2, 0], tie_word_embeddings=True)).eval()
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pth")) for f in files)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert isinstance(loaded, DeepTalkForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
+    assert loaded.speech_lm_head.weight is loaded.model.speech_embed_tokens.weight
+
+
+def test_wrong_tensor_shape_fails_naming_it(tmp_path):
+    model = DeepTalkForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["model.layers.0.mlp.speech_gate.weight"] = torch.zeros(5, 32)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.speech_gate\.weight.*\(5, 32\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("routing", ["hard", "none"])
+def test_experts_backends_agree_forward_and_backward(routing):
+    config = tiny_config(modality_routing=routing, num_speech_experts=[3, 1], num_experts_per_tok=3)
+    input_ids = torch.randint(0, config.vocab_size, (2, 10))
+    results = {}
+    for backend in ("eager", "grouped_mm", "batched_mm"):
+        torch.manual_seed(0)
+        model = DeepTalkForCausalLM(config)
+        model.set_experts_implementation(backend)
+        out = model(input_ids, labels=input_ids)
+        out.loss.backward()
+        results[backend] = (out.logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    logits, grads = results["eager"]
+    for backend in ("grouped_mm", "batched_mm"):
+        other_logits, other_grads = results[backend]
+        torch.testing.assert_close(other_logits, logits, rtol=1e-5, atol=1e-5)
+        for name, grad in grads.items():
+            if grad is None:
+                assert other_grads[name] is None, name
+            else:
+                torch.testing.assert_close(other_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_aux_loss_matches_transformers_for_a_single_moe_layer():
+    config = tiny_config(num_hidden_layers=2, mlp_only_layers=[1], num_speech_experts=0, num_experts=5)
+    model = DeepTalkForCausalLM(config).eval()
+    input_ids = torch.randint(3, config.vocab_size, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    expected = load_balancing_loss_func(out.router_logits, 5, config.num_experts_per_tok, attention_mask)
+    torch.testing.assert_close(out.aux_loss, expected)
+
+
+def reference_group_losses(logits, tokens, top_k):
+    """Plain-Python load-balancing and z-loss terms of one expert group over the listed tokens."""
+    num_experts = logits.shape[1]
+    counts = [0.0] * num_experts
+    prob_sums = [0.0] * num_experts
+    z = 0.0
+    for t in tokens:
+        probs = torch.softmax(logits[t].double(), -1).tolist()
+        ranked = sorted(range(num_experts), key=lambda e: (-probs[e], e))[: min(top_k, num_experts)]
+        for e in ranked:
+            counts[e] += 1
+        for e in range(num_experts):
+            prob_sums[e] += probs[e]
+        z += torch.logsumexp(logits[t].double(), -1).item() ** 2
+    n = len(tokens)
+    aux = num_experts * sum((c / n) * (p / n) for c, p in zip(counts, prob_sums))
+    return aux, z / n
+
+
+def test_modality_losses_match_hand_computed_values():
+    config = tiny_config(num_hidden_layers=3, mlp_only_layers=[], num_experts=[3, 2, 4], num_speech_experts=[2, 0, 1])
+    torch.manual_seed(1)
+    is_speech = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    router_logits = tuple(torch.randn(10, sum(config.layer_experts(i))) for i in config.moe_layers)
+    aux, z = modality_router_losses(router_logits, is_speech, config, attention_mask)
+
+    flat_speech = is_speech.reshape(-1).tolist()
+    valid = [t for t in range(10) if attention_mask.reshape(-1)[t]]
+    expected_aux = expected_z = 0.0
+    for layer, logits in zip(config.moe_layers, router_logits):
+        num_text, num_speech = config.layer_experts(layer)
+        if num_speech:
+            groups = [
+                (logits[:, :num_text], [t for t in valid if not flat_speech[t]]),
+                (logits[:, num_text:], [t for t in valid if flat_speech[t]]),
+            ]
+        else:
+            groups = [(logits, valid)]
+        for group_logits, tokens in groups:
+            group_aux, group_z = reference_group_losses(group_logits, tokens, config.num_experts_per_tok)
+            expected_aux += len(tokens) / len(valid) * group_aux
+            expected_z += len(tokens) / len(valid) * group_z
+    assert aux.item() == pytest.approx(expected_aux / 3, rel=1e-5)
+    assert z.item() == pytest.approx(expected_z / 3, rel=1e-5)
+
+
+def test_training_lowers_the_loss_with_router_losses():
+    config = tiny_config(router_z_loss_coef=1e-3, router_aux_loss_coef=1e-2)
+    model = DeepTalkForCausalLM(config).train()
+    data = torch.randint(0, config.vocab_size, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        out = model(data, labels=data)
+        assert out.aux_loss is not None and out.z_loss is not None and out.router_logits is None
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    assert model.model.layers[0].mlp.speech_gate.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    config = tiny_config()
+    data = torch.randint(0, config.vocab_size, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = DeepTalkForCausalLM(config).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(data, labels=data).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["grouped_mm", "batched_mm"])
+def test_torch_compile_fullgraph_matches_eager_mode(backend):
+    """Where Qwen3-MoE compiles with `fullgraph=True` (grouped_mm, batched_mm), so does DeepTalk's hard routing."""
+    model = DeepTalkForCausalLM(tiny_config(experts_implementation=backend)).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    assert (input_ids >= model.config.speech_token_start).any() and (input_ids < 64).any()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids).logits, model(input_ids).logits)
+
+
+DEEPSEEK_FIELDS = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=12,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_shared_experts=2,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    first_k_dense_replace=1,
+    max_position_embeddings=128,
+    routed_scaling_factor=2.5,
+    n_group=4,
+    topk_group=2,
+)
+
+
+def deepseek_pair(version: str):
+    """A tiny random DeepSeek-V2 (group-limited greedy) or V3 (sigmoid, noaux_tc with a non-zero correction bias)
+    and the DeepTalk model holding the same weights."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    if version == "v2":
+        source_config = DeepseekV2Config(**DEEPSEEK_FIELDS, topk_method="group_limited_greedy")
+        source = DeepseekV2ForCausalLM(source_config).eval()
+        routing = dict(topk_method="group_limited_greedy")
+    else:
+        source_config = DeepseekV3Config(**DEEPSEEK_FIELDS, norm_topk_prob=True)
+        source = DeepseekV3ForCausalLM(source_config).eval()
+        routing = dict(topk_method="noaux_tc", scoring_func="sigmoid")
+        with torch.no_grad():
+            for name, buffer in source.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.normal_(std=0.1)
+    config = deeptalk_from(
+        source_config,
+        **routing,
+        use_qk_norm=False,
+        shared_expert_intermediate_size=source_config.moe_intermediate_size * source_config.n_shared_experts,
+    )
+    model = DeepTalkForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    assert not missing and not unexpected
+    return source, model
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_deepseek_mla_group_limited_routing_matches(version):
+    source, model = deepseek_pair(version)
+    input_ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (source(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
+    kwargs = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(input_ids))
+    assert torch.equal(source.generate(input_ids, **kwargs), model.generate(input_ids, **kwargs))
+
+
+def move_to_speech_group(model: DeepTalkForCausalLM, speech_ids: list[int]) -> DeepTalkForCausalLM:
+    """An independent, by-hand expert move: the listed experts (and their router rows and correction biases) of every
+    MoE layer go to a new speech group, recorded in `speech_expert_ids`."""
+    config = copy.deepcopy(model.config)
+    config.num_speech_experts = len(speech_ids)
+    config.num_experts = config.num_experts - len(speech_ids)
+    config.speech_expert_ids = [list(speech_ids) for _ in config.moe_layers]
+    split = DeepTalkForCausalLM(config).eval()
+    text_ids = [i for i in range(model.config.num_experts) if i not in speech_ids]
+    state = {}
+    for name, tensor in model.state_dict().items():
+        for group, ids in (("experts", text_ids), ("speech_experts", speech_ids)):
+            if ".mlp.experts." in name:
+                state[name.replace(".mlp.experts.", f".mlp.{group}.")] = tensor[ids]
+        for group, ids in (("gate", text_ids), ("speech_gate", speech_ids)):
+            if ".mlp.gate." in name:
+                state[name.replace(".mlp.gate.", f".mlp.{group}.")] = tensor[ids]
+        if ".mlp.experts." not in name and ".mlp.gate." not in name:
+            state[name] = tensor
+    missing, unexpected = split.load_state_dict(state, strict=False)
+    assert not missing and not unexpected
+    return split
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_routing_none_scores_moved_experts_in_source_order(version):
+    source, model = deepseek_pair(version)
+    split = move_to_speech_group(model, [6, 1, 3])
+    split.config.modality_routing = "none"
+    input_ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = source(input_ids).logits
+        assert (split(input_ids).logits - expected).abs().max() <= 1e-5
+        split.config.modality_routing = "hard"  # now each modality uses its own group: a different model
+        assert (split(input_ids).logits - expected).abs().max() > 1e-3

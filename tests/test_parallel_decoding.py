@@ -1,0 +1,162 @@
+"""Parallel text-speech streams: delay pattern, generation rules, batch parallel decoding, losses, isolation."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers.generation import LogitsProcessor
+
+from deeptalk_hf import DeepTalkForCausalLM
+from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern, revert_delay_pattern
+
+from .conftest import tiny_config
+
+
+def parallel_config(**overrides):
+    fields = dict(num_audio_streams=3, audio_codebook_size=10, audio_stream_delays=[1, 2, 4])
+    fields.update(overrides)
+    return tiny_config(**fields)
+
+
+def text_query(config, batch=2, length=5):
+    text = torch.randint(3, config.speech_token_start, (batch, 1, length))
+    audio = torch.full((batch, config.num_audio_streams, length), config.audio_pad_token_id)
+    return torch.cat([text, audio], dim=1)
+
+
+@given(
+    streams=st.integers(1, 7),
+    frames=st.integers(0, 9),
+    batch=st.integers(1, 3),
+    data=st.data(),
+)
+def test_delay_pattern_round_trip(streams, frames, batch, data):
+    delays = data.draw(st.lists(st.integers(1, 8), min_size=streams, max_size=streams))
+    config = tiny_config(num_audio_streams=streams, audio_codebook_size=16, audio_stream_delays=delays)
+    codes = torch.randint(0, 16, (batch, streams, frames))
+    delayed = build_delay_pattern(codes, config)
+    assert delayed.shape == (batch, streams, frames + max(delays) + 1)
+    assert torch.equal(revert_delay_pattern(delayed, config), codes)
+    for s, delay in enumerate(delays):
+        assert (delayed[:, s, : delay - 1] == config.audio_pad_token_id).all()
+        assert (delayed[:, s, delay - 1] == config.audio_bos_token_id).all()
+        assert (delayed[:, s, delay + frames] == config.audio_eos_token_id).all()
+    for item in range(batch):
+        assert all(torch.equal(a, b) for a, b in zip(audio_codes_per_stream(delayed, config)[item], codes[item]))
+
+
+def test_build_delay_pattern_rejects_codes_out_of_range():
+    config = parallel_config()
+    with pytest.raises(ValueError, match="audio codes"):
+        build_delay_pattern(torch.full((1, 3, 2), 10), config)
+
+
+def test_without_parallel_fields_there_are_no_stream_weights():
+    names = [name for name, _ in DeepTalkForCausalLM(tiny_config()).named_parameters()]
+    assert not any("stream" in name for name in names)
+
+
+def test_text_positions_of_a_parallel_model_equal_the_single_stream_model():
+    parallel = DeepTalkForCausalLM(parallel_config()).eval()
+    single = DeepTalkForCausalLM(tiny_config()).eval()
+    missing, unexpected = single.load_state_dict(parallel.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"model.speech_stream_embed.weight", "speech_stream_heads.weight"}
+    query = text_query(parallel.config)
+    with torch.no_grad():
+        assert torch.equal(parallel(query).logits, single(query[:, 0]).logits)
+
+
+def test_parallel_generation_follows_the_pattern_and_cache_changes_nothing():
+    torch.manual_seed(3)
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    config = model.config
+    query = text_query(config)
+    kwargs = dict(max_new_tokens=14, do_sample=False)
+    cached = model.generate(query, **kwargs)
+    assert cached.shape[:2] == (2, 4) and torch.equal(cached[:, :, :5], query)
+    assert torch.equal(cached, model.generate(query, use_cache=False, **kwargs))
+    answer = cached[:, 1:, 5:]
+    for s, delay in enumerate(config.audio_stream_delays):
+        assert (answer[:, s, : delay - 1] == config.audio_pad_token_id).all()
+        assert (answer[:, s, delay - 1] == config.audio_bos_token_id).all()
+        assert (answer[:, s, delay:] != config.audio_bos_token_id).all()
+    for item in audio_codes_per_stream(answer, config):
+        for codes in item:
+            assert ((codes >= 0) & (codes < config.audio_codebook_size)).all()
+
+
+class PreferAudioEnd(LogitsProcessor):
+    """A user processor: every row prefers the audio end code (the pattern still decides where it may go)."""
+
+    def __init__(self, eos: int):
+        self.eos = eos
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.eos] += 1e4
+        return scores
+
+
+def test_generation_stops_when_every_audio_stream_has_ended():
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    config = model.config
+    query = text_query(config, batch=1)
+    out = model.generate(
+        query, max_new_tokens=30, do_sample=False, logits_processor=[PreferAudioEnd(config.audio_eos_token_id)]
+    )
+    # Each stream: pads, begin at delay - 1, end right after; the last stream's end closes the answer.
+    assert out.shape[-1] == 5 + max(config.audio_stream_delays) + 1
+    for s, delay in enumerate(config.audio_stream_delays):
+        assert out[0, s + 1, 5 + delay] == config.audio_eos_token_id
+        assert (out[0, s + 1, 5 + delay + 1 :] == config.audio_pad_token_id).all()
+
+
+def test_batch_parallel_text_equals_text_only_generation():
+    torch.manual_seed(5)
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    query = text_query(model.config)
+    kwargs = dict(max_new_tokens=10, do_sample=False)
+    text_only = model.generate(query, speech_answer=False, **kwargs)
+    assert (text_only[:, 1:] == model.config.audio_pad_token_id).all()
+    parallel = model.generate(query, batch_parallel=True, **kwargs)
+    length = min(parallel.shape[-1], text_only.shape[-1])
+    assert torch.equal(parallel[:, 0, :length], text_only[:, 0, :length])
+    alone = model.generate(query, **kwargs)
+    assert not torch.equal(alone[:, 0, 5:length], text_only[:, 0, 5:length])  # the copy really drives the text
+
+
+def test_stream_losses_are_weighted_means_of_each_stream():
+    config = parallel_config(stream_loss_weights=[1.0, 0.5, 0.25, 2.0], router_aux_loss_coef=0.0)
+    model = DeepTalkForCausalLM(config).eval()
+    codes = torch.randint(0, 10, (2, 3, 4))
+    audio = build_delay_pattern(codes, config)
+    text = torch.randint(3, config.speech_token_start, (2, 1, audio.shape[-1]))
+    ids = torch.cat([text, audio], dim=1)
+    out = model(ids, labels=ids)
+    ce = torch.nn.functional.cross_entropy
+    terms = [ce(out.logits[:, :-1].flatten(0, 1), ids[:, 0, 1:].flatten())]
+    for s in range(3):
+        terms.append(ce(out.audio_logits[:, s, :-1].flatten(0, 1), ids[:, s + 1, 1:].flatten()))
+    expected = sum(w * t for w, t in zip(config.stream_loss_weights, terms)) / sum(config.stream_loss_weights)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_audio_positions_route_as_speech():
+    config = parallel_config(num_speech_experts=[2, 2])
+    model = DeepTalkForCausalLM(config).eval()
+    ids = text_query(config, batch=1, length=6)
+    ids[0, 1, 3:] = 4  # stream 1 carries codes from position 3 on
+    out = model(ids, output_router_logits=True)
+    perturbed = DeepTalkForCausalLM(config).eval()
+    perturbed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        perturbed.model.layers[0].mlp.speech_experts.down_proj.add_(1.0)
+        changed = perturbed(ids).logits
+    assert torch.equal(changed[:, :3], out.logits[:, :3])
+    assert not torch.equal(changed[:, 3:], out.logits[:, 3:])
+
+
+def test_wrong_stream_count_is_refused():
+    model = DeepTalkForCausalLM(parallel_config())
+    with pytest.raises(ValueError, match=r"parallel-stream generation takes input_ids of shape \[batch, 4, seq\]"):
+        model.generate(torch.zeros(1, 2, 3, dtype=torch.long))

@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--codec", default="random", help="SNAC hub id or folder; 'random' for SNAC 24 kHz shapes")
     parser.add_argument("--answer-seconds", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=Path("answer.wav"))
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
 
     if args.codec == "random":
@@ -143,6 +144,7 @@ def main() -> None:
     print(f"prompt: {inputs['input_ids'].shape[1]} ids, {int(inputs['modality_ids'].sum())} of them speech")
 
     frames = math.ceil(args.answer_seconds * codec.frame_rate)
+    torch.manual_seed(args.seed)
     output = model.generate(
         **inputs,
         max_new_tokens=frames * codec.units_per_frame + 1,

@@ -8,12 +8,13 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from speech_fixtures import HAVE_SNAC, needs_snac, tiny_mimi, tiny_processor, tiny_snac
 from transformers import AutoProcessor
 
 from deeptalk_hf.audio_codecs import AudioCodec, MimiCodec, SnacCodec, _snac_frame_levels, resample
+
+from .speech_fixtures import HAVE_SNAC, needs_snac, tiny_mimi, tiny_processor, tiny_snac
 
 SNAC = SnacCodec(tiny_snac()) if HAVE_SNAC else None
 MIMI = MimiCodec(tiny_mimi(), num_codebooks=4)
@@ -43,7 +44,6 @@ def test_resample_removes_what_the_new_rate_cannot_hold():
     assert out[1000:-1000].abs().max() < 0.02
 
 
-@settings(max_examples=30, deadline=None)
 @given(length=st.integers(1, 3000), rates=st.sampled_from([(16000, 24000), (48000, 24000), (24000, 24000)]))
 def test_resample_keeps_leading_shape_and_length(length, rates):
     waveform = torch.randn(2, 3, length)
@@ -76,7 +76,6 @@ def test_mimi_frames_interleave_the_codebooks():
 
 
 @pytest.mark.parametrize("name", BOTH)
-@settings(max_examples=40, deadline=None)
 @given(frames=st.integers(0, 12), seed=st.integers(0, 2**16))
 def test_units_round_trip_codes(name, frames, seed):
     codec = CODECS[name]

@@ -5,13 +5,14 @@ import re
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from speech_fixtures import TEXT_VOCAB_SIZE, WORDS, tiny_model, tiny_processor, tiny_tokenizer
 from transformers import AutoProcessor
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
 from deeptalk_hf.processing_deeptalk import INTERLEAVE_POLICIES, SPEECH_MARKERS
+
+from .speech_fixtures import TEXT_VOCAB_SIZE, WORDS, tiny_model, tiny_processor, tiny_tokenizer
 
 NUM_UNITS = 64
 PROCESSOR = tiny_processor(NUM_UNITS)
@@ -101,7 +102,6 @@ segments = st.lists(st.integers(0, NUM_UNITS - 1), min_size=1, max_size=90)
 ratios = st.tuples(st.integers(1, 6), st.integers(1, 9))
 
 
-@settings(max_examples=150, deadline=None)
 @given(text=texts, units=segments, policy=st.sampled_from(INTERLEAVE_POLICIES), ratio=ratios)
 def test_text_and_units_round_trip_for_every_policy(text, units, policy, ratio):
     encoded = PROCESSOR(text=text, speech_units=units, interleave=policy, text_speech_ratio=ratio)
@@ -119,7 +119,6 @@ def test_text_and_units_round_trip_for_every_policy(text, units, policy, ratio):
     assert modality == [int(i in block) for i in ids]
 
 
-@settings(max_examples=100, deadline=None)
 @given(text=texts, units=segments, ratio=ratios)
 def test_interleaved_layout_follows_the_ratio(text, units, ratio):
     """The k-th unit is preceded by exactly min(len(text), n_text * (k // n_speech + 1)) text tokens."""
@@ -141,7 +140,6 @@ def prompts_with_speech(draw):
     return pieces[0] + "".join(" <|speech|> " + piece for piece in pieces[1:]), units
 
 
-@settings(max_examples=60, deadline=None)
 @given(batch=st.lists(prompts_with_speech(), min_size=1, max_size=4), side=st.sampled_from(["left", "right"]))
 def test_batches_with_placeholders_pad_and_round_trip(batch, side):
     prompts, speech = [prompt for prompt, _ in batch], [units for _, units in batch]

@@ -1,11 +1,16 @@
 """DeepTalkStreamer and SpeechUnitsLogitsProcessor: streamed text and speech equal the final decode, audio chunks come
 as soon as enough frames are pending, and the end-to-end path processor → generate → decode → codec gives audio."""
 
+import math
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from speech_fixtures import HAVE_SNAC, WORDS, needs_snac, tiny_mimi, tiny_model, tiny_processor, tiny_snac
 
 from deeptalk_hf import (
     AudioChunk,
@@ -16,6 +21,8 @@ from deeptalk_hf import (
     SpeechUnitsLogitsProcessor,
     TextDelta,
 )
+
+from .speech_fixtures import HAVE_SNAC, WORDS, needs_snac, tiny_mimi, tiny_model, tiny_processor, tiny_snac
 
 SNAC = SnacCodec(tiny_snac()) if HAVE_SNAC else None
 MIMI = MimiCodec(tiny_mimi(), num_codebooks=4)
@@ -58,7 +65,6 @@ tokens = st.one_of(
 )
 
 
-@settings(max_examples=200, deadline=None)
 @given(ids=st.lists(tokens, max_size=60), cuts=st.lists(st.integers(0, 100), max_size=20))
 def test_streamed_text_and_speech_concatenate_to_the_decode(ids, cuts):
     events = stream(DeepTalkStreamer(PROCESSOR), [WORD_IDS[0], BEGIN], ids, cuts)
@@ -92,7 +98,6 @@ def speech_streams(draw, codec):
     return ids, draw(st.lists(st.integers(0, 100), max_size=10))
 
 
-@settings(max_examples=15, deadline=None)
 @given(data=st.data(), chunk_frames=st.integers(1, 3), context=st.integers(0, 2))
 def test_audio_chunks_come_as_soon_as_enough_frames_are_pending(data, chunk_frames, context):
     ids, cuts = data.draw(speech_streams(MIMI))
@@ -196,3 +201,16 @@ def test_end_to_end_spoken_question_to_spoken_answer(name):
     assert waveform.shape == (frames * codec.samples_per_frame,) and torch.isfinite(waveform).all()
     audio = [e for e in streamer if isinstance(e, AudioChunk)]
     assert len(audio) == frames and sum(a.waveform.shape[0] for a in audio) == waveform.shape[0]
+
+
+@needs_snac
+def test_speech_roundtrip_example_writes_the_answer_wav(tmp_path):
+    """`examples/speech_roundtrip.py` runs offline (random SNAC 24 kHz and LLM) and writes whole SNAC frames."""
+    out = tmp_path / "answer.wav"
+    script = Path(__file__).resolve().parents[1] / "examples" / "speech_roundtrip.py"
+    command = [sys.executable, str(script), "--answer-seconds", "0.5", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with wave.open(str(out), "rb") as file:
+        assert (file.getframerate(), file.getnchannels(), file.getsampwidth()) == (24000, 1, 2)
+        assert file.getnframes() == math.ceil(0.5 * 24000 / 2048) * 2048

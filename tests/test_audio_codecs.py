@@ -6,6 +6,7 @@ import math
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -137,10 +138,11 @@ def test_audio_round_trip_shapes_frames_and_rates(name, rate, samples):
 
 
 @needs_snac
-def test_stereo_is_mixed_down():
+def test_stereo_is_mixed_down_and_numpy_inputs_work():
     stereo = 0.1 * torch.randn(2, 3000, generator=torch.Generator().manual_seed(1))
-    for got, expected in zip(SNAC.encode(stereo, 24000), SNAC.encode(stereo.mean(0), 24000), strict=True):
-        assert torch.equal(got, expected)
+    expected = SNAC.encode(stereo.mean(0), 24000)
+    for got in (SNAC.encode(stereo, 24000), SNAC.encode(stereo.numpy(), np.int64(24000))):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
 @pytest.mark.parametrize(

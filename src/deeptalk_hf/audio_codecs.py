@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from numbers import Integral
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -122,8 +123,9 @@ class FlatUnitCodec:
 
     def encode(self, waveform: torch.Tensor, sampling_rate: int) -> list[torch.LongTensor]:
         """Codes per level (1-D each) of a mono `[samples]` or `[channels, samples]` waveform at `sampling_rate`."""
-        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, int) or sampling_rate <= 0:
+        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, Integral) or sampling_rate <= 0:
             raise ValueError(f"sampling_rate={sampling_rate!r} must be a positive integer number of Hz")
+        sampling_rate = int(sampling_rate)
         waveform = torch.as_tensor(waveform)
         if not waveform.is_floating_point():
             raise ValueError(f"the waveform must hold floating-point samples in [-1, 1], got {waveform.dtype}")

@@ -44,3 +44,36 @@ def _register() -> None:
 _register()
 
 __all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]
+
+# Speech-token processor (issue 4): registered with AutoProcessor on import.
+from transformers import AutoProcessor  # noqa: E402
+
+from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample  # noqa: E402
+from .processing_deeptalk import (  # noqa: E402
+    AudioChunk,
+    DeepTalkProcessor,
+    DeepTalkStreamer,
+    SpeechChunk,
+    SpeechTextOutput,
+    SpeechUnitsLogitsProcessor,
+    TextDelta,
+    add_speech_tokens,
+    fit_speech_vocab,
+)
+
+AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
+__all__ += [
+    "AudioChunk",
+    "AudioCodec",
+    "DeepTalkProcessor",
+    "DeepTalkStreamer",
+    "MimiCodec",
+    "SnacCodec",
+    "SpeechChunk",
+    "SpeechTextOutput",
+    "SpeechUnitsLogitsProcessor",
+    "TextDelta",
+    "add_speech_tokens",
+    "fit_speech_vocab",
+    "resample",
+]

@@ -31,7 +31,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         num_tokens, top_k = top_k_index.shape
         num_experts = gate_up_proj.shape[0]
-        routing = top_k_weights.reshape(-1)
+        routing = top_k_weights.reshape(-1).contiguous()
         sorted_pairs, offsets = sort_by_expert(top_k_index, num_experts)
         keep = any(ctx.needs_input_grad)
         act, gate_up = triton_moe.gate_up_forward(hidden_states, gate_up_proj, sorted_pairs, offsets, top_k, keep)

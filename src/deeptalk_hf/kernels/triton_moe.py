@@ -541,8 +541,8 @@ def decode_forward(
     num_tokens, top_k = top_k_index.shape
     num_experts, two_i, hidden = gate_up_proj.shape
     inter = two_i // 2
-    index = top_k_index.reshape(-1).to(torch.int32)
-    routing = top_k_weights.reshape(-1)
+    index = top_k_index.reshape(-1).to(torch.int32).contiguous()
+    routing = top_k_weights.reshape(-1).contiguous()
     act = x.new_empty(num_tokens * top_k, inter, dtype=gate_up_proj.dtype)
     _gate_up_decode_kernel[lambda meta: (num_tokens * top_k, triton.cdiv(inter, meta["BLOCK_N"]))](
         x, gate_up_proj, act, index, inter, hidden,

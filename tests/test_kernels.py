@@ -34,10 +34,11 @@ from deeptalk_hf.kernels import fused_moe as fused_moe_module  # noqa: E402
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Largest error allowed, relative to the largest magnitude of the expected tensor (per output and per gradient).
-# fp32: the kernels and the float64 reference differ only by fp32 rounding of sums of <= 128 terms.
+# fp32: the kernels and the float64 reference differ only by fp32 rounding (seen: <= 3e-5, routing-weight
+# gradients being dot products with cancellation).
 # fp16: inputs are the same fp16 values; the kernels round the intermediates (gate/up, activation, its gradient) to
 # fp16 as every fp16 backend does (relative error ~1e-3 each), the reference keeps them in float64.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 1e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
@@ -171,6 +172,20 @@ def test_many_experts_and_large_top_k():
         ),
         torch.float32,
     )  # fmt: skip
+
+
+def test_deterministic_mode_matches_reference():
+    """Under `torch.use_deterministic_algorithms` the kernels store per-pair rows instead of adding atomically."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=40, num_experts=4, top_k=3, num_used=4, sentinel_rate=0.25,
+        layout="contiguous", trainable="all", seed=5,
+    )  # fmt: skip
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_against_reference(case, torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def test_eager_experts_agree():

@@ -17,6 +17,10 @@ Backward:
 Decode (tiny `T`, no autograd): `_gate_up_decode_kernel` and `_down_decode_kernel` work per pair / per token with
 matrix-vector products straight from `top_k_index`, so they need no sort, no fp32 buffer and no atomics.
 
+Atomic adds make the summation order vary from run to run. Under `torch.use_deterministic_algorithms(True)` the
+kernels store per-pair rows (`[P, H]`) and per-column-block partial routing gradients instead, summed afterwards by
+torch in a fixed order: bitwise reproducible, at the cost of that buffer.
+
 All products accumulate in fp32. Autotuning is keyed by the problem's shape class (`N`, `K`, expert count and a
 power-of-two bucket of rows per expert, plus dtypes), so a new sequence length reuses the tuned config of its bucket;
 `cache_results` keeps tuned configs on disk across processes. Under `TRITON_INTERPRET=1` one small config is used.
@@ -173,10 +177,11 @@ def _scatter_kernel(
     stride_we, stride_wk, stride_wn,
     stride_ot,
     TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr,
-    WEIGHTED: tl.constexpr, PRECISION: tl.constexpr,
+    WEIGHTED: tl.constexpr, PER_PAIR: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """out[t, n] += (w[p] *) sum_k a[s, k] * W[e](k, n), fp32 atomics into token rows (`out` is fp32 `[T, N]`)."""
+    """out[t, n] += (w[p] *) sum_k a[s, k] * W[e](k, n): fp32 atomics into token rows of `out` `[T, N]`, or with
+    `PER_PAIR` a plain store into pair rows of `out` `[P, N]`."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
     expert, first_row, end_row = _expert_tile(offsets_ptr, pid // num_n, NUM_EXPERTS, E_POW2, BLOCK_M)
@@ -200,9 +205,12 @@ def _scatter_kernel(
         w_ptrs += BLOCK_K * stride_wk
     if WEIGHTED:
         acc *= tl.load(routing_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-    tokens = (pairs // TOP_K).to(tl.int64)
-    out_ptrs = out_ptr + tokens[:, None] * stride_ot + cols[None, :]
-    tl.atomic_add(out_ptrs, acc, mask=row_mask[:, None] & col_mask[None, :], sem="relaxed")
+    mask = row_mask[:, None] & col_mask[None, :]
+    if PER_PAIR:
+        tl.store(out_ptr + pairs.to(tl.int64)[:, None] * stride_ot + cols[None, :], acc, mask=mask)
+    else:
+        tokens = (pairs // TOP_K).to(tl.int64)
+        tl.atomic_add(out_ptr + tokens[:, None] * stride_ot + cols[None, :], acc, mask=mask, sem="relaxed")
 
 
 @_autotune(
@@ -217,14 +225,15 @@ def _down_backward_kernel(
     N, K, ROWS_BUCKET,
     stride_dt, stride_dk,
     stride_we, stride_wk, stride_wn,
-    stride_gm, stride_ggm,
+    stride_gm, stride_ggm, stride_gr,
     TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr,
-    GRAD_GATE_UP: tl.constexpr, GRAD_ROUTING: tl.constexpr, PRECISION: tl.constexpr,
+    GRAD_GATE_UP: tl.constexpr, GRAD_ROUTING: tl.constexpr, PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """g = dout[t] @ down[e] over `N = I` columns (`K = H`), then the routing-weight and SwiGLU gradients.
 
-    dw[p] += sum_n g * act (fp32 atomics across column blocks); grad_gate_up[s] = (dgate, dup) of `w[p] * g`.
+    dw[p] += sum_n g * act (fp32 atomics across column blocks, or with `PER_BLOCK` a store into column `pid_n` of a
+    `[P, stride_gr]` buffer); grad_gate_up[s] = (dgate, dup) of `w[p] * g`.
     """
     pid = tl.program_id(0)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -256,7 +265,11 @@ def _down_backward_kernel(
     sig = tl.sigmoid(gate)
     silu = gate * sig
     if GRAD_ROUTING:
-        tl.atomic_add(grad_routing_ptr + pairs, tl.sum(grad_act * silu * up, axis=1), mask=row_mask, sem="relaxed")
+        partial = tl.sum(grad_act * silu * up, axis=1)
+        if PER_BLOCK:
+            tl.store(grad_routing_ptr + pairs.to(tl.int64) * stride_gr + pid % num_n, partial, mask=row_mask)
+        else:
+            tl.atomic_add(grad_routing_ptr + pairs, partial, mask=row_mask, sem="relaxed")
     if GRAD_GATE_UP:
         grad_act *= tl.load(routing_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
@@ -455,7 +468,8 @@ def scatter_to_tokens(
     optionally scaled by its routing weight, summed into its token's row."""
     num_experts = weight.shape[0]
     num_pairs, inner = rows.shape
-    out = torch.zeros(num_tokens, out_features, device=rows.device, dtype=torch.float32)
+    per_pair = torch.are_deterministic_algorithms_enabled()
+    out = torch.zeros(num_pairs if per_pair else num_tokens, out_features, device=rows.device, dtype=torch.float32)
     if num_pairs:
         _scatter_kernel[_grouped_grid(num_pairs, num_experts, out_features)](
             rows, weight, out, routing_weights, sorted_pairs, offsets,
@@ -463,9 +477,9 @@ def scatter_to_tokens(
             stride_am=rows.stride(0),
             stride_we=weight_strides[0], stride_wk=weight_strides[1], stride_wn=weight_strides[2],
             stride_ot=out.stride(0),
-            WEIGHTED=routing_weights is not None, PRECISION=_precision(weight.dtype),
+            WEIGHTED=routing_weights is not None, PER_PAIR=per_pair, PRECISION=_precision(weight.dtype),
         )  # fmt: skip
-    return out
+    return out.view(num_tokens, top_k, out_features).sum(1) if per_pair else out
 
 
 def down_backward(
@@ -483,17 +497,21 @@ def down_backward(
     num_experts, hidden, inter = down_proj.shape
     num_pairs = sorted_pairs.numel()
     grad_gu = torch.empty_like(gate_up) if grad_gate_up else gate_up
-    grad_w = torch.zeros(num_pairs, device=gate_up.device, dtype=torch.float32)
+    per_block = torch.are_deterministic_algorithms_enabled()
+    # Deterministic: one partial per column block of the narrowest configured tile, summed below.
+    blocks = triton.cdiv(inter, min(c.kwargs["BLOCK_N"] for c in _GROUPED_CONFIGS)) if per_block else 1
+    grad_w = torch.zeros(num_pairs, blocks, device=gate_up.device, dtype=torch.float32)
     if num_pairs:
         _down_backward_kernel[_grouped_grid(num_pairs, num_experts, inter)](
             grad_out, down_proj, gate_up, routing_weights, grad_gu, grad_w, sorted_pairs, offsets,
             inter, hidden, **_grouped_meta(top_k, num_experts, num_pairs),
             stride_dt=grad_out.stride(0), stride_dk=grad_out.stride(1),
             stride_we=down_proj.stride(0), stride_wk=down_proj.stride(1), stride_wn=down_proj.stride(2),
-            stride_gm=gate_up.stride(0), stride_ggm=grad_gu.stride(0),
-            GRAD_GATE_UP=grad_gate_up, GRAD_ROUTING=grad_routing, PRECISION=_precision(down_proj.dtype),
+            stride_gm=gate_up.stride(0), stride_ggm=grad_gu.stride(0), stride_gr=grad_w.stride(0),
+            GRAD_GATE_UP=grad_gate_up, GRAD_ROUTING=grad_routing, PER_BLOCK=per_block,
+            PRECISION=_precision(down_proj.dtype),
         )  # fmt: skip
-    return (grad_gu if grad_gate_up else None), (grad_w if grad_routing else None)
+    return (grad_gu if grad_gate_up else None), (grad_w.sum(1) if grad_routing else None)
 
 
 def expert_grad(

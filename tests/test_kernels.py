@@ -21,7 +21,18 @@ pytest.importorskip("triton")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from transformers import GptOssConfig, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+from kernel_cases import (  # noqa: E402
+    MODELS,
+    assert_close,
+    build_case,
+    check_model_matches_eager,
+    outputs_and_grads,
+    tiny_deeptalk,
+    tiny_mixtral,
+    tiny_qwen3_moe,
+    upcast,
+)
+from transformers import GptOssConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
@@ -41,34 +52,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual, expected = actual.double().cpu(), expected.double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    assert error <= tol * max(scale, 1e-6), f"{what}: max error {error:.3e} > {tol:.0e} x max |expected| {scale:.3e}"
-
-
-def make_routing(num_tokens: int, num_experts: int, top_k: int, num_used: int, sentinel_rate: float, gen) -> torch.Tensor:
-    """`[T, k]` indices: distinct experts among the first `num_used` (leaving the others idle), spare slots and a
-    random share of the rest set to the sentinel `num_experts`."""
-    index = torch.full((num_tokens, top_k), num_experts, dtype=torch.long)
-    real = min(top_k, num_used)
-    for t in range(num_tokens):
-        index[t, :real] = torch.randperm(num_used, generator=gen)[:real]
-    index[torch.rand(num_tokens, top_k, generator=gen) < sentinel_rate] = num_experts
-    return index
-
-
-def strided(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in a non-contiguous layout: every other column of a wider buffer, or a transposed buffer."""
-    if layout == "sliced":
-        wide = torch.zeros(*tensor.shape[:-1], 2 * tensor.shape[-1], dtype=tensor.dtype, device=tensor.device)
-        wide[..., ::2] = tensor
-        return wide[..., ::2]
-    return tensor.transpose(-1, -2).contiguous().transpose(-1, -2)
-
-
 @st.composite
 def moe_cases(draw):
     num_experts = draw(st.integers(1, 9))
@@ -86,51 +69,21 @@ def moe_cases(draw):
     )
 
 
-def build_case(case: dict, dtype: torch.dtype):
-    gen = torch.Generator().manual_seed(case["seed"])
-    t, h, i, e, k = (case[n] for n in ("num_tokens", "hidden", "inter", "num_experts", "top_k"))
-    x = torch.randn(t, h, generator=gen)
-    gate_up = torch.randn(e, 2 * i, h, generator=gen) / h**0.5
-    down = torch.randn(e, h, i, generator=gen) / i**0.5
-    index = make_routing(t, e, k, case["num_used"], case["sentinel_rate"], gen)
-    weights = torch.rand(t, k, generator=gen)
-    grad_out = torch.randn(t, h, generator=gen)
-    tensors = [x, gate_up, down, index, weights, grad_out]
-    tensors = [a.to(DEVICE, dtype if a.is_floating_point() else a.dtype) for a in tensors]
-    if case["layout"] != "contiguous":
-        tensors = [strided(a, case["layout"]) for a in tensors]
-    x, gate_up, down, index, weights, grad_out = tensors
-    trainable = {
-        "all": (x, gate_up, down, weights),
-        "frozen_experts": (x, weights),
-        "router_only": (weights,),
-        "none": (),
-    }
-    for a in trainable[case["trainable"]]:
-        a.requires_grad_()
-    return (x, gate_up, down, index, weights), grad_out
-
-
-def outputs_and_grads(fn, inputs, grad_out):
-    out = fn(*inputs)
-    leaves = [a for a in inputs if a.requires_grad]
-    grads = torch.autograd.grad(out, leaves, grad_out) if out.numel() else [torch.zeros_like(a) for a in leaves]
-    return out, list(grads)
-
-
-def as_double(inputs):
-    return [a.detach().double().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in inputs]
-
-
 def check_against_reference(case: dict, dtype: torch.dtype) -> None:
-    inputs, grad_out = build_case(case, dtype)
+    inputs, grad_out = build_case(case, dtype, DEVICE)
     out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
     assert out.dtype == dtype
-    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, as_double(inputs), grad_out.double())
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, upcast(inputs), grad_out.double())
     tol = TOLERANCE[dtype]
     assert_close(out, ref_out, tol, "output")
-    names = [n for n, a in zip(("hidden", "gate_up_proj", "down_proj", "", "routing"), inputs) if a.requires_grad]
-    for name, grad, ref_grad, leaf in zip(names, grads, ref_grads, (a for a in inputs if a.requires_grad)):
+    names = [
+        n
+        for n, a in zip(("hidden", "gate_up_proj", "down_proj", "", "routing"), inputs, strict=True)
+        if a.requires_grad
+    ]
+    for name, grad, ref_grad, leaf in zip(
+        names, grads, ref_grads, (a for a in inputs if a.requires_grad), strict=True
+    ):
         assert grad.dtype == leaf.dtype
         assert_close(grad, ref_grad, tol, f"grad {name}")
 
@@ -194,7 +147,7 @@ def test_eager_experts_agree():
         num_tokens=24, hidden=40, inter=24, num_experts=6, top_k=3, num_used=5, sentinel_rate=0.2,
         layout="contiguous", trainable="all", seed=3,
     )  # fmt: skip
-    inputs, grad_out = build_case(case, torch.float32)
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
     x, gate_up, down, index, weights = inputs
     config = Qwen3MoeConfig(hidden_size=40, moe_intermediate_size=24, num_experts=6, experts_implementation="eager")
     eager = Qwen3MoeExperts(config).to(DEVICE)
@@ -206,9 +159,12 @@ def test_eager_experts_agree():
     )
     out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
     ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, inputs, grad_out)
-    for name, a, b, c in zip(("output", "hidden", "gate_up", "down", "routing"), [out, *grads], [eager_out, *eager_grads], [ref_out, *ref_grads]):  # fmt: skip
-        assert_close(a, b, TOLERANCE[torch.float32], f"kernels vs eager {name}")
-        assert_close(c, b, TOLERANCE[torch.float32], f"reference vs eager {name}")
+    names = ("output", "hidden", "gate_up", "down", "routing")
+    for name, kernel, expected, reference in zip(
+        names, [out, *grads], [eager_out, *eager_grads], [ref_out, *ref_grads], strict=True
+    ):
+        assert_close(kernel, expected, TOLERANCE[torch.float32], f"kernels vs eager {name}")
+        assert_close(reference, expected, TOLERANCE[torch.float32], f"reference vs eager {name}")
 
 
 def test_decode_path_needs_no_sort(monkeypatch):
@@ -223,10 +179,10 @@ def test_decode_path_needs_no_sort(monkeypatch):
             num_tokens=num_tokens, hidden=72, inter=40, num_experts=16, top_k=top_k, num_used=16, sentinel_rate=0.0,
             layout="sliced", trainable="none", seed=num_tokens,
         )  # fmt: skip
-        inputs, _ = build_case(case, torch.float32)
+        inputs, _ = build_case(case, torch.float32, DEVICE)
         x, gate_up, down, index, weights = inputs
         index[index == 0] = 16  # expert 0 is never routed to: its NaN weights must not be read
-        expected = K.moe_experts_reference(*as_double(inputs))
+        expected = K.moe_experts_reference(*upcast(inputs))
         gate_up[0] = float("nan")
         assert fused_moe_module.use_decode_path(num_tokens, top_k, 16)
         assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
@@ -245,66 +201,9 @@ def test_sort_by_expert():
 # Models: `set_experts_implementation("deeptalk_triton")` gives eager's logits and gradients.
 
 
-def tiny_qwen3_moe() -> Qwen3MoeForCausalLM:
-    config = Qwen3MoeConfig(
-        vocab_size=48, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=6, num_experts_per_tok=4,
-        norm_topk_prob=True,
-    )  # fmt: skip
-    return Qwen3MoeForCausalLM(config)
-
-
-def tiny_mixtral() -> MixtralForCausalLM:
-    config = MixtralConfig(
-        vocab_size=48, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-    )  # fmt: skip
-    return MixtralForCausalLM(config)
-
-
-def tiny_deeptalk(routing: str) -> DeepTalkForCausalLM:
-    # top-k 3 > 2 speech experts: speech tokens carry sentinel slots under hard routing.
-    config = DeepTalkConfig(
-        vocab_size=64, speech_vocab_size=16, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_speech_experts=2, num_experts_per_tok=3,
-        shared_expert_intermediate_size=16, modality_routing=routing,
-    )  # fmt: skip
-    return DeepTalkForCausalLM(config)
-
-
-MODELS = {
-    "qwen3_moe": tiny_qwen3_moe,
-    "mixtral": tiny_mixtral,
-    "deeptalk_hard": lambda: tiny_deeptalk("hard"),
-    "deeptalk_none": lambda: tiny_deeptalk("none"),
-}
-
-
-def logits_and_grads(model, input_ids):
-    model.zero_grad()
-    logits = model(input_ids).logits
-    (logits * torch.linspace(-1, 1, logits.shape[-1], device=logits.device)).sum().backward()
-    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_matches_eager(name):
-    torch.manual_seed(0)
-    model = MODELS[name]().to(DEVICE)
-    model.set_experts_implementation("eager")
-    vocab = model.config.vocab_size
-    # A mixed batch: DeepTalk's speech block is the last 16 ids, so each row holds text and speech tokens.
-    input_ids = torch.cat([torch.randint(0, vocab - 16, (2, 4)), torch.randint(vocab - 16, vocab, (2, 3))], 1)
-    input_ids = input_ids.to(DEVICE)
-    eager_logits, eager_grads = logits_and_grads(model, input_ids)
-    model.set_experts_implementation("deeptalk_triton")
-    assert model.config._experts_implementation == "deeptalk_triton"
-    logits, grads = logits_and_grads(model, input_ids)
-    assert_close(logits, eager_logits, 1e-4, "logits")
-    assert grads.keys() == eager_grads.keys()
-    assert any("experts.gate_up_proj" in n for n in grads)
-    for n in grads:
-        assert_close(grads[n], eager_grads[n], 1e-4, n)
+    check_model_matches_eager(name, DEVICE)
 
 
 def test_from_pretrained_with_deeptalk_triton(tmp_path):

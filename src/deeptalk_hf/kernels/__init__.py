@@ -32,13 +32,14 @@ def _interpreting() -> bool:
 
 def _unsupported_features(experts: nn.Module) -> list[str]:
     """What, if anything, keeps an experts module off the kernels (they implement one layout)."""
+    custom_gate = getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate
     checks = {
         "no gate (has_gate=False)": not getattr(experts, "has_gate", True),
         "biases (has_bias=True)": getattr(experts, "has_bias", False),
         "transposed weights (is_transposed=True)": getattr(experts, "is_transposed", False),
         "interleaved gate/up rows (is_concatenated=False)": not getattr(experts, "is_concatenated", True),
         "a post-expert norm (has_post_expert_norm=True)": getattr(experts, "has_post_expert_norm", False),
-        "a custom `_apply_gate`": getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate,
+        "a custom `_apply_gate`": custom_gate,
         f"activation {type(getattr(experts, 'act_fn', None)).__name__} (only SiLU)": not isinstance(
             getattr(experts, "act_fn", None), (SiLUActivation, nn.SiLU)
         ),

@@ -36,9 +36,9 @@ _INTERPRET = triton.knobs.runtime.interpret
 def _configs(names: tuple[str, ...], tuned: list[tuple[int, ...]], interpret: tuple[int, ...]) -> list[triton.Config]:
     """Configs from `(*block sizes in `names` order, num_warps, num_stages)`; one small config for the interpreter."""
     if _INTERPRET:
-        return [triton.Config(dict(zip(names, interpret)))]
+        return [triton.Config(dict(zip(names, interpret, strict=True)))]
     return [
-        triton.Config(dict(zip(names, blocks)), num_warps=warps, num_stages=stages)
+        triton.Config(dict(zip(names, blocks, strict=True)), num_warps=warps, num_stages=stages)
         for *blocks, warps, stages in tuned
     ]
 
@@ -109,12 +109,19 @@ def _expert_tile(offsets_ptr, tile, NUM_EXPERTS: tl.constexpr, E_POW2: tl.conste
     tiles_end = tl.cumsum(tiles, axis=0)
     expert = tl.sum(((tiles_end <= tile) & real).to(tl.int32), axis=0)
     mine = experts == expert
-    first_row = tl.sum(tl.where(mine, starts, 0), axis=0) + (tile - tl.sum(tl.where(mine, tiles_end - tiles, 0), axis=0)) * BLOCK_M
+    first_row = (
+        tl.sum(tl.where(mine, starts, 0), axis=0)
+        + (tile - tl.sum(tl.where(mine, tiles_end - tiles, 0), axis=0)) * BLOCK_M
+    )
     end_row = tl.sum(tl.where(mine, ends, 0), axis=0)
     return expert, first_row, end_row
 
 
-@_autotune(_GROUPED_CONFIGS, key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET"], prune_configs_by={"early_config_prune": _prune_by_rows})
+@_autotune(
+    _GROUPED_CONFIGS,
+    key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_by_rows},
+)
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, act_ptr, gate_up_ptr, sorted_pairs_ptr, offsets_ptr,
@@ -415,7 +422,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _grouped_grid(num_pairs: int, num_experts: int, n: int):
-    return lambda meta: ((triton.cdiv(num_pairs, meta["BLOCK_M"]) + min(num_experts, num_pairs)) * triton.cdiv(n, meta["BLOCK_N"]),)
+    return lambda meta: (
+        (triton.cdiv(num_pairs, meta["BLOCK_M"]) + min(num_experts, num_pairs)) * triton.cdiv(n, meta["BLOCK_N"]),
+    )
 
 
 def _grouped_meta(top_k: int, num_experts: int, num_pairs: int) -> dict:

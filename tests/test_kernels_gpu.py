@@ -34,7 +34,6 @@ from transformers import Qwen3MoeConfig  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
 from deeptalk_hf import kernels as K  # noqa: E402
-from deeptalk_hf.kernels import fused_moe as fused_moe_module  # noqa: E402
 from deeptalk_hf.kernels import triton_moe  # noqa: E402
 
 DEVICE = torch.device("cuda")

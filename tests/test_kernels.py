@@ -141,6 +141,29 @@ def test_deterministic_mode_matches_reference():
         torch.use_deterministic_algorithms(previous)
 
 
+def test_autocast_computes_in_the_autocast_dtype():
+    """fp32 weights under fp16 autocast: fp16 products (as eager's `F.linear`), fp32 gradients for the weights."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=6,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    # The reference on the fp16-rounded inputs, in float64.
+    rounded = [
+        a.detach().half().double().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in inputs
+    ]
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, rounded, grad_out.double())
+    names = ("output", "hidden", "gate_up", "down", "routing")
+    for name, grad, ref in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
+        assert_close(grad, ref, TOLERANCE[torch.float16], name)
+    # Without the cast the products would be fp32: much closer to the fp32 reference than fp16 rounding allows.
+    exact = K.moe_experts_reference(*upcast(inputs))
+    assert (out.double() - exact).abs().max() > 1e-5 * exact.abs().max()
+
+
 def test_eager_experts_agree():
     """transformers' eager experts, the reference and the kernels agree (ties the oracle to transformers' math)."""
     case = dict(

@@ -85,10 +85,16 @@ def fused_moe_experts(
     """SwiGLU Mixture-of-Experts over Triton kernels: `sum_j w[t, j] * down[e] @ (silu(gate[e] x_t) * up[e] x_t)`.
 
     `hidden_states` `[T, H]`, `gate_up_proj` `[E, 2I, H]` (gate rows first), `down_proj` `[E, H, I]`,
-    `top_k_index`/`top_k_weights` `[T, k]`; index `E` marks a skipped slot. Computes in the weights' dtype with fp32
-    accumulation and returns `hidden_states`' dtype. Differentiable in everything but the indices.
+    `top_k_index`/`top_k_weights` `[T, k]`; index `E` marks a skipped slot. Computes in the weights' dtype (the
+    autocast dtype under autocast) with fp32 accumulation and returns `hidden_states`' dtype. Differentiable in
+    everything but the indices.
     """
     num_tokens, top_k = top_k_index.shape
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Like `F.linear` in the eager experts: products in the autocast dtype, gradients back to the weights' dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        gate_up_proj, down_proj = gate_up_proj.to(dtype), down_proj.to(dtype)
     x = hidden_states.to(gate_up_proj.dtype)
     tensors = (hidden_states, gate_up_proj, down_proj, top_k_weights)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -11,14 +11,12 @@ import os
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"),
-        reason="checks the compiled kernels; TRITON_INTERPRET is set",
-    ),
-]
+# Skip before importing the kernels: importing them builds them, compiled or interpreted for the whole session.
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off"):
+    pytest.skip("checks the compiled kernels; TRITON_INTERPRET is set", allow_module_level=True)
+pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
 from kernel_cases import (  # noqa: E402

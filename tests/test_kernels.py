@@ -211,6 +211,24 @@ def test_decode_path_needs_no_sort(monkeypatch):
         assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_fullgraph_compile():
+    """Under `torch.compile(fullgraph=True)` the kernels are opaque custom ops: same outputs and gradients."""
+    case = dict(
+        num_tokens=12, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.2,
+        layout="contiguous", trainable="all", seed=7,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
+    compiled = torch.compile(K.fused_moe_experts, backend="aot_eager", fullgraph=True)
+    out, grads = outputs_and_grads(compiled, inputs, grad_out)
+    ref_out, ref_grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    for name, a, b in zip(("output", "hidden", "gate_up", "down", "routing"), [out, *grads], [ref_out, *ref_grads], strict=True):  # fmt: skip
+        assert_close(a, b, 1e-6, name)
+    x, gate_up, down, index, weights = inputs
+    one_token = (x[:1], gate_up, down, index[:1], weights[:1])
+    with torch.no_grad():  # the decode op
+        assert_close(compiled(*one_token), K.fused_moe_experts(*one_token), 1e-6, "decode")
+
+
 def test_sort_by_expert():
     index = torch.tensor([[2, 0], [3, 2], [0, 3], [1, 2]])  # 3 is the sentinel for E = 3
     sorted_pairs, offsets = K.sort_by_expert(index, 3)

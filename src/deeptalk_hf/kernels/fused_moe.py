@@ -101,6 +101,7 @@ def _decode_fake(x, gate_up_proj, down_proj, top_k_index, top_k_weights, out_dty
 
 
 def _custom_op(name: str, impl, fake):
+    """Register `impl` as `deeptalk_hf::<name>` (schema from its type hints) with `fake` for shape propagation."""
     op = torch.library.custom_op(f"deeptalk_hf::{name}", impl, mutates_args=())
     op.register_fake(fake)
     return op
@@ -114,6 +115,7 @@ _OPS = {
 
 
 def _run(impl, *args):
+    """Call `impl` directly, or through its custom op while `torch.compile` traces."""
     return _OPS[impl](*args) if torch.compiler.is_compiling() else impl(*args)
 
 

@@ -95,6 +95,15 @@ def rows_bucket(num_pairs: int, num_experts: int) -> int:
 
 
 @triton.jit
+def _grouped_program(N, BLOCK_N: tl.constexpr):
+    """This program's (row tile, column block), in groups of 8 row tiles that sweep the column blocks together, so the
+    expert's weight slab and the tiles' input rows are reused from L2 (Triton's grouped ordering)."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    return tl.swizzle2d(pid // num_n, pid % num_n, tl.num_programs(0) // num_n, num_n, 8)
+
+
+@triton.jit
 def _expert_tile(offsets_ptr, tile, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """Expert, first row and end row of row-tile `tile`; the expert is `NUM_EXPERTS` past the last tile.
 
@@ -134,15 +143,14 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """act[s, n] = silu(gate) * up over `N = I` columns; `x` rows gathered by token, `K = H`."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    expert, first_row, end_row = _expert_tile(offsets_ptr, pid // num_n, NUM_EXPERTS, E_POW2, BLOCK_M)
+    tile, block_n = _grouped_program(N, BLOCK_N)
+    expert, first_row, end_row = _expert_tile(offsets_ptr, tile, NUM_EXPERTS, E_POW2, BLOCK_M)
     if expert >= NUM_EXPERTS:
         return
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < end_row
     tokens = (tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0) // TOP_K).to(tl.int64)
-    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xk
@@ -189,15 +197,14 @@ def _scatter_kernel(
 ):  # fmt: skip
     """out[t, n] += (w[p] *) sum_k a[s, k] * W[e](k, n): fp32 atomics into token rows of `out` `[T, N]`, or with
     `PER_PAIR` a plain store into pair rows of `out` `[P, N]`."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    expert, first_row, end_row = _expert_tile(offsets_ptr, pid // num_n, NUM_EXPERTS, E_POW2, BLOCK_M)
+    tile, block_n = _grouped_program(N, BLOCK_N)
+    expert, first_row, end_row = _expert_tile(offsets_ptr, tile, NUM_EXPERTS, E_POW2, BLOCK_M)
     if expert >= NUM_EXPERTS:
         return
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < end_row
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
-    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
@@ -239,19 +246,18 @@ def _down_backward_kernel(
 ):  # fmt: skip
     """g = dout[t] @ down[e] over `N = I` columns (`K = H`), then the routing-weight and SwiGLU gradients.
 
-    dw[p] += sum_n g * act (fp32 atomics across column blocks, or with `PER_BLOCK` a store into column `pid_n` of a
+    dw[p] += sum_n g * act (fp32 atomics across column blocks, or with `PER_BLOCK` a store into column `block_n` of a
     `[P, stride_gr]` buffer); grad_gate_up[s] = (dgate, dup) of `w[p] * g`.
     """
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    expert, first_row, end_row = _expert_tile(offsets_ptr, pid // num_n, NUM_EXPERTS, E_POW2, BLOCK_M)
+    tile, block_n = _grouped_program(N, BLOCK_N)
+    expert, first_row, end_row = _expert_tile(offsets_ptr, tile, NUM_EXPERTS, E_POW2, BLOCK_M)
     if expert >= NUM_EXPERTS:
         return
     rows = first_row + tl.arange(0, BLOCK_M)
     row_mask = rows < end_row
     pairs = tl.load(sorted_pairs_ptr + rows, mask=row_mask, other=0)
     tokens = (pairs // TOP_K).to(tl.int64)
-    cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = block_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     ks = tl.arange(0, BLOCK_K)
     d_ptrs = grad_out_ptr + tokens[:, None] * stride_dt + ks[None, :] * stride_dk
@@ -274,7 +280,7 @@ def _down_backward_kernel(
     if GRAD_ROUTING:
         partial = tl.sum(grad_act * silu * up, axis=1)
         if PER_BLOCK:
-            tl.store(grad_routing_ptr + pairs.to(tl.int64) * stride_gr + pid % num_n, partial, mask=row_mask)
+            tl.store(grad_routing_ptr + pairs.to(tl.int64) * stride_gr + block_n, partial, mask=row_mask)
         else:
             tl.atomic_add(grad_routing_ptr + pairs, partial, mask=row_mask, sem="relaxed")
     if GRAD_GATE_UP:

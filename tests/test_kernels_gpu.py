@@ -19,7 +19,13 @@ if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "of
 pytestmark = pytest.mark.gpu
 pytest.importorskip("triton")
 
-from kernel_cases import (  # noqa: E402
+from transformers import Qwen3MoeConfig  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
+
+from deeptalk_hf import kernels as K  # noqa: E402
+from deeptalk_hf.kernels import triton_moe  # noqa: E402
+
+from .kernel_cases import (  # noqa: E402
     MODELS,
     assert_close,
     build_case,
@@ -28,11 +34,6 @@ from kernel_cases import (  # noqa: E402
     tiny_deeptalk,
     upcast,
 )
-from transformers import Qwen3MoeConfig  # noqa: E402
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
-
-from deeptalk_hf import kernels as K  # noqa: E402
-from deeptalk_hf.kernels import triton_moe  # noqa: E402
 
 DEVICE = torch.device("cuda")
 BF16_TOLERANCE = 2e-2

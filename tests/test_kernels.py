@@ -28,6 +28,7 @@ from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM  # noqa: E402
 from deeptalk_hf import kernels as K  # noqa: E402
 from deeptalk_hf.kernels import fused_moe as fused_moe_module  # noqa: E402
 
+from .conftest import tiny_config  # noqa: E402
 from .kernel_cases import (  # noqa: E402
     MODELS,
     assert_close,
@@ -223,6 +224,16 @@ def test_fullgraph_compile():
     one_token = (x[:1], gate_up, down, index[:1], weights[:1])
     with torch.no_grad():  # the decode op
         assert_close(compiled(*one_token), K.fused_moe_experts(*one_token), 1e-6, "decode")
+
+
+def test_deeptalk_model_fullgraph_compile():
+    """DeepTalk's hard routing compiles with `fullgraph=True` on this backend too, as on grouped_mm and batched_mm."""
+    model = DeepTalkForCausalLM(tiny_config(experts_implementation="deeptalk_triton")).to(DEVICE).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 6), device=DEVICE)
+    assert (input_ids >= model.config.speech_token_start).any()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(input_ids).logits, model(input_ids).logits, 1e-6, "logits")
 
 
 def test_sort_by_expert():

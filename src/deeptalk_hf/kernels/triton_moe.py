@@ -422,9 +422,12 @@ def _down_decode_kernel(
 # programs past the last real tile return at once, so no launch waits on device data.
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 products follow torch's matmul precision setting (exact by default, TF32 when the user allows it)."""
-    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
+def _precision(dtype: torch.dtype) -> str | None:
+    """fp32 products follow torch's matmul precision setting (exact by default, TF32 when the user allows it); other
+    dtypes keep the backend's default."""
+    if dtype != torch.float32:
+        return None
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _grouped_grid(num_pairs: int, num_experts: int, n: int):

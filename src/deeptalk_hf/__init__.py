@@ -1,7 +1,8 @@
 """deeptalk_hf: DeepTalk-style speech-text Mixture-of-Experts LLMs for the Hugging Face ecosystem.
 
-Importing the package registers the DeepTalk classes with transformers' Auto classes and the checkpoint conversion
-mapping that fuses per-expert tensors on load (and splits them on save), as transformers does for Qwen3-MoE.
+Importing the package registers the DeepTalk classes with transformers' Auto classes, the checkpoint conversion
+mapping that fuses per-expert tensors on load (and splits them on save), as transformers does for Qwen3-MoE, and the
+`"deeptalk_triton"` experts implementation (fused Triton MoE kernels, see `deeptalk_hf.kernels`).
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -9,6 +10,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
 from .configuration_deeptalk import DeepTalkConfig
+from .kernels import register_experts_implementation
 from .modeling_deeptalk import DeepTalkForCausalLM, DeepTalkModel, DeepTalkPreTrainedModel
 
 __version__ = "0.1.0"
@@ -39,6 +41,7 @@ def _register() -> None:
         _experts_conversion("experts") + _experts_conversion("speech_experts"),
         overwrite=True,
     )
+    register_experts_implementation()
 
 
 _register()

@@ -44,3 +44,7 @@ def _register() -> None:
 _register()
 
 __all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]
+
+from .upcycling import upcycle_checkpoint, upcycle_dense  # noqa: E402  (after the registration above)
+
+__all__ += ["upcycle_checkpoint", "upcycle_dense"]

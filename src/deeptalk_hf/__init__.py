@@ -48,3 +48,12 @@ __all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPr
 from .upcycling import upcycle_checkpoint, upcycle_dense  # noqa: E402  (after the registration above)
 
 __all__ += ["upcycle_checkpoint", "upcycle_dense"]
+
+from .modality import (  # noqa: E402
+    ModalityLoad,
+    assign_modality_experts,
+    profile_modality_load,
+    set_training_stage,
+)
+
+__all__ += ["ModalityLoad", "assign_modality_experts", "profile_modality_load", "set_training_stage"]

@@ -1,23 +1,28 @@
 """Upcycling dense Llama / Qwen2 / Qwen3 / Mistral models: the upcycled model is the dense model, in memory and on disk."""
 
+import json
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
+    AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
 
-from deeptalk_hf import DeepTalkForCausalLM, upcycle_dense
+from deeptalk_hf import DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense
 from deeptalk_hf.modeling_deeptalk import topk_routing
 from deeptalk_hf.upcycling import CheckpointError, deeptalk_config_from_dense
 
@@ -273,3 +278,175 @@ def test_mlp_only_layers_stay_dense():
     assert torch.equal(moe.model.layers[1].mlp.down_proj.weight, dense.model.layers[1].mlp.down_proj.weight)
     with torch.no_grad():
         assert max_diff(moe(text_ids()).logits, dense(text_ids()).logits) <= 1e-5
+
+
+# Streaming conversion, checkpoint directory to checkpoint directory
+
+
+def save_dense(model, path, max_shard_size="40KB"):
+    """A sharded dense checkpoint with a small word-level tokenizer."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    backend = Tokenizer(WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    backend.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(path)
+    return path
+
+
+def load_checked(path) -> DeepTalkForCausalLM:
+    """`AutoModelForCausalLM.from_pretrained` with no missing, unexpected or mismatched keys (else random weights)."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+def leftovers(parent) -> list[str]:
+    return sorted(name for name in os.listdir(parent) if name.startswith("."))
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_streaming_checkpoint_is_the_dense_model(kind, tmp_path):
+    dense = dense_model(kind)
+    source = save_dense(dense, tmp_path / "dense")
+    assert len([f for f in os.listdir(source) if f.endswith(".safetensors")]) > 1
+    destination = tmp_path / "moe"
+    options = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, granularity=2)
+    assert upcycle_checkpoint(source, destination, max_shard_size="60KB", progress=False, **options) == destination
+    files = sorted(os.listdir(destination))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    index = json.loads((destination / "model.safetensors.index.json").read_text())
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in index["weight_map"]  # the per-expert on-disk layout
+    assert set(index["weight_map"].values()) == set(shards)
+    moe = load_checked(destination)
+    assert isinstance(moe, DeepTalkForCausalLM)
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(moe(ids).logits, dense(ids).logits) <= 1e-5
+    prompt = ids[:, :6]
+    assert torch.equal(
+        moe.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+        dense.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+    )
+    assert leftovers(tmp_path) == []
+
+
+def test_streaming_equals_in_memory_with_every_option(tmp_path):
+    """Disk to disk, from a path, and from the model in memory: the same tensors, bit for bit."""
+    dense = dense_model("qwen2")  # tied embeddings: the speech rows are tied too
+    source = save_dense(dense, tmp_path / "dense")
+    options = dict(
+        num_text_experts=2,
+        num_speech_experts=4,
+        num_experts_per_tok=2,
+        granularity=3,
+        num_shared_experts=1,
+        speech_vocab_size=6,
+        init_noise=0.05,
+        drop_fraction=0.25,
+        seed=11,
+        mlp_only_layers=[0],
+    )
+    upcycle_checkpoint(source, tmp_path / "moe", max_shard_size="30KB", progress=False, **options)
+    streamed = load_checked(tmp_path / "moe").state_dict()
+    from_path = upcycle_dense(source, **options).state_dict()
+    from_memory = upcycle_dense(dense, **options).state_dict()
+    assert streamed.keys() == from_path.keys() == from_memory.keys()
+    for name in streamed:
+        assert torch.equal(streamed[name], from_path[name]), name
+        assert torch.equal(streamed[name], from_memory[name]), name
+
+
+def test_upcycled_model_saves_and_reloads(tmp_path):
+    """Round trip of the in-memory result through save_pretrained / from_pretrained (buffers, meta device)."""
+    moe = upcycle_dense(dense_model("llama"), num_text_experts=2, num_speech_experts=2, num_experts_per_tok=2)
+    moe.save_pretrained(tmp_path)
+    reloaded = load_checked(tmp_path)
+    ids = text_ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, moe(ids).logits)
+
+
+def corrupt(kind: str, source):
+    shards = sorted(f for f in os.listdir(source) if f.endswith(".safetensors"))
+    victim = source / shards[-1]
+    data = victim.read_bytes()
+    if kind == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    elif kind == "garbage-header":
+        victim.write_bytes(b"\xff" * 16 + data[16:])
+    elif kind == "missing-shard":
+        victim.unlink()
+    elif kind == "missing-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(victim)
+        tensors.pop(sorted(tensors)[0])
+        save_file(tensors, victim, metadata={"format": "pt"})
+    elif kind == "no-weights":
+        for shard in shards:
+            (source / shard).unlink()
+        (source / "model.safetensors.index.json").unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage-header", "missing-shard", "missing-tensor", "no-weights"])
+def test_corrupt_source_fails_cleanly(kind, tmp_path):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    corrupt(kind, source)
+    destination = tmp_path / "out" / "moe"
+    with pytest.raises(CheckpointError):
+        upcycle_checkpoint(source, destination, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    assert not destination.exists()
+    assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
+    with pytest.raises(CheckpointError):
+        upcycle_dense(source, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+
+
+def test_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    destination = tmp_path / "moe"
+    writes = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        writes.append(filename)
+        if len(writes) == 2:
+            raise OSError("No space left on device")
+        return save_file(tensors, filename, metadata=metadata)
+
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        upcycle_checkpoint(
+            source,
+            destination,
+            num_text_experts=2,
+            num_speech_experts=0,
+            num_experts_per_tok=1,
+            max_shard_size="20KB",
+            progress=False,
+        )
+    assert len(writes) == 2 and not destination.exists() and leftovers(tmp_path) == []
+
+
+def test_destination_rules(tmp_path):
+    source = save_dense(dense_model("mistral"), tmp_path / "dense")
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False)
+    destination = tmp_path / "moe"
+    destination.mkdir()
+    (destination / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        upcycle_checkpoint(source, destination, **options)
+    assert os.listdir(destination) == ["notes.txt"]
+    upcycle_checkpoint(source, destination, overwrite=True, **options)
+    assert "config.json" in os.listdir(destination) and "notes.txt" not in os.listdir(destination)
+    assert leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="is the source"):
+        upcycle_checkpoint(source, source, overwrite=True, **options)
+    assert "model.safetensors.index.json" in os.listdir(source)
+    with pytest.raises(CheckpointError, match="neither a local directory"):
+        upcycle_dense(str(tmp_path / "nowhere"), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)

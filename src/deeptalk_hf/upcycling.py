@@ -288,6 +288,12 @@ def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path
         ) from error
 
 
+def _copy_tokenizer(source: Path, destination: Path) -> None:
+    """Save the source's tokenizer (when it has one) beside the converted weights."""
+    if any((source / name).is_file() for name in _TOKENIZER_FILES):
+        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+
+
 def _shard_files(source: Path) -> list[Path]:
     index = source / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
@@ -526,8 +532,7 @@ def upcycle_checkpoint(
             (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         config.save_pretrained(staging)
         checkpoint.generation_config(config).save_pretrained(staging)
-        if any((checkpoint.source / name).is_file() for name in _TOKENIZER_FILES):
-            AutoTokenizer.from_pretrained(checkpoint.source).save_pretrained(staging)
+        _copy_tokenizer(checkpoint.source, staging)
     return Path(destination)
 
 

@@ -96,9 +96,12 @@ class ModalityLoad:
         return data
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w", encoding="utf-8") as file:
+        """Write the load as JSON (through a temporary file, so an existing file is never left half-written)."""
+        partial = f"{path}.partial"
+        with open(partial, "w", encoding="utf-8") as file:
             json.dump(self.to_dict(), file, indent=1)
             file.write("\n")
+        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModalityLoad":

@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,6 +170,11 @@ class _Upcycler:
     drop_fraction: float
     seed: int
     dtype: torch.dtype | None
+    # Whether unchanged tensors may be passed on as they are: yes for read-only file maps (streaming), no for a
+    # user's model (the upcycled model must not share storage with it).
+    pass_through: bool = False
+    # Where copies go: `allocate(name, shape, dtype)`, by default new tensors (streaming reuses shard buffers).
+    allocate: Callable[[str, torch.Size, torch.dtype], torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.init_noise < 0 or not 0 <= self.drop_fraction <= 1:
@@ -177,9 +182,12 @@ class _Upcycler:
                 f"init_noise={self.init_noise} must be >= 0 and drop_fraction={self.drop_fraction} in [0, 1]"
             )
 
-    def _fresh(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A contiguous copy in the target dtype (never aliasing the source, which the user may still train)."""
-        return torch.empty(tensor.shape, dtype=self.dtype or tensor.dtype, device=tensor.device).copy_(tensor)
+    def _fresh(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Output `name` as a contiguous copy of `tensor` in the target dtype (never aliasing the source)."""
+        dtype = self.dtype or tensor.dtype
+        if self.allocate is None or tensor.is_meta:
+            return torch.empty(tensor.shape, dtype=dtype, device=tensor.device).copy_(tensor)
+        return self.allocate(name, tensor.shape, dtype).copy_(tensor)
 
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config
@@ -189,12 +197,13 @@ class _Upcycler:
             return
         if name == "lm_head.weight" and config.tie_word_embeddings:
             return  # tied to the embeddings, in DeepTalk as in the dense model
-        fresh = self._fresh(tensor)
-        yield name, fresh
+        unchanged = self.pass_through and tensor.is_contiguous() and self.dtype in (None, tensor.dtype)
+        result = tensor if unchanged else self._fresh(name, tensor)
+        yield name, result
         if config.speech_vocab_size and name in _SPEECH_ROWS:
             # The rows `DeepTalkForCausalLM.resize_speech_vocab` gives: the mean of the text rows.
-            rows = fresh.mean(0, keepdim=True).expand(config.speech_vocab_size, -1)
-            yield _SPEECH_ROWS[name], rows.contiguous()
+            rows = result.mean(0, keepdim=True).expand(config.speech_vocab_size, -1)
+            yield _SPEECH_ROWS[name], self._fresh(_SPEECH_ROWS[name], rows)
 
     def _experts(self, layer: int, proj: str, dense: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config
@@ -203,8 +212,8 @@ class _Upcycler:
         routed_parts = self.granularity - self.num_shared_experts
         prefix = f"model.layers.{layer}.mlp"
         if self.num_shared_experts:
-            shared = dense.narrow(axis, 0, self.num_shared_experts * part)
-            yield f"{prefix}.shared_experts.{proj}.weight", self._fresh(shared)
+            name = f"{prefix}.shared_experts.{proj}.weight"
+            yield name, self._fresh(name, dense.narrow(axis, 0, self.num_shared_experts * part))
         num_text, num_speech = config.layer_experts(layer)
         if proj == "gate_proj":
             for router, count in (("gate", num_text), ("speech_gate", num_speech)):
@@ -217,12 +226,13 @@ class _Upcycler:
         for group, count in (("experts", num_text), ("speech_experts", num_speech)):
             for j in range(count):
                 # Expert j holds part j mod routed_parts: the k lowest indices hold whole sets of parts.
-                weight = self._fresh(dense.narrow(axis, (self.num_shared_experts + j % routed_parts) * part, part))
+                weight = dense.narrow(axis, (self.num_shared_experts + j % routed_parts) * part, part)
                 if (self.init_noise or self.drop_fraction) and not weight.is_meta:
                     if stats is None:
                         stats = dense.float().mean(), dense.float().std()
                     weight = self._perturb(weight, axis, stats, (self.seed, layer, group, j), proj)
-                yield f"{prefix}.{group}.{j}.{proj}.weight", weight
+                name = f"{prefix}.{group}.{j}.{proj}.weight"
+                yield name, self._fresh(name, weight)
 
     def _perturb(self, weight: torch.Tensor, axis: int, stats, key: tuple, proj: str) -> torch.Tensor:
         """Drop-Upcycling re-initialisation of some intermediate channels, then relative Gaussian noise.
@@ -231,7 +241,7 @@ class _Upcycler:
         key alone); new values follow the dense matrix's mean and standard deviation.
         """
         mean, std = stats
-        result = weight.float()
+        result = weight.to(torch.float32, copy=True)
         width = result.shape[axis]
         dropped = round(self.drop_fraction * width)
         if dropped:
@@ -357,10 +367,32 @@ class _DenseCheckpoint:
                     except (SafetensorError, OSError) as error:
                         raise CheckpointError(f"cannot read {name} from {file}: {error}") from error
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None  # each tensor keeps its own unless a dtype is asked for
+
     def generation_config(self, config: DeepTalkConfig) -> GenerationConfig:
         if (self.source / "generation_config.json").is_file():
             return GenerationConfig.from_pretrained(self.source)
         return GenerationConfig.from_model_config(config)
+
+
+class _DenseModel:
+    """A dense model in memory, read through the same interface as `_DenseCheckpoint`."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.config = model.config
+        self.dtype = model.dtype
+        self.state = model.state_dict()
+
+    def shapes(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self.state.items()
+
+    tensors = shapes
+
+    def generation_config(self, config: DeepTalkConfig) -> GenerationConfig:
+        return copy.deepcopy(self.model.generation_config)
 
 
 def upcycle_dense(
@@ -398,19 +430,13 @@ def upcycle_dense(
     With `init_noise=0` and `drop_fraction=0` the result computes the same logits as the dense model on text.
     For checkpoints that do not fit twice in memory use `upcycle_checkpoint` (disk to disk, shard by shard).
     """
-    dtype = _as_dtype(dtype)
     if isinstance(model_or_path, PreTrainedModel):
-        dense_config = model_or_path.config
-        state = model_or_path.state_dict()
-        shapes = tensors = lambda: iter(state.items())  # noqa: E731
-        generation_config = copy.deepcopy(model_or_path.generation_config)
-        dtype = dtype or model_or_path.dtype
+        source = _DenseModel(model_or_path)
     else:
-        checkpoint = _DenseCheckpoint(_resolve_source(model_or_path, revision))
-        dense_config, shapes, tensors = checkpoint.config, checkpoint.shapes, checkpoint.tensors
-        generation_config = None
+        source = _DenseCheckpoint(_resolve_source(model_or_path, revision))
+    dtype = _as_dtype(dtype) or source.dtype
     config = deeptalk_config_from_dense(
-        dense_config,
+        source.config,
         num_text_experts=num_text_experts,
         num_speech_experts=num_speech_experts,
         num_experts_per_tok=num_experts_per_tok,
@@ -420,13 +446,43 @@ def upcycle_dense(
         dtype=dtype,
     )
     upcycler = _Upcycler(config, granularity, num_shared_experts, init_noise, drop_fraction, seed, dtype)
-    upcycler.plan(shapes())
-    converted = {out: result for name, tensor in tensors() for out, result in upcycler.convert(name, tensor)}
+    upcycler.plan(source.shapes())
+    converted = {out: result for name, tensor in source.tensors() for out, result in upcycler.convert(name, tensor)}
     model = DeepTalkForCausalLM.from_pretrained(None, config=config, state_dict=converted, dtype=config.dtype)
     del converted
     model.resize_speech_vocab(speech_vocab_size)
-    model.generation_config = generation_config or checkpoint.generation_config(model.config)
+    model.generation_config = source.generation_config(model.config)
     return model
+
+
+class _ShardBuffers:
+    """Reusable memory for the output shards of a streaming conversion.
+
+    The copied tensors of a shard are carved out of one byte buffer, which is reused for a later shard once the shard
+    is written: memory is faulted in once, not once per shard (page faults cost more than the copies themselves).
+    """
+
+    def __init__(self, planned: dict[str, torch.Tensor], filename_to_tensors: dict[str, list[str]]):
+        self.offsets: dict[str, tuple[str, int]] = {}
+        self.size = 0
+        for file, names in filename_to_tensors.items():
+            position = 0
+            for name in names:
+                self.offsets[name] = (file, position)
+                position += -(-planned[name].nbytes // 64) * 64  # 64-byte aligned views
+            self.size = max(self.size, position)
+        self.free: list[torch.Tensor] = []
+        self.taken: dict[str, torch.Tensor] = {}
+
+    def allocate(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        file, start = self.offsets[name]
+        if file not in self.taken:
+            self.taken[file] = self.free.pop() if self.free else torch.empty(self.size, dtype=torch.uint8)
+        return self.taken[file][start : start + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+
+    def release(self, file: str) -> None:
+        if file in self.taken:
+            self.free.append(self.taken.pop(file))
 
 
 def _umask() -> int:
@@ -453,7 +509,12 @@ def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False
         if destination.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
             os.replace(destination, previous / destination.name)
-            os.replace(staging, destination)
+            try:
+                os.replace(staging, destination)
+            except BaseException:  # put the user's directory back (if even that fails, it stays in `previous`)
+                os.replace(previous / destination.name, destination)
+                previous.rmdir()
+                raise
             shutil.rmtree(previous)
         else:
             os.replace(staging, destination)
@@ -490,7 +551,7 @@ def upcycle_checkpoint(
     (corrupt or truncated source included) leaves no output. Returns `destination`.
     """
     checkpoint = _DenseCheckpoint(_resolve_source(source, revision))
-    if Path(destination).absolute().resolve() == checkpoint.source.absolute().resolve():
+    if Path(destination).resolve() == checkpoint.source.resolve():
         raise ValueError(f"destination {destination} is the source checkpoint; write the upcycled model elsewhere")
     dtype = _as_dtype(dtype)
     config = deeptalk_config_from_dense(
@@ -504,7 +565,9 @@ def upcycle_checkpoint(
         mlp_only_layers=mlp_only_layers,
         dtype=dtype,
     )
-    upcycler = _Upcycler(config, granularity, num_shared_experts, init_noise, drop_fraction, seed, dtype)
+    upcycler = _Upcycler(
+        config, granularity, num_shared_experts, init_noise, drop_fraction, seed, dtype, pass_through=True
+    )
     planned = upcycler.plan(checkpoint.shapes())
     split = split_torch_state_dict_into_shards(
         planned,
@@ -512,6 +575,8 @@ def upcycle_checkpoint(
         max_shard_size=max_shard_size,
     )
     pending = {file: set(names) for file, names in split.filename_to_tensors.items()}
+    shard_buffers = _ShardBuffers(planned, split.filename_to_tensors)
+    upcycler.allocate = shard_buffers.allocate
     total_bytes = split.metadata["total_size"]
     with atomic_output_dir(destination, overwrite=overwrite) as staging:
         buffers: dict[str, dict[str, torch.Tensor]] = {}
@@ -523,6 +588,7 @@ def upcycle_checkpoint(
                     pending[file].discard(out)
                     if not pending[file]:
                         save_file(buffers.pop(file), staging / file, metadata={"format": "pt"})
+                        shard_buffers.release(file)
                     bar.update(result.numel() * result.element_size())
         if split.is_sharded:
             index = {

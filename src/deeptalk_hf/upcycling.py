@@ -333,18 +333,15 @@ class _DenseCheckpoint:
             self.config = AutoConfig.from_pretrained(source)
         except (OSError, ValueError) as error:
             raise CheckpointError(f"cannot read the config of {source}: {error}") from error
-        self.files = _shard_files(source)
+        # Names, shapes and dtypes from the headers, as meta tensors (nothing is read yet).
         self.layout: dict[Path, dict[str, torch.Tensor]] = {}
-        for file in self.files:
+        for file in _shard_files(source):
             with self._open(file) as handle:
-                self.layout[file] = {
-                    name: torch.empty(
-                        handle.get_slice(name).get_shape(),
-                        dtype=str_to_torch_dtype[handle.get_slice(name).get_dtype()],
-                        device="meta",
-                    )
-                    for name in handle.keys()
-                }
+                self.layout[file] = {}
+                for name in handle.keys():
+                    header = handle.get_slice(name)
+                    dtype = str_to_torch_dtype[header.get_dtype()]
+                    self.layout[file][name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
 
     def _open(self, file: Path):
         try:

@@ -240,6 +240,8 @@ def test_assignment_is_a_pure_permutation(model, first, second):
             assert torch.equal(block.experts.gate_up_proj, original[layer][text_ids])
             if speech_ids:
                 assert torch.equal(block.speech_experts.gate_up_proj, original[layer][speech_ids])
+                storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
+                assert len(storages) == len(list(block.parameters()))  # no group is a view of another
             else:
                 assert not hasattr(block, "speech_experts")
         # The load is in source order, so profiling the split model measures the same thing.

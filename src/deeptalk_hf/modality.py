@@ -217,10 +217,10 @@ def _choose_speech_experts(
     return sorted(ranked[:count])
 
 
-def _new_module(cls, config, num_experts: int, tensors: Mapping[str, torch.Tensor], like: nn.Module) -> nn.Module:
-    """An experts or router module of `num_experts` holding `tensors` (built on meta, so nothing is allocated twice)."""
+def _new_module(cls, config, tensors: Mapping[str, torch.Tensor], like: nn.Module) -> nn.Module:
+    """An experts or router module holding `tensors` (built on meta, so nothing is allocated twice)."""
     with torch.device("meta"):
-        module = cls(config, num_experts)
+        module = cls(config, next(iter(tensors.values())).shape[0])
     for name, tensor in tensors.items():
         setattr(module, name, nn.Parameter(tensor, requires_grad=getattr(like, name).requires_grad))
     return module
@@ -233,40 +233,37 @@ def _regroup(block: DeepTalkSparseMoeBlock, speech_ids: list[int]) -> None:
     order = config.expert_order(block.layer_idx) or list(range(total))
     position = {source: p for p, source in enumerate(order)}
     chosen = set(speech_ids)
-    new_order = [s for s in range(total) if s not in chosen] + sorted(speech_ids)
-    take = torch.tensor([position[s] for s in new_order], device=block.gate.weight.device)
     groups = [(block.gate, block.experts)]
     if block.num_speech_experts:
         groups.append((block.speech_gate, block.speech_experts))
-    router = torch.cat([gate.weight.detach() for gate, _ in groups])[take]
-    gate_up = torch.cat([experts.gate_up_proj.detach() for _, experts in groups])[take]
-    down = torch.cat([experts.down_proj.detach() for _, experts in groups])[take]
-    num_text = total - len(speech_ids)
-    text_gate, text_experts = groups[0]
-    speech_gate, speech_experts = groups[-1]
+    combined = {
+        "weight": torch.cat([gate.weight.detach() for gate, _ in groups]),
+        "gate_up_proj": torch.cat([experts.gate_up_proj.detach() for _, experts in groups]),
+        "down_proj": torch.cat([experts.down_proj.detach() for _, experts in groups]),
+    }
+    # Indexing with a list copies, so each new parameter has its own storage.
+    text_rows = [position[s] for s in range(total) if s not in chosen]
+    speech_rows = [position[s] for s in sorted(speech_ids)]
+    (text_gate, text_experts), (speech_gate, speech_experts) = groups[0], groups[-1]
     for name in ("speech_gate", "speech_experts"):
         if hasattr(block, name):
             delattr(block, name)
-    block.gate = _new_module(DeepTalkTopKRouter, config, num_text, {"weight": router[:num_text]}, text_gate)
-    block.experts = _new_module(
-        DeepTalkExperts,
-        config,
-        num_text,
-        {"gate_up_proj": gate_up[:num_text], "down_proj": down[:num_text]},
-        text_experts,
-    )
-    if speech_ids:
-        block.speech_gate = _new_module(
-            DeepTalkTopKRouter, config, len(speech_ids), {"weight": router[num_text:]}, speech_gate
-        )
-        block.speech_experts = _new_module(
+    for rows, gate_name, experts_name, like_gate, like_experts in (
+        (text_rows, "gate", "experts", text_gate, text_experts),
+        (speech_rows, "speech_gate", "speech_experts", speech_gate, speech_experts),
+    ):
+        if not rows:
+            continue
+        router = _new_module(DeepTalkTopKRouter, config, {"weight": combined["weight"][rows]}, like_gate)
+        experts = _new_module(
             DeepTalkExperts,
             config,
-            len(speech_ids),
-            {"gate_up_proj": gate_up[num_text:], "down_proj": down[num_text:]},
-            speech_experts,
+            {name: combined[name][rows] for name in ("gate_up_proj", "down_proj")},
+            like_experts,
         )
-    block.num_text_experts, block.num_speech_experts = num_text, len(speech_ids)
+        setattr(block, gate_name, router)
+        setattr(block, experts_name, experts)
+    block.num_text_experts, block.num_speech_experts = len(text_rows), len(speech_rows)
 
 
 def assign_modality_experts(

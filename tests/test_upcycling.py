@@ -50,6 +50,8 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 8,
 }
 
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "original_max_position_embeddings": 8}
+
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Weights of order one (norms around 1, biases non-zero), so that a wrong mapping shows in the logits."""
@@ -68,7 +70,7 @@ def dense_model(kind: str, seed: int = 0):
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True))
     elif kind == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, attention_bias=True))
+        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, attention_bias=True, rope_parameters=YARN_ROPE))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=6, head_dim=12))
     else:
@@ -117,7 +119,7 @@ def test_architecture_details_are_carried():
     cases = {
         "llama": {"rope_parameters": LLAMA3_ROPE, "use_qk_norm": False, "qkv_bias": False, "attention_bias": False},
         "qwen2": {"tie_word_embeddings": True, "qkv_bias": True, "use_qk_norm": False, "attention_bias": False},
-        "qwen3": {"use_qk_norm": True, "attention_bias": True, "head_dim": 16},
+        "qwen3": {"use_qk_norm": True, "attention_bias": True, "head_dim": 16, "rope_parameters": YARN_ROPE},
         "mistral": {"sliding_window": 6, "head_dim": 12, "layer_types": ["sliding_attention"] * 2},
     }
     for kind, fields in cases.items():

@@ -1,17 +1,32 @@
 """deeptalk_hf: DeepTalk-style speech-text Mixture-of-Experts LLMs for the Hugging Face ecosystem.
 
-Importing the package registers the DeepTalk classes with transformers' Auto classes, the checkpoint conversion
-mapping that fuses per-expert tensors on load (and splits them on save), as transformers does for Qwen3-MoE, and the
-`"deeptalk_triton"` experts implementation (fused Triton MoE kernels, see `deeptalk_hf.kernels`).
+Importing the package registers the DeepTalk classes with transformers' Auto classes (config, model, causal LM,
+processor), the checkpoint conversion mapping that fuses per-expert tensors on load (and splits them on save), as
+transformers does for Qwen3-MoE, and the `"deeptalk_triton"` experts implementation (fused Triton MoE kernels, see
+`deeptalk_hf.kernels`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
+from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample
 from .configuration_deeptalk import DeepTalkConfig
 from .kernels import register_experts_implementation
+from .modality import ModalityLoad, assign_modality_experts, profile_modality_load, set_training_stage
 from .modeling_deeptalk import DeepTalkForCausalLM, DeepTalkModel, DeepTalkPreTrainedModel
+from .processing_deeptalk import (
+    AudioChunk,
+    DeepTalkProcessor,
+    DeepTalkStreamer,
+    SpeechChunk,
+    SpeechTextOutput,
+    SpeechUnitsLogitsProcessor,
+    TextDelta,
+    add_speech_tokens,
+    fit_speech_vocab,
+)
+from .upcycling import upcycle_checkpoint, upcycle_dense
 
 __version__ = "0.1.0"
 
@@ -36,6 +51,7 @@ def _register() -> None:
     AutoConfig.register(DeepTalkConfig.model_type, DeepTalkConfig, exist_ok=True)
     AutoModel.register(DeepTalkConfig, DeepTalkModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepTalkConfig, DeepTalkForCausalLM, exist_ok=True)
+    AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
     register_checkpoint_conversion_mapping(
         DeepTalkConfig.model_type,
         _experts_conversion("experts") + _experts_conversion("speech_experts"),
@@ -46,37 +62,28 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]
-
-# Speech-token processor (issue 4): registered with AutoProcessor on import.
-from transformers import AutoProcessor  # noqa: E402
-
-from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample  # noqa: E402
-from .processing_deeptalk import (  # noqa: E402
-    AudioChunk,
-    DeepTalkProcessor,
-    DeepTalkStreamer,
-    SpeechChunk,
-    SpeechTextOutput,
-    SpeechUnitsLogitsProcessor,
-    TextDelta,
-    add_speech_tokens,
-    fit_speech_vocab,
-)
-
-AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
-__all__ += [
+__all__ = [
     "AudioChunk",
     "AudioCodec",
+    "DeepTalkConfig",
+    "DeepTalkForCausalLM",
+    "DeepTalkModel",
+    "DeepTalkPreTrainedModel",
     "DeepTalkProcessor",
     "DeepTalkStreamer",
     "MimiCodec",
+    "ModalityLoad",
     "SnacCodec",
     "SpeechChunk",
     "SpeechTextOutput",
     "SpeechUnitsLogitsProcessor",
     "TextDelta",
     "add_speech_tokens",
+    "assign_modality_experts",
     "fit_speech_vocab",
+    "profile_modality_load",
     "resample",
+    "set_training_stage",
+    "upcycle_checkpoint",
+    "upcycle_dense",
 ]

@@ -349,3 +349,24 @@ def test_freezing_drops_stale_gradients(tmp_path_factory):
     model(**mixed_batch(0), labels=mixed_batch(0)["input_ids"]).loss.backward()
     set_training_stage(model, "speech")
     assert all(param.grad is None for name, param in model.named_parameters() if "speech" not in name)
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_assignment_on_deepseek_routing_keeps_the_source_function(version):
+    """Group-limited top-k and V3's correction bias (which moves with its expert) survive profiling and assignment."""
+    from .test_modeling import deepseek_pair
+
+    source, model = deepseek_pair(version)
+    batches = [{"input_ids": torch.randint(0, 97, (2, 9)), "modality_ids": (torch.rand(2, 9) < 0.5).long()}]
+    load = profile_modality_load(model, batches)
+    assert int((load.speech_counts[0] + load.text_counts[0]).sum()) == 18 * model.config.num_experts_per_tok
+    moved = assign_modality_experts(model, load, num_speech_experts=3)
+    assert all(len(ids) == 3 for ids in moved)
+    model.config.modality_routing = "none"
+    input_ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert (model(input_ids).logits - source(input_ids).logits).abs().max() <= 1e-5
+    if version == "v3":
+        bias = model.model.layers[1].mlp.speech_gate.e_score_correction_bias
+        expected = source.model.layers[1].mlp.gate.e_score_correction_bias[moved[0]]
+        assert torch.equal(bias, expected)

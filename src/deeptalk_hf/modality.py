@@ -23,8 +23,8 @@ from .modeling_deeptalk import (
     DeepTalkForCausalLM,
     DeepTalkSparseMoeBlock,
     DeepTalkTopKRouter,
+    correction_bias,
     speech_positions,
-    topk_routing,
 )
 
 TRAINING_STAGES = ("align", "speech", "text", "joint")
@@ -136,12 +136,6 @@ class ModalityLoad:
         figure.savefig(path)
 
 
-def _source_position(config, layer: int) -> torch.Tensor | None:
-    """Column of each source expert in `[experts; speech_experts]` order (None when that order is the source's)."""
-    order = config.expert_order(layer)
-    return None if order is None else torch.argsort(torch.tensor(order))
-
-
 @torch.no_grad()
 def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]) -> ModalityLoad:
     """Measure how `model` routes speech and text tokens, with modality routing off.
@@ -152,7 +146,7 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     """
     config = model.config
     layers = config.moe_layers
-    positions = [_source_position(config, layer) for layer in layers]
+    blocks = [model.model.layers[layer].mlp for layer in layers]
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
     counts = {modality: [torch.zeros(n, dtype=torch.int64) for n in sizes] for modality in ("speech", "text")}
     mass = {modality: [torch.zeros(n, dtype=torch.float64) for n in sizes] for modality in ("speech", "text")}
@@ -180,8 +174,7 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
             for modality, selected in selections.items():
                 tokens[modality] += int(selected.sum())
             for i, logits in enumerate(outputs.router_logits):
-                logits = logits.float() if positions[i] is None else logits.float()[:, positions[i].to(logits.device)]
-                probs, _, indices = topk_routing(logits, config.num_experts_per_tok, config.norm_topk_prob)
+                probs, _, indices = blocks[i].route_all(logits.float())
                 for modality, selected in selections.items():
                     picked = indices[selected].reshape(-1).cpu()
                     counts[modality][i] += torch.bincount(picked, minlength=sizes[i] + 1)[: sizes[i]]
@@ -236,6 +229,8 @@ def _regroup(block: DeepTalkSparseMoeBlock, speech_ids: list[int]) -> None:
     groups = [(block.gate, block.experts)]
     if block.num_speech_experts:
         groups.append((block.speech_gate, block.speech_experts))
+    biases = [correction_bias(gate) for gate, _ in groups]  # DeepSeek-V3's correction moves with its expert
+    combined_bias = None if biases[0] is None else torch.cat([bias.detach() for bias in biases])
     combined = {
         "weight": torch.cat([gate.weight.detach() for gate, _ in groups]),
         "gate_up_proj": torch.cat([experts.gate_up_proj.detach() for _, experts in groups]),
@@ -255,6 +250,8 @@ def _regroup(block: DeepTalkSparseMoeBlock, speech_ids: list[int]) -> None:
         if not rows:
             continue
         router = _new_module(DeepTalkTopKRouter, config, {"weight": combined["weight"][rows]}, like_gate)
+        if combined_bias is not None:
+            router.e_score_correction_bias = combined_bias[rows]
         experts = _new_module(
             DeepTalkExperts,
             config,

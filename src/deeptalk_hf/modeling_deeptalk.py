@@ -293,22 +293,31 @@ class DeepTalkSparseMoeBlock(nn.Module):
             output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
         return output
 
+    def _source_position(self, device: torch.device) -> torch.Tensor | None:
+        """Column of each source-MoE expert in `[experts; speech_experts]` order (`None`: the orders agree)."""
+        order = self.config.expert_order(self.layer_idx)
+        return None if order is None else torch.argsort(torch.tensor(order, device=device))
+
+    def route_all(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routing `"none"`: `topk_routing` over all experts in the source MoE's order (group limits and correction
+        biases included), from router logits `[tokens, E_text + E_speech]`. Indices are source indices."""
+        position = self._source_position(router_logits.device)
+        bias = correction_bias(self.gate)
+        if bias is not None and self.num_speech_experts:
+            bias = torch.cat([bias, correction_bias(self.speech_gate)])
+        if position is not None:
+            router_logits = router_logits[:, position]
+            bias = bias[position] if bias is not None else None
+        return topk_routing(router_logits, self.config, bias, group_limited=True)
+
     def _joint(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """Routing `"none"`: one top-k over all experts in source order, then each group gets its slots."""
         num_text = self.num_text_experts
-        order = self.config.expert_order(self.layer_idx)
-        bias = correction_bias(self.gate)
-        if bias is not None:
-            bias = torch.cat([bias, correction_bias(self.speech_gate)])
-        if order is not None:
-            position = torch.argsort(torch.tensor(order, device=router_logits.device))
-            router_logits = router_logits[:, position]
-            bias = bias[position] if bias is not None else None
-        weights, indices = self._route(router_logits, bias, group_limited=True)
-        if order is not None:
+        _, weights, indices = self.route_all(router_logits)
+        position = self._source_position(router_logits.device)
+        if position is not None:
             # Back from source indices to `[experts; speech_experts]` positions (the sentinel stays the sentinel).
-            lookup = torch.cat([position, position.new_tensor([position.numel()])])
-            indices = lookup[indices]
+            indices = torch.cat([position, position.new_tensor([position.numel()])])[indices]
         is_text = indices < num_text
         is_speech = ~is_text & (indices < num_text + self.num_speech_experts)
         text_out = self.experts(

@@ -478,3 +478,11 @@ def test_routing_none_scores_moved_experts_in_source_order(version):
         assert (split(input_ids).logits - expected).abs().max() <= 1e-5
         split.config.modality_routing = "hard"  # now each modality uses its own group: a different model
         assert (split(input_ids).logits - expected).abs().max() > 1e-3
+
+
+def test_default_backend_avoids_grouped_mm_on_unaligned_expert_strides():
+    aligned = DeepTalkForCausalLM(tiny_config())
+    assert aligned.config._experts_implementation == "grouped_mm"
+    odd = DeepTalkForCausalLM(tiny_config(moe_intermediate_size=6))
+    assert odd.config._experts_implementation == "eager"
+    odd(torch.randint(0, 80, (2, 5)))  # grouped_mm would raise "strides should be multiple of 16 bytes"

@@ -435,9 +435,14 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
         return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Without a request, the fused Triton kernels where they run natively (CUDA, Triton, SiLU experts)."""
-        if requested_experts is None and triton_is_default(self.config.hidden_act):
+        """Without a request: the fused Triton kernels where they run natively (CUDA, Triton, SiLU experts), else
+        transformers' default `grouped_mm`, or `eager` where torch's grouped matmul would refuse the expert strides
+        (it wants multiples of 16 bytes: 8 elements cover every dtype)."""
+        config = self.config
+        if requested_experts is None and triton_is_default(config.hidden_act):
             requested_experts = EXPERTS_IMPLEMENTATION
+        elif requested_experts is None and (config.moe_intermediate_size % 8 or config.hidden_size % 8):
+            requested_experts = "eager"
         return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module: nn.Module) -> None:

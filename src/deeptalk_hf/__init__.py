@@ -44,3 +44,22 @@ def _register() -> None:
 _register()
 
 __all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]
+
+# Speech input: an audio encoder and a speech connector in front of the LLM, registered where transformers registers
+# Qwen2-Audio (`AutoModelForMultimodalLM`).
+from transformers import AutoModelForMultimodalLM  # noqa: E402
+
+from .configuration_deeptalk import DeepTalkAudioConfig  # noqa: E402
+from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features  # noqa: E402
+from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration, audio_token_lengths  # noqa: E402
+
+AutoConfig.register(DeepTalkAudioConfig.model_type, DeepTalkAudioConfig, exist_ok=True)
+AutoModelForMultimodalLM.register(DeepTalkAudioConfig, DeepTalkForConditionalGeneration, exist_ok=True)
+
+__all__ += [
+    "DeepTalkAudioConfig",
+    "DeepTalkForConditionalGeneration",
+    "audio_token_lengths",
+    "expand_audio_placeholders",
+    "extract_audio_features",
+]

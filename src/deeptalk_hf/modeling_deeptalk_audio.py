@@ -280,7 +280,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.language_model.prepare_inputs_for_generation(*args, **kwargs)
 
 
-def _load_complete(model_class, path: str | os.PathLike) -> PreTrainedModel:
+def _load_complete(model_class: type, path: str | os.PathLike) -> PreTrainedModel:
     """`from_pretrained` that refuses a checkpoint leaving weights missing (they would silently stay random)."""
     model, info = model_class.from_pretrained(path, output_loading_info=True)
     if info["missing_keys"] or info["mismatched_keys"]:

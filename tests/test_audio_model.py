@@ -146,8 +146,11 @@ def test_bad_audio_input_raises_naming_the_problem():
         expand_audio_placeholders([[BOS, audio_id, audio_id]], [3], config)
 
     batch = audio_batch(config, extractor, [[BOS, audio_id, 5]], [tone(440, 0.25)])
-    too_many = dict(batch, input_ids=torch.cat([batch["input_ids"], torch.tensor([[audio_id]])], 1))
-    too_many.pop("attention_mask"), too_many.pop("modality_ids")
+    too_many = {
+        "input_ids": torch.cat([batch["input_ids"], torch.tensor([[audio_id]])], 1),
+        "input_features": batch["input_features"],
+        "input_features_mask": batch["input_features_mask"],
+    }
     with pytest.raises(ValueError, match=r"4 audio placeholders.*fill 3 positions \(\[3\] each\)"):
         model(**too_many)
     with pytest.raises(ValueError, match="3 audio placeholders.*no input_features"):

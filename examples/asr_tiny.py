@@ -2,8 +2,8 @@
 
 A random tiny Whisper model and a random tiny DeepTalk LLM stand in for real checkpoints. They are composed into one
 `DeepTalkForConditionalGeneration` (Whisper's encoder + a new speech connector + the LLM), which is trained in two
-stages on four synthetic tones and their "transcripts": "align" (the connector only, encoder and LLM frozen), then
-everything but the encoder. The model then transcribes each tone with `generate`, and is saved and reloaded through
+`set_training_stage` stages on four synthetic tones and their "transcripts": "align" (the connector, here with the
+untrained stand-in encoder; the LLM frozen), then "joint" (everything but the encoder). The model then transcribes each tone with `generate`, and is saved and reloaded through
 `AutoModelForMultimodalLM`.
 
     python examples/asr_tiny.py
@@ -28,6 +28,7 @@ from deeptalk_hf import (
     DeepTalkForConditionalGeneration,
     expand_audio_placeholders,
     extract_audio_features,
+    set_training_stage,
 )
 
 SAMPLING_RATE = 16000
@@ -75,10 +76,8 @@ def batch_for(model, extractor, texts, audios, padding_side: str) -> dict[str, t
     }
 
 
-def train(model, batch, labels, trainable, steps: int) -> float:
-    """AdamW on the parameters `trainable(name)` selects; every other tensor stays bit-identical."""
-    for name, param in model.named_parameters():
-        param.requires_grad_(trainable(name))
+def train(model, batch, labels, steps: int) -> float:
+    """AdamW on the tensors the current training stage leaves trainable; every other tensor stays bit-identical."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     model.train()
     for _ in range(steps):
@@ -106,12 +105,12 @@ def main() -> None:
         labels = ids.masked_fill(~answer, -100)  # learn the transcript only
 
         # Stage "align" trains the connector with the LLM frozen. This stand-in encoder has never heard anything, so it
-        # trains too here (with a real Whisper, keep it frozen or add `model.audio_encoder_top_layers(n)`); and a random
-        # LLM can hardly be steered by its input alone, so here the loss falls in the joint stage.
-        loss = train(model, batch, labels, lambda name: name.startswith(("speech_connector.", "audio_encoder.")), 60)
-        print(f"stage align (LLM frozen): loss {loss:.3f}")
-        loss = train(model, batch, labels, lambda name: not name.startswith("audio_encoder."), steps=60)
-        print(f"stage joint (all but the encoder): loss {loss:.3f}")
+        # trains too here (with a real Whisper, keep it frozen or add `also=model.audio_encoder_top_layers(n)`); and a
+        # random LLM can hardly be steered by its input alone, so here the loss falls in the joint stage.
+        set_training_stage(model, "align", also=["audio_encoder.*"])
+        print(f"stage align (LLM frozen): loss {train(model, batch, labels, steps=60):.3f}")
+        set_training_stage(model, "joint")  # everything but the audio encoder
+        print(f"stage joint (all but the encoder): loss {train(model, batch, labels, steps=60):.3f}")
 
         model.eval()
         model.save_pretrained(Path(tmp) / "deeptalk-asr")

@@ -6,8 +6,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-import deeptalk_hf  # noqa: F401  (registers the Auto classes)
-from deeptalk_hf import DeepTalkConfig
+# Triton fixes interpreted vs compiled when it is imported (transformers imports it), so this must precede
+# `import deeptalk_hf`: without CUDA the `deeptalk_triton` kernel tests run in Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import deeptalk_hf  # noqa: E402,F401  (registers the Auto classes)
+from deeptalk_hf import DeepTalkConfig  # noqa: E402
 
 settings.register_profile(
     "ci",

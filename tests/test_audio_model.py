@@ -28,6 +28,7 @@ from deeptalk_hf import (
     DeepTalkForConditionalGeneration,
     expand_audio_placeholders,
     extract_audio_features,
+    set_training_stage,
 )
 
 from .conftest import tiny_config
@@ -294,16 +295,15 @@ def test_from_parts_refuses_an_encoder_of_another_class():
 
 @pytest.mark.parametrize("top_layers", [0, 1])
 def test_align_stage_trains_the_connector_only(top_layers):
-    """Stage "align" as `requires_grad` switching: after AdamW steps with weight decay, the encoder (but for the
-    chosen top layers) and the LLM are bit-identical and the connector has moved."""
+    """`set_training_stage(model, "align", also=model.audio_encoder_top_layers(n))`: after AdamW steps with weight
+    decay, the encoder (but for its top n layers) and the LLM are bit-identical and the connector has moved."""
     config = whisper_audio_config()
     model = DeepTalkForConditionalGeneration(config).train()
     top = model.audio_encoder_top_layers(top_layers)
     assert top == [n for n, _ in model.named_parameters() if n.startswith("audio_encoder.layers.1.")][: len(top)]
     assert len(top) == (len(list(model.audio_encoder.layers[1].parameters())) if top_layers else 0)
-    trainable = {n for n, _ in model.named_parameters() if "speech_connector" in n} | set(top)
-    for name, param in model.named_parameters():
-        param.requires_grad_(name in trainable)
+    trainable = set(set_training_stage(model, "align", also=top))
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("speech_connector.")} | set(top)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     batch = audio_batch(
@@ -321,6 +321,19 @@ def test_align_stage_trains_the_connector_only(top_layers):
             assert torch.equal(param, before[name]), name
     with pytest.raises(ValueError, match=r"num_layers=3 must be in \[0, 2\]"):
         model.audio_encoder_top_layers(3)
+
+
+def test_other_stages_keep_their_meaning_and_leave_the_encoder_frozen():
+    model = DeepTalkForConditionalGeneration(whisper_audio_config())
+    names = [n for n, _ in model.named_parameters()]
+    speech = set_training_stage(model, "speech")
+    assert set(speech) == {n for n in names if "speech" in n}  # connector, speech experts/routers/rows
+    assert any(n.startswith("speech_connector.") for n in speech)
+    text = set_training_stage(model, "text")
+    assert text and all(".mlp.experts." in n or ".mlp.gate." in n for n in text)
+    assert all(n.startswith("language_model.") for n in text)
+    joint = set_training_stage(model, "joint")
+    assert set(joint) == {n for n in names if not n.startswith("audio_encoder.")}
 
 
 def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):

@@ -1,15 +1,35 @@
 """deeptalk_hf: DeepTalk-style speech-text Mixture-of-Experts LLMs for the Hugging Face ecosystem.
 
-Importing the package registers the DeepTalk classes with transformers' Auto classes and the checkpoint conversion
-mapping that fuses per-expert tensors on load (and splits them on save), as transformers does for Qwen3-MoE.
+Importing the package registers the DeepTalk classes with transformers' Auto classes (config, model, causal LM,
+processor, and the audio-input model with `AutoModelForMultimodalLM`, where transformers registers Qwen2-Audio), the
+checkpoint conversion mapping that fuses per-expert tensors on load (and splits them on save), as
+transformers does for Qwen3-MoE, and the `"deeptalk_triton"` experts implementation (fused Triton MoE kernels, see
+`deeptalk_hf.kernels`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMultimodalLM, AutoProcessor
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
-from .configuration_deeptalk import DeepTalkConfig
+from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample
+from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
+from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
+from .kernels import register_experts_implementation
+from .modality import ModalityLoad, assign_modality_experts, profile_modality_load, set_training_stage
 from .modeling_deeptalk import DeepTalkForCausalLM, DeepTalkModel, DeepTalkPreTrainedModel
+from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration, audio_token_lengths
+from .processing_deeptalk import (
+    AudioChunk,
+    DeepTalkProcessor,
+    DeepTalkStreamer,
+    SpeechChunk,
+    SpeechTextOutput,
+    SpeechUnitsLogitsProcessor,
+    TextDelta,
+    add_speech_tokens,
+    fit_speech_vocab,
+)
+from .upcycling import upcycle_checkpoint, upcycle_dense
 
 __version__ = "0.1.0"
 
@@ -34,32 +54,46 @@ def _register() -> None:
     AutoConfig.register(DeepTalkConfig.model_type, DeepTalkConfig, exist_ok=True)
     AutoModel.register(DeepTalkConfig, DeepTalkModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepTalkConfig, DeepTalkForCausalLM, exist_ok=True)
+    AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
+    AutoConfig.register(DeepTalkAudioConfig.model_type, DeepTalkAudioConfig, exist_ok=True)
+    AutoModelForMultimodalLM.register(DeepTalkAudioConfig, DeepTalkForConditionalGeneration, exist_ok=True)
     register_checkpoint_conversion_mapping(
         DeepTalkConfig.model_type,
         _experts_conversion("experts") + _experts_conversion("speech_experts"),
         overwrite=True,
     )
+    register_experts_implementation()
 
 
 _register()
 
-__all__ = ["DeepTalkConfig", "DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]
-
-# Speech input: an audio encoder and a speech connector in front of the LLM, registered where transformers registers
-# Qwen2-Audio (`AutoModelForMultimodalLM`).
-from transformers import AutoModelForMultimodalLM  # noqa: E402
-
-from .configuration_deeptalk import DeepTalkAudioConfig  # noqa: E402
-from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features  # noqa: E402
-from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration, audio_token_lengths  # noqa: E402
-
-AutoConfig.register(DeepTalkAudioConfig.model_type, DeepTalkAudioConfig, exist_ok=True)
-AutoModelForMultimodalLM.register(DeepTalkAudioConfig, DeepTalkForConditionalGeneration, exist_ok=True)
-
-__all__ += [
+__all__ = [
+    "AudioChunk",
+    "AudioCodec",
     "DeepTalkAudioConfig",
+    "DeepTalkConfig",
+    "DeepTalkForCausalLM",
     "DeepTalkForConditionalGeneration",
+    "DeepTalkModel",
+    "DeepTalkPreTrainedModel",
+    "DeepTalkProcessor",
+    "DeepTalkStreamer",
+    "MimiCodec",
+    "ModalityLoad",
+    "SnacCodec",
+    "SpeechChunk",
+    "SpeechTextOutput",
+    "SpeechUnitsLogitsProcessor",
+    "TextDelta",
+    "add_speech_tokens",
+    "assign_modality_experts",
     "audio_token_lengths",
     "expand_audio_placeholders",
     "extract_audio_features",
+    "fit_speech_vocab",
+    "profile_modality_load",
+    "resample",
+    "set_training_stage",
+    "upcycle_checkpoint",
+    "upcycle_dense",
 ]

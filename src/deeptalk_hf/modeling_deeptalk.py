@@ -36,6 +36,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deeptalk import DeepTalkConfig
+from .kernels import EXPERTS_IMPLEMENTATION, triton_is_default
 
 DeepTalkRMSNorm = Qwen3MoeRMSNorm
 DeepTalkMLP = Qwen3MoeMLP
@@ -423,6 +424,12 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             )
             raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
         return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+
+    def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
+        """Without a request, the fused Triton kernels where they run natively (CUDA, Triton, SiLU experts)."""
+        if requested_experts is None and triton_is_default(self.config.hidden_act):
+            requested_experts = EXPERTS_IMPLEMENTATION
+        return super().get_correct_experts_implementation(requested_experts)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

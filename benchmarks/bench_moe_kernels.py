@@ -1,0 +1,219 @@
+"""Benchmark one MoE experts layer: transformers' `eager`, `batched_mm`, `grouped_mm` against `deeptalk_triton`.
+
+Forward and forward+backward (gradients for hidden states, both expert weights and the routing weights) at the
+experts shapes of Qwen3-30B-A3B, DeepSeek-V2-Lite and Mixtral-8x7B, for several token counts, all backends in the
+same run on the same weights and routing. Prints milliseconds, TFLOP/s (useful work only: `6*H*I` FLOPs per routed
+(token, slot) pair forward, three times that forward+backward) and the ratio to `grouped_mm` and `batched_mm`, and
+writes `benchmarks/results/moe_kernels_<device>_<dtype>.{json,md}`.
+
+    python benchmarks/bench_moe_kernels.py                       # everything (CUDA)
+    python benchmarks/bench_moe_kernels.py --shapes qwen3_30b_a3b --tokens 16384 --modes fwd+bwd
+
+Needs a CUDA GPU for meaningful figures. Without one it runs a tiny smoke configuration on CPU (Triton interpreter)
+that only checks the script end to end, and says so.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import Qwen3MoeConfig  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
+
+import deeptalk_hf  # noqa: E402,F401  (registers "deeptalk_triton")
+
+# name: (hidden, moe_intermediate, experts, top_k)
+SHAPES = {
+    "qwen3_30b_a3b": (2048, 768, 128, 8),
+    "deepseek_v2_lite": (2048, 1408, 64, 6),
+    "mixtral_8x7b": (4096, 14336, 8, 2),
+}
+TOKENS = [1, 16, 256, 4096, 16384]
+CPU_SHAPES = {"tiny": (64, 32, 8, 2)}
+CPU_TOKENS = [1, 16, 64]
+BACKENDS = ["eager", "batched_mm", "grouped_mm", "deeptalk_triton"]
+MODES = ["fwd", "fwd+bwd"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_problem(hidden: int, inter: int, experts: int, top_k: int, tokens: int, dtype: torch.dtype, device):
+    """An experts module (backend switched through its config) and routing from a random softmax router."""
+    config = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts)
+    module = Qwen3MoeExperts(config).to(device, dtype)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0, hidden**-0.5)
+        module.down_proj.normal_(0, inter**-0.5)
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    router = torch.randn(tokens, experts, device=device, dtype=torch.float32)
+    weights, index = torch.topk(router.softmax(-1), top_k, dim=-1)
+    return module, x, index, weights.to(dtype)
+
+
+def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> float:
+    """Median milliseconds per call (CUDA: Triton's `do_bench`, which flushes L2 between calls)."""
+    if HAS_CUDA:
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=warmup, rep=iters, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def batched_mm_bytes(hidden: int, inter: int, tokens: int, top_k: int, dtype: torch.dtype) -> int:
+    """`batched_mm` gathers both weight matrices once per (token, slot) pair."""
+    return tokens * top_k * 3 * hidden * inter * torch.finfo(dtype).bits // 8
+
+
+def bench_one(module, x, index, weights, backend: str, mode: str, warmup: int, iters: int) -> float:
+    module.config._experts_implementation = backend
+    if mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return module(x, index, weights)
+    else:
+        leaves = [
+            x.detach().requires_grad_(),
+            module.gate_up_proj,
+            module.down_proj,
+            weights.detach().requires_grad_(),
+        ]
+        grad_out = torch.randn_like(x)
+
+        def step():
+            out = module(leaves[0], index, leaves[3])
+            return torch.autograd.grad(out, leaves, grad_out)
+
+    step()  # compile / autotune outside the timing
+    return time_ms(step, warmup, iters)
+
+
+def run(args) -> list[dict]:
+    device = torch.device("cuda" if HAS_CUDA else "cpu")
+    dtype = DTYPES[args.dtype]
+    shapes = SHAPES if HAS_CUDA else CPU_SHAPES
+    results = []
+    free = torch.cuda.mem_get_info()[0] if HAS_CUDA else None
+    for shape in args.shapes or list(shapes):
+        hidden, inter, experts, top_k = shapes[shape]
+        for tokens in args.tokens or (TOKENS if HAS_CUDA else CPU_TOKENS):
+            torch.manual_seed(0)
+            module, x, index, weights = make_problem(hidden, inter, experts, top_k, tokens, dtype, device)
+            module.config._experts_implementation = "grouped_mm"
+            with torch.no_grad():
+                expected = module(x, index, weights).float()
+                module.config._experts_implementation = "deeptalk_triton"
+                error = (module(x, index, weights).float() - expected).abs().max().item()
+            scale = expected.abs().max().item()
+            flops = 6 * hidden * inter * tokens * top_k
+            for mode in args.modes:
+                for backend in args.backends:
+                    row = dict(shape=shape, tokens=tokens, mode=mode, backend=backend, ms=None, tflops=None, note="")
+                    if backend == "batched_mm" and free is not None:
+                        needed = batched_mm_bytes(hidden, inter, tokens, top_k, dtype) * (1 if mode == "fwd" else 3)
+                        if needed > 0.8 * free:
+                            row["note"] = f"skipped: needs ~{needed / 2**30:.0f} GiB"
+                            results.append(row)
+                            continue
+                    try:
+                        ms = bench_one(module, x, index, weights, backend, mode, args.warmup, args.iters)
+                    except torch.cuda.OutOfMemoryError:
+                        row["note"] = "out of memory"
+                    else:
+                        row.update(ms=ms, tflops=flops * (1 if mode == "fwd" else 3) / ms / 1e9)
+                    if backend == "deeptalk_triton":
+                        row["note"] = f"max deviation from grouped_mm: {error / max(scale, 1e-12):.1e} of max output"
+                    results.append(row)
+                    if HAS_CUDA:
+                        torch.cuda.empty_cache()
+                    print(format_row(row, results), flush=True)
+            del module, x, index, weights
+    return results
+
+
+def ratio(row: dict, results: list[dict], baseline: str) -> str:
+    base = next(
+        (
+            r
+            for r in results
+            if r["backend"] == baseline
+            and (r["shape"], r["tokens"], r["mode"]) == (row["shape"], row["tokens"], row["mode"])
+        ),
+        None,
+    )
+    if base is None or base["ms"] is None or row["ms"] is None:
+        return "-"
+    return f"{base['ms'] / row['ms']:.2f}x"
+
+
+def format_row(row: dict, results: list[dict]) -> str:
+    ms = f"{row['ms']:.3f}" if row["ms"] is not None else "-"
+    tflops = f"{row['tflops']:.1f}" if row["tflops"] is not None else "-"
+    return (
+        f"| {row['shape']} | {row['tokens']} | {row['mode']} | {row['backend']} | {ms} | {tflops} | "
+        f"{ratio(row, results, 'grouped_mm')} | {ratio(row, results, 'batched_mm')} | {row['note']} |"
+    )
+
+
+HEADER = (
+    "| shape | T | mode | backend | ms | TFLOP/s | speed-up vs grouped_mm | speed-up vs batched_mm | note |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if HAS_CUDA else f"CPU ({platform.processor() or platform.machine()})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="*", help=f"subset of {list(SHAPES)}")
+    parser.add_argument("--tokens", nargs="*", type=int, help=f"token counts (default {TOKENS})")
+    parser.add_argument("--backends", nargs="*", default=BACKENDS, choices=BACKENDS)
+    parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
+    parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms (CUDA)")
+    parser.add_argument("--iters", type=int, default=100, help="measurement time per measurement, ms (CUDA)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bf16" if HAS_CUDA else "fp32")  # the interpreter's bf16 products are not faithful
+    if not HAS_CUDA:
+        print(
+            "No CUDA device: running a tiny smoke configuration on CPU (deeptalk_triton under the Triton interpreter)."
+            "\nThese timings say nothing about GPU performance; run on a CUDA GPU for real figures.\n"
+        )
+    name = device_name()
+    print(f"device: {name}, dtype: {args.dtype}, torch {torch.__version__}\n\n{HEADER}")
+    results = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"moe_kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}_{args.dtype}"
+    meta = dict(device=name, dtype=args.dtype, torch=torch.__version__, cuda=HAS_CUDA, date=time.strftime("%Y-%m-%d"))
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=results), indent=1))
+    table = "\n".join(format_row(row, results) for row in results)
+    stem.with_suffix(".md").write_text(
+        f"# MoE experts layer benchmark\n\n{name}, {args.dtype}, torch {torch.__version__}, {meta['date']}\n\n"
+        "TFLOP/s count useful work only (6·H·I FLOPs per routed pair forward, 3x that forward+backward).\n\n"
+        f"{HEADER}\n{table}\n"
+    )
+    print(f"\nwrote {stem}.json and {stem}.md")
+
+
+if __name__ == "__main__":
+    main()

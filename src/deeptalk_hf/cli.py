@@ -1,0 +1,358 @@
+"""Console scripts `deeptalk-upcycle` (dense checkpoint → DeepTalk checkpoint) and `deeptalk-profile` (modality load).
+
+Exit codes (both scripts): 0 success, 1 unexpected error, 2 invalid arguments or options, 3 the source model or data
+cannot be used (unsupported, missing, corrupt), 4 the output exists (pass --overwrite).
+"""
+
+import argparse
+import importlib.util
+import json
+import sys
+import textwrap
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
+
+from .modality import ASSIGNMENT_STRATEGIES, assign_modality_experts, profile_modality_load
+from .modeling_deeptalk import DeepTalkForCausalLM
+from .upcycling import CheckpointError, _copy_tokenizer, _resolve_source, atomic_output_dir, upcycle_checkpoint
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SOURCE, EXIT_EXISTS = 0, 1, 2, 3, 4
+_EXIT_CODES = """exit codes:
+  0  success
+  1  unexpected error
+  2  invalid arguments or options
+  3  the source model or data cannot be used (unsupported, missing, corrupt)
+  4  the output already exists (pass --overwrite)
+"""
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class DataError(ValueError):
+    """A profiling data file that cannot be read as DeepTalk JSONL."""
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _fail(prog: str, code: int, error: BaseException) -> int:
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return code
+
+
+def _run(prog: str, action) -> int:
+    """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments)."""
+    try:
+        action()
+    except FileExistsError as error:
+        return _fail(prog, EXIT_EXISTS, error)
+    except (CheckpointError, DataError) as error:
+        return _fail(prog, EXIT_SOURCE, error)
+    except ValueError as error:
+        return _fail(prog, EXIT_USAGE, error)
+    except Exception as error:  # a bug or an environment failure (disk full, ...): keep the traceback
+        traceback.print_exc()
+        return _fail(prog, EXIT_FAILURE, f"{type(error).__name__}: {error}")
+    return EXIT_OK
+
+
+def upcycle_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deeptalk-upcycle",
+        description=textwrap.fill(
+            "Upcycle a dense Llama, Qwen2, Qwen3 or Mistral checkpoint into a DeepTalk speech-text MoE checkpoint, "
+            "streaming shard by shard (the dense and the upcycled model are never in memory together). Without "
+            "--init-noise/--drop-fraction the result computes the same logits on text as the dense model. The output "
+            "is written into a temporary directory beside DST and renamed at the end: a failure leaves no DST.",
+            width=88,
+        ),
+        epilog=_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "source", metavar="SRC", help="dense checkpoint directory or hub model id (safetensors weights)"
+    )
+    parser.add_argument("destination", metavar="DST", help="output directory for the DeepTalk checkpoint")
+    experts = parser.add_argument_group("experts")
+    experts.add_argument(
+        "--num-text-experts", type=int, required=True, help="routed text experts per MoE layer (fine-grained count)"
+    )
+    experts.add_argument(
+        "--num-speech-experts", type=int, default=0, help="routed speech experts per MoE layer (default: 0)"
+    )
+    experts.add_argument(
+        "--top-k", "--num-experts-per-tok", dest="top_k", type=int, required=True, help="experts per token"
+    )
+    experts.add_argument(
+        "--granularity",
+        type=int,
+        default=1,
+        help="cut the MLP's intermediate dimension into this many parts, one per fine-grained expert; expert counts "
+        "and --top-k must be multiples of granularity minus --shared-experts (default: 1, whole-MLP copies)",
+    )
+    experts.add_argument(
+        "--shared-experts",
+        type=int,
+        default=0,
+        help="how many of the granularity parts form an always-on shared expert (below --granularity; default: 0)",
+    )
+    experts.add_argument(
+        "--mlp-only-layers",
+        type=_int_list,
+        default=None,
+        metavar="I,J,...",
+        help="decoder layers that keep their dense MLP (default: none, every layer becomes MoE)",
+    )
+    init = parser.add_argument_group("initialisation")
+    init.add_argument(
+        "--init-noise",
+        type=float,
+        default=0.0,
+        help="Gaussian noise on routed expert weights, relative to each dense matrix's std (default: 0, exact)",
+    )
+    init.add_argument(
+        "--drop-fraction",
+        type=float,
+        default=0.0,
+        help="Drop-Upcycling: fraction of each routed expert's intermediate channels re-initialised from the dense "
+        "matrix's mean and std (default: 0, exact)",
+    )
+    init.add_argument("--seed", type=int, default=0, help="seed of --init-noise and --drop-fraction (default: 0)")
+    init.add_argument(
+        "--speech-vocab-size",
+        type=int,
+        default=0,
+        help="speech-unit ids appended to the vocabulary, rows starting at the mean of the text rows (default: 0)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--dtype", choices=_DTYPES, default=None, help="weights dtype (default: the source's)")
+    output.add_argument(
+        "--max-shard-size", default="5GB", help="largest output safetensors shard, e.g. 500MB (default: 5GB)"
+    )
+    output.add_argument("--revision", default=None, help="hub revision when SRC is a hub id")
+    output.add_argument(
+        "--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)"
+    )
+    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def upcycle_main(argv: list[str] | None = None) -> int:
+    """Entry point of `deeptalk-upcycle`."""
+    parser = upcycle_parser()
+    args = parser.parse_args(argv)
+
+    def action():
+        upcycle_checkpoint(
+            args.source,
+            args.destination,
+            num_text_experts=args.num_text_experts,
+            num_speech_experts=args.num_speech_experts,
+            num_experts_per_tok=args.top_k,
+            granularity=args.granularity,
+            num_shared_experts=args.shared_experts,
+            speech_vocab_size=args.speech_vocab_size,
+            init_noise=args.init_noise,
+            drop_fraction=args.drop_fraction,
+            dtype=args.dtype,
+            mlp_only_layers=args.mlp_only_layers,
+            seed=args.seed,
+            revision=args.revision,
+            max_shard_size=args.max_shard_size,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        print(f"wrote DeepTalk checkpoint {args.destination}")
+
+    return _run(parser.prog, action)
+
+
+def read_jsonl_batches(
+    path: str | Path, *, batch_size: int, vocab_size: int, speech_token_start: int, max_length: int | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of the profiling data format: one JSON object a line, `{"input_ids": [...], "modality_ids": [...]}`.
+
+    `modality_ids` (0 text, 1 speech, one per id) is optional; without it the id block decides (ids from
+    `speech_token_start` on are speech). Sequences are cut to `max_length` and right-padded; padding is masked out.
+    """
+
+    def pack(rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        modality_ids = torch.zeros_like(input_ids)
+        for i, row in enumerate(rows):
+            ids = torch.tensor(row["input_ids"], dtype=torch.long)
+            modality = row.get("modality_ids")
+            input_ids[i, : len(ids)] = ids
+            attention_mask[i, : len(ids)] = 1
+            modality_ids[i, : len(ids)] = (
+                (ids >= speech_token_start).long() if modality is None else torch.tensor(modality)
+            )
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids}
+
+    rows: list[dict] = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ids, modality = row["input_ids"], row.get("modality_ids")
+            except (ValueError, TypeError, KeyError, AttributeError) as error:
+                raise DataError(f"{path}:{number}: expected a JSON object with 'input_ids' ({error!r})") from error
+            if not isinstance(ids, list) or not ids or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
+                raise DataError(f"{path}:{number}: input_ids must be a non-empty list of ids in [0, {vocab_size})")
+            if modality is not None and (
+                not isinstance(modality, list) or len(modality) != len(ids) or not set(modality) <= {0, 1}
+            ):
+                raise DataError(f"{path}:{number}: modality_ids must be 0/1 values, one per input id")
+            rows.append({"input_ids": ids[:max_length], "modality_ids": modality and modality[:max_length]})
+            if len(rows) == batch_size:
+                yield pack(rows)
+                rows = []
+    if rows:
+        yield pack(rows)
+
+
+def profile_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deeptalk-profile",
+        description=textwrap.fill(
+            "Measure the modality load of a DeepTalk model: per MoE layer and expert, how many top-k assignments and "
+            "how much router probability speech and text tokens give it, with modality routing off (as the source "
+            "MoE routes). Prints the experts DeepTalk's rule would pick, and can write the load as JSON, a heatmap, "
+            "and the model with the chosen experts moved into the speech group. Profile a trained MoE (or a model "
+            "after joint warm-up): a freshly upcycled dense model has identical experts and zero routers, so its "
+            "load says nothing.",
+            width=88,
+        ),
+        epilog="data format (DATA): JSON Lines, one sequence a line:\n"
+        '  {"input_ids": [12, 7, 151700, ...], "modality_ids": [0, 0, 1, ...]}\n'
+        "modality_ids (0 text, 1 speech) is optional; without it ids from the speech block on count as speech.\n\n"
+        + _EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="DeepTalk checkpoint directory or hub model id")
+    parser.add_argument("data", metavar="DATA", help="JSON Lines file of token ids (format below)")
+    parser.add_argument("--output", "-o", metavar="JSON", help="write the ModalityLoad as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="write per-layer heatmaps of the load (needs deeptalk-hf[plot])")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="cut sequences to this many ids (default: no cut)"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype to run the model in (default: saved)")
+    assign = parser.add_argument_group("expert assignment")
+    assign.add_argument(
+        "--assign-to",
+        metavar="DIR",
+        help="also move the chosen experts into the speech group and save that model to DIR (atomically)",
+    )
+    assign.add_argument(
+        "--strategy",
+        choices=ASSIGNMENT_STRATEGIES,
+        default="paper",
+        help="paper: top experts by rhoA*(1-rhoT); adaptive: per-layer count where rhoA > rhoT; random: ablation "
+        "(default: paper)",
+    )
+    assign.add_argument(
+        "--num-speech-experts",
+        type=_int_list,
+        default=None,
+        metavar="N[,N...]",
+        help="speech experts per MoE layer, one count or one per MoE layer (default: the model's current counts)",
+    )
+    assign.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default: 0)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace existing --output/--plot files and --assign-to DIR"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _summary(load, chosen: list[list[int]] | None) -> str:
+    lines = [f"tokens: {load.speech_tokens} speech, {load.text_tokens} text; top-k {load.top_k}"]
+    for i, layer in enumerate(load.layers):
+        scores = load.scores[i]
+        best = torch.argsort(scores, descending=True, stable=True)[:4].tolist()
+        ranked = ", ".join(f"{e} ({scores[e]:.3f})" for e in best)
+        line = f"layer {layer}: highest rhoA*(1-rhoT): {ranked}"
+        if chosen is not None:
+            line += f"; speech experts: {chosen[i]}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def profile_main(argv: list[str] | None = None) -> int:
+    """Entry point of `deeptalk-profile`."""
+    parser = profile_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or (args.max_length is not None and args.max_length < 1):
+        parser.error("--batch-size and --max-length must be positive")
+    counts = args.num_speech_experts
+    if counts is not None and args.strategy == "adaptive":
+        parser.error("--strategy adaptive chooses the counts itself; drop --num-speech-experts")
+
+    def action():
+        if args.plot and importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib: pip install 'deeptalk-hf[plot]'")
+        for path in (args.output, args.plot):
+            if path and Path(path).exists() and not args.overwrite:
+                raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
+        if args.assign_to and Path(args.assign_to).exists() and not args.overwrite:
+            raise FileExistsError(f"{args.assign_to} already exists (pass --overwrite to replace it)")
+        if not Path(args.data).is_file():
+            raise DataError(f"data file {args.data} does not exist")
+        source = _resolve_source(args.model, None)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=args.dtype or "auto").to(device)
+        except (OSError, ValueError, KeyError) as error:
+            raise CheckpointError(f"cannot load {args.model}: {error}") from error
+        if not isinstance(model, DeepTalkForCausalLM):
+            raise CheckpointError(
+                f"{args.model} is a {type(model).__name__}; profile a DeepTalk model (upcycle or import it first)"
+            )
+        config = model.config
+        with open(args.data, encoding="utf-8") as file:
+            total = sum(1 for line in file if line.strip())
+        batches = read_jsonl_batches(
+            args.data,
+            batch_size=args.batch_size,
+            vocab_size=config.vocab_size,
+            speech_token_start=config.speech_token_start,
+            max_length=args.max_length,
+        )
+        with tqdm(total=total, unit="seq", desc="Profiling", disable=args.quiet) as bar:
+
+            def counted():
+                for batch in batches:
+                    yield batch
+                    bar.update(len(batch["input_ids"]))
+
+            load = profile_modality_load(model, counted())
+        chosen = None
+        if args.assign_to:
+            number = None if counts is None else counts[0] if len(counts) == 1 else counts
+            chosen = assign_modality_experts(
+                model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed
+            )
+            with atomic_output_dir(args.assign_to, overwrite=args.overwrite) as staging:
+                model.save_pretrained(staging)
+                _copy_tokenizer(source, staging)
+        if args.output:
+            load.save(args.output)
+        if args.plot:
+            load.plot(args.plot)
+        print(_summary(load, chosen))
+
+    return _run(parser.prog, action)

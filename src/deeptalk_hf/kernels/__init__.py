@@ -1,0 +1,113 @@
+"""Fused Triton grouped-GEMM kernels for SwiGLU experts, exposed as transformers' `"deeptalk_triton"` experts backend.
+
+`register_experts_implementation()` (called by `import deeptalk_hf`) adds `"deeptalk_triton"` to transformers'
+`ExpertsInterface`, so `from_pretrained(..., experts_implementation="deeptalk_triton")` and
+`model.set_experts_implementation("deeptalk_triton")` work for DeepTalk and for transformers' own MoE models (any
+experts module in the common layout: gated, concatenated `[gate; up]`, not transposed, no bias, no post-expert norm,
+SiLU). This module imports without Triton; the kernels load on first use.
+"""
+
+import importlib.util
+import os
+
+import torch
+from torch import nn
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
+
+from .reference import moe_experts_reference
+from .routing import sort_by_expert
+
+EXPERTS_IMPLEMENTATION = "deeptalk_triton"
+
+
+def is_triton_available() -> bool:
+    """Whether Triton can be imported (it is a Linux-only dependency)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _unsupported_features(experts: nn.Module) -> list[str]:
+    """What, if anything, keeps an experts module off the kernels (they implement one layout)."""
+    custom_gate = getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+    checks = {
+        "no gate (has_gate=False)": not getattr(experts, "has_gate", True),
+        "biases (has_bias=True)": getattr(experts, "has_bias", False),
+        "transposed weights (is_transposed=True)": getattr(experts, "is_transposed", False),
+        "interleaved gate/up rows (is_concatenated=False)": not getattr(experts, "is_concatenated", True),
+        "a post-expert norm (has_post_expert_norm=True)": getattr(experts, "has_post_expert_norm", False),
+        "a custom `_apply_gate`": custom_gate,
+        f"activation {type(getattr(experts, 'act_fn', None)).__name__} (only SiLU)": not isinstance(
+            getattr(experts, "act_fn", None), (SiLUActivation, nn.SiLU)
+        ),
+    }
+    return [feature for feature, unsupported in checks.items() if unsupported]
+
+
+def deeptalk_triton_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The `"deeptalk_triton"` experts forward: `self` holds `gate_up_proj` `[E, 2I, H]` and `down_proj` `[E, H, I]`.
+
+    Raises rather than falling back when it cannot run: a silent fallback would hide a slow path behind the name of
+    the fast one (and make benchmarks lie); the error says which backend to pick instead.
+    """
+    unsupported = _unsupported_features(self)
+    if unsupported:
+        raise NotImplementedError(
+            f"experts_implementation='deeptalk_triton' does not support {type(self).__name__} with "
+            f"{', '.join(unsupported)}; use experts_implementation='grouped_mm' for this model."
+        )
+    if not is_triton_available():
+        raise ImportError(
+            "experts_implementation='deeptalk_triton' needs Triton (`pip install triton`, Linux only); "
+            "use experts_implementation='grouped_mm' instead."
+        )
+    if hidden_states.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"experts_implementation='deeptalk_triton' runs on CUDA tensors, got {hidden_states.device.type}: move "
+            "the model to a GPU, or call `model.set_experts_implementation('grouped_mm')` (or pass "
+            "`experts_implementation='grouped_mm'` to `from_pretrained`) to run on this device. Setting "
+            "TRITON_INTERPRET=1 runs the kernels on CPU through Triton's (slow) interpreter, for testing."
+        )
+    from .fused_moe import fused_moe_experts
+
+    return fused_moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
+
+
+def triton_is_default(hidden_act: str) -> bool:
+    """Whether a DeepTalk model defaults to `"deeptalk_triton"`: CUDA is present, Triton imports, SiLU experts."""
+    return hidden_act in ("silu", "swish") and torch.cuda.is_available() and is_triton_available()
+
+
+def register_experts_implementation() -> None:
+    """Make `"deeptalk_triton"` a valid `experts_implementation` for every model using transformers' interface."""
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, deeptalk_triton_experts_forward)
+
+
+def fused_moe_experts(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Functional form of the kernels (see `fused_moe.fused_moe_experts`); imports Triton on first call."""
+    from .fused_moe import fused_moe_experts as run
+
+    return run(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
+
+
+__all__ = [
+    "EXPERTS_IMPLEMENTATION",
+    "deeptalk_triton_experts_forward",
+    "fused_moe_experts",
+    "is_triton_available",
+    "moe_experts_reference",
+    "register_experts_implementation",
+    "sort_by_expert",
+    "triton_is_default",
+]

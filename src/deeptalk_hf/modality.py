@@ -1,0 +1,380 @@
+"""Modality experts: measure which experts carry speech, move them into the speech group, and train by stage.
+
+1. `profile_modality_load` runs a DeepTalk model with modality routing off (every token scored over all experts, as
+   the source MoE did) and counts, per MoE layer and expert, the top-k assignments and router probability mass of
+   speech and of text tokens: a `ModalityLoad`.
+2. `assign_modality_experts` moves the chosen experts (and their router rows) into `speech_experts`/`speech_gate`:
+   a permutation, so with routing off the model computes exactly what it did before.
+3. `set_training_stage` switches `requires_grad` on whole tensors, so freezing a modality is exact with any optimizer.
+"""
+
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from .modeling_deeptalk import (
+    DeepTalkExperts,
+    DeepTalkForCausalLM,
+    DeepTalkSparseMoeBlock,
+    DeepTalkTopKRouter,
+    speech_positions,
+    topk_routing,
+)
+
+TRAINING_STAGES = ("align", "speech", "text", "joint")
+ASSIGNMENT_STRATEGIES = ("paper", "adaptive", "random")
+_TEXT_EXPERTS = re.compile(r"\.mlp\.(experts|gate)\.")
+_LOAD_FORMAT = "deeptalk-modality-load"
+
+
+@dataclass
+class ModalityLoad:
+    """How a model routed speech and text tokens, per MoE layer and expert.
+
+    Experts are indexed in the source MoE's order (`config.expert_order`), which stays fixed when experts are moved
+    between the text and speech groups, so a load measured before or after an assignment means the same experts.
+    `*_counts` are top-k assignments (padding excluded), `*_mass` sums of router probabilities; `layers` are the
+    decoder-layer indices of the MoE layers.
+    """
+
+    layers: list[int]
+    top_k: int
+    speech_counts: list[torch.Tensor]
+    text_counts: list[torch.Tensor]
+    speech_mass: list[torch.Tensor]
+    text_mass: list[torch.Tensor]
+    speech_tokens: int = 0
+    text_tokens: int = 0
+
+    def __post_init__(self):
+        sizes = None
+        for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
+            dtype = torch.int64 if name.endswith("counts") else torch.float64
+            values = [torch.as_tensor(v, dtype=dtype).cpu().reshape(-1) for v in getattr(self, name)]
+            sizes = sizes or [v.numel() for v in values]
+            if len(values) != len(self.layers) or [v.numel() for v in values] != sizes:
+                raise ValueError(
+                    f"ModalityLoad.{name} must hold, for each of the {len(self.layers)} layers, one value per expert"
+                )
+            setattr(self, name, values)
+
+    @property
+    def num_experts(self) -> list[int]:
+        """Experts (text + speech) of each MoE layer."""
+        return [counts.numel() for counts in self.speech_counts]
+
+    @staticmethod
+    def _shares(counts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [c.double() / c.sum().clamp(min=1) for c in counts]
+
+    @property
+    def rho_speech(self) -> list[torch.Tensor]:
+        """ρA: each expert's share of the speech tokens' assignments in its layer (sums to 1 over the layer)."""
+        return self._shares(self.speech_counts)
+
+    @property
+    def rho_text(self) -> list[torch.Tensor]:
+        """ρT: each expert's share of the text tokens' assignments in its layer (sums to 1 over the layer)."""
+        return self._shares(self.text_counts)
+
+    @property
+    def scores(self) -> list[torch.Tensor]:
+        """DeepTalk's speech-expert score ρA·(1−ρT): heavy speech traffic and light text traffic."""
+        return [a * (1 - t) for a, t in zip(self.rho_speech, self.rho_text, strict=True)]
+
+    def to_dict(self) -> dict:
+        data = {"format": _LOAD_FORMAT, "version": 1}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            data[field.name] = [v.tolist() for v in value] if field.name.endswith(("counts", "mass")) else value
+        return data
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the load as JSON (through a temporary file, so an existing file is never left half-written)."""
+        partial = f"{path}.partial"
+        with open(partial, "w", encoding="utf-8") as file:
+            json.dump(self.to_dict(), file, indent=1)
+            file.write("\n")
+        os.replace(partial, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModalityLoad":
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+        if not isinstance(data, dict) or data.pop("format", None) != _LOAD_FORMAT:
+            raise ValueError(
+                f"{path} is not a DeepTalk modality load (expected a JSON object with format {_LOAD_FORMAT!r})"
+            )
+        data.pop("version", None)
+        return cls(**data)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Heatmaps (layers × experts) of ρA, ρT and ρA·(1−ρT) into an image file (needs the `plot` extra)."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise ImportError("plotting a modality load needs matplotlib: pip install 'deeptalk-hf[plot]'") from None
+        width = max(self.num_experts)
+        panels = {"speech share ρA": self.rho_speech, "text share ρT": self.rho_text, "score ρA·(1−ρT)": self.scores}
+        figure = Figure(figsize=(4 + 1.2 * width, 1.5 + 0.35 * len(self.layers)), layout="constrained")
+        for axes, (title, values) in zip(figure.subplots(1, len(panels)), panels.items(), strict=True):
+            grid = torch.full((len(self.layers), width), float("nan"), dtype=torch.float64)
+            for row, value in enumerate(values):
+                grid[row, : value.numel()] = value
+            image = axes.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+            axes.set_title(title)
+            axes.set_xlabel("expert (source index)")
+            axes.set_ylabel("layer")
+            axes.set_yticks(range(len(self.layers)), labels=[str(layer) for layer in self.layers])
+            figure.colorbar(image, ax=axes)
+        figure.savefig(path)
+
+
+def _source_position(config, layer: int) -> torch.Tensor | None:
+    """Column of each source expert in `[experts; speech_experts]` order (None when that order is the source's)."""
+    order = config.expert_order(layer)
+    return None if order is None else torch.argsort(torch.tensor(order))
+
+
+@torch.no_grad()
+def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]) -> ModalityLoad:
+    """Measure how `model` routes speech and text tokens, with modality routing off.
+
+    `batches` yields dicts with `input_ids` (`[batch, seq]` or `[seq]`, tensors or lists) and optionally
+    `modality_ids` (1 marks speech; otherwise the id block decides) and `attention_mask` (0 marks padding, which is
+    not counted). The model runs in eval mode with `modality_routing="none"`; both are restored afterwards.
+    """
+    config = model.config
+    layers = config.moe_layers
+    positions = [_source_position(config, layer) for layer in layers]
+    sizes = [sum(config.layer_experts(layer)) for layer in layers]
+    counts = {modality: [torch.zeros(n, dtype=torch.int64) for n in sizes] for modality in ("speech", "text")}
+    mass = {modality: [torch.zeros(n, dtype=torch.float64) for n in sizes] for modality in ("speech", "text")}
+    tokens = {"speech": 0, "text": 0}
+    routing, training = config.modality_routing, model.training
+    config.modality_routing = "none"
+    model.eval()
+    try:
+        for batch in batches:
+            input_ids = torch.as_tensor(batch["input_ids"], device=model.device)
+            input_ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+            extra = {
+                key: torch.as_tensor(batch[key], device=model.device).reshape(input_ids.shape)
+                for key in ("attention_mask", "modality_ids")
+                if batch.get(key) is not None
+            }
+            outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False, **extra)
+            is_speech = speech_positions(
+                config, input_ids, extra.get("modality_ids"), input_ids.shape, model.device
+            ).reshape(-1)
+            valid = (
+                extra["attention_mask"].reshape(-1).bool() if "attention_mask" in extra else torch.ones_like(is_speech)
+            )
+            selections = {"speech": valid & is_speech, "text": valid & ~is_speech}
+            for modality, selected in selections.items():
+                tokens[modality] += int(selected.sum())
+            for i, logits in enumerate(outputs.router_logits):
+                logits = logits.float() if positions[i] is None else logits.float()[:, positions[i].to(logits.device)]
+                probs, _, indices = topk_routing(logits, config.num_experts_per_tok, config.norm_topk_prob)
+                for modality, selected in selections.items():
+                    picked = indices[selected].reshape(-1).cpu()
+                    counts[modality][i] += torch.bincount(picked, minlength=sizes[i] + 1)[: sizes[i]]
+                    mass[modality][i] += probs[selected].sum(0).double().cpu()
+    finally:
+        config.modality_routing = routing
+        model.train(training)
+    return ModalityLoad(
+        layers=layers,
+        top_k=config.num_experts_per_tok,
+        speech_counts=counts["speech"],
+        text_counts=counts["text"],
+        speech_mass=mass["speech"],
+        text_mass=mass["text"],
+        speech_tokens=tokens["speech"],
+        text_tokens=tokens["text"],
+    )
+
+
+def _choose_speech_experts(
+    load: ModalityLoad, index: int, count: int | None, strategy: str, generator: torch.Generator
+) -> list[int]:
+    """Source indices of the experts that become speech experts in MoE layer `load.layers[index]`."""
+    num_experts = load.num_experts[index]
+    if strategy == "adaptive":
+        # This library's adaptive count: the experts whose share of the speech traffic exceeds their share of the
+        # text traffic, keeping at least one expert in each group.
+        count = int((load.rho_speech[index] > load.rho_text[index]).sum().clamp(1, num_experts - 1))
+    if strategy == "random":
+        return sorted(torch.randperm(num_experts, generator=generator)[:count].tolist())
+    scores = load.scores[index].tolist()
+    ranked = sorted(range(num_experts), key=lambda expert: (-scores[expert], expert))  # ties: lowest index first
+    return sorted(ranked[:count])
+
+
+def _new_module(cls, config, tensors: Mapping[str, torch.Tensor], like: nn.Module) -> nn.Module:
+    """An experts or router module holding `tensors` (built on meta, so nothing is allocated twice)."""
+    with torch.device("meta"):
+        module = cls(config, next(iter(tensors.values())).shape[0])
+    for name, tensor in tensors.items():
+        setattr(module, name, nn.Parameter(tensor, requires_grad=getattr(like, name).requires_grad))
+    return module
+
+
+def _regroup(block: DeepTalkSparseMoeBlock, speech_ids: list[int]) -> None:
+    """Rebuild `block`'s groups so that `speech_ids` (source indices) form the speech group, in source order."""
+    config = block.config
+    total = block.num_text_experts + block.num_speech_experts
+    order = config.expert_order(block.layer_idx) or list(range(total))
+    position = {source: p for p, source in enumerate(order)}
+    chosen = set(speech_ids)
+    groups = [(block.gate, block.experts)]
+    if block.num_speech_experts:
+        groups.append((block.speech_gate, block.speech_experts))
+    combined = {
+        "weight": torch.cat([gate.weight.detach() for gate, _ in groups]),
+        "gate_up_proj": torch.cat([experts.gate_up_proj.detach() for _, experts in groups]),
+        "down_proj": torch.cat([experts.down_proj.detach() for _, experts in groups]),
+    }
+    # Indexing with a list copies, so each new parameter has its own storage.
+    text_rows = [position[s] for s in range(total) if s not in chosen]
+    speech_rows = [position[s] for s in sorted(speech_ids)]
+    (text_gate, text_experts), (speech_gate, speech_experts) = groups[0], groups[-1]
+    for name in ("speech_gate", "speech_experts"):
+        if hasattr(block, name):
+            delattr(block, name)
+    for rows, gate_name, experts_name, like_gate, like_experts in (
+        (text_rows, "gate", "experts", text_gate, text_experts),
+        (speech_rows, "speech_gate", "speech_experts", speech_gate, speech_experts),
+    ):
+        if not rows:
+            continue
+        router = _new_module(DeepTalkTopKRouter, config, {"weight": combined["weight"][rows]}, like_gate)
+        experts = _new_module(
+            DeepTalkExperts,
+            config,
+            {name: combined[name][rows] for name in ("gate_up_proj", "down_proj")},
+            like_experts,
+        )
+        setattr(block, gate_name, router)
+        setattr(block, experts_name, experts)
+    block.num_text_experts, block.num_speech_experts = len(text_rows), len(speech_rows)
+
+
+def assign_modality_experts(
+    model: DeepTalkForCausalLM,
+    load: ModalityLoad,
+    *,
+    num_speech_experts: int | Sequence[int] | None = None,
+    strategy: str = "paper",
+    seed: int = 0,
+) -> list[list[int]]:
+    """Move the experts chosen from `load` into each MoE layer's speech group; returns their source indices per layer.
+
+    Strategies:
+    - `"paper"` (DeepTalk's rule): per layer, the `num_speech_experts` experts with the highest ρA·(1−ρT) (ties: the
+      lowest index).
+    - `"adaptive"`: per layer as many experts as have a larger share of the speech than of the text assignments
+      (ρA > ρT), at least one and leaving at least one text expert, ranked by the same score.
+    - `"random"`: `num_speech_experts` experts drawn with `seed` (an ablation baseline).
+
+    `num_speech_experts` is an int or one count per MoE layer; it defaults to the model's current counts (not used by
+    `"adaptive"`). Expert tensors and router rows move between `experts`/`gate` and `speech_experts`/`speech_gate`,
+    and `config.num_experts`, `config.num_speech_experts` and `config.speech_expert_ids` record the new split, so with
+    `modality_routing="none"` the model computes exactly what it did before (also on an already split model: the load
+    and the ids are in source order). New parameters keep the `requires_grad` of the group they come from.
+    """
+    config = model.config
+    if strategy not in ASSIGNMENT_STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is unknown; expected one of {ASSIGNMENT_STRATEGIES}")
+    layers = config.moe_layers
+    sizes = [sum(config.layer_experts(layer)) for layer in layers]
+    if load.layers != layers or load.num_experts != sizes:
+        raise ValueError(
+            f"the load covers MoE layers {load.layers} with {load.num_experts} experts but the model has layers "
+            f"{layers} with {sizes} experts: profile this model"
+        )
+    if strategy != "random":
+        for modality, total in (("speech", load.speech_tokens), ("text", load.text_tokens)):
+            if not total:
+                raise ValueError(f"the load has no {modality} tokens; profile on both speech and text data")
+    if strategy == "adaptive":
+        if num_speech_experts is not None:
+            raise ValueError("strategy='adaptive' chooses the per-layer counts itself; do not pass num_speech_experts")
+        if min(sizes) < 2:
+            raise ValueError(f"strategy='adaptive' needs at least 2 experts per MoE layer, got {sizes}")
+        counts: list[int | None] = [None] * len(layers)
+    else:
+        if num_speech_experts is None:
+            num_speech_experts = [config.layer_experts(layer)[1] for layer in layers]
+        counts = (
+            [num_speech_experts] * len(layers) if isinstance(num_speech_experts, int) else list(num_speech_experts)
+        )
+        if len(counts) != len(layers) or any(not 0 <= c < n for c, n in zip(counts, sizes, strict=False)):
+            raise ValueError(
+                f"num_speech_experts={num_speech_experts} must give, for each of the {len(layers)} MoE layers, a count "
+                f"in [0, experts) so at least one text expert remains (experts per layer: {sizes})"
+            )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = [_choose_speech_experts(load, i, count, strategy, generator) for i, count in enumerate(counts)]
+    # Every layer's current order is read from the config before the config records the new one.
+    for layer, speech_ids in zip(layers, chosen, strict=True):
+        _regroup(model.model.layers[layer].mlp, speech_ids)
+    config.num_experts = [size - len(ids) for size, ids in zip(sizes, chosen, strict=True)]
+    config.num_speech_experts = [len(ids) for ids in chosen]
+    config.speech_expert_ids = chosen
+    config._validate_deeptalk()
+    return chosen
+
+
+def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:
+    """Make exactly one training stage's tensors trainable (whole tensors, so it is exact with any optimizer).
+
+    - `"speech"`: every speech tensor (name contains `speech`) except the audio encoder;
+    - `"text"`: the text experts and the text router only (`mlp.experts`, `mlp.gate`);
+    - `"joint"`: everything except the audio encoder;
+    - `"align"`: the speech connector only (a model without an audio encoder is an error).
+
+    `also` adds glob patterns over parameter names (e.g. `"*.self_attn.*"`); each must match something. Frozen tensors
+    lose any stale `.grad`, so an optimizer holding them leaves them untouched. Returns the trainable names.
+    """
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"stage={stage!r} is unknown; expected one of {TRAINING_STAGES}")
+    names = [name for name, _ in model.named_parameters()]
+    if stage == "align" and not any("audio_encoder" in name for name in names):
+        raise ValueError("stage 'align' trains the speech connector of an audio encoder, but this model has none")
+    rules = {
+        "speech": lambda name: "speech" in name and "audio_encoder" not in name,
+        "text": lambda name: "speech" not in name and _TEXT_EXPERTS.search(name) is not None,
+        "joint": lambda name: "audio_encoder" not in name,
+        "align": lambda name: "speech_connector" in name,
+    }
+    for pattern in also:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise ValueError(f"also pattern {pattern!r} matches no parameter of the model")
+    trainable = []
+    for name, param in model.named_parameters():
+        train = rules[stage](name) or any(fnmatchcase(name, pattern) for pattern in also)
+        param.requires_grad_(train)
+        if train:
+            trainable.append(name)
+        else:
+            param.grad = None
+    if not trainable:
+        raise ValueError(f"stage {stage!r} leaves nothing to train in this model")
+    return trainable
+
+
+__all__ = [
+    "ASSIGNMENT_STRATEGIES",
+    "TRAINING_STAGES",
+    "ModalityLoad",
+    "assign_modality_experts",
+    "profile_modality_load",
+    "set_training_stage",
+]

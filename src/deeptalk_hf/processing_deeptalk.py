@@ -1,0 +1,715 @@
+"""DeepTalk processor: text and speech (units, or audio through a codec) to model inputs, generated ids back to both.
+
+Vocabulary layout (DESIGN.md): the speech block is the last `speech_vocab_size` ids of the vocabulary. It holds the
+speech units `<|speech_0|>` … `<|speech_{N-1}|>` followed by the markers `<|begin_of_speech|>`, `<|end_of_speech|>`
+and `<|speech_pad|>`. In text, `<|speech|>` is a placeholder (not a token) that the processor replaces by one speech
+segment, `<|begin_of_speech|> units <|end_of_speech|>`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from queue import Queue
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.generation import LogitsProcessor
+from transformers.generation.streamers import BaseStreamer
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from .audio_codecs import AudioCodec
+    from .configuration_deeptalk import DeepTalkConfig
+    from .modeling_deeptalk import DeepTalkForCausalLM
+
+SPEECH_UNIT_TOKEN = "<|speech_{}|>"
+BEGIN_OF_SPEECH = "<|begin_of_speech|>"
+END_OF_SPEECH = "<|end_of_speech|>"
+SPEECH_PAD = "<|speech_pad|>"
+SPEECH_MARKERS = (BEGIN_OF_SPEECH, END_OF_SPEECH, SPEECH_PAD)
+SPEECH_PLACEHOLDER = "<|speech|>"
+TEXT_PAD_TOKEN = "<|text_pad_{}|>"
+INTERLEAVE_POLICIES = ("speech_only", "text_then_speech", "interleaved")
+
+# ChatML turns (the Qwen family DeepTalk models start from). Speech and audio blocks become `<|speech|>`
+# placeholders; `speech_answer=True` opens a speech segment after the assistant header so the model answers in speech.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for block in message['content'] -%}"
+    "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
+    "{%- elif block['type'] in ('speech', 'audio') -%}{{ '<|speech|>' }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}"
+    "{%- if speech_answer -%}{{ '<|begin_of_speech|>' }}{%- endif -%}{%- endif -%}"
+)
+
+
+def _speech_block(tokenizer: PreTrainedTokenizerBase) -> range | None:
+    """The tokenizer's speech block, `None` if it has no speech tokens; a `ValueError` if they are laid out wrongly."""
+    added = tokenizer.get_added_vocab()
+    first = added.get(SPEECH_UNIT_TOKEN.format(0))
+    if first is None:
+        return None
+    begin, end, pad = (added.get(marker) for marker in SPEECH_MARKERS)
+    if begin is None or end != begin + 1 or pad != begin + 2:
+        raise ValueError(
+            f"the tokenizer's speech markers {SPEECH_MARKERS} have ids {(begin, end, pad)}: they must follow the "
+            "speech units contiguously"
+        )
+    misplaced = [i for i in range(begin - first) if added.get(SPEECH_UNIT_TOKEN.format(i)) != first + i]
+    if misplaced:
+        raise ValueError(
+            f"the tokenizer's speech unit tokens are not contiguous from id {first} (first bad unit: {misplaced[0]})"
+        )
+    block = range(first, pad + 1)
+    if len(tokenizer) != block.stop:
+        raise ValueError(
+            f"the tokenizer's speech block {block} is not at the end of its vocabulary (len(tokenizer)={len(tokenizer)})"
+        )
+    return block
+
+
+def add_speech_tokens(
+    tokenizer: PreTrainedTokenizerBase, num_units: int, *, text_vocab_size: int | None = None
+) -> range:
+    """Give `tokenizer` a speech block of `num_units` units and the speech markers, as the last ids of its vocabulary.
+
+    `text_vocab_size` is the text model's vocabulary size (its embedding rows, often padded beyond the tokenizer):
+    the tokenizer is first padded to it with placeholder tokens, so that the speech ids line up with
+    `config.speech_token_start`. Returns the whole speech block (units and markers); calling it again with the same
+    arguments returns the existing block.
+    """
+    if num_units < 1:
+        raise ValueError(f"num_units={num_units} must be at least 1")
+    existing = _speech_block(tokenizer)
+    if existing is not None:
+        if len(existing) != num_units + len(SPEECH_MARKERS) or text_vocab_size not in (None, existing.start):
+            raise ValueError(
+                f"the tokenizer already has a speech block {existing} ({len(existing) - len(SPEECH_MARKERS)} units); "
+                f"it does not match num_units={num_units}, text_vocab_size={text_vocab_size}"
+            )
+        return existing
+    start = len(tokenizer)
+    if text_vocab_size is not None:
+        if text_vocab_size < start:
+            raise ValueError(f"the tokenizer has {start} tokens, more than text_vocab_size={text_vocab_size}")
+        start = text_vocab_size
+    names = [TEXT_PAD_TOKEN.format(i) for i in range(len(tokenizer), start)]
+    names += [SPEECH_UNIT_TOKEN.format(i) for i in range(num_units)] + list(SPEECH_MARKERS)
+    tokenizer.add_tokens([AddedToken(name, special=True, normalized=False) for name in names], special_tokens=True)
+    block = range(start, start + num_units + len(SPEECH_MARKERS))
+    if _speech_block(tokenizer) != block:
+        raise ValueError(f"the speech tokens did not get the ids {block}; does the tokenizer have gaps in its ids?")
+    return block
+
+
+def fit_speech_vocab(model: DeepTalkForCausalLM, speech_tokens: range) -> None:
+    """Size `model`'s speech embedding and output rows to the speech block `speech_tokens` (`add_speech_tokens`'s
+    result); new rows start at the mean of the text rows (`DeepTalkForCausalLM.resize_speech_vocab`)."""
+    start = model.config.speech_token_start
+    if speech_tokens.start != start:
+        raise ValueError(
+            f"the speech block starts at id {speech_tokens.start} but the model's text vocabulary has {start} ids; "
+            f"call add_speech_tokens(tokenizer, num_units, text_vocab_size={start})"
+        )
+    model.resize_speech_vocab(len(speech_tokens))
+
+
+@dataclass
+class SpeechTextOutput:
+    """What a sequence of ids says: its text, and the units of each speech segment in order."""
+
+    text: str
+    speech_units: list[list[int]] = field(default_factory=list)
+
+
+class _SpeechSplitter:
+    """Sorts ids one at a time into text ids and speech segments (shared by `decode` and the streamer).
+
+    `<|begin_of_speech|>` opens a segment and `<|end_of_speech|>` closes it; a unit outside any segment opens one;
+    text ids inside a segment (interleaved answers) go to the text; `<|speech_pad|>` is dropped.
+    """
+
+    def __init__(self, speech_token_start: int, num_units: int):
+        self.start = speech_token_start
+        self.num_units = num_units
+        self.text_ids: list[int] = []
+        self.segments: list[list[int]] = []
+        self.is_open = False
+
+    def push(self, token_id: int) -> str:
+        """Consume one id; returns its kind: `"text"`, `"unit"`, `"begin"`, `"end"` or `"pad"`."""
+        offset = token_id - self.start
+        if offset < 0:
+            self.text_ids.append(token_id)
+            return "text"
+        if offset < self.num_units:
+            if not self.is_open:
+                self.segments.append([])
+                self.is_open = True
+            self.segments[-1].append(offset)
+            return "unit"
+        marker = offset - self.num_units
+        if marker == 0:
+            self.segments.append([])
+            self.is_open = True
+            return "begin"
+        if marker == 1:
+            self.is_open = False
+            return "end"
+        if marker == 2:
+            return "pad"
+        raise ValueError(
+            f"id {token_id} is beyond the vocabulary (speech block ends at {self.start + self.num_units + 3})"
+        )
+
+
+def _is_unit_segment(value: Any) -> bool:
+    """A non-empty 1-D sequence of integers (list, tuple, tensor or array)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 1 and value.numel() > 0 and not (value.is_floating_point() or value.is_complex())
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.size > 0 and np.issubdtype(value.dtype, np.integer)
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) > 0
+        and all(isinstance(u, (int, np.integer)) and not isinstance(u, bool) for u in value)
+    )
+
+
+def _is_waveform(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any], bool], name: str) -> list[list]:
+    """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes a
+    list with one such entry per text. A single text also accepts a one-sample batch (as `apply_chat_template`
+    passes it)."""
+
+    def segments(entry: Any, where: str) -> list:
+        if entry is None or (isinstance(entry, (list, tuple)) and len(entry) == 0):
+            return []
+        if is_leaf(entry):
+            return [entry]
+        if isinstance(entry, (list, tuple)) and all(is_leaf(e) or isinstance(e, (list, tuple)) for e in entry):
+            return list(entry)
+        raise ValueError(f"{name}{where} must be a segment or a list of segments, got {type(entry).__name__}")
+
+    if single:
+        if (
+            isinstance(spec, (list, tuple))
+            and len(spec) == 1
+            and isinstance(spec[0], (list, tuple))
+            and len(spec[0]) > 0
+            and not is_leaf(spec[0])
+        ):
+            spec = spec[0]
+        return [segments(spec, "")]
+    if not isinstance(spec, (list, tuple)) or len(spec) != batch_size:
+        raise ValueError(f"{name} must have one entry per text ({batch_size} texts)")
+    return [segments(entry, f"[{i}]") for i, entry in enumerate(spec)]
+
+
+class DeepTalkProcessorKwargs(ProcessingKwargs, total=False):
+    interleave: str
+    text_speech_ratio: tuple[int, int] | list[int]
+
+
+_SUPPORTED_TEXT_KWARGS = {
+    "add_special_tokens",
+    "padding",
+    "truncation",
+    "max_length",
+    "pad_to_multiple_of",
+    "padding_side",
+    "return_attention_mask",
+    "return_tensors",
+}
+
+
+class DeepTalkProcessor(ProcessorMixin):
+    r"""
+    Turns text with speech into DeepTalk inputs and generated ids back into text and speech units.
+
+    Speech comes in as units (`speech_units=`) or as waveforms (`audio=`, encoded by `codec` into units). In text,
+    each `<|speech|>` placeholder takes the next speech segment of its sample. A text without placeholders and with
+    one segment is that segment's transcript, laid out by the `interleave` policy:
+
+    - `"speech_only"`: `<bos> units <eos>` (the transcript is not part of the sequence);
+    - `"text_then_speech"`: `text <bos> units <eos>`;
+    - `"interleaved"`: `text_speech_ratio` (default GLM-4-Voice's 13:26) chunks,
+      `t[:13] <bos> u[:26] t[13:26] u[26:52] … <eos>`, with the rest of the longer part at its end.
+
+    Args:
+        tokenizer: a tokenizer with a speech block (`add_speech_tokens`).
+        chat_template: Jinja template; the default renders ChatML turns with speech placeholders.
+        interleave: default layout policy, one of `INTERLEAVE_POLICIES`.
+        text_speech_ratio: `(text_tokens, speech_units)` per chunk for `"interleaved"`.
+        codec: an `AudioCodec` for `audio=`; a model, so it is not saved with the processor (pass it again to
+            `from_pretrained(..., codec=...)`).
+    """
+
+    valid_processor_kwargs = DeepTalkProcessorKwargs
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        chat_template: str | None = None,
+        interleave: str = "text_then_speech",
+        text_speech_ratio: Sequence[int] = (13, 26),
+        codec: AudioCodec | None = None,
+    ):
+        super().__init__(tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template)
+        block = _speech_block(tokenizer)
+        if block is None:
+            raise ValueError(
+                "the tokenizer has no speech tokens: call add_speech_tokens(tokenizer, num_units, text_vocab_size=...)"
+            )
+        self.speech_tokens = block
+        self.interleave = self._check_policy(interleave, text_speech_ratio)
+        self.text_speech_ratio = tuple(text_speech_ratio)
+        self.codec = codec
+
+    @staticmethod
+    def _check_policy(interleave: str, ratio: Sequence[int]) -> str:
+        if interleave not in INTERLEAVE_POLICIES:
+            raise ValueError(f"interleave={interleave!r} is unknown; expected one of {INTERLEAVE_POLICIES}")
+        if len(ratio) != 2 or min(ratio) < 1:
+            raise ValueError(
+                f"text_speech_ratio={tuple(ratio)} must be two positive counts (text tokens, speech units)"
+            )
+        return interleave
+
+    @property
+    def speech_token_start(self) -> int:
+        return self.speech_tokens.start
+
+    @property
+    def num_speech_units(self) -> int:
+        return len(self.speech_tokens) - len(SPEECH_MARKERS)
+
+    @property
+    def begin_of_speech_id(self) -> int:
+        return self.speech_tokens.start + self.num_speech_units
+
+    @property
+    def end_of_speech_id(self) -> int:
+        return self.begin_of_speech_id + 1
+
+    @property
+    def speech_pad_id(self) -> int:
+        return self.begin_of_speech_id + 2
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "modality_ids"]
+
+    def check_config(self, config: DeepTalkConfig) -> None:
+        """`ValueError` unless the tokenizer's speech block is exactly the config's."""
+        if (config.speech_token_start, config.vocab_size) != (self.speech_tokens.start, self.speech_tokens.stop):
+            raise ValueError(
+                f"the tokenizer's speech block is ids {self.speech_tokens.start}..{self.speech_tokens.stop - 1} "
+                f"({len(self.speech_tokens)} ids) but the config has speech_token_start={config.speech_token_start}, "
+                f"speech_vocab_size={config.speech_vocab_size}, vocab_size={config.vocab_size}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The codec is a model: it is neither deep-copied nor written to `processor_config.json`."""
+        codec = self.__dict__.pop("codec")
+        try:
+            return super().to_dict()
+        finally:
+            self.codec = codec
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        speech_units: Any = None,
+        audio: Any = None,
+        **kwargs: Unpack[DeepTalkProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        Args:
+            text: one text or a batch; `None` for speech only (one sample).
+            speech_units: per sample `None`, one segment (`list[int]` or 1-D tensor of unit indices in
+                `[0, num_speech_units)`) or a list of segments; for a batch, a list with one such entry per text.
+            audio: like `speech_units`, with waveforms (1-D, or `[channels, samples]` mixed down) that the codec
+                encodes into units; needs `sampling_rate=`.
+            interleave, text_speech_ratio: override the processor's layout policy for this call.
+            Text kwargs (`padding`, `padding_side`, `truncation`, `max_length`, `pad_to_multiple_of`,
+            `add_special_tokens`, `return_attention_mask`, `return_tensors`) work as for the tokenizer.
+
+        Returns:
+            `BatchFeature` with `input_ids`, `attention_mask` and `modality_ids` (1 on speech-block ids).
+        """
+        for unused in ("images", "videos"):  # `apply_chat_template` passes them
+            if kwargs.pop(unused, None) is not None:
+                raise ValueError(f"{type(self).__name__} takes no {unused}")
+        merged = self._merge_kwargs(
+            DeepTalkProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        interleave, ratio = merged["interleave"], tuple(merged["text_speech_ratio"])
+        self._check_policy(interleave, ratio)
+        text_kwargs = merged["text_kwargs"]
+        unsupported = sorted(k for k, v in text_kwargs.items() if k not in _SUPPORTED_TEXT_KWARGS and v)
+        if unsupported:
+            raise ValueError(f"{type(self).__name__} does not support {unsupported}")
+
+        single = text is None or isinstance(text, str)
+        texts = [text or ""] if single else list(text)
+        if speech_units is not None and audio is not None:
+            raise ValueError("pass speech as speech_units= or as audio=, not both")
+        if audio is not None:
+            speech_units = self._audio_to_units(audio, merged["audio_kwargs"].get("sampling_rate"), len(texts), single)
+        samples = _per_sample(speech_units, len(texts), single, _is_unit_segment, "speech_units")
+        samples = [
+            [self._checked_units(units, f"[{i}][{j}]") for j, units in enumerate(segments)]
+            for i, segments in enumerate(samples)
+        ]
+
+        encoded = self.tokenizer(
+            [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts],
+            add_special_tokens=text_kwargs.get("add_special_tokens", True),
+        )["input_ids"]
+        rows = []
+        for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True)):
+            placeholders = sample_text.count(SPEECH_PLACEHOLDER)
+            if placeholders:
+                if placeholders != len(segments):
+                    raise ValueError(
+                        f"text[{i}] has {placeholders} {SPEECH_PLACEHOLDER} placeholders but {len(segments)} speech segments"
+                    )
+                rows.append(self._fill_placeholders(sample_text, ids, segments))
+            elif len(segments) > 1:
+                raise ValueError(
+                    f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
+                )
+            elif segments:
+                rows.append(self.interleave_ids(ids, segments[0], interleave, ratio))
+            else:
+                rows.append(ids)
+
+        truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
+        if truncation not in (None, False, "do_not_truncate"):
+            limit = max_length if max_length is not None else self.tokenizer.model_max_length
+            keep_left = self.tokenizer.truncation_side == "left"
+            rows = [row[-limit:] if keep_left else row[:limit] for row in rows]
+        padded = self.tokenizer.pad(
+            {"input_ids": rows},
+            padding=text_kwargs.get("padding", False),
+            max_length=max_length,
+            pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+            padding_side=text_kwargs.get("padding_side"),
+            return_attention_mask=text_kwargs.get("return_attention_mask"),
+        )
+        start = self.speech_token_start
+        data = dict(padded)
+        data["modality_ids"] = [[int(token >= start) for token in row] for row in data["input_ids"]]
+        return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
+
+    def _checked_units(self, units: Any, where: str) -> list[int]:
+        if len(units) == 0:
+            raise ValueError(f"speech_units{where} is empty: a speech segment needs at least one unit")
+        if not _is_unit_segment(units):
+            raise ValueError(f"speech_units{where} must hold integer unit ids")
+        units = units.tolist() if isinstance(units, (torch.Tensor, np.ndarray)) else [int(u) for u in units]
+        low, high = min(units), max(units)
+        if low < 0 or high >= self.num_speech_units:
+            bad = next(u for u in units if not 0 <= u < self.num_speech_units)
+            raise ValueError(
+                f"speech_units{where} has unit {bad} at position {units.index(bad)}, out of range "
+                f"[0, {self.num_speech_units}) (the tokenizer's speech units)"
+            )
+        return units
+
+    def _audio_to_units(self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool) -> list[list]:
+        """The codec path of `audio=`: waveforms → codes → the flat unit stream, per sample and segment.
+
+        (An audio-encoder path, which feeds features instead of units, belongs beside this one, not inside it.)
+        """
+        samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
+        return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples]
+
+    def _encode_audio(self, waveform: Any, sampling_rate: int | None) -> list[int]:
+        if self.codec is None:
+            raise ValueError(
+                "audio= needs an audio codec: DeepTalkProcessor(..., codec=SnacCodec.from_pretrained(...))"
+            )
+        if sampling_rate is None:
+            raise ValueError("audio= needs sampling_rate= (the waveforms' rate; the codec resamples to its own)")
+        if self.codec.num_units > self.num_speech_units:
+            raise ValueError(
+                f"the codec makes {self.codec.num_units} distinct units but the tokenizer has {self.num_speech_units}"
+            )
+        codes = self.codec.encode(torch.as_tensor(waveform), sampling_rate)
+        return self.codec.to_units(codes).tolist()
+
+    def _fill_placeholders(self, text: str, ids: list[int], segments: list[list[int]]) -> list[int]:
+        """`ids` were tokenized with each placeholder as a begin-of-speech marker; the segments go after those."""
+        pattern = f"{re.escape(SPEECH_PLACEHOLDER)}|{re.escape(BEGIN_OF_SPEECH)}"
+        markers = [m.group() == SPEECH_PLACEHOLDER for m in re.finditer(pattern, text)]
+        begin, start = self.begin_of_speech_id, self.speech_token_start
+        if ids.count(begin) != len(markers):
+            raise ValueError(f"the tokenizer did not keep {BEGIN_OF_SPEECH} as one token in {text!r}")
+        from_placeholder, pending = iter(markers), iter(segments)
+        out = []
+        for token in ids:
+            out.append(token)
+            if token == begin and next(from_placeholder):
+                out.extend(start + unit for unit in next(pending))
+                out.append(self.end_of_speech_id)
+        return out
+
+    def interleave_ids(
+        self, text_ids: list[int], units: list[int], interleave: str | None = None, ratio: Sequence[int] | None = None
+    ) -> list[int]:
+        """Lay out a transcript's ids and its speech units (unit indices) by an interleaving policy."""
+        interleave = interleave or self.interleave
+        n_text, n_speech = ratio or self.text_speech_ratio
+        speech = [self.speech_token_start + unit for unit in units]
+        begin, end = [self.begin_of_speech_id], [self.end_of_speech_id]
+        if interleave == "speech_only":
+            return begin + speech + end
+        if interleave == "text_then_speech":
+            return list(text_ids) + begin + speech + end
+        out, taken = list(text_ids[:n_text]) + begin, n_text
+        for chunk in range(0, len(speech), n_speech):
+            out += speech[chunk : chunk + n_speech]
+            if chunk + n_speech < len(speech):
+                out += text_ids[taken : taken + n_text]
+                taken += n_text
+        return out + end + list(text_ids[taken:])
+
+    def decode(self, token_ids: Any, **kwargs: Any) -> SpeechTextOutput:
+        """Text (through the tokenizer's `decode`, with `kwargs`) and the speech segments' units of one sequence."""
+        if isinstance(token_ids, (torch.Tensor, np.ndarray)):
+            token_ids = token_ids.tolist()
+        splitter = _SpeechSplitter(self.speech_token_start, self.num_speech_units)
+        for token in token_ids:
+            splitter.push(int(token))
+        return SpeechTextOutput(self.tokenizer.decode(splitter.text_ids, **kwargs), splitter.segments)
+
+    def batch_decode(self, sequences: Any, **kwargs: Any) -> list[SpeechTextOutput]:
+        """`decode` for each sequence of a batch."""
+        return [self.decode(sequence, **kwargs) for sequence in sequences]
+
+    def _multimodal_inputs_from_conversations(
+        self, conversations: list[list[dict]], audio_loading_params: dict, load_audio_from_video: bool = False
+    ):
+        """Speech turns for `apply_chat_template`: `{"type": "speech", "units": [...]}` and `{"type": "audio", ...}`
+        blocks (`"audio"` array with `"sampling_rate"`, or `"path"`/`"url"`), in conversation order, become the speech
+        segments that fill the template's `<|speech|>` placeholders."""
+        from transformers.audio_utils import load_audio
+
+        batch = []
+        for conversation in conversations:
+            segments = []
+            for message in conversation:
+                content = message.get("content")
+                if isinstance(content, str) or not content:
+                    continue
+                for block in content:
+                    if block["type"] == "speech":
+                        segments.append(block["units"])
+                    elif block["type"] == "audio":
+                        if "audio" in block:
+                            waveform, rate = block["audio"], block.get("sampling_rate")
+                        else:
+                            rate = audio_loading_params["sampling_rate"]
+                            waveform = load_audio(block.get("path", block.get("url")), **audio_loading_params)
+                        segments.append(self._encode_audio(waveform, rate))
+            batch.append(segments)
+        empty = [[] for _ in conversations]
+        return empty, empty, [], {"speech_units": batch}
+
+
+@dataclass
+class TextDelta:
+    """New text since the previous delta."""
+
+    text: str
+
+
+@dataclass
+class SpeechChunk:
+    """New units of speech segment `segment` (0-based, in generation order)."""
+
+    segment: int
+    units: list[int]
+
+
+@dataclass
+class AudioChunk:
+    """The next stretch of speech segment `segment`'s waveform."""
+
+    segment: int
+    waveform: torch.Tensor
+    sampling_rate: int
+
+
+class DeepTalkStreamer(BaseStreamer):
+    """Streams `generate` as `TextDelta`, `SpeechChunk` and, with a codec, `AudioChunk` events, in generation order.
+
+    Iterate over it while `generate` runs in another thread (as with `TextIteratorStreamer`), or after it returns.
+    Per segment, the speech chunks concatenate to `processor.decode(...).speech_units`; the text deltas concatenate to
+    its text. An audio chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of
+    a segment), from those frames plus up to `context_frames` earlier ones whose samples are dropped, which smooths
+    chunk boundaries for codecs that look backwards.
+    """
+
+    def __init__(
+        self,
+        processor: DeepTalkProcessor,
+        codec: AudioCodec | None = None,
+        *,
+        skip_prompt: bool = True,
+        audio_chunk_frames: int = 2,
+        context_frames: int = 2,
+        timeout: float | None = None,
+        **decode_kwargs: Any,
+    ):
+        if audio_chunk_frames < 1 or context_frames < 0:
+            raise ValueError(
+                f"audio_chunk_frames={audio_chunk_frames} must be >= 1, context_frames={context_frames} >= 0"
+            )
+        self.processor, self.codec = processor, codec
+        self.skip_prompt, self.timeout = skip_prompt, timeout
+        self.audio_chunk_frames, self.context_frames = audio_chunk_frames, context_frames
+        self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
+        self.queue: Queue = Queue()
+        self._splitter = _SpeechSplitter(processor.speech_token_start, processor.num_speech_units)
+        self._seen_prompt = False
+        self._text_length = 0  # characters of text already sent
+        self._voiced_frames: dict[int, int] = {}  # per segment, frames already sent as audio
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("DeepTalkStreamer streams one sequence; generate with batch size 1")
+        if self.skip_prompt and not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        self._seen_prompt = True
+        splitter, units, segment = self._splitter, [], None
+        for token in value.reshape(-1).tolist():
+            kind = splitter.push(token)
+            if kind == "unit" and len(splitter.segments) - 1 != segment:
+                self._send_units(segment, units)
+                segment, units = len(splitter.segments) - 1, []
+            if kind == "unit":
+                units.append(splitter.segments[-1][-1])
+            elif kind == "text":
+                self._send_units(segment, units)
+                units = []
+                self._send_text(final=False)
+            elif kind in ("begin", "end"):
+                self._send_units(segment, units)
+                units = []
+                self._finish_segments(keep_open=kind == "begin")
+        self._send_units(segment, units)
+
+    def end(self) -> None:
+        self._send_text(final=True)
+        self._finish_segments(keep_open=False)
+        self.queue.put(None, timeout=self.timeout)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> TextDelta | SpeechChunk | AudioChunk:
+        event = self.queue.get(timeout=self.timeout)
+        if event is None:
+            raise StopIteration
+        return event
+
+    def _send_text(self, final: bool) -> None:
+        text = self.processor.tokenizer.decode(self._splitter.text_ids, **self.decode_kwargs)
+        if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        if len(text) > self._text_length:
+            self.queue.put(TextDelta(text[self._text_length :]), timeout=self.timeout)
+            self._text_length = len(text)
+
+    def _send_units(self, segment: int | None, units: list[int]) -> None:
+        if not units:
+            return
+        self.queue.put(SpeechChunk(segment, units), timeout=self.timeout)
+        self._send_audio(segment, final=False)
+
+    def _finish_segments(self, keep_open: bool) -> None:
+        """Send the rest of the audio of every segment but (if `keep_open`) the one just opened."""
+        last = len(self._splitter.segments) - (1 if keep_open else 0)
+        for segment in [s for s in self._voiced_frames if s < last]:
+            self._send_audio(segment, final=True)
+            del self._voiced_frames[segment]
+
+    def _send_audio(self, segment: int, final: bool) -> None:
+        codec = self.codec
+        if codec is None:
+            return
+        per_frame = codec.units_per_frame
+        units = self._splitter.segments[segment]
+        done, ready = self._voiced_frames.setdefault(segment, 0), len(units) // per_frame
+        if ready == done or (ready - done < self.audio_chunk_frames and not final):
+            return
+        first = max(0, done - self.context_frames)
+        waveform = codec.decode(codec.from_units(units[first * per_frame : ready * per_frame]))
+        waveform = waveform[(done - first) * codec.samples_per_frame :]
+        self.queue.put(AudioChunk(segment, waveform, codec.sampling_rate), timeout=self.timeout)
+        self._voiced_frames[segment] = ready
+
+
+class SpeechUnitsLogitsProcessor(LogitsProcessor):
+    """Keeps generated speech decodable by `codec`: inside a `<|begin_of_speech|>` segment the next unit must have
+    the codebook level that the codec's frame layout puts at that position, and `<|end_of_speech|>` may only close
+    whole frames. Text stays allowed inside segments only with `allow_text=True` (interleaved answers).
+    Outside segments nothing changes. Useful for models in training and for random-weight pipelines."""
+
+    def __init__(self, processor: DeepTalkProcessor, codec: AudioCodec, *, allow_text: bool = False):
+        if codec.num_units > processor.num_speech_units:
+            raise ValueError(
+                f"the codec makes {codec.num_units} distinct units but the tokenizer has {processor.num_speech_units}"
+            )
+        self.start, self.num_units = processor.speech_token_start, processor.num_speech_units
+        self.begin, self.end = processor.begin_of_speech_id, processor.end_of_speech_id
+        self.levels = torch.tensor(codec.frame_levels)
+        self.codebook_size = codec.codebook_size
+        self.allow_text = allow_text
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        is_marker = (input_ids == self.begin) | (input_ids == self.end)
+        last_marker = torch.where(is_marker, positions, -1).max(dim=1).values
+        inside = (last_marker >= 0) & (input_ids.gather(1, last_marker.clamp(min=0)[:, None])[:, 0] == self.begin)
+        is_unit = (input_ids >= self.start) & (input_ids < self.start + self.num_units)
+        count = (is_unit & (positions > last_marker[:, None])).sum(1)
+        low = self.start + self.levels.to(input_ids.device)[count % len(self.levels)] * self.codebook_size
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        allowed = (vocab >= low[:, None]) & (vocab < low[:, None] + self.codebook_size)
+        allowed |= (vocab == self.end) & (count % len(self.levels) == 0)[:, None]
+        if self.allow_text:
+            allowed |= vocab < self.start
+        return scores.masked_fill(inside[:, None] & ~allowed, -float("inf"))
+
+
+__all__ = [
+    "AudioChunk",
+    "DeepTalkProcessor",
+    "DeepTalkStreamer",
+    "INTERLEAVE_POLICIES",
+    "SpeechChunk",
+    "SpeechTextOutput",
+    "SpeechUnitsLogitsProcessor",
+    "TextDelta",
+    "add_speech_tokens",
+    "fit_speech_vocab",
+]

@@ -1,0 +1,609 @@
+"""Upcycling: turn a dense Llama / Qwen2 / Qwen3 / Mistral LLM into a DeepTalk MoE that computes the same function.
+
+Every routed expert starts as a part of the dense MLP and the routers start at zero. DeepTalk's top-k is tie-stable, so
+a zero router picks the lowest-index experts with equal weights; the experts are laid out so that those picks hold
+every part equally often, and `routed_scaling_factor` undoes the renormalisation: the upcycled model *is* the dense
+model until training moves the routers.
+
+Conversion works tensor by tensor (one dense tensor in, its upcycled tensors out, in the on-disk per-expert layout that
+`from_pretrained` fuses), so the same code builds a model in memory (`upcycle_dense`) and streams a checkpoint
+directory to disk shard by shard (`upcycle_checkpoint`) without ever holding the dense and the upcycled model at once.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict, str_to_torch_dtype
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from .configuration_deeptalk import DeepTalkConfig
+from .modeling_deeptalk import DeepTalkForCausalLM
+
+# What differs between the supported dense families, in DeepTalk's terms (everything else maps field by field).
+SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
+    "llama": {"qkv_bias": False, "use_qk_norm": False},
+    "mistral": {"qkv_bias": False, "use_qk_norm": False},
+    "qwen2": {"qkv_bias": True, "use_qk_norm": False},
+    "qwen3": {"qkv_bias": False, "use_qk_norm": True},
+}
+_DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
+_SPEECH_ROWS = {
+    "model.embed_tokens.weight": "model.speech_embed_tokens.weight",
+    "lm_head.weight": "speech_lm_head.weight",
+}
+# Files of a hub snapshot that upcycling reads (no `.bin` weights, no images or docs).
+_SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+class CheckpointError(ValueError):
+    """The source cannot be upcycled: unsupported architecture, missing, truncated or corrupt files."""
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+    return resolved
+
+
+def deeptalk_config_from_dense(
+    dense: PretrainedConfig,
+    *,
+    num_text_experts: int,
+    num_speech_experts: int,
+    num_experts_per_tok: int,
+    granularity: int = 1,
+    num_shared_experts: int = 0,
+    speech_vocab_size: int = 0,
+    mlp_only_layers: list[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> DeepTalkConfig:
+    """The DeepTalk config of an upcycled dense model: the dense architecture field by field, plus the experts.
+
+    With `granularity=g` the dense intermediate dimension is cut into g parts of `intermediate_size / g`;
+    `num_shared_experts` of them form the always-on shared expert and every routed expert holds one of the other
+    `g - num_shared_experts` parts. Expert counts and `num_experts_per_tok` count these fine-grained routed experts and
+    must be multiples of `g - num_shared_experts`, so the top-k picks can hold whole sets of parts.
+    """
+    kind = dense.model_type
+    if kind not in SUPPORTED_ARCHITECTURES:
+        names = ", ".join(dense.architectures or []) or type(dense).__name__
+        raise CheckpointError(
+            f"cannot upcycle model_type {kind!r} ({names}): supported dense architectures are "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    if getattr(dense, "mlp_bias", False):
+        raise CheckpointError(f"cannot upcycle a {kind} model with mlp_bias=True: DeepTalk experts have no bias")
+    intermediate = dense.intermediate_size
+    if granularity < 1 or intermediate % granularity:
+        raise ValueError(
+            f"granularity={granularity} must be a positive divisor of the dense intermediate_size={intermediate}"
+        )
+    if not 0 <= num_shared_experts < granularity:
+        raise ValueError(
+            f"num_shared_experts={num_shared_experts} must be in [0, granularity={granularity}): the shared expert "
+            "takes that many of the granularity parts and the routed experts need at least one"
+        )
+    routed_parts = granularity - num_shared_experts
+    counts = {
+        "num_text_experts": num_text_experts,
+        "num_speech_experts": num_speech_experts,
+        "num_experts_per_tok": num_experts_per_tok,
+    }
+    bad = {name: value for name, value in counts.items() if value % routed_parts}
+    if bad or num_text_experts < 1 or num_speech_experts < 0 or num_experts_per_tok < 1:
+        raise ValueError(
+            f"{counts} must be multiples of granularity - num_shared_experts = {routed_parts} (so the top-k picks of a "
+            "zero router hold whole sets of the MLP's parts), with at least one text expert and num_experts_per_tok >= 1"
+        )
+    part = intermediate // granularity
+    return DeepTalkConfig(
+        vocab_size=dense.vocab_size + speech_vocab_size,
+        speech_vocab_size=speech_vocab_size,
+        hidden_size=dense.hidden_size,
+        intermediate_size=intermediate,
+        moe_intermediate_size=part,
+        num_hidden_layers=dense.num_hidden_layers,
+        num_attention_heads=dense.num_attention_heads,
+        num_key_value_heads=dense.num_key_value_heads,
+        head_dim=getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads,
+        hidden_act=dense.hidden_act,
+        max_position_embeddings=dense.max_position_embeddings,
+        initializer_range=dense.initializer_range,
+        rms_norm_eps=dense.rms_norm_eps,
+        use_cache=dense.use_cache,
+        tie_word_embeddings=dense.tie_word_embeddings,
+        rope_parameters=copy.deepcopy(dense.rope_parameters),
+        attention_bias=getattr(dense, "attention_bias", False),
+        sliding_window=getattr(dense, "sliding_window", None),
+        layer_types=copy.deepcopy(getattr(dense, "layer_types", None)),
+        attention_dropout=dense.attention_dropout,
+        mlp_only_layers=sorted(mlp_only_layers or []),
+        num_experts=num_text_experts,
+        num_speech_experts=num_speech_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        norm_topk_prob=True,
+        routed_scaling_factor=float(routed_parts),
+        shared_expert_intermediate_size=num_shared_experts * part,
+        pad_token_id=dense.pad_token_id,
+        bos_token_id=dense.bos_token_id,
+        eos_token_id=dense.eos_token_id,
+        dtype=dtype or dense.dtype or torch.float32,
+        architectures=["DeepTalkForCausalLM"],
+        **SUPPORTED_ARCHITECTURES[kind],
+    )
+
+
+def _seeded(*key) -> torch.Generator:
+    """A generator per (seed, layer, group, expert, ...), so any tensor can be converted alone and reproducibly."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass
+class _Upcycler:
+    """Maps each dense tensor to its upcycled tensors (on-disk names, per-expert layout)."""
+
+    config: DeepTalkConfig
+    granularity: int
+    num_shared_experts: int
+    init_noise: float
+    drop_fraction: float
+    seed: int
+    dtype: torch.dtype | None
+    # Whether unchanged tensors may be passed on as they are: yes for read-only file maps (streaming), no for a
+    # user's model (the upcycled model must not share storage with it).
+    pass_through: bool = False
+    # Where copies go: `allocate(name, shape, dtype)`, by default new tensors (streaming reuses shard buffers).
+    allocate: Callable[[str, torch.Size, torch.dtype], torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.init_noise < 0 or not 0 <= self.drop_fraction <= 1:
+            raise ValueError(
+                f"init_noise={self.init_noise} must be >= 0 and drop_fraction={self.drop_fraction} in [0, 1]"
+            )
+
+    def _fresh(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Output `name` as a contiguous copy of `tensor` in the target dtype (never aliasing the source)."""
+        dtype = self.dtype or tensor.dtype
+        if self.allocate is None or tensor.is_meta:
+            return torch.empty(tensor.shape, dtype=dtype, device=tensor.device).copy_(tensor)
+        return self.allocate(name, tensor.shape, dtype).copy_(tensor)
+
+    def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        config = self.config
+        mlp = _DENSE_MLP.fullmatch(name)
+        if mlp and int(mlp[1]) in config.moe_layers:
+            yield from self._experts(int(mlp[1]), mlp[2], tensor)
+            return
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            return  # tied to the embeddings, in DeepTalk as in the dense model
+        unchanged = self.pass_through and tensor.is_contiguous() and self.dtype in (None, tensor.dtype)
+        result = tensor if unchanged else self._fresh(name, tensor)
+        yield name, result
+        if config.speech_vocab_size and name in _SPEECH_ROWS:
+            # The rows `DeepTalkForCausalLM.resize_speech_vocab` gives: the mean of the text rows.
+            rows = result.mean(0, keepdim=True).expand(config.speech_vocab_size, -1)
+            yield _SPEECH_ROWS[name], self._fresh(_SPEECH_ROWS[name], rows)
+
+    def _experts(self, layer: int, proj: str, dense: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        config = self.config
+        part = config.moe_intermediate_size
+        axis = 1 if proj == "down_proj" else 0  # the intermediate dimension
+        routed_parts = self.granularity - self.num_shared_experts
+        prefix = f"model.layers.{layer}.mlp"
+        if self.num_shared_experts:
+            name = f"{prefix}.shared_experts.{proj}.weight"
+            yield name, self._fresh(name, dense.narrow(axis, 0, self.num_shared_experts * part))
+        num_text, num_speech = config.layer_experts(layer)
+        if proj == "gate_proj":
+            for router, count in (("gate", num_text), ("speech_gate", num_speech)):
+                if count:
+                    zeros = torch.zeros(
+                        count, config.hidden_size, dtype=self.dtype or dense.dtype, device=dense.device
+                    )
+                    yield f"{prefix}.{router}.weight", zeros
+        stats = None
+        for group, count in (("experts", num_text), ("speech_experts", num_speech)):
+            for j in range(count):
+                # Expert j holds part j mod routed_parts: the k lowest indices hold whole sets of parts.
+                weight = dense.narrow(axis, (self.num_shared_experts + j % routed_parts) * part, part)
+                if (self.init_noise or self.drop_fraction) and not weight.is_meta:
+                    if stats is None:
+                        stats = dense.float().mean(), dense.float().std()
+                    weight = self._perturb(weight, axis, stats, (self.seed, layer, group, j), proj)
+                name = f"{prefix}.{group}.{j}.{proj}.weight"
+                yield name, self._fresh(name, weight)
+
+    def _perturb(self, weight: torch.Tensor, axis: int, stats, key: tuple, proj: str) -> torch.Tensor:
+        """Drop-Upcycling re-initialisation of some intermediate channels, then relative Gaussian noise.
+
+        The dropped channels of an expert are the same in its gate, up and down projections (drawn from the expert's
+        key alone); new values follow the dense matrix's mean and standard deviation.
+        """
+        mean, std = stats
+        result = weight.to(torch.float32, copy=True)
+        width = result.shape[axis]
+        dropped = round(self.drop_fraction * width)
+        if dropped:
+            channels = torch.randperm(width, generator=_seeded(*key, "drop"))[:dropped]
+            shape = list(result.shape)
+            shape[axis] = dropped
+            fresh = torch.randn(shape, generator=_seeded(*key, proj, "init")) * std + mean
+            result.index_copy_(axis, channels, fresh)
+        if self.init_noise:
+            result += self.init_noise * std * torch.randn(result.shape, generator=_seeded(*key, proj, "noise"))
+        return result.to(weight.dtype)
+
+    def plan(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Dry run on meta tensors: every output name and shape, in output order; checked against the DeepTalk model."""
+        planned = {
+            out: result
+            for name, tensor in tensors
+            for out, result in self.convert(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+        }
+        with torch.device("meta"):
+            model = DeepTalkForCausalLM(copy.deepcopy(self.config))
+        expected = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+        missing = sorted(set(expected) - set(planned))
+        unexpected = sorted(set(planned) - set(expected))
+        mismatched = sorted(
+            f"{k}: {tuple(planned[k].shape)} vs {tuple(expected[k].shape)}"
+            for k in set(planned) & set(expected)
+            if planned[k].shape != expected[k].shape
+        )
+        if missing or unexpected or mismatched:
+            raise CheckpointError(
+                "the dense checkpoint does not match its config: "
+                + "; ".join(
+                    f"{what} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched))
+                    if keys
+                )
+            )
+        return planned
+
+
+def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (safetensors, configs and tokenizer files only)."""
+    path = Path(model_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; expected a checkpoint directory or a hub model id")
+    try:
+        return Path(snapshot_download(str(model_path), revision=revision, allow_patterns=_SNAPSHOT_PATTERNS))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(
+            f"{model_path} is neither a local directory nor a downloadable hub model: {error}"
+        ) from error
+
+
+def _copy_tokenizer(source: Path, destination: Path) -> None:
+    """Save the source's tokenizer (when it has one) beside the converted weights."""
+    if any((source / name).is_file() for name in _TOKENIZER_FILES):
+        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+
+
+def _shard_files(source: Path) -> list[Path]:
+    index = source / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
+        files = [source / name for name in dict.fromkeys(weight_map.values())]
+    elif (source / SAFE_WEIGHTS_NAME).is_file():
+        files = [source / SAFE_WEIGHTS_NAME]
+    else:
+        raise CheckpointError(
+            f"{source} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (only safetensors checkpoints are read)"
+        )
+    missing = [str(f.name) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{source} lacks the shard files {missing} listed in its index")
+    return files
+
+
+class _DenseCheckpoint:
+    """The tensors of a dense safetensors checkpoint, read lazily one at a time."""
+
+    def __init__(self, source: Path):
+        self.source = source
+        try:
+            self.config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise CheckpointError(f"cannot read the config of {source}: {error}") from error
+        # Names, shapes and dtypes from the headers, as meta tensors (nothing is read yet).
+        self.layout: dict[Path, dict[str, torch.Tensor]] = {}
+        for file in _shard_files(source):
+            with self._open(file) as handle:
+                self.layout[file] = {}
+                for name in handle.keys():
+                    header = handle.get_slice(name)
+                    dtype = str_to_torch_dtype[header.get_dtype()]
+                    self.layout[file][name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
+
+    def _open(self, file: Path):
+        try:
+            return safe_open(file, framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(
+                f"{file} is not a readable safetensors file (truncated or corrupt?): {error}"
+            ) from error
+
+    def shapes(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for tensors in self.layout.values():
+            yield from tensors.items()
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for file, tensors in self.layout.items():
+            with self._open(file) as handle:
+                for name in tensors:
+                    try:
+                        yield name, handle.get_tensor(name)
+                    except (SafetensorError, OSError) as error:
+                        raise CheckpointError(f"cannot read {name} from {file}: {error}") from error
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return None  # each tensor keeps its own unless a dtype is asked for
+
+    def generation_config(self, config: DeepTalkConfig) -> GenerationConfig:
+        if (self.source / "generation_config.json").is_file():
+            return GenerationConfig.from_pretrained(self.source)
+        return GenerationConfig.from_model_config(config)
+
+
+class _DenseModel:
+    """A dense model in memory, read through the same interface as `_DenseCheckpoint`."""
+
+    def __init__(self, model: PreTrainedModel):
+        self.model = model
+        self.config = model.config
+        self.dtype = model.dtype
+        self.state = model.state_dict()
+
+    def shapes(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self.state.items()
+
+    tensors = shapes
+
+    def generation_config(self, config: DeepTalkConfig) -> GenerationConfig:
+        return copy.deepcopy(self.model.generation_config)
+
+
+def upcycle_dense(
+    model_or_path: PreTrainedModel | str | os.PathLike,
+    *,
+    num_text_experts: int,
+    num_speech_experts: int,
+    num_experts_per_tok: int,
+    granularity: int = 1,
+    num_shared_experts: int = 0,
+    speech_vocab_size: int = 0,
+    init_noise: float = 0.0,
+    drop_fraction: float = 0.0,
+    dtype: torch.dtype | str | None = None,
+    mlp_only_layers: list[int] | None = None,
+    seed: int = 0,
+    revision: str | None = None,
+) -> DeepTalkForCausalLM:
+    """Upcycle a dense Llama / Qwen2 / Qwen3 / Mistral causal LM into a `DeepTalkForCausalLM`, in memory.
+
+    Args:
+        model_or_path: a transformers model, a local checkpoint directory or a hub id (safetensors weights).
+        num_text_experts / num_speech_experts: routed experts per MoE layer in each modality group.
+        num_experts_per_tok: top-k. With `granularity`, all three count fine-grained experts.
+        granularity: cut the MLP's intermediate dimension into this many parts (fine-grained experts).
+        num_shared_experts: how many of those parts form an always-on shared expert (must be below `granularity`).
+        speech_vocab_size: speech block appended to the vocabulary (`resize_speech_vocab`: rows at the text mean).
+        init_noise: relative Gaussian noise on routed expert weights (times the dense matrix's std).
+        drop_fraction: Drop-Upcycling: fraction of each routed expert's intermediate channels re-initialised.
+        dtype: dtype of the result (default: the source's).
+        mlp_only_layers: decoder layers that stay dense.
+        seed: seed of the noise and re-initialisation (each expert is reproducible on its own).
+        revision: hub revision when `model_or_path` is a hub id.
+
+    With `init_noise=0` and `drop_fraction=0` the result computes the same logits as the dense model on text.
+    For checkpoints that do not fit twice in memory use `upcycle_checkpoint` (disk to disk, shard by shard).
+    """
+    if isinstance(model_or_path, PreTrainedModel):
+        source = _DenseModel(model_or_path)
+    else:
+        source = _DenseCheckpoint(_resolve_source(model_or_path, revision))
+    dtype = _as_dtype(dtype) or source.dtype
+    config = deeptalk_config_from_dense(
+        source.config,
+        num_text_experts=num_text_experts,
+        num_speech_experts=num_speech_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        granularity=granularity,
+        num_shared_experts=num_shared_experts,
+        mlp_only_layers=mlp_only_layers,
+        dtype=dtype,
+    )
+    upcycler = _Upcycler(config, granularity, num_shared_experts, init_noise, drop_fraction, seed, dtype)
+    upcycler.plan(source.shapes())
+    converted = {out: result for name, tensor in source.tensors() for out, result in upcycler.convert(name, tensor)}
+    model = DeepTalkForCausalLM.from_pretrained(None, config=config, state_dict=converted, dtype=config.dtype)
+    del converted
+    model.resize_speech_vocab(speech_vocab_size)
+    model.generation_config = source.generation_config(model.config)
+    return model
+
+
+class _ShardBuffers:
+    """Reusable memory for the output shards of a streaming conversion.
+
+    The copied tensors of a shard are carved out of one byte buffer, which is reused for a later shard once the shard
+    is written: memory is faulted in once, not once per shard (page faults cost more than the copies themselves).
+    """
+
+    def __init__(self, planned: dict[str, torch.Tensor], filename_to_tensors: dict[str, list[str]]):
+        self.offsets: dict[str, tuple[str, int]] = {}
+        self.size = 0
+        for file, names in filename_to_tensors.items():
+            position = 0
+            for name in names:
+                self.offsets[name] = (file, position)
+                position += -(-planned[name].nbytes // 64) * 64  # 64-byte aligned views
+            self.size = max(self.size, position)
+        self.free: list[torch.Tensor] = []
+        self.taken: dict[str, torch.Tensor] = {}
+
+    def allocate(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        file, start = self.offsets[name]
+        if file not in self.taken:
+            self.taken[file] = self.free.pop() if self.free else torch.empty(self.size, dtype=torch.uint8)
+        return self.taken[file][start : start + shape.numel() * dtype.itemsize].view(dtype).view(shape)
+
+    def release(self, file: str) -> None:
+        if file in self.taken:
+            self.free.append(self.taken.pop(file))
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `destination` that becomes `destination` only on success.
+
+    On any error the temporary directory is removed and `destination` is untouched. With `overwrite`, an existing
+    `destination` is moved aside, replaced, and deleted only once the new one is in place.
+    """
+    destination = Path(destination).absolute()
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} already exists (pass overwrite=True / --overwrite to replace it)")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
+    try:
+        yield staging
+        staging.chmod(0o777 & ~_umask())
+        if destination.exists():
+            previous = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
+            os.replace(destination, previous / destination.name)
+            try:
+                os.replace(staging, destination)
+            except BaseException:  # put the user's directory back (if even that fails, it stays in `previous`)
+                os.replace(previous / destination.name, destination)
+                previous.rmdir()
+                raise
+            shutil.rmtree(previous)
+        else:
+            os.replace(staging, destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def upcycle_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    num_text_experts: int,
+    num_speech_experts: int,
+    num_experts_per_tok: int,
+    granularity: int = 1,
+    num_shared_experts: int = 0,
+    speech_vocab_size: int = 0,
+    init_noise: float = 0.0,
+    drop_fraction: float = 0.0,
+    dtype: torch.dtype | str | None = None,
+    mlp_only_layers: list[int] | None = None,
+    seed: int = 0,
+    revision: str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Upcycle a dense checkpoint directory (or hub id) into a DeepTalk checkpoint directory, streaming.
+
+    Options are those of `upcycle_dense`. One dense tensor is read at a time and its upcycled tensors go to the output
+    shard planned for them (`split_torch_state_dict_into_shards` over a meta-device dry run), which is written as soon
+    as it is complete: memory stays around one output shard plus one input tensor. Weights, index, config, generation
+    config and tokenizer are written into a temporary directory renamed to `destination` at the end, so a failure
+    (corrupt or truncated source included) leaves no output. Returns `destination`.
+    """
+    checkpoint = _DenseCheckpoint(_resolve_source(source, revision))
+    if Path(destination).resolve() == checkpoint.source.resolve():
+        raise ValueError(f"destination {destination} is the source checkpoint; write the upcycled model elsewhere")
+    dtype = _as_dtype(dtype)
+    config = deeptalk_config_from_dense(
+        checkpoint.config,
+        num_text_experts=num_text_experts,
+        num_speech_experts=num_speech_experts,
+        num_experts_per_tok=num_experts_per_tok,
+        granularity=granularity,
+        num_shared_experts=num_shared_experts,
+        speech_vocab_size=speech_vocab_size,
+        mlp_only_layers=mlp_only_layers,
+        dtype=dtype,
+    )
+    upcycler = _Upcycler(
+        config, granularity, num_shared_experts, init_noise, drop_fraction, seed, dtype, pass_through=True
+    )
+    planned = upcycler.plan(checkpoint.shapes())
+    split = split_torch_state_dict_into_shards(
+        planned,
+        filename_pattern=SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+        max_shard_size=max_shard_size,
+    )
+    pending = {file: set(names) for file, names in split.filename_to_tensors.items()}
+    shard_buffers = _ShardBuffers(planned, split.filename_to_tensors)
+    upcycler.allocate = shard_buffers.allocate
+    total_bytes = split.metadata["total_size"]
+    with atomic_output_dir(destination, overwrite=overwrite) as staging:
+        buffers: dict[str, dict[str, torch.Tensor]] = {}
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Upcycling", disable=not progress) as bar:
+            for name, tensor in checkpoint.tensors():
+                for out, result in upcycler.convert(name, tensor):
+                    file = split.tensor_to_filename[out]
+                    buffers.setdefault(file, {})[out] = result
+                    pending[file].discard(out)
+                    if not pending[file]:
+                        save_file(buffers.pop(file), staging / file, metadata={"format": "pt"})
+                        shard_buffers.release(file)
+                    bar.update(result.numel() * result.element_size())
+        if split.is_sharded:
+            index = {
+                "metadata": {"total_parameters": sum(t.numel() for t in planned.values()), **split.metadata},
+                "weight_map": split.tensor_to_filename,
+            }
+            (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        config.save_pretrained(staging)
+        checkpoint.generation_config(config).save_pretrained(staging)
+        _copy_tokenizer(checkpoint.source, staging)
+    return Path(destination)
+
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CheckpointError",
+    "atomic_output_dir",
+    "deeptalk_config_from_dense",
+    "upcycle_checkpoint",
+    "upcycle_dense",
+]

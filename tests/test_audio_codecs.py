@@ -1,0 +1,246 @@
+"""Audio codecs: torch resampling, the flat unit layouts (SNAC in Mini-Omni order, Mimi interleaved), audio round trips
+through randomly initialised SNAC and Mimi models, loading from a folder, the processor's `audio=` path, bad input."""
+
+import json
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import AutoProcessor
+
+from deeptalk_hf.audio_codecs import AudioCodec, MimiCodec, SnacCodec, _snac_frame_levels, resample
+
+from .speech_fixtures import HAVE_SNAC, needs_snac, tiny_mimi, tiny_processor, tiny_snac
+
+SNAC = SnacCodec(tiny_snac()) if HAVE_SNAC else None
+MIMI = MimiCodec(tiny_mimi(), num_codebooks=4)
+CODECS = {"snac": SNAC, "mimi": MIMI}
+BOTH = [pytest.param("snac", marks=needs_snac), "mimi"]
+
+
+# ---- resampling --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("orig", "new"), [(16000, 24000), (44100, 24000), (24000, 16000), (8000, 24000), (22050, 24000)]
+)
+def test_resample_matches_the_analytic_sine(orig, new):
+    seconds = torch.arange(orig // 2, dtype=torch.float64) / orig
+    out = resample(torch.sin(2 * math.pi * 440 * seconds), orig, new)
+    assert out.shape[-1] == math.ceil(len(seconds) * new / orig)
+    expected = torch.sin(2 * math.pi * 440 * torch.arange(out.shape[-1], dtype=torch.float64) / new)
+    inner = slice(out.shape[-1] // 10, -out.shape[-1] // 10)
+    torch.testing.assert_close(out[inner], expected[inner], atol=2e-3, rtol=0)
+
+
+def test_resample_removes_what_the_new_rate_cannot_hold():
+    """A 10 kHz tone is above 8 kHz's Nyquist frequency: resampling 24 kHz → 16 kHz must filter it out."""
+    seconds = torch.arange(24000) / 24000
+    out = resample(torch.sin(2 * math.pi * 10000 * seconds), 24000, 16000)
+    assert out[1000:-1000].abs().max() < 0.02
+
+
+@given(length=st.integers(1, 3000), rates=st.sampled_from([(16000, 24000), (48000, 24000), (24000, 24000)]))
+def test_resample_keeps_leading_shape_and_length(length, rates):
+    waveform = torch.randn(2, 3, length)
+    out = resample(waveform, *rates)
+    assert out.shape == (2, 3, math.ceil(length * rates[1] / rates[0]))
+    torch.testing.assert_close(out[1, 2], resample(waveform[1, 2], *rates))
+
+
+# ---- unit layouts ------------------------------------------------------------------------------------------------
+
+
+@needs_snac
+def test_snac_frame_is_mini_omnis_depth_first_order():
+    assert _snac_frame_levels([4, 2, 1]) == (0, 1, 2, 2, 1, 2, 2)
+    assert _snac_frame_levels([8, 4, 2, 1]) == (0, 1, 2, 3, 3, 2, 3, 3, 1, 2, 3, 3, 2, 3, 3)
+    size = SNAC.codebook_size
+    c0, c1, c2 = torch.tensor([1, 2]), torch.tensor([3, 4, 5, 6]), torch.tensor([7, 8, 9, 10, 11, 12, 13, 14])
+    units = SNAC.to_units([c0, c1, c2]).tolist()
+    first_frame = [1, size + 3, 2 * size + 7, 2 * size + 8, size + 4, 2 * size + 9, 2 * size + 10]
+    assert units[:7] == first_frame
+    assert units[7:] == [2, size + 5, 2 * size + 11, 2 * size + 12, size + 6, 2 * size + 13, 2 * size + 14]
+
+
+def test_mimi_frames_interleave_the_codebooks():
+    codes = [torch.tensor([level, 10 + level]) for level in range(4)]
+    size = MIMI.codebook_size
+    assert MIMI.to_units(codes).tolist() == [lv * size + lv for lv in range(4)] + [
+        lv * size + 10 + lv for lv in range(4)
+    ]
+
+
+@pytest.mark.parametrize("name", BOTH)
+@given(frames=st.integers(0, 12), seed=st.integers(0, 2**16))
+def test_units_round_trip_codes(name, frames, seed):
+    codec = CODECS[name]
+    generator = torch.Generator().manual_seed(seed)
+    codes = [
+        torch.randint(0, codec.codebook_size, (frames * codec.frame_levels.count(level),), generator=generator)
+        for level in range(codec.num_codebooks)
+    ]
+    units = codec.to_units(codes)
+    assert units.shape == (frames * codec.units_per_frame,)
+    assert units.numel() == 0 or 0 <= int(units.min()) <= int(units.max()) < codec.num_units
+    assert all(torch.equal(a, b) for a, b in zip(codec.from_units(units), codes, strict=True))
+
+
+@needs_snac
+@pytest.mark.parametrize(
+    ("units", "message"),
+    [
+        ([0] * 6, "6 units are not whole frames of 7"),
+        ([0, 64, 128, 128, 64, 128, 64], "unit 64 at position 6 is not a level-2 unit (range [128, 192))"),
+        ([-1, 64, 128, 128, 64, 128, 128], "unit -1 at position 0 is not a level-0 unit"),
+        ([64, 64, 128, 128, 64, 128, 128], "unit 64 at position 0 is not a level-0 unit"),
+    ],
+)
+def test_from_units_names_the_misplaced_unit(units, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SNAC.from_units(units)
+
+
+@needs_snac
+def test_to_units_checks_the_codes():
+    with pytest.raises(ValueError, match="codes for 3 codebook levels, got 2"):
+        SNAC.to_units([torch.tensor([1]), torch.tensor([1, 2])])
+    with pytest.raises(ValueError, match=r"level 2 has codes of shape \(3,\); expected \[4\]"):
+        SNAC.to_units([torch.tensor([1]), torch.tensor([1, 2]), torch.tensor([1, 2, 3])])
+    with pytest.raises(ValueError, match=r"level 0 has codes outside \[0, 64\)"):
+        SNAC.to_units([torch.tensor([64]), torch.tensor([1, 2]), torch.tensor([1, 2, 3, 4])])
+
+
+# ---- audio round trips through random-weight codecs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize(("rate", "samples"), [(16000, 5000), (24000, 4000), (44100, 9000)])
+def test_audio_round_trip_shapes_frames_and_rates(name, rate, samples):
+    codec = CODECS[name]
+    assert isinstance(codec, AudioCodec) and codec.sampling_rate == 24000
+    waveform = 0.1 * torch.randn(samples, generator=torch.Generator().manual_seed(0))
+    codes = codec.encode(waveform, rate)
+    frames = math.ceil(math.ceil(samples * 24000 / rate) / codec.samples_per_frame)
+    assert [c.shape for c in codes] == [(frames * codec.frame_levels.count(lv),) for lv in range(codec.num_codebooks)]
+    assert all(c.dtype == torch.long and 0 <= int(c.min()) and int(c.max()) < codec.codebook_size for c in codes)
+    units = codec.to_units(codes)
+    assert units.shape == (frames * codec.units_per_frame,)
+    audio = codec.decode(codec.from_units(units))
+    assert audio.shape == (frames * codec.samples_per_frame,) and audio.dtype == torch.float32
+    assert torch.isfinite(audio).all()
+    assert codec.samples_per_frame == codec.sampling_rate / codec.frame_rate
+
+
+@needs_snac
+def test_stereo_is_mixed_down_and_numpy_inputs_work():
+    stereo = 0.1 * torch.randn(2, 3000, generator=torch.Generator().manual_seed(1))
+    expected = SNAC.encode(stereo.mean(0), 24000)
+    for got in (SNAC.encode(stereo, 24000), SNAC.encode(stereo.numpy(), np.int64(24000))):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("waveform", "rate", "message"),
+    [
+        (torch.zeros(100), 0, "sampling_rate=0 must be a positive integer"),
+        (torch.zeros(100), -16000, "sampling_rate=-16000"),
+        (torch.zeros(100), 16000.0, "sampling_rate=16000.0"),
+        (torch.zeros(0), 16000, "the waveform is empty"),
+        (torch.zeros(2, 0), 16000, "the waveform is empty"),
+        (torch.zeros(100, dtype=torch.int16), 16000, "floating-point samples"),
+        (torch.full((100,), float("nan")), 16000, "NaN or infinite"),
+        (torch.zeros(1, 1, 100), 16000, "[samples] or [channels, samples]"),
+    ],
+)
+@pytest.mark.parametrize("name", BOTH)
+def test_bad_audio_raises(name, waveform, rate, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CODECS[name].encode(waveform, rate)
+
+
+@needs_snac
+def test_codecs_load_from_a_folder(tmp_path):
+    snac_dir, mimi_dir = tmp_path / "snac", tmp_path / "mimi"
+    snac_dir.mkdir()
+    model = SNAC.model
+    config = {
+        key: getattr(model, key)
+        for key in ("sampling_rate", "encoder_dim", "encoder_rates", "decoder_dim", "codebook_size", "codebook_dim")
+    }
+    config.update(decoder_rates=[8, 8, 4, 2], attn_window_size=None, vq_strides=[4, 2, 1])
+    (snac_dir / "config.json").write_text(json.dumps(config))
+    torch.save(model.state_dict(), snac_dir / "pytorch_model.bin")
+    MIMI.model.save_pretrained(mimi_dir)
+    waveform = 0.1 * torch.randn(3000, generator=torch.Generator().manual_seed(2))
+    for original, loaded in (
+        (SNAC, SnacCodec.from_pretrained(str(snac_dir))),
+        (MIMI, MimiCodec.from_pretrained(mimi_dir, 4)),
+    ):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(loaded.encode(waveform, 24000), original.encode(waveform, 24000), strict=True)
+        )
+
+
+def test_mimi_codebook_count_is_checked():
+    with pytest.raises(ValueError, match=r"num_codebooks=9 must be in \[1, 8\]"):
+        MimiCodec(MIMI.model, num_codebooks=9)
+
+
+# ---- the processor's audio= path ---------------------------------------------------------------------------------
+
+
+@needs_snac
+def test_processor_encodes_audio_into_speech_segments():
+    processor = tiny_processor(SNAC.num_units, codec=SNAC)
+    question, answer = (0.1 * torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in (3000, 5000))
+    encoded = processor(text=["hello <|speech|> world", "<|speech|>"], audio=[question, [answer]], sampling_rate=16000)
+    expected = [SNAC.to_units(SNAC.encode(w, 16000)).tolist() for w in (question, answer)]
+    assert [processor.decode(ids).speech_units for ids in encoded["input_ids"]] == [[expected[0]], [expected[1]]]
+    # through the chat template: an audio block with its rate, then a speech-units block
+    conversation = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": question, "sampling_rate": 16000},
+                {"type": "speech", "units": [5]},
+            ],
+        }
+    ]
+    ids = processor.apply_chat_template(conversation, tokenize=True)[0]
+    assert processor.decode(ids).speech_units == [expected[0], [5]]
+    with pytest.raises(ValueError, match="needs sampling_rate="):
+        processor(text="<|speech|>", audio=question)
+
+
+@needs_snac
+def test_processor_refuses_a_codec_with_more_units_than_the_tokenizer():
+    processor = tiny_processor(SNAC.num_units - 1, codec=SNAC)
+    with pytest.raises(
+        ValueError, match=f"makes {SNAC.num_units} distinct units but the tokenizer has {SNAC.num_units - 1}"
+    ):
+        processor(text="<|speech|>", audio=torch.zeros(100), sampling_rate=24000)
+
+
+def test_snac_loading_names_the_missing_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "snac", None)  # as if the package were not installed
+    with pytest.raises(ImportError, match=re.escape("pip install 'deeptalk-hf[audio]'")):
+        SnacCodec.from_pretrained("hubertsiuzdak/snac_24khz")
+
+
+def test_the_codec_is_not_saved_with_the_processor_but_can_be_passed_back(tmp_path):
+    processor = tiny_processor(MIMI.num_units, codec=MIMI)
+    processor.save_pretrained(tmp_path)
+    assert "codec" not in json.loads((tmp_path / "processor_config.json").read_text())
+    assert processor.codec is MIMI  # saving leaves it in place
+    assert AutoProcessor.from_pretrained(tmp_path).codec is None
+    loaded = AutoProcessor.from_pretrained(tmp_path, codec=MIMI)
+    waveform = 0.1 * torch.randn(3000, generator=torch.Generator().manual_seed(3))
+    sample = {"text": "hello <|speech|>", "audio": waveform, "sampling_rate": 24000}
+    assert loaded(**sample)["input_ids"] == processor(**sample)["input_ids"]

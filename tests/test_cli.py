@@ -1,0 +1,237 @@
+"""The console scripts `deeptalk-upcycle` and `deeptalk-profile`: results, help, exit codes."""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import deeptalk_hf  # noqa: F401  (registers the Auto classes)
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, ModalityLoad, profile_modality_load
+from deeptalk_hf.cli import (
+    EXIT_EXISTS,
+    EXIT_OK,
+    EXIT_SOURCE,
+    EXIT_USAGE,
+    profile_main,
+    profile_parser,
+    read_jsonl_batches,
+    upcycle_main,
+    upcycle_parser,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_upcycling import ARCHITECTURES, dense_model, max_diff, save_dense, text_ids  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+TEXT_VOCAB, SPEECH_VOCAB = 64, 16
+
+
+def test_console_scripts_are_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {
+        "deeptalk-upcycle": "deeptalk_hf.cli:upcycle_main",
+        "deeptalk-profile": "deeptalk_hf.cli:profile_main",
+    }
+    for target in scripts.values():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
+
+
+@pytest.mark.parametrize("parser", [upcycle_parser(), profile_parser()], ids=["upcycle", "profile"])
+def test_help_explains_every_option(parser, capsys):
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.dest
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "exit codes" in text and all(
+        option in text for action in parser._actions for option in action.option_strings
+    )
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_cli_upcycled_checkpoint_is_the_dense_model(kind, granularity, tmp_path):
+    dense = dense_model(kind)
+    source = save_dense(dense, tmp_path / "dense")
+    arguments = [str(source), str(tmp_path / "moe"), "--num-text-experts", str(4 * granularity)]
+    arguments += ["--num-speech-experts", str(2 * granularity), "--top-k", str(2 * granularity)]
+    arguments += ["--granularity", str(granularity), "--max-shard-size", "50KB", "--quiet"]
+    assert upcycle_main(arguments) == EXIT_OK
+    moe, info = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(moe(ids).logits, dense(ids).logits) <= 1e-5
+    prompt = ids[:, :6]
+    assert torch.equal(
+        moe.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+        dense.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+    )
+
+
+def test_upcycle_exit_codes(tmp_path, capsys):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    destination = tmp_path / "moe"
+    base = ["--num-text-experts", "2", "--top-k", "1", "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:  # argparse: a required option is missing
+        upcycle_main([str(source), str(destination)])
+    assert exit_info.value.code == EXIT_USAGE
+    assert upcycle_main([str(source), str(destination), *base, "--granularity", "5"]) == EXIT_USAGE
+    assert "granularity=5" in capsys.readouterr().err
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(gpt2)
+    assert upcycle_main([str(gpt2), str(destination), *base]) == EXIT_SOURCE
+    assert "'gpt2'" in capsys.readouterr().err
+    assert upcycle_main([str(tmp_path / "nowhere"), str(destination), *base]) == EXIT_SOURCE
+    assert not destination.exists()
+    assert upcycle_main([str(source), str(destination), *base]) == EXIT_OK
+    assert upcycle_main([str(source), str(destination), *base]) == EXIT_EXISTS
+    assert "--overwrite" in capsys.readouterr().err
+    assert upcycle_main([str(source), str(destination), *base, "--overwrite", "--dtype", "bfloat16"]) == EXIT_OK
+    assert json.loads((destination / "config.json").read_text())["dtype"] == "bfloat16"
+    shard = sorted(source.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    assert upcycle_main([str(source), str(tmp_path / "other"), *base]) == EXIT_SOURCE
+    assert "truncated or corrupt" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_exit_code_reaches_the_shell(tmp_path):
+    """As the console script runs it: `sys.exit(upcycle_main())`."""
+    command = "import sys; from deeptalk_hf.cli import upcycle_main; sys.exit(upcycle_main())"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            command,
+            str(tmp_path / "nowhere"),
+            str(tmp_path / "out"),
+            "--num-text-experts",
+            "2",
+            "--top-k",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == EXIT_SOURCE, result.stderr
+    assert "deeptalk-upcycle: error:" in result.stderr
+
+
+# deeptalk-profile
+
+
+@pytest.fixture(scope="module")
+def deeptalk_checkpoint(tmp_path_factory):
+    """A random DeepTalk model (distinct experts, working routers) saved as a checkpoint."""
+    config = DeepTalkConfig(
+        vocab_size=TEXT_VOCAB + SPEECH_VOCAB,
+        speech_vocab_size=SPEECH_VOCAB,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=6,
+        num_speech_experts=0,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        use_qk_norm=False,
+    )
+    model = DeepTalkForCausalLM(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.2 * noise if "norm" in name else 0.5 * noise)
+    path = tmp_path_factory.mktemp("deeptalk")
+    model.save_pretrained(path)
+    return path
+
+
+def write_data(path: Path, rows: int = 7) -> Path:
+    generator = torch.Generator().manual_seed(3)
+    lines = []
+    for i in range(rows):
+        text = torch.randint(0, TEXT_VOCAB, (4 + i,), generator=generator).tolist()
+        speech = torch.randint(TEXT_VOCAB, TEXT_VOCAB + SPEECH_VOCAB, (3 + i % 3,), generator=generator).tolist()
+        row = {"input_ids": text + speech}
+        if i % 2:  # half the rows say their modality explicitly: here, the first text id counts as speech
+            row["modality_ids"] = [1] + [0] * (len(text) - 1) + [1] * len(speech)
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n\n")
+    return path
+
+
+def test_read_jsonl_batches(tmp_path):
+    data = write_data(tmp_path / "data.jsonl")
+    batches = list(read_jsonl_batches(data, batch_size=3, vocab_size=80, speech_token_start=TEXT_VOCAB, max_length=9))
+    assert [len(b["input_ids"]) for b in batches] == [3, 3, 1]
+    first = batches[0]
+    assert first["attention_mask"].sum(1).tolist() == [7, 9, 9]  # lengths 7, 9 and 11 cut to 9
+    assert first["modality_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1, 0, 0]  # from the id block
+    assert first["modality_ids"][1, 0] == 1  # given explicitly
+    rows = [json.loads(line) for line in data.read_text().split("\n") if line]
+    assert first["input_ids"][1, :9].tolist() == rows[1]["input_ids"][:9]
+
+
+def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "data.jsonl")
+    output, assigned = tmp_path / "load.json", tmp_path / "split"
+    arguments = [str(deeptalk_checkpoint), str(data), "-o", str(output), "--batch-size", "3", "--quiet"]
+    assert profile_main([*arguments, "--assign-to", str(assigned), "--num-speech-experts", "2,3"]) == EXIT_OK
+    summary = capsys.readouterr().out
+    assert "layer 0" in summary and "layer 1" in summary and "speech experts" in summary
+    load = ModalityLoad.load(output)
+    model = AutoModelForCausalLM.from_pretrained(deeptalk_checkpoint)
+    batches = read_jsonl_batches(data, batch_size=3, vocab_size=80, speech_token_start=TEXT_VOCAB)
+    expected = profile_modality_load(model, batches)
+    for name in ("speech_counts", "text_counts"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(load, name), getattr(expected, name), strict=True))
+    assert load.speech_tokens == expected.speech_tokens > 0
+    for counts in load.speech_counts:
+        assert counts.sum() == load.speech_tokens * 2
+    split, info = AutoModelForCausalLM.from_pretrained(assigned, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert split.config.num_speech_experts == [2, 3] and split.config.num_experts == [4, 3]
+    ids = text_ids()
+    model.config.modality_routing = split.config.modality_routing = "none"
+    with torch.no_grad():
+        torch.testing.assert_close(split(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-4)
+
+
+def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
+    data = write_data(tmp_path / "data.jsonl")
+    model = str(deeptalk_checkpoint)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n')
+    assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    bad.write_text('{"input_ids": [1, 200]}\n')
+    assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
+    assert "[0, 80)" in capsys.readouterr().err
+    bad.write_text('{"input_ids": [1, 2], "modality_ids": [1]}\n')
+    assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
+    assert profile_main([model, str(tmp_path / "none.jsonl"), "--quiet"]) == EXIT_SOURCE
+    llama = tmp_path / "llama"
+    dense_model("llama").save_pretrained(llama)
+    assert profile_main([str(llama), str(data), "--quiet"]) == EXIT_SOURCE
+    assert "LlamaForCausalLM" in capsys.readouterr().err
+    (tmp_path / "taken.json").write_text("{}")
+    assert profile_main([model, str(data), "-o", str(tmp_path / "taken.json"), "--quiet"]) == EXIT_EXISTS
+    assert (tmp_path / "taken.json").read_text() == "{}"
+    with pytest.raises(SystemExit) as exit_info:
+        profile_main([model, str(data), "--strategy", "adaptive", "--num-speech-experts", "2", "--assign-to", "x"])
+    assert exit_info.value.code == EXIT_USAGE
+    if importlib.util.find_spec("matplotlib") is None:
+        assert profile_main([model, str(data), "--plot", str(tmp_path / "p.png"), "--quiet"]) == EXIT_USAGE
+        assert "deeptalk-hf[plot]" in capsys.readouterr().err

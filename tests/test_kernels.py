@@ -1,0 +1,336 @@
+"""The `deeptalk_triton` experts kernels against the torch reference and transformers' eager experts.
+
+Without CUDA the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`, which `conftest.py` sets before
+anything imports Triton); with CUDA the same checks run compiled on the GPU. Shapes stay tiny because the interpreter
+costs about 2 ms per program and reduction step. bf16 is checked only in `test_kernels_gpu.py` (the interpreter's bf16
+dot is not faithful).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from transformers import GptOssConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
+
+import deeptalk_hf  # noqa: E402
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM  # noqa: E402
+from deeptalk_hf import kernels as K  # noqa: E402
+from deeptalk_hf.kernels import fused_moe as fused_moe_module  # noqa: E402
+
+from .conftest import tiny_config  # noqa: E402
+from .kernel_cases import (  # noqa: E402
+    MODELS,
+    assert_close,
+    build_case,
+    check_model_matches_eager,
+    outputs_and_grads,
+    tiny_deeptalk,
+    tiny_mixtral,
+    tiny_qwen3_moe,
+    upcast,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Largest error allowed, relative to the largest magnitude of the expected tensor (per output and per gradient).
+# fp32: the kernels and the float64 reference differ only by fp32 rounding (seen: <= 3e-5, routing-weight
+# gradients being dot products with cancellation).
+# fp16: inputs are the same fp16 values; the kernels round the intermediates (gate/up, activation, its gradient) to
+# fp16 as every fp16 backend does (relative error ~1e-3 each), the reference keeps them in float64.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
+
+
+@st.composite
+def moe_cases(draw):
+    num_experts = draw(st.integers(1, 9))
+    return dict(
+        num_tokens=draw(st.sampled_from([0, 1, 2, 5, 13, 24])),
+        hidden=draw(st.sampled_from([16, 40, 72])),
+        inter=draw(st.sampled_from([16, 24, 40])),
+        num_experts=num_experts,
+        top_k=draw(st.integers(1, 9)),
+        num_used=draw(st.integers(1, num_experts)),
+        sentinel_rate=draw(st.sampled_from([0.0, 0.0, 0.25])),
+        layout=draw(st.sampled_from(["contiguous", "sliced", "transposed"])),
+        trainable=draw(st.sampled_from(["all", "all", "frozen_experts", "router_only"])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+def check_against_reference(case: dict, dtype: torch.dtype) -> None:
+    inputs, grad_out = build_case(case, dtype, DEVICE)
+    out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    assert out.dtype == dtype
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, upcast(inputs), grad_out.double())
+    tol = TOLERANCE[dtype]
+    assert_close(out, ref_out, tol, "output")
+    names = [
+        n
+        for n, a in zip(("hidden", "gate_up_proj", "down_proj", "", "routing"), inputs, strict=True)
+        if a.requires_grad
+    ]
+    for name, grad, ref_grad, leaf in zip(
+        names, grads, ref_grads, (a for a in inputs if a.requires_grad), strict=True
+    ):
+        assert grad.dtype == leaf.dtype
+        assert_close(grad, ref_grad, tol, f"grad {name}")
+
+
+@given(case=moe_cases())
+def test_fp32_matches_reference(case):
+    check_against_reference(case, torch.float32)
+
+
+@given(case=moe_cases())
+def test_fp16_matches_reference(case):
+    check_against_reference(case, torch.float16)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(num_tokens=0, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.0),  # T = 0
+        dict(num_tokens=9, num_experts=5, top_k=1, num_used=5, sentinel_rate=0.0),  # top-1
+        dict(num_tokens=7, num_experts=5, top_k=8, num_used=5, sentinel_rate=0.0),  # k > E: spare sentinel slots
+        dict(num_tokens=20, num_experts=8, top_k=2, num_used=1, sentinel_rate=0.0),  # one hot expert, 7 idle
+        dict(num_tokens=6, num_experts=3, top_k=2, num_used=3, sentinel_rate=1.0),  # only sentinels
+    ],
+)
+def test_edge_cases_match_reference(case):
+    check_against_reference(
+        dict(case, hidden=40, inter=24, layout="contiguous", trainable="all", seed=0), torch.float32
+    )
+
+
+def test_many_experts_and_large_top_k():
+    """256 experts (the tile lookup spans them all) and k = 10."""
+    check_against_reference(
+        dict(
+            num_tokens=6, hidden=16, inter=16, num_experts=256, top_k=10, num_used=256, sentinel_rate=0.1,
+            layout="contiguous", trainable="all", seed=1,
+        ),
+        torch.float32,
+    )  # fmt: skip
+
+
+def test_deterministic_mode_matches_reference():
+    """Under `torch.use_deterministic_algorithms` the kernels store per-pair rows instead of adding atomically."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=40, num_experts=4, top_k=3, num_used=4, sentinel_rate=0.25,
+        layout="contiguous", trainable="all", seed=5,
+    )  # fmt: skip
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_against_reference(case, torch.float32)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def test_autocast_computes_in_the_autocast_dtype():
+    """fp32 weights under fp16 autocast: fp16 products (as eager's `F.linear`), fp32 gradients for the weights."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=6,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    assert out.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    # The reference on the fp16-rounded inputs, in float64.
+    rounded = [
+        a.detach().half().double().requires_grad_(a.requires_grad) if a.is_floating_point() else a for a in inputs
+    ]
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, rounded, grad_out.double())
+    names = ("output", "hidden", "gate_up", "down", "routing")
+    for name, grad, ref in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
+        assert_close(grad, ref, TOLERANCE[torch.float16], name)
+    # Without the cast the products would be fp32: much closer to the fp32 reference than fp16 rounding allows.
+    exact = K.moe_experts_reference(*upcast(inputs))
+    assert (out.double() - exact).abs().max() > 1e-5 * exact.abs().max()
+
+
+def test_eager_experts_agree():
+    """transformers' eager experts, the reference and the kernels agree (ties the oracle to transformers' math)."""
+    case = dict(
+        num_tokens=24, hidden=40, inter=24, num_experts=6, top_k=3, num_used=5, sentinel_rate=0.2,
+        layout="contiguous", trainable="all", seed=3,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    config = Qwen3MoeConfig(hidden_size=40, moe_intermediate_size=24, num_experts=6, experts_implementation="eager")
+    eager = Qwen3MoeExperts(config).to(DEVICE)
+    with torch.no_grad():
+        eager.gate_up_proj.copy_(gate_up)
+        eager.down_proj.copy_(down)
+    eager_out, eager_grads = outputs_and_grads(
+        lambda x, w1, w2, i, w: eager(x, i, w), (x, eager.gate_up_proj, eager.down_proj, index, weights), grad_out
+    )
+    out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, inputs, grad_out)
+    names = ("output", "hidden", "gate_up", "down", "routing")
+    for name, kernel, expected, reference in zip(
+        names, [out, *grads], [eager_out, *eager_grads], [ref_out, *ref_grads], strict=True
+    ):
+        assert_close(kernel, expected, TOLERANCE[torch.float32], f"kernels vs eager {name}")
+        assert_close(reference, expected, TOLERANCE[torch.float32], f"reference vs eager {name}")
+
+
+def test_decode_path_needs_no_sort(monkeypatch):
+    """Inference on a handful of tokens takes the per-pair kernels: no routing metadata, same result."""
+
+    def no_sort(*args):
+        raise AssertionError("the decode path sorted the routing")
+
+    monkeypatch.setattr(fused_moe_module, "sort_by_expert", no_sort)
+    for num_tokens, top_k in [(1, 4), (2, 2)]:
+        case = dict(
+            num_tokens=num_tokens, hidden=72, inter=40, num_experts=16, top_k=top_k, num_used=16, sentinel_rate=0.0,
+            layout="sliced", trainable="none", seed=num_tokens,
+        )  # fmt: skip
+        inputs, _ = build_case(case, torch.float32, DEVICE)
+        x, gate_up, down, index, weights = inputs
+        index[index == 0] = 16  # expert 0 is never routed to: its NaN weights must not be read
+        expected = K.moe_experts_reference(*upcast(inputs))
+        gate_up[0] = float("nan")
+        assert fused_moe_module.use_decode_path(num_tokens, top_k, 16)
+        assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
+
+
+def test_fullgraph_compile():
+    """Under `torch.compile(fullgraph=True)` the kernels are opaque custom ops: same outputs and gradients."""
+    case = dict(
+        num_tokens=12, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.2,
+        layout="contiguous", trainable="all", seed=7,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
+    compiled = torch.compile(K.fused_moe_experts, backend="aot_eager", fullgraph=True)
+    out, grads = outputs_and_grads(compiled, inputs, grad_out)
+    ref_out, ref_grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    for name, a, b in zip(("output", "hidden", "gate_up", "down", "routing"), [out, *grads], [ref_out, *ref_grads], strict=True):  # fmt: skip
+        assert_close(a, b, 1e-6, name)
+    x, gate_up, down, index, weights = inputs
+    one_token = (x[:1], gate_up, down, index[:1], weights[:1])
+    with torch.no_grad():  # the decode op
+        assert_close(compiled(*one_token), K.fused_moe_experts(*one_token), 1e-6, "decode")
+
+
+def test_deeptalk_model_fullgraph_compile():
+    """DeepTalk's hard routing compiles with `fullgraph=True` on this backend too, as on grouped_mm and batched_mm."""
+    model = DeepTalkForCausalLM(tiny_config(experts_implementation="deeptalk_triton")).to(DEVICE).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 6), device=DEVICE)
+    assert (input_ids >= model.config.speech_token_start).any()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(input_ids).logits, model(input_ids).logits, 1e-6, "logits")
+
+
+def test_sort_by_expert():
+    index = torch.tensor([[2, 0], [3, 2], [0, 3], [1, 2]])  # 3 is the sentinel for E = 3
+    sorted_pairs, offsets = K.sort_by_expert(index, 3)
+    assert sorted_pairs.tolist()[:6] == [1, 4, 6, 0, 3, 7]  # experts 0, 0, 1, 2, 2, 2 in token order
+    assert sorted(sorted_pairs.tolist()[6:]) == [2, 5]  # the sentinel slots, past offsets[E]
+    assert offsets.tolist() == [0, 2, 3, 6]
+    assert sorted_pairs.dtype == offsets.dtype == torch.int32
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models: `set_experts_implementation("deeptalk_triton")` gives eager's logits and gradients.
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_matches_eager(name):
+    check_model_matches_eager(name, DEVICE)
+
+
+def test_from_pretrained_with_deeptalk_triton(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_qwen3_moe()
+    model.save_pretrained(tmp_path)
+    input_ids = torch.randint(0, 48, (1, 5))
+    expected = model(input_ids).logits
+    loaded = Qwen3MoeForCausalLM.from_pretrained(tmp_path, experts_implementation="deeptalk_triton").to(DEVICE)
+    assert loaded.config._experts_implementation == "deeptalk_triton"
+    assert_close(loaded(input_ids.to(DEVICE)).logits, expected, 1e-4, "logits")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registration, backend selection and errors.
+
+
+def test_registered_with_transformers():
+    assert ALL_EXPERTS_FUNCTIONS["deeptalk_triton"] is K.deeptalk_triton_experts_forward
+    assert tiny_mixtral().get_correct_experts_implementation("deeptalk_triton") == "deeptalk_triton"
+
+
+def test_deeptalk_default_backend(monkeypatch):
+    """DeepTalk defaults to the kernels when CUDA and Triton are there (SiLU experts); other models are unchanged."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tiny_deeptalk("hard").config._experts_implementation == "deeptalk_triton"
+    assert tiny_qwen3_moe().config._experts_implementation == "grouped_mm"
+    gelu = DeepTalkConfig(
+        vocab_size=32, hidden_size=16, moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        hidden_act="gelu",
+    )  # fmt: skip
+    assert DeepTalkForCausalLM(gelu).config._experts_implementation == "grouped_mm"
+    monkeypatch.setattr(K, "is_triton_available", lambda: False)
+    assert tiny_deeptalk("hard").config._experts_implementation == "grouped_mm"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(K, "is_triton_available", lambda: True)
+    assert tiny_deeptalk("hard").config._experts_implementation == "grouped_mm"
+
+
+def tiny_experts_call():
+    experts = tiny_qwen3_moe().model.layers[0].mlp.experts
+    x = torch.randn(3, 32)
+    index = torch.tensor([[0, 1, 2, 3]] * 3)
+    return experts, x, index, torch.full((3, 4), 0.25)
+
+
+def test_cpu_without_interpreter_points_to_grouped_mm(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    experts, *args = tiny_experts_call()
+    with pytest.raises(RuntimeError, match="grouped_mm"):
+        K.deeptalk_triton_experts_forward(experts, *args)
+
+
+def test_missing_triton_points_to_grouped_mm(monkeypatch):
+    monkeypatch.setattr(K, "is_triton_available", lambda: False)
+    experts, *args = tiny_experts_call()
+    with pytest.raises(ImportError, match="grouped_mm"):
+        K.deeptalk_triton_experts_forward(experts, *args)
+
+
+def test_unsupported_layouts_are_named():
+    experts, *args = tiny_experts_call()
+    experts.act_fn = torch.nn.GELU()
+    with pytest.raises(NotImplementedError, match="GELU"):
+        K.deeptalk_triton_experts_forward(experts, *args)
+    config = GptOssConfig(num_local_experts=2, hidden_size=8, intermediate_size=8)
+    with pytest.raises(NotImplementedError, match="biases.*transposed.*interleaved.*_apply_gate"):
+        K.deeptalk_triton_experts_forward(GptOssExperts(config), *args)
+
+
+def test_package_imports_without_triton():
+    src = Path(deeptalk_hf.__file__).parents[1]
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import deeptalk_hf, deeptalk_hf.kernels as K\n"
+        "assert not K.is_triton_available()\n"
+        "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
+        "assert 'deeptalk_triton' in ALL_EXPERTS_FUNCTIONS\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,351 @@
+"""Modality-load profiling, expert assignment (a pure permutation) and training stages (exact freezing)."""
+
+import copy
+import sys
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import deeptalk_hf  # noqa: F401  (registers the Auto classes)
+from deeptalk_hf import (
+    DeepTalkConfig,
+    DeepTalkForCausalLM,
+    ModalityLoad,
+    assign_modality_experts,
+    profile_modality_load,
+    set_training_stage,
+)
+
+TEXT_VOCAB, SPEECH_VOCAB = 64, 16
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Order-one weights (norms around 1): distinct experts and routers that actually route."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.2 * noise if "norm" in name else 0.5 * noise)
+    return model
+
+
+def make_model(tmp_path_factory, **overrides) -> DeepTalkForCausalLM:
+    """A tiny random DeepTalk model, saved and loaded back through `AutoModelForCausalLM.from_pretrained`."""
+    fields = dict(
+        vocab_size=TEXT_VOCAB + SPEECH_VOCAB,
+        speech_vocab_size=SPEECH_VOCAB,
+        hidden_size=32,
+        intermediate_size=32,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_speech_experts=2,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        norm_topk_prob=True,
+        shared_expert_intermediate_size=16,
+        use_qk_norm=False,
+        max_position_embeddings=64,
+    )
+    fields.update(overrides)
+    path = tmp_path_factory.mktemp("deeptalk")
+    randomize(DeepTalkForCausalLM(DeepTalkConfig(**fields))).save_pretrained(path)
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    return model
+
+
+def mixed_batch(seed: int = 0, batch: int = 3, seq: int = 12):
+    """Sequences of text ids then speech ids, right-padded to different lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, TEXT_VOCAB, (batch, seq), generator=generator)
+    speech = torch.randint(TEXT_VOCAB, TEXT_VOCAB + SPEECH_VOCAB, (batch, seq), generator=generator)
+    split = torch.randint(2, seq - 2, (batch, 1), generator=generator)
+    input_ids = torch.where(torch.arange(seq) < split, text, speech)
+    lengths = torch.tensor([seq, seq - 3, seq - 5][:batch])
+    attention_mask = (torch.arange(seq) < lengths[:, None]).long()
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_model(tmp_path_factory)
+
+
+def logits(model, input_ids, routing):
+    model.config.modality_routing = routing
+    try:
+        with torch.no_grad():
+            return model(input_ids).logits
+    finally:
+        model.config.modality_routing = "hard"
+
+
+# Profiling
+
+
+def test_profile_counts_add_up(model):
+    batches = [mixed_batch(0), mixed_batch(1)]
+    model.train()
+    load = profile_modality_load(model, batches)
+    assert model.training and model.config.modality_routing == "hard"  # both restored
+    valid = sum(b["attention_mask"].sum() for b in batches)
+    speech = sum(((b["input_ids"] >= TEXT_VOCAB) & b["attention_mask"].bool()).sum() for b in batches)
+    assert load.speech_tokens == speech and load.text_tokens == valid - speech
+    assert load.layers == [0, 2] and load.num_experts == [6, 6] and load.top_k == 2
+    for i in range(2):
+        assert load.speech_counts[i].sum() == load.speech_tokens * 2
+        assert load.text_counts[i].sum() == load.text_tokens * 2
+        assert torch.isclose(load.speech_mass[i].sum(), torch.tensor(float(load.speech_tokens), dtype=torch.float64))
+        assert torch.isclose(load.rho_speech[i].sum(), torch.tensor(1.0, dtype=torch.float64))
+        assert torch.isclose(load.rho_text[i].sum(), torch.tensor(1.0, dtype=torch.float64))
+        assert (load.speech_counts[i] > 0).sum() > 1  # the random router spreads tokens
+
+
+def test_profile_excludes_padding_and_follows_modality_ids(model):
+    batch = mixed_batch(2)
+    load = profile_modality_load(model, [batch])
+    repadded = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 5))
+    again = profile_modality_load(model, [repadded])
+    assert all(torch.equal(a, b) for a, b in zip(load.text_counts, again.text_counts, strict=True))
+    # Explicit modality ids win over the id block: all-text ids marked as speech count as speech.
+    ids = torch.randint(0, TEXT_VOCAB, (1, 10))
+    marked = profile_modality_load(model, [{"input_ids": ids[0].tolist(), "modality_ids": [1] * 10}])
+    assert marked.speech_tokens == 10 and marked.text_tokens == 0
+
+
+def test_load_json_round_trip_and_validation(model, tmp_path):
+    load = profile_modality_load(model, [mixed_batch(0)])
+    load.save(tmp_path / "load.json")
+    again = ModalityLoad.load(tmp_path / "load.json")
+    assert again.layers == load.layers and again.speech_tokens == load.speech_tokens
+    for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(load, name), getattr(again, name), strict=True))
+    (tmp_path / "other.json").write_text('{"layers": []}')
+    with pytest.raises(ValueError, match="not a DeepTalk modality load"):
+        ModalityLoad.load(tmp_path / "other.json")
+    with pytest.raises(ValueError, match="one value per expert"):
+        ModalityLoad([0], 1, [[1, 2]], [[1]], [[0.5, 0.5]], [[1.0]])
+
+
+def test_plot_needs_the_plot_extra(model, tmp_path, monkeypatch):
+    load = profile_modality_load(model, [mixed_batch(0)])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"deeptalk-hf\[plot\]"):
+        load.plot(tmp_path / "load.png")
+
+
+def test_plot_writes_a_png(model, tmp_path):
+    pytest.importorskip("matplotlib")
+    load = profile_modality_load(model, [mixed_batch(0)])
+    load.plot(tmp_path / "load.png")
+    assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# Assignment
+
+
+def hand_made_load(speech_counts, text_counts, layers=(0, 2)) -> ModalityLoad:
+    return ModalityLoad(
+        layers=list(layers)[: len(speech_counts)],
+        top_k=1,
+        speech_counts=speech_counts,
+        text_counts=text_counts,
+        speech_mass=[[0.0] * len(c) for c in speech_counts],
+        text_mass=[[0.0] * len(c) for c in text_counts],
+        speech_tokens=int(sum(speech_counts[0])),
+        text_tokens=int(sum(text_counts[0])),
+    )
+
+
+def test_paper_rule_on_hand_made_loads(tmp_path_factory):
+    from deeptalk_hf.modality import _choose_speech_experts
+
+    # ρA = [.4, .3, .2, .1]; ρT = [.7, .0, .1, .2]: ρA·(1−ρT) = [.12, .30, .18, .08] ranks 1, 2, 0, 3 (ρA alone: 0 first).
+    load = hand_made_load([[40, 30, 20, 10], [10, 10, 40, 40]], [[70, 0, 10, 20], [25, 25, 25, 25]])
+    generator = torch.Generator()
+    assert _choose_speech_experts(load, 0, 1, "paper", generator) == [1]
+    assert _choose_speech_experts(load, 0, 2, "paper", generator) == [1, 2]
+    assert _choose_speech_experts(load, 0, 3, "paper", generator) == [0, 1, 2]
+    # Equal scores: the lowest index wins.
+    assert _choose_speech_experts(load, 1, 1, "paper", generator) == [2]
+    # Adaptive: experts with ρA > ρT (layer 0: experts 1 and 2; layer 1: 2 and 3).
+    assert _choose_speech_experts(load, 0, None, "adaptive", generator) == [1, 2]
+    assert _choose_speech_experts(load, 1, None, "adaptive", generator) == [2, 3]
+    uniform = hand_made_load([[1, 1, 1, 1]], [[1, 1, 1, 1]])
+    assert _choose_speech_experts(uniform, 0, None, "adaptive", generator) == [0]  # at least one speech expert
+    drawn = _choose_speech_experts(load, 0, 2, "random", torch.Generator().manual_seed(7))
+    assert drawn == _choose_speech_experts(load, 0, 2, "random", torch.Generator().manual_seed(7)) and len(drawn) == 2
+
+    # Through the public function, on a model whose two MoE layers have 4 experts each.
+    model = make_model(tmp_path_factory, num_experts=4, num_speech_experts=0)
+    chosen = assign_modality_experts(model, load, num_speech_experts=[2, 1])
+    assert chosen == [[1, 2], [2]]
+    assert model.config.speech_expert_ids == [[1, 2], [2]]
+    assert model.config.num_experts == [2, 3] and model.config.num_speech_experts == [2, 1]
+
+
+def test_assignment_errors(model):
+    load = profile_modality_load(model, [mixed_batch(0)])
+    with pytest.raises(ValueError, match="strategy"):
+        assign_modality_experts(model, load, strategy="best")
+    with pytest.raises(ValueError, match="at least one text expert"):
+        assign_modality_experts(model, load, num_speech_experts=6)
+    with pytest.raises(ValueError, match="profile this model"):
+        assign_modality_experts(model, hand_made_load([[1, 1]], [[1, 1]]), num_speech_experts=1)
+    text_only = profile_modality_load(model, [{"input_ids": torch.randint(0, TEXT_VOCAB, (1, 8))}])
+    with pytest.raises(ValueError, match="no speech tokens"):
+        assign_modality_experts(model, text_only, num_speech_experts=1)
+    with pytest.raises(ValueError, match="adaptive"):
+        assign_modality_experts(model, load, strategy="adaptive", num_speech_experts=1)
+
+
+def assert_same_logits(actual, expected):
+    """Equal up to float32 summation order: moving experts between groups regroups their sums (logits here are of
+    order 10, so rounding reaches 1e-5; a wrong permutation changes them by order 1)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-4)
+
+
+# No shrinking: each example runs the model a few times, and a failing example is already small.
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    first=st.tuples(st.sampled_from(["paper", "random", "adaptive"]), st.integers(0, 5), st.integers(0, 100)),
+    second=st.tuples(st.sampled_from(["paper", "random"]), st.integers(0, 5), st.integers(0, 100)),
+)
+def test_assignment_is_a_pure_permutation(model, first, second):
+    """With routing off the logits do not change, also when a split model is split again (orders compose)."""
+    model = copy.deepcopy(model)
+    batches = [mixed_batch(0), mixed_batch(1)]
+    ids = batches[0]["input_ids"]
+    before = logits(model, ids, "none")
+    load = profile_modality_load(model, batches)
+    original = {}
+    for layer in model.config.moe_layers:
+        block = model.model.layers[layer].mlp
+        original[layer] = torch.cat([block.experts.gate_up_proj, block.speech_experts.gate_up_proj]).detach().clone()
+    for strategy, count, seed in (first, second):
+        chosen = assign_modality_experts(
+            model, load, strategy=strategy, seed=seed, num_speech_experts=None if strategy == "adaptive" else count
+        )
+        assert_same_logits(logits(model, ids, "none"), before)
+        for layer, speech_ids in zip(model.config.moe_layers, chosen, strict=True):
+            block = model.model.layers[layer].mlp
+            text_ids = [s for s in range(6) if s not in speech_ids]
+            assert torch.equal(block.experts.gate_up_proj, original[layer][text_ids])
+            if speech_ids:
+                assert torch.equal(block.speech_experts.gate_up_proj, original[layer][speech_ids])
+                storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
+                assert len(storages) == len(list(block.parameters()))  # no group is a view of another
+            else:
+                assert not hasattr(block, "speech_experts")
+        # The load is in source order, so profiling the split model measures the same thing.
+        again = profile_modality_load(model, batches)
+        assert all(torch.equal(a, b) for a, b in zip(again.speech_counts, load.speech_counts, strict=True))
+
+
+def test_split_model_survives_save_and_from_pretrained(model, tmp_path):
+    model = copy.deepcopy(model)
+    ids = mixed_batch(0)["input_ids"]
+    before = logits(model, ids, "none")
+    load = profile_modality_load(model, [mixed_batch(0)])
+    assign_modality_experts(model, load, num_speech_experts=[3, 1])
+    assign_modality_experts(model, load, strategy="random", num_speech_experts=2, seed=5)
+    model.save_pretrained(tmp_path)
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert reloaded.config.speech_expert_ids == model.config.speech_expert_ids
+    assert reloaded.config.num_experts == model.config.num_experts == [4, 4]
+    assert_same_logits(logits(reloaded, ids, "none"), before)
+    assert torch.equal(logits(reloaded, ids, "hard"), logits(model, ids, "hard"))
+
+
+# Training stages
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def train_steps(model, optimizer, steps: int = 3):
+    model.train()
+    for step in range(steps):
+        batch = mixed_batch(step)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def test_speech_then_text_stage_with_adamw(tmp_path_factory):
+    model = make_model(tmp_path_factory)
+    # One optimizer over every tensor, as users do: frozen tensors must stay exact despite weight decay and moments.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    text_only = torch.randint(0, TEXT_VOCAB, (2, 10))
+    text_logits = logits(model, text_only, "hard")[..., :TEXT_VOCAB]
+
+    trainable = set(set_training_stage(model, "speech"))
+    assert trainable == {name for name, _ in model.named_parameters() if "speech" in name}
+    before = snapshot(model)
+    train_steps(model, optimizer)
+    after = snapshot(model)
+    for name in before:
+        if "speech" in name:
+            assert not torch.equal(before[name], after[name]), f"{name} did not train"
+        else:
+            assert torch.equal(before[name], after[name]), f"text tensor {name} moved"
+    assert torch.equal(logits(model, text_only, "hard")[..., :TEXT_VOCAB], text_logits)
+
+    trainable = set(set_training_stage(model, "text"))
+    assert trainable == {
+        name
+        for name in after
+        if name.endswith(("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+    }
+    assert len(trainable) == 6  # two MoE layers: router, gate_up, down
+    train_steps(model, optimizer)
+    final = snapshot(model)
+    for name in after:
+        assert torch.equal(after[name], final[name]) != (name in trainable), name
+
+
+def test_joint_align_and_also(tmp_path_factory):
+    model = make_model(tmp_path_factory)
+    everything = {name for name, _ in model.named_parameters()}
+    assert set(set_training_stage(model, "joint")) == everything
+    with pytest.raises(ValueError, match="no(ne)?.*audio encoder|audio encoder.*none"):
+        set_training_stage(model, "align")
+    with pytest.raises(ValueError, match="stage='listen'"):
+        set_training_stage(model, "listen")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        set_training_stage(model, "text", also=("*.attention.*",))
+    trainable = set(set_training_stage(model, "text", also=("*.self_attn.q_proj.*",)))
+    assert {name for name in trainable if "q_proj" in name} == {
+        f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)
+    }
+
+    # A model with an audio encoder and a speech connector (as the audio issue will add them).
+    model.model.audio_encoder = nn.Linear(4, 4)
+    model.model.speech_connector = nn.Linear(4, 32)
+    assert set(set_training_stage(model, "align")) == {"model.speech_connector.weight", "model.speech_connector.bias"}
+    for stage in ("speech", "joint"):
+        trainable = set(set_training_stage(model, stage))
+        assert "model.speech_connector.weight" in trainable
+        assert not any("audio_encoder" in name for name in trainable)
+    assert model.model.audio_encoder.weight.requires_grad is False
+
+
+def test_freezing_drops_stale_gradients(tmp_path_factory):
+    model = make_model(tmp_path_factory)
+    set_training_stage(model, "joint")
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.0), steps=1)
+    model(**mixed_batch(0), labels=mixed_batch(0)["input_ids"]).loss.backward()
+    set_training_stage(model, "speech")
+    assert all(param.grad is None for name, param in model.named_parameters() if "speech" not in name)

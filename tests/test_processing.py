@@ -1,0 +1,273 @@
+"""DeepTalkProcessor: speech vocabulary layout, text+units → ids → text+units for every policy, batching, the chat
+template, saving, and the errors bad input must raise."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers import AutoProcessor
+
+from deeptalk_hf import DeepTalkConfig, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
+from deeptalk_hf.processing_deeptalk import INTERLEAVE_POLICIES, SPEECH_MARKERS
+
+from .speech_fixtures import TEXT_VOCAB_SIZE, WORDS, tiny_model, tiny_processor, tiny_tokenizer
+
+NUM_UNITS = 64
+PROCESSOR = tiny_processor(NUM_UNITS)
+
+
+# ---- vocabulary layout -------------------------------------------------------------------------------------------
+
+
+def test_speech_block_is_the_end_of_the_vocabulary_after_text_padding():
+    tokenizer = tiny_tokenizer()
+    text_size = len(tokenizer)
+    block = add_speech_tokens(tokenizer, 10, text_vocab_size=TEXT_VOCAB_SIZE)
+    assert block == range(TEXT_VOCAB_SIZE, TEXT_VOCAB_SIZE + 10 + 3)
+    assert len(tokenizer) == block.stop
+    assert tokenizer.convert_ids_to_tokens(list(block)) == [f"<|speech_{i}|>" for i in range(10)] + list(
+        SPEECH_MARKERS
+    )
+    # placeholder rows fill the gap between the tokenizer and the text model; the text ids are unchanged
+    assert all(
+        t.startswith("<|text_pad_") for t in tokenizer.convert_ids_to_tokens(list(range(text_size, block.start)))
+    )
+    assert tokenizer("hello world")["input_ids"] == tiny_tokenizer()("hello world")["input_ids"]
+    # the same call again finds the block; a different one is refused
+    assert add_speech_tokens(tokenizer, 10, text_vocab_size=TEXT_VOCAB_SIZE) == block
+    with pytest.raises(ValueError, match="already has a speech block"):
+        add_speech_tokens(tokenizer, 11)
+
+
+def test_add_speech_tokens_without_text_vocab_size_starts_at_the_tokenizer_end():
+    tokenizer = tiny_tokenizer()
+    size = len(tokenizer)
+    assert add_speech_tokens(tokenizer, 5) == range(size, size + 8)
+
+
+def test_add_speech_tokens_rejects_a_text_model_smaller_than_the_tokenizer():
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="more than text_vocab_size=3"):
+        add_speech_tokens(tokenizer, 5, text_vocab_size=3)
+    with pytest.raises(ValueError, match="num_units=0"):
+        add_speech_tokens(tokenizer, 0)
+
+
+def test_model_speech_tensors_are_sized_from_the_tokenizer_and_checked_against_the_config():
+    model = tiny_model(PROCESSOR)
+    config = model.config
+    assert (config.speech_token_start, config.vocab_size) == (
+        PROCESSOR.speech_tokens.start,
+        PROCESSOR.speech_tokens.stop,
+    )
+    assert model.model.speech_embed_tokens.weight.shape[0] == len(PROCESSOR.speech_tokens)
+    assert model.speech_lm_head.weight.shape[0] == len(PROCESSOR.speech_tokens)
+    text_mean = model.model.embed_tokens.weight.mean(0)
+    torch.testing.assert_close(model.model.speech_embed_tokens.weight[0], text_mean)
+    # a config whose speech block is elsewhere is refused, naming both layouts
+    other = DeepTalkConfig(
+        vocab_size=TEXT_VOCAB_SIZE + 8 + len(PROCESSOR.speech_tokens), speech_vocab_size=len(PROCESSOR.speech_tokens)
+    )
+    with pytest.raises(ValueError, match=r"speech_token_start=56"):
+        PROCESSOR.check_config(other)
+    smaller = DeepTalkConfig(vocab_size=TEXT_VOCAB_SIZE + 10, speech_vocab_size=10)
+    with pytest.raises(ValueError, match="speech_vocab_size=10"):
+        PROCESSOR.check_config(smaller)
+
+
+def test_fit_speech_vocab_refuses_a_tokenizer_padded_to_another_text_size():
+    tokenizer = tiny_tokenizer()
+    block = add_speech_tokens(tokenizer, 4)  # not padded to the model's 48 text rows
+    model = tiny_model(PROCESSOR)
+    with pytest.raises(ValueError, match=f"text_vocab_size={model.config.speech_token_start}"):
+        fit_speech_vocab(model, block)
+
+
+def test_processor_refuses_tokenizers_without_a_proper_speech_block():
+    with pytest.raises(ValueError, match="no speech tokens"):
+        DeepTalkProcessor(tiny_tokenizer())
+    tokenizer = tiny_tokenizer()
+    add_speech_tokens(tokenizer, 4)
+    tokenizer.add_tokens(["<|extra|>"], special_tokens=True)
+    with pytest.raises(ValueError, match="not at the end of its vocabulary"):
+        DeepTalkProcessor(tokenizer)
+
+
+# ---- round trips -------------------------------------------------------------------------------------------------
+
+texts = st.lists(st.sampled_from(WORDS), max_size=40).map(" ".join)
+segments = st.lists(st.integers(0, NUM_UNITS - 1), min_size=1, max_size=90)
+ratios = st.tuples(st.integers(1, 6), st.integers(1, 9))
+
+
+@given(text=texts, units=segments, policy=st.sampled_from(INTERLEAVE_POLICIES), ratio=ratios)
+def test_text_and_units_round_trip_for_every_policy(text, units, policy, ratio):
+    encoded = PROCESSOR(text=text, speech_units=units, interleave=policy, text_speech_ratio=ratio)
+    ids, modality = encoded["input_ids"][0], encoded["modality_ids"][0]
+    decoded = PROCESSOR.decode(ids)
+    assert decoded.speech_units == [units]
+    assert decoded.text == ("" if policy == "speech_only" else text)
+    # speech ids are exactly the units and the two markers, all inside the speech block, and marked as speech
+    block = PROCESSOR.speech_tokens
+    speech_ids = [i for i in ids if i >= block.start]
+    assert all(i < block.stop for i in ids)
+    assert sorted(speech_ids) == sorted(
+        [block.start + u for u in units] + [PROCESSOR.begin_of_speech_id, PROCESSOR.end_of_speech_id]
+    )
+    assert modality == [int(i in block) for i in ids]
+
+
+@given(text=texts, units=segments, ratio=ratios)
+def test_interleaved_layout_follows_the_ratio(text, units, ratio):
+    """The k-th unit is preceded by exactly min(len(text), n_text * (k // n_speech + 1)) text tokens."""
+    n_text, n_speech = ratio
+    ids = PROCESSOR(text=text, speech_units=units, interleave="interleaved", text_speech_ratio=ratio)["input_ids"][0]
+    num_text = len(PROCESSOR.tokenizer(text)["input_ids"])
+    unit_positions = [p for p, i in enumerate(ids) if PROCESSOR.speech_token_start <= i < PROCESSOR.begin_of_speech_id]
+    for k, position in enumerate(unit_positions):
+        text_before = sum(1 for i in ids[:position] if i < PROCESSOR.speech_token_start)
+        assert text_before == min(num_text, n_text * (k // n_speech + 1))
+    assert ids.index(PROCESSOR.begin_of_speech_id) == min(num_text, n_text)
+
+
+@st.composite
+def prompts_with_speech(draw):
+    """A prompt with one `<|speech|>` placeholder per segment, between word sequences."""
+    units = draw(st.lists(segments, max_size=3))
+    pieces = draw(st.lists(texts, min_size=len(units) + 1, max_size=len(units) + 1))
+    return pieces[0] + "".join(" <|speech|> " + piece for piece in pieces[1:]), units
+
+
+@given(batch=st.lists(prompts_with_speech(), min_size=1, max_size=4), side=st.sampled_from(["left", "right"]))
+def test_batches_with_placeholders_pad_and_round_trip(batch, side):
+    prompts, speech = [prompt for prompt, _ in batch], [units for _, units in batch]
+    encoded = PROCESSOR(text=prompts, speech_units=speech, padding=True, padding_side=side, return_tensors="pt")
+    ids, mask, modality = encoded["input_ids"], encoded["attention_mask"], encoded["modality_ids"]
+    assert ids.shape == mask.shape == modality.shape
+    width = ids.shape[1]
+    for row, row_mask, prompt, units in zip(ids, mask, prompts, speech, strict=True):
+        pads = (row_mask == 0).nonzero().flatten().tolist()
+        assert pads == (list(range(len(pads))) if side == "left" else list(range(width - len(pads), width)))
+        decoded = PROCESSOR.decode(row[row_mask.bool()])
+        assert decoded.speech_units == units
+        assert decoded.text == " ".join(prompt.replace("<|speech|>", " ").split())
+    assert modality.tolist() == (ids >= PROCESSOR.speech_token_start).long().tolist()
+
+
+def test_truncation_keeps_the_configured_side():
+    units = list(range(10))
+    full = PROCESSOR(text="hello world", speech_units=units)["input_ids"][0]
+    right = PROCESSOR(text="hello world", speech_units=units, truncation=True, max_length=5)["input_ids"][0]
+    assert right == full[:5]
+    PROCESSOR.tokenizer.truncation_side = "left"
+    try:
+        left = PROCESSOR(text="hello world", speech_units=units, truncation=True, max_length=5)["input_ids"][0]
+    finally:
+        PROCESSOR.tokenizer.truncation_side = "right"
+    assert left == full[-5:]
+
+
+def test_speech_only_call_and_tensor_units():
+    encoded = PROCESSOR(speech_units=torch.tensor([3, 4, 5]), interleave="speech_only", return_tensors="pt")
+    start = PROCESSOR.speech_token_start
+    expected = [PROCESSOR.begin_of_speech_id, start + 3, start + 4, start + 5, PROCESSOR.end_of_speech_id]
+    assert encoded["input_ids"].tolist() == [expected]
+    assert encoded["modality_ids"].tolist() == [[1] * 5]
+
+
+def test_decode_handles_generated_streams():
+    """Units without a begin marker open a segment; pads are dropped; each begin marker starts a new segment."""
+    s, b, e, p = (
+        PROCESSOR.speech_token_start,
+        PROCESSOR.begin_of_speech_id,
+        PROCESSOR.end_of_speech_id,
+        PROCESSOR.speech_pad_id,
+    )
+    hello, world = PROCESSOR.tokenizer.convert_tokens_to_ids(["hello", "world"])
+    decoded = PROCESSOR.decode(torch.tensor([s + 1, s + 2, e, hello, b, s + 3, p, world, s + 4, b, s + 5]))
+    assert decoded.text == "hello world"
+    assert decoded.speech_units == [[1, 2], [3, 4], [5]]
+    assert [d.speech_units for d in PROCESSOR.batch_decode([[b, e], [hello]])] == [[[]], []]
+
+
+# ---- chat template, saving ---------------------------------------------------------------------------------------
+
+
+def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():
+    conversation = [
+        {"role": "user", "content": [{"type": "speech", "units": [7, 8, 9]}, {"type": "text", "text": "hello"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "world"}, {"type": "speech", "units": [1]}]},
+    ]
+    prompt = PROCESSOR.apply_chat_template(conversation, add_generation_prompt=True, speech_answer=True)
+    assert prompt.count("<|speech|>") == 2 and prompt.endswith("<|im_start|>assistant\n<|begin_of_speech|>")
+    encoded = PROCESSOR.apply_chat_template(
+        conversation,
+        add_generation_prompt=True,
+        speech_answer=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    assert encoded["input_ids"].tolist() == PROCESSOR(text=prompt, speech_units=[[7, 8, 9], [1]])["input_ids"]
+    assert encoded["input_ids"][0, -1] == PROCESSOR.begin_of_speech_id
+    assert PROCESSOR.decode(encoded["input_ids"][0]).speech_units == [[7, 8, 9], [1], []]
+    # a batch of conversations, each with its own speech blocks
+    batch = PROCESSOR.apply_chat_template(
+        [conversation[:1], [{"role": "user", "content": [{"type": "speech", "units": [4]}]}]],
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"padding": True},
+    )
+    assert [d.speech_units for d in PROCESSOR.batch_decode(batch["input_ids"])] == [[[7, 8, 9]], [[4]]]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    processor = tiny_processor(NUM_UNITS, interleave="interleaved", text_speech_ratio=(2, 3))
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "processor_config.json").exists() and (tmp_path / "chat_template.jinja").exists()
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, DeepTalkProcessor)
+    assert (loaded.interleave, loaded.text_speech_ratio, loaded.speech_tokens) == (
+        "interleaved",
+        (2, 3),
+        processor.speech_tokens,
+    )
+    assert loaded.chat_template == processor.chat_template
+    sample = {"text": ["hello world how are you", "the sun"], "speech_units": [[1, 2, 3, 4, 5], [6]]}
+    assert loaded(**sample)["input_ids"] == processor(**sample)["input_ids"]
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"text": "hello", "speech_units": [1, -2]}, "unit -2 at position 1, out of range [0, 64)"),
+        ({"text": "hello", "speech_units": [NUM_UNITS]}, "unit 64 at position 0"),
+        ({"text": "hello <|speech|>", "speech_units": [[]]}, "is empty"),
+        (
+            {"text": "hello <|speech|> <|speech|>", "speech_units": [1]},
+            "2 <|speech|> placeholders but 1 speech segments",
+        ),
+        ({"text": "hello", "speech_units": [[1], [2]]}, "no <|speech|> placeholder for its 2 speech segments"),
+        ({"text": ["a", "b"], "speech_units": [[1]]}, "one entry per text"),
+        ({"text": "hello", "speech_units": [1.5]}, "must be a segment"),
+        (
+            {"text": "a <|speech|> <|speech|>", "speech_units": [[1], [1.5]]},
+            "speech_units[0][1] must hold integer unit ids",
+        ),
+        ({"text": "hello", "speech_units": torch.tensor([1.0, 2.0])}, "must be a segment"),
+        ({"text": "hello", "speech_units": [1], "interleave": "zigzag"}, "interleave='zigzag' is unknown"),
+        ({"text": "hello", "speech_units": [1], "text_speech_ratio": (0, 2)}, "two positive counts"),
+        ({"text": "hello", "speech_units": [1], "audio": torch.zeros(10)}, "not both"),
+        ({"text": "hello <|speech|>", "audio": torch.zeros(10), "sampling_rate": 16000}, "needs an audio codec"),
+        ({"text": "hello", "return_offsets_mapping": True}, "does not support"),
+    ],
+)
+def test_bad_input_raises_a_value_error_naming_the_problem(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PROCESSOR(**kwargs)

@@ -1,0 +1,216 @@
+"""DeepTalkStreamer and SpeechUnitsLogitsProcessor: streamed text and speech equal the final decode, audio chunks come
+as soon as enough frames are pending, and the end-to-end path processor → generate → decode → codec gives audio."""
+
+import math
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from deeptalk_hf import (
+    AudioChunk,
+    DeepTalkStreamer,
+    MimiCodec,
+    SnacCodec,
+    SpeechChunk,
+    SpeechUnitsLogitsProcessor,
+    TextDelta,
+)
+
+from .speech_fixtures import HAVE_SNAC, WORDS, needs_snac, tiny_mimi, tiny_model, tiny_processor, tiny_snac
+
+SNAC = SnacCodec(tiny_snac()) if HAVE_SNAC else None
+MIMI = MimiCodec(tiny_mimi(), num_codebooks=4)
+PROCESSOR = tiny_processor(max(SNAC.num_units if SNAC else 0, MIMI.num_units))
+WORD_IDS = PROCESSOR.tokenizer.convert_tokens_to_ids(WORDS)
+START, BEGIN, END, PAD = (
+    PROCESSOR.speech_token_start,
+    PROCESSOR.begin_of_speech_id,
+    PROCESSOR.end_of_speech_id,
+    PROCESSOR.speech_pad_id,
+)
+
+
+def stream(streamer: DeepTalkStreamer, prompt: list[int], ids: list[int], cuts: list[int]) -> list:
+    """Feed `prompt` then `ids` cut at `cuts` as `generate` would, and collect the events."""
+    streamer.put(torch.tensor([prompt]))
+    bounds = [0, *sorted({c % (len(ids) + 1) for c in cuts}), len(ids)]
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        if b > a:
+            streamer.put(torch.tensor(ids[a:b]))
+    streamer.end()
+    return list(streamer)
+
+
+def check_matches_decode(events: list, ids: list[int]) -> None:
+    decoded = PROCESSOR.decode(ids, skip_special_tokens=True)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == decoded.text
+    chunks = [e for e in events if isinstance(e, SpeechChunk)]
+    assert [c.segment for c in chunks] == sorted(c.segment for c in chunks)
+    streamed = {}
+    for chunk in chunks:
+        streamed.setdefault(chunk.segment, []).extend(chunk.units)
+    assert streamed == {i: units for i, units in enumerate(decoded.speech_units) if units}
+
+
+tokens = st.one_of(
+    st.sampled_from(WORD_IDS),
+    st.integers(START, START + PROCESSOR.num_speech_units - 1),
+    st.sampled_from([BEGIN, END, PAD]),
+)
+
+
+@given(ids=st.lists(tokens, max_size=60), cuts=st.lists(st.integers(0, 100), max_size=20))
+def test_streamed_text_and_speech_concatenate_to_the_decode(ids, cuts):
+    events = stream(DeepTalkStreamer(PROCESSOR), [WORD_IDS[0], BEGIN], ids, cuts)
+    check_matches_decode(events, ids)
+
+
+def test_the_prompt_is_streamed_only_when_asked():
+    prompt = [WORD_IDS[0], BEGIN, START + 1, END]
+    assert stream(DeepTalkStreamer(PROCESSOR), prompt, [], []) == []
+    events = stream(DeepTalkStreamer(PROCESSOR, skip_prompt=False), prompt, [WORD_IDS[1]], [])
+    assert events == [TextDelta(WORDS[0]), SpeechChunk(0, [1]), TextDelta(" " + WORDS[1])]
+
+
+@st.composite
+def speech_streams(draw, codec):
+    """Valid unit streams: segments of whole frames (plus maybe a partial one) between words, and cut points."""
+    ids, units_per_segment = [], []
+    for _ in range(draw(st.integers(1, 3))):
+        frames = draw(st.integers(0, 5))
+        codes = [
+            torch.tensor(
+                draw(st.lists(st.integers(0, codec.codebook_size - 1), min_size=n, max_size=n)), dtype=torch.long
+            )
+            for n in (frames * codec.frame_levels.count(level) for level in range(codec.num_codebooks))
+        ]
+        units = codec.to_units(codes).tolist() + draw(
+            st.sampled_from([[], codec.to_units([c[:0] for c in codes]).tolist()])
+        )
+        ids += [draw(st.sampled_from(WORD_IDS)), BEGIN] + [START + u for u in units] + [END]
+        units_per_segment.append(units)
+    return ids, draw(st.lists(st.integers(0, 100), max_size=10))
+
+
+@given(data=st.data(), chunk_frames=st.integers(1, 3), context=st.integers(0, 2))
+def test_audio_chunks_come_as_soon_as_enough_frames_are_pending(data, chunk_frames, context):
+    ids, cuts = data.draw(speech_streams(MIMI))
+    streamer = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=chunk_frames, context_frames=context)
+    events = stream(streamer, [WORD_IDS[0]], ids, cuts)
+    check_matches_decode(events, ids)
+    per_frame, samples = MIMI.units_per_frame, MIMI.samples_per_frame
+    units, voiced = {}, {}
+    for event, after in zip(events, [*events[1:], None], strict=True):
+        if isinstance(event, SpeechChunk):
+            units.setdefault(event.segment, []).extend(event.units)
+            pending = len(units[event.segment]) // per_frame - voiced.get(event.segment, 0)
+            if pending >= chunk_frames:  # enough frames: the very next event is their audio
+                assert isinstance(after, AudioChunk) and after.segment == event.segment
+        if isinstance(event, AudioChunk):
+            assert event.sampling_rate == MIMI.sampling_rate and event.waveform.shape[0] % samples == 0
+            voiced[event.segment] = voiced.get(event.segment, 0) + event.waveform.shape[0] // samples
+    # every whole frame of every segment became audio, once
+    assert voiced == {s: len(u) // per_frame for s, u in units.items() if len(u) >= per_frame}
+
+
+def test_streamer_refuses_batches_and_bad_chunking():
+    with pytest.raises(ValueError, match="batch size 1"):
+        DeepTalkStreamer(PROCESSOR, skip_prompt=False).put(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="audio_chunk_frames=0"):
+        DeepTalkStreamer(PROCESSOR, audio_chunk_frames=0)
+
+
+# ---- the logits processor ----------------------------------------------------------------------------------------
+
+
+def test_logits_processor_asks_for_the_level_of_each_frame_position():
+    processor = SpeechUnitsLogitsProcessor(PROCESSOR, MIMI)
+    size, width = MIMI.codebook_size, len(PROCESSOR.tokenizer)
+    scores = torch.zeros(4, width)
+    rows = [
+        [WORD_IDS[0], WORD_IDS[1]],  # outside any segment: untouched
+        [WORD_IDS[0], BEGIN],  # start of a segment: level 0 or the end marker
+        [BEGIN, START + 0, START + size + 1, START + 2 * size],  # fourth position: level 3
+        [BEGIN, START + 1, END],  # closed: untouched
+    ]
+    width_in = max(map(len, rows))
+    input_ids = torch.tensor([[WORD_IDS[2]] * (width_in - len(r)) + r for r in rows])
+    out = processor(input_ids, scores.clone())
+    allowed = [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in out]
+    assert allowed[0] == allowed[3] == set(range(width))
+    assert allowed[1] == set(range(START, START + size)) | {END}
+    assert allowed[2] == set(range(START + 3 * size, START + 4 * size))
+    with_text = SpeechUnitsLogitsProcessor(PROCESSOR, MIMI, allow_text=True)(input_ids, scores.clone())
+    assert set(torch.isfinite(with_text[2]).nonzero().flatten().tolist()) == allowed[2] | set(range(START))
+
+
+def test_logits_processor_refuses_a_codec_larger_than_the_vocabulary():
+    with pytest.raises(ValueError, match="distinct units but the tokenizer has 64"):
+        SpeechUnitsLogitsProcessor(tiny_processor(64), MIMI)
+
+
+# ---- through the model -------------------------------------------------------------------------------------------
+
+
+def test_streaming_a_sampled_generation_matches_its_decode():
+    model = tiny_model(PROCESSOR)
+    inputs = PROCESSOR(text="hello <|speech|> world", speech_units=[[1, 2, 3]], return_tensors="pt")
+    streamer = DeepTalkStreamer(PROCESSOR)
+    torch.manual_seed(0)
+    out = model.generate(**inputs, do_sample=True, max_new_tokens=40, streamer=streamer, pad_token_id=0)
+    generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+    assert any(t >= START for t in generated) and any(t < START for t in generated)  # a real mix
+    check_matches_decode(list(streamer), generated)
+
+
+@pytest.mark.parametrize("name", [pytest.param("snac", marks=needs_snac), "mimi"])
+def test_end_to_end_spoken_question_to_spoken_answer(name):
+    codec = {"snac": SNAC, "mimi": MIMI}[name]
+    processor = tiny_processor(codec.num_units, codec=codec)
+    model = tiny_model(processor)
+    question = 0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": question, "sampling_rate": 16000}]}]
+    inputs = processor.apply_chat_template(
+        conversation,
+        add_generation_prompt=True,
+        speech_answer=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    assert inputs["modality_ids"].sum() == len(processor.decode(inputs["input_ids"][0]).speech_units[0]) + 3
+    frames = 3
+    streamer = DeepTalkStreamer(processor, codec, audio_chunk_frames=1)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=frames * codec.units_per_frame,
+        logits_processor=[SpeechUnitsLogitsProcessor(processor, codec)],
+        suppress_tokens=[processor.end_of_speech_id],
+        streamer=streamer,
+        pad_token_id=0,
+    )
+    answer = processor.decode(out[0]).speech_units[-1]
+    assert len(answer) == frames * codec.units_per_frame
+    waveform = codec.decode(codec.from_units(answer))
+    assert waveform.shape == (frames * codec.samples_per_frame,) and torch.isfinite(waveform).all()
+    audio = [e for e in streamer if isinstance(e, AudioChunk)]
+    assert len(audio) == frames and sum(a.waveform.shape[0] for a in audio) == waveform.shape[0]
+
+
+@needs_snac
+def test_speech_roundtrip_example_writes_the_answer_wav(tmp_path):
+    """`examples/speech_roundtrip.py` runs offline (random SNAC 24 kHz and LLM) and writes whole SNAC frames."""
+    out = tmp_path / "answer.wav"
+    script = Path(__file__).resolve().parents[1] / "examples" / "speech_roundtrip.py"
+    command = [sys.executable, str(script), "--answer-seconds", "0.5", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    with wave.open(str(out), "rb") as file:
+        assert (file.getframerate(), file.getnchannels(), file.getsampwidth()) == (24000, 1, 2)
+        assert file.getnframes() == math.ceil(0.5 * 24000 / 2048) * 2048

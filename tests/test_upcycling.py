@@ -1,0 +1,454 @@
+"""Upcycling dense Llama / Qwen2 / Qwen3 / Mistral models: the upcycled model is the dense model, in memory and on disk."""
+
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from deeptalk_hf import DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense
+from deeptalk_hf.modeling_deeptalk import topk_routing
+from deeptalk_hf.upcycling import CheckpointError, deeptalk_config_from_dense
+
+VOCAB = 64
+SEQ = 20  # longer than Mistral's window and than the llama3 scaling's original context
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,  # granularities 1-4 give parts whose rows are multiples of 16 bytes (grouped_mm)
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500.0,
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 2.0,
+    "original_max_position_embeddings": 8,
+}
+
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 1000.0, "factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights of order one (norms around 1, biases non-zero), so that a wrong mapping shows in the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise)
+    return model.eval()
+
+
+def dense_model(kind: str, seed: int = 0):
+    """Tiny random dense models, each exercising its family's particular detail."""
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True))
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16, attention_bias=True, rope_parameters=YARN_ROPE))
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=6, head_dim=12))
+    else:
+        raise ValueError(kind)
+    return randomize(model, seed)
+
+
+def text_ids(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.mark.parametrize("granularity", [1, 2])
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_upcycled_model_is_the_dense_model(kind, granularity):
+    dense = dense_model(kind)
+    moe = upcycle_dense(
+        dense,
+        num_text_experts=4 * granularity,
+        num_speech_experts=2 * granularity,
+        num_experts_per_tok=2 * granularity,
+        granularity=granularity,
+    )
+    assert isinstance(moe, DeepTalkForCausalLM)
+    ids = text_ids()
+    with torch.no_grad():
+        expected = dense(ids).logits
+        assert max_diff(moe(ids).logits, expected) <= 1e-5
+        moe.config.modality_routing = "none"  # the speech experts join the top-k: still whole sets of parts
+        assert max_diff(moe(ids).logits, expected) <= 1e-5
+    moe.config.modality_routing = "hard"
+    prompt = ids[:, :6]
+    dense_out = dense.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    moe_out = moe.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(dense_out, moe_out)
+
+
+def test_architecture_details_are_carried():
+    """The config fields behind each family's detail; the logits test shows they are also used."""
+    cases = {
+        "llama": {"rope_parameters": LLAMA3_ROPE, "use_qk_norm": False, "qkv_bias": False, "attention_bias": False},
+        "qwen2": {"tie_word_embeddings": True, "qkv_bias": True, "use_qk_norm": False, "attention_bias": False},
+        "qwen3": {"use_qk_norm": True, "attention_bias": True, "head_dim": 16, "rope_parameters": YARN_ROPE},
+        "mistral": {"sliding_window": 6, "head_dim": 12, "layer_types": ["sliding_attention"] * 2},
+    }
+    for kind, fields in cases.items():
+        dense = dense_model(kind)
+        config = deeptalk_config_from_dense(
+            dense.config, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1
+        )
+        for field, value in fields.items():
+            assert getattr(config, field) == value, (kind, field)
+        assert config.rms_norm_eps == 1e-5 and config.norm_topk_prob and config.vocab_size == VOCAB
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    granularity=st.integers(1, 4),
+    shared_fraction=st.floats(0, 0.99),
+    text_sets=st.integers(1, 3),
+    speech_sets=st.integers(0, 2),
+    k_sets=st.integers(1, 3),
+    routing=st.sampled_from(["hard", "none"]),
+)
+def test_zero_router_picks_whole_sets_of_parts(granularity, shared_fraction, text_sets, speech_sets, k_sets, routing):
+    """With the tie-stable top-k, the k lowest-index experts hold every routed part equally often."""
+    shared = int(shared_fraction * granularity)
+    routed_parts = granularity - shared
+    dense = dense_model("llama")
+    moe = upcycle_dense(
+        dense,
+        num_text_experts=text_sets * routed_parts,
+        num_speech_experts=speech_sets * routed_parts,
+        num_experts_per_tok=k_sets * routed_parts,
+        granularity=granularity,
+        num_shared_experts=shared,
+    )
+    config = moe.config
+    config.modality_routing = routing
+    part = config.moe_intermediate_size
+    gate = dense.model.layers[0].mlp.gate_proj.weight
+    block = moe.model.layers[0].mlp
+    experts = torch.cat([block.experts.gate_up_proj] + ([block.speech_experts.gate_up_proj] if speech_sets else []))
+    if shared:
+        assert torch.equal(block.shared_experts.gate_proj.weight, gate[: shared * part])
+    # The experts a zero router picks for a text token, in `[experts; speech_experts]` order.
+    num_scored = experts.shape[0] if routing == "none" else text_sets * routed_parts
+    _, weights, picks = topk_routing(torch.zeros(1, num_scored), config.num_experts_per_tok, True)
+    held = []
+    for j in picks[0][weights[0] > 0].tolist():
+        matches = [p for p in range(granularity) if torch.equal(experts[j, :part], gate[p * part : (p + 1) * part])]
+        held += matches
+    assert sorted(held) == sorted(list(range(shared, granularity)) * (len(held) // routed_parts))
+    assert len(held) == min(num_scored, config.num_experts_per_tok)
+    with torch.no_grad():
+        assert max_diff(moe(text_ids(1)).logits, dense(text_ids(1)).logits) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(granularity=5), "granularity=5"),
+        (dict(granularity=2, num_text_experts=3), "multiples"),
+        (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(granularity=2, num_shared_experts=2), "num_shared_experts=2"),
+        (dict(num_text_experts=0), "at least one text expert"),
+        (dict(init_noise=-1.0), "init_noise"),
+        (dict(drop_fraction=1.5), "drop_fraction"),
+    ],
+)
+def test_invalid_options_are_refused(options, message):
+    arguments = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2) | options
+    with pytest.raises(ValueError, match=message):
+        upcycle_dense(dense_model("llama"), **arguments)
+
+
+def test_unsupported_architectures_are_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(CheckpointError, match=r"model_type 'gpt2'.*supported .*llama, mistral, qwen2, qwen3"):
+        upcycle_dense(gpt2, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    biased = LlamaForCausalLM(LlamaConfig(**COMMON, mlp_bias=True))
+    with pytest.raises(CheckpointError, match="mlp_bias"):
+        upcycle_dense(biased, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+
+
+def expert_weights(model: DeepTalkForCausalLM, layer: int = 0, group: str = "experts"):
+    """`(gate, up, down)` of a group, each `[E, I, H]` / `[E, H, I]`."""
+    experts = getattr(model.model.layers[layer].mlp, group)
+    gate, up = experts.gate_up_proj.detach().chunk(2, dim=1)
+    return gate, up, experts.down_proj.detach()
+
+
+def test_noise_and_drop_upcycling():
+    dense = dense_model("qwen3")
+    options = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, granularity=2)
+    plain = upcycle_dense(dense, **options)
+    dropped = upcycle_dense(dense, drop_fraction=0.5, seed=3, **options)
+    again = upcycle_dense(dense, drop_fraction=0.5, seed=3, **options)
+    other_seed = upcycle_dense(dense, drop_fraction=0.5, seed=4, **options)
+    for group in ("experts", "speech_experts"):
+        gate, up, down = expert_weights(dropped, group=group)
+        plain_gate, plain_up, plain_down = expert_weights(plain, group=group)
+        assert all(
+            torch.equal(a, b) for a, b in zip(expert_weights(again, group=group), (gate, up, down), strict=True)
+        )
+        assert not torch.equal(expert_weights(other_seed, group=group)[0], gate)
+        for j in range(gate.shape[0]):
+            changed_gate = (gate[j] != plain_gate[j]).any(dim=1)
+            changed_up = (up[j] != plain_up[j]).any(dim=1)
+            changed_down = (down[j] != plain_down[j]).any(dim=0)
+            # Half of the expert's 24 channels, the same ones in gate, up and down.
+            assert changed_gate.sum() == 12
+            assert torch.equal(changed_gate, changed_up) and torch.equal(changed_gate, changed_down)
+    noisy = upcycle_dense(dense, init_noise=0.01, **options)
+    gate, _, _ = expert_weights(noisy)
+    plain_gate, _, _ = expert_weights(plain)
+    relative = (gate - plain_gate).std() / dense.model.layers[0].mlp.gate_proj.weight.std()
+    assert 0.005 < relative < 0.02
+    assert not torch.equal(gate[0], gate[2])  # copies of the same part now differ
+    for model in (dropped, noisy):  # routers stay zero and attention untouched
+        assert not model.model.layers[0].mlp.gate.weight.any()
+        assert torch.equal(
+            model.model.layers[0].self_attn.q_proj.weight, plain.model.layers[0].self_attn.q_proj.weight
+        )
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_speech_vocabulary(kind):
+    dense = dense_model(kind)
+    moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=2, num_experts_per_tok=2, speech_vocab_size=10)
+    assert moe.config.vocab_size == VOCAB + 10 and moe.config.speech_token_start == VOCAB
+    text_rows = moe.model.embed_tokens.weight
+    assert torch.allclose(moe.model.speech_embed_tokens.weight, text_rows.mean(0).expand(10, -1))
+    assert (moe.speech_lm_head.weight is moe.model.speech_embed_tokens.weight) == (kind == "qwen2")
+    ids = text_ids()
+    with torch.no_grad():
+        logits = moe(ids).logits
+        assert logits.shape[-1] == VOCAB + 10
+        assert max_diff(logits[..., :VOCAB], dense(ids).logits) <= 1e-5
+        speech = torch.cat([ids[:, :4], torch.full((2, 3), VOCAB + 1)], dim=1)
+        assert torch.isfinite(moe(speech).logits).all()
+
+
+def test_dtype_and_independence_from_the_source():
+    dense = dense_model("llama")
+    moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype="bfloat16")
+    assert moe.dtype == torch.bfloat16 and moe.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
+    assert not hasattr(moe.model.layers[0].mlp, "speech_experts")
+    fp32 = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    with torch.no_grad():
+        fp32.model.embed_tokens.weight.add_(1.0)
+    assert not torch.equal(fp32.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype="float33")
+
+
+def test_mlp_only_layers_stay_dense():
+    dense = dense_model("mistral")
+    moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, mlp_only_layers=[1])
+    assert moe.config.moe_layers == [0]
+    assert torch.equal(moe.model.layers[1].mlp.down_proj.weight, dense.model.layers[1].mlp.down_proj.weight)
+    with torch.no_grad():
+        assert max_diff(moe(text_ids()).logits, dense(text_ids()).logits) <= 1e-5
+
+
+# Streaming conversion, checkpoint directory to checkpoint directory
+
+
+def save_dense(model, path, max_shard_size="40KB"):
+    """A sharded dense checkpoint with a small word-level tokenizer."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    backend = Tokenizer(WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    backend.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0").save_pretrained(path)
+    return path
+
+
+def load_checked(path) -> DeepTalkForCausalLM:
+    """`AutoModelForCausalLM.from_pretrained` with no missing, unexpected or mismatched keys (else random weights)."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return model.eval()
+
+
+def leftovers(parent) -> list[str]:
+    return sorted(name for name in os.listdir(parent) if name.startswith("."))
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_streaming_checkpoint_is_the_dense_model(kind, tmp_path):
+    dense = dense_model(kind)
+    source = save_dense(dense, tmp_path / "dense")
+    assert len([f for f in os.listdir(source) if f.endswith(".safetensors")]) > 1
+    destination = tmp_path / "moe"
+    options = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, granularity=2)
+    assert upcycle_checkpoint(source, destination, max_shard_size="60KB", progress=False, **options) == destination
+    files = sorted(os.listdir(destination))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files
+    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    index = json.loads((destination / "model.safetensors.index.json").read_text())
+    assert "model.layers.0.mlp.experts.3.down_proj.weight" in index["weight_map"]  # the per-expert on-disk layout
+    assert set(index["weight_map"].values()) == set(shards)
+    moe = load_checked(destination)
+    assert isinstance(moe, DeepTalkForCausalLM)
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(moe(ids).logits, dense(ids).logits) <= 1e-5
+    prompt = ids[:, :6]
+    assert torch.equal(
+        moe.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+        dense.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+    )
+    assert leftovers(tmp_path) == []
+
+
+def test_streaming_equals_in_memory_with_every_option(tmp_path):
+    """Disk to disk, from a path, and from the model in memory: the same tensors, bit for bit."""
+    dense = dense_model("qwen2")  # tied embeddings: the speech rows are tied too
+    source = save_dense(dense, tmp_path / "dense")
+    options = dict(
+        num_text_experts=2,
+        num_speech_experts=4,
+        num_experts_per_tok=2,
+        granularity=3,
+        num_shared_experts=1,
+        speech_vocab_size=6,
+        init_noise=0.05,
+        drop_fraction=0.25,
+        seed=11,
+        mlp_only_layers=[0],
+    )
+    upcycle_checkpoint(source, tmp_path / "moe", max_shard_size="30KB", progress=False, **options)
+    streamed = load_checked(tmp_path / "moe").state_dict()
+    from_path = upcycle_dense(source, **options).state_dict()
+    from_memory = upcycle_dense(dense, **options).state_dict()
+    assert streamed.keys() == from_path.keys() == from_memory.keys()
+    for name in streamed:
+        assert torch.equal(streamed[name], from_path[name]), name
+        assert torch.equal(streamed[name], from_memory[name]), name
+
+
+def test_upcycled_model_saves_and_reloads(tmp_path):
+    """Round trip of the in-memory result through save_pretrained / from_pretrained (buffers, meta device)."""
+    moe = upcycle_dense(dense_model("llama"), num_text_experts=2, num_speech_experts=2, num_experts_per_tok=2)
+    moe.save_pretrained(tmp_path)
+    reloaded = load_checked(tmp_path)
+    ids = text_ids()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, moe(ids).logits)
+
+
+def corrupt(kind: str, source):
+    shards = sorted(f for f in os.listdir(source) if f.endswith(".safetensors"))
+    victim = source / shards[-1]
+    data = victim.read_bytes()
+    if kind == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    elif kind == "garbage-header":
+        victim.write_bytes(b"\xff" * 16 + data[16:])
+    elif kind == "missing-shard":
+        victim.unlink()
+    elif kind == "missing-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(victim)
+        tensors.pop(sorted(tensors)[0])
+        save_file(tensors, victim, metadata={"format": "pt"})
+    elif kind == "no-weights":
+        for shard in shards:
+            (source / shard).unlink()
+        (source / "model.safetensors.index.json").unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage-header", "missing-shard", "missing-tensor", "no-weights"])
+def test_corrupt_source_fails_cleanly(kind, tmp_path):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    corrupt(kind, source)
+    destination = tmp_path / "out" / "moe"
+    with pytest.raises(CheckpointError):
+        upcycle_checkpoint(source, destination, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    assert not destination.exists()
+    assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
+    with pytest.raises(CheckpointError):
+        upcycle_dense(source, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+
+
+def test_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    destination = tmp_path / "moe"
+    writes = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        writes.append(filename)
+        if len(writes) == 2:
+            raise OSError("No space left on device")
+        return save_file(tensors, filename, metadata=metadata)
+
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.save_file", failing_save_file)
+    with pytest.raises(OSError, match="No space left"):
+        upcycle_checkpoint(
+            source,
+            destination,
+            num_text_experts=2,
+            num_speech_experts=0,
+            num_experts_per_tok=1,
+            max_shard_size="20KB",
+            progress=False,
+        )
+    assert len(writes) == 2 and not destination.exists() and leftovers(tmp_path) == []
+
+
+def test_destination_rules(tmp_path):
+    source = save_dense(dense_model("mistral"), tmp_path / "dense")
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False)
+    destination = tmp_path / "moe"
+    destination.mkdir()
+    (destination / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        upcycle_checkpoint(source, destination, **options)
+    assert os.listdir(destination) == ["notes.txt"]
+    upcycle_checkpoint(source, destination, overwrite=True, **options)
+    assert "config.json" in os.listdir(destination) and "notes.txt" not in os.listdir(destination)
+    assert leftovers(tmp_path) == []
+    with pytest.raises(ValueError, match="is the source"):
+        upcycle_checkpoint(source, source, overwrite=True, **options)
+    assert "model.safetensors.index.json" in os.listdir(source)
+    with pytest.raises(CheckpointError, match="neither a local directory"):
+        upcycle_dense(str(tmp_path / "nowhere"), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)

@@ -1,20 +1,23 @@
 """deeptalk_hf: DeepTalk-style speech-text Mixture-of-Experts LLMs for the Hugging Face ecosystem.
 
 Importing the package registers the DeepTalk classes with transformers' Auto classes (config, model, causal LM,
-processor), the checkpoint conversion mapping that fuses per-expert tensors on load (and splits them on save), as
+processor, and the audio-input model with `AutoModelForMultimodalLM`, where transformers registers Qwen2-Audio), the
+checkpoint conversion mapping that fuses per-expert tensors on load (and splits them on save), as
 transformers does for Qwen3-MoE, and the `"deeptalk_triton"` experts implementation (fused Triton MoE kernels, see
 `deeptalk_hf.kernels`).
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMultimodalLM, AutoProcessor
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
 
 from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample
-from .configuration_deeptalk import DeepTalkConfig
+from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
+from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
 from .kernels import register_experts_implementation
 from .modality import ModalityLoad, assign_modality_experts, profile_modality_load, set_training_stage
 from .modeling_deeptalk import DeepTalkForCausalLM, DeepTalkModel, DeepTalkPreTrainedModel
+from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration, audio_token_lengths
 from .processing_deeptalk import (
     AudioChunk,
     DeepTalkProcessor,
@@ -52,6 +55,8 @@ def _register() -> None:
     AutoModel.register(DeepTalkConfig, DeepTalkModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepTalkConfig, DeepTalkForCausalLM, exist_ok=True)
     AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
+    AutoConfig.register(DeepTalkAudioConfig.model_type, DeepTalkAudioConfig, exist_ok=True)
+    AutoModelForMultimodalLM.register(DeepTalkAudioConfig, DeepTalkForConditionalGeneration, exist_ok=True)
     register_checkpoint_conversion_mapping(
         DeepTalkConfig.model_type,
         _experts_conversion("experts") + _experts_conversion("speech_experts"),
@@ -65,8 +70,10 @@ _register()
 __all__ = [
     "AudioChunk",
     "AudioCodec",
+    "DeepTalkAudioConfig",
     "DeepTalkConfig",
     "DeepTalkForCausalLM",
+    "DeepTalkForConditionalGeneration",
     "DeepTalkModel",
     "DeepTalkPreTrainedModel",
     "DeepTalkProcessor",
@@ -80,6 +87,9 @@ __all__ = [
     "TextDelta",
     "add_speech_tokens",
     "assign_modality_experts",
+    "audio_token_lengths",
+    "expand_audio_placeholders",
+    "extract_audio_features",
     "fit_speech_vocab",
     "profile_modality_load",
     "resample",

@@ -1,7 +1,8 @@
 """DeepTalk configuration: a Qwen3-MoE-style config with modality experts and a speech vocabulary block."""
 
 from huggingface_hub.dataclasses import strict
-from transformers.configuration_utils import PreTrainedConfig
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
 
 MODALITY_ROUTING_MODES = ("hard", "none")
@@ -310,4 +311,56 @@ class DeepTalkConfig(PreTrainedConfig):
         return None if order == list(range(num_text + num_speech)) else order
 
 
-__all__ = ["DeepTalkConfig"]
+@strict
+class DeepTalkAudioConfig(PreTrainedConfig):
+    r"""
+    Configuration of `DeepTalkForConditionalGeneration`: an audio encoder and a speech connector in front of a DeepTalk
+    LLM, so the LLM hears audio (as Qwen2-Audio or GLM-ASR do).
+
+    - `audio_config`: any transformers audio encoder config (Whisper's by default; for a Whisper config the model
+      uses Whisper's encoder only). The encoder's output frames are stacked by `stack_factor` (the downsampling to
+      the LLM's token rate) and mapped by a two-layer MLP (`connector_hidden_size`, `connector_hidden_act`; the hidden
+      size defaults to the LLM's) into the LLM's width.
+    - `text_config`: the `DeepTalkConfig` of the LLM.
+    - `audio_token_id`: the `<|audio|>` placeholder id; each audio fills as many placeholders as it has stacked
+      frames, and those positions are speech for modality routing. Any id of the LLM's vocabulary (e.g. a speech
+      marker, or an unused padding row of the text block); by default the last text-block id.
+    """
+
+    model_type = "deeptalk_audio"
+    sub_configs_defaults = {
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
+        "text_config": SubConfigSpec(config_class=DeepTalkConfig),
+    }
+
+    audio_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    audio_token_id: int | None = None
+    stack_factor: int = 4
+    connector_hidden_size: int | None = None
+    connector_hidden_act: str = "gelu"
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        text = self.text_config
+        if not isinstance(text, DeepTalkConfig):
+            raise ValueError(f"text_config must be a DeepTalkConfig, got {type(text).__name__}")
+        if self.audio_token_id is None:
+            self.audio_token_id = text.speech_token_start - 1
+        if self.connector_hidden_size is None:
+            self.connector_hidden_size = text.hidden_size
+        if not 0 <= self.audio_token_id < text.vocab_size:
+            raise ValueError(
+                f"audio_token_id={self.audio_token_id} is outside the LLM's vocabulary [0, {text.vocab_size})"
+            )
+        if self.stack_factor < 1:
+            raise ValueError(f"stack_factor={self.stack_factor} must be at least 1")
+        if text.num_audio_streams:
+            raise ValueError(
+                f"text_config has num_audio_streams={text.num_audio_streams}: audio input is not supported together "
+                "with parallel audio streams yet"
+            )
+
+
+__all__ = ["DeepTalkAudioConfig", "DeepTalkConfig"]

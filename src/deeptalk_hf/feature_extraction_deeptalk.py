@@ -1,0 +1,98 @@
+"""Audio inputs for `DeepTalkForConditionalGeneration`: the encoder's features and the `<|audio|>` placeholders.
+
+`extract_audio_features` runs the audio encoder's own transformers feature extractor (e.g. `WhisperFeatureExtractor`)
+and says how many positions each audio fills; `expand_audio_placeholders` turns one `<|audio|>` per audio in token
+id lists into that many placeholders, with the matching modality ids. A processor calls the two in that order.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+from transformers.feature_extraction_utils import BatchFeature
+
+from .configuration_deeptalk import DeepTalkAudioConfig
+from .modeling_deeptalk import speech_positions
+from .modeling_deeptalk_audio import audio_token_lengths
+
+
+def extract_audio_features(
+    audios: Sequence[np.ndarray | torch.Tensor | Sequence[float]],
+    sampling_rate: int,
+    feature_extractor: SequenceFeatureExtractor,
+    config: DeepTalkAudioConfig,
+) -> BatchFeature:
+    """Mono waveforms -> `input_features`, `input_features_mask` (one row per audio) and `num_audio_tokens`.
+
+    A feature extractor with a fixed window (Whisper's `n_samples`) pads every audio to it, as its encoder requires,
+    and refuses longer audio instead of cutting it; others pad to the longest audio. Raises `ValueError` for a
+    sampling rate other than the extractor's, an empty or multi-channel audio, or no audio at all.
+    """
+    if sampling_rate != feature_extractor.sampling_rate:
+        raise ValueError(
+            f"audio sampled at {sampling_rate} Hz but the feature extractor expects "
+            f"{feature_extractor.sampling_rate} Hz; resample it first"
+        )
+    if not len(audios):
+        raise ValueError("no audio given")
+    window = getattr(feature_extractor, "n_samples", None)
+    waveforms = []
+    for index, audio in enumerate(audios):
+        waveform = np.asarray(audio, dtype=np.float32)
+        if waveform.ndim != 1:
+            raise ValueError(f"audio {index} has shape {waveform.shape}; expected mono samples (one dimension)")
+        if not waveform.size:
+            raise ValueError(f"audio {index} is empty")
+        if window is not None and waveform.size > window:
+            raise ValueError(
+                f"audio {index} has {waveform.size} samples, more than the feature extractor's window of {window}; "
+                "split it into several audios"
+            )
+        waveforms.append(waveform)
+    features = feature_extractor(
+        waveforms,
+        sampling_rate=sampling_rate,
+        padding="max_length" if window is not None else "longest",
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    mask = features["attention_mask"]
+    return BatchFeature(
+        {
+            "input_features": features[feature_extractor.model_input_names[0]],
+            "input_features_mask": mask,
+            "num_audio_tokens": audio_token_lengths(config, mask.sum(-1)),
+        }
+    )
+
+
+def expand_audio_placeholders(
+    token_ids: Sequence[Sequence[int]],
+    num_audio_tokens: Sequence[int] | torch.Tensor,
+    config: DeepTalkAudioConfig,
+) -> dict[str, list[list[int]]]:
+    """Each `<|audio|>` (`config.audio_token_id`) of `token_ids` becomes `num_audio_tokens[i]` placeholders, the i-th
+    audio being the i-th placeholder in reading order over the batch.
+
+    Returns `input_ids` and `modality_ids` (1 on the placeholders and speech-block ids, 0 elsewhere) per sequence.
+    Raises `ValueError` when the number of placeholders is not the number of audios.
+    """
+    counts = [int(n) for n in num_audio_tokens]
+    audio_id = config.audio_token_id
+    found = sum(list(ids).count(audio_id) for ids in token_ids)
+    if found != len(counts):
+        raise ValueError(
+            f"the text has {found} audio placeholders (audio_token_id={audio_id}) but {len(counts)} audios were given"
+        )
+    remaining = iter(counts)
+    input_ids, modality_ids = [], []
+    for ids in token_ids:
+        expanded = []
+        for token in ids:
+            expanded.extend([audio_id] * next(remaining) if token == audio_id else [token])
+        row = torch.tensor([expanded], dtype=torch.long)
+        speech = speech_positions(config.text_config, row, None, row.shape, row.device) | (row == audio_id)
+        input_ids.append(expanded)
+        modality_ids.append(speech[0].long().tolist())
+    return {"input_ids": input_ids, "modality_ids": modality_ids}

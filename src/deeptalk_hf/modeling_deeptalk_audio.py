@@ -1,0 +1,294 @@
+"""DeepTalk with ears: an audio encoder and a speech connector in front of a `DeepTalkForCausalLM`.
+
+The encoder (Whisper's by default) turns log-mel features into frames; the connector stacks `stack_factor` frames
+(the downsampling to the LLM's token rate) and maps them with an MLP into the LLM's width. Those frames replace the
+`<|audio|>` placeholders of `input_ids` and are routed as speech, so under hard routing they only reach speech experts.
+The LLM stays a whole `DeepTalkForCausalLM` (both output heads, its generation logic); the encoder is `audio_encoder`
+and the connector `speech_connector`, so the naming rule (every speech-specific tensor's name contains `speech`) holds.
+"""
+
+import os
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_utils import PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+
+from .configuration_deeptalk import DeepTalkAudioConfig
+from .modeling_deeptalk import (
+    DeepTalkCausalLMOutputWithPast,
+    DeepTalkForCausalLM,
+    DeepTalkPreTrainedModel,
+    speech_positions,
+)
+
+# Where audio encoders keep their transformer layers: Whisper / Qwen2-Audio / GLM-ASR, and the wav2vec2 family.
+_ENCODER_LAYER_PATHS = ("layers", "encoder.layers")
+
+
+def audio_encoder_class(audio_config: PreTrainedConfig) -> type[PreTrainedModel]:
+    """The encoder built for `audio_config`: Whisper's encoder (not the whole encoder-decoder) for Whisper configs,
+    the `AutoModel` class otherwise."""
+    return WhisperEncoder if audio_config.model_type == "whisper" else MODEL_MAPPING[type(audio_config)]
+
+
+def audio_frame_lengths(audio_config: PreTrainedConfig, feature_lengths: torch.Tensor) -> torch.Tensor:
+    """Number of valid encoder frames of each audio, from its number of valid features (its mask's sum).
+
+    This is the encoder class's own `_get_feat_extract_output_lengths`; transformers' audio encoders compute it from
+    `self.config` alone, so a processor can count without building the encoder.
+    """
+    lengths_of = getattr(audio_encoder_class(audio_config), "_get_feat_extract_output_lengths", None)
+    if lengths_of is None:
+        raise ValueError(
+            f"the {audio_config.model_type} audio encoder does not say how many frames it makes from its input "
+            "(no `_get_feat_extract_output_lengths`)"
+        )
+    return lengths_of(SimpleNamespace(config=audio_config), torch.as_tensor(feature_lengths))
+
+
+def audio_token_lengths(config: DeepTalkAudioConfig, feature_lengths: torch.Tensor) -> torch.Tensor:
+    """Number of `<|audio|>` positions each audio fills: its encoder frames stacked by `stack_factor` (a partly
+    filled last stack still makes a position)."""
+    return -(-audio_frame_lengths(config.audio_config, feature_lengths) // config.stack_factor)
+
+
+class DeepTalkSpeechConnector(nn.Module):
+    """Stacks `stack_factor` consecutive encoder frames into one and maps it into the LLM's width with an MLP."""
+
+    def __init__(self, config: DeepTalkAudioConfig):
+        super().__init__()
+        self.stack_factor = config.stack_factor
+        self.linear_1 = nn.Linear(config.stack_factor * config.audio_config.hidden_size, config.connector_hidden_size)
+        self.act = ACT2FN[config.connector_hidden_act]
+        self.linear_2 = nn.Linear(config.connector_hidden_size, config.text_config.hidden_size)
+
+    def forward(self, audio_frames: torch.Tensor) -> torch.Tensor:
+        """`[audios, frames, encoder_width]` -> `[audios, ceil(frames / stack_factor), llm_width]`."""
+        audios, frames, width = audio_frames.shape
+        stacked = F.pad(audio_frames, (0, 0, 0, -frames % self.stack_factor))
+        stacked = stacked.reshape(audios, -1, self.stack_factor * width)
+        return self.linear_2(self.act(self.linear_1(stacked)))
+
+
+class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
+    r"""
+    A DeepTalk LLM that hears: `audio_encoder` -> `speech_connector` -> `<|audio|>` positions of `language_model`.
+
+    Build it from a config, or from existing checkpoints with `from_parts`. `forward` and `generate` take the text's
+    `input_ids` (one `<|audio|>` per stacked frame, see `audio_token_lengths`), the encoder's `input_features` (one row
+    per audio, in the order the audios appear in the batch) and their `input_features_mask`.
+    """
+
+    config: DeepTalkAudioConfig
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["cache"]
+    # Refuse checkpoint tensors of the wrong shape, naming them, as the LLM does.
+    _finalize_model_loading = staticmethod(DeepTalkPreTrainedModel._finalize_model_loading)
+
+    def __init__(self, config: DeepTalkAudioConfig):
+        super().__init__(config)
+        self.audio_encoder = audio_encoder_class(config.audio_config)(config.audio_config)
+        self.speech_connector = DeepTalkSpeechConnector(config)
+        self.language_model = DeepTalkForCausalLM(config.text_config)
+        # The placeholder is input only: a generated one would ask for audio that does not exist.
+        self.generation_config.suppress_tokens = [config.audio_token_id]
+        self.post_init()
+
+    @classmethod
+    def from_parts(
+        cls,
+        audio_encoder: str | os.PathLike | PreTrainedModel,
+        language_model: str | os.PathLike | DeepTalkForCausalLM,
+        **config_kwargs,
+    ) -> "DeepTalkForConditionalGeneration":
+        """One model from an existing audio encoder and an existing DeepTalk (or upcycled) LLM; the connector is new.
+
+        `audio_encoder`: a model or checkpoint path; of an encoder-decoder (e.g. a saved Whisper model) only the
+        encoder is kept. `language_model`: a `DeepTalkForCausalLM` or its checkpoint path. `config_kwargs` go to
+        `DeepTalkAudioConfig` (`audio_token_id`, `stack_factor`, ...). The parts are used as they are (no copy).
+        """
+        if not isinstance(audio_encoder, PreTrainedModel):
+            audio_encoder = _load_complete(AutoModel, audio_encoder)
+        if audio_encoder.config.is_encoder_decoder:
+            audio_encoder = audio_encoder.get_encoder()
+        if not isinstance(language_model, PreTrainedModel):
+            language_model = _load_complete(DeepTalkForCausalLM, language_model)
+        config = DeepTalkAudioConfig(
+            audio_config=audio_encoder.config, text_config=language_model.config, **config_kwargs
+        )
+        expected = audio_encoder_class(config.audio_config)
+        if type(audio_encoder) is not expected:
+            raise ValueError(
+                f"a {config.audio_config.model_type} config builds a {expected.__name__} encoder, but the given encoder "
+                f"is a {type(audio_encoder).__name__}"
+            )
+        with torch.device("meta"):  # placeholders for the given parts: nothing is allocated twice
+            model = cls(config)
+        model.audio_encoder = audio_encoder
+        model.language_model = language_model
+        model.speech_connector = DeepTalkSpeechConnector(config).to(language_model.device, language_model.dtype)
+        model.speech_connector.apply(model._init_weights)
+        return model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def audio_encoder_top_layers(self, num_layers: int) -> list[str]:
+        """Parameter names of the audio encoder's top `num_layers` transformer layers (its final norm excluded).
+
+        Stage "align" trains the speech connector only; these names are what it adds to also adapt the top of the
+        encoder, e.g. `set_training_stage(model, "align", also=model.audio_encoder_top_layers(2))`.
+        """
+        modules = dict(self.audio_encoder.named_modules())
+        path = next((p for p in _ENCODER_LAYER_PATHS if isinstance(modules.get(p), nn.ModuleList)), None)
+        if path is None:
+            raise ValueError(f"{type(self.audio_encoder).__name__} keeps its layers in none of {_ENCODER_LAYER_PATHS}")
+        layers = modules[path]
+        if not 0 <= num_layers <= len(layers):
+            raise ValueError(f"num_layers={num_layers} must be in [0, {len(layers)}] (the encoder's layer count)")
+        return [
+            f"audio_encoder.{path}.{index}.{name}"
+            for index in range(len(layers) - num_layers, len(layers))
+            for name, _ in layers[index].named_parameters()
+        ]
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder + connector: `([audios, positions, llm_width], positions each audio fills)`.
+
+        Encoder frames past an audio's valid length are zeroed before stacking, so an audio's positions do not depend
+        on how much the others pad it (Whisper ignores the mask and always encodes its fixed window; other encoders
+        get the mask as `attention_mask`).
+        """
+        input_features = input_features.to(self.audio_encoder.device, self.audio_encoder.dtype)
+        if input_features_mask is None:
+            feature_lengths = torch.full((input_features.shape[0],), input_features.shape[-1])
+        else:
+            input_features_mask = input_features_mask.to(input_features.device)
+            feature_lengths = input_features_mask.sum(-1).cpu()
+        frames = self.audio_encoder(input_features, attention_mask=input_features_mask).last_hidden_state
+        frame_lengths = audio_frame_lengths(self.config.audio_config, feature_lengths).to(frames.device)
+        valid = torch.arange(frames.shape[1], device=frames.device) < frame_lengths[:, None]
+        embeds = self.speech_connector(frames * valid.unsqueeze(-1).to(frames.dtype))
+        return embeds, audio_token_lengths(self.config, feature_lengths)
+
+    def _merge_audio(
+        self,
+        input_ids: torch.LongTensor,
+        inputs_embeds: torch.Tensor,
+        input_features: torch.Tensor | None,
+        input_features_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        """Writes the audio positions over the `<|audio|>` placeholders (in order), checking that the counts match."""
+        is_audio = input_ids == self.config.audio_token_id
+        num_placeholders = int(is_audio.sum())
+        if input_features is None:
+            if num_placeholders and (cache is None or cache.get_seq_length() == 0):
+                raise ValueError(
+                    f"input_ids has {num_placeholders} audio placeholders (audio_token_id={self.config.audio_token_id}) "
+                    "but no input_features were given"
+                )
+            return inputs_embeds
+        embeds, lengths = self.get_audio_features(input_features, input_features_mask)
+        if num_placeholders != int(lengths.sum()):
+            raise ValueError(
+                f"input_ids has {num_placeholders} audio placeholders (audio_token_id={self.config.audio_token_id}) but "
+                f"the {len(lengths)} audios fill {int(lengths.sum())} positions ({lengths.tolist()} each)"
+            )
+        valid = torch.arange(embeds.shape[1]) < lengths[:, None]
+        audio = embeds[valid.to(embeds.device)].to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(is_audio.unsqueeze(-1).to(inputs_embeds.device), audio)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        modality_ids: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DeepTalkCausalLMOutputWithPast:
+        r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+            Token ids; each audio is a run of `audio_token_id` placeholders as long as `audio_token_lengths` says.
+        input_features (`torch.FloatTensor` of shape `(num_audios, feature_size, feature_length)`, *optional*):
+            The audio encoder's input (log-mel features for Whisper), one row per audio in the order the placeholder
+            runs appear in the batch; only needed while the placeholders are being read (prefill).
+        input_features_mask (`torch.LongTensor` of shape `(num_audios, feature_length)`, *optional*):
+            1 for valid features, 0 for padding; decides how many positions each audio fills.
+        modality_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            0 text, 1 speech (routing only); audio positions are always speech, other positions default to what the
+            ids say.
+        labels (`torch.LongTensor`, *optional*):
+            As for `DeepTalkForCausalLM`; use -100 on the prompt and the audio positions.
+        """
+        if inputs_embeds is not None and input_features is not None:
+            raise ValueError("input_features fill the placeholders of input_ids; they cannot go with inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.language_model.model.embed(input_ids)
+            inputs_embeds = self._merge_audio(input_ids, inputs_embeds, input_features, input_features_mask, cache)
+        is_speech = speech_positions(
+            self.config.text_config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device
+        )
+        if input_ids is not None:
+            is_speech = is_speech | (input_ids == self.config.audio_token_id).to(is_speech.device)
+        return self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            modality_ids=is_speech.long(),
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+        """The LLM's step inputs (its `modality_ids` handling included); transformers passes `input_features` and
+        `input_features_mask` at prefill only when a cache is used."""
+        return self.language_model.prepare_inputs_for_generation(*args, **kwargs)
+
+
+def _load_complete(model_class: type, path: str | os.PathLike) -> PreTrainedModel:
+    """`from_pretrained` that refuses a checkpoint leaving weights missing (they would silently stay random)."""
+    model, info = model_class.from_pretrained(path, output_loading_info=True)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        raise ValueError(
+            f"{path} does not hold every weight of {type(model).__name__}: missing {sorted(info['missing_keys'])}, "
+            f"wrong shape {sorted(k for k, *_ in info['mismatched_keys'])}"
+        )
+    return model
+
+
+__all__ = ["DeepTalkForConditionalGeneration", "DeepTalkSpeechConnector", "audio_frame_lengths", "audio_token_lengths"]

@@ -1,0 +1,424 @@
+"""DeepTalkForConditionalGeneration: a tiny random Whisper encoder (and a wav2vec2 one) + speech connector + tiny
+DeepTalk LLM. Masks and placeholder counts, bad input, cached generation, modality isolation under hard routing,
+composition from checkpoints and save/load, the "align" stage, and learning to transcribe synthetic tones."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForMultimodalLM,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from deeptalk_hf import (
+    DeepTalkAudioConfig,
+    DeepTalkConfig,
+    DeepTalkForCausalLM,
+    DeepTalkForConditionalGeneration,
+    expand_audio_placeholders,
+    extract_audio_features,
+    set_training_stage,
+)
+
+from .conftest import tiny_config
+from .test_modeling import perturb
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLING_RATE = 16000
+# 16 mel bins, a 1 s window: 100 mel frames -> 50 encoder frames -> 10 LLM positions at stack factor 5.
+WHISPER = dict(
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_layers=1,
+    decoder_attention_heads=4,
+    decoder_ffn_dim=64,
+    num_mel_bins=16,
+    max_source_positions=50,
+    max_target_positions=32,
+    vocab_size=100,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=1,
+)
+BOS, SEP, EOS, PAD = 2, 3, 1, 0
+
+
+def whisper_audio_config(**overrides) -> DeepTalkAudioConfig:
+    fields = dict(audio_config=WhisperConfig(**WHISPER), text_config=tiny_config(), stack_factor=5) | overrides
+    return DeepTalkAudioConfig(**fields)
+
+
+def whisper_features() -> WhisperFeatureExtractor:
+    return WhisperFeatureExtractor(feature_size=16, sampling_rate=SAMPLING_RATE, chunk_length=1)
+
+
+def tone(frequency: float, seconds: float) -> np.ndarray:
+    return np.sin(2 * np.pi * frequency * np.arange(int(seconds * SAMPLING_RATE)) / SAMPLING_RATE).astype(np.float32)
+
+
+def audio_batch(config, feature_extractor, texts, audios, padding_side="right") -> dict[str, torch.Tensor]:
+    """What a processor does: features, placeholder expansion, padding of ids/modality ids/attention mask."""
+    features = extract_audio_features(audios, SAMPLING_RATE, feature_extractor, config)
+    expanded = expand_audio_placeholders(texts, features["num_audio_tokens"], config)
+    width = max(len(ids) for ids in expanded["input_ids"])
+
+    def pad(rows, value):
+        padded = [
+            ([value] * (width - len(r)) + r) if padding_side == "left" else (r + [value] * (width - len(r)))
+            for r in rows
+        ]
+        return torch.tensor(padded)
+
+    return {
+        "input_ids": pad(expanded["input_ids"], PAD),
+        "attention_mask": pad([[1] * len(r) for r in expanded["input_ids"]], 0),
+        "modality_ids": pad(expanded["modality_ids"], 0),
+        "input_features": features["input_features"],
+        "input_features_mask": features["input_features_mask"],
+    }
+
+
+def test_two_audio_lengths_give_their_positions_and_masked_batches_match_single_items():
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    audio_id = config.audio_token_id
+    audios = [tone(440, 0.25), tone(880, 0.5625)]  # 4000 and 9000 samples
+    features = extract_audio_features(audios, SAMPLING_RATE, whisper_features(), config)
+    assert features["input_features"].shape == (2, 16, 100)  # Whisper's fixed window
+    assert features["input_features_mask"].sum(-1).tolist() == [25, 57]  # ceil(samples / hop 160)
+    # encoder frames (L - 1) // 2 + 1 = 13 and 29, stacked by 5 (a partial last stack counts)
+    assert features["num_audio_tokens"].tolist() == [3, 6]
+    with torch.no_grad():
+        embeds, lengths = model.get_audio_features(features["input_features"], features["input_features_mask"])
+    assert embeds.shape == (2, 10, 32) and lengths.tolist() == [3, 6]
+
+    texts = [[BOS, audio_id, 5], [BOS, 9, audio_id, 6, 7]]
+    batch = audio_batch(config, whisper_features(), texts, audios)
+    assert batch["input_ids"].tolist() == [
+        [BOS, audio_id, audio_id, audio_id, 5, PAD, PAD, PAD, PAD, PAD],
+        [BOS, 9] + [audio_id] * 6 + [6, 7],
+    ]
+    assert batch["modality_ids"].tolist() == [[0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [0, 0] + [1] * 6 + [0, 0]]
+    with torch.no_grad():
+        logits = model(**batch).logits
+        assert logits.shape == (2, 10, config.text_config.vocab_size)
+        for row in range(2):
+            alone = audio_batch(config, whisper_features(), texts[row : row + 1], audios[row : row + 1])
+            length = alone["input_ids"].shape[1]
+            torch.testing.assert_close(model(**alone).logits[0], logits[row, :length], rtol=1e-5, atol=1e-5)
+        # Without the modality ids the placeholders are still speech: the model marks them itself.
+        without = {k: v for k, v in batch.items() if k != "modality_ids"}
+        assert torch.equal(model(**without).logits, logits)
+        # The audio reaches the text after it.
+        louder = model(**dict(batch, input_features=batch["input_features"] + 0.5)).logits
+        assert not torch.allclose(louder[:, -1], logits[:, -1])
+
+
+def test_bad_audio_input_raises_naming_the_problem():
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    extractor = whisper_features()
+    audio_id = config.audio_token_id
+    with pytest.raises(ValueError, match="8000 Hz.*16000 Hz"):
+        extract_audio_features([tone(440, 0.2)], 8000, extractor, config)
+    with pytest.raises(ValueError, match="audio 1 is empty"):
+        extract_audio_features([tone(440, 0.2), np.zeros(0)], SAMPLING_RATE, extractor, config)
+    with pytest.raises(ValueError, match=r"audio 0 has shape \(2, 100\)"):
+        extract_audio_features([np.zeros((2, 100))], SAMPLING_RATE, extractor, config)
+    with pytest.raises(ValueError, match="audio 0 has 20000 samples.*window of 16000"):
+        extract_audio_features([tone(440, 1.25)], SAMPLING_RATE, extractor, config)
+    with pytest.raises(ValueError, match="no audio"):
+        extract_audio_features([], SAMPLING_RATE, extractor, config)
+    with pytest.raises(ValueError, match="has 2 audio placeholders.*but 1 audios"):
+        expand_audio_placeholders([[BOS, audio_id, audio_id]], [3], config)
+
+    batch = audio_batch(config, extractor, [[BOS, audio_id, 5]], [tone(440, 0.25)])
+    too_many = {
+        "input_ids": torch.cat([batch["input_ids"], torch.tensor([[audio_id]])], 1),
+        "input_features": batch["input_features"],
+        "input_features_mask": batch["input_features_mask"],
+    }
+    with pytest.raises(ValueError, match=r"4 audio placeholders.*fill 3 positions \(\[3\] each\)"):
+        model(**too_many)
+    with pytest.raises(ValueError, match="3 audio placeholders.*no input_features"):
+        model(input_ids=batch["input_ids"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(audio_token_id=80), "audio_token_id=80"),
+        (dict(stack_factor=0), "stack_factor=0"),
+        (dict(text_config=tiny_config(num_audio_streams=2)), "num_audio_streams=2"),
+        (dict(text_config=WhisperConfig(**WHISPER)), "text_config must be a DeepTalkConfig"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(overrides, message):
+    fields = dict(audio_config=WhisperConfig(**WHISPER), text_config=tiny_config()) | overrides
+    with pytest.raises(ValueError, match=message):
+        DeepTalkAudioConfig(**fields)
+
+
+def test_config_defaults_and_dict_round_trip():
+    config = whisper_audio_config()
+    assert config.audio_token_id == config.text_config.speech_token_start - 1  # the last text-block id
+    assert config.connector_hidden_size == config.text_config.hidden_size
+    rebuilt = AutoConfig.for_model(**config.to_dict())
+    assert isinstance(rebuilt, DeepTalkAudioConfig) and isinstance(rebuilt.text_config, DeepTalkConfig)
+    assert rebuilt.audio_config.model_type == "whisper" and rebuilt.to_dict() == config.to_dict()
+    default = DeepTalkAudioConfig()
+    assert default.audio_config.model_type == "whisper" and isinstance(default.text_config, DeepTalkConfig)
+
+
+@pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
+def test_cached_generation_equals_uncached_from_audio_and_text(cache_implementation):
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    audio_id = config.audio_token_id
+    batch = audio_batch(
+        config,
+        whisper_features(),
+        [[BOS, audio_id, SEP], [BOS, 7, audio_id, 8, SEP]],
+        [tone(300, 0.4), tone(1200, 0.8)],
+        padding_side="left",
+    )
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    cached = model.generate(**batch, cache_implementation=cache_implementation, **kwargs)
+    uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert cached.shape == (2, batch["input_ids"].shape[1] + 10)
+    assert torch.equal(cached, uncached)
+
+
+def test_text_only_input_is_the_language_model():
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
+    input_ids = torch.randint(3, 60, (2, 7))
+    # The composite never generates the placeholder; ask the same of the LLM alone.
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, suppress_tokens=[model.config.audio_token_id])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, model.language_model(input_ids).logits)
+    assert torch.equal(model.generate(input_ids, **kwargs), model.language_model.generate(input_ids, **kwargs))
+
+
+def is_speech_side(name: str) -> bool:
+    """The audio encoder and every speech tensor (connector, speech experts and routers, speech rows)."""
+    return "speech" in name or name.startswith("audio_encoder.")
+
+
+@pytest.mark.parametrize("num_speech_experts", [3, [2, 0]], ids=["all-layers", "a-layer-without-speech-experts"])
+def test_hard_routing_keeps_audio_positions_on_speech_tensors(num_speech_experts):
+    config = whisper_audio_config(text_config=tiny_config(num_speech_experts=num_speech_experts))
+    model = DeepTalkForConditionalGeneration(config).eval()
+    text_config = config.text_config
+    start = text_config.speech_token_start
+    # Equal lengths: no padding, whose text tokens would change the expert batches of layers without speech experts.
+    audio_only = audio_batch(
+        config, whisper_features(), [[config.audio_token_id]] * 2, [tone(500, 0.5), tone(900, 0.5)]
+    )
+    mixed = audio_batch(config, whisper_features(), [[BOS, config.audio_token_id, 9]], [tone(500, 0.5)])
+    audio_only.pop("modality_ids"), mixed.pop("modality_ids")  # the model marks the audio positions as speech
+    text_only = torch.randint(3, config.audio_token_id, (2, 6))
+
+    speech_changed = perturb(model, is_speech_side)
+    layers_with_speech = [f"layers.{i}.mlp." for i in text_config.moe_layers if text_config.layer_experts(i)[1]]
+
+    def text_routing_tensor(name: str) -> bool:
+        return any(
+            name.startswith(f"language_model.model.{p}experts.") or name == f"language_model.model.{p}gate.weight"
+            for p in layers_with_speech
+        )
+
+    text_changed = perturb(model, text_routing_tensor)
+    with torch.no_grad():
+        # Text input keeps its text-block logits whatever happens to the speech side...
+        assert torch.equal(model(text_only).logits[..., :start], speech_changed(text_only).logits[..., :start])
+        # ...and audio positions (with the positions before them) never touch the text experts or routers.
+        assert torch.equal(model(**audio_only).logits, text_changed(**audio_only).logits)
+        # Both perturbations matter where they should.
+        assert not torch.equal(model(**mixed).logits, speech_changed(**mixed).logits)
+        assert not torch.equal(model(text_only).logits, text_changed(text_only).logits)
+        for copy in (model, text_changed):
+            copy.config.text_config.modality_routing = "none"
+        assert not torch.equal(model(**audio_only).logits, text_changed(**audio_only).logits)
+
+
+def test_composed_from_checkpoints_saves_and_loads_identically(tmp_path):
+    whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER)).eval()
+    whisper.save_pretrained(tmp_path / "whisper")
+    llm = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    llm.save_pretrained(tmp_path / "llm")
+
+    model = DeepTalkForConditionalGeneration.from_parts(tmp_path / "whisper", tmp_path / "llm", stack_factor=5).eval()
+    assert isinstance(model.audio_encoder, WhisperEncoder)
+    assert model.config.audio_config is model.audio_encoder.config
+    assert model.config.text_config is model.language_model.config
+    for prefix, source in (("audio_encoder.", whisper.model.encoder), ("language_model.", llm)):
+        for name, tensor in source.state_dict().items():
+            assert torch.equal(model.state_dict()[prefix + name], tensor), name
+    assert not any(p.is_meta for p in model.parameters())
+    # The new connector is initialised as the model's own init does (std 0.02), not as torch's default (~0.046).
+    assert abs(model.speech_connector.linear_1.weight.std().item() - 0.02) < 0.002
+    text_ids = torch.randint(3, 60, (2, 6))
+    with torch.no_grad():
+        assert torch.equal(model(text_ids).logits, llm(text_ids).logits)
+
+    batch = audio_batch(model.config, whisper_features(), [[BOS, model.config.audio_token_id, SEP]], [tone(700, 0.6)])
+    model.save_pretrained(tmp_path / "composite")
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "composite"), DeepTalkAudioConfig)
+    loaded, info = AutoModelForMultimodalLM.from_pretrained(tmp_path / "composite", output_loading_info=True)
+    assert isinstance(loaded, DeepTalkForConditionalGeneration)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert loaded.language_model.lm_head.weight is loaded.language_model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded.eval()(**batch).logits)
+    assert loaded.generation_config.suppress_tokens == [model.config.audio_token_id]
+
+
+def test_from_parts_refuses_an_encoder_of_another_class():
+    whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER))
+    with pytest.raises(ValueError, match="builds a WhisperEncoder encoder, but the given encoder is a WhisperDecoder"):
+        DeepTalkForConditionalGeneration.from_parts(whisper.model.decoder, DeepTalkForCausalLM(tiny_config()))
+
+
+@pytest.mark.parametrize("top_layers", [0, 1])
+def test_align_stage_trains_the_connector_only(top_layers):
+    """`set_training_stage(model, "align", also=model.audio_encoder_top_layers(n))`: after AdamW steps with weight
+    decay, the encoder (but for its top n layers) and the LLM are bit-identical and the connector has moved."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).train()
+    top = model.audio_encoder_top_layers(top_layers)
+    assert top == [n for n, _ in model.named_parameters() if n.startswith("audio_encoder.layers.1.")][: len(top)]
+    assert len(top) == (len(list(model.audio_encoder.layers[1].parameters())) if top_layers else 0)
+    trainable = set(set_training_stage(model, "align", also=top))
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("speech_connector.")} | set(top)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    batch = audio_batch(
+        config, whisper_features(), [[BOS, config.audio_token_id, SEP, 11, 12]] * 2, [tone(400, 0.5), tone(800, 0.7)]
+    )
+    labels = batch["input_ids"].masked_fill(batch["modality_ids"].bool() | ~batch["attention_mask"].bool(), -100)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    for name, param in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
+    with pytest.raises(ValueError, match=r"num_layers=3 must be in \[0, 2\]"):
+        model.audio_encoder_top_layers(3)
+
+
+def test_other_stages_keep_their_meaning_and_leave_the_encoder_frozen():
+    model = DeepTalkForConditionalGeneration(whisper_audio_config())
+    names = [n for n, _ in model.named_parameters()]
+    speech = set_training_stage(model, "speech")
+    assert set(speech) == {n for n in names if "speech" in n}  # connector, speech experts/routers/rows
+    assert any(n.startswith("speech_connector.") for n in speech)
+    text = set_training_stage(model, "text")
+    assert text and all(".mlp.experts." in n or ".mlp.gate." in n for n in text)
+    assert all(n.startswith("language_model.") for n in text)
+    joint = set_training_stage(model, "joint")
+    assert set(joint) == {n for n in names if not n.startswith("audio_encoder.")}
+
+
+def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
+    """A non-Whisper encoder (wav2vec2: raw samples in, sample-level mask) is built by `AutoModel` and masked."""
+    encoder_config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        conv_dim=(16, 16),
+        conv_kernel=(10, 8),
+        conv_stride=(5, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        mask_time_prob=0.0,
+    )
+    config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
+    model = DeepTalkForConditionalGeneration(config).eval()
+    assert type(model.audio_encoder).__name__ == "Wav2Vec2Model"
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True)
+    audios = [tone(300, 0.1), tone(600, 0.25)]  # 1600 and 4000 samples
+    texts = [[BOS, config.audio_token_id, 5], [BOS, config.audio_token_id, 6]]
+    batch = audio_batch(config, extractor, texts, audios)
+    # conv lengths: (1600 - 10) // 5 + 1 = 319 -> (319 - 8) // 4 + 1 = 78 frames -> 16 positions; 4000 -> 198 -> 40
+    assert batch["modality_ids"].sum(-1).tolist() == [16, 40]
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row in range(2):
+            alone = audio_batch(config, extractor, texts[row : row + 1], audios[row : row + 1])
+            length = alone["input_ids"].shape[1]
+            torch.testing.assert_close(model(**alone).logits[0], logits[row, :length], rtol=1e-4, atol=1e-4)
+    assert model.audio_encoder_top_layers(1)[0].startswith("audio_encoder.encoder.layers.1.")
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModelForMultimodalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(**batch).logits, logits)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices run fastest on one thread, and a second one only waits on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_learns_to_transcribe_synthetic_tones(one_thread):
+    """Four tones (two durations, so neither length nor position alone tells them apart) -> four short transcripts;
+    the whole model trains. The loss must fall far below chance and greedy decoding must give every transcript."""
+    torch.manual_seed(0)
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config)
+    audio_id = config.audio_token_id
+    clips = [tone(300, 0.3), tone(1500, 0.3), tone(600, 0.6), tone(3000, 0.6)]
+    transcripts = [[10, 20, 30], [40, 11, 21], [31, 41, 12], [22, 32, 42]]
+    batch = audio_batch(config, whisper_features(), [[BOS, audio_id, SEP, *t, EOS] for t in transcripts], clips)
+    ids = batch["input_ids"]
+    answer = ((ids == SEP).cumsum(-1) > 0) & (ids != SEP) & batch["attention_mask"].bool()
+    labels = ids.masked_fill(~answer, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(100):
+        optimizer.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss.item()
+    assert loss < 0.1, loss  # chance: ln(80) = 4.38
+
+    prompts = audio_batch(config, whisper_features(), [[BOS, audio_id, SEP]] * 4, clips, padding_side="left")
+    generated = model.generate(**prompts, max_new_tokens=6, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    answers = [row[prompts["input_ids"].shape[1] :].tolist() for row in generated]
+    assert [a[: a.index(EOS)] if EOS in a else a for a in answers] == transcripts
+
+
+def test_asr_example_runs_and_transcribes():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matrices: one thread is fastest, and shares a busy machine
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "asr_tiny.py")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert "reloaded as DeepTalkForConditionalGeneration" in result.stdout
+    assert result.stdout.count(": ok") == 4, result.stdout

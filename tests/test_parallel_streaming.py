@@ -1,18 +1,27 @@
-"""Parallel streams on the processor side: codec codes ↔ the parallel audio streams."""
+"""Parallel streams on the processor side: codec codes ↔ audio streams, parallel prompts, decoding generated streams
+into SNAC codes and audio."""
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from transformers.generation import LogitsProcessor
 
 from deeptalk_hf import DeepTalkConfig, MimiCodec, SnacCodec
-from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern
+from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern, revert_delay_pattern
 
-from .speech_fixtures import tiny_mimi, tiny_snac
+from .speech_fixtures import tiny_mimi, tiny_model, tiny_processor, tiny_snac
 
 pytest.importorskip("snac")
 SNAC = SnacCodec(tiny_snac())
 MIMI = MimiCodec(tiny_mimi(), num_codebooks=4)
+PROCESSOR = tiny_processor(1, codec=SNAC)  # the parallel path needs no speech units in the text vocabulary
+EOS = PROCESSOR.tokenizer.convert_tokens_to_ids("<|im_end|>")
+MODEL = tiny_model(PROCESSOR, num_audio_streams=7, audio_codebook_size=SNAC.codebook_size, eos_token_id=EOS)
+CONFIG = MODEL.config
+QUESTION = 0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0))
+SPOKEN = "<|im_start|>user\n<|speech|><|im_end|>\n<|im_start|>assistant\n"
+TYPED = "<|im_start|>user\nhello how are you<|im_end|>\n<|im_start|>assistant\n"
 
 
 def streams_config(codec) -> DeepTalkConfig:
@@ -53,3 +62,80 @@ def test_from_streams_refuses_bad_streams():
         SNAC.from_streams(torch.zeros(6, 2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[0, 64\)"):
         SNAC.from_streams(torch.full((7, 2), 64))
+
+
+# ---- the processor -----------------------------------------------------------------------------------------------
+
+
+def test_parallel_prompt_lays_out_text_and_a_spoken_question():
+    batch = PROCESSOR.parallel_prompt([SPOKEN, TYPED], CONFIG, audio=[QUESTION, None], sampling_rate=16000)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    text_pad, audio_pad = CONFIG.pad_token_id, CONFIG.audio_pad_token_id
+    tokens = PROCESSOR.tokenizer([SPOKEN.replace("<|speech|>", ""), TYPED])["input_ids"]
+    streams = SNAC.to_streams(SNAC.encode(QUESTION, 16000))
+    block = streams.shape[1] + max(CONFIG.audio_stream_delays) + 1
+    assert ids.shape == (2, 8, len(tokens[0]) + block) and ids.shape[-1] > len(tokens[1])
+    # the spoken question: its delayed codes under text pad, between the template's text ids
+    where = tokens[0].index(PROCESSOR.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    question = ids[0, :, where : where + block]
+    assert (question[0] == text_pad).all()
+    assert torch.equal(revert_delay_pattern(question[None, 1:], CONFIG)[0], streams)
+    text = torch.cat([ids[0, :, :where], ids[0, :, where + block :]], dim=1)
+    assert text[0].tolist() == tokens[0] and (text[1:] == audio_pad).all()
+    # the typed question, left-padded
+    padding = ids.shape[-1] - len(tokens[1])
+    assert mask[0].all() and mask[1].tolist() == [0] * padding + [1] * len(tokens[1])
+    assert ids[1, 0].tolist() == [text_pad] * padding + tokens[1] and (ids[1, 1:] == audio_pad).all()
+
+
+def test_parallel_helpers_check_their_inputs():
+    with pytest.raises(ValueError, match="one <\\|speech\\|> placeholder per waveform"):
+        PROCESSOR.parallel_prompt(SPOKEN, CONFIG)
+    with pytest.raises(ValueError, match="no <\\|begin_of_speech\\|>"):
+        PROCESSOR.parallel_prompt(TYPED + "<|begin_of_speech|>", CONFIG)
+    with pytest.raises(ValueError, match="num_audio_streams=4"):
+        PROCESSOR.decode_parallel(torch.zeros(1, 5, 3, dtype=torch.long), streams_config(MIMI))
+    with pytest.raises(ValueError, match="give the processor"):
+        tiny_processor(1).parallel_prompt(TYPED, CONFIG)
+
+
+# ---- generation → codes → audio ----------------------------------------------------------------------------------
+
+
+class AudioEndsAfter(LogitsProcessor):
+    """Random weights end the audio streams anywhere: keep each stream going for `frames` codes, then end it (or,
+    with `frames=None`, never)."""
+
+    def __init__(self, frames: int | None, prompt_length: int):
+        self.frames, self.prompt_length = frames, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        streams = CONFIG.num_audio_streams + 1
+        scores = scores.clone()
+        for row in range(input_ids.shape[0]):
+            stream = row % streams
+            if stream:
+                ended = self.frames is not None and step >= CONFIG.audio_stream_delays[stream - 1] + self.frames
+                scores[row, CONFIG.audio_eos_token_id] = 1e4 if ended else -float("inf")
+        return scores
+
+
+def test_generated_streams_decode_into_valid_snac_codes():
+    batch = PROCESSOR.parallel_prompt([SPOKEN, TYPED], CONFIG, audio=[QUESTION, None], sampling_rate=16000)
+    prompt_length, steps = batch["input_ids"].shape[-1], 12
+    out = MODEL.generate(
+        **batch, max_new_tokens=steps, do_sample=False, logits_processor=[AudioEndsAfter(None, prompt_length)]
+    )
+    answer = out[:, :, prompt_length:]
+    frames = steps - max(CONFIG.audio_stream_delays)  # the later streams' last codes are still missing
+    for item, decoded in enumerate(PROCESSOR.decode_parallel(answer, CONFIG)):
+        assert [c.shape for c in decoded.codes] == [(frames,), (2 * frames,), (4 * frames,)]
+        assert all(((c >= 0) & (c < SNAC.codebook_size)).all() for c in decoded.codes)
+        streams = SNAC.to_streams(decoded.codes)
+        for s, delay in enumerate(CONFIG.audio_stream_delays):  # frame k of stream s sits at delay + k
+            assert torch.equal(streams[s], answer[item, s + 1, delay : delay + frames])
+        assert decoded.waveform.shape == (frames * SNAC.samples_per_frame,) and torch.isfinite(decoded.waveform).all()
+        special = {i for i, token in PROCESSOR.tokenizer.added_tokens_decoder.items() if token.special}
+        words = [t for t in answer[item, 0].tolist() if t < CONFIG.speech_token_start and t not in special]
+        assert decoded.text.split() == PROCESSOR.tokenizer.convert_ids_to_tokens(words)

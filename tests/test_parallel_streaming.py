@@ -1,5 +1,8 @@
 """Parallel streams on the processor side: codec codes ↔ audio streams, parallel prompts, decoding generated streams
-into SNAC codes and audio."""
+into SNAC codes and audio, and DeepTalkParallelStreamer (events equal the final decode and come as soon as frames
+complete), end to end with and without batch parallel decoding."""
+
+import threading
 
 import pytest
 import torch
@@ -7,7 +10,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.generation import LogitsProcessor
 
-from deeptalk_hf import DeepTalkConfig, MimiCodec, SnacCodec
+from deeptalk_hf import (
+    AudioChunk,
+    DeepTalkConfig,
+    DeepTalkParallelStreamer,
+    MimiCodec,
+    SnacCodec,
+    SpeechChunk,
+    TextDelta,
+)
 from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern, revert_delay_pattern
 
 from .speech_fixtures import tiny_mimi, tiny_model, tiny_processor, tiny_snac
@@ -139,3 +150,89 @@ def test_generated_streams_decode_into_valid_snac_codes():
         special = {i for i, token in PROCESSOR.tokenizer.added_tokens_decoder.items() if token.special}
         words = [t for t in answer[item, 0].tolist() if t < CONFIG.speech_token_start and t not in special]
         assert decoded.text.split() == PROCESSOR.tokenizer.convert_ids_to_tokens(words)
+
+
+# ---- streaming ---------------------------------------------------------------------------------------------------
+
+
+class StampedStreamer(DeepTalkParallelStreamer):
+    """Records, for each event, how many generated steps the streamer had received when it queued the event."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps, self.stamps = -1, []  # the first put is the prompt
+        queue_put = self.queue.put
+
+        def put(event, *a, **k):
+            self.stamps.append(self.steps)
+            queue_put(event, *a, **k)
+
+        self.queue.put = put
+
+    def put(self, value):
+        self.steps += 1
+        super().put(value)
+
+
+@pytest.mark.parametrize(
+    "text, batch_parallel, chunk_frames, answer_frames",
+    [(SPOKEN, False, 1, 4), (SPOKEN, True, 2, 3), (TYPED, True, 1, None)],
+    ids=["spoken", "spoken-batch-parallel", "typed-batch-parallel-unended"],
+)
+def test_end_to_end_streaming_equals_the_final_decode(text, batch_parallel, chunk_frames, answer_frames):
+    """processor → generate (in a thread) → streamer → codec; the events concatenate to the decode of the returned
+    streams, and every frame's units and audio go out at the step that completes its frame group."""
+    audio = QUESTION if text == SPOKEN else None
+    inputs = PROCESSOR.parallel_prompt(text, CONFIG, audio=audio, sampling_rate=16000)
+    prompt_length = inputs["input_ids"].shape[-1]
+    streamer = StampedStreamer(PROCESSOR, SNAC, CONFIG, batch_parallel=batch_parallel, audio_chunk_frames=chunk_frames)
+    result = {}
+    generation = threading.Thread(
+        target=lambda: result.setdefault(
+            "out",
+            MODEL.generate(
+                **inputs,
+                max_new_tokens=12,
+                do_sample=False,
+                batch_parallel=batch_parallel,
+                streamer=streamer,
+                logits_processor=[AudioEndsAfter(answer_frames, prompt_length)],
+            ),
+        )
+    )
+    generation.start()
+    events = list(streamer)
+    generation.join()
+    answer = result["out"][:, :, prompt_length:]
+    decoded = PROCESSOR.decode_parallel(answer, CONFIG)[0]
+    stamps = dict(zip(map(id, events), streamer.stamps[:-1], strict=True))  # the last: the end of the queue
+
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == decoded.text != ""
+    speech = [e for e in events if isinstance(e, SpeechChunk)]
+    assert {e.segment for e in speech} == {0}
+    assert sum((e.units for e in speech), []) == SNAC.to_units(decoded.codes).tolist()
+    frames = len(decoded.codes[0])
+    assert frames == (answer_frames or 12 - max(CONFIG.audio_stream_delays))
+    # frame k is complete once the latest stream has emitted its code, at answer position max(delay) + k
+    complete = [max(CONFIG.audio_stream_delays) + k + 1 for k in range(frames)]
+    sent = 0
+    for chunk in speech:
+        assert len(chunk.units) == SNAC.units_per_frame and stamps[id(chunk)] == complete[sent]
+        sent += 1
+    voiced = 0
+    for chunk in (e for e in events if isinstance(e, AudioChunk)):
+        assert chunk.sampling_rate == SNAC.sampling_rate and chunk.waveform.shape[0] % SNAC.samples_per_frame == 0
+        voiced += chunk.waveform.shape[0] // SNAC.samples_per_frame
+        if voiced % chunk_frames == 0:  # a full chunk: right when its last frame completed
+            assert stamps[id(chunk)] == complete[voiced - 1]
+        else:  # the rest, when generation ends
+            assert voiced == frames and stamps[id(chunk)] == answer.shape[-1]
+    assert voiced == frames and decoded.waveform.shape == (frames * SNAC.samples_per_frame,)
+
+
+def test_streamer_checks_its_layout():
+    streamer = DeepTalkParallelStreamer(PROCESSOR, SNAC, CONFIG, batch_parallel=True)
+    with pytest.raises(ValueError, match="expected 16 rows"):
+        streamer.put(torch.zeros(8, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_audio_streams=7"):
+        DeepTalkParallelStreamer(PROCESSOR, MIMI, CONFIG)

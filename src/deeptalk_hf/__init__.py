@@ -51,6 +51,7 @@ from transformers import AutoProcessor  # noqa: E402
 from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample  # noqa: E402
 from .processing_deeptalk import (  # noqa: E402
     AudioChunk,
+    DeepTalkParallelStreamer,
     DeepTalkProcessor,
     DeepTalkStreamer,
     ParallelSpeechOutput,
@@ -66,6 +67,7 @@ AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
 __all__ += [
     "AudioChunk",
     "AudioCodec",
+    "DeepTalkParallelStreamer",
     "DeepTalkProcessor",
     "DeepTalkStreamer",
     "MimiCodec",

@@ -758,6 +758,66 @@ class DeepTalkStreamer(BaseStreamer):
         self._voiced_frames[segment] = ready
 
 
+class DeepTalkParallelStreamer(DeepTalkStreamer):
+    """Streams parallel-stream `generate` (`config.num_audio_streams` > 0) as the same events as `DeepTalkStreamer`.
+
+    `generate` hands the streamer one row per stream (`[1 + S]` per step, `[2 * (1 + S)]` with `batch_parallel=True`,
+    whose text-only copy's text stream is the answer's text). Text deltas come from the text stream; the speech
+    answer is segment 0, and a frame's units (the codec's, as `SpeechChunk.units` always are) and its audio go out as
+    soon as its frame group is complete, i.e. every audio stream has emitted its code for it. Concatenated, the events
+    give `processor.decode_parallel` of the returned answer. The prompt is never streamed.
+    """
+
+    def __init__(
+        self,
+        processor: DeepTalkProcessor,
+        codec: AudioCodec,
+        config: DeepTalkConfig,
+        *,
+        batch_parallel: bool = False,
+        audio_chunk_frames: int = 2,
+        context_frames: int = 2,
+        timeout: float | None = None,
+        **decode_kwargs: Any,
+    ):
+        super().__init__(
+            processor,
+            processor._stream_codec(codec, config),
+            audio_chunk_frames=audio_chunk_frames,
+            context_frames=context_frames,
+            timeout=timeout,
+            **decode_kwargs,
+        )
+        self.config = config
+        self.rows = (2 if batch_parallel else 1) * (config.num_audio_streams + 1)
+        self.text_row = self.rows - config.num_audio_streams - 1  # the text-only copy's text stream, if any
+        self._audio_steps: list[torch.Tensor] = []  # the speech answer's audio streams, one [S] column per step
+        self._splitter.segments.append([])
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.shape[0] != self.rows:
+            raise ValueError(
+                f"expected {self.rows} rows (one item's streams{', and its text-only copy' if self.text_row else ''}),"
+                f" got {value.shape[0]}: generate one item, with batch_parallel as given to the streamer"
+            )
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        streams, answer = self.config.num_audio_streams + 1, self._splitter.segments[0]
+        for step in value.reshape(self.rows, -1).T.cpu():
+            text_ids = self.processor._text_ids([int(step[self.text_row])])
+            if text_ids:
+                self._splitter.text_ids += text_ids
+                self._send_text(final=False)
+            self._audio_steps.append(step[1:streams])
+            codes = audio_codes_per_stream(torch.stack(self._audio_steps, dim=-1)[None], self.config)[0]
+            new = _frame_groups(codes)[:, len(answer) // self.codec.units_per_frame :]
+            if new.shape[1]:
+                units = self.codec.to_units(self.codec.from_streams(new)).tolist()
+                answer += units
+                self._send_units(0, units)
+
+
 class SpeechUnitsLogitsProcessor(LogitsProcessor):
     """Keeps generated speech decodable by `codec`: inside a `<|begin_of_speech|>` segment the next unit must have
     the codebook level that the codec's frame layout puts at that position, and `<|end_of_speech|>` may only close
@@ -793,6 +853,7 @@ class SpeechUnitsLogitsProcessor(LogitsProcessor):
 
 __all__ = [
     "AudioChunk",
+    "DeepTalkParallelStreamer",
     "DeepTalkProcessor",
     "DeepTalkStreamer",
     "INTERLEAVE_POLICIES",

@@ -97,6 +97,8 @@ def test_parallel_prompt_lays_out_text_and_a_spoken_question():
     padding = ids.shape[-1] - len(tokens[1])
     assert mask[0].all() and mask[1].tolist() == [0] * padding + [1] * len(tokens[1])
     assert ids[1, 0].tolist() == [text_pad] * padding + tokens[1] and (ids[1, 1:] == audio_pad).all()
+    typed = PROCESSOR.parallel_prompt([TYPED, TYPED], CONFIG)["input_ids"]  # a batch without speech
+    assert torch.equal(typed, ids[1:, :, padding:].expand(2, -1, -1))
 
 
 def test_parallel_helpers_check_their_inputs():

@@ -210,8 +210,8 @@ def _is_waveform(value: Any) -> bool:
 
 
 def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any], bool], name: str) -> list[list]:
-    """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes a
-    list with one such entry per text. A single text also accepts a one-sample batch (as `apply_chat_template`
+    """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes
+    `None` (no speech) or a list with one such entry per text. A single text also accepts a one-sample batch (as `apply_chat_template`
     passes it)."""
 
     def segments(entry: Any, where: str) -> list:
@@ -233,6 +233,8 @@ def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any
         ):
             spec = spec[0]
         return [segments(spec, "")]
+    if spec is None:
+        return [[] for _ in range(batch_size)]
     if not isinstance(spec, (list, tuple)) or len(spec) != batch_size:
         raise ValueError(f"{name} must have one entry per text ({batch_size} texts)")
     return [segments(entry, f"[{i}]") for i, entry in enumerate(spec)]

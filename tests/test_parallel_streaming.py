@@ -31,8 +31,9 @@ EOS = PROCESSOR.tokenizer.convert_tokens_to_ids("<|im_end|>")
 MODEL = tiny_model(PROCESSOR, num_audio_streams=7, audio_codebook_size=SNAC.codebook_size, eos_token_id=EOS)
 CONFIG = MODEL.config
 QUESTION = 0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0))
-SPOKEN = "<|im_start|>user\n<|speech|><|im_end|>\n<|im_start|>assistant\n"
-TYPED = "<|im_start|>user\nhello how are you<|im_end|>\n<|im_start|>assistant\n"
+# questions through the chat template: a spoken one renders as a <|speech|> placeholder
+SPOKEN = PROCESSOR.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}], add_generation_prompt=True)
+TYPED = PROCESSOR.apply_chat_template([{"role": "user", "content": "hello how are you"}], add_generation_prompt=True)
 
 
 def streams_config(codec) -> DeepTalkConfig:

@@ -8,8 +8,14 @@ of the real computation, not of a trained model's choices. The paper's bar is < 
     python benchmarks/bench_latency.py                                  # tiny MoE on CPU, SNAC 24 kHz shapes
     python benchmarks/bench_latency.py --size v2-lite --device cuda     # DeepSeek-V2-Lite shapes (2.4B active)
     python benchmarks/bench_latency.py --codec hubertsiuzdak/snac_24khz # real codec weights, if reachable
+    python benchmarks/bench_latency.py --parallel                       # + parallel streams, same run
 
-Writes `benchmarks/results/latency_<device>_<size>_<policy>.json`.
+With `--parallel`, the same turn is also answered in parallel streams (text and 7 delayed SNAC streams, the same
+shapes plus the stream embeddings and heads), with and without batch parallel decoding, through
+`processor.parallel_prompt` → `generate` → `DeepTalkParallelStreamer`; the modes take turns run by run, so that the
+machine's load falls on all of them alike.
+
+Writes `benchmarks/results/latency_<device>_<size>_<policy>.json` (`..._<policy>_parallel.json` with `--parallel`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from deeptalk_hf import (
     AudioChunk,
     DeepTalkConfig,
     DeepTalkForCausalLM,
+    DeepTalkParallelStreamer,
     DeepTalkProcessor,
     DeepTalkStreamer,
     SnacCodec,
@@ -114,9 +121,31 @@ class ScriptedAnswer(LogitsProcessor):
         return scores.masked_fill(~allowed, -float("inf"))
 
 
+class ScriptedParallelAnswer(LogitsProcessor):
+    """The parallel streams' script for random weights: the text stream says `text_tokens` words then ends, and each
+    audio stream emits `frames` codes then ends (`DelayPatternLogitsProcessor` adds the pads and begin codes)."""
+
+    def __init__(
+        self, processor: DeepTalkProcessor, config: DeepTalkConfig, text_tokens: int, frames: int, prompt_length: int
+    ):
+        self.words = torch.tensor(processor.tokenizer.convert_tokens_to_ids(WORDS))
+        self.config, self.text_tokens, self.prompt_length = config, text_tokens, prompt_length
+        self.audio_ends = torch.tensor([0, *config.audio_stream_delays]) + frames  # per stream, the step of its end
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        config, device = self.config, scores.device
+        step = input_ids.shape[1] - self.prompt_length
+        stream = torch.arange(scores.shape[0], device=device) % (config.num_audio_streams + 1)
+        vocab = torch.arange(scores.shape[-1], device=device)
+        text = torch.isin(vocab, self.words.to(device)) if step < self.text_tokens else vocab == config.eos_token_id
+        ending = (step >= self.audio_ends.to(device)[stream])[:, None]
+        audio = torch.where(ending, vocab == config.audio_eos_token_id, vocab < config.audio_codebook_size)
+        allowed = torch.where((stream == 0)[:, None], text, audio)
+        return scores.masked_fill(~allowed, -float("inf"))
+
+
 def build(args: argparse.Namespace) -> tuple[DeepTalkProcessor, DeepTalkForCausalLM, SnacCodec]:
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     if args.codec == "random":
         from snac import SNAC
@@ -134,19 +163,39 @@ def build(args: argparse.Namespace) -> tuple[DeepTalkProcessor, DeepTalkForCausa
         trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"]),
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
-    size = dict(SIZES[args.size], max_position_embeddings=4096, pad_token_id=0)
+    add_speech_tokens(tokenizer, codec.num_units, text_vocab_size=SIZES[args.size]["vocab_size"])
+    processor = DeepTalkProcessor(tokenizer, codec=codec, interleave=args.policy)
+    return processor, new_model(args, processor), codec
+
+
+def new_model(args: argparse.Namespace, processor: DeepTalkProcessor, **fields) -> DeepTalkForCausalLM:
+    """A random `--size` model whose speech block is the processor's; `fields`: more config fields."""
+    device = torch.device(args.device)
+    size = dict(SIZES[args.size], max_position_embeddings=4096, pad_token_id=0, **fields)
     if args.num_layers:
         size["num_hidden_layers"] = args.num_layers
-    speech_tokens = add_speech_tokens(tokenizer, codec.num_units, text_vocab_size=size["vocab_size"])
-    processor = DeepTalkProcessor(tokenizer, codec=codec, interleave=args.policy)
-
     with torch.device(device):
-        model = DeepTalkForCausalLM._from_config(DeepTalkConfig(**size), dtype=dtype)
-    fit_speech_vocab(model, speech_tokens)
+        model = DeepTalkForCausalLM._from_config(
+            DeepTalkConfig(**size), dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+        )
+    fit_speech_vocab(model, processor.speech_tokens)
     if args.experts_implementation:
         model.set_experts_implementation(args.experts_implementation)
     processor.check_config(model.config)
-    return processor, model.eval(), codec
+    return model.eval()
+
+
+def new_parallel_model(
+    args: argparse.Namespace, processor: DeepTalkProcessor, codec: SnacCodec
+) -> DeepTalkForCausalLM:
+    """The same shapes with one audio stream per SNAC frame position; the text stream ends at `<|im_end|>`."""
+    return new_model(
+        args,
+        processor,
+        num_audio_streams=codec.units_per_frame,
+        audio_codebook_size=codec.codebook_size,
+        eos_token_id=processor.tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
 
 
 def timed(fn, device: torch.device, repeats: int = 1) -> tuple[object, float]:
@@ -163,32 +212,16 @@ def timed(fn, device: torch.device, repeats: int = 1) -> tuple[object, float]:
     return result, statistics.median(times)
 
 
-def run_once(args, processor, model, codec) -> dict[str, float]:
-    """One spoken turn, timed from the moment the question's waveform is available."""
-    device = model.device
+def spoken_question(args) -> list[dict]:
+    """The user's turn: `--question-seconds` of noise at 16 kHz (what it says does not change the timings)."""
     question = 0.1 * torch.randn(int(args.question_seconds * 16000), generator=torch.Generator().manual_seed(0))
-    conversation = [{"role": "user", "content": [{"type": "audio", "audio": question, "sampling_rate": 16000}]}]
-    start = time.perf_counter()
-    inputs = processor.apply_chat_template(
-        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    ).to(device)
-    prepared = time.perf_counter()
-    prompt_length = inputs["input_ids"].shape[1]
-    script = ScriptedAnswer(processor, args.policy, args.text_tokens, args.units, prompt_length)
-    # a timeout, so that an error in the generation thread ends the benchmark instead of hanging it
-    streamer = DeepTalkStreamer(processor, codec, audio_chunk_frames=args.audio_chunk_frames, timeout=600)
+    return [{"role": "user", "content": [{"type": "audio", "audio": question, "sampling_rate": 16000}]}]
+
+
+def stream_answer(model, streamer, start: float, prepared: float, **generate_kwargs) -> dict[str, float]:
+    """Run `generate` in a thread and time the streamer's first event of each kind, all from `start`."""
     generation = threading.Thread(
-        target=model.generate,
-        kwargs=dict(
-            **inputs,
-            streamer=streamer,
-            max_new_tokens=len(script),
-            logits_processor=LogitsProcessorList(
-                [script, SpeechUnitsLogitsProcessor(processor, codec, allow_text=True)]
-            ),
-            do_sample=False,
-            pad_token_id=0,
-        ),
+        target=model.generate, kwargs=dict(streamer=streamer, do_sample=False, **generate_kwargs)
     )
     generation.start()
     firsts: dict[str, float] = {}
@@ -196,20 +229,77 @@ def run_once(args, processor, model, codec) -> dict[str, float]:
         kind = {TextDelta: "first_text_s", SpeechChunk: "first_unit_s", AudioChunk: "first_audio_s"}[type(event)]
         firsts.setdefault(kind, time.perf_counter() - start)
     generation.join()
-    total = time.perf_counter() - start
-    return {
-        "prepare_s": prepared - start,
-        **firsts,
-        "answer_total_s": total,
-        "prompt_tokens": prompt_length,
-        "answer_tokens": len(script),
-    }
+    timings = {"prepare_s": prepared - start, **firsts, "answer_total_s": time.perf_counter() - start}
+    if "first_audio_s" in firsts:  # the generation side alone: codec encoding of the question dominates `prepare_s`
+        timings["prompt_to_first_audio_s"] = firsts["first_audio_s"] - timings["prepare_s"]
+    return timings
+
+
+def run_once(args, processor, model, codec) -> dict[str, float]:
+    """One spoken turn, timed from the moment the question's waveform is available."""
+    conversation = spoken_question(args)
+    start = time.perf_counter()
+    inputs = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ).to(model.device)
+    prepared = time.perf_counter()
+    prompt_length = inputs["input_ids"].shape[1]
+    script = ScriptedAnswer(processor, args.policy, args.text_tokens, args.units, prompt_length)
+    # a timeout, so that an error in the generation thread ends the benchmark instead of hanging it
+    streamer = DeepTalkStreamer(processor, codec, audio_chunk_frames=args.audio_chunk_frames, timeout=600)
+    timings = stream_answer(
+        model,
+        streamer,
+        start,
+        prepared,
+        **inputs,
+        max_new_tokens=len(script),
+        logits_processor=LogitsProcessorList([script, SpeechUnitsLogitsProcessor(processor, codec, allow_text=True)]),
+        pad_token_id=0,
+    )
+    return {**timings, "prompt_tokens": prompt_length, "answer_tokens": len(script)}
+
+
+def run_parallel_once(args, processor, model, codec, batch_parallel: bool) -> dict[str, float]:
+    """The same turn answered in parallel streams: the question's SNAC codes in the delayed audio streams, the answer's
+    text and frames side by side (`answer_tokens` counts steps, each of 1 + 7 rows, twice that with batch parallel)."""
+    config = model.config
+    conversation = spoken_question(args)
+    start = time.perf_counter()
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    question = conversation[0]["content"][0]["audio"]
+    inputs = processor.parallel_prompt(text, config, audio=[question], sampling_rate=16000).to(model.device)
+    prepared = time.perf_counter()
+    prompt_length = inputs["input_ids"].shape[-1]
+    frames = args.units // codec.units_per_frame
+    steps = max(max(config.audio_stream_delays) + frames + 1, args.text_tokens + 1)
+    streamer = DeepTalkParallelStreamer(
+        processor,
+        codec,
+        config,
+        batch_parallel=batch_parallel,
+        audio_chunk_frames=args.audio_chunk_frames,
+        timeout=600,
+    )
+    timings = stream_answer(
+        model,
+        streamer,
+        start,
+        prepared,
+        **inputs,
+        max_new_tokens=steps,
+        logits_processor=LogitsProcessorList(
+            [ScriptedParallelAnswer(processor, config, args.text_tokens, frames, prompt_length)]
+        ),
+        batch_parallel=batch_parallel,
+    )
+    return {**timings, "prompt_tokens": prompt_length, "answer_tokens": steps}
 
 
 def breakdown(args, processor, model, codec) -> dict[str, float]:
     """Where the time goes: each stage alone (median of `--runs` calls; decode steps: of `--decode-steps`)."""
     device, repeats = model.device, args.runs
-    question = 0.1 * torch.randn(int(args.question_seconds * 16000), generator=torch.Generator().manual_seed(0))
+    question = spoken_question(args)[0]["content"][0]["audio"]
     stages = {}
     codes, stages["codec_encode_question_s"] = timed(lambda: codec.encode(question, 16000), device, repeats)
     units = codec.to_units(codes).tolist()
@@ -250,13 +340,28 @@ def main() -> None:
     parser.add_argument("--audio-chunk-frames", type=int, default=2)
     parser.add_argument("--decode-steps", type=int, default=20)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--parallel", action="store_true", help="also time parallel streams, with and without batch parallel decoding"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
 
     processor, model, codec = build(args)
-    run_once(args, processor, model, codec)  # warm-up: kernels, allocator, lazy init
-    runs = [run_once(args, processor, model, codec) for _ in range(args.runs)]
-    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    modes = {args.policy: partial(run_once, args, processor, model, codec)}
+    if args.parallel:
+        parallel_model = new_parallel_model(args, processor, codec)
+        modes["parallel"] = partial(run_parallel_once, args, processor, parallel_model, codec, False)
+        modes["parallel_batch_parallel"] = partial(run_parallel_once, args, processor, parallel_model, codec, True)
+    for run in modes.values():
+        run()  # warm-up: kernels, allocator, lazy init
+    by_mode = {name: [] for name in modes}
+    for _ in range(args.runs):  # the modes take turns, so that a change in the machine's load hits all of them
+        for name, run in modes.items():
+            by_mode[name].append(run())
+    medians = {
+        name: {key: statistics.median(run[key] for run in runs) for key in runs[0]} for name, runs in by_mode.items()
+    }
+    runs, median = by_mode[args.policy], medians[args.policy]
     stages = breakdown(args, processor, model, codec)
     device_name = (
         torch.cuda.get_device_name() if model.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -274,8 +379,16 @@ def main() -> None:
         "stages": stages,
         "runs": runs,
     }
+    if args.parallel:
+        report["parallel"] = {
+            "parameters": sum(p.numel() for p in parallel_model.parameters()),
+            "audio_stream_delays": parallel_model.config.audio_stream_delays,
+            "median_of_runs": {name: medians[name] for name in modes if name != args.policy},
+            "runs": {name: by_mode[name] for name in modes if name != args.policy},
+        }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"latency_{model.device.type}_{args.size}_{args.policy}.json"
+    suffix = "_parallel" if args.parallel else ""
+    path = args.out / f"latency_{model.device.type}_{args.size}_{args.policy}{suffix}.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
 
     print(
@@ -285,12 +398,29 @@ def main() -> None:
         f"  prompt {int(median['prompt_tokens'])} tokens ({args.question_seconds:.1f} s question), "
         f"answer {int(median['answer_tokens'])} tokens"
     )
-    for key in ("prepare_s", "first_text_s", "first_unit_s", "first_audio_s", "answer_total_s"):
+    for key in (
+        "prepare_s",
+        "first_text_s",
+        "first_unit_s",
+        "first_audio_s",
+        "prompt_to_first_audio_s",
+        "answer_total_s",
+    ):
         if key in median:
             print(f"  {key:<28}{median[key] * 1000:9.1f} ms")
     print("  where the time goes:")
     for key, seconds in stages.items():
         print(f"    {key:<26}{seconds * 1000:9.1f} ms")
+    if args.parallel:
+        print(
+            f"  {'mode':<26}{'steps':>6}{'prepare':>10}{'1st text':>10}{'1st audio':>10}{'prompt→audio':>13}{'total':>9}"
+        )
+        for name, m in medians.items():
+            print(
+                f"  {name:<26}{int(m['answer_tokens']):>6}{m['prepare_s'] * 1000:>8.0f}ms"
+                f"{m.get('first_text_s', float('nan')) * 1000:>8.0f}ms{m['first_audio_s'] * 1000:>8.0f}ms"
+                f"{m['prompt_to_first_audio_s'] * 1000:>11.0f}ms{m['answer_total_s'] * 1000:>7.0f}ms"
+            )
     print(f"  wrote {path}")
 
 

@@ -41,8 +41,9 @@ def tiny_processor(num_units: int = 64, **kwargs) -> DeepTalkProcessor:
     return DeepTalkProcessor(tokenizer, **kwargs)
 
 
-def tiny_model(processor: DeepTalkProcessor, seed: int = 0) -> DeepTalkForCausalLM:
-    """A 2-layer DeepTalk model whose speech block is sized from the processor's tokenizer."""
+def tiny_model(processor: DeepTalkProcessor, seed: int = 0, **overrides) -> DeepTalkForCausalLM:
+    """A 2-layer DeepTalk model whose speech block is sized from the processor's tokenizer (`overrides`: more config
+    fields, e.g. parallel audio streams)."""
     torch.manual_seed(seed)
     config = DeepTalkConfig(
         vocab_size=TEXT_VOCAB_SIZE,
@@ -57,6 +58,7 @@ def tiny_model(processor: DeepTalkProcessor, seed: int = 0) -> DeepTalkForCausal
         num_experts_per_tok=2,
         max_position_embeddings=4096,
         pad_token_id=processor.tokenizer.pad_token_id,
+        **overrides,
     )
     model = DeepTalkForCausalLM(config).eval()
     fit_speech_vocab(model, processor.speech_tokens)

@@ -160,3 +160,30 @@ def test_wrong_stream_count_is_refused():
     model = DeepTalkForCausalLM(parallel_config())
     with pytest.raises(ValueError, match=r"parallel-stream generation takes input_ids of shape \[batch, 4, seq\]"):
         model.generate(torch.zeros(1, 2, 3, dtype=torch.long))
+
+
+class EndFirstItemEarly(LogitsProcessor):
+    """The first item's audio streams end as soon as the pattern allows; the other items' never end."""
+
+    def __init__(self, config):
+        self.rows, self.eos = config.num_audio_streams + 1, config.audio_eos_token_id
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[: self.rows, self.eos] += 1e4
+        scores[self.rows :, self.eos] = -float("inf")
+        return scores
+
+
+def test_an_item_that_has_ended_only_pads_while_the_batch_goes_on():
+    torch.manual_seed(3)
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    config = model.config
+    query = text_query(config)
+    kwargs = dict(max_new_tokens=12, do_sample=False, logits_processor=[EndFirstItemEarly(config)])
+    batch = model.generate(query, **kwargs)
+    alone = model.generate(query[:1], **kwargs)
+    length = alone.shape[-1]
+    assert length < batch.shape[-1] and torch.equal(batch[:1, :, :length], alone)
+    assert (batch[0, 0, length:] == config.pad_token_id).all()
+    assert (batch[0, 1:, length:] == config.audio_pad_token_id).all()

@@ -156,6 +156,14 @@ def test_batches_with_placeholders_pad_and_round_trip(batch, side):
     assert modality.tolist() == (ids >= PROCESSOR.speech_token_start).long().tolist()
 
 
+def test_a_batch_of_texts_needs_no_speech():
+    encoded = PROCESSOR(text=["hello world", "how are you today"], padding=True)
+    assert [PROCESSOR.decode(row, skip_special_tokens=True).text for row in encoded["input_ids"]] == [
+        "hello world",
+        "how are you today",
+    ]
+
+
 def test_truncation_keeps_the_configured_side():
     units = list(range(10))
     full = PROCESSOR(text="hello world", speech_units=units)["input_ids"][0]

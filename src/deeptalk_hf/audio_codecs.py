@@ -8,6 +8,9 @@ unit is `level * codebook_size + code`, so every level has its own ids and a pos
   Mini-Omni uses, `c0[i], c1[2i], c2[4i], c2[4i+1], c1[2i+1], c2[4i+2], c2[4i+3]`;
 - Mimi (Moshi): one code per level per 12.5 Hz frame, the levels interleaved `q0[t], q1[t], …`.
 
+Parallel decoding (DeepTalk, Mini-Omni) reads the same frames as `units_per_frame` streams instead: stream s carries
+frame position s of every frame as a raw code in `[0, codebook_size)` (`to_streams` / `from_streams`).
+
 Resampling is plain torch (a windowed-sinc filter), so no torchaudio is needed.
 """
 
@@ -40,6 +43,10 @@ class AudioCodec(Protocol):
     def to_units(self, codes: list[torch.LongTensor]) -> torch.LongTensor: ...
 
     def from_units(self, units: torch.LongTensor) -> list[torch.LongTensor]: ...
+
+    def to_streams(self, codes: list[torch.LongTensor]) -> torch.LongTensor: ...
+
+    def from_streams(self, streams: torch.LongTensor) -> list[torch.LongTensor]: ...
 
     def decode(self, codes: list[torch.LongTensor]) -> torch.Tensor: ...
 
@@ -193,6 +200,26 @@ class FlatUnitCodec:
         table = (units - levels * self.codebook_size).reshape(-1, self.units_per_frame)
         table = table[:, torch.argsort(self._frame_order)]
         return [part.reshape(-1) for part in table.split(self._codes_per_frame, dim=1)]
+
+    def to_streams(self, codes: list[torch.LongTensor]) -> torch.LongTensor:
+        """The parallel audio streams `[units_per_frame, frames]` of codes per level: stream s is frame position s (of
+        level `frame_levels[s]`) of every frame, as a raw code, which is what a model's audio stream s predicts."""
+        units = self.to_units(codes).reshape(-1, self.units_per_frame)
+        return (units - self._level_offsets).T.contiguous()
+
+    def from_streams(self, streams: torch.LongTensor) -> list[torch.LongTensor]:
+        """Codes per level from parallel audio streams `[units_per_frame, frames]` (inverse of `to_streams`)."""
+        streams = torch.as_tensor(streams, dtype=torch.long).cpu()
+        if streams.dim() != 2 or streams.shape[0] != self.units_per_frame:
+            raise ValueError(f"streams must have shape [{self.units_per_frame}, frames], got {tuple(streams.shape)}")
+        if streams.numel() and not 0 <= int(streams.min()) <= int(streams.max()) < self.codebook_size:
+            raise ValueError(f"stream codes must lie in [0, {self.codebook_size})")
+        return self.from_units((streams.T + self._level_offsets).reshape(-1))
+
+    @property
+    def _level_offsets(self) -> torch.Tensor:
+        """Unit offset `level * codebook_size` of each frame position."""
+        return torch.tensor(self.frame_levels) * self.codebook_size
 
     def _encode(self, waveform: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError

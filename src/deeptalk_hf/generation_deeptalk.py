@@ -73,7 +73,8 @@ class DelayPatternLogitsProcessor(LogitsProcessor):
 
     Audio stream s of a speech answer emits pad for its first `delay - 1` steps, then its begin code, then free codes
     until it emits its end code, then pad. In a text-only answer (`speech_answer` False for the item) audio streams
-    only emit pad. The text stream emits the text pad id once it has emitted a text end id.
+    only emit pad. The text stream emits the text pad id once it has emitted a text end id, or once the item's speech
+    answer has ended (an ended item only pads while the rest of the batch goes on).
     """
 
     def __init__(self, prompt_length: int, config: DeepTalkConfig, speech_answer: torch.Tensor):
@@ -92,8 +93,10 @@ class DelayPatternLogitsProcessor(LogitsProcessor):
         speech = self.speech_answer.to(device).repeat_interleave(streams)
         delay = torch.tensor([0, *config.audio_stream_delays], device=device)[stream]
         is_audio = stream > 0
-        ended_text = _ends(config.eos_token_id, generated) & ~is_audio
         ended_audio = _ends(config.audio_eos_token_id, generated) & is_audio
+        # A speech answer ends with its last audio stream; its text must not run on while the rest of the batch does.
+        ended_speech = ended_audio.view(-1, streams)[:, 1:].all(dim=-1).repeat_interleave(streams)
+        ended_text = (_ends(config.eos_token_id, generated) | ended_speech) & ~is_audio
 
         forced = torch.full_like(stream, -1)
         forced = torch.where(ended_text, self.text_pad, forced)

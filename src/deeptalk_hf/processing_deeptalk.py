@@ -23,6 +23,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .generation_deeptalk import audio_codes_per_stream, build_delay_pattern
+
 if TYPE_CHECKING:
     from .audio_codecs import AudioCodec
     from .configuration_deeptalk import DeepTalkConfig
@@ -126,6 +128,16 @@ def fit_speech_vocab(model: DeepTalkForCausalLM, speech_tokens: range) -> None:
 
 
 @dataclass
+class ParallelSpeechOutput:
+    """A parallel-stream answer: the text stream's text, the audio streams' codes per codec level (whole frames only)
+    and their waveform."""
+
+    text: str
+    codes: list[torch.LongTensor]
+    waveform: torch.Tensor
+
+
+@dataclass
 class SpeechTextOutput:
     """What a sequence of ids says: its text, and the units of each speech segment in order."""
 
@@ -174,6 +186,12 @@ class _SpeechSplitter:
         )
 
 
+def _frame_groups(streams: list[torch.LongTensor]) -> torch.LongTensor:
+    """Per-stream codes cut to whole frames, `[S, frames]`: a frame is complete once every stream has its code."""
+    frames = min(len(codes) for codes in streams)
+    return torch.stack([codes[:frames] for codes in streams])
+
+
 def _is_unit_segment(value: Any) -> bool:
     """A non-empty 1-D sequence of integers (list, tuple, tensor or array)."""
     if isinstance(value, torch.Tensor):
@@ -192,8 +210,8 @@ def _is_waveform(value: Any) -> bool:
 
 
 def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any], bool], name: str) -> list[list]:
-    """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes a
-    list with one such entry per text. A single text also accepts a one-sample batch (as `apply_chat_template`
+    """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes
+    `None` (no speech) or a list with one such entry per text. A single text also accepts a one-sample batch (as `apply_chat_template`
     passes it)."""
 
     def segments(entry: Any, where: str) -> list:
@@ -215,6 +233,8 @@ def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any
         ):
             spec = spec[0]
         return [segments(spec, "")]
+    if spec is None:
+        return [[] for _ in range(batch_size)]
     if not isinstance(spec, (list, tuple)) or len(spec) != batch_size:
         raise ValueError(f"{name} must have one entry per text ({batch_size} texts)")
     return [segments(entry, f"[{i}]") for i, entry in enumerate(spec)]
@@ -503,6 +523,78 @@ class DeepTalkProcessor(ProcessorMixin):
         """`decode` for each sequence of a batch."""
         return [self.decode(sequence, **kwargs) for sequence in sequences]
 
+    def parallel_prompt(
+        self, text: str | list[str], config: DeepTalkConfig, audio: Any = None, sampling_rate: int | None = None
+    ) -> BatchFeature:
+        r"""A prompt for parallel-stream generation (`config.num_audio_streams` > 0): `input_ids` `[batch, 1 + S, seq]`
+        (left-padded) and `attention_mask` `[batch, seq]`.
+
+        Text ids (e.g. a rendered chat template) go to the text stream over audio pad. Each `<|speech|>` placeholder
+        takes the sample's next waveform from `audio` (as for `__call__`): the codec encodes it, `to_streams` gives one
+        stream per frame position and `build_delay_pattern` delays them, over text pad. The answer's speech is not
+        opened here: `generate(..., speech_answer=True)` does that in the audio streams.
+        """
+        codec = self._stream_codec(self.codec, config)
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        samples = _per_sample(audio, len(texts), single, _is_waveform, "audio")
+        encoded = self.tokenizer([t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts])["input_ids"]
+        text_pad = config.pad_token_id if config.pad_token_id is not None else 0
+        pad = torch.tensor([text_pad] + [config.audio_pad_token_id] * config.num_audio_streams)[:, None]
+        rows = []
+        for i, (sample_text, ids, waveforms) in enumerate(zip(texts, encoded, samples, strict=True)):
+            placeholders = sample_text.count(SPEECH_PLACEHOLDER)
+            if placeholders != len(waveforms) or ids.count(self.begin_of_speech_id) != placeholders:
+                raise ValueError(
+                    f"text[{i}] needs one {SPEECH_PLACEHOLDER} placeholder per waveform ({len(waveforms)}) and no "
+                    f"{BEGIN_OF_SPEECH} (generate(..., speech_answer=True) opens the answer's speech)"
+                )
+            columns, pending = [], iter(waveforms)
+            for token in ids:
+                if token == self.begin_of_speech_id:
+                    codes = codec.to_streams(codec.encode(next(pending), sampling_rate))
+                    audio_streams = build_delay_pattern(codes[None], config)[0]
+                    columns.append(torch.cat([pad[:1].expand(1, audio_streams.shape[1]), audio_streams]))
+                else:
+                    columns.append(torch.cat([torch.tensor([[token]]), pad[1:]]))
+            rows.append(torch.cat(columns, dim=1))
+        length = max(row.shape[1] for row in rows)
+        input_ids = torch.stack([torch.cat([pad.expand(-1, length - row.shape[1]), row], dim=1) for row in rows])
+        attention_mask = torch.stack([(torch.arange(length) >= length - row.shape[1]).long() for row in rows])
+        return BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def decode_parallel(
+        self, answer: torch.LongTensor, config: DeepTalkConfig, **decode_kwargs: Any
+    ) -> list[ParallelSpeechOutput]:
+        """Text, codes per level and waveform of each item of a parallel-stream answer `[batch, 1 + S, steps]`: the
+        generated part of `generate`'s result (the prompt's streams would be read as the answer's)."""
+        codec = self._stream_codec(self.codec, config)
+        decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
+        outputs = []
+        for item, streams in zip(answer, audio_codes_per_stream(answer[:, 1:], config), strict=True):
+            codes = codec.from_streams(_frame_groups(streams))
+            waveform = codec.decode(codes) if codes[0].numel() else torch.zeros(0)
+            text = self.tokenizer.decode(self._text_ids(item[0].tolist()), **decode_kwargs)
+            outputs.append(ParallelSpeechOutput(text, codes, waveform))
+        return outputs
+
+    def _text_ids(self, ids: list[int]) -> list[int]:
+        """The text block's ids of a text stream (its head also scores the speech block, which carries no text)."""
+        return [token for token in ids if token < self.speech_token_start]
+
+    @staticmethod
+    def _stream_codec(codec: AudioCodec | None, config: DeepTalkConfig) -> AudioCodec:
+        """`codec`, if its frames are the config's parallel audio streams (one per frame position, same codebook)."""
+        if codec is None:
+            raise ValueError("parallel streams carry a codec's frames: give the processor (or streamer) its codec")
+        if (codec.units_per_frame, codec.codebook_size) != (config.num_audio_streams, config.audio_codebook_size):
+            raise ValueError(
+                f"the codec has {codec.units_per_frame} codes per frame from a codebook of {codec.codebook_size}; the "
+                f"config has num_audio_streams={config.num_audio_streams}, "
+                f"audio_codebook_size={config.audio_codebook_size}"
+            )
+        return codec
+
     def _multimodal_inputs_from_conversations(
         self, conversations: list[list[dict]], audio_loading_params: dict, load_audio_from_video: bool = False
     ):
@@ -668,6 +760,66 @@ class DeepTalkStreamer(BaseStreamer):
         self._voiced_frames[segment] = ready
 
 
+class DeepTalkParallelStreamer(DeepTalkStreamer):
+    """Streams parallel-stream `generate` (`config.num_audio_streams` > 0) as the same events as `DeepTalkStreamer`.
+
+    `generate` hands the streamer one row per stream (`[1 + S]` per step, `[2 * (1 + S)]` with `batch_parallel=True`,
+    whose text-only copy's text stream is the answer's text). Text deltas come from the text stream; the speech
+    answer is segment 0, and a frame's units (the codec's, as `SpeechChunk.units` always are) and its audio go out as
+    soon as its frame group is complete, i.e. every audio stream has emitted its code for it. Concatenated, the events
+    give `processor.decode_parallel` of the returned answer. The prompt is never streamed.
+    """
+
+    def __init__(
+        self,
+        processor: DeepTalkProcessor,
+        codec: AudioCodec,
+        config: DeepTalkConfig,
+        *,
+        batch_parallel: bool = False,
+        audio_chunk_frames: int = 2,
+        context_frames: int = 2,
+        timeout: float | None = None,
+        **decode_kwargs: Any,
+    ):
+        super().__init__(
+            processor,
+            processor._stream_codec(codec, config),
+            audio_chunk_frames=audio_chunk_frames,
+            context_frames=context_frames,
+            timeout=timeout,
+            **decode_kwargs,
+        )
+        self.config = config
+        self.rows = (2 if batch_parallel else 1) * (config.num_audio_streams + 1)
+        self.text_row = self.rows - config.num_audio_streams - 1  # the text-only copy's text stream, if any
+        self._audio_steps: list[torch.Tensor] = []  # the speech answer's audio streams, one [S] column per step
+        self._splitter.segments.append([])
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.shape[0] != self.rows:
+            raise ValueError(
+                f"expected {self.rows} rows (one item's streams{', and its text-only copy' if self.text_row else ''}),"
+                f" got {value.shape[0]}: generate one item, with batch_parallel as given to the streamer"
+            )
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        streams, answer = self.config.num_audio_streams + 1, self._splitter.segments[0]
+        for step in value.reshape(self.rows, -1).T.cpu():
+            text_ids = self.processor._text_ids([int(step[self.text_row])])
+            if text_ids:
+                self._splitter.text_ids += text_ids
+                self._send_text(final=False)
+            self._audio_steps.append(step[1:streams])
+            codes = audio_codes_per_stream(torch.stack(self._audio_steps, dim=-1)[None], self.config)[0]
+            new = _frame_groups(codes)[:, len(answer) // self.codec.units_per_frame :]
+            if new.shape[1]:
+                units = self.codec.to_units(self.codec.from_streams(new)).tolist()
+                answer += units
+                self._send_units(0, units)
+
+
 class SpeechUnitsLogitsProcessor(LogitsProcessor):
     """Keeps generated speech decodable by `codec`: inside a `<|begin_of_speech|>` segment the next unit must have
     the codebook level that the codec's frame layout puts at that position, and `<|end_of_speech|>` may only close
@@ -703,9 +855,11 @@ class SpeechUnitsLogitsProcessor(LogitsProcessor):
 
 __all__ = [
     "AudioChunk",
+    "DeepTalkParallelStreamer",
     "DeepTalkProcessor",
     "DeepTalkStreamer",
     "INTERLEAVE_POLICIES",
+    "ParallelSpeechOutput",
     "SpeechChunk",
     "SpeechTextOutput",
     "SpeechUnitsLogitsProcessor",

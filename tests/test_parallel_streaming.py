@@ -1,0 +1,241 @@
+"""Parallel streams on the processor side: codec codes ↔ audio streams, parallel prompts, decoding generated streams
+into SNAC codes and audio, and DeepTalkParallelStreamer (events equal the final decode and come as soon as frames
+complete), end to end with and without batch parallel decoding."""
+
+import threading
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from transformers.generation import LogitsProcessor
+
+from deeptalk_hf import (
+    AudioChunk,
+    DeepTalkConfig,
+    DeepTalkParallelStreamer,
+    MimiCodec,
+    SnacCodec,
+    SpeechChunk,
+    TextDelta,
+)
+from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern, revert_delay_pattern
+
+from .speech_fixtures import tiny_mimi, tiny_model, tiny_processor, tiny_snac
+
+pytest.importorskip("snac")
+SNAC = SnacCodec(tiny_snac())
+MIMI = MimiCodec(tiny_mimi(), num_codebooks=4)
+PROCESSOR = tiny_processor(1, codec=SNAC)  # the parallel path needs no speech units in the text vocabulary
+EOS = PROCESSOR.tokenizer.convert_tokens_to_ids("<|im_end|>")
+MODEL = tiny_model(PROCESSOR, num_audio_streams=7, audio_codebook_size=SNAC.codebook_size, eos_token_id=EOS)
+CONFIG = MODEL.config
+QUESTION = 0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0))
+# questions through the chat template: a spoken one renders as a <|speech|> placeholder
+SPOKEN = PROCESSOR.apply_chat_template([{"role": "user", "content": [{"type": "audio"}]}], add_generation_prompt=True)
+TYPED = PROCESSOR.apply_chat_template([{"role": "user", "content": "hello how are you"}], add_generation_prompt=True)
+
+
+def streams_config(codec) -> DeepTalkConfig:
+    return DeepTalkConfig(num_audio_streams=codec.units_per_frame, audio_codebook_size=codec.codebook_size)
+
+
+def random_codes(codec, frames: int, seed: int = 0) -> list[torch.LongTensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, codec.codebook_size, (frames * codec.frame_levels.count(level),), generator=generator)
+        for level in range(codec.num_codebooks)
+    ]
+
+
+# ---- codes ↔ streams ---------------------------------------------------------------------------------------------
+
+
+def test_snac_streams_follow_the_frame_positions():
+    c0, c1, c2 = random_codes(SNAC, 3)
+    expected = [c0, c1[0::2], c2[0::4], c2[1::4], c1[1::2], c2[2::4], c2[3::4]]  # Mini-Omni's 7 positions
+    assert torch.equal(SNAC.to_streams([c0, c1, c2]), torch.stack(expected))
+
+
+@given(frames=st.integers(0, 12), seed=st.integers(0, 2**16), name=st.sampled_from(["snac", "mimi"]))
+def test_codes_to_delayed_streams_and_back(frames, seed, name):
+    codec = {"snac": SNAC, "mimi": MIMI}[name]
+    codes = random_codes(codec, frames, seed)
+    streams = codec.to_streams(codes)
+    assert streams.shape == (codec.units_per_frame, frames)
+    assert all(torch.equal(a, b) for a, b in zip(codec.from_streams(streams), codes, strict=True))
+    config = streams_config(codec)
+    read = audio_codes_per_stream(build_delay_pattern(streams[None], config), config)[0]
+    assert torch.equal(torch.stack(read), streams)
+
+
+def test_from_streams_refuses_bad_streams():
+    with pytest.raises(ValueError, match=r"shape \[7, frames\]"):
+        SNAC.from_streams(torch.zeros(6, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        SNAC.from_streams(torch.full((7, 2), 64))
+
+
+# ---- the processor -----------------------------------------------------------------------------------------------
+
+
+def test_parallel_prompt_lays_out_text_and_a_spoken_question():
+    batch = PROCESSOR.parallel_prompt([SPOKEN, TYPED], CONFIG, audio=[QUESTION, None], sampling_rate=16000)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    text_pad, audio_pad = CONFIG.pad_token_id, CONFIG.audio_pad_token_id
+    tokens = PROCESSOR.tokenizer([SPOKEN.replace("<|speech|>", ""), TYPED])["input_ids"]
+    streams = SNAC.to_streams(SNAC.encode(QUESTION, 16000))
+    block = streams.shape[1] + max(CONFIG.audio_stream_delays) + 1
+    assert ids.shape == (2, 8, len(tokens[0]) + block) and ids.shape[-1] > len(tokens[1])
+    # the spoken question: its delayed codes under text pad, between the template's text ids
+    where = tokens[0].index(PROCESSOR.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    question = ids[0, :, where : where + block]
+    assert (question[0] == text_pad).all()
+    assert torch.equal(revert_delay_pattern(question[None, 1:], CONFIG)[0], streams)
+    text = torch.cat([ids[0, :, :where], ids[0, :, where + block :]], dim=1)
+    assert text[0].tolist() == tokens[0] and (text[1:] == audio_pad).all()
+    # the typed question, left-padded
+    padding = ids.shape[-1] - len(tokens[1])
+    assert mask[0].all() and mask[1].tolist() == [0] * padding + [1] * len(tokens[1])
+    assert ids[1, 0].tolist() == [text_pad] * padding + tokens[1] and (ids[1, 1:] == audio_pad).all()
+    typed = PROCESSOR.parallel_prompt([TYPED, TYPED], CONFIG)["input_ids"]  # a batch without speech
+    assert torch.equal(typed, ids[1:, :, padding:].expand(2, -1, -1))
+
+
+def test_parallel_helpers_check_their_inputs():
+    with pytest.raises(ValueError, match="one <\\|speech\\|> placeholder per waveform"):
+        PROCESSOR.parallel_prompt(SPOKEN, CONFIG)
+    with pytest.raises(ValueError, match="no <\\|begin_of_speech\\|>"):
+        PROCESSOR.parallel_prompt(TYPED + "<|begin_of_speech|>", CONFIG)
+    with pytest.raises(ValueError, match="num_audio_streams=4"):
+        PROCESSOR.decode_parallel(torch.zeros(1, 5, 3, dtype=torch.long), streams_config(MIMI))
+    with pytest.raises(ValueError, match="give the processor"):
+        tiny_processor(1).parallel_prompt(TYPED, CONFIG)
+
+
+# ---- generation → codes → audio ----------------------------------------------------------------------------------
+
+
+class AudioEndsAfter(LogitsProcessor):
+    """Random weights end the audio streams anywhere: keep each stream going for `frames` codes, then end it (or,
+    with `frames=None`, never)."""
+
+    def __init__(self, frames: int | None, prompt_length: int):
+        self.frames, self.prompt_length = frames, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        streams = CONFIG.num_audio_streams + 1
+        scores = scores.clone()
+        for row in range(input_ids.shape[0]):
+            stream = row % streams
+            if stream:
+                ended = self.frames is not None and step >= CONFIG.audio_stream_delays[stream - 1] + self.frames
+                scores[row, CONFIG.audio_eos_token_id] = 1e4 if ended else -float("inf")
+        return scores
+
+
+def test_generated_streams_decode_into_valid_snac_codes():
+    batch = PROCESSOR.parallel_prompt([SPOKEN, TYPED], CONFIG, audio=[QUESTION, None], sampling_rate=16000)
+    prompt_length, steps = batch["input_ids"].shape[-1], 12
+    out = MODEL.generate(
+        **batch, max_new_tokens=steps, do_sample=False, logits_processor=[AudioEndsAfter(None, prompt_length)]
+    )
+    answer = out[:, :, prompt_length:]
+    frames = steps - max(CONFIG.audio_stream_delays)  # the later streams' last codes are still missing
+    for item, decoded in enumerate(PROCESSOR.decode_parallel(answer, CONFIG)):
+        assert [c.shape for c in decoded.codes] == [(frames,), (2 * frames,), (4 * frames,)]
+        assert all(((c >= 0) & (c < SNAC.codebook_size)).all() for c in decoded.codes)
+        streams = SNAC.to_streams(decoded.codes)
+        for s, delay in enumerate(CONFIG.audio_stream_delays):  # frame k of stream s sits at delay + k
+            assert torch.equal(streams[s], answer[item, s + 1, delay : delay + frames])
+        assert decoded.waveform.shape == (frames * SNAC.samples_per_frame,) and torch.isfinite(decoded.waveform).all()
+        special = {i for i, token in PROCESSOR.tokenizer.added_tokens_decoder.items() if token.special}
+        words = [t for t in answer[item, 0].tolist() if t < CONFIG.speech_token_start and t not in special]
+        assert decoded.text.split() == PROCESSOR.tokenizer.convert_ids_to_tokens(words)
+
+
+# ---- streaming ---------------------------------------------------------------------------------------------------
+
+
+class StampedStreamer(DeepTalkParallelStreamer):
+    """Records, for each event, how many generated steps the streamer had received when it queued the event."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps, self.stamps = -1, []  # the first put is the prompt
+        queue_put = self.queue.put
+
+        def put(event, *a, **k):
+            self.stamps.append(self.steps)
+            queue_put(event, *a, **k)
+
+        self.queue.put = put
+
+    def put(self, value):
+        self.steps += 1
+        super().put(value)
+
+
+@pytest.mark.parametrize(
+    "text, batch_parallel, chunk_frames, answer_frames",
+    [(SPOKEN, False, 1, 4), (SPOKEN, True, 2, 3), (TYPED, True, 1, None)],
+    ids=["spoken", "spoken-batch-parallel", "typed-batch-parallel-unended"],
+)
+def test_end_to_end_streaming_equals_the_final_decode(text, batch_parallel, chunk_frames, answer_frames):
+    """processor → generate (in a thread) → streamer → codec; the events concatenate to the decode of the returned
+    streams, and every frame's units and audio go out at the step that completes its frame group."""
+    audio = QUESTION if text == SPOKEN else None
+    inputs = PROCESSOR.parallel_prompt(text, CONFIG, audio=audio, sampling_rate=16000)
+    prompt_length = inputs["input_ids"].shape[-1]
+    streamer = StampedStreamer(PROCESSOR, SNAC, CONFIG, batch_parallel=batch_parallel, audio_chunk_frames=chunk_frames)
+    result = {}
+    generation = threading.Thread(
+        target=lambda: result.setdefault(
+            "out",
+            MODEL.generate(
+                **inputs,
+                max_new_tokens=12,
+                do_sample=False,
+                batch_parallel=batch_parallel,
+                streamer=streamer,
+                logits_processor=[AudioEndsAfter(answer_frames, prompt_length)],
+            ),
+        )
+    )
+    generation.start()
+    events = list(streamer)
+    generation.join()
+    answer = result["out"][:, :, prompt_length:]
+    decoded = PROCESSOR.decode_parallel(answer, CONFIG)[0]
+    stamps = dict(zip(map(id, events), streamer.stamps[:-1], strict=True))  # the last: the end of the queue
+
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == decoded.text != ""
+    speech = [e for e in events if isinstance(e, SpeechChunk)]
+    assert {e.segment for e in speech} == {0}
+    assert sum((e.units for e in speech), []) == SNAC.to_units(decoded.codes).tolist()
+    frames = len(decoded.codes[0])
+    assert frames == (answer_frames or 12 - max(CONFIG.audio_stream_delays))
+    # frame k is complete once the latest stream has emitted its code, at answer position max(delay) + k
+    complete = [max(CONFIG.audio_stream_delays) + k + 1 for k in range(frames)]
+    sent = 0
+    for chunk in speech:
+        assert len(chunk.units) == SNAC.units_per_frame and stamps[id(chunk)] == complete[sent]
+        sent += 1
+    voiced = 0
+    for chunk in (e for e in events if isinstance(e, AudioChunk)):
+        assert chunk.sampling_rate == SNAC.sampling_rate and chunk.waveform.shape[0] % SNAC.samples_per_frame == 0
+        voiced += chunk.waveform.shape[0] // SNAC.samples_per_frame
+        if voiced % chunk_frames == 0:  # a full chunk: right when its last frame completed
+            assert stamps[id(chunk)] == complete[voiced - 1]
+        else:  # the rest, when generation ends
+            assert voiced == frames and stamps[id(chunk)] == answer.shape[-1]
+    assert voiced == frames and decoded.waveform.shape == (frames * SNAC.samples_per_frame,)
+
+
+def test_streamer_checks_its_layout():
+    streamer = DeepTalkParallelStreamer(PROCESSOR, SNAC, CONFIG, batch_parallel=True)
+    with pytest.raises(ValueError, match="expected 16 rows"):
+        streamer.put(torch.zeros(8, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_audio_streams=7"):
+        DeepTalkParallelStreamer(PROCESSOR, MIMI, CONFIG)

@@ -1,0 +1,76 @@
+"""The forgetting benchmark (benchmarks/forgetting.py) runs end to end in its fast mode, and its arms really differ."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def forgetting():
+    spec = importlib.util.spec_from_file_location("forgetting_benchmark", ROOT / "benchmarks" / "forgetting.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def fast_run(forgetting, tmp_path_factory):
+    out = tmp_path_factory.mktemp("forgetting")
+    return forgetting.run(forgetting.FAST, out, name="forgetting_fast", log=lambda _: None), out
+
+
+def test_optimal_nll_is_a_normalised_next_token_distribution(forgetting):
+    """The Bayes-optimal floor is only a floor if the forward algorithm's predictions sum to 1 over the vocabulary."""
+    settings = forgetting.FAST
+    rng = np.random.default_rng(0)
+    language = forgetting.Language.generate(settings, rng)
+    vocab = forgetting.FIRST_WORD + settings.roles * settings.words_per_role
+    sentence = language.sentences(1, rng)[0].tolist()
+    for prefix in ([forgetting.BOS], [forgetting.BOS, *sentence[:2]], [forgetting.BOS, *sentence]):
+        total = sum(math.exp(-language.optimal_nll(np.array([*prefix, token]))[-1]) for token in range(vocab))
+        assert total == pytest.approx(1.0, abs=1e-9)
+
+
+def test_fast_mode_table_has_the_four_arms_with_finite_numbers(forgetting, fast_run):
+    results, out = fast_run
+    assert list(results["arms"]) == list(forgetting.ARMS)
+    for arm in results["arms"].values():
+        for value in (arm["text_ppl_change_pct"], arm["final"]["speech_loss"], arm["after_speech"]["speech_loss"]):
+            assert math.isfinite(value)
+    rows = [line for line in (out / "forgetting_fast.md").read_text().splitlines() if line.startswith("| (")]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| (a) dense, full fine-tuning",
+        "| (b) PureMoE, all experts",
+        "| (c) random split + stages",
+        "| (d) DeepTalk: load split + stages",
+    ]
+    assert (out / "forgetting_fast.png").stat().st_size > 0
+    assert set(results["goal"]) >= {"met", "deeptalk_text_change_at_most_a_third_of_dense"}
+
+
+def test_arms_train_what_their_recipe_says(fast_run):
+    arms = fast_run[0]["arms"]
+    for name in ("dense", "pure_moe"):  # full fine-tuning: text tensors train on speech and change
+        assert arms[name]["trainable"]["speech"]["text_tensors"] > 0
+        assert arms[name]["text_tensors_changed_in_speech_phase"]
+        assert arms[name]["speech_expert_ids"] is None
+    for name in ("random_split", "deeptalk"):  # stages: the speech phase leaves every text tensor bit-identical
+        assert arms[name]["trainable"]["speech"]["text_tensors"] == 0
+        assert not arms[name]["text_tensors_changed_in_speech_phase"]
+        assert arms[name]["after_speech"]["text_ppl"] == arms[name]["after_split"]["text_ppl"]
+        assert arms[name]["trainable"]["joint"]["text_tensors"] > 0  # then the joint phase trains everything
+        assert all(len(ids) == 2 for ids in arms[name]["speech_expert_ids"])
+    # The MoE arms start from the same pre-trained model; only the split arms lose experts from the text path.
+    assert arms["pure_moe"]["pretrained"] == arms["deeptalk"]["pretrained"]
+    assert (
+        arms["pure_moe"]["trainable"]["speech"]["parameters"] > arms["deeptalk"]["trainable"]["speech"]["parameters"]
+    )
+    assert arms["dense"]["trainable"]["speech"]["parameters"] != arms["pure_moe"]["trainable"]["speech"]["parameters"]

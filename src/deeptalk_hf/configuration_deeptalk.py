@@ -4,6 +4,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 MODALITY_ROUTING_MODES = ("hard", "none")
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
@@ -269,6 +272,14 @@ class DeepTalkConfig(PreTrainedConfig):
                         f"speech_expert_ids[{self.moe_layers.index(layer)}]={ids} must list {num_speech} distinct "
                         f"expert indices in [0, {num_text + num_speech}) for layer {layer}"
                     )
+
+    def validate_token_ids(self):
+        """Part of `@strict` validation: text special ids against the vocabulary, audio codes against a stream's
+        vocabulary (transformers' check would read every `*_token_id` as a text id)."""
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            ids = getattr(self, name)
+            if any(not 0 <= i < self.vocab_size for i in (ids if isinstance(ids, list) else [ids]) if i is not None):
+                logger.warning_once(f"{name}={ids} lies outside the vocabulary [0, {self.vocab_size})")
 
     @property
     def speech_token_start(self) -> int:

@@ -20,6 +20,7 @@ from .modeling_deeptalk import DeepTalkForCausalLM, DeepTalkModel, DeepTalkPreTr
 from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration, audio_token_lengths
 from .processing_deeptalk import (
     AudioChunk,
+    DeepTalkAudioProcessor,
     DeepTalkParallelStreamer,
     DeepTalkProcessor,
     DeepTalkStreamer,
@@ -59,6 +60,7 @@ def _register() -> None:
     AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
     AutoConfig.register(DeepTalkAudioConfig.model_type, DeepTalkAudioConfig, exist_ok=True)
     AutoModelForMultimodalLM.register(DeepTalkAudioConfig, DeepTalkForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(DeepTalkAudioConfig, DeepTalkAudioProcessor, exist_ok=True)
     register_checkpoint_conversion_mapping(
         DeepTalkConfig.model_type,
         _experts_conversion("experts") + _experts_conversion("speech_experts"),
@@ -73,6 +75,7 @@ __all__ = [
     "AudioChunk",
     "AudioCodec",
     "DeepTalkAudioConfig",
+    "DeepTalkAudioProcessor",
     "DeepTalkConfig",
     "DeepTalkForCausalLM",
     "DeepTalkForConditionalGeneration",

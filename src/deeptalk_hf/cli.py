@@ -76,21 +76,20 @@ def _run(prog: str, action) -> int:
     return EXIT_OK
 
 
-# Options that only dense upcycling has, and their defaults (argparse leaves them unset, so a given one is seen).
-_DENSE_DEFAULTS = {
-    "num_speech_experts": 0,
-    "granularity": 1,
-    "shared_experts": 0,
-    "mlp_only_layers": None,
-    "init_noise": 0.0,
-    "drop_fraction": 0.0,
-    "seed": 0,
-}
-_DENSE_REQUIRED = ("num_text_experts", "top_k")
-
-
-def _flag(dest: str) -> str:
-    return "--" + dest.replace("_", "-")
+# Options of dense upcycling only, named as `upcycle_checkpoint`'s arguments; argparse leaves them unset unless given
+# (`argument_default=SUPPRESS`), so an MoE source can refuse them and a dense one gets the function's defaults.
+_DENSE_OPTIONS = (
+    "num_text_experts",
+    "num_experts_per_tok",
+    "num_speech_experts",
+    "granularity",
+    "num_shared_experts",
+    "mlp_only_layers",
+    "init_noise",
+    "drop_fraction",
+    "seed",
+)
+_DENSE_REQUIRED = ("num_text_experts", "num_experts_per_tok")
 
 
 def upcycle_parser() -> argparse.ArgumentParser:
@@ -121,7 +120,11 @@ def upcycle_parser() -> argparse.ArgumentParser:
     )
     experts.add_argument("--num-speech-experts", type=int, help="routed speech experts per MoE layer (default: 0)")
     experts.add_argument(
-        "--top-k", "--num-experts-per-tok", dest="top_k", type=int, help="experts per token (dense: required)"
+        "--top-k",
+        "--num-experts-per-tok",
+        dest="num_experts_per_tok",
+        type=int,
+        help="experts per token (dense: required)",
     )
     experts.add_argument(
         "--granularity",
@@ -131,6 +134,7 @@ def upcycle_parser() -> argparse.ArgumentParser:
     )
     experts.add_argument(
         "--shared-experts",
+        dest="num_shared_experts",
         type=int,
         help="how many of the granularity parts form an always-on shared expert (below --granularity; default: 0)",
     )
@@ -179,7 +183,8 @@ def upcycle_main(argv: list[str] | None = None) -> int:
     """Entry point of `deeptalk-upcycle`."""
     parser = upcycle_parser()
     args = parser.parse_args(argv)
-    given = vars(args)
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    dense_options = {name: value for name, value in vars(args).items() if name in _DENSE_OPTIONS}
 
     def action():
         source = _resolve_source(args.source, args.revision)
@@ -194,33 +199,18 @@ def upcycle_main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
         )
         if kind in MOE_ARCHITECTURES:
-            dense_only = [_flag(name) for name in (*_DENSE_REQUIRED, *_DENSE_DEFAULTS) if name in given]
-            if dense_only:
+            if dense_options:
                 parser.error(
-                    f"{', '.join(dense_only)}: SRC is a {kind} MoE, imported with its own experts; these options apply "
-                    "to dense sources only"
+                    f"{', '.join(flags[name] for name in dense_options)}: SRC is a {kind} MoE, imported with its own "
+                    "experts; these options apply to dense sources only"
                 )
             upcycle_moe_checkpoint(source, args.destination, **output)
             print(f"wrote DeepTalk checkpoint {args.destination} (imported {kind}; no speech experts yet)")
             return
-        missing = [_flag(name) for name in _DENSE_REQUIRED if name not in given]
+        missing = [flags[name] for name in _DENSE_REQUIRED if name not in dense_options]
         if missing:
             parser.error(f"SRC is a dense {kind} model: upcycling it needs {' and '.join(missing)}")
-        options = _DENSE_DEFAULTS | {name: given[name] for name in _DENSE_DEFAULTS if name in given}
-        upcycle_checkpoint(
-            source,
-            args.destination,
-            num_text_experts=args.num_text_experts,
-            num_experts_per_tok=args.top_k,
-            num_speech_experts=options["num_speech_experts"],
-            granularity=options["granularity"],
-            num_shared_experts=options["shared_experts"],
-            init_noise=options["init_noise"],
-            drop_fraction=options["drop_fraction"],
-            mlp_only_layers=options["mlp_only_layers"],
-            seed=options["seed"],
-            **output,
-        )
+        upcycle_checkpoint(source, args.destination, **{"num_speech_experts": 0, **dense_options}, **output)
         print(f"wrote DeepTalk checkpoint {args.destination}")
 
     return _run(parser.prog, action)

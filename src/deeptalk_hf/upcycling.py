@@ -283,12 +283,6 @@ def deeptalk_config_from_moe(
     )
 
 
-def _seeded(*key) -> torch.Generator:
-    """A generator per (seed, layer, group, expert, ...), so any tensor can be converted alone and reproducibly."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
 @dataclass(kw_only=True)
 class _Converter:
     """Maps each source tensor (on-disk name and layout) to DeepTalk tensors (on-disk names, per-expert layout).
@@ -366,6 +360,12 @@ def _moe_converter(source: PretrainedConfig, config: DeepTalkConfig, dtype: torc
         mtp = "|".join(str(source.num_hidden_layers + i) for i in range(source.num_mtp_layers))
         ignore = re.compile(rf"model\.layers\.({mtp})\.")
     return _Converter(config=config, dtype=dtype, renames=family.renames, ignore=ignore)
+
+
+def _seeded(*key) -> torch.Generator:
+    """A generator per (seed, layer, group, expert, ...), so any tensor can be converted alone and reproducibly."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 @dataclass(kw_only=True)

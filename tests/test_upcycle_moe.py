@@ -181,7 +181,7 @@ def family(request):
 
 
 def test_imported_model_is_the_source_in_memory_and_streamed(family, tmp_path):
-    kind, source = family
+    _, source = family
     model = upcycle_moe(source)
     assert isinstance(model, DeepTalkForCausalLM) and model.config.num_speech_experts == 0
     assert_same_model(model, source)
@@ -198,9 +198,9 @@ def test_imported_model_is_the_source_in_memory_and_streamed(family, tmp_path):
     streamed = load_checked(destination)
     assert_same_model(streamed, source)
     # Both paths (and the in-memory path from the directory) give the same tensors, bit for bit.
-    from_path = upcycle_moe(checkpoint).state_dict()
+    streamed_state, from_path = streamed.state_dict(), upcycle_moe(checkpoint).state_dict()
     for name, tensor in model.state_dict().items():
-        assert torch.equal(streamed.state_dict()[name], tensor), name
+        assert torch.equal(streamed_state[name], tensor), name
         assert torch.equal(from_path[name], tensor), name
     assert leftovers(tmp_path) == []
 
@@ -265,8 +265,9 @@ def test_speech_vocabulary_and_dtype(kind, tmp_path):
     upcycle_moe_checkpoint(checkpoint, tmp_path / "out", speech_vocab_size=10, dtype="bfloat16", progress=False)
     streamed = load_checked(tmp_path / "out")
     assert streamed.dtype == torch.bfloat16 and streamed.config.speech_vocab_size == 10
+    streamed_state = streamed.state_dict()
     for name, tensor in upcycle_moe(checkpoint, speech_vocab_size=10, dtype="bfloat16").state_dict().items():
-        assert torch.equal(streamed.state_dict()[name], tensor), name
+        assert torch.equal(streamed_state[name], tensor), name
 
 
 def test_deepseek_v3_multi_token_prediction_layers_are_left_out(tmp_path):

@@ -32,7 +32,7 @@ from .processing_deeptalk import (
     add_speech_tokens,
     fit_speech_vocab,
 )
-from .upcycling import upcycle_checkpoint, upcycle_dense
+from .upcycling import upcycle_checkpoint, upcycle_dense, upcycle_moe, upcycle_moe_checkpoint
 
 __version__ = "0.1.0"
 
@@ -103,4 +103,6 @@ __all__ = [
     "set_training_stage",
     "upcycle_checkpoint",
     "upcycle_dense",
+    "upcycle_moe",
+    "upcycle_moe_checkpoint",
 ]

@@ -11,6 +11,7 @@ logger = logging.get_logger(__name__)
 MODALITY_ROUTING_MODES = ("hard", "none")
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+QK_NORM_TYPES = ("head", "full")
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -36,7 +37,8 @@ class DeepTalkConfig(PreTrainedConfig):
       optional Qwen2-MoE-style sigmoid gate.
     - `router_z_loss_coef`: weight of the router z-loss (`mean(logsumexp(logits)**2)`).
     - `qkv_bias`: bias on q/k/v only (Qwen2); `attention_bias` puts a bias on q/k/v/o (Llama, Qwen3).
-    - `use_qk_norm`: RMSNorm on queries and keys per head (Qwen3).
+    - `use_qk_norm`: RMSNorm on queries and keys, per head (`qk_norm_type="head"`, Qwen3) or over the whole q/k
+      projection before the head split (`"full"`, OLMoE); `clip_qkv` clamps queries, keys and values (OLMoE).
     - DeepSeek-V2/V3: multi-head latent attention when `kv_lora_rank` is set (`q_lora_rank`, `qk_nope_head_dim`,
       `qk_rope_head_dim`, `v_head_dim`, `rope_interleave`); router `scoring_func` (softmax or sigmoid), `topk_method`
       (`"greedy"`, V2's `"group_limited_greedy"`, V3's `"noaux_tc"` with a per-expert score-correction bias),
@@ -111,6 +113,8 @@ class DeepTalkConfig(PreTrainedConfig):
     attention_bias: bool = False
     qkv_bias: bool = False
     use_qk_norm: bool = True
+    qk_norm_type: str = "head"
+    clip_qkv: float | None = None
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     attention_dropout: float | int = 0.0
@@ -206,6 +210,10 @@ class DeepTalkConfig(PreTrainedConfig):
             )
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
+        if self.qk_norm_type not in QK_NORM_TYPES:
+            raise ValueError(f"qk_norm_type={self.qk_norm_type!r} is unknown; expected one of {QK_NORM_TYPES}")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise ValueError(f"clip_qkv={self.clip_qkv} must be positive (or None for no clipping)")
         if self.scoring_func not in SCORING_FUNCTIONS:
             raise ValueError(f"scoring_func={self.scoring_func!r} is unknown; expected one of {SCORING_FUNCTIONS}")
         if self.topk_method not in TOPK_METHODS:

@@ -108,7 +108,8 @@ def topk_routing(
 
 
 class DeepTalkAttention(nn.Module):
-    """GQA attention with optional qkv bias (Qwen2), q/k norm (Qwen3) and sliding window, via `ALL_ATTENTION_FUNCTIONS`."""
+    """GQA attention with optional qkv bias (Qwen2), q/k norm per head (Qwen3) or over the whole projection with q/k/v
+    clipping (OLMoE), and sliding window, via `ALL_ATTENTION_FUNCTIONS`."""
 
     def __init__(self, config: DeepTalkConfig, layer_idx: int):
         super().__init__()
@@ -126,8 +127,9 @@ class DeepTalkAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         if config.use_qk_norm:
-            self.q_norm = DeepTalkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = DeepTalkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            per_head = config.qk_norm_type == "head"
+            self.q_norm = DeepTalkRMSNorm(self.head_dim if per_head else q_size, eps=config.rms_norm_eps)
+            self.k_norm = DeepTalkRMSNorm(self.head_dim if per_head else kv_size, eps=config.rms_norm_eps)
         self.sliding_window = (
             config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         )
@@ -140,14 +142,23 @@ class DeepTalkAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        config = self.config
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        if self.config.use_qk_norm:
+        query_states = self.q_proj(hidden_states)
+        key_states = self.k_proj(hidden_states)
+        value_states = self.v_proj(hidden_states)
+        if config.use_qk_norm and config.qk_norm_type == "full":  # OLMoE: before the head split
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
+        if config.use_qk_norm and config.qk_norm_type == "head":
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        if config.clip_qkv is not None:
+            query_states = query_states.clamp(-config.clip_qkv, config.clip_qkv)
+            key_states = key_states.clamp(-config.clip_qkv, config.clip_qkv)
+            value_states = value_states.clamp(-config.clip_qkv, config.clip_qkv)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)

@@ -15,7 +15,14 @@ from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample
 from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
 from .kernels import register_experts_implementation
-from .modality import ModalityLoad, assign_modality_experts, profile_modality_load, set_training_stage
+from .lora import lora_config_for_stage
+from .modality import (
+    ModalityLoad,
+    assign_modality_experts,
+    profile_modality_load,
+    set_training_stage,
+    training_stage_parameters,
+)
 from .modeling_deeptalk import DeepTalkForCausalLM, DeepTalkModel, DeepTalkPreTrainedModel
 from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration, audio_token_lengths
 from .processing_deeptalk import (
@@ -98,9 +105,11 @@ __all__ = [
     "expand_audio_placeholders",
     "extract_audio_features",
     "fit_speech_vocab",
+    "lora_config_for_stage",
     "profile_modality_load",
     "resample",
     "set_training_stage",
+    "training_stage_parameters",
     "upcycle_checkpoint",
     "upcycle_dense",
     "upcycle_moe",

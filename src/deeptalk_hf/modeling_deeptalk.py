@@ -290,16 +290,17 @@ class DeepTalkSparseMoeBlock(nn.Module):
                 )
             return output
         speech_rows = is_speech.nonzero().squeeze(-1)
-        groups = (
-            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts, correction_bias(self.gate)),
-            (speech_rows, speech_logits, self.speech_experts, correction_bias(self.speech_gate)),
-        )
+        text_group = (text_logits, self.experts, correction_bias(self.gate))
+        speech_group = (speech_logits, self.speech_experts, correction_bias(self.speech_gate))
         if speech_rows.numel() in (0, hidden.shape[0]):  # one modality (e.g. decoding): no gather and scatter
-            _, logits, experts, bias = groups[1 if speech_rows.numel() else 0]
+            logits, experts, bias = speech_group if speech_rows.numel() else text_group
             weights, indices = self._route(logits, bias)
             return experts(hidden, indices, weights)
         output = torch.empty_like(hidden)
-        for rows, logits, experts, bias in groups:
+        for rows, (logits, experts, bias) in (
+            ((~is_speech).nonzero().squeeze(-1), text_group),
+            (speech_rows, speech_group),
+        ):
             weights, indices = self._route(logits[rows], bias)
             output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
         return output
@@ -602,21 +603,23 @@ def modality_router_losses(
         if config.modality_routing == "none" or not num_speech:
             groups = [(valid, logits)]
         else:
-            groups = [(valid * ~is_speech, logits[:, :num_text]), (valid * is_speech, logits[:, num_text:])]
+            groups = [
+                (valid * ~is_speech, logits[:, :num_text].contiguous()),
+                (valid * is_speech, logits[:, num_text:].contiguous()),
+            ]
         for weight, group_logits in groups:
-            count = weight.sum()
-            probs, _, indices = topk_routing(group_logits, config)
             num_experts = group_logits.shape[-1]
-            assignments = torch.zeros(num_experts + 1, device=device).scatter_add_(
-                0, indices.reshape(-1), weight.repeat_interleave(indices.shape[-1])
-            )[:num_experts]
-            denominator = count.clamp(min=1.0)
-            fraction = assignments / denominator
-            mean_prob = (probs * weight[:, None]).sum(0) / denominator
-            share = count / total
-            aux_loss = aux_loss + share * num_experts * (fraction * mean_prob).sum()
-            z = torch.logsumexp(group_logits, dim=-1).pow(2)
-            z_loss = z_loss + share * (z * weight).sum() / denominator
+            probs = group_logits.softmax(dim=-1) if config.scoring_func == "softmax" else group_logits.sigmoid()
+            if config.scoring_func != "softmax":
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            picks = probs.topk(min(config.num_experts_per_tok, num_experts), dim=-1).indices
+            assignments = torch.zeros(num_experts, device=device).index_add_(
+                0, picks.reshape(-1), weight.repeat_interleave(picks.shape[-1])
+            )
+            denominator = weight.sum().clamp(min=1.0)
+            # share * f_i = assignments_i / total, with P_i = weight @ probs / count
+            aux_loss = aux_loss + num_experts * (assignments / total * (weight @ probs) / denominator).sum()
+            z_loss = z_loss + weight @ torch.logsumexp(group_logits, dim=-1).pow(2) / total
     num_layers = max(len(router_logits), 1)
     return aux_loss / num_layers, z_loss / num_layers
 

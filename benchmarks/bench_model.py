@@ -10,8 +10,8 @@ the same inputs. The goal is DeepTalk >= 0.95x Qwen3-MoE: modality routing shoul
 import argparse
 import json
 import platform
-import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,19 +45,21 @@ def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     return {"deeptalk": deeptalk.to(args.device), "qwen3_moe": qwen.to(args.device)}
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median wall time of `fn` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+def timed(fns: dict[str, object], repeats: int, device: str) -> dict[str, float]:
+    """Fastest wall time of each function, the functions taking turns (so a change in machine load hits all alike)."""
+    for fn in fns.values():
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def mixed_batch(args: argparse.Namespace) -> torch.Tensor:
@@ -90,31 +92,30 @@ def main() -> None:
     models = build(args)
     input_ids = mixed_batch(args)
     prompt = input_ids[:1, :32]
-    results = {}
-    for name, model in models.items():
+    def train_step(name: str) -> None:
+        model = models[name]
         model.train()
-        # Qwen3-MoE computes its balancing loss only when asked; DeepTalk always does in training, so ask (not in
-        # decoding, where Qwen3-MoE would compute it on every step).
+        # Qwen3-MoE computes its balancing loss only when asked; DeepTalk always does in training, so ask.
         model.config.output_router_logits = name == "qwen3_moe"
+        model.zero_grad(set_to_none=True)
+        model(input_ids, labels=input_ids).loss.backward()
 
-        def train_step(model=model):
-            model.zero_grad(set_to_none=True)
-            model(input_ids, labels=input_ids).loss.backward()
-
-        train_s = timed(train_step, args.repeats, args.device)
+    def decode(name: str) -> None:
+        model = models[name]
         model.eval()
         model.config.output_router_logits = False
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False)
 
-        def decode(model=model):
-            with torch.no_grad():
-                model.generate(prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens,
-                               do_sample=False)
-
-        decode_s = timed(decode, args.repeats, args.device)
-        results[name] = {
-            "train_tokens_per_s": input_ids.numel() / train_s,
-            "decode_tokens_per_s": args.decode_tokens / decode_s,
+    train_s = timed({name: partial(train_step, name) for name in models}, args.repeats, args.device)
+    decode_s = timed({name: partial(decode, name) for name in models}, args.repeats, args.device)
+    results = {
+        name: {
+            "train_tokens_per_s": input_ids.numel() / train_s[name],
+            "decode_tokens_per_s": args.decode_tokens / decode_s[name],
         }
+        for name in models
+    }
     ratios = {
         metric: results["deeptalk"][metric] / results["qwen3_moe"][metric]
         for metric in ("train_tokens_per_s", "decode_tokens_per_s")

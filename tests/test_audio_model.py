@@ -422,3 +422,49 @@ def test_asr_example_runs_and_transcribes():
     assert result.returncode == 0, result.stderr
     assert "reloaded as DeepTalkForConditionalGeneration" in result.stdout
     assert result.stdout.count(": ok") == 4, result.stdout
+
+
+def audio_processor(tmp_path=None):
+    """A tokenizer with `<|audio|>` in its text block, a Whisper feature extractor and the model config."""
+    from tokenizers import AddedToken
+
+    from deeptalk_hf import DeepTalkAudioProcessor, add_speech_tokens
+
+    from .speech_fixtures import TEXT_VOCAB_SIZE, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken("<|audio|>", special=True)])
+    speech = add_speech_tokens(tokenizer, 8, text_vocab_size=TEXT_VOCAB_SIZE)
+    text = tiny_config(vocab_size=speech.stop, speech_vocab_size=len(speech), pad_token_id=tokenizer.pad_token_id)
+    config = whisper_audio_config(text_config=text, audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"))
+    return DeepTalkAudioProcessor(tokenizer, whisper_features(), config), config
+
+
+def test_audio_processor_expands_placeholders_and_round_trips(tmp_path):
+    from transformers import AutoProcessor
+
+    processor, config = audio_processor()
+    texts = ["hello <|audio|> world", "what <|audio|> is it <|audio|>"]
+    audios = [[tone(300, 0.3)], [tone(500, 0.9), tone(700, 0.5)]]
+    batch = processor(text=texts, audio=audios, sampling_rate=SAMPLING_RATE, padding=True, return_tensors="pt")
+    tokens = [processor.tokenizer(t)["input_ids"] for t in texts]
+    expected = audio_batch(config, processor.feature_extractor, tokens, [a for s in audios for a in s])
+    for key in ("input_ids", "attention_mask", "modality_ids", "input_features", "input_features_mask"):
+        assert torch.equal(batch[key], expected[key]), key
+    model = DeepTalkForConditionalGeneration(config).eval()
+    assert model(**batch).logits.shape[:2] == batch["input_ids"].shape
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded).__name__ == "DeepTalkAudioProcessor"
+    again = loaded(text=texts, audio=audios, sampling_rate=SAMPLING_RATE, padding=True, return_tensors="pt")
+    assert all(torch.equal(again[key], batch[key]) for key in batch)
+
+
+def test_audio_processor_refuses_bad_audio():
+    processor, _ = audio_processor()
+    with pytest.raises(ValueError, match="sampling_rate="):
+        processor(text="hello <|audio|>", audio=tone(300, 0.3))
+    with pytest.raises(ValueError, match="8000 Hz"):
+        processor(text="hello <|audio|>", audio=tone(300, 0.3), sampling_rate=8000)
+    with pytest.raises(ValueError, match="2 audio placeholders"):
+        processor(text="<|audio|> <|audio|>", audio=tone(300, 0.3), sampling_rate=SAMPLING_RATE)

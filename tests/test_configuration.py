@@ -29,6 +29,8 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(topk_method="noaux_tc"), "n_group"),
         (dict(topk_method="noaux_tc", n_group=3, topk_group=1, num_speech_experts=0), "n_group=3"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=4), "v_head_dim"),
+        (dict(qk_norm_type="layer"), "qk_norm_type"),
+        (dict(clip_qkv=0.0), "clip_qkv"),
     ],
 )
 def test_invalid_fields_raise_value_error_naming_them(overrides, field):

@@ -19,7 +19,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, upcycle_moe
 from deeptalk_hf.modeling_deeptalk import modality_router_losses
 
 from .conftest import tiny_config
@@ -406,31 +406,18 @@ DEEPSEEK_FIELDS = dict(
 
 def deepseek_pair(version: str):
     """A tiny random DeepSeek-V2 (group-limited greedy) or V3 (sigmoid, noaux_tc with a non-zero correction bias)
-    and the DeepTalk model holding the same weights."""
+    and the DeepTalk model imported from it."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
     if version == "v2":
-        source_config = DeepseekV2Config(**DEEPSEEK_FIELDS, topk_method="group_limited_greedy")
-        source = DeepseekV2ForCausalLM(source_config).eval()
-        routing = dict(topk_method="group_limited_greedy")
+        source = DeepseekV2ForCausalLM(DeepseekV2Config(**DEEPSEEK_FIELDS, topk_method="group_limited_greedy")).eval()
     else:
-        source_config = DeepseekV3Config(**DEEPSEEK_FIELDS, norm_topk_prob=True)
-        source = DeepseekV3ForCausalLM(source_config).eval()
-        routing = dict(topk_method="noaux_tc", scoring_func="sigmoid")
+        source = DeepseekV3ForCausalLM(DeepseekV3Config(**DEEPSEEK_FIELDS, norm_topk_prob=True)).eval()
         with torch.no_grad():
             for name, buffer in source.named_buffers():
                 if name.endswith("e_score_correction_bias"):
                     buffer.normal_(std=0.1)
-    config = deeptalk_from(
-        source_config,
-        **routing,
-        use_qk_norm=False,
-        shared_expert_intermediate_size=source_config.moe_intermediate_size * source_config.n_shared_experts,
-    )
-    model = DeepTalkForCausalLM(config).eval()
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    assert not missing and not unexpected
-    return source, model
+    return source, upcycle_moe(source).eval()
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])

@@ -15,11 +15,19 @@ from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample
 from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
 from .kernels import register_experts_implementation
-from .modality import ModalityLoad, assign_modality_experts, profile_modality_load, set_training_stage
+from .lora import lora_config_for_stage
+from .modality import (
+    ModalityLoad,
+    assign_modality_experts,
+    profile_modality_load,
+    set_training_stage,
+    training_stage_parameters,
+)
 from .modeling_deeptalk import DeepTalkForCausalLM, DeepTalkModel, DeepTalkPreTrainedModel
 from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration, audio_token_lengths
 from .processing_deeptalk import (
     AudioChunk,
+    DeepTalkAudioProcessor,
     DeepTalkParallelStreamer,
     DeepTalkProcessor,
     DeepTalkStreamer,
@@ -31,7 +39,7 @@ from .processing_deeptalk import (
     add_speech_tokens,
     fit_speech_vocab,
 )
-from .upcycling import upcycle_checkpoint, upcycle_dense
+from .upcycling import upcycle_checkpoint, upcycle_dense, upcycle_moe, upcycle_moe_checkpoint
 
 __version__ = "0.1.0"
 
@@ -59,6 +67,7 @@ def _register() -> None:
     AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
     AutoConfig.register(DeepTalkAudioConfig.model_type, DeepTalkAudioConfig, exist_ok=True)
     AutoModelForMultimodalLM.register(DeepTalkAudioConfig, DeepTalkForConditionalGeneration, exist_ok=True)
+    AutoProcessor.register(DeepTalkAudioConfig, DeepTalkAudioProcessor, exist_ok=True)
     register_checkpoint_conversion_mapping(
         DeepTalkConfig.model_type,
         _experts_conversion("experts") + _experts_conversion("speech_experts"),
@@ -73,6 +82,7 @@ __all__ = [
     "AudioChunk",
     "AudioCodec",
     "DeepTalkAudioConfig",
+    "DeepTalkAudioProcessor",
     "DeepTalkConfig",
     "DeepTalkForCausalLM",
     "DeepTalkForConditionalGeneration",
@@ -95,9 +105,13 @@ __all__ = [
     "expand_audio_placeholders",
     "extract_audio_features",
     "fit_speech_vocab",
+    "lora_config_for_stage",
     "profile_modality_load",
     "resample",
     "set_training_stage",
+    "training_stage_parameters",
     "upcycle_checkpoint",
     "upcycle_dense",
+    "upcycle_moe",
+    "upcycle_moe_checkpoint",
 ]

@@ -1,4 +1,5 @@
-"""Console scripts `deeptalk-upcycle` (dense checkpoint → DeepTalk checkpoint) and `deeptalk-profile` (modality load).
+"""Console scripts `deeptalk-upcycle` (dense or MoE checkpoint → DeepTalk checkpoint) and `deeptalk-profile` (modality
+load).
 
 Exit codes (both scripts): 0 success, 1 unexpected error, 2 invalid arguments or options, 3 the source model or data
 cannot be used (unsupported, missing, corrupt), 4 the output exists (pass --overwrite).
@@ -19,7 +20,18 @@ from transformers import AutoModelForCausalLM
 
 from .modality import ASSIGNMENT_STRATEGIES, assign_modality_experts, profile_modality_load
 from .modeling_deeptalk import DeepTalkForCausalLM
-from .upcycling import CheckpointError, _copy_tokenizer, _resolve_source, atomic_output_dir, upcycle_checkpoint
+from .upcycling import (
+    MOE_ARCHITECTURES,
+    SUPPORTED_ARCHITECTURES,
+    CheckpointError,
+    _check_architecture,
+    _copy_tokenizer,
+    _read_config,
+    _resolve_source,
+    atomic_output_dir,
+    upcycle_checkpoint,
+    upcycle_moe_checkpoint,
+)
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_SOURCE, EXIT_EXISTS = 0, 1, 2, 3, 4
 _EXIT_CODES = """exit codes:
@@ -64,84 +76,106 @@ def _run(prog: str, action) -> int:
     return EXIT_OK
 
 
+# Options of dense upcycling only, named as `upcycle_checkpoint`'s arguments; argparse leaves them unset unless given
+# (`argument_default=SUPPRESS`), so an MoE source can refuse them and a dense one gets the function's defaults.
+_DENSE_OPTIONS = (
+    "num_text_experts",
+    "num_experts_per_tok",
+    "num_speech_experts",
+    "granularity",
+    "num_shared_experts",
+    "mlp_only_layers",
+    "init_noise",
+    "drop_fraction",
+    "seed",
+)
+_DENSE_REQUIRED = ("num_text_experts", "num_experts_per_tok")
+
+
 def upcycle_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deeptalk-upcycle",
         description=textwrap.fill(
-            "Upcycle a dense Llama, Qwen2, Qwen3 or Mistral checkpoint into a DeepTalk speech-text MoE checkpoint, "
-            "streaming shard by shard (the dense and the upcycled model are never in memory together). Without "
-            "--init-noise/--drop-fraction the result computes the same logits on text as the dense model. The output "
-            "is written into a temporary directory beside DST and renamed at the end: a failure leaves no DST.",
+            "Convert a checkpoint into a DeepTalk speech-text MoE checkpoint, streaming shard by shard (the source and "
+            "the result are never in memory together). The source's config decides what happens. A dense Llama, "
+            "Qwen2, Qwen3 or Mistral checkpoint is upcycled: its MLPs become experts (--num-text-experts and --top-k "
+            "are required); without --init-noise/--drop-fraction the result computes the same logits on text. An MoE "
+            f"checkpoint ({', '.join(sorted(MOE_ARCHITECTURES))}) is imported as it is: the same model, every expert "
+            "a text expert (the expert options do not apply; choose speech experts afterwards with deeptalk-profile "
+            "--assign-to). The output is written into a temporary directory beside DST and renamed at the end: a "
+            "failure leaves no DST.",
             width=88,
         ),
         epilog=_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
     parser.add_argument(
-        "source", metavar="SRC", help="dense checkpoint directory or hub model id (safetensors weights)"
+        "source", metavar="SRC", help="dense or MoE checkpoint directory or hub model id (safetensors weights)"
     )
     parser.add_argument("destination", metavar="DST", help="output directory for the DeepTalk checkpoint")
-    experts = parser.add_argument_group("experts")
+    experts = parser.add_argument_group("experts (dense sources only)")
     experts.add_argument(
-        "--num-text-experts", type=int, required=True, help="routed text experts per MoE layer (fine-grained count)"
+        "--num-text-experts", type=int, help="routed text experts per MoE layer (fine-grained count; dense: required)"
     )
+    experts.add_argument("--num-speech-experts", type=int, help="routed speech experts per MoE layer (default: 0)")
     experts.add_argument(
-        "--num-speech-experts", type=int, default=0, help="routed speech experts per MoE layer (default: 0)"
-    )
-    experts.add_argument(
-        "--top-k", "--num-experts-per-tok", dest="top_k", type=int, required=True, help="experts per token"
+        "--top-k",
+        "--num-experts-per-tok",
+        dest="num_experts_per_tok",
+        type=int,
+        help="experts per token (dense: required)",
     )
     experts.add_argument(
         "--granularity",
         type=int,
-        default=1,
         help="cut the MLP's intermediate dimension into this many parts, one per fine-grained expert; expert counts "
         "and --top-k must be multiples of granularity minus --shared-experts (default: 1, whole-MLP copies)",
     )
     experts.add_argument(
         "--shared-experts",
+        dest="num_shared_experts",
         type=int,
-        default=0,
         help="how many of the granularity parts form an always-on shared expert (below --granularity; default: 0)",
     )
     experts.add_argument(
         "--mlp-only-layers",
         type=_int_list,
-        default=None,
         metavar="I,J,...",
         help="decoder layers that keep their dense MLP (default: none, every layer becomes MoE)",
     )
-    init = parser.add_argument_group("initialisation")
+    init = parser.add_argument_group("initialisation (dense sources only)")
     init.add_argument(
         "--init-noise",
         type=float,
-        default=0.0,
         help="Gaussian noise on routed expert weights, relative to each dense matrix's std (default: 0, exact)",
     )
     init.add_argument(
         "--drop-fraction",
         type=float,
-        default=0.0,
         help="Drop-Upcycling: fraction of each routed expert's intermediate channels re-initialised from the dense "
         "matrix's mean and std (default: 0, exact)",
     )
-    init.add_argument("--seed", type=int, default=0, help="seed of --init-noise and --drop-fraction (default: 0)")
-    init.add_argument(
+    init.add_argument("--seed", type=int, help="seed of --init-noise and --drop-fraction (default: 0)")
+    output = parser.add_argument_group("vocabulary and output (dense and MoE sources)")
+    output.add_argument(
         "--speech-vocab-size",
         type=int,
         default=0,
         help="speech-unit ids appended to the vocabulary, rows starting at the mean of the text rows (default: 0)",
     )
-    output = parser.add_argument_group("output")
     output.add_argument("--dtype", choices=_DTYPES, default=None, help="weights dtype (default: the source's)")
     output.add_argument(
         "--max-shard-size", default="5GB", help="largest output safetensors shard, e.g. 500MB (default: 5GB)"
     )
     output.add_argument("--revision", default=None, help="hub revision when SRC is a hub id")
     output.add_argument(
-        "--overwrite", action="store_true", help="replace an existing DST (only once the new one is complete)"
+        "--overwrite",
+        action="store_true",
+        default=False,
+        help="replace an existing DST (only once the new one is complete)",
     )
-    output.add_argument("--quiet", action="store_true", help="no progress bar")
+    output.add_argument("--quiet", action="store_true", default=False, help="no progress bar")
     return parser
 
 
@@ -149,27 +183,34 @@ def upcycle_main(argv: list[str] | None = None) -> int:
     """Entry point of `deeptalk-upcycle`."""
     parser = upcycle_parser()
     args = parser.parse_args(argv)
+    flags = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    dense_options = {name: value for name, value in vars(args).items() if name in _DENSE_OPTIONS}
 
     def action():
-        upcycle_checkpoint(
-            args.source,
-            args.destination,
-            num_text_experts=args.num_text_experts,
-            num_speech_experts=args.num_speech_experts,
-            num_experts_per_tok=args.top_k,
-            granularity=args.granularity,
-            num_shared_experts=args.shared_experts,
+        source = _resolve_source(args.source, args.revision)
+        config = _read_config(source)
+        _check_architecture(config, {*SUPPORTED_ARCHITECTURES, *MOE_ARCHITECTURES}, "dense or MoE")
+        kind = config.model_type
+        output = dict(
             speech_vocab_size=args.speech_vocab_size,
-            init_noise=args.init_noise,
-            drop_fraction=args.drop_fraction,
             dtype=args.dtype,
-            mlp_only_layers=args.mlp_only_layers,
-            seed=args.seed,
-            revision=args.revision,
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
+        if kind in MOE_ARCHITECTURES:
+            if dense_options:
+                parser.error(
+                    f"{', '.join(flags[name] for name in dense_options)}: SRC is a {kind} MoE, imported with its own "
+                    "experts; these options apply to dense sources only"
+                )
+            upcycle_moe_checkpoint(source, args.destination, **output)
+            print(f"wrote DeepTalk checkpoint {args.destination} (imported {kind}; no speech experts yet)")
+            return
+        missing = [flags[name] for name in _DENSE_REQUIRED if name not in dense_options]
+        if missing:
+            parser.error(f"SRC is a dense {kind} model: upcycling it needs {' and '.join(missing)}")
+        upcycle_checkpoint(source, args.destination, **{"num_speech_experts": 0, **dense_options}, **output)
         print(f"wrote DeepTalk checkpoint {args.destination}")
 
     return _run(parser.prog, action)

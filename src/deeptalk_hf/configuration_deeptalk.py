@@ -4,10 +4,14 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 MODALITY_ROUTING_MODES = ("hard", "none")
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+QK_NORM_TYPES = ("head", "full")
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -33,7 +37,8 @@ class DeepTalkConfig(PreTrainedConfig):
       optional Qwen2-MoE-style sigmoid gate.
     - `router_z_loss_coef`: weight of the router z-loss (`mean(logsumexp(logits)**2)`).
     - `qkv_bias`: bias on q/k/v only (Qwen2); `attention_bias` puts a bias on q/k/v/o (Llama, Qwen3).
-    - `use_qk_norm`: RMSNorm on queries and keys per head (Qwen3).
+    - `use_qk_norm`: RMSNorm on queries and keys, per head (`qk_norm_type="head"`, Qwen3) or over the whole q/k
+      projection before the head split (`"full"`, OLMoE); `clip_qkv` clamps queries, keys and values (OLMoE).
     - DeepSeek-V2/V3: multi-head latent attention when `kv_lora_rank` is set (`q_lora_rank`, `qk_nope_head_dim`,
       `qk_rope_head_dim`, `v_head_dim`, `rope_interleave`); router `scoring_func` (softmax or sigmoid), `topk_method`
       (`"greedy"`, V2's `"group_limited_greedy"`, V3's `"noaux_tc"` with a per-expert score-correction bias),
@@ -108,6 +113,8 @@ class DeepTalkConfig(PreTrainedConfig):
     attention_bias: bool = False
     qkv_bias: bool = False
     use_qk_norm: bool = True
+    qk_norm_type: str = "head"
+    clip_qkv: float | None = None
     sliding_window: int | None = None
     layer_types: list[str] | None = None
     attention_dropout: float | int = 0.0
@@ -203,6 +210,10 @@ class DeepTalkConfig(PreTrainedConfig):
             )
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
+        if self.qk_norm_type not in QK_NORM_TYPES:
+            raise ValueError(f"qk_norm_type={self.qk_norm_type!r} is unknown; expected one of {QK_NORM_TYPES}")
+        if self.clip_qkv is not None and self.clip_qkv <= 0:
+            raise ValueError(f"clip_qkv={self.clip_qkv} must be positive (or None for no clipping)")
         if self.scoring_func not in SCORING_FUNCTIONS:
             raise ValueError(f"scoring_func={self.scoring_func!r} is unknown; expected one of {SCORING_FUNCTIONS}")
         if self.topk_method not in TOPK_METHODS:
@@ -269,6 +280,14 @@ class DeepTalkConfig(PreTrainedConfig):
                         f"speech_expert_ids[{self.moe_layers.index(layer)}]={ids} must list {num_speech} distinct "
                         f"expert indices in [0, {num_text + num_speech}) for layer {layer}"
                     )
+
+    def validate_token_ids(self):
+        """Part of `@strict` validation: text special ids against the vocabulary, audio codes against a stream's
+        vocabulary (transformers' check would read every `*_token_id` as a text id)."""
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            ids = getattr(self, name)
+            if any(not 0 <= i < self.vocab_size for i in (ids if isinstance(ids, list) else [ids]) if i is not None):
+                logger.warning_once(f"{name}={ids} lies outside the vocabulary [0, {self.vocab_size})")
 
     @property
     def speech_token_start(self) -> int:

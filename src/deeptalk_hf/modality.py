@@ -329,16 +329,18 @@ def assign_modality_experts(
     return chosen
 
 
-def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:
-    """Make exactly one training stage's tensors trainable (whole tensors, so it is exact with any optimizer).
+def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:
+    """Names of the parameters that training stage `stage` trains, plus those matching `also`; the model is unchanged.
+
+    The one definition of the stages: `set_training_stage` (full training) and `lora_config_for_stage` (LoRA) both
+    read it, so a stage means the same tensors either way.
 
     - `"speech"`: every speech tensor (name contains `speech`) except the audio encoder;
     - `"text"`: the text experts and the text router only (`mlp.experts`, `mlp.gate`);
     - `"joint"`: everything except the audio encoder;
     - `"align"`: the speech connector only (a model without an audio encoder is an error).
 
-    `also` adds glob patterns over parameter names (e.g. `"*.self_attn.*"`); each must match something. Frozen tensors
-    lose any stale `.grad`, so an optimizer holding them leaves them untouched. Returns the trainable names.
+    `also` adds glob patterns over parameter names (e.g. `"*.self_attn.*"`); each must match something.
     """
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage={stage!r} is unknown; expected one of {TRAINING_STAGES}")
@@ -354,16 +356,24 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()
     for pattern in also:
         if not any(fnmatchcase(name, pattern) for name in names):
             raise ValueError(f"also pattern {pattern!r} matches no parameter of the model")
-    trainable = []
-    for name, param in model.named_parameters():
-        train = rules[stage](name) or any(fnmatchcase(name, pattern) for pattern in also)
-        param.requires_grad_(train)
-        if train:
-            trainable.append(name)
-        else:
-            param.grad = None
+    trainable = [name for name in names if rules[stage](name) or any(fnmatchcase(name, pattern) for pattern in also)]
     if not trainable:
         raise ValueError(f"stage {stage!r} leaves nothing to train in this model")
+    return trainable
+
+
+def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:
+    """Make exactly one training stage's tensors trainable (whole tensors, so it is exact with any optimizer).
+
+    The stages and `also` are those of `training_stage_parameters`. Frozen tensors lose any stale `.grad`, so an
+    optimizer holding them leaves them untouched. Returns the trainable names.
+    """
+    trainable = training_stage_parameters(model, stage, also=also)
+    selected = set(trainable)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in selected)
+        if name not in selected:
+            param.grad = None
     return trainable
 
 
@@ -374,4 +384,5 @@ __all__ = [
     "assign_modality_experts",
     "profile_modality_load",
     "set_training_stage",
+    "training_stage_parameters",
 ]

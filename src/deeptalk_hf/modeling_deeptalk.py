@@ -108,7 +108,8 @@ def topk_routing(
 
 
 class DeepTalkAttention(nn.Module):
-    """GQA attention with optional qkv bias (Qwen2), q/k norm (Qwen3) and sliding window, via `ALL_ATTENTION_FUNCTIONS`."""
+    """GQA attention with optional qkv bias (Qwen2), q/k norm per head (Qwen3) or over the whole projection with q/k/v
+    clipping (OLMoE), and sliding window, via `ALL_ATTENTION_FUNCTIONS`."""
 
     def __init__(self, config: DeepTalkConfig, layer_idx: int):
         super().__init__()
@@ -126,8 +127,9 @@ class DeepTalkAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         if config.use_qk_norm:
-            self.q_norm = DeepTalkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = DeepTalkRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            per_head = config.qk_norm_type == "head"
+            self.q_norm = DeepTalkRMSNorm(self.head_dim if per_head else q_size, eps=config.rms_norm_eps)
+            self.k_norm = DeepTalkRMSNorm(self.head_dim if per_head else kv_size, eps=config.rms_norm_eps)
         self.sliding_window = (
             config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         )
@@ -140,14 +142,23 @@ class DeepTalkAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        config = self.config
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        if self.config.use_qk_norm:
+        query_states = self.q_proj(hidden_states)
+        key_states = self.k_proj(hidden_states)
+        value_states = self.v_proj(hidden_states)
+        if config.use_qk_norm and config.qk_norm_type == "full":  # OLMoE: before the head split
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
+        if config.use_qk_norm and config.qk_norm_type == "head":
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        if config.clip_qkv is not None:
+            query_states = query_states.clamp(-config.clip_qkv, config.clip_qkv)
+            key_states = key_states.clamp(-config.clip_qkv, config.clip_qkv)
+            value_states = value_states.clamp(-config.clip_qkv, config.clip_qkv)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = value_states.view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
@@ -279,16 +290,17 @@ class DeepTalkSparseMoeBlock(nn.Module):
                 )
             return output
         speech_rows = is_speech.nonzero().squeeze(-1)
-        groups = (
-            ((~is_speech).nonzero().squeeze(-1), text_logits, self.experts, correction_bias(self.gate)),
-            (speech_rows, speech_logits, self.speech_experts, correction_bias(self.speech_gate)),
-        )
+        text_group = (text_logits, self.experts, correction_bias(self.gate))
+        speech_group = (speech_logits, self.speech_experts, correction_bias(self.speech_gate))
         if speech_rows.numel() in (0, hidden.shape[0]):  # one modality (e.g. decoding): no gather and scatter
-            _, logits, experts, bias = groups[1 if speech_rows.numel() else 0]
+            logits, experts, bias = speech_group if speech_rows.numel() else text_group
             weights, indices = self._route(logits, bias)
             return experts(hidden, indices, weights)
         output = torch.empty_like(hidden)
-        for rows, logits, experts, bias in groups:
+        for rows, (logits, experts, bias) in (
+            ((~is_speech).nonzero().squeeze(-1), text_group),
+            (speech_rows, speech_group),
+        ):
             weights, indices = self._route(logits[rows], bias)
             output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
         return output
@@ -591,21 +603,23 @@ def modality_router_losses(
         if config.modality_routing == "none" or not num_speech:
             groups = [(valid, logits)]
         else:
-            groups = [(valid * ~is_speech, logits[:, :num_text]), (valid * is_speech, logits[:, num_text:])]
+            groups = [
+                (valid * ~is_speech, logits[:, :num_text].contiguous()),
+                (valid * is_speech, logits[:, num_text:].contiguous()),
+            ]
         for weight, group_logits in groups:
-            count = weight.sum()
-            probs, _, indices = topk_routing(group_logits, config)
             num_experts = group_logits.shape[-1]
-            assignments = torch.zeros(num_experts + 1, device=device).scatter_add_(
-                0, indices.reshape(-1), weight.repeat_interleave(indices.shape[-1])
-            )[:num_experts]
-            denominator = count.clamp(min=1.0)
-            fraction = assignments / denominator
-            mean_prob = (probs * weight[:, None]).sum(0) / denominator
-            share = count / total
-            aux_loss = aux_loss + share * num_experts * (fraction * mean_prob).sum()
-            z = torch.logsumexp(group_logits, dim=-1).pow(2)
-            z_loss = z_loss + share * (z * weight).sum() / denominator
+            probs = group_logits.softmax(dim=-1) if config.scoring_func == "softmax" else group_logits.sigmoid()
+            if config.scoring_func != "softmax":
+                probs = probs / probs.sum(dim=-1, keepdim=True)
+            picks = probs.topk(min(config.num_experts_per_tok, num_experts), dim=-1).indices
+            assignments = torch.zeros(num_experts, device=device).index_add_(
+                0, picks.reshape(-1), weight.repeat_interleave(picks.shape[-1])
+            )
+            denominator = weight.sum().clamp(min=1.0)
+            # share * f_i = assignments_i / total, with P_i = weight @ probs / count
+            aux_loss = aux_loss + num_experts * (assignments / total * (weight @ probs) / denominator).sum()
+            z_loss = z_loss + weight @ torch.logsumexp(group_logits, dim=-1).pow(2) / total
     num_layers = max(len(router_logits), 1)
     return aux_loss / num_layers, z_loss / num_layers
 

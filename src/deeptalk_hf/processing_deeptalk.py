@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from tokenizers import AddedToken
+from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.generation import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
@@ -25,9 +26,11 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .generation_deeptalk import audio_codes_per_stream, build_delay_pattern
 
+from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
+
 if TYPE_CHECKING:
     from .audio_codecs import AudioCodec
-    from .configuration_deeptalk import DeepTalkConfig
+    from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
     from .modeling_deeptalk import DeepTalkForCausalLM
 
 SPEECH_UNIT_TOKEN = "<|speech_{}|>"
@@ -36,6 +39,7 @@ END_OF_SPEECH = "<|end_of_speech|>"
 SPEECH_PAD = "<|speech_pad|>"
 SPEECH_MARKERS = (BEGIN_OF_SPEECH, END_OF_SPEECH, SPEECH_PAD)
 SPEECH_PLACEHOLDER = "<|speech|>"
+AUDIO_PLACEHOLDER = "<|audio|>"
 TEXT_PAD_TOKEN = "<|text_pad_{}|>"
 INTERLEAVE_POLICIES = ("speech_only", "text_then_speech", "interleaved")
 
@@ -192,6 +196,15 @@ def _frame_groups(streams: list[torch.LongTensor]) -> torch.LongTensor:
     return torch.stack([codes[:frames] for codes in streams])
 
 
+def _pad_like(rows: list[list[int]], padded_ids: list[list[int]], side: str) -> list[list[int]]:
+    """Per-token values padded with 0 to the padded ids' lengths, on the tokenizer's padding side."""
+    result = []
+    for row, ids in zip(rows, padded_ids, strict=True):
+        pad = [0] * (len(ids) - len(row))
+        result.append(pad + row if side == "left" else row + pad)
+    return result
+
+
 def _is_unit_segment(value: Any) -> bool:
     """A non-empty 1-D sequence of integers (list, tuple, tensor or array)."""
     if isinstance(value, torch.Tensor):
@@ -288,8 +301,11 @@ class DeepTalkProcessor(ProcessorMixin):
         interleave: str = "text_then_speech",
         text_speech_ratio: Sequence[int] = (13, 26),
         codec: AudioCodec | None = None,
+        **kwargs: Any,
     ):
-        super().__init__(tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template)
+        super().__init__(
+            tokenizer, chat_template=DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template, **kwargs
+        )
         block = _speech_block(tokenizer)
         if block is None:
             raise ValueError(
@@ -389,8 +405,11 @@ class DeepTalkProcessor(ProcessorMixin):
         texts = [text or ""] if single else list(text)
         if speech_units is not None and audio is not None:
             raise ValueError("pass speech as speech_units= or as audio=, not both")
+        audio_features = None
         if audio is not None:
-            speech_units = self._audio_to_units(audio, merged["audio_kwargs"].get("sampling_rate"), len(texts), single)
+            speech_units, audio_features = self._read_audio(
+                audio, merged["audio_kwargs"].get("sampling_rate"), len(texts), single
+            )
         samples = _per_sample(speech_units, len(texts), single, _is_unit_segment, "speech_units")
         samples = [
             [self._checked_units(units, f"[{i}][{j}]") for j, units in enumerate(segments)]
@@ -418,12 +437,17 @@ class DeepTalkProcessor(ProcessorMixin):
                 rows.append(self.interleave_ids(ids, segments[0], interleave, ratio))
             else:
                 rows.append(ids)
+        modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
+        if audio_features is not None:  # the audio-encoder path: one <|audio|> becomes the audio's positions
+            expanded = expand_audio_placeholders(rows, audio_features.pop("num_audio_tokens"), self.audio_model_config)
+            rows, modality_rows = expanded["input_ids"], expanded["modality_ids"]
 
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
         if truncation not in (None, False, "do_not_truncate"):
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             keep_left = self.tokenizer.truncation_side == "left"
             rows = [row[-limit:] if keep_left else row[:limit] for row in rows]
+            modality_rows = [row[-limit:] if keep_left else row[:limit] for row in modality_rows]
         padded = self.tokenizer.pad(
             {"input_ids": rows},
             padding=text_kwargs.get("padding", False),
@@ -432,9 +456,11 @@ class DeepTalkProcessor(ProcessorMixin):
             padding_side=text_kwargs.get("padding_side"),
             return_attention_mask=text_kwargs.get("return_attention_mask"),
         )
-        start = self.speech_token_start
         data = dict(padded)
-        data["modality_ids"] = [[int(token >= start) for token in row] for row in data["input_ids"]]
+        side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
+        data["modality_ids"] = _pad_like(modality_rows, data["input_ids"], side)
+        if audio_features is not None:
+            data.update(audio_features)
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
 
     def _checked_units(self, units: Any, where: str) -> list[int]:
@@ -451,6 +477,13 @@ class DeepTalkProcessor(ProcessorMixin):
                 f"[0, {self.num_speech_units}) (the tokenizer's speech units)"
             )
         return units
+
+    def _read_audio(
+        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool
+    ) -> tuple[list[list] | None, BatchFeature | None]:
+        """`audio=` as `(speech_units, encoder_features)`: here the codec path, units; `DeepTalkAudioProcessor`
+        overrides it with the audio-encoder path."""
+        return self._audio_to_units(audio, sampling_rate, batch_size, single), None
 
     def _audio_to_units(self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool) -> list[list]:
         """The codec path of `audio=`: waveforms → codes → the flat unit stream, per sample and segment.
@@ -623,6 +656,65 @@ class DeepTalkProcessor(ProcessorMixin):
             batch.append(segments)
         empty = [[] for _ in conversations]
         return empty, empty, [], {"speech_units": batch}
+
+
+class DeepTalkAudioProcessor(DeepTalkProcessor):
+    r"""
+    The processor of `DeepTalkForConditionalGeneration`: `DeepTalkProcessor` plus the audio encoder's feature
+    extractor. `audio=` waveforms become the encoder's `input_features` / `input_features_mask`, and each `<|audio|>`
+    in the text becomes as many placeholders as its audio fills (`audio_model_config` says how many), marked as
+    speech in `modality_ids`; speech units still come in through `speech_units=`.
+
+    Args:
+        tokenizer: as for `DeepTalkProcessor`, with a `<|audio|>` token whose id is `audio_model_config.audio_token_id`.
+        feature_extractor: the audio encoder's transformers feature extractor (e.g. `WhisperFeatureExtractor`).
+        audio_model_config: the `DeepTalkAudioConfig` (or its dict) of the model the inputs are for.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        feature_extractor: SequenceFeatureExtractor | None = None,
+        audio_model_config: DeepTalkAudioConfig | dict | None = None,
+        **kwargs: Any,
+    ):
+        from .configuration_deeptalk import DeepTalkAudioConfig
+
+        if isinstance(audio_model_config, dict):
+            audio_model_config = DeepTalkAudioConfig(**audio_model_config)
+        if not isinstance(audio_model_config, DeepTalkAudioConfig):
+            raise ValueError("audio_model_config= must be the model's DeepTalkAudioConfig (or its dict)")
+        super().__init__(tokenizer, feature_extractor=feature_extractor, **kwargs)
+        self.audio_model_config = audio_model_config
+        audio_id = audio_model_config.audio_token_id
+        if self.tokenizer.convert_ids_to_tokens(audio_id) != AUDIO_PLACEHOLDER:
+            raise ValueError(
+                f"the tokenizer's id {audio_id} (audio_token_id) is {self.tokenizer.convert_ids_to_tokens(audio_id)!r}, "
+                f"not {AUDIO_PLACEHOLDER!r}"
+            )
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return super().model_input_names + ["input_features", "input_features_mask"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The audio model config is written as a dict."""
+        config = self.__dict__.pop("audio_model_config")
+        try:
+            output = super().to_dict()
+        finally:
+            self.audio_model_config = config
+        output["audio_model_config"] = config.to_dict()
+        return output
+
+    def _read_audio(
+        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool
+    ) -> tuple[list[list] | None, BatchFeature | None]:
+        if sampling_rate is None:
+            raise ValueError("audio= needs sampling_rate= (the waveforms' rate)")
+        samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
+        waveforms = [waveform for segments in samples for waveform in segments]  # reading order
+        return None, extract_audio_features(waveforms, sampling_rate, self.feature_extractor, self.audio_model_config)
 
 
 @dataclass
@@ -854,7 +946,9 @@ class SpeechUnitsLogitsProcessor(LogitsProcessor):
 
 
 __all__ = [
+    "AUDIO_PLACEHOLDER",
     "AudioChunk",
+    "DeepTalkAudioProcessor",
     "DeepTalkParallelStreamer",
     "DeepTalkProcessor",
     "DeepTalkStreamer",

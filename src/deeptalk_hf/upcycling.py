@@ -1,13 +1,18 @@
-"""Upcycling: turn a dense Llama / Qwen2 / Qwen3 / Mistral LLM into a DeepTalk MoE that computes the same function.
+"""Upcycling dense LLMs and importing MoE LLMs as DeepTalk models that compute the same function.
 
-Every routed expert starts as a part of the dense MLP and the routers start at zero. DeepTalk's top-k is tie-stable, so
-a zero router picks the lowest-index experts with equal weights; the experts are laid out so that those picks hold
-every part equally often, and `routed_scaling_factor` undoes the renormalisation: the upcycled model *is* the dense
-model until training moves the routers.
+Upcycling (`upcycle_dense`) turns a dense Llama / Qwen2 / Qwen3 / Mistral LLM into a DeepTalk MoE. Every routed expert
+starts as a part of the dense MLP and the routers start at zero. DeepTalk's top-k is tie-stable, so a zero router picks
+the lowest-index experts with equal weights; the experts are laid out so that those picks hold every part equally
+often, and `routed_scaling_factor` undoes the renormalisation: the upcycled model *is* the dense model until training
+moves the routers.
 
-Conversion works tensor by tensor (one dense tensor in, its upcycled tensors out, in the on-disk per-expert layout that
-`from_pretrained` fuses), so the same code builds a model in memory (`upcycle_dense`) and streams a checkpoint
-directory to disk shard by shard (`upcycle_checkpoint`) without ever holding the dense and the upcycled model at once.
+Importing (`upcycle_moe`) maps a Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE / DeepSeek-V2 / DeepSeek-V3 model onto
+DeepTalk name by name (one small table per family, `MOE_ARCHITECTURES`): the result is the source MoE, with all its
+experts as text experts; the speech experts come later from profiling and assignment (`deeptalk_hf.modality`).
+
+Both work tensor by tensor on the on-disk layout (one source tensor in, its DeepTalk tensors out, in the per-expert
+layout that `from_pretrained` fuses), so the same converter builds a model in memory and streams a checkpoint directory
+to disk shard by shard, atomically, without ever holding the source and the result at once.
 """
 
 import copy
@@ -17,10 +22,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
@@ -47,13 +53,13 @@ _SPEECH_ROWS = {
     "model.embed_tokens.weight": "model.speech_embed_tokens.weight",
     "lm_head.weight": "speech_lm_head.weight",
 }
-# Files of a hub snapshot that upcycling reads (no `.bin` weights, no images or docs).
+# Files of a hub snapshot that conversion reads (no `.bin` weights, no images or docs).
 _SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 class CheckpointError(ValueError):
-    """The source cannot be upcycled: unsupported architecture, missing, truncated or corrupt files."""
+    """The source cannot be converted: unsupported architecture, missing, truncated or corrupt files."""
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -63,6 +69,54 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
     return resolved
+
+
+def _check_architecture(source: PretrainedConfig, supported: Iterable[str], what: str) -> None:
+    """Refuse an unsupported `model_type` (naming it and the supported ones, and the other entry point where it has
+    one) and quantized checkpoints (their weights are not plain tensors)."""
+    kind = source.model_type
+    if kind not in supported:
+        names = ", ".join(getattr(source, "architectures", None) or []) or type(source).__name__
+        hint = ""
+        if kind in SUPPORTED_ARCHITECTURES:
+            hint = " (it is a dense model: use upcycle_dense)"
+        elif kind in MOE_ARCHITECTURES:
+            hint = " (it is an MoE: use upcycle_moe)"
+        raise CheckpointError(
+            f"cannot convert model_type {kind!r} ({names}): supported {what} architectures are "
+            f"{', '.join(sorted(supported))}{hint}"
+        )
+    quantization = getattr(source, "quantization_config", None)
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else type(quantization).__name__
+        raise CheckpointError(f"cannot convert a quantized {kind} checkpoint ({method}): dequantize it first")
+    if getattr(source, "mlp_bias", False):
+        raise CheckpointError(f"cannot convert a {kind} model with mlp_bias=True: DeepTalk experts have no bias")
+
+
+def _common_fields(source: PretrainedConfig, speech_vocab_size: int, dtype: torch.dtype | None) -> dict[str, Any]:
+    """The DeepTalk config fields that every supported family carries under the same name."""
+    return dict(
+        vocab_size=source.vocab_size + speech_vocab_size,
+        speech_vocab_size=speech_vocab_size,
+        hidden_size=source.hidden_size,
+        num_hidden_layers=source.num_hidden_layers,
+        num_attention_heads=source.num_attention_heads,
+        num_key_value_heads=source.num_key_value_heads,
+        hidden_act=source.hidden_act,
+        max_position_embeddings=source.max_position_embeddings,
+        initializer_range=source.initializer_range,
+        rms_norm_eps=source.rms_norm_eps,
+        use_cache=source.use_cache,
+        tie_word_embeddings=source.tie_word_embeddings,
+        rope_parameters=copy.deepcopy(source.rope_parameters),
+        attention_dropout=source.attention_dropout,
+        pad_token_id=source.pad_token_id,
+        bos_token_id=source.bos_token_id,
+        eos_token_id=source.eos_token_id,
+        dtype=dtype or source.dtype or torch.float32,
+        architectures=["DeepTalkForCausalLM"],
+    )
 
 
 def deeptalk_config_from_dense(
@@ -84,15 +138,7 @@ def deeptalk_config_from_dense(
     `g - num_shared_experts` parts. Expert counts and `num_experts_per_tok` count these fine-grained routed experts and
     must be multiples of `g - num_shared_experts`, so the top-k picks can hold whole sets of parts.
     """
-    kind = dense.model_type
-    if kind not in SUPPORTED_ARCHITECTURES:
-        names = ", ".join(dense.architectures or []) or type(dense).__name__
-        raise CheckpointError(
-            f"cannot upcycle model_type {kind!r} ({names}): supported dense architectures are "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
-    if getattr(dense, "mlp_bias", False):
-        raise CheckpointError(f"cannot upcycle a {kind} model with mlp_bias=True: DeepTalk experts have no bias")
+    _check_architecture(dense, SUPPORTED_ARCHITECTURES, "dense")
     intermediate = dense.intermediate_size
     if granularity < 1 or intermediate % granularity:
         raise ValueError(
@@ -117,26 +163,13 @@ def deeptalk_config_from_dense(
         )
     part = intermediate // granularity
     return DeepTalkConfig(
-        vocab_size=dense.vocab_size + speech_vocab_size,
-        speech_vocab_size=speech_vocab_size,
-        hidden_size=dense.hidden_size,
+        **_common_fields(dense, speech_vocab_size, dtype),
         intermediate_size=intermediate,
         moe_intermediate_size=part,
-        num_hidden_layers=dense.num_hidden_layers,
-        num_attention_heads=dense.num_attention_heads,
-        num_key_value_heads=dense.num_key_value_heads,
         head_dim=getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads,
-        hidden_act=dense.hidden_act,
-        max_position_embeddings=dense.max_position_embeddings,
-        initializer_range=dense.initializer_range,
-        rms_norm_eps=dense.rms_norm_eps,
-        use_cache=dense.use_cache,
-        tie_word_embeddings=dense.tie_word_embeddings,
-        rope_parameters=copy.deepcopy(dense.rope_parameters),
         attention_bias=getattr(dense, "attention_bias", False),
         sliding_window=getattr(dense, "sliding_window", None),
         layer_types=copy.deepcopy(getattr(dense, "layer_types", None)),
-        attention_dropout=dense.attention_dropout,
         mlp_only_layers=sorted(mlp_only_layers or []),
         num_experts=num_text_experts,
         num_speech_experts=num_speech_experts,
@@ -144,43 +177,129 @@ def deeptalk_config_from_dense(
         norm_topk_prob=True,
         routed_scaling_factor=float(routed_parts),
         shared_expert_intermediate_size=num_shared_experts * part,
-        pad_token_id=dense.pad_token_id,
-        bos_token_id=dense.bos_token_id,
-        eos_token_id=dense.eos_token_id,
-        dtype=dtype or dense.dtype or torch.float32,
-        architectures=["DeepTalkForCausalLM"],
-        **SUPPORTED_ARCHITECTURES[kind],
+        **SUPPORTED_ARCHITECTURES[dense.model_type],
     )
 
 
-def _seeded(*key) -> torch.Generator:
-    """A generator per (seed, layer, group, expert, ...), so any tensor can be converted alone and reproducibly."""
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+@dataclass(frozen=True)
+class MoeFamily:
+    """How one MoE family maps onto DeepTalk.
+
+    `fields`: DeepTalk config field -> the source config attribute of that name or a function of the source config (a
+    missing or `None` value leaves DeepTalk's default, which is `None` or off wherever a source may lack the field); `fixed`: DeepTalk fields that hold for the whole family;
+    `renames`: (regex, replacement) pairs, applied in order, from the source's on-disk tensor names to DeepTalk's;
+    `mtp_layers`: the checkpoint may hold DeepSeek-V3 multi-token-prediction layers after the decoder layers (not part
+    of the causal LM, so not imported, as in transformers).
+    """
+
+    fields: Mapping[str, str | Callable[[PretrainedConfig], Any]]
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    renames: tuple[tuple[str, str], ...] = ()
+    mtp_layers: bool = False
 
 
-@dataclass
-class _Upcycler:
-    """Maps each dense tensor to its upcycled tensors (on-disk names, per-expert layout)."""
+def _same(names: str) -> dict[str, str]:
+    """Fields that keep their name, given as one space-separated string."""
+    return {name: name for name in names.split()}
+
+
+_QWEN_MOE = _same(
+    "moe_intermediate_size intermediate_size num_experts norm_topk_prob head_dim mlp_only_layers decoder_sparse_step"
+)
+_DEEPSEEK = {
+    **_same(
+        "moe_intermediate_size intermediate_size attention_bias q_lora_rank kv_lora_rank qk_nope_head_dim "
+        "qk_rope_head_dim v_head_dim routed_scaling_factor n_group topk_group first_k_dense_replace"
+    ),
+    "num_experts": "n_routed_experts",
+    "shared_expert_intermediate_size": lambda c: c.moe_intermediate_size * (c.n_shared_experts or 0),
+}
+# Mixtral and OLMoE: `intermediate_size` is the expert width (they have no dense layers).
+_EXPERT_WIDTH = {"moe_intermediate_size": "intermediate_size", "intermediate_size": "intermediate_size"}
+
+# Each family as transformers implements it (the oracle the tests compare with).
+MOE_ARCHITECTURES: dict[str, MoeFamily] = {
+    "qwen2_moe": MoeFamily(
+        fields={
+            **_QWEN_MOE,
+            **_same("qkv_bias shared_expert_intermediate_size layer_types"),
+            "sliding_window": lambda c: c.sliding_window or None,  # 0 when use_sliding_window is off
+        },
+        fixed={"use_qk_norm": False, "shared_expert_gate": True},
+        renames=(
+            (r"\.mlp\.shared_expert\.", ".mlp.shared_experts."),
+            (r"\.mlp\.shared_expert_gate\.", ".mlp.shared_experts_gate."),
+        ),
+    ),
+    "qwen3_moe": MoeFamily(
+        fields={**_QWEN_MOE, **_same("attention_bias sliding_window")},
+        fixed={"use_qk_norm": True},
+    ),
+    "mixtral": MoeFamily(
+        fields={**_EXPERT_WIDTH, **_same("head_dim sliding_window"), "num_experts": "num_local_experts"},
+        fixed={"norm_topk_prob": True, "use_qk_norm": False},  # Mixtral always renormalises its top-k
+        renames=(
+            (r"\.block_sparse_moe\.", ".mlp."),
+            (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),
+            (r"(\.experts\.\d+)\.w3\.", r"\1.up_proj."),
+            (r"(\.experts\.\d+)\.w2\.", r"\1.down_proj."),
+        ),
+    ),
+    "olmoe": MoeFamily(
+        fields={**_EXPERT_WIDTH, **_same("num_experts norm_topk_prob attention_bias head_dim clip_qkv")},
+        fixed={"use_qk_norm": True, "qk_norm_type": "full"},
+    ),
+    "deepseek_v2": MoeFamily(
+        fields={**_DEEPSEEK, "topk_method": lambda c: c.topk_method or "greedy"},
+        # transformers' DeepSeek-V2 router never renormalises its top-k weights, whatever `norm_topk_prob` says.
+        fixed={"scoring_func": "softmax", "norm_topk_prob": False, "rope_interleave": True, "use_qk_norm": False},
+    ),
+    "deepseek_v3": MoeFamily(
+        fields={**_DEEPSEEK, "norm_topk_prob": "norm_topk_prob", "rope_interleave": lambda c: bool(c.rope_interleave)},
+        fixed={"scoring_func": "sigmoid", "topk_method": "noaux_tc", "use_qk_norm": False},
+        mtp_layers=True,
+    ),
+}
+
+
+def deeptalk_config_from_moe(
+    source: PretrainedConfig, *, speech_vocab_size: int = 0, dtype: torch.dtype | None = None
+) -> DeepTalkConfig:
+    """The DeepTalk config of an imported MoE: the source's architecture and routing, every expert a text expert."""
+    _check_architecture(source, MOE_ARCHITECTURES, "MoE")
+    family = MOE_ARCHITECTURES[source.model_type]
+    fields = {
+        name: attribute(source) if callable(attribute) else getattr(source, attribute, None)
+        for name, attribute in family.fields.items()
+    }
+    fields = {name: value for name, value in fields.items() if value is not None}
+    if hasattr(source, "router_aux_loss_coef"):
+        fields["router_aux_loss_coef"] = source.router_aux_loss_coef
+    return DeepTalkConfig(
+        **_common_fields(source, speech_vocab_size, dtype),
+        num_experts_per_tok=source.num_experts_per_tok,
+        **copy.deepcopy(fields),
+        **family.fixed,
+    )
+
+
+@dataclass(kw_only=True)
+class _Converter:
+    """Maps each source tensor (on-disk name and layout) to DeepTalk tensors (on-disk names, per-expert layout).
+
+    The base conversion renames (`renames`), drops what is not part of the model (`ignore`, a tied `lm_head`), copies,
+    and adds the speech rows of the embeddings and the output head; subclasses convert more.
+    """
 
     config: DeepTalkConfig
-    granularity: int
-    num_shared_experts: int
-    init_noise: float
-    drop_fraction: float
-    seed: int
-    dtype: torch.dtype | None
+    dtype: torch.dtype | None = None
+    renames: tuple[tuple[str, str], ...] = ()
+    ignore: re.Pattern | None = None
     # Whether unchanged tensors may be passed on as they are: yes for read-only file maps (streaming), no for a
-    # user's model (the upcycled model must not share storage with it).
+    # user's model (the result must not share storage with it).
     pass_through: bool = False
     # Where copies go: `allocate(name, shape, dtype)`, by default new tensors (streaming reuses shard buffers).
     allocate: Callable[[str, torch.Size, torch.dtype], torch.Tensor] | None = None
-
-    def __post_init__(self):
-        if self.init_noise < 0 or not 0 <= self.drop_fraction <= 1:
-            raise ValueError(
-                f"init_noise={self.init_noise} must be >= 0 and drop_fraction={self.drop_fraction} in [0, 1]"
-            )
 
     def _fresh(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Output `name` as a contiguous copy of `tensor` in the target dtype (never aliasing the source)."""
@@ -191,12 +310,12 @@ class _Upcycler:
 
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config
-        mlp = _DENSE_MLP.fullmatch(name)
-        if mlp and int(mlp[1]) in config.moe_layers:
-            yield from self._experts(int(mlp[1]), mlp[2], tensor)
+        if self.ignore is not None and self.ignore.match(name):
             return
+        for pattern, replacement in self.renames:
+            name = re.sub(pattern, replacement, name)
         if name == "lm_head.weight" and config.tie_word_embeddings:
-            return  # tied to the embeddings, in DeepTalk as in the dense model
+            return  # tied to the embeddings, in DeepTalk as in the source
         unchanged = self.pass_through and tensor.is_contiguous() and self.dtype in (None, tensor.dtype)
         result = tensor if unchanged else self._fresh(name, tensor)
         yield name, result
@@ -204,6 +323,73 @@ class _Upcycler:
             # The rows `DeepTalkForCausalLM.resize_speech_vocab` gives: the mean of the text rows.
             rows = result.mean(0, keepdim=True).expand(config.speech_vocab_size, -1)
             yield _SPEECH_ROWS[name], self._fresh(_SPEECH_ROWS[name], rows)
+
+    def plan(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Dry run on meta tensors: every output name and shape, in output order; checked against the DeepTalk model."""
+        planned = {
+            out: result
+            for name, tensor in tensors
+            for out, result in self.convert(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+        }
+        with torch.device("meta"):
+            model = DeepTalkForCausalLM(copy.deepcopy(self.config))
+        expected = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
+        missing = sorted(set(expected) - set(planned))
+        unexpected = sorted(set(planned) - set(expected))
+        mismatched = sorted(
+            f"{k}: {tuple(planned[k].shape)} vs {tuple(expected[k].shape)}"
+            for k in set(planned) & set(expected)
+            if planned[k].shape != expected[k].shape
+        )
+        if missing or unexpected or mismatched:
+            raise CheckpointError(
+                "the source checkpoint does not match its config: "
+                + "; ".join(
+                    f"{what} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched))
+                    if keys
+                )
+            )
+        return planned
+
+
+def _moe_converter(source: PretrainedConfig, config: DeepTalkConfig, dtype: torch.dtype | None) -> _Converter:
+    family = MOE_ARCHITECTURES[source.model_type]
+    ignore = None
+    if family.mtp_layers and getattr(source, "num_mtp_layers", 0):
+        mtp = "|".join(str(source.num_hidden_layers + i) for i in range(source.num_mtp_layers))
+        ignore = re.compile(rf"model\.layers\.({mtp})\.")
+    return _Converter(config=config, dtype=dtype, renames=family.renames, ignore=ignore)
+
+
+def _seeded(*key) -> torch.Generator:
+    """A generator per (seed, layer, group, expert, ...), so any tensor can be converted alone and reproducibly."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass(kw_only=True)
+class _Upcycler(_Converter):
+    """Converts a dense model: each MoE layer's MLP becomes the experts (and zero routers), the rest is copied."""
+
+    granularity: int
+    num_shared_experts: int
+    init_noise: float
+    drop_fraction: float
+    seed: int
+
+    def __post_init__(self):
+        if self.init_noise < 0 or not 0 <= self.drop_fraction <= 1:
+            raise ValueError(
+                f"init_noise={self.init_noise} must be >= 0 and drop_fraction={self.drop_fraction} in [0, 1]"
+            )
+
+    def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        mlp = _DENSE_MLP.fullmatch(name)
+        if mlp and int(mlp[1]) in self.config.moe_layers:
+            yield from self._experts(int(mlp[1]), mlp[2], tensor)
+        else:
+            yield from super().convert(name, tensor)
 
     def _experts(self, layer: int, proj: str, dense: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config
@@ -254,34 +440,6 @@ class _Upcycler:
             result += self.init_noise * std * torch.randn(result.shape, generator=_seeded(*key, proj, "noise"))
         return result.to(weight.dtype)
 
-    def plan(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Dry run on meta tensors: every output name and shape, in output order; checked against the DeepTalk model."""
-        planned = {
-            out: result
-            for name, tensor in tensors
-            for out, result in self.convert(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
-        }
-        with torch.device("meta"):
-            model = DeepTalkForCausalLM(copy.deepcopy(self.config))
-        expected = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
-        missing = sorted(set(expected) - set(planned))
-        unexpected = sorted(set(planned) - set(expected))
-        mismatched = sorted(
-            f"{k}: {tuple(planned[k].shape)} vs {tuple(expected[k].shape)}"
-            for k in set(planned) & set(expected)
-            if planned[k].shape != expected[k].shape
-        )
-        if missing or unexpected or mismatched:
-            raise CheckpointError(
-                "the dense checkpoint does not match its config: "
-                + "; ".join(
-                    f"{what} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched))
-                    if keys
-                )
-            )
-        return planned
-
 
 def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path:
     """A local checkpoint directory, or a hub id downloaded (safetensors, configs and tokenizer files only)."""
@@ -324,15 +482,20 @@ def _shard_files(source: Path) -> list[Path]:
     return files
 
 
-class _DenseCheckpoint:
-    """The tensors of a dense safetensors checkpoint, read lazily one at a time."""
+def _read_config(source: Path) -> PretrainedConfig:
+    """The config of a checkpoint directory (what `deeptalk-upcycle` reads to tell a dense source from an MoE)."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read the config of {source}: {error}") from error
+
+
+class _SourceCheckpoint:
+    """The tensors of a safetensors checkpoint, read lazily one at a time."""
 
     def __init__(self, source: Path):
         self.source = source
-        try:
-            self.config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise CheckpointError(f"cannot read the config of {source}: {error}") from error
+        self.config = _read_config(source)
         # Names, shapes and dtypes from the headers, as meta tensors (nothing is read yet).
         self.layout: dict[Path, dict[str, torch.Tensor]] = {}
         for file in _shard_files(source):
@@ -374,22 +537,42 @@ class _DenseCheckpoint:
         return GenerationConfig.from_model_config(config)
 
 
-class _DenseModel:
-    """A dense model in memory, read through the same interface as `_DenseCheckpoint`."""
+class _SourceModel:
+    """A model in memory, read in its on-disk layout (transformers' `revert_weight_conversion`, e.g. fused experts
+    split one by one), so that it converts exactly like its saved checkpoint."""
 
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
-        self.state = model.state_dict()
+        self.state = revert_weight_conversion(model, model.state_dict())
 
     def shapes(self) -> Iterable[tuple[str, torch.Tensor]]:
         return self.state.items()
 
-    tensors = shapes
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        # Popped as they go, so the copies that reverting made (split experts) are freed once converted.
+        for name in list(self.state):
+            yield name, self.state.pop(name)
 
     def generation_config(self, config: DeepTalkConfig) -> GenerationConfig:
         return copy.deepcopy(self.model.generation_config)
+
+
+def _open_source(model_or_path: PreTrainedModel | str | os.PathLike, revision: str | None):
+    if isinstance(model_or_path, PreTrainedModel):
+        return _SourceModel(model_or_path)
+    return _SourceCheckpoint(_resolve_source(model_or_path, revision))
+
+
+def _build_model(source: _SourceModel | _SourceCheckpoint, converter: _Converter) -> DeepTalkForCausalLM:
+    """The in-memory path: plan, convert every tensor, and let `from_pretrained` fuse the per-expert tensors."""
+    converter.plan(source.shapes())
+    converted = {out: result for name, tensor in source.tensors() for out, result in converter.convert(name, tensor)}
+    config = converter.config
+    model = DeepTalkForCausalLM.from_pretrained(None, config=config, state_dict=converted, dtype=config.dtype)
+    model.generation_config = source.generation_config(model.config)
+    return model
 
 
 def upcycle_dense(
@@ -416,7 +599,7 @@ def upcycle_dense(
         num_experts_per_tok: top-k. With `granularity`, all three count fine-grained experts.
         granularity: cut the MLP's intermediate dimension into this many parts (fine-grained experts).
         num_shared_experts: how many of those parts form an always-on shared expert (must be below `granularity`).
-        speech_vocab_size: speech block appended to the vocabulary (`resize_speech_vocab`: rows at the text mean).
+        speech_vocab_size: speech block appended to the vocabulary (rows at the mean of the text rows).
         init_noise: relative Gaussian noise on routed expert weights (times the dense matrix's std).
         drop_fraction: Drop-Upcycling: fraction of each routed expert's intermediate channels re-initialised.
         dtype: dtype of the result (default: the source's).
@@ -427,10 +610,7 @@ def upcycle_dense(
     With `init_noise=0` and `drop_fraction=0` the result computes the same logits as the dense model on text.
     For checkpoints that do not fit twice in memory use `upcycle_checkpoint` (disk to disk, shard by shard).
     """
-    if isinstance(model_or_path, PreTrainedModel):
-        source = _DenseModel(model_or_path)
-    else:
-        source = _DenseCheckpoint(_resolve_source(model_or_path, revision))
+    source = _open_source(model_or_path, revision)
     dtype = _as_dtype(dtype) or source.dtype
     config = deeptalk_config_from_dense(
         source.config,
@@ -439,17 +619,47 @@ def upcycle_dense(
         num_experts_per_tok=num_experts_per_tok,
         granularity=granularity,
         num_shared_experts=num_shared_experts,
+        speech_vocab_size=speech_vocab_size,
         mlp_only_layers=mlp_only_layers,
         dtype=dtype,
     )
-    upcycler = _Upcycler(config, granularity, num_shared_experts, init_noise, drop_fraction, seed, dtype)
-    upcycler.plan(source.shapes())
-    converted = {out: result for name, tensor in source.tensors() for out, result in upcycler.convert(name, tensor)}
-    model = DeepTalkForCausalLM.from_pretrained(None, config=config, state_dict=converted, dtype=config.dtype)
-    del converted
-    model.resize_speech_vocab(speech_vocab_size)
-    model.generation_config = source.generation_config(model.config)
-    return model
+    upcycler = _Upcycler(
+        config=config,
+        dtype=dtype,
+        granularity=granularity,
+        num_shared_experts=num_shared_experts,
+        init_noise=init_noise,
+        drop_fraction=drop_fraction,
+        seed=seed,
+    )
+    return _build_model(source, upcycler)
+
+
+def upcycle_moe(
+    model_or_path: PreTrainedModel | str | os.PathLike,
+    *,
+    speech_vocab_size: int = 0,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+) -> DeepTalkForCausalLM:
+    """Import a Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE / DeepSeek-V2 / DeepSeek-V3 causal LM as a
+    `DeepTalkForCausalLM`, in memory.
+
+    Args:
+        model_or_path: a transformers model, a local checkpoint directory or a hub id (safetensors weights).
+        speech_vocab_size: speech block appended to the vocabulary (rows at the mean of the text rows).
+        dtype: dtype of the result (default: the source's).
+        revision: hub revision when `model_or_path` is a hub id.
+
+    The result is the source model (same logits on text): every expert is a text expert and there are no speech
+    experts yet. Which experts become speech experts is measured, not guessed: `profile_modality_load` on speech and
+    text data, then `assign_modality_experts` (see docs/recipe.md). For checkpoints that do not fit twice in memory
+    use `upcycle_moe_checkpoint` (disk to disk, shard by shard).
+    """
+    source = _open_source(model_or_path, revision)
+    dtype = _as_dtype(dtype) or source.dtype
+    config = deeptalk_config_from_moe(source.config, speech_vocab_size=speech_vocab_size, dtype=dtype)
+    return _build_model(source, _moe_converter(source.config, config, dtype))
 
 
 class _ShardBuffers:
@@ -519,6 +729,54 @@ def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _write_checkpoint(
+    checkpoint: _SourceCheckpoint,
+    converter: _Converter,
+    destination: str | os.PathLike,
+    *,
+    max_shard_size: int | str,
+    overwrite: bool,
+    progress: bool,
+) -> Path:
+    """The streaming path: plan the output shards, convert one source tensor at a time, write each shard as soon as
+    it is complete, all inside `atomic_output_dir` (with config, generation config and tokenizer)."""
+    if Path(destination).resolve() == checkpoint.source.resolve():
+        raise ValueError(f"destination {destination} is the source checkpoint; write the converted model elsewhere")
+    converter.pass_through = True
+    planned = converter.plan(checkpoint.shapes())
+    split = split_torch_state_dict_into_shards(
+        planned,
+        filename_pattern=SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+        max_shard_size=max_shard_size,
+    )
+    pending = {file: set(names) for file, names in split.filename_to_tensors.items()}
+    shard_buffers = _ShardBuffers(planned, split.filename_to_tensors)
+    converter.allocate = shard_buffers.allocate
+    total_bytes = split.metadata["total_size"]
+    with atomic_output_dir(destination, overwrite=overwrite) as staging:
+        buffers: dict[str, dict[str, torch.Tensor]] = {}
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress) as bar:
+            for name, tensor in checkpoint.tensors():
+                for out, result in converter.convert(name, tensor):
+                    file = split.tensor_to_filename[out]
+                    buffers.setdefault(file, {})[out] = result
+                    pending[file].discard(out)
+                    if not pending[file]:
+                        save_file(buffers.pop(file), staging / file, metadata={"format": "pt"})
+                        shard_buffers.release(file)
+                    bar.update(result.numel() * result.element_size())
+        if split.is_sharded:
+            index = {
+                "metadata": {"total_parameters": sum(t.numel() for t in planned.values()), **split.metadata},
+                "weight_map": split.tensor_to_filename,
+            }
+            (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        converter.config.save_pretrained(staging)
+        checkpoint.generation_config(converter.config).save_pretrained(staging)
+        _copy_tokenizer(checkpoint.source, staging)
+    return Path(destination)
+
+
 def upcycle_checkpoint(
     source: str | os.PathLike,
     destination: str | os.PathLike,
@@ -547,9 +805,7 @@ def upcycle_checkpoint(
     config and tokenizer are written into a temporary directory renamed to `destination` at the end, so a failure
     (corrupt or truncated source included) leaves no output. Returns `destination`.
     """
-    checkpoint = _DenseCheckpoint(_resolve_source(source, revision))
-    if Path(destination).resolve() == checkpoint.source.resolve():
-        raise ValueError(f"destination {destination} is the source checkpoint; write the upcycled model elsewhere")
+    checkpoint = _SourceCheckpoint(_resolve_source(source, revision))
     dtype = _as_dtype(dtype)
     config = deeptalk_config_from_dense(
         checkpoint.config,
@@ -563,47 +819,59 @@ def upcycle_checkpoint(
         dtype=dtype,
     )
     upcycler = _Upcycler(
-        config, granularity, num_shared_experts, init_noise, drop_fraction, seed, dtype, pass_through=True
+        config=config,
+        dtype=dtype,
+        granularity=granularity,
+        num_shared_experts=num_shared_experts,
+        init_noise=init_noise,
+        drop_fraction=drop_fraction,
+        seed=seed,
     )
-    planned = upcycler.plan(checkpoint.shapes())
-    split = split_torch_state_dict_into_shards(
-        planned,
-        filename_pattern=SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
+    return _write_checkpoint(
+        checkpoint, upcycler, destination, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress
+    )
+
+
+def upcycle_moe_checkpoint(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    speech_vocab_size: int = 0,
+    dtype: torch.dtype | str | None = None,
+    revision: str | None = None,
+    max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Import an MoE checkpoint directory (or hub id) as a DeepTalk checkpoint directory, streaming.
+
+    Options are those of `upcycle_moe`; writing is that of `upcycle_checkpoint`: one source tensor at a time, each
+    output shard written when complete, everything in a temporary directory renamed to `destination` at the end (a
+    failure leaves no output). Returns `destination`.
+    """
+    checkpoint = _SourceCheckpoint(_resolve_source(source, revision))
+    dtype = _as_dtype(dtype)
+    config = deeptalk_config_from_moe(checkpoint.config, speech_vocab_size=speech_vocab_size, dtype=dtype)
+    return _write_checkpoint(
+        checkpoint,
+        _moe_converter(checkpoint.config, config, dtype),
+        destination,
         max_shard_size=max_shard_size,
+        overwrite=overwrite,
+        progress=progress,
     )
-    pending = {file: set(names) for file, names in split.filename_to_tensors.items()}
-    shard_buffers = _ShardBuffers(planned, split.filename_to_tensors)
-    upcycler.allocate = shard_buffers.allocate
-    total_bytes = split.metadata["total_size"]
-    with atomic_output_dir(destination, overwrite=overwrite) as staging:
-        buffers: dict[str, dict[str, torch.Tensor]] = {}
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Upcycling", disable=not progress) as bar:
-            for name, tensor in checkpoint.tensors():
-                for out, result in upcycler.convert(name, tensor):
-                    file = split.tensor_to_filename[out]
-                    buffers.setdefault(file, {})[out] = result
-                    pending[file].discard(out)
-                    if not pending[file]:
-                        save_file(buffers.pop(file), staging / file, metadata={"format": "pt"})
-                        shard_buffers.release(file)
-                    bar.update(result.numel() * result.element_size())
-        if split.is_sharded:
-            index = {
-                "metadata": {"total_parameters": sum(t.numel() for t in planned.values()), **split.metadata},
-                "weight_map": split.tensor_to_filename,
-            }
-            (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        config.save_pretrained(staging)
-        checkpoint.generation_config(config).save_pretrained(staging)
-        _copy_tokenizer(checkpoint.source, staging)
-    return Path(destination)
 
 
 __all__ = [
+    "MOE_ARCHITECTURES",
     "SUPPORTED_ARCHITECTURES",
     "CheckpointError",
+    "MoeFamily",
     "atomic_output_dir",
     "deeptalk_config_from_dense",
+    "deeptalk_config_from_moe",
     "upcycle_checkpoint",
     "upcycle_dense",
+    "upcycle_moe",
+    "upcycle_moe_checkpoint",
 ]

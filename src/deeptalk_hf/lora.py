@@ -1,0 +1,116 @@
+"""LoRA for DeepTalk's training stages: a ready `peft.LoraConfig` per stage, so nobody has to know parameter names.
+
+A stage means the same tensors here as in `set_training_stage` (both read `training_stage_parameters`); this module
+only decides *how* each of them is adapted:
+- the 3D experts tensors (`mlp.experts.*`, `mlp.speech_experts.*`) get LoRA through PEFT's `target_parameters`;
+- linear layers (attention, dense MLPs, shared experts, routers) get LoRA through `target_modules`;
+- the speech modules that an upcycled or audio-extended model creates new (speech embeddings and output heads, the
+  parallel audio streams' tables, the speech connector) train in full through `modules_to_save`: their rows start
+  from a mean or at random, far from anything a low-rank update of them could reach;
+- the rest stays frozen, as PEFT's `"all-linear"` leaves it: norms, biases, the text embeddings and the LM head.
+"""
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .modality import training_stage_parameters
+
+NEW_SPEECH_MODULES = (
+    "speech_embed_tokens",
+    "speech_lm_head",
+    "speech_stream_embed",
+    "speech_stream_heads",
+    "speech_connector",
+)
+
+
+def _shortest_suffixes(chosen: set[str], universe: Iterable[str]) -> list[str]:
+    """The shortest dotted suffixes that select exactly `chosen` among `universe` under PEFT's matching (a name
+    matches `s` if it is `s` or ends with `"." + s`): e.g. `"speech_gate"` rather than one name per layer, and still
+    exact where names repeat elsewhere (an audio encoder's `self_attn.q_proj`)."""
+    matches, hits = Counter(), Counter()
+    for name in universe:
+        parts = name.split(".")
+        for start in range(len(parts)):
+            suffix = ".".join(parts[start:])
+            matches[suffix] += 1
+            hits[suffix] += name in chosen
+    suffixes = set()
+    for name in chosen:
+        parts = name.split(".")
+        # A suffix starts at a name, not at a layer index ("layers.2.self_attn.q_proj", never "2.self_attn.q_proj").
+        starts = [start for start in reversed(range(len(parts))) if not parts[start].isdigit()]
+        candidates = (".".join(parts[start:]) for start in starts)
+        suffixes.add(next(suffix for suffix in candidates if matches[suffix] == hits[suffix]))
+    return sorted(suffixes)
+
+
+def lora_config_for_stage(
+    model: nn.Module,
+    stage: str,
+    *,
+    also: Sequence[str] = (),
+    train_new_speech_modules: bool = True,
+    **lora_kwargs,
+) -> LoraConfig:
+    """A `LoraConfig` that adapts what training stage `stage` trains in `model` (see `set_training_stage`).
+
+    - `"speech"`: LoRA on the speech experts and speech routers; the speech embeddings and output heads in full.
+    - `"text"`: LoRA on the text experts and text routers only.
+    - `"joint"`: LoRA on both experts groups, all routers, attention, dense MLPs and shared experts; the speech
+      embeddings and output heads in full; text embeddings, LM head and norms frozen.
+    - `"align"`: the speech connector in full; pass `also` (e.g. `model.audio_encoder_top_layers(2)`) to add LoRA
+      on encoder layers.
+
+    `also` adds glob patterns over parameter names (e.g. `("*.self_attn.*",)` in the speech stage); together they must
+    reach a linear layer or experts tensor. `train_new_speech_modules=False` leaves the speech embeddings, heads and
+    connector frozen (a model whose speech vocabulary is already trained). Other keywords (`r`, `lora_alpha`, ...) go
+    to `LoraConfig`; PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default).
+    """
+    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
+        # PEFT allows only one set of experts tensors across adapters, so stages take turns: merge, then adapt again.
+        raise ValueError("the model already holds PEFT adapters: call merge_and_unload() before the next stage")
+    stage_names = training_stage_parameters(model, stage, also=also)
+    modules = dict(model.named_modules())
+    output_embeddings = model.get_output_embeddings()
+    target_modules, target_parameters, modules_to_save = set(), set(), set()
+    for name in stage_names:
+        module_name, _, param_name = name.rpartition(".")
+        path = module_name.split(".")
+        new = next((i for i, part in enumerate(path) if part in NEW_SPEECH_MODULES), None)
+        if new is not None:
+            if train_new_speech_modules:
+                modules_to_save.add(".".join(path[: new + 1]))
+            continue
+        module = modules[module_name]
+        if getattr(module, param_name).dim() == 3:
+            target_parameters.add(name)
+        elif isinstance(module, nn.Linear) and param_name == "weight" and module is not output_embeddings:
+            target_modules.add(module_name)
+    adapted = target_parameters | {f"{module}.weight" for module in target_modules}
+    if also and not any(fnmatchcase(name, pattern) for name in adapted for pattern in also):
+        raise ValueError(f"also={list(also)} reaches no linear layer or experts tensor that LoRA can adapt")
+    if not adapted:
+        raise ValueError(
+            f"stage {stage!r} has no linear layer or experts tensor to adapt in this model; train it in full with "
+            f"set_training_stage(model, {stage!r}), or pass `also` patterns"
+        )
+    if modules_to_save and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+        raise ValueError(
+            "the speech embeddings and output head are tied, and PEFT's modules_to_save would untie them: pass "
+            "train_new_speech_modules=False (and train them with set_training_stage before adding LoRA)"
+        )
+    return LoraConfig(
+        target_modules=_shortest_suffixes(target_modules, modules),
+        target_parameters=_shortest_suffixes(target_parameters, (name for name, _ in model.named_parameters())),
+        modules_to_save=sorted(modules_to_save) or None,
+        **lora_kwargs,
+    )
+
+
+__all__ = ["NEW_SPEECH_MODULES", "lora_config_for_stage"]

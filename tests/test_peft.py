@@ -1,0 +1,225 @@
+"""PEFT LoRA on DeepTalk: every part (attention, dense MLPs, shared experts, routers, both experts groups) with every
+experts backend (`deeptalk_triton` under Triton's interpreter on CPU), merging, adapter save/load, and the stage
+helper's configs, which must adapt exactly what `set_training_stage` would train."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from deeptalk_hf import (
+    DeepTalkForCausalLM,
+    DeepTalkForConditionalGeneration,
+    lora_config_for_stage,
+    training_stage_parameters,
+)
+
+from .conftest import tiny_config
+from .test_audio_model import whisper_audio_config
+
+BACKENDS = ["eager", "grouped_mm", "batched_mm", "deeptalk_triton"]
+
+
+def lora_model_config(**overrides):
+    """Shared experts too, so every kind of linear layer and experts tensor is there to adapt."""
+    return tiny_config(shared_expert_intermediate_size=8, **overrides)
+
+
+def mixed_batch(config, batch: int = 2, length: int = 6) -> torch.Tensor:
+    """Text ids then speech ids in each row: both experts groups see tokens."""
+    generator = torch.Generator().manual_seed(1)
+    text = torch.randint(3, config.speech_token_start, (batch, length), generator=generator)
+    speech = torch.randint(config.speech_token_start, config.vocab_size, (batch, length), generator=generator)
+    return torch.cat([text, speech], dim=1)
+
+
+def train(model: nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW with weight decay over *all* parameters (frozen ones included): freezing must hold anyway."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def adapted_parameters(peft_model: PeftModel) -> set[str]:
+    """Base-model names of the tensors that carry a LoRA adapter (PEFT's wrappers stripped from the names)."""
+    names = set()
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            base = name.replace(".base_layer", "")
+            names.add(f"{base}.{getattr(module, 'parameter_name', 'weight')}")
+    return names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_on_every_part_trains_merges_and_round_trips(backend, tmp_path):
+    """Joint-stage LoRA (attention, dense MLP, shared experts, routers, text and speech experts): a few steps lower the
+    loss; the adapter's logits survive `merge_and_unload` and a `save_pretrained`/`PeftModel.from_pretrained` trip."""
+    config = lora_model_config(num_hidden_layers=2)  # a MoE layer and a dense one
+    DeepTalkForCausalLM(config).save_pretrained(tmp_path / "base")
+    load = dict(experts_implementation=backend)
+    model = DeepTalkForCausalLM.from_pretrained(tmp_path / "base", **load)
+    # The interpreter pays per kernel program: fewer tokens and steps for deeptalk_triton.
+    interpreted = backend == "deeptalk_triton"
+    input_ids = mixed_batch(config, batch=1, length=4) if interpreted else mixed_batch(config)
+    with torch.no_grad():
+        base_logits = model(input_ids).logits
+
+    # Speech tables frozen: what trains is LoRA alone.
+    lora_config = lora_config_for_stage(model, "joint", train_new_speech_modules=False, r=4, lora_alpha=8)
+    peft_model = get_peft_model(model, lora_config)
+    adapted = adapted_parameters(peft_model)
+    for part in (
+        "layers.0.self_attn.q_proj.weight",
+        "layers.1.mlp.down_proj.weight",  # the dense layer
+        "layers.0.mlp.shared_experts.up_proj.weight",
+        "layers.0.mlp.gate.weight",
+        "layers.0.mlp.speech_gate.weight",
+        "layers.0.mlp.experts.gate_up_proj",
+        "layers.0.mlp.experts.down_proj",
+        "layers.0.mlp.speech_experts.gate_up_proj",
+        "layers.0.mlp.speech_experts.down_proj",
+    ):
+        assert f"model.{part}" in adapted, part
+    losses = train(peft_model, input_ids, steps=2 if interpreted else 6)
+    assert losses[-1] < losses[0] - 0.1, losses
+    # Every adapter learned: a backend that dropped the gradient of an experts tensor's LoRA factors would show here.
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            assert param.abs().sum() > 0, name
+
+    peft_model.eval()
+    with torch.no_grad():
+        adapter_logits = peft_model(input_ids).logits
+    assert not torch.allclose(adapter_logits, base_logits, atol=1e-3)  # the adapter does something
+
+    peft_model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        DeepTalkForCausalLM.from_pretrained(tmp_path / "base", **load), tmp_path / "adapter"
+    ).eval()
+    with torch.no_grad():
+        reloaded_logits = reloaded(input_ids).logits
+    # Same weights, same kernels; the Triton kernels' atomic adds may change the last bit between runs.
+    tolerance = dict(rtol=1e-6, atol=1e-6) if interpreted else dict(rtol=0, atol=0)
+    torch.testing.assert_close(reloaded_logits, adapter_logits, **tolerance)
+
+    merged = peft_model.merge_and_unload()
+    assert type(merged) is DeepTalkForCausalLM
+    assert not any(isinstance(module, LoraLayer) for module in merged.modules())
+    with torch.no_grad():
+        merged_logits = merged(input_ids).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["speech", "text", "joint"])
+def test_stage_config_adapts_what_the_stage_trains(stage):
+    """Every adapted or fully trained tensor belongs to the stage (as `set_training_stage` defines it), and every
+    experts tensor and linear weight of the stage is adapted (bar the text LM head, which LoRA leaves alone)."""
+    model = DeepTalkForCausalLM(lora_model_config())
+    stage_names = set(training_stage_parameters(model, stage))
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    config = lora_config_for_stage(model, stage, r=2)
+    if stage == "speech":
+        assert all("speech" in name for name in [*config.target_modules, *config.target_parameters])
+    peft_model = get_peft_model(model, config)
+    adapted = adapted_parameters(peft_model)
+    saved = {
+        name.replace(".modules_to_save.default", "")
+        for name, param in peft_model.get_base_model().named_parameters()
+        if ".modules_to_save." in name and param.requires_grad
+    }
+    assert adapted and adapted <= stage_names
+    assert saved <= stage_names
+    trainable_base = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
+    assert all(".modules_to_save." in name for name in trainable_base)  # nothing else trains in full
+
+    def adaptable(name: str) -> bool:  # experts tensors and linear weights, not the output heads
+        module = modules[name.rpartition(".")[0]]
+        linear_weight = isinstance(module, nn.Linear) and name.endswith(".weight") and "lm_head" not in name
+        return params[name].dim() == 3 or linear_weight
+
+    expected = {name for name in stage_names if adaptable(name)}
+    assert adapted == expected
+    if stage in ("speech", "joint"):
+        assert saved == {"model.speech_embed_tokens.weight", "speech_lm_head.weight"}
+    else:
+        assert not saved
+    if stage == "text":
+        assert all(".mlp.experts." in name or ".mlp.gate." in name for name in adapted)
+
+
+def test_stage_config_options_and_errors():
+    model = DeepTalkForCausalLM(lora_model_config())
+    with_attention = lora_config_for_stage(model, "speech", also=("*.self_attn.*",))
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "speech_gate"} <= set(with_attention.target_modules)
+    assert lora_config_for_stage(model, "speech", train_new_speech_modules=False).modules_to_save is None
+    with pytest.raises(ValueError, match="reaches no linear layer or experts tensor"):
+        lora_config_for_stage(model, "text", also=("*norm*",))
+    with pytest.raises(ValueError, match="stage='voice' is unknown"):
+        lora_config_for_stage(model, "voice")
+    tied = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="tied"):
+        lora_config_for_stage(tied, "speech")
+    assert lora_config_for_stage(tied, "speech", train_new_speech_modules=False).target_parameters
+    get_peft_model(model, lora_config_for_stage(model, "speech"))
+    with pytest.raises(ValueError, match="already holds PEFT adapters"):
+        lora_config_for_stage(model, "text")
+
+
+def test_align_stage_config_on_the_audio_model():
+    """The connector trains in full; `also=model.audio_encoder_top_layers(1)` adds LoRA on that encoder layer only,
+    and the joint stage never adapts the encoder although its layers share names with the LLM's."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config())
+    with pytest.raises(ValueError, match="no linear layer or experts tensor to adapt"):
+        lora_config_for_stage(model, "align")
+    config = lora_config_for_stage(model, "align", also=model.audio_encoder_top_layers(1))
+    assert config.modules_to_save == ["speech_connector"]
+    joint = get_peft_model(model, lora_config_for_stage(model, "joint"))
+    adapted = adapted_parameters(joint)
+    assert any(name.startswith("language_model.model.layers.") for name in adapted)
+    assert not any(name.startswith("audio_encoder.") for name in adapted)
+    peft_model = get_peft_model(DeepTalkForConditionalGeneration(whisper_audio_config()), config)
+    adapted = adapted_parameters(peft_model)
+    assert adapted and all(name.startswith("audio_encoder.layers.1.") for name in adapted)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_speech_stage_lora_leaves_the_text_model_bit_identical(merge, tmp_path):
+    """After speech-stage LoRA steps (AdamW with weight decay), merged or not: every text tensor is bit-identical and
+    a text-only input gets bit-identical logits over the text block. The fully trained speech tables
+    (`modules_to_save`) come back with the adapter."""
+    config = lora_model_config()
+    model = DeepTalkForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    text_ids = mixed_batch(config)[:, :6]
+    with torch.no_grad():
+        text_logits = model(text_ids).logits[..., : config.speech_token_start]
+    peft_model = get_peft_model(model, lora_config_for_stage(model, "speech", r=4))
+    train(peft_model, mixed_batch(config), steps=3)
+    trained = peft_model.eval().merge_and_unload() if merge else peft_model.eval()
+    after = dict(trained.named_parameters()) if merge else dict(trained.get_base_model().named_parameters())
+    speech_changed = 0
+    for name, value in before.items():
+        if "speech" in name:
+            speech_changed += not torch.equal(after.get(name, value), value)
+        else:
+            assert torch.equal(after[name], value), name
+    if merge:  # the adapters and the fully trained speech rows are in the merged tensors
+        assert speech_changed == len([name for name in before if "speech" in name])
+    with torch.no_grad():
+        assert torch.equal(trained(text_ids).logits[..., : config.speech_token_start], text_logits)
+    if not merge:
+        trained.save_pretrained(tmp_path / "adapter")
+        reloaded = PeftModel.from_pretrained(
+            DeepTalkForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+        )
+        with torch.no_grad():
+            assert torch.equal(reloaded(mixed_batch(config)).logits, trained(mixed_batch(config)).logits)

@@ -1,0 +1,110 @@
+"""Training with transformers' Trainer: the loss it optimises includes the router losses, a training stage (full or
+LoRA) leaves every other tensor untouched, and `examples/train_stagewise.py` runs speech -> text -> joint."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Trainer, TrainingArguments
+
+from deeptalk_hf import DeepTalkForCausalLM, lora_config_for_stage, set_training_stage
+
+from .conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def examples(config, count: int = 8, length: int = 10) -> list[dict[str, torch.Tensor]]:
+    """Rows of text ids then speech ids, with explicit `modality_ids` (which the Trainer must pass on)."""
+    generator = torch.Generator().manual_seed(0)
+    half = length // 2
+    rows = []
+    for _ in range(count):
+        text = torch.randint(3, config.speech_token_start, (half,), generator=generator)
+        speech = torch.randint(config.speech_token_start, config.vocab_size, (length - half,), generator=generator)
+        input_ids = torch.cat([text, speech])
+        modality_ids = (input_ids >= config.speech_token_start).long()
+        rows.append({"input_ids": input_ids, "labels": input_ids, "modality_ids": modality_ids})
+    return rows
+
+
+def trainer_for(model, data, tmp_path, steps: int) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=len(data),  # one batch: step 1's logged loss is the loss on all of `data`
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=data)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_trainer_optimises_the_router_losses_and_respects_the_stage(lora, tmp_path):
+    """The loss the Trainer logs at step 1 is the language-model loss plus both router losses at the initial weights;
+    after a few steps of the speech stage (AdamW with weight decay), every tensor outside it is bit-identical."""
+    config = tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    model = DeepTalkForCausalLM(config)
+    data = examples(config)
+    batch = {key: torch.stack([row[key] for row in data]) for key in data[0]}
+    model.train()
+    with torch.no_grad():
+        outputs = model(**batch)
+    language_model_loss = model.loss_function(outputs.logits, batch["labels"], config.vocab_size)
+    router_losses = config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
+    assert router_losses > 0.05  # well above the logged loss's precision
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+
+    if lora:
+        trained = get_peft_model(model, lora_config_for_stage(model, "speech", r=4))
+    else:
+        trained = model
+        set_training_stage(model, "speech")
+    trainer = trainer_for(trained, data, tmp_path, steps=3)
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    torch.testing.assert_close(torch.tensor(logged[0]), language_model_loss + router_losses, rtol=1e-4, atol=1e-4)
+    assert logged[-1] < logged[0]
+
+    final = trained.merge_and_unload() if lora else trained
+    for name, param in final.named_parameters():
+        if "speech" in name:
+            assert not torch.equal(param, before[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
+
+
+def losses_of(stage: str, task: str, output: str) -> tuple[float, float]:
+    match = re.search(rf"^{stage} stage:.*\b{task} loss ([\d.]+) -> ([\d.]+)", output, re.MULTILINE)
+    assert match, output
+    return float(match[1]), float(match[2])
+
+
+@pytest.mark.parametrize("mode", [[], ["--lora"]], ids=["full", "lora"])
+def test_stagewise_example_runs_the_three_stages(mode):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matrices: one thread is fastest, and shares a busy machine
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_stagewise.py"), "--steps", "20", *mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    output = result.stdout
+    assert "text logits after the speech stage: bit-identical" in output
+    for stage, task in (("speech", "speech"), ("text", "text"), ("joint", "speech")):
+        before, after = losses_of(stage, task, output)
+        assert after < before, (stage, task, output)

@@ -1,7 +1,7 @@
 """Benchmark (issue 8): does DeepTalk's modality-expert recipe keep a small LM's text ability while it learns speech?
 
-    PYTHONPATH=src python benchmarks/forgetting.py [--fast] [--seed 0] [--joint-text-fraction 0.25] [--threads 1]
-        [--out benchmarks/results]
+    python benchmarks/forgetting.py [--fast] [--seed 0] [--threads 1] [--out benchmarks/results] [--name NAME]
+        [--joint-text-fraction 0.25] [--text-steps 0] [--speech-also PATTERN ...] [--num-speech-experts 4]
 
 The paper (arXiv 2506.21864) reports a 5.5% text-ability drop for DeepTalk against > 20% for GLM-4-Voice-style dense
 training. This is the same question at toy scale, on CPU, with everything generated and seeded:
@@ -14,8 +14,9 @@ training. This is the same question at toy scale, on CPU, with everything genera
    `BOS words . SOS units EOS`; the speech-task loss is the cross-entropy of the units and EOS given the text.
 3. A MoE LM and a dense LM with the same active MLP width are pre-trained on the same text; then each learns speech
    with the same data, batches, order, optimizer, schedule and number of updates:
-   `align` (speech rows only, every arm) -> `speech` (TTS samples, loss on the speech answer) -> `joint` (TTS
-   samples with loss on text and speech, plus a share of text-corpus windows in every batch), as
+   `align` (speech rows only, every arm) -> `speech` (TTS samples, loss on the speech answer) -> optionally `text`
+   (text-corpus windows) -> `joint` (TTS samples with loss on text and speech, plus a share of text-corpus windows in
+   every batch), as
    (a) dense full fine-tuning, (b) PureMoE (all experts, no split), (c) a random modality split trained by stages,
    (d) DeepTalk: profile the load after `align`, move the experts with the highest rho_A * (1 - rho_T) into the
    speech group, train by stages.
@@ -29,6 +30,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Iterable
@@ -84,7 +86,9 @@ class Settings:
     pretrain_steps: int = 1500
     align_steps: int = 100
     speech_steps: int = 400
+    text_steps: int = 0  # a text phase between the speech and joint phases (text-corpus windows)
     joint_steps: int = 400
+    speech_also: tuple[str, ...] = ()  # parameter-name patterns the split arms also train in the speech phase
     pretrain_lr: float = 3e-3
     finetune_lr: float = 1e-3
     paired_sentences: int = 4000  # the paired (TTS) corpus is small, as paired speech data is
@@ -263,6 +267,7 @@ class Corpus:
     pretrain: list[dict[str, torch.Tensor]]
     align: list[dict[str, torch.Tensor]]
     speech: list[dict[str, torch.Tensor]]
+    text: list[dict[str, torch.Tensor]]
     joint: list[dict[str, torch.Tensor]]
     eval_text: dict[str, torch.Tensor]
     eval_speech: dict[str, torch.Tensor]
@@ -316,8 +321,8 @@ def build_corpus(settings: Settings) -> Corpus:
     Each use draws from its own random stream, so changing one phase (its length, the joint phase's text share) leaves
     the language, the pre-training data, the other phases and the held-out sets as they were.
     """
-    streams = np.random.SeedSequence(settings.seed).spawn(8)
-    source, pretrain_rng, eval_rng, paired_rng, align_rng, speech_rng, joint_rng, profile_rng = (
+    streams = np.random.SeedSequence(settings.seed).spawn(9)
+    source, pretrain_rng, eval_rng, paired_rng, align_rng, speech_rng, joint_rng, profile_rng, text_rng = (
         np.random.default_rng(stream) for stream in streams
     )
     language = Language.generate(settings, source)
@@ -359,12 +364,13 @@ def build_corpus(settings: Settings) -> Corpus:
 
     align = tts_batches(settings.align_steps, batch, True, align_rng)
     speech = tts_batches(settings.speech_steps, batch, True, speech_rng)
+    text = text_batches(settings.text_steps, batch, text_rng) if settings.text_steps else []
     # Joint phase: TTS samples with loss on text and speech, plus (optionally) text-corpus windows in every batch.
     replay = round(settings.joint_text_fraction * batch)
     joint = tts_batches(settings.joint_steps, batch - replay, False, joint_rng)
     if replay:
-        text = text_batches(settings.joint_steps, replay, joint_rng)
-        joint = [{k: torch.cat([t[k], b[k]]) for k in b} for t, b in zip(text, joint)]
+        windows = text_batches(settings.joint_steps, replay, joint_rng)
+        joint = [{k: torch.cat([t[k], b[k]]) for k in b} for t, b in zip(windows, joint)]
     eval_ids, eval_mask, eval_answer = _paired(eval_sentences, lexicon, text_vocab, seq_len, eval_rng)
     # The load is profiled on speech-phase samples and on text-corpus windows (both modalities, as the paper does).
     profile = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in speech[: settings.profile_batches]]
@@ -378,6 +384,7 @@ def build_corpus(settings: Settings) -> Corpus:
         pretrain=pretrain,
         align=align,
         speech=speech,
+        text=text,
         joint=joint,
         eval_text={"input_ids": eval_windows},
         eval_speech={"input_ids": eval_ids, "attention_mask": eval_mask, "answer": eval_answer},
@@ -574,19 +581,25 @@ def run_arm(
     trainable: dict[str, dict[str, int]] = {}
     text_at_start: dict[str, dict[str, torch.Tensor]] = {}
     curve: dict[int, dict[str, float]] = {}
-    total = settings.speech_steps + settings.joint_steps
+    phases = [("speech", corpus.speech), ("text", corpus.text), ("joint", corpus.joint)]
+    phases = [(name, batches) for name, batches in phases if batches]
+    ends = np.cumsum([len(batches) for _, batches in phases]).tolist()
+    total = ends[-1]
 
     def stage(phase: str) -> None:
-        set_training_stage(model, phase if chosen is not None else "joint")
+        if chosen is None:
+            set_training_stage(model, "joint")
+        else:
+            set_training_stage(model, phase, also=settings.speech_also if phase == "speech" else ())
         trainable[phase] = _trainable_summary(model)
         text_at_start[phase] = _text_state(model)
 
     def on_step(done: int) -> None:
-        if done % settings.eval_every == 0 or done in (settings.speech_steps, total):
+        if done % settings.eval_every == 0 or done in ends:
             curve[done] = evaluate(model, corpus)
 
-    train(model, [("speech", corpus.speech), ("joint", corpus.joint)], settings.finetune_lr, stage, on_step)
-    before, after = text_at_start["speech"], text_at_start["joint"]
+    train(model, phases, settings.finetune_lr, stage, on_step)
+    before, after = text_at_start["speech"], text_at_start[phases[1][0]]
     return ArmResult(
         arm=arm,
         title=ARMS[arm],
@@ -642,6 +655,17 @@ def run(
     return results
 
 
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (`platform.processor()` is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def summarize(settings: Settings, corpus: Corpus, arms: dict[str, ArmResult], load, seconds: float) -> dict:
     """The JSON record: settings, machine, data, every arm, and the goal checks."""
     dense, deeptalk = arms["dense"], arms["deeptalk"]
@@ -660,7 +684,8 @@ def summarize(settings: Settings, corpus: Corpus, arms: dict[str, ArmResult], lo
         "wall_seconds": round(seconds, 1),
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": _cpu_name(),
+            "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
         },
@@ -698,7 +723,10 @@ def table(results: dict) -> str:
     ]
     for arm in results["arms"].values():
         trained = arm["trainable"]["speech"]
-        what = "speech tensors" if not trained["text_tensors"] else "everything"
+        if arm["speech_expert_ids"] is None:
+            what = "everything"
+        else:
+            what = " + ".join(["speech tensors", *(f"`{p}`" for p in results["settings"]["speech_also"])])
         lines.append(
             f"| {arm['title']} | {what} ({trained['parameters']:,} params) | "
             f"{arm['pretrained']['text_ppl']:.3f} → {arm['final']['text_ppl']:.3f} | "
@@ -715,7 +743,8 @@ def plot(results: dict, path: Path) -> None:
 
     figure = Figure(figsize=(15, 4.2), layout="constrained")
     change_axes, speech_axes, final_axes = figure.subplots(1, 3)
-    boundary = results["settings"]["speech_steps"]
+    settings = results["settings"]
+    boundaries = [settings["speech_steps"], settings["speech_steps"] + settings["text_steps"]]
     for arm in results["arms"].values():
         steps = [point["step"] for point in arm["curve"]]
         pre = arm["pretrained"]["text_ppl"]
@@ -723,17 +752,21 @@ def plot(results: dict, path: Path) -> None:
             steps, [100 * (p["text_ppl"] / pre - 1) for p in arm["curve"]], marker=".", label=arm["title"]
         )
         speech_axes.plot(steps, [p["speech_loss"] for p in arm["curve"]], marker=".", label=arm["title"])
-        final_axes.scatter(arm["final"]["speech_loss"], arm["text_ppl_change_pct"], s=60, label=arm["title"])
+        point = (arm["final"]["speech_loss"], arm["text_ppl_change_pct"])
+        final_axes.scatter(*point, s=60, label=arm["title"])
+        final_axes.annotate(arm["title"].split()[0], point, textcoords="offset points", xytext=(6, 4))
     for axes in (change_axes, speech_axes):
-        axes.axvline(boundary, color="grey", linestyle=":", linewidth=1)
-        axes.set_xlabel("fine-tuning update (speech phase | joint phase)")
+        for boundary in sorted(set(boundaries)):
+            axes.axvline(boundary, color="grey", linestyle=":", linewidth=1)
+        phases = "speech | text | joint" if settings["text_steps"] else "speech | joint"
+        axes.set_xlabel(f"fine-tuning update ({phases} phase)")
     change_axes.axhline(0, color="black", linewidth=0.5)
     change_axes.set_ylabel("text perplexity change vs pre-trained (%)")
     speech_axes.set_ylabel("held-out speech-task loss (nats/unit)")
     final_axes.set_xlabel("final speech-task loss (nats/unit)")
     final_axes.set_ylabel("final text perplexity change (%)")
     final_axes.axhline(0, color="black", linewidth=0.5)
-    change_axes.legend(fontsize=8)
+    speech_axes.legend(fontsize=8)
     figure.suptitle("Forgetting while learning speech (lower is better in every panel)")
     figure.savefig(path, dpi=110)
 
@@ -758,6 +791,12 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--fast", action="store_true", help="tiny sizes and few steps (the tests' mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--joint-text-fraction", type=float, help="share of text-corpus windows in joint batches")
+    parser.add_argument("--text-steps", type=int, help="updates of the text phase between speech and joint")
+    parser.add_argument(
+        "--speech-also", nargs="*", help="parameter-name patterns the split arms also train in the speech phase"
+    )
+    parser.add_argument("--num-speech-experts", type=int, help="experts per layer the split arms move to speech")
+    parser.add_argument("--name", help="result file stem (default: from the options)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings depend on it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
@@ -767,7 +806,14 @@ def main(argv: Iterable[str] | None = None) -> None:
     if args.joint_text_fraction is not None:
         settings = replace(settings, joint_text_fraction=args.joint_text_fraction)
         name += f"_text{args.joint_text_fraction:g}"
+    if args.text_steps is not None:
+        settings = replace(settings, text_steps=args.text_steps)
+    if args.speech_also is not None:
+        settings = replace(settings, speech_also=tuple(args.speech_also))
+    if args.num_speech_experts is not None:
+        settings = replace(settings, num_speech_experts=args.num_speech_experts)
     name += f"_seed{args.seed}" if args.seed else ""
+    name = args.name or name
     results = run(settings, args.out, name)
     print(table(results))
     print("goal met" if results["goal"]["met"] else f"goal not met: {results['goal']}")

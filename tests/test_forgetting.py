@@ -74,3 +74,19 @@ def test_arms_train_what_their_recipe_says(fast_run):
         arms["pure_moe"]["trainable"]["speech"]["parameters"] > arms["deeptalk"]["trainable"]["speech"]["parameters"]
     )
     assert arms["dense"]["trainable"]["speech"]["parameters"] != arms["pure_moe"]["trainable"]["speech"]["parameters"]
+
+
+def test_text_phase_and_speech_phase_extras(forgetting):
+    """The ablation options: a text phase trains only the split arms' text experts and router, and `speech_also`
+    adds the named tensors to the split arms' speech phase (so their text tensors change there)."""
+    settings = forgetting.replace(forgetting.FAST, text_steps=4, speech_also=("*.self_attn.*",))
+    arms = forgetting.run(settings, log=lambda _: None)["arms"]
+    model = forgetting.DeepTalkForCausalLM(forgetting.pretrain_config(settings, 64, dense=False))
+    attention = sum(".self_attn." in name for name, _ in model.named_parameters())
+    for name in ("random_split", "deeptalk"):
+        text_phase = arms[name]["trainable"]["text"]
+        # gate_up_proj, down_proj and the router of each layer
+        assert text_phase["tensors"] == text_phase["text_tensors"] == 3 * settings.num_layers
+        assert arms[name]["text_tensors_changed_in_speech_phase"]
+        assert arms[name]["trainable"]["speech"]["text_tensors"] == attention
+    assert [point["step"] for point in arms["dense"]["curve"]] == [0, 10, 14, 20, 24]

@@ -81,12 +81,13 @@ def topk_routing(
     Returns `(probs, weights, indices)`, `probs` being the scores normalised per token (for balancing losses).
     """
     num_experts = logits.shape[-1]
-    top_k = config.num_experts_per_tok
-    scores = F.softmax(logits, dim=-1, dtype=torch.float) if config.scoring_func == "softmax" else logits.float().sigmoid()
+    # Each config attribute read costs ~1 us (PreTrainedConfig.__getattribute__); this runs per layer and step.
+    top_k, softmax, method = config.num_experts_per_tok, config.scoring_func == "softmax", config.topk_method
+    scores = F.softmax(logits, dim=-1, dtype=torch.float) if softmax else logits.float().sigmoid()
     choice = scores if bias is None else scores + bias
-    if group_limited and config.topk_method != "greedy":
+    if group_limited and method != "greedy":
         grouped = choice.unflatten(-1, (config.n_group, -1))
-        if config.topk_method == "group_limited_greedy":  # DeepSeek-V2: a group's best expert
+        if method == "group_limited_greedy":  # DeepSeek-V2: a group's best expert
             group_scores = grouped.amax(dim=-1)
         else:  # DeepSeek-V3: the sum of a group's two best experts
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
@@ -94,16 +95,19 @@ def topk_routing(
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
         choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
     k = min(top_k, num_experts)
-    indices = torch.sort(choice, dim=-1, descending=True, stable=True).indices[..., :k]
-    weights = scores.gather(-1, indices)
+    ranked, indices = torch.sort(choice, dim=-1, descending=True, stable=True)
+    indices = indices[..., :k]
+    # Without a bias or a group mask the sorted values are the scores themselves: no gather needed.
+    weights = ranked[..., :k] if choice is scores else scores.gather(-1, indices)
     if config.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    if config.routed_scaling_factor != 1.0:
-        weights = weights * config.routed_scaling_factor
+    scaling = config.routed_scaling_factor
+    if scaling != 1.0:
+        weights = weights * scaling
     if k < top_k:
         weights = F.pad(weights, (0, top_k - k), value=0.0)
         indices = F.pad(indices, (0, top_k - k), value=num_experts)
-    probs = scores if config.scoring_func == "softmax" else scores / scores.sum(dim=-1, keepdim=True)
+    probs = scores if softmax else scores / scores.sum(dim=-1, keepdim=True)
     return probs, weights.to(logits.dtype), indices
 
 
@@ -126,13 +130,12 @@ class DeepTalkAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.qk_norm_type = config.qk_norm_type if config.use_qk_norm else None  # read per call otherwise
         if config.use_qk_norm:
             per_head = config.qk_norm_type == "head"
             self.q_norm = DeepTalkRMSNorm(self.head_dim if per_head else q_size, eps=config.rms_norm_eps)
             self.k_norm = DeepTalkRMSNorm(self.head_dim if per_head else kv_size, eps=config.rms_norm_eps)
-        self.sliding_window = (
-            config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
-        )
+        self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
 
     def forward(
         self,
@@ -148,10 +151,10 @@ class DeepTalkAttention(nn.Module):
         query_states = self.q_proj(hidden_states)
         key_states = self.k_proj(hidden_states)
         value_states = self.v_proj(hidden_states)
-        if config.use_qk_norm and config.qk_norm_type == "full":  # OLMoE: before the head split
+        if self.qk_norm_type == "full":  # OLMoE: before the head split
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
-        if config.use_qk_norm and config.qk_norm_type == "head":
+        if self.qk_norm_type == "head":
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         if config.clip_qkv is not None:
             query_states = query_states.clamp(-config.clip_qkv, config.clip_qkv)
@@ -205,6 +208,7 @@ class DeepTalkExperts(Qwen3MoeExperts):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.top_k = config.num_experts_per_tok
 
     @property
     def _is_expert_parallel(self) -> bool:
@@ -213,7 +217,7 @@ class DeepTalkExperts(Qwen3MoeExperts):
         config = self.config
         return (
             self._expert_parallel
-            or self.num_experts < config.num_experts_per_tok
+            or self.num_experts < self.top_k
             or config.modality_routing == "none"
             or torch.compiler.is_compiling()
         )
@@ -332,9 +336,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
             indices = torch.cat([position, position.new_tensor([position.numel()])])[indices]
         is_text = indices < num_text
         is_speech = ~is_text & (indices < num_text + self.num_speech_experts)
-        text_out = self.experts(
-            hidden, torch.where(is_text, indices, num_text), weights.masked_fill(~is_text, 0.0)
-        )
+        text_out = self.experts(hidden, torch.where(is_text, indices, num_text), weights.masked_fill(~is_text, 0.0))
         speech_out = self.speech_experts(
             hidden,
             torch.where(is_speech, indices - num_text, self.num_speech_experts),
@@ -473,7 +475,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
     def __init__(self, config: DeepTalkConfig):
         super().__init__(config)
         text_vocab = config.speech_token_start
-        self.padding_idx = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < text_vocab else None
+        self.padding_idx = (
+            config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < text_vocab else None
+        )
         self.embed_tokens = nn.Embedding(text_vocab, config.hidden_size, self.padding_idx)
         if config.speech_vocab_size:
             self.speech_embed_tokens = nn.Embedding(config.speech_vocab_size, config.hidden_size)
@@ -747,8 +751,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             output_router_logits if output_router_logits is not None else config.output_router_logits
         )
         # Balancing must not silently stop in training because router logits were not requested.
-        wants_router_losses = self.training and labels is not None and (
-            config.router_aux_loss_coef or config.router_z_loss_coef
+        wants_router_losses = (
+            self.training and labels is not None and (config.router_aux_loss_coef or config.router_z_loss_coef)
         )
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
@@ -891,5 +895,6 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             return sequences
         output.sequences = sequences
         return output
+
 
 __all__ = ["DeepTalkForCausalLM", "DeepTalkModel", "DeepTalkPreTrainedModel"]

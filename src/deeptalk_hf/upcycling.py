@@ -575,6 +575,36 @@ def _build_model(source: _SourceModel | _SourceCheckpoint, converter: _Converter
     return model
 
 
+def _dense_upcycler(
+    source_config: PretrainedConfig,
+    dtype: torch.dtype | None,
+    *,
+    granularity: int,
+    num_shared_experts: int,
+    init_noise: float,
+    drop_fraction: float,
+    seed: int,
+    **config_options,
+) -> _Upcycler:
+    """The converter of `upcycle_dense` and `upcycle_checkpoint`: the DeepTalk config and how each MLP is cut."""
+    config = deeptalk_config_from_dense(
+        source_config,
+        granularity=granularity,
+        num_shared_experts=num_shared_experts,
+        dtype=dtype,
+        **config_options,
+    )
+    return _Upcycler(
+        config=config,
+        dtype=dtype,
+        granularity=granularity,
+        num_shared_experts=num_shared_experts,
+        init_noise=init_noise,
+        drop_fraction=drop_fraction,
+        seed=seed,
+    )
+
+
 def upcycle_dense(
     model_or_path: PreTrainedModel | str | os.PathLike,
     *,
@@ -612,8 +642,9 @@ def upcycle_dense(
     """
     source = _open_source(model_or_path, revision)
     dtype = _as_dtype(dtype) or source.dtype
-    config = deeptalk_config_from_dense(
+    upcycler = _dense_upcycler(
         source.config,
+        dtype,
         num_text_experts=num_text_experts,
         num_speech_experts=num_speech_experts,
         num_experts_per_tok=num_experts_per_tok,
@@ -621,13 +652,6 @@ def upcycle_dense(
         num_shared_experts=num_shared_experts,
         speech_vocab_size=speech_vocab_size,
         mlp_only_layers=mlp_only_layers,
-        dtype=dtype,
-    )
-    upcycler = _Upcycler(
-        config=config,
-        dtype=dtype,
-        granularity=granularity,
-        num_shared_experts=num_shared_experts,
         init_noise=init_noise,
         drop_fraction=drop_fraction,
         seed=seed,
@@ -807,8 +831,9 @@ def upcycle_checkpoint(
     """
     checkpoint = _SourceCheckpoint(_resolve_source(source, revision))
     dtype = _as_dtype(dtype)
-    config = deeptalk_config_from_dense(
+    upcycler = _dense_upcycler(
         checkpoint.config,
+        dtype,
         num_text_experts=num_text_experts,
         num_speech_experts=num_speech_experts,
         num_experts_per_tok=num_experts_per_tok,
@@ -816,13 +841,6 @@ def upcycle_checkpoint(
         num_shared_experts=num_shared_experts,
         speech_vocab_size=speech_vocab_size,
         mlp_only_layers=mlp_only_layers,
-        dtype=dtype,
-    )
-    upcycler = _Upcycler(
-        config=config,
-        dtype=dtype,
-        granularity=granularity,
-        num_shared_experts=num_shared_experts,
         init_noise=init_noise,
         drop_fraction=drop_fraction,
         seed=seed,

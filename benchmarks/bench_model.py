@@ -37,8 +37,9 @@ def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
     )
     torch.manual_seed(0)
     deeptalk = DeepTalkForCausalLM(
-        DeepTalkConfig(**shared, speech_vocab_size=args.vocab // 4, num_experts=args.experts,
-                       num_speech_experts=args.experts)
+        DeepTalkConfig(
+            **shared, speech_vocab_size=args.vocab // 4, num_experts=args.experts, num_speech_experts=args.experts
+        )
     )
     torch.manual_seed(0)
     qwen = Qwen3MoeForCausalLM(Qwen3MoeConfig(**shared, num_experts=2 * args.experts))
@@ -92,6 +93,7 @@ def main() -> None:
     models = build(args)
     input_ids = mixed_batch(args)
     prompt = input_ids[:1, :32]
+
     def train_step(name: str) -> None:
         model = models[name]
         model.train()
@@ -105,7 +107,9 @@ def main() -> None:
         model.eval()
         model.config.output_router_logits = False
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False)
+            model.generate(
+                prompt, max_new_tokens=args.decode_tokens, min_new_tokens=args.decode_tokens, do_sample=False
+            )
 
     train_s = timed({name: partial(train_step, name) for name in models}, args.repeats, args.device)
     decode_s = timed({name: partial(decode, name) for name in models}, args.repeats, args.device)
@@ -121,10 +125,14 @@ def main() -> None:
         for metric in ("train_tokens_per_s", "decode_tokens_per_s")
     }
     for name, figures in results.items():
-        print(f"{name:10s} fwd+bwd {figures['train_tokens_per_s']:10.0f} tok/s   "
-              f"decode {figures['decode_tokens_per_s']:8.1f} tok/s")
-    print(f"DeepTalk / Qwen3-MoE: fwd+bwd {ratios['train_tokens_per_s']:.3f}x   "
-          f"decode {ratios['decode_tokens_per_s']:.3f}x   (goal >= 0.95x)")
+        print(
+            f"{name:10s} fwd+bwd {figures['train_tokens_per_s']:10.0f} tok/s   "
+            f"decode {figures['decode_tokens_per_s']:8.1f} tok/s"
+        )
+    print(
+        f"DeepTalk / Qwen3-MoE: fwd+bwd {ratios['train_tokens_per_s']:.3f}x   "
+        f"decode {ratios['decode_tokens_per_s']:.3f}x   (goal >= 0.95x)"
+    )
     record = {
         "args": vars(args),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",

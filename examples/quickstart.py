@@ -53,8 +53,10 @@ def main() -> None:
         eos_token_id=None,
     )
     model = deeptalk_hf.DeepTalkForCausalLM(config)
-    print(f"DeepTalk model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"speech ids from {config.speech_token_start}")
+    print(
+        f"DeepTalk model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"speech ids from {config.speech_token_start}"
+    )
 
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)  # safetensors
@@ -67,8 +69,10 @@ def main() -> None:
     print("generated:", end=" ")
     output = model.generate(prompt, max_new_tokens=16, do_sample=False, streamer=PrintIds(config.speech_token_start))
     out = model(output, labels=output, output_router_logits=True)
-    print(f"loss {out.loss.item():.3f}, aux {out.aux_loss.item():.3f}, "
-          f"{len(out.router_logits)} MoE layers routed {output.shape[1]} tokens")
+    print(
+        f"loss {out.loss.item():.3f}, aux {out.aux_loss.item():.3f}, "
+        f"{len(out.router_logits)} MoE layers routed {output.shape[1]} tokens"
+    )
 
 
 if __name__ == "__main__":

@@ -52,9 +52,20 @@ def test_sparse_step_and_first_dense_fold_into_mlp_only_layers():
 
 
 def test_qwen3_moe_fields_build_an_equivalent_config():
-    qwen = Qwen3MoeConfig(num_experts=6, num_experts_per_tok=3, mlp_only_layers=[0], num_hidden_layers=2,
-                          use_sliding_window=False, sliding_window=64, rope_parameters={"rope_type": "yarn",
-                          "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64})
+    qwen = Qwen3MoeConfig(
+        num_experts=6,
+        num_experts_per_tok=3,
+        mlp_only_layers=[0],
+        num_hidden_layers=2,
+        use_sliding_window=False,
+        sliding_window=64,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1e4,
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
     fields = {k: v for k, v in qwen.to_dict().items() if k not in ("model_type", "architectures")}
     config = DeepTalkConfig(**fields)
     assert config.num_experts == 6 and config.num_local_experts == 6

@@ -147,7 +147,9 @@ def test_hard_routing_isolates_modalities(experts, top_k, seq_len, seed):
     layers_with_speech = [f"layers.{layer}.mlp." for layer in config.moe_layers if config.layer_experts(layer)[1]]
 
     def text_routing_tensor(name: str) -> bool:
-        return any(name.startswith(f"model.{p}experts.") or name == f"model.{p}gate.weight" for p in layers_with_speech)
+        return any(
+            name.startswith(f"model.{p}experts.") or name == f"model.{p}gate.weight" for p in layers_with_speech
+        )
 
     text_changed = perturb(model, text_routing_tensor)
     with torch.no_grad():

@@ -273,8 +273,10 @@ class DeepTalkConfig(PreTrainedConfig):
                 )
             for layer, ids in zip(self.moe_layers, self.speech_expert_ids):
                 num_text, num_speech = self.layer_experts(layer)
-                if len(ids) != num_speech or len(set(ids)) != len(ids) or not all(
-                    0 <= i < num_text + num_speech for i in ids
+                if (
+                    len(ids) != num_speech
+                    or len(set(ids)) != len(ids)
+                    or not all(0 <= i < num_text + num_speech for i in ids)
                 ):
                     raise ValueError(
                         f"speech_expert_ids[{self.moe_layers.index(layer)}]={ids} must list {num_speech} distinct "
@@ -302,7 +304,10 @@ class DeepTalkConfig(PreTrainedConfig):
     @property
     def audio_stream_vocab_size(self) -> int:
         """Ids per audio stream: the codes and the pad/begin/end codes."""
-        return max(self.audio_codebook_size, self.audio_pad_token_id, self.audio_bos_token_id, self.audio_eos_token_id) + 1
+        return (
+            max(self.audio_codebook_size, self.audio_pad_token_id, self.audio_bos_token_id, self.audio_eos_token_id)
+            + 1
+        )
 
     @property
     def moe_layers(self) -> list[int]:

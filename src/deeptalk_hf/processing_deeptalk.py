@@ -24,9 +24,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .generation_deeptalk import audio_codes_per_stream, build_delay_pattern
-
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
+from .generation_deeptalk import audio_codes_per_stream, build_delay_pattern
 
 if TYPE_CHECKING:
     from .audio_codecs import AudioCodec

@@ -2,6 +2,7 @@
 
     python benchmarks/forgetting.py [--fast] [--seed 0] [--threads 1] [--out benchmarks/results] [--name NAME]
         [--joint-text-fraction 0.25] [--text-steps 0] [--speech-also PATTERN ...] [--num-speech-experts 4]
+        [--strategy paper]
 
 The paper (arXiv 2506.21864) reports a 5.5% text-ability drop for DeepTalk against > 20% for GLM-4-Voice-style dense
 training. This is the same question at toy scale, on CPU, with everything generated and seeded:
@@ -89,6 +90,7 @@ class Settings:
     text_steps: int = 0  # a text phase between the speech and joint phases (text-corpus windows)
     joint_steps: int = 400
     speech_also: tuple[str, ...] = ()  # parameter-name patterns the split arms also train in the speech phase
+    strategy: str = "paper"  # arm (d)'s `assign_modality_experts` strategy: "paper" or "adaptive"
     pretrain_lr: float = 3e-3
     finetune_lr: float = 1e-3
     paired_sentences: int = 4000  # the paired (TTS) corpus is small, as paired speech data is
@@ -564,6 +566,7 @@ def run_arm(
     corpus: Corpus,
     settings: Settings,
     load=None,
+    counts: int | list[int] | None = None,
 ) -> ArmResult:
     """Teach `model` (pre-trained, speech rows aligned) speech as `arm`: split (c, d), then speech and joint phases.
 
@@ -573,10 +576,9 @@ def run_arm(
     started = time.perf_counter()
     chosen = moved = None
     if arm in ("random_split", "deeptalk"):
-        strategy = "random" if arm == "random_split" else "paper"
-        chosen = assign_modality_experts(
-            model, load, num_speech_experts=settings.num_speech_experts, strategy=strategy, seed=settings.seed
-        )
+        strategy = "random" if arm == "random_split" else settings.strategy
+        count = None if strategy == "adaptive" else counts  # adaptive picks its own counts
+        chosen = assign_modality_experts(model, load, num_speech_experts=count, strategy=strategy, seed=settings.seed)
         moved = [float(load.rho_text[i][ids].sum()) for i, ids in enumerate(chosen)]
     trainable: dict[str, dict[str, int]] = {}
     text_at_start: dict[str, dict[str, torch.Tensor]] = {}
@@ -640,11 +642,14 @@ def run(
             f"{references[kind]['after_align']['speech_loss']:.3f} ({time.perf_counter() - begin:.0f} s)"
         )
     load = profile_modality_load(models["moe"], corpus.profile)
+    counts: int | list[int] = settings.num_speech_experts
+    if settings.strategy == "adaptive":  # the random split moves as many experts per layer as (d) will
+        counts = [len(ids) for ids in assign_modality_experts(copy.deepcopy(models["moe"]), load, strategy="adaptive")]
     arms: dict[str, ArmResult] = {}
     for arm in ARMS:
         kind = "dense" if arm == "dense" else "moe"
         model = models[kind] if arm in ("dense", "deeptalk") else copy.deepcopy(models[kind])
-        arms[arm] = result = run_arm(arm, model, references[kind], corpus, settings, load)
+        arms[arm] = result = run_arm(arm, model, references[kind], corpus, settings, load, counts)
         log(
             f"{result.title}: text ppl {result.change():+.1f}%, speech loss {result.final['speech_loss']:.3f} "
             f"({result.seconds:.0f} s)"
@@ -796,6 +801,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         "--speech-also", nargs="*", help="parameter-name patterns the split arms also train in the speech phase"
     )
     parser.add_argument("--num-speech-experts", type=int, help="experts per layer the split arms move to speech")
+    parser.add_argument("--strategy", choices=("paper", "adaptive"), help="how arm (d) picks its speech experts")
     parser.add_argument("--name", help="result file stem (default: from the options)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings depend on it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -810,6 +816,8 @@ def main(argv: Iterable[str] | None = None) -> None:
         settings = replace(settings, text_steps=args.text_steps)
     if args.speech_also is not None:
         settings = replace(settings, speech_also=tuple(args.speech_also))
+    if args.strategy is not None:
+        settings = replace(settings, strategy=args.strategy)
     if args.num_speech_experts is not None:
         settings = replace(settings, num_speech_experts=args.num_speech_experts)
     name += f"_seed{args.seed}" if args.seed else ""

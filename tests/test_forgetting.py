@@ -90,3 +90,12 @@ def test_text_phase_and_speech_phase_extras(forgetting):
         assert arms[name]["text_tensors_changed_in_speech_phase"]
         assert arms[name]["trainable"]["speech"]["text_tensors"] == attention
     assert [point["step"] for point in arms["dense"]["curve"]] == [0, 10, 14, 20, 24]
+
+
+def test_adaptive_strategy_random_split_moves_as_many_experts(forgetting):
+    """With `strategy="adaptive"` arm (d) picks its own per-layer counts, and the random split must match them."""
+    settings = forgetting.replace(forgetting.FAST, strategy="adaptive", num_speech_experts=3)
+    arms = forgetting.run(settings, log=lambda _: None)["arms"]
+    adaptive, random = arms["deeptalk"]["speech_expert_ids"], arms["random_split"]["speech_expert_ids"]
+    assert [len(ids) for ids in random] == [len(ids) for ids in adaptive]
+    assert [len(ids) for ids in adaptive] != [settings.num_speech_experts] * settings.num_layers  # not the fixed count

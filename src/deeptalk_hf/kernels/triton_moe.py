@@ -59,11 +59,16 @@ _GROUPED_CONFIGS = _configs(
     ],
     interpret=(16, 32, 32),
 )
-# Weight gradients: M x N is a slice of one expert's weight, K runs over that expert's rows.
+# Weight gradients: M x N is a slice of one expert's weight, K runs over that expert's rows. The wide tiles were added
+# after the first H200 profile, where this kernel (at most 128x128 tiles) took half of a training step.
 _EXPERT_GRAD_CONFIGS = _configs(
     _MNK,
     [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
         (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 128, 32, 8, 4),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 32, 4, 4),

@@ -2,7 +2,7 @@
 
     python benchmarks/forgetting.py [--fast] [--seed 0] [--threads 1] [--out benchmarks/results] [--name NAME]
         [--joint-text-fraction 0.25] [--text-steps 0] [--speech-also PATTERN ...] [--num-speech-experts 4]
-        [--strategy paper]
+        [--strategy paper] [--num-experts 16] [--expert-size 16] [--top-k 4]
 
 The paper (arXiv 2506.21864) reports a 5.5% text-ability drop for DeepTalk against > 20% for GLM-4-Voice-style dense
 training. This is the same question at toy scale, on CPU, with everything generated and seeded:
@@ -801,6 +801,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         "--speech-also", nargs="*", help="parameter-name patterns the split arms also train in the speech phase"
     )
     parser.add_argument("--num-speech-experts", type=int, help="experts per layer the split arms move to speech")
+    parser.add_argument("--num-experts", type=int, help="routed experts per layer of the pre-trained MoE")
+    parser.add_argument("--expert-size", type=int, help="width of each routed expert")
+    parser.add_argument("--top-k", type=int, help="experts per token (the dense MLP stays top_k * expert_size wide)")
     parser.add_argument("--strategy", choices=("paper", "adaptive"), help="how arm (d) picks its speech experts")
     parser.add_argument("--name", help="result file stem (default: from the options)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings depend on it)")
@@ -818,8 +821,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         settings = replace(settings, speech_also=tuple(args.speech_also))
     if args.strategy is not None:
         settings = replace(settings, strategy=args.strategy)
-    if args.num_speech_experts is not None:
-        settings = replace(settings, num_speech_experts=args.num_speech_experts)
+    for option in ("num_speech_experts", "num_experts", "expert_size", "top_k"):
+        if getattr(args, option) is not None:
+            settings = replace(settings, **{option: getattr(args, option)})
     name += f"_seed{args.seed}" if args.seed else ""
     name = args.name or name
     results = run(settings, args.out, name)

@@ -99,3 +99,14 @@ def test_adaptive_strategy_random_split_moves_as_many_experts(forgetting):
     adaptive, random = arms["deeptalk"]["speech_expert_ids"], arms["random_split"]["speech_expert_ids"]
     assert [len(ids) for ids in random] == [len(ids) for ids in adaptive]
     assert [len(ids) for ids in adaptive] != [settings.num_speech_experts] * settings.num_layers  # not the fixed count
+
+
+def test_command_line_sizes_reach_the_models(forgetting, tmp_path):
+    """`--num-experts/--expert-size/--top-k` change the pre-trained MoE, and the dense MLP follows `top_k * size`."""
+    forgetting.main(["--fast", "--num-experts", "6", "--expert-size", "8", "--top-k", "3", "--out", str(tmp_path)])
+    results = forgetting.json.loads((tmp_path / "forgetting_fast.json").read_text())
+    settings = results["settings"]
+    assert (settings["num_experts"], settings["expert_size"], settings["top_k"]) == (6, 8, 3)
+    assert [len(r) for r in results["profile"]["rho_text"]] == [6] * settings["num_layers"]
+    config = forgetting.pretrain_config(forgetting.replace(forgetting.FAST, **settings), 64, dense=True)
+    assert config.intermediate_size == 3 * 8 + settings["shared_expert_size"]

@@ -178,11 +178,16 @@ HEADER = (
 )
 
 
+def slug(text: str) -> str:
+    """A file-name-safe, lower-case form of a device name."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
 def device_name() -> str:
     return torch.cuda.get_device_name() if HAS_CUDA else f"CPU ({platform.processor() or platform.machine()})"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="*", help=f"subset of {list(SHAPES)}")
     parser.add_argument("--tokens", nargs="*", type=int, help=f"token counts (default {TOKENS})")
@@ -192,7 +197,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms (CUDA)")
     parser.add_argument("--iters", type=int, default=100, help="measurement time per measurement, ms (CUDA)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if HAS_CUDA else "fp32")  # the interpreter's bf16 products are not faithful
     if not HAS_CUDA:
         print(
@@ -203,7 +208,7 @@ def main() -> None:
     print(f"device: {name}, dtype: {args.dtype}, torch {torch.__version__}\n\n{HEADER}")
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"moe_kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_').lower()}_{args.dtype}"
+    stem = args.out / f"moe_kernels_{slug(name)}_{args.dtype}"
     meta = dict(device=name, dtype=args.dtype, torch=torch.__version__, cuda=HAS_CUDA, date=time.strftime("%Y-%m-%d"))
     stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=results), indent=1))
     table = "\n".join(format_row(row, results) for row in results)

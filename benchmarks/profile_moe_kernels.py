@@ -1,0 +1,78 @@
+"""Where one experts layer's time goes: per-kernel device times of a few steps, `deeptalk_triton` beside `grouped_mm`.
+
+    python benchmarks/profile_moe_kernels.py                                  # Qwen3-30B-A3B experts, T=16384
+    python benchmarks/profile_moe_kernels.py --shape mixtral_8x7b --tokens 4096 --modes fwd fwd+bwd
+
+The benchmark (`bench_moe_kernels.py`) says how fast; this says which kernel to work on. It runs the same problem
+(same weights and routing) under torch's profiler after a warm-up step (autotuning), prints the kernels sorted by
+their own device time and writes the tables to `benchmarks/results/moe_profile_<device>_<shape>_<T>.txt`. Without
+CUDA it profiles CPU time on a tiny problem under the Triton interpreter, which only checks the script.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from bench_moe_kernels import BACKENDS, CPU_SHAPES, DTYPES, HAS_CUDA, MODES, SHAPES, device_name, make_problem, slug
+from torch.profiler import ProfilerActivity, profile
+
+
+def step(module, x, index, weights, backend: str, mode: str) -> None:
+    """One forward (no autograd) or forward+backward of the layer with `backend`."""
+    module.config._experts_implementation = backend
+    if mode == "fwd":
+        with torch.no_grad():
+            module(x, index, weights)
+        return
+    leaves = [x.detach().requires_grad_(), module.gate_up_proj, module.down_proj, weights.detach().requires_grad_()]
+    torch.autograd.grad(module(leaves[0], index, leaves[3]), leaves, torch.ones_like(x))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="qwen3_30b_a3b", choices=list(SHAPES))
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--backends", nargs="*", default=["grouped_mm", "deeptalk_triton"], choices=BACKENDS)
+    parser.add_argument("--modes", nargs="*", default=["fwd+bwd"], choices=MODES)
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per backend and mode")
+    parser.add_argument("--rows", type=int, default=12, help="kernels listed per table")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if HAS_CUDA:
+        device, dtype, (hidden, inter, experts, top_k), tokens = (
+            "cuda",
+            DTYPES["bf16"],
+            SHAPES[args.shape],
+            args.tokens,
+        )
+        activity, key = ProfilerActivity.CUDA, "self_cuda_time_total"
+    else:
+        print("No CUDA device: profiling a tiny problem on CPU under the Triton interpreter (checks the script only).")
+        device, dtype, (hidden, inter, experts, top_k), tokens = "cpu", DTYPES["fp32"], CPU_SHAPES["tiny"], 64
+        activity, key = ProfilerActivity.CPU, "self_cpu_time_total"
+    torch.manual_seed(0)
+    module, x, index, weights = make_problem(hidden, inter, experts, top_k, tokens, dtype, device)
+    tables = [
+        f"{device_name()}, {dtype}, torch {torch.__version__}; H={hidden} I={inter} E={experts} k={top_k} T={tokens}"
+    ]
+    for backend in args.backends:
+        for mode in args.modes:
+            step(module, x, index, weights, backend, mode)  # autotune and compile outside the profile
+            with profile(activities=[activity]) as prof:
+                for _ in range(args.steps):
+                    step(module, x, index, weights, backend, mode)
+                if HAS_CUDA:
+                    torch.cuda.synchronize()
+            title = f"=== {backend} {mode} ({args.steps} steps) ==="
+            tables.append(
+                f"{title}\n{prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60)}"
+            )
+            print(tables[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"moe_profile_{slug(device_name())}_{args.shape if HAS_CUDA else 'tiny'}_{tokens}.txt"
+    path.write_text("\n\n".join(tables) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

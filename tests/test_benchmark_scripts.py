@@ -1,0 +1,44 @@
+"""The kernel benchmark and profile scripts run end to end (CPU smoke mode: tiny problem, Triton interpreter)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the deeptalk_triton backend needs Triton (Linux)")
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_bench_moe_kernels_writes_every_backend_and_mode(tmp_path):
+    run(
+        "bench_moe_kernels.py", "--tokens", "16", "--backends", "grouped_mm", "deeptalk_triton", "--out", str(tmp_path)
+    )
+    (result,) = tmp_path.glob("moe_kernels_*_fp32.json")
+    rows = json.loads(result.read_text())["results"]
+    assert {(r["backend"], r["mode"]) for r in rows} == {
+        (backend, mode) for backend in ("grouped_mm", "deeptalk_triton") for mode in ("fwd", "fwd+bwd")
+    }
+    assert all(r["ms"] > 0 for r in rows)
+    # The triton rows carry their deviation from grouped_mm on the same problem (fp32 interpreter: tiny).
+    deviation = float(next(r for r in rows if r["backend"] == "deeptalk_triton")["note"].split(": ")[1].split()[0])
+    assert deviation < 1e-4
+    assert result.with_suffix(".md").read_text().count("| tiny | 16 |") == 4
+
+
+def test_profile_moe_kernels_writes_one_table_per_backend_and_mode(tmp_path):
+    run("profile_moe_kernels.py", "--steps", "1", "--modes", "fwd", "fwd+bwd", "--out", str(tmp_path))
+    (result,) = tmp_path.glob("moe_profile_*_tiny_64.txt")
+    text = result.read_text()
+    for backend in ("grouped_mm", "deeptalk_triton"):
+        for mode in ("fwd", "fwd+bwd"):
+            assert f"=== {backend} {mode} (1 steps) ===" in text

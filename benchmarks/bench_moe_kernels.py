@@ -81,26 +81,28 @@ def batched_mm_bytes(hidden: int, inter: int, tokens: int, top_k: int, dtype: to
     return tokens * top_k * 3 * hidden * inter * torch.finfo(dtype).bits // 8
 
 
-def bench_one(module, x, index, weights, backend: str, mode: str, warmup: int, iters: int) -> float:
+def make_step(module, x, index, weights, backend: str, mode: str) -> Callable[[], object]:
+    """One call of the layer with `backend`: a forward without autograd, or a forward+backward that computes the
+    gradients of the hidden states, both expert weights and the routing weights."""
     module.config._experts_implementation = backend
     if mode == "fwd":
 
         def step():
             with torch.no_grad():
                 return module(x, index, weights)
-    else:
-        leaves = [
-            x.detach().requires_grad_(),
-            module.gate_up_proj,
-            module.down_proj,
-            weights.detach().requires_grad_(),
-        ]
-        grad_out = torch.randn_like(x)
 
-        def step():
-            out = module(leaves[0], index, leaves[3])
-            return torch.autograd.grad(out, leaves, grad_out)
+        return step
+    leaves = [x.detach().requires_grad_(), module.gate_up_proj, module.down_proj, weights.detach().requires_grad_()]
+    grad_out = torch.randn_like(x)
 
+    def step():
+        return torch.autograd.grad(module(leaves[0], index, leaves[3]), leaves, grad_out)
+
+    return step
+
+
+def bench_one(module, x, index, weights, backend: str, mode: str, warmup: int, iters: int) -> float:
+    step = make_step(module, x, index, weights, backend, mode)
     step()  # compile / autotune outside the timing
     return time_ms(step, warmup, iters)
 

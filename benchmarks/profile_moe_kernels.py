@@ -13,19 +13,19 @@ import argparse
 from pathlib import Path
 
 import torch
-from bench_moe_kernels import BACKENDS, CPU_SHAPES, DTYPES, HAS_CUDA, MODES, SHAPES, device_name, make_problem, slug
+from bench_moe_kernels import (
+    BACKENDS,
+    CPU_SHAPES,
+    DTYPES,
+    HAS_CUDA,
+    MODES,
+    SHAPES,
+    device_name,
+    make_problem,
+    make_step,
+    slug,
+)
 from torch.profiler import ProfilerActivity, profile
-
-
-def step(module, x, index, weights, backend: str, mode: str) -> None:
-    """One forward (no autograd) or forward+backward of the layer with `backend`."""
-    module.config._experts_implementation = backend
-    if mode == "fwd":
-        with torch.no_grad():
-            module(x, index, weights)
-        return
-    leaves = [x.detach().requires_grad_(), module.gate_up_proj, module.down_proj, weights.detach().requires_grad_()]
-    torch.autograd.grad(module(leaves[0], index, leaves[3]), leaves, torch.ones_like(x))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,17 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if HAS_CUDA:
-        device, dtype, (hidden, inter, experts, top_k), tokens = (
-            "cuda",
-            DTYPES["bf16"],
-            SHAPES[args.shape],
-            args.tokens,
-        )
+        device, dtype, tokens, shape = "cuda", DTYPES["bf16"], args.tokens, SHAPES[args.shape]
         activity, key = ProfilerActivity.CUDA, "self_cuda_time_total"
     else:
         print("No CUDA device: profiling a tiny problem on CPU under the Triton interpreter (checks the script only).")
-        device, dtype, (hidden, inter, experts, top_k), tokens = "cpu", DTYPES["fp32"], CPU_SHAPES["tiny"], 64
+        device, dtype, tokens, shape = "cpu", DTYPES["fp32"], 64, CPU_SHAPES["tiny"]
         activity, key = ProfilerActivity.CPU, "self_cpu_time_total"
+    hidden, inter, experts, top_k = shape
     torch.manual_seed(0)
     module, x, index, weights = make_problem(hidden, inter, experts, top_k, tokens, dtype, device)
     tables = [
@@ -57,10 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for backend in args.backends:
         for mode in args.modes:
-            step(module, x, index, weights, backend, mode)  # autotune and compile outside the profile
+            step = make_step(module, x, index, weights, backend, mode)
+            step()  # autotune and compile outside the profile
             with profile(activities=[activity]) as prof:
                 for _ in range(args.steps):
-                    step(module, x, index, weights, backend, mode)
+                    step()
                 if HAS_CUDA:
                     torch.cuda.synchronize()
             title = f"=== {backend} {mode} ({args.steps} steps) ==="

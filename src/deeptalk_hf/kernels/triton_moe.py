@@ -61,20 +61,17 @@ _GROUPED_CONFIGS = _configs(
 )
 # Weight gradients: M x N is a slice of one expert's weight, K runs over that expert's rows. The wide tiles were added
 # after the first H200 profile, where this kernel (at most 128x128 tiles) took half of a training step.
-_EXPERT_GRAD_CONFIGS = _configs(
-    _MNK,
-    [
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-    ],
-    interpret=(32, 32, 16),
-)
+EXPERT_GRAD_TILES = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 32, 4, 4),
+]
+_EXPERT_GRAD_CONFIGS = _configs(_MNK, EXPERT_GRAD_TILES, interpret=(32, 32, 16))
 # Decode (matrix-vector): BLOCK_N output features per program, BLOCK_K reduction chunk.
 _DECODE_CONFIGS = _configs(
     ("BLOCK_N", "BLOCK_K"),

@@ -98,11 +98,25 @@ def test_fp16_matches_reference(case):
     check_against_reference(case, torch.float16)
 
 
-@pytest.mark.parametrize("tile", triton_moe.EXPERT_GRAD_TILES, ids=lambda tile: "x".join(map(str, tile[:3])))
-def test_every_tuned_expert_grad_tile_gives_reference_gradients(tile, monkeypatch):
+TUNED_TILES = [
+    (kernel, tile)
+    for kernel, tiles in (
+        ("_gate_up_kernel", triton_moe.GROUPED_TILES),
+        ("_down_backward_kernel", triton_moe.GROUPED_TILES),
+        ("_scatter_kernel", triton_moe.SCATTER_TILES),
+        ("_expert_grad_kernel", triton_moe.EXPERT_GRAD_TILES),
+    )
+    for tile in tiles
+]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "tile"), TUNED_TILES, ids=lambda v: "x".join(map(str, v[:3])) if isinstance(v, tuple) else v[1:-7]
+)
+def test_every_tuned_tile_gives_reference_results(kernel, tile, monkeypatch):
     """The interpreter runs one small config; here each tile the GPU autotuner may pick runs instead, on weights
     smaller than the tile and ragged experts, so its masking is checked before any GPU sees it."""
-    kernel = triton_moe._expert_grad_kernel
+    kernel = getattr(triton_moe, kernel)
     monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tile[:3])))])
     monkeypatch.setattr(kernel, "cache", {})
     case = dict(

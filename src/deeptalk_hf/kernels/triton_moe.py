@@ -46,19 +46,21 @@ def _configs(names: tuple[str, ...], tuned: list[tuple[int, ...]], interpret: tu
 _MNK = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
-# Hopper/Ampere-sized tiles for the grouped GEMMs; the small-M ones serve experts that receive few rows.
-_GROUPED_CONFIGS = _configs(
-    _MNK,
-    [
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 64, 128, 4, 3),
-        (16, 64, 128, 4, 3),
-    ],
-    interpret=(16, 32, 32),
-)
+# Hopper/Ampere-sized tiles for the grouped GEMMs; the small-M ones serve experts that receive few rows. 128x128 is the
+# widest tile of the gate/up kernel, which holds two accumulators (gate and up) per tile.
+GROUPED_TILES = [
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (32, 64, 128, 4, 3),
+    (16, 64, 128, 4, 3),
+]
+# The scatter kernel (down projection, input gradient) holds one accumulator, so it also gets 128x256 and 256x128 tiles,
+# which halve how often each gathered row or weight slab is re-read at large widths (Mixtral's H = 4096).
+SCATTER_TILES = [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), *GROUPED_TILES]
+_GROUPED_CONFIGS = _configs(_MNK, GROUPED_TILES, interpret=(16, 32, 32))
+_SCATTER_CONFIGS = _configs(_MNK, SCATTER_TILES, interpret=(16, 32, 32))
 # Weight gradients: M x N is a slice of one expert's weight, K runs over that expert's rows. The wide tiles were added
 # after the first H200 profile, where this kernel (at most 128x128 tiles) took half of a training step.
 EXPERT_GRAD_TILES = [
@@ -181,7 +183,7 @@ def _gate_up_kernel(
 
 
 @_autotune(
-    _GROUPED_CONFIGS,
+    _SCATTER_CONFIGS,
     key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_rows},
     reset_to_zero=["out_ptr"],

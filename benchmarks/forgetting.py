@@ -2,7 +2,8 @@
 
     python benchmarks/forgetting.py [--fast] [--seed 0] [--threads 1] [--out benchmarks/results] [--name NAME]
         [--joint-text-fraction 0.25] [--text-steps 0] [--speech-also PATTERN ...] [--num-speech-experts 4]
-        [--strategy paper] [--num-experts 16] [--expert-size 16] [--top-k 4]
+        [--strategy paper] [--num-experts 16] [--expert-size 16] [--top-k 4] [--lr 1e-3]
+    python benchmarks/forgetting.py --collect RUN.json [RUN.json ...] [--out DIR] [--name NAME]
 
 The paper (arXiv 2506.21864) reports a 5.5% text-ability drop for DeepTalk against > 20% for GLM-4-Voice-style dense
 training. This is the same question at toy scale, on CPU, with everything generated and seeded:
@@ -24,7 +25,9 @@ training. This is the same question at toy scale, on CPU, with everything genera
 
 Each arm reports its text perplexity change against its own pre-trained model and its held-out speech loss. Results:
 `forgetting.json`, `forgetting.md` (the table) and `forgetting.png` (curves) in `--out`; `--fast` runs tiny sizes
-(for the tests) and writes `forgetting_fast.*`. docs/forgetting.md explains the design and the results.
+(for the tests) and writes `forgetting_fast.*`. `--collect` reads runs that differ only in `--lr` and compares the
+arms at equal speech loss (`forgetting_matched_speech.{json,md}`). docs/forgetting.md explains the design and the
+results.
 """
 
 import argparse
@@ -742,6 +745,62 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def matched_speech(runs: list[dict]) -> dict:
+    """Every arm's final text change at (d)'s final speech loss, over runs that differ only in the learning rate.
+
+    A learning rate trades speech for text differently in each arm, so one shared rate favours some arm; the goal's
+    "at equal or better speech loss" compares arms on their trade-off curves instead: each arm's (speech loss, text
+    change) points over the runs, linearly interpolated (never extrapolated: None outside an arm's range).
+    """
+    fixed = [{k: v for k, v in run["settings"].items() if k != "finetune_lr"} for run in runs]
+    if any(f != fixed[0] for f in fixed):
+        raise ValueError("matched_speech: the runs must differ in `finetune_lr` only")
+    runs = sorted(runs, key=lambda run: run["settings"]["finetune_lr"])
+    curves = {
+        arm: sorted(
+            (run["arms"][arm]["final"]["speech_loss"], run["arms"][arm]["text_ppl_change_pct"]) for run in runs
+        )
+        for arm in ARMS
+    }
+    rows = []
+    for run in runs:
+        speech, change = (
+            run["arms"]["deeptalk"]["final"]["speech_loss"],
+            run["arms"]["deeptalk"]["text_ppl_change_pct"],
+        )
+        row = {"lr": run["settings"]["finetune_lr"], "speech_loss": speech, "deeptalk": change}
+        for arm, points in curves.items():
+            if arm != "deeptalk":
+                losses, changes = zip(*points)
+                inside = losses[0] <= speech <= losses[-1]
+                row[arm] = float(np.interp(speech, losses, changes)) if inside else None
+        rows.append(row)
+    return {"settings": fixed[0], "rows": rows}
+
+
+def matched_speech_table(matched: dict) -> str:
+    """The markdown table of `matched_speech`: (d)'s runs, and every arm's text change at (d)'s speech loss."""
+    others = [arm for arm in ARMS if arm != "deeptalk"]
+
+    def cell(value: float | None) -> str:
+        return "outside its runs" if value is None else f"{value:+.1f}%"
+
+    lines = [
+        "| learning rate | (d) speech loss | (d) Δ text | "
+        + " | ".join(f"{ARMS[arm][:3]} Δ text at that speech loss" for arm in others)
+        + " | (d) ÷ (a) |",
+        "| ---: | ---: | ---: | " + " | ".join("---:" for _ in others) + " | ---: |",
+    ]
+    for row in matched["rows"]:
+        ratio = "–" if row["dense"] is None else f"{row['deeptalk'] / row['dense']:.2f}"
+        lines.append(
+            f"| {row['lr']:g} | {row['speech_loss']:.3f} | {row['deeptalk']:+.1f}% | "
+            + " | ".join(cell(row[arm]) for arm in others)
+            + f" | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     """Text perplexity change and speech loss along the speech and joint phases, and the final trade-off."""
     from matplotlib.figure import Figure
@@ -805,10 +864,26 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--expert-size", type=int, help="width of each routed expert")
     parser.add_argument("--top-k", type=int, help="experts per token (the dense MLP stays top_k * expert_size wide)")
     parser.add_argument("--strategy", choices=("paper", "adaptive"), help="how arm (d) picks its speech experts")
+    parser.add_argument("--lr", type=float, help="peak learning rate of every phase after pre-training (all arms)")
+    parser.add_argument(
+        "--collect",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="compare earlier runs at equal speech loss; runs nothing",
+    )
     parser.add_argument("--name", help="result file stem (default: from the options)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings depend on it)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
+    if args.collect:
+        matched = matched_speech([json.loads(path.read_text()) for path in args.collect])
+        name = args.name or "forgetting_matched_speech"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}.json").write_text(json.dumps(matched, indent=1) + "\n")
+        (args.out / f"{name}.md").write_text(matched_speech_table(matched))
+        print(matched_speech_table(matched))
+        return
     torch.set_num_threads(args.threads)
     settings = replace(FAST if args.fast else FULL, seed=args.seed)
     name = "forgetting" + ("_fast" if args.fast else "")
@@ -824,6 +899,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     for option in ("num_speech_experts", "num_experts", "expert_size", "top_k"):
         if getattr(args, option) is not None:
             settings = replace(settings, **{option: getattr(args, option)})
+    if args.lr is not None:
+        settings = replace(settings, finetune_lr=args.lr)
     name += f"_seed{args.seed}" if args.seed else ""
     name = args.name or name
     results = run(settings, args.out, name)

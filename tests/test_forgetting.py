@@ -110,3 +110,59 @@ def test_command_line_sizes_reach_the_models(forgetting, tmp_path):
     assert [len(r) for r in results["profile"]["rho_text"]] == [6] * settings["num_layers"]
     config = forgetting.pretrain_config(forgetting.replace(forgetting.FAST, **settings), 64, dense=True)
     assert config.intermediate_size == 3 * 8 + settings["shared_expert_size"]
+
+
+def test_command_line_lr_reaches_every_phase_after_pretraining(forgetting, tmp_path, monkeypatch):
+    """`--lr` sets the peak learning rate of align, speech and joint phases; pre-training keeps its own."""
+    seen = []
+    real_train = forgetting.train
+
+    def recording_train(model, phases, lr, *args, **kwargs):
+        seen.append(([name for name, _ in phases], lr))
+        return real_train(model, phases, lr, *args, **kwargs)
+
+    monkeypatch.setattr(forgetting, "train", recording_train)
+    forgetting.main(["--fast", "--lr", "0.0042", "--out", str(tmp_path)])
+    assert [lr for names, lr in seen if names == ["pretrain"]] == [forgetting.FAST.pretrain_lr] * 2
+    later = [lr for names, lr in seen if names != ["pretrain"]]
+    assert len(later) == 2 + len(forgetting.ARMS) and set(later) == {0.0042}  # two aligns, then one run per arm
+    assert forgetting.json.loads((tmp_path / "forgetting_fast.json").read_text())["settings"]["finetune_lr"] == 0.0042
+
+
+def _run_record(lr: float, points: dict[str, tuple[float, float]]) -> dict:
+    """A minimal results record: per arm (final speech loss, final text change %)."""
+    return {
+        "settings": {"finetune_lr": lr, "seed": 0},
+        "arms": {
+            arm: {"final": {"speech_loss": speech}, "text_ppl_change_pct": change}
+            for arm, (speech, change) in points.items()
+        },
+    }
+
+
+def test_matched_speech_interpolates_each_arm_at_deeptalks_speech_loss(forgetting, tmp_path):
+    """Closed form: (a) goes from (1.0, +4%) to (0.6, +12%), so at speech 0.7 it is at +10%; outside an arm's range
+    there is no value; `--collect` writes the table."""
+    runs = [
+        _run_record(0.002, {"dense": (0.6, 12.0), "pure_moe": (0.5, 20.0), "random_split": (0.8, 6.0), "deeptalk": (0.7, 3.0)}),
+        _run_record(0.001, {"dense": (1.0, 4.0), "pure_moe": (0.9, 8.0), "random_split": (1.2, 2.0), "deeptalk": (1.1, 1.0)}),
+    ]  # fmt: skip
+    rows = forgetting.matched_speech(runs)["rows"]
+    assert [row["lr"] for row in rows] == [0.001, 0.002]
+    assert rows[1]["dense"] == pytest.approx(10.0) and rows[1]["pure_moe"] == pytest.approx(14.0)
+    assert rows[1]["random_split"] is None  # 0.7 is below (c)'s best speech loss, 0.8
+    assert rows[0]["dense"] is None and rows[0]["random_split"] == pytest.approx(3.0)
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(forgetting.json.dumps(run))
+    forgetting.main(["--collect", *map(str, paths), "--out", str(tmp_path), "--name", "m"])
+    table = (tmp_path / "m.md").read_text()
+    assert "| 0.002 | 0.700 | +3.0% | +10.0% | +14.0% | outside its runs | 0.30 |" in table
+
+
+def test_matched_speech_refuses_runs_that_differ_beyond_the_learning_rate(forgetting):
+    runs = [_run_record(0.001, dict.fromkeys(forgetting.ARMS, (1.0, 1.0))) for _ in range(2)]
+    runs[1]["settings"]["seed"] = 1
+    with pytest.raises(ValueError, match="finetune_lr"):
+        forgetting.matched_speech(runs)

@@ -877,7 +877,18 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     if args.collect:
-        matched = matched_speech([json.loads(path.read_text()) for path in args.collect])
+        runs = []
+        for path in args.collect:
+            try:
+                runs.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as error:
+                parser.error(f"--collect: cannot read {path}: {error}")
+            if not isinstance(runs[-1], dict) or runs[-1].get("benchmark") != "forgetting":
+                parser.error(f"--collect: {path} is not a results file of this benchmark")
+        try:
+            matched = matched_speech(runs)
+        except ValueError as error:
+            parser.error(str(error))
         name = args.name or "forgetting_matched_speech"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}.json").write_text(json.dumps(matched, indent=1) + "\n")

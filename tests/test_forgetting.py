@@ -132,6 +132,7 @@ def test_command_line_lr_reaches_every_phase_after_pretraining(forgetting, tmp_p
 def _run_record(lr: float, points: dict[str, tuple[float, float]]) -> dict:
     """A minimal results record: per arm (final speech loss, final text change %)."""
     return {
+        "benchmark": "forgetting",
         "settings": {"finetune_lr": lr, "seed": 0},
         "arms": {
             arm: {"final": {"speech_loss": speech}, "text_ppl_change_pct": change}
@@ -166,3 +167,13 @@ def test_matched_speech_refuses_runs_that_differ_beyond_the_learning_rate(forget
     runs[1]["settings"]["seed"] = 1
     with pytest.raises(ValueError, match="finetune_lr"):
         forgetting.matched_speech(runs)
+
+
+def test_collect_names_a_file_that_is_not_a_run(forgetting, tmp_path, capsys):
+    (tmp_path / "other.json").write_text('{"benchmark": "latency"}')
+    (tmp_path / "broken.json").write_text("{not json")
+    for bad in ("other.json", "broken.json", "missing.json"):
+        with pytest.raises(SystemExit):
+            forgetting.main(["--collect", str(tmp_path / bad), "--out", str(tmp_path)])
+        assert bad in capsys.readouterr().err
+    assert not list(tmp_path.glob("forgetting_matched_speech.*"))

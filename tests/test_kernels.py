@@ -117,7 +117,7 @@ def test_every_tuned_tile_gives_reference_results(kernel, tile, monkeypatch):
     """The interpreter runs one small config; here each tile the GPU autotuner may pick runs instead, on weights
     smaller than the tile and ragged experts, so its masking is checked before any GPU sees it."""
     kernel = getattr(triton_moe, kernel)
-    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), tile[:3])))])
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(triton_moe._MNK, tile[:3])))])
     monkeypatch.setattr(kernel, "cache", {})
     case = dict(
         num_tokens=40, hidden=136, inter=72, num_experts=5, top_k=3, num_used=4, sentinel_rate=0.1,

@@ -38,7 +38,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ from deeptalk_hf import (
     assign_modality_experts,
     profile_modality_load,
     set_training_stage,
+    training_stage_parameters,
 )
 
 # Text ids: specials, then the words. Speech-block offsets: units, then silence and the speech markers.
@@ -96,6 +97,7 @@ class Settings:
     strategy: str = "paper"  # arm (d)'s `assign_modality_experts` strategy: "paper" or "adaptive"
     pretrain_lr: float = 3e-3
     finetune_lr: float = 1e-3
+    speech_lr_scale: float = 1.0  # speech tensors' learning rate ÷ the others' in the speech and joint phases
     paired_sentences: int = 4000  # the paired (TTS) corpus is small, as paired speech data is
     joint_text_fraction: float = 0.25  # share of each joint-phase batch that is text-corpus windows
     eval_text_windows: int = 128
@@ -444,14 +446,23 @@ def train(
     lr: float,
     stage: Callable[[str], None] = lambda phase: None,
     on_step: Callable[[int], None] = lambda step: None,
+    speech_lr_scale: float = 1.0,
 ) -> None:
     """One AdamW and one LR schedule over all `phases` (name, batches); `stage(name)` sets what trains in a phase.
 
     Freezing is `requires_grad=False` on whole tensors (`set_training_stage`), which AdamW skips entirely: frozen
     tensors are neither updated nor decayed. `on_step(done)` runs before the first and after every update.
+    `speech_lr_scale` multiplies the learning rate of the speech tensors (the library's `"speech"` stage) in every
+    arm; beyond the speech vocabulary rows only the split arms have any, so only they can learn speech faster than
+    their text tensors change.
     """
     total = sum(len(batches) for _, batches in phases)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    speech = set(training_stage_parameters(model, "speech")) if speech_lr_scale != 1.0 else set()
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n not in speech]},
+        {"params": [p for n, p in model.named_parameters() if n in speech], "lr": lr * speech_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     scheduler = _schedule(optimizer, total)
     model.train()
     done = 0
@@ -603,7 +614,7 @@ def run_arm(
         if done % settings.eval_every == 0 or done in ends:
             curve[done] = evaluate(model, corpus)
 
-    train(model, phases, settings.finetune_lr, stage, on_step)
+    train(model, phases, settings.finetune_lr, stage, on_step, settings.speech_lr_scale)
     before, after = text_at_start["speech"], text_at_start[phases[1][0]]
     return ArmResult(
         arm=arm,
@@ -752,7 +763,9 @@ def matched_speech(runs: list[dict]) -> dict:
     "at equal or better speech loss" compares arms on their trade-off curves instead: each arm's (speech loss, text
     change) points over the runs, linearly interpolated (never extrapolated: None outside an arm's range).
     """
-    fixed = [{k: v for k, v in run["settings"].items() if k != "finetune_lr"} for run in runs]
+    # A run written before a setting existed ran with its default.
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(Settings)}))
+    fixed = [{k: v for k, v in {**defaults, **run["settings"]}.items() if k != "finetune_lr"} for run in runs]
     if any(f != fixed[0] for f in fixed):
         raise ValueError("matched_speech: the runs must differ in `finetune_lr` only")
     runs = sorted(runs, key=lambda run: run["settings"]["finetune_lr"])
@@ -866,6 +879,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--strategy", choices=("paper", "adaptive"), help="how arm (d) picks its speech experts")
     parser.add_argument("--lr", type=float, help="peak learning rate of every phase after pre-training (all arms)")
     parser.add_argument(
+        "--speech-lr-scale", type=float, help="speech tensors' learning rate ÷ the others' in speech and joint phases"
+    )
+    parser.add_argument(
         "--collect",
         nargs="+",
         type=Path,
@@ -912,6 +928,8 @@ def main(argv: Iterable[str] | None = None) -> None:
             settings = replace(settings, **{option: getattr(args, option)})
     if args.lr is not None:
         settings = replace(settings, finetune_lr=args.lr)
+    if args.speech_lr_scale is not None:
+        settings = replace(settings, speech_lr_scale=args.speech_lr_scale)
     name += f"_seed{args.seed}" if args.seed else ""
     name = args.name or name
     results = run(settings, args.out, name)

@@ -129,6 +129,23 @@ def test_command_line_lr_reaches_every_phase_after_pretraining(forgetting, tmp_p
     assert forgetting.json.loads((tmp_path / "forgetting_fast.json").read_text())["settings"]["finetune_lr"] == 0.0042
 
 
+def test_speech_lr_scale_multiplies_only_the_speech_tensors_step(forgetting):
+    """Adam's first step moves each entry by about its learning rate (|g / sqrt(g²)| = 1, decay is 1% of that), so
+    the largest first-step change of the speech tensors over that of the text tensors is the scale."""
+    settings = forgetting.FAST
+    corpus = forgetting.build_corpus(settings)
+    model = forgetting.DeepTalkForCausalLM(forgetting.pretrain_config(settings, corpus.text_vocab_size, dense=False))
+    model.resize_speech_vocab(corpus.speech_vocab_size)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    forgetting.train(model, [("joint", corpus.joint[:1])], 1e-3, speech_lr_scale=3.0)
+    speech = set(forgetting.training_stage_parameters(model, "speech"))
+    moved = {"speech": 0.0, "text": 0.0}
+    for name, param in model.named_parameters():
+        group = "speech" if name in speech else "text"
+        moved[group] = max(moved[group], (param.detach() - before[name]).abs().max().item())
+    assert moved["speech"] / moved["text"] == pytest.approx(3.0, rel=0.03)
+
+
 def _run_record(lr: float, points: dict[str, tuple[float, float]]) -> dict:
     """A minimal results record: per arm (final speech loss, final text change %)."""
     return {
@@ -165,6 +182,12 @@ def test_matched_speech_interpolates_each_arm_at_deeptalks_speech_loss(forgettin
 def test_matched_speech_refuses_runs_that_differ_beyond_the_learning_rate(forgetting):
     runs = [_run_record(0.001, dict.fromkeys(forgetting.ARMS, (1.0, 1.0))) for _ in range(2)]
     runs[1]["settings"]["seed"] = 1
+    with pytest.raises(ValueError, match="finetune_lr"):
+        forgetting.matched_speech(runs)
+    # A run from before a setting existed ran with its default, and only differs from a run that changed it.
+    runs[1]["settings"] = {"finetune_lr": 0.002, "seed": 0, "speech_lr_scale": 1.0}
+    assert len(forgetting.matched_speech(runs)["rows"]) == 2
+    runs[1]["settings"]["speech_lr_scale"] = 3.0
     with pytest.raises(ValueError, match="finetune_lr"):
         forgetting.matched_speech(runs)
 

@@ -911,6 +911,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         (args.out / f"{name}.md").write_text(matched_speech_table(matched))
         print(matched_speech_table(matched))
         return
+    for option in ("lr", "speech_lr_scale"):
+        if getattr(args, option) is not None and not getattr(args, option) > 0:
+            parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     torch.set_num_threads(args.threads)
     settings = replace(FAST if args.fast else FULL, seed=args.seed)
     name = "forgetting" + ("_fast" if args.fast else "")

@@ -146,6 +146,14 @@ def test_speech_lr_scale_multiplies_only_the_speech_tensors_step(forgetting):
     assert moved["speech"] / moved["text"] == pytest.approx(3.0, rel=0.03)
 
 
+@pytest.mark.parametrize("option", ["--lr", "--speech-lr-scale"])
+def test_command_line_refuses_a_rate_that_is_not_positive(forgetting, tmp_path, capsys, option):
+    with pytest.raises(SystemExit):
+        forgetting.main(["--fast", option, "0", "--out", str(tmp_path)])
+    assert f"{option} must be positive" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def _run_record(lr: float, points: dict[str, tuple[float, float]]) -> dict:
     """A minimal results record: per arm (final speech loss, final text change %)."""
     return {

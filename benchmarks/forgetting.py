@@ -2,7 +2,7 @@
 
     python benchmarks/forgetting.py [--fast] [--seed 0] [--threads 1] [--out benchmarks/results] [--name NAME]
         [--joint-text-fraction 0.25] [--text-steps 0] [--speech-also PATTERN ...] [--num-speech-experts 4]
-        [--strategy paper] [--num-experts 16] [--expert-size 16] [--top-k 4] [--lr 1e-3]
+        [--strategy paper] [--num-experts 16] [--expert-size 16] [--top-k 4] [--lr 1e-3] [--speech-lr-scale 1]
     python benchmarks/forgetting.py --collect RUN.json [RUN.json ...] [--out DIR] [--name NAME]
 
 The paper (arXiv 2506.21864) reports a 5.5% text-ability drop for DeepTalk against > 20% for GLM-4-Voice-style dense
@@ -97,7 +97,7 @@ class Settings:
     strategy: str = "paper"  # arm (d)'s `assign_modality_experts` strategy: "paper" or "adaptive"
     pretrain_lr: float = 3e-3
     finetune_lr: float = 1e-3
-    speech_lr_scale: float = 1.0  # speech tensors' learning rate ÷ the others' in the speech and joint phases
+    speech_lr_scale: float = 1.0  # speech tensors' learning rate ÷ the others' in every phase after align
     paired_sentences: int = 4000  # the paired (TTS) corpus is small, as paired speech data is
     joint_text_fraction: float = 0.25  # share of each joint-phase batch that is text-corpus windows
     eval_text_windows: int = 128
@@ -879,7 +879,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     parser.add_argument("--strategy", choices=("paper", "adaptive"), help="how arm (d) picks its speech experts")
     parser.add_argument("--lr", type=float, help="peak learning rate of every phase after pre-training (all arms)")
     parser.add_argument(
-        "--speech-lr-scale", type=float, help="speech tensors' learning rate ÷ the others' in speech and joint phases"
+        "--speech-lr-scale", type=float, help="speech tensors' learning rate ÷ the others' in every phase after align"
     )
     parser.add_argument(
         "--collect",
@@ -908,8 +908,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         name = args.name or "forgetting_matched_speech"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}.json").write_text(json.dumps(matched, indent=1) + "\n")
-        (args.out / f"{name}.md").write_text(matched_speech_table(matched))
-        print(matched_speech_table(matched))
+        markdown = matched_speech_table(matched)
+        (args.out / f"{name}.md").write_text(markdown)
+        print(markdown)
         return
     for option in ("lr", "speech_lr_scale"):
         if getattr(args, option) is not None and not getattr(args, option) > 0:

@@ -3,6 +3,7 @@
     python benchmarks/forgetting.py [--fast] [--seed 0] [--threads 1] [--out benchmarks/results] [--name NAME]
         [--joint-text-fraction 0.25] [--text-steps 0] [--speech-also PATTERN ...] [--num-speech-experts 4]
         [--strategy paper] [--num-experts 16] [--expert-size 16] [--top-k 4] [--lr 1e-3] [--speech-lr-scale 1]
+        [--speech-attention]
     python benchmarks/forgetting.py --collect RUN.json [RUN.json ...] [--out DIR] [--name NAME]
 
 The paper (arXiv 2506.21864) reports a 5.5% text-ability drop for DeepTalk against > 20% for GLM-4-Voice-style dense
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 from deeptalk_hf import (
     DeepTalkConfig,
     DeepTalkForCausalLM,
+    add_speech_attention,
     assign_modality_experts,
     profile_modality_load,
     set_training_stage,
@@ -98,6 +100,7 @@ class Settings:
     pretrain_lr: float = 3e-3
     finetune_lr: float = 1e-3
     speech_lr_scale: float = 1.0  # speech tensors' learning rate ÷ the others' in every phase after align
+    speech_attention: bool = False  # the split arms also get speech attention projections (`add_speech_attention`)
     paired_sentences: int = 4000  # the paired (TTS) corpus is small, as paired speech data is
     joint_text_fraction: float = 0.25  # share of each joint-phase batch that is text-corpus windows
     eval_text_windows: int = 128
@@ -593,6 +596,8 @@ def run_arm(
         strategy = "random" if arm == "random_split" else settings.strategy
         count = None if strategy == "adaptive" else counts  # adaptive picks its own counts
         chosen = assign_modality_experts(model, load, num_speech_experts=count, strategy=strategy, seed=settings.seed)
+        if settings.speech_attention:
+            add_speech_attention(model)
         moved = [float(load.rho_text[i][ids].sum()) for i, ids in enumerate(chosen)]
     trainable: dict[str, dict[str, int]] = {}
     text_at_start: dict[str, dict[str, torch.Tensor]] = {}
@@ -882,6 +887,11 @@ def main(argv: Iterable[str] | None = None) -> None:
         "--speech-lr-scale", type=float, help="speech tensors' learning rate ÷ the others' in every phase after align"
     )
     parser.add_argument(
+        "--speech-attention",
+        action="store_true",
+        help="the split arms also get speech copies of the attention projections, trained as speech tensors",
+    )
+    parser.add_argument(
         "--collect",
         nargs="+",
         type=Path,
@@ -934,6 +944,8 @@ def main(argv: Iterable[str] | None = None) -> None:
         settings = replace(settings, finetune_lr=args.lr)
     if args.speech_lr_scale is not None:
         settings = replace(settings, speech_lr_scale=args.speech_lr_scale)
+    if args.speech_attention:
+        settings = replace(settings, speech_attention=True)
     name += f"_seed{args.seed}" if args.seed else ""
     name = args.name or name
     results = run(settings, args.out, name)

@@ -1,6 +1,7 @@
 """The forgetting benchmark (benchmarks/forgetting.py) runs end to end in its fast mode, and its arms really differ."""
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -90,6 +91,23 @@ def test_text_phase_and_speech_phase_extras(forgetting):
         assert arms[name]["text_tensors_changed_in_speech_phase"]
         assert arms[name]["trainable"]["speech"]["text_tensors"] == attention
     assert [point["step"] for point in arms["dense"]["curve"]] == [0, 10, 14, 20, 24]
+
+
+def test_speech_attention_option_gives_only_the_split_arms_speech_attention(forgetting, fast_run, tmp_path):
+    """`--speech-attention`: the split arms' speech phase also trains speech copies of the attention projections and
+    norms (4 + 2 per layer) and still leaves every text tensor bit-identical; the other arms do not change at all."""
+    forgetting.main(["--fast", "--speech-attention", "--out", str(tmp_path), "--name", "run"])
+    results = json.loads((tmp_path / "run.json").read_text())
+    assert results["settings"]["speech_attention"]
+    arms, plain = results["arms"], fast_run[0]["arms"]
+    for name in ("dense", "pure_moe"):
+        assert arms[name]["final"] == plain[name]["final"]
+    layers = forgetting.FAST.num_layers
+    for name in ("random_split", "deeptalk"):
+        speech, before = arms[name]["trainable"]["speech"], plain[name]["trainable"]["speech"]
+        assert speech["tensors"] == before["tensors"] + 6 * layers
+        assert speech["text_tensors"] == 0 and not arms[name]["text_tensors_changed_in_speech_phase"]
+        assert arms[name]["after_split"] == plain[name]["after_split"]  # the copies change nothing at the split
 
 
 def test_adaptive_strategy_random_split_moves_as_many_experts(forgetting):

@@ -18,6 +18,7 @@ from .kernels import register_experts_implementation
 from .lora import lora_config_for_stage
 from .modality import (
     ModalityLoad,
+    add_speech_attention,
     assign_modality_experts,
     profile_modality_load,
     set_training_stage,
@@ -99,6 +100,7 @@ __all__ = [
     "SpeechTextOutput",
     "SpeechUnitsLogitsProcessor",
     "TextDelta",
+    "add_speech_attention",
     "add_speech_tokens",
     "assign_modality_experts",
     "audio_token_lengths",

@@ -35,6 +35,11 @@ class DeepTalkConfig(PreTrainedConfig):
       experts follow the text experts.
     - `shared_expert_intermediate_size` / `shared_expert_gate`: optional shared experts for every token, with an
       optional Qwen2-MoE-style sigmoid gate.
+    - `speech_attention`: each layer also has speech copies of its attention projections (and q/k norms),
+      `self_attn.speech_{q,k,v,o}_proj` (`speech_{q,k}_norm`), used at speech positions; text positions keep the
+      original ones. Speech then learns to attend (e.g. to the text it speaks) in speech tensors, so the speech stage
+      leaves text attention untouched. `add_speech_attention` turns it on for a built model, copying the text
+      projections. Not with multi-head latent attention.
     - `router_z_loss_coef`: weight of the router z-loss (`mean(logsumexp(logits)**2)`).
     - `qkv_bias`: bias on q/k/v only (Qwen2); `attention_bias` puts a bias on q/k/v/o (Llama, Qwen3).
     - `use_qk_norm`: RMSNorm on queries and keys, per head (`qk_norm_type="head"`, Qwen3) or over the whole q/k
@@ -67,6 +72,12 @@ class DeepTalkConfig(PreTrainedConfig):
         "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.self_attn.speech_q_proj": "colwise",
+        "layers.*.self_attn.speech_k_proj": "colwise",
+        "layers.*.self_attn.speech_v_proj": "colwise",
+        "layers.*.self_attn.speech_q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.speech_k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.speech_o_proj": "rowwise",
         "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
@@ -138,6 +149,7 @@ class DeepTalkConfig(PreTrainedConfig):
     speech_expert_ids: list[list[int]] | None = None
     shared_expert_intermediate_size: int = 0
     shared_expert_gate: bool = False
+    speech_attention: bool = False
     num_audio_streams: int = 0
     audio_codebook_size: int = 4096
     audio_pad_token_id: int | None = None
@@ -227,6 +239,11 @@ class DeepTalkConfig(PreTrainedConfig):
             raise ValueError(
                 "kv_lora_rank is set (multi-head latent attention) but qk_nope_head_dim, qk_rope_head_dim or "
                 f"v_head_dim is missing: {self.qk_nope_head_dim}, {self.qk_rope_head_dim}, {self.v_head_dim}"
+            )
+        if self.speech_attention and self.kv_lora_rank is not None:
+            raise ValueError(
+                "speech_attention is not supported with multi-head latent attention (kv_lora_rank is set): speech "
+                "copies of the attention projections exist for standard attention only"
             )
         if self.num_experts_per_tok < 1:
             raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be at least 1")

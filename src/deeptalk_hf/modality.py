@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .modeling_deeptalk import (
+    DeepTalkAttention,
     DeepTalkExperts,
     DeepTalkForCausalLM,
     DeepTalkSparseMoeBlock,
@@ -327,6 +328,27 @@ def assign_modality_experts(
     config.speech_expert_ids = chosen
     config._validate_deeptalk()
     return chosen
+
+
+def add_speech_attention(model: nn.Module) -> None:
+    """Give every attention layer speech projections (`config.speech_attention`), copies of its text ones.
+
+    The model computes what it did before (text positions bit for bit, speech positions up to float rounding); from then on speech positions use the copies, which are speech
+    tensors (the `"speech"` stage trains them), so speech can learn to attend without changing text attention. The
+    copies keep the `requires_grad` of the tensors they copy. Saved checkpoints record the setting in the config.
+    """
+    layers = [module for module in model.modules() if isinstance(module, DeepTalkAttention)]
+    if not layers:
+        raise ValueError(
+            "the model has no standard attention layers to give speech projections (multi-head latent "
+            "attention is not supported)"
+        )
+    config = layers[0].config
+    if config.speech_attention:
+        raise ValueError("the model already has speech attention (config.speech_attention is True)")
+    for attention in layers:
+        attention.add_speech_projections()
+    config.speech_attention = True
 
 
 def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:

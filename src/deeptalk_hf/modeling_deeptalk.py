@@ -2,10 +2,12 @@
 
 The text model is an ordinary Qwen3-MoE-style decoder. Everything speech-specific lives in its own tensors beside it:
 `mlp.speech_experts` / `mlp.speech_gate` in each MoE layer, `model.speech_embed_tokens` and `speech_lm_head` for the
-speech block of the vocabulary. Under hard modality routing a text token only touches text tensors, so freezing a
+speech block of the vocabulary, and optionally `self_attn.speech_*` attention projections used at speech positions.
+Under hard modality routing a text token only touches text tensors, so freezing a
 modality is `requires_grad=False` on whole tensors and text outputs stay bit-identical through speech-only training.
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,7 +115,11 @@ def topk_routing(
 
 class DeepTalkAttention(nn.Module):
     """GQA attention with optional qkv bias (Qwen2), q/k norm per head (Qwen3) or over the whole projection with q/k/v
-    clipping (OLMoE), and sliding window, via `ALL_ATTENTION_FUNCTIONS`."""
+    clipping (OLMoE), and sliding window, via `ALL_ATTENTION_FUNCTIONS`.
+
+    With `config.speech_attention`, speech positions use speech copies of the projections and q/k norms (text
+    positions compute exactly what they would without them); all positions share one attention over one KV cache.
+    """
 
     def __init__(self, config: DeepTalkConfig, layer_idx: int):
         super().__init__()
@@ -136,6 +142,24 @@ class DeepTalkAttention(nn.Module):
             self.q_norm = DeepTalkRMSNorm(self.head_dim if per_head else q_size, eps=config.rms_norm_eps)
             self.k_norm = DeepTalkRMSNorm(self.head_dim if per_head else kv_size, eps=config.rms_norm_eps)
         self.sliding_window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        if config.speech_attention:
+            self.add_speech_projections()
+
+    def add_speech_projections(self) -> None:
+        """Create `speech_{q,k,v,o}_proj` (and `speech_{q,k}_norm`) as copies of the text ones, `requires_grad`
+        included, so the model's function is unchanged until they are trained."""
+        names = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["q_norm", "k_norm"] if self.qk_norm_type else [])
+        for name in names:
+            self.add_module(f"speech_{name}", copy.deepcopy(getattr(self, name)))
+
+    def _project(
+        self, name: str, states: torch.Tensor, speech_index: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """`name` (e.g. `"q_proj"`) applied to `states` `[batch, seq, ...]`, its speech copy at `speech_index`."""
+        out = getattr(self, name)(states)
+        if speech_index is None:
+            return out
+        return out.index_put(speech_index, getattr(self, f"speech_{name}")(states[speech_index]))
 
     def forward(
         self,
@@ -143,19 +167,27 @@ class DeepTalkAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        speech_index: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r"""
+        speech_index (`tuple(torch.LongTensor, torch.LongTensor)`, *optional*):
+            (batch, position) indices of the speech positions, which use the speech projections; only with
+            `config.speech_attention`.
+        """
         config = self.config
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states)
-        key_states = self.k_proj(hidden_states)
-        value_states = self.v_proj(hidden_states)
+        query_states = self._project("q_proj", hidden_states, speech_index)
+        key_states = self._project("k_proj", hidden_states, speech_index)
+        value_states = self._project("v_proj", hidden_states, speech_index)
         if self.qk_norm_type == "full":  # OLMoE: before the head split
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+            query_states = self._project("q_norm", query_states, speech_index)
+            key_states = self._project("k_norm", key_states, speech_index)
         query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
         if self.qk_norm_type == "head":
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+            query_states = self._project("q_norm", query_states, speech_index)
+            key_states = self._project("k_norm", key_states, speech_index)
         if config.clip_qkv is not None:
             query_states = query_states.clamp(-config.clip_qkv, config.clip_qkv)
             key_states = key_states.clamp(-config.clip_qkv, config.clip_qkv)
@@ -183,7 +215,7 @@ class DeepTalkAttention(nn.Module):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(attn_output), attn_weights
+        return self._project("o_proj", attn_output, speech_index), attn_weights
 
 
 class DeepTalkMLAttention(DeepseekV3Attention):
@@ -397,6 +429,7 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         modality_ids: torch.Tensor | None = None,
+        speech_index: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
@@ -408,6 +441,7 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
             cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            speech_index=speech_index,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -561,6 +595,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             if "sliding_attention" in self.config.layer_types:
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
+        # One host sync per forward, not one per projection: the speech attention indexes with it.
+        speech_index = is_speech.nonzero(as_tuple=True) if self.config.speech_attention else None
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
@@ -572,6 +608,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
                 modality_ids=is_speech,
+                speech_index=speech_index,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)

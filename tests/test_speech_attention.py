@@ -16,19 +16,10 @@ from deeptalk_hf import (
 )
 
 from .conftest import tiny_config
+from .test_modality import randomize
 
 SPEECH_START = 64  # tiny_config: vocab 80, the last 16 ids are speech
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")
-
-
-def randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Order-one weights so that every projection and norm matters."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.2 * noise if "norm" in name else 0.3 * noise)
-    return model
 
 
 def perturb_speech_attention(model: nn.Module, seed: int = 1) -> None:

@@ -60,7 +60,8 @@ def lora_config_for_stage(
 ) -> LoraConfig:
     """A `LoraConfig` that adapts what training stage `stage` trains in `model` (see `set_training_stage`).
 
-    - `"speech"`: LoRA on the speech experts and speech routers; the speech embeddings and output heads in full.
+    - `"speech"`: LoRA on the speech experts, speech routers and speech attention projections (if any); the speech
+      embeddings and output heads in full (speech q/k norms stay frozen, as norms do in every stage).
     - `"text"`: LoRA on the text experts and text routers only.
     - `"joint"`: LoRA on both experts groups, all routers, attention, dense MLPs and shared experts; the speech
       embeddings and output heads in full; text embeddings, LM head and norms frozen.

@@ -333,9 +333,10 @@ def assign_modality_experts(
 def add_speech_attention(model: nn.Module) -> None:
     """Give every attention layer speech projections (`config.speech_attention`), copies of its text ones.
 
-    The model computes what it did before (text positions bit for bit, speech positions up to float rounding); from then on speech positions use the copies, which are speech
-    tensors (the `"speech"` stage trains them), so speech can learn to attend without changing text attention. The
-    copies keep the `requires_grad` of the tensors they copy. Saved checkpoints record the setting in the config.
+    The model computes what it did before (text positions bit for bit, speech positions up to float rounding). From
+    then on speech positions use the copies, which are speech tensors (the `"speech"` stage trains them), so speech
+    learns to attend without changing text attention. The copies keep the `requires_grad` of the tensors they copy;
+    saved checkpoints record the setting in the config.
     """
     layers = [module for module in model.modules() if isinstance(module, DeepTalkAttention)]
     if not layers:

@@ -3,8 +3,8 @@
 The text model is an ordinary Qwen3-MoE-style decoder. Everything speech-specific lives in its own tensors beside it:
 `mlp.speech_experts` / `mlp.speech_gate` in each MoE layer, `model.speech_embed_tokens` and `speech_lm_head` for the
 speech block of the vocabulary, and optionally `self_attn.speech_*` attention projections used at speech positions.
-Under hard modality routing a text token only touches text tensors, so freezing a
-modality is `requires_grad=False` on whole tensors and text outputs stay bit-identical through speech-only training.
+Under hard modality routing a text token only touches text tensors, so freezing a modality is `requires_grad=False`
+on whole tensors and text outputs stay bit-identical through speech-only training.
 """
 
 import copy

@@ -26,8 +26,9 @@ training. This is the same question at toy scale, on CPU, with everything genera
 
 Each arm reports its text perplexity change against its own pre-trained model and its held-out speech loss. Results:
 `forgetting.json`, `forgetting.md` (the table) and `forgetting.png` (curves) in `--out`; `--fast` runs tiny sizes
-(for the tests) and writes `forgetting_fast.*`. `--collect` reads runs that differ only in `--lr` and compares the
-arms at equal speech loss (`forgetting_matched_speech.{json,md}`). docs/forgetting.md explains the design and the
+(for the tests) and writes `forgetting_fast.*`; every other option adds its setting to the name
+(`--seed 1 --lr 0.002` writes `forgetting_finetune_lr0.002_seed1.*`) unless `--name` is given. `--collect` reads
+runs that differ only in `--lr` and compares the arms at equal speech loss (`forgetting_matched_speech.{json,md}`). docs/forgetting.md explains the design and the
 results.
 """
 
@@ -868,6 +869,24 @@ def write_results(results: dict, out_dir: Path, name: str) -> None:
     plot(results, out_dir / f"{name}.png")
 
 
+def _default_name(settings: Settings, base: Settings) -> str:
+    """`forgetting[_fast]` plus every setting that differs from `base`, so no ablation overwrites the main run."""
+    name = "forgetting" + ("_fast" if base is FAST else "")
+    for setting in fields(Settings):
+        value, default = getattr(settings, setting.name), getattr(base, setting.name)
+        if setting.name == "seed" or value == default:
+            continue
+        if setting.name == "joint_text_fraction":
+            name += f"_text{value:g}"
+        elif isinstance(value, bool):
+            name += f"_{setting.name}" if value else f"_no_{setting.name}"
+        elif isinstance(value, tuple):  # glob patterns: their count keeps the name a plain file name
+            name += f"_{setting.name}{len(value)}"
+        else:
+            name += f"_{setting.name}{value:g}" if isinstance(value, float) else f"_{setting.name}{value}"
+    return name + (f"_seed{settings.seed}" if settings.seed else "")
+
+
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="tiny sizes and few steps (the tests' mode)")
@@ -926,11 +945,10 @@ def main(argv: Iterable[str] | None = None) -> None:
         if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
     torch.set_num_threads(args.threads)
-    settings = replace(FAST if args.fast else FULL, seed=args.seed)
-    name = "forgetting" + ("_fast" if args.fast else "")
+    base = FAST if args.fast else FULL
+    settings = replace(base, seed=args.seed)
     if args.joint_text_fraction is not None:
         settings = replace(settings, joint_text_fraction=args.joint_text_fraction)
-        name += f"_text{args.joint_text_fraction:g}"
     if args.text_steps is not None:
         settings = replace(settings, text_steps=args.text_steps)
     if args.speech_also is not None:
@@ -946,8 +964,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         settings = replace(settings, speech_lr_scale=args.speech_lr_scale)
     if args.speech_attention:
         settings = replace(settings, speech_attention=True)
-    name += f"_seed{args.seed}" if args.seed else ""
-    name = args.name or name
+    name = args.name or _default_name(settings, base)
     results = run(settings, args.out, name)
     print(table(results))
     print("goal met" if results["goal"]["met"] else f"goal not met: {results['goal']}")

@@ -108,6 +108,8 @@ def test_speech_attention_option_gives_only_the_split_arms_speech_attention(forg
         assert speech["tensors"] == before["tensors"] + 6 * layers
         assert speech["text_tensors"] == 0 and not arms[name]["text_tensors_changed_in_speech_phase"]
         assert arms[name]["after_split"] == plain[name]["after_split"]  # the copies change nothing at the split
+    ablation = forgetting.replace(forgetting.FAST, speech_attention=True, speech_also=("*.self_attn.*",), seed=2)
+    assert forgetting._default_name(ablation, forgetting.FAST) == "forgetting_fast_speech_also1_speech_attention_seed2"
 
 
 def test_adaptive_strategy_random_split_moves_as_many_experts(forgetting):
@@ -122,7 +124,7 @@ def test_adaptive_strategy_random_split_moves_as_many_experts(forgetting):
 def test_command_line_sizes_reach_the_models(forgetting, tmp_path):
     """`--num-experts/--expert-size/--top-k` change the pre-trained MoE, and the dense MLP follows `top_k * size`."""
     forgetting.main(["--fast", "--num-experts", "6", "--expert-size", "8", "--top-k", "3", "--out", str(tmp_path)])
-    results = forgetting.json.loads((tmp_path / "forgetting_fast.json").read_text())
+    results = forgetting.json.loads((tmp_path / "forgetting_fast_num_experts6_top_k3_expert_size8.json").read_text())
     settings = results["settings"]
     assert (settings["num_experts"], settings["expert_size"], settings["top_k"]) == (6, 8, 3)
     assert [len(r) for r in results["profile"]["rho_text"]] == [6] * settings["num_layers"]
@@ -144,7 +146,14 @@ def test_command_line_lr_reaches_every_phase_after_pretraining(forgetting, tmp_p
     assert [lr for names, lr in seen if names == ["pretrain"]] == [forgetting.FAST.pretrain_lr] * 2
     later = [lr for names, lr in seen if names != ["pretrain"]]
     assert len(later) == 2 + len(forgetting.ARMS) and set(later) == {0.0042}  # two aligns, then one run per arm
-    assert forgetting.json.loads((tmp_path / "forgetting_fast.json").read_text())["settings"]["finetune_lr"] == 0.0042
+    # The default file name records every changed setting, so an ablation never overwrites the main run.
+    assert [path.name for path in tmp_path.glob("*.json")] == ["forgetting_fast_finetune_lr0.0042.json"]
+    assert (
+        forgetting.json.loads((tmp_path / "forgetting_fast_finetune_lr0.0042.json").read_text())["settings"][
+            "finetune_lr"
+        ]
+        == 0.0042
+    )
 
 
 def test_speech_lr_scale_multiplies_only_the_speech_tensors_step(forgetting):

@@ -208,6 +208,30 @@ def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(split(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-4)
 
+    # --speech-attention: the same split, plus speech attention projections equal to the text ones.
+    with_attention = tmp_path / "split_attention"
+    assert (
+        profile_main(
+            [
+                *arguments[:2],
+                "--quiet",
+                "--assign-to",
+                str(with_attention),
+                "--num-speech-experts",
+                "2,3",
+                "--speech-attention",
+            ]
+        )
+        == EXIT_OK
+    )
+    attended, info = AutoModelForCausalLM.from_pretrained(with_attention, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and attended.config.speech_attention
+    assert attended.config.speech_expert_ids == split.config.speech_expert_ids
+    weights = dict(attended.named_parameters())
+    assert torch.equal(
+        weights["model.layers.1.self_attn.speech_v_proj.weight"], weights["model.layers.1.self_attn.v_proj.weight"]
+    )
+
 
 def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     data = write_data(tmp_path / "data.jsonl")
@@ -231,6 +255,9 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert (tmp_path / "taken.json").read_text() == "{}"
     with pytest.raises(SystemExit) as exit_info:
         profile_main([model, str(data), "--strategy", "adaptive", "--num-speech-experts", "2", "--assign-to", "x"])
+    assert exit_info.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_info:
+        profile_main([model, str(data), "--speech-attention"])
     assert exit_info.value.code == EXIT_USAGE
     if importlib.util.find_spec("matplotlib") is None:
         assert profile_main([model, str(data), "--plot", str(tmp_path / "p.png"), "--quiet"]) == EXIT_USAGE

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .modality import ASSIGNMENT_STRATEGIES, assign_modality_experts, profile_modality_load
+from .modality import ASSIGNMENT_STRATEGIES, add_speech_attention, assign_modality_experts, profile_modality_load
 from .modeling_deeptalk import DeepTalkForCausalLM
 from .upcycling import (
     MOE_ARCHITECTURES,
@@ -313,6 +313,12 @@ def profile_parser() -> argparse.ArgumentParser:
         help="speech experts per MoE layer, one count or one per MoE layer (default: the model's current counts)",
     )
     assign.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default: 0)")
+    assign.add_argument(
+        "--speech-attention",
+        action="store_true",
+        help="also give speech positions their own attention projections, copies of the text ones "
+        "(add_speech_attention), in the saved model",
+    )
     parser.add_argument(
         "--overwrite", action="store_true", help="replace existing --output/--plot files and --assign-to DIR"
     )
@@ -342,6 +348,8 @@ def profile_main(argv: list[str] | None = None) -> int:
     counts = args.num_speech_experts
     if counts is not None and args.strategy == "adaptive":
         parser.error("--strategy adaptive chooses the counts itself; drop --num-speech-experts")
+    if args.speech_attention and not args.assign_to:
+        parser.error("--speech-attention changes the saved model: it needs --assign-to DIR")
 
     def action():
         if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -387,6 +395,8 @@ def profile_main(argv: list[str] | None = None) -> int:
             chosen = assign_modality_experts(
                 model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed
             )
+            if args.speech_attention:
+                add_speech_attention(model)
             with atomic_output_dir(args.assign_to, overwrite=args.overwrite) as staging:
                 model.save_pretrained(staging)
                 _copy_tokenizer(source, staging)

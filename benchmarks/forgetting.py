@@ -28,8 +28,8 @@ Each arm reports its text perplexity change against its own pre-trained model an
 `forgetting.json`, `forgetting.md` (the table) and `forgetting.png` (curves) in `--out`; `--fast` runs tiny sizes
 (for the tests) and writes `forgetting_fast.*`; every other option adds its setting to the name
 (`--seed 1 --lr 0.002` writes `forgetting_finetune_lr0.002_seed1.*`) unless `--name` is given. `--collect` reads
-runs that differ only in `--lr` and compares the arms at equal speech loss (`forgetting_matched_speech.{json,md}`). docs/forgetting.md explains the design and the
-results.
+runs that differ only in `--lr` and compares the arms at equal speech loss (`forgetting_matched_speech.{json,md}`).
+docs/forgetting.md explains the design and the results.
 """
 
 import argparse
@@ -878,8 +878,8 @@ def _default_name(settings: Settings, base: Settings) -> str:
             continue
         if setting.name == "joint_text_fraction":
             name += f"_text{value:g}"
-        elif isinstance(value, bool):
-            name += f"_{setting.name}" if value else f"_no_{setting.name}"
+        elif isinstance(value, bool):  # the one flag, `speech_attention`, is off by default
+            name += f"_{setting.name}"
         elif isinstance(value, tuple):  # glob patterns: their count keeps the name a plain file name
             name += f"_{setting.name}{len(value)}"
         else:

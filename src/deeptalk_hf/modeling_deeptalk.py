@@ -156,6 +156,8 @@ class DeepTalkAttention(nn.Module):
         self, name: str, states: torch.Tensor, speech_index: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
         """`name` (e.g. `"q_proj"`) applied to `states` `[batch, seq, ...]`, its speech copy at `speech_index`."""
+        # The text module runs on every row (speech rows are overwritten) so that text rows see exactly the matmul of
+        # a model without speech attention: projecting only the text rows would change the float rounding.
         out = getattr(self, name)(states)
         if speech_index is None:
             return out

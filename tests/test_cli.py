@@ -232,6 +232,13 @@ def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
         weights["model.layers.1.self_attn.speech_v_proj.weight"], weights["model.layers.1.self_attn.v_proj.weight"]
     )
 
+    # A model that already has speech attention is refused before profiling, and nothing is written.
+    again = tmp_path / "again"
+    assert (
+        profile_main([str(with_attention), str(data), "--assign-to", str(again), "--speech-attention"]) == EXIT_SOURCE
+    )
+    assert "already has speech attention" in capsys.readouterr().err and not again.exists()
+
 
 def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     data = write_data(tmp_path / "data.jsonl")

@@ -372,6 +372,8 @@ def profile_main(argv: list[str] | None = None) -> int:
                 f"{args.model} is a {type(model).__name__}; profile a DeepTalk model (upcycle or import it first)"
             )
         config = model.config
+        if args.speech_attention and config.speech_attention:
+            raise CheckpointError(f"{args.model} already has speech attention; drop --speech-attention")
         with open(args.data, encoding="utf-8") as file:
             total = sum(1 for line in file if line.strip())
         batches = read_jsonl_batches(

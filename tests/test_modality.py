@@ -16,6 +16,7 @@ from deeptalk_hf import (
     DeepTalkForCausalLM,
     ModalityLoad,
     assign_modality_experts,
+    move_speech_experts,
     profile_modality_load,
     set_training_stage,
 )
@@ -204,6 +205,34 @@ def test_assignment_errors(model):
         assign_modality_experts(model, text_only, num_speech_experts=1)
     with pytest.raises(ValueError, match="adaptive"):
         assign_modality_experts(model, load, strategy="adaptive", num_speech_experts=1)
+
+
+@settings(max_examples=8, deadline=None)
+@given(draws=st.lists(st.permutations(range(6)), min_size=2, max_size=2), counts=st.tuples(*[st.integers(0, 5)] * 2))
+def test_move_speech_experts_is_the_move_of_assignment(model, draws, counts):
+    """Given ids, `move_speech_experts` builds the same model, bit for bit, as an assignment that chose those ids."""
+    ids = [list(draw[:count]) for draw, count in zip(draws, counts, strict=True)]
+    # A load whose paper-rule ranking puts exactly the wanted experts first.
+    speech = [[2 if expert in wanted else 1 for expert in range(6)] for wanted in ids]
+    load = hand_made_load(speech, [[1] * 6] * 2, layers=model.config.moe_layers)
+    assigned, moved = copy.deepcopy(model), copy.deepcopy(model)
+    assert assign_modality_experts(assigned, load, num_speech_experts=list(counts)) == [sorted(i) for i in ids]
+    move_speech_experts(moved, [list(reversed(i)) for i in ids])  # any order in, source order recorded
+    assert moved.config.to_dict() == assigned.config.to_dict()
+    expected = assigned.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in moved.state_dict().items())
+    assert moved.state_dict().keys() == expected.keys()
+
+
+def test_move_speech_experts_errors(model):
+    for ids, problem in (
+        ([[0]], "2 MoE layers"),
+        ([[0, 0], []], "distinct"),
+        ([[6], []], r"\[0, 6\)"),
+        ([list(range(6)), []], "at least one text expert"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            move_speech_experts(copy.deepcopy(model), ids)
 
 
 def assert_same_logits(actual, expected):

@@ -3,8 +3,9 @@
 1. `profile_modality_load` runs a DeepTalk model with modality routing off (every token scored over all experts, as
    the source MoE did) and counts, per MoE layer and expert, the top-k assignments and router probability mass of
    speech and of text tokens: a `ModalityLoad`.
-2. `assign_modality_experts` moves the chosen experts (and their router rows) into `speech_experts`/`speech_gate`:
-   a permutation, so with routing off the model computes exactly what it did before.
+2. `assign_modality_experts` moves the chosen experts (and their router rows) into `speech_experts`/`speech_gate`
+   (`move_speech_experts` for a split chosen elsewhere): a permutation, so with routing off the model computes exactly
+   what it did before.
 3. `set_training_stage` switches `requires_grad` on whole tensors, so freezing a modality is exact with any optimizer.
 """
 
@@ -320,14 +321,40 @@ def assign_modality_experts(
             )
     generator = torch.Generator().manual_seed(seed)
     chosen = [_choose_speech_experts(load, i, count, strategy, generator) for i, count in enumerate(counts)]
+    move_speech_experts(model, chosen)
+    return chosen
+
+
+def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[Sequence[int]]) -> None:
+    """Make exactly `speech_expert_ids` (source indices, one list per MoE layer) each layer's speech experts.
+
+    The move behind `assign_modality_experts`, for a split chosen some other way: a published one, or one picked by a
+    measure other than the load. Indices are in source order, so it also re-splits an already split model; with
+    `modality_routing="none"` the model computes exactly what it did before.
+    """
+    config = model.config
+    layers = config.moe_layers
+    sizes = [sum(config.layer_experts(layer)) for layer in layers]
+    if len(speech_expert_ids) != len(layers):
+        raise ValueError(
+            f"speech_expert_ids has {len(speech_expert_ids)} lists but the model has {len(layers)} MoE layers {layers}"
+        )
+    chosen = []
+    for layer, given, size in zip(layers, speech_expert_ids, sizes, strict=True):
+        ids = sorted(int(i) for i in given)
+        if len(set(ids)) != len(ids) or any(not 0 <= i < size for i in ids) or len(ids) >= size:
+            raise ValueError(
+                f"speech_expert_ids for MoE layer {layer} must be distinct indices in [0, {size}) leaving at least one "
+                f"text expert, got {list(given)}"
+            )
+        chosen.append(ids)
     # Every layer's current order is read from the config before the config records the new one.
-    for layer, speech_ids in zip(layers, chosen, strict=True):
-        _regroup(model.model.layers[layer].mlp, speech_ids)
+    for layer, ids in zip(layers, chosen, strict=True):
+        _regroup(model.model.layers[layer].mlp, ids)
     config.num_experts = [size - len(ids) for size, ids in zip(sizes, chosen, strict=True)]
     config.num_speech_experts = [len(ids) for ids in chosen]
     config.speech_expert_ids = chosen
     config._validate_deeptalk()
-    return chosen
 
 
 def add_speech_attention(model: nn.Module) -> None:
@@ -404,7 +431,9 @@ __all__ = [
     "ASSIGNMENT_STRATEGIES",
     "TRAINING_STAGES",
     "ModalityLoad",
+    "add_speech_attention",
     "assign_modality_experts",
+    "move_speech_experts",
     "profile_modality_load",
     "set_training_stage",
     "training_stage_parameters",

@@ -3,7 +3,7 @@
     python benchmarks/forgetting.py [--fast] [--seed 0] [--threads 1] [--out benchmarks/results] [--name NAME]
         [--joint-text-fraction 0.25] [--text-steps 0] [--speech-also PATTERN ...] [--num-speech-experts 4]
         [--strategy paper] [--num-experts 16] [--expert-size 16] [--top-k 4] [--lr 1e-3] [--speech-lr-scale 1]
-        [--speech-attention]
+        [--speech-attention] [--split-study]
     python benchmarks/forgetting.py --collect RUN.json [RUN.json ...] [--out DIR] [--name NAME]
 
 The paper (arXiv 2506.21864) reports a 5.5% text-ability drop for DeepTalk against > 20% for GLM-4-Voice-style dense
@@ -29,7 +29,9 @@ Each arm reports its text perplexity change against its own pre-trained model an
 (for the tests) and writes `forgetting_fast.*`; every other option adds its setting to the name
 (`--seed 1 --lr 0.002` writes `forgetting_finetune_lr0.002_seed1.*`) unless `--name` is given. `--collect` reads
 runs that differ only in `--lr` and compares the arms at equal speech loss (`forgetting_matched_speech.{json,md}`).
-docs/forgetting.md explains the design and the results.
+`--split-study` asks whether the choice of experts matters: it measures what each expert's removal costs text, the
+text cost of (d)'s split against an oracle's and 64 random draws', and runs the oracle split (e) and two more random
+draws (c2, c3) through the same stages. docs/forgetting.md explains the design and the results.
 """
 
 import argparse
@@ -52,6 +54,7 @@ from deeptalk_hf import (
     DeepTalkForCausalLM,
     add_speech_attention,
     assign_modality_experts,
+    move_speech_experts,
     profile_modality_load,
     set_training_stage,
     training_stage_parameters,
@@ -65,6 +68,14 @@ ARMS = {
     "random_split": "(c) random split + stages",
     "deeptalk": "(d) DeepTalk: load split + stages",
 }
+# `--split-study` adds these arms: the split that costs text least, and two more random draws.
+STUDY_ARMS = {
+    "oracle_split": "(e) text-cost oracle split + stages",
+    "random_split_2": "(c2) random split, 2nd draw + stages",
+    "random_split_3": "(c3) random split, 3rd draw + stages",
+}
+TITLES = ARMS | STUDY_ARMS
+RANDOM_DRAWS = 64  # random splits whose text cost `--split-study` measures
 IGNORE = -100
 
 
@@ -102,6 +113,7 @@ class Settings:
     finetune_lr: float = 1e-3
     speech_lr_scale: float = 1.0  # speech tensors' learning rate ÷ the others' in every phase after align
     speech_attention: bool = False  # the split arms also get speech attention projections (`add_speech_attention`)
+    split_study: bool = False  # also measure what the choice of experts costs text (`split_study`) and run STUDY_ARMS
     paired_sentences: int = 4000  # the paired (TTS) corpus is small, as paired speech data is
     joint_text_fraction: float = 0.25  # share of each joint-phase batch that is text-corpus windows
     eval_text_windows: int = 128
@@ -494,14 +506,11 @@ def evaluate(model: DeepTalkForCausalLM, corpus: Corpus, chunk: int = 64) -> dic
     training = model.training
     model.eval()
     start = corpus.text_vocab_size
-    sums = dict.fromkeys(("text", "text_full", "speech", "speech_full"), 0.0)
-    counts = {"text": 0, "speech": 0}
-    for ids in corpus.eval_text["input_ids"].split(chunk):
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        target = ids[:, 1:].reshape(-1)
-        sums["text"] += F.cross_entropy(logits[..., :start].reshape(-1, start), target, reduction="sum").item()
-        sums["text_full"] += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, reduction="sum").item()
-        counts["text"] += target.numel()
+    sums = dict.fromkeys(("speech", "speech_full"), 0.0)
+    counts = {"speech": 0}
+    sums["text"], sums["text_full"], counts["text"] = _text_sums(
+        model, corpus.eval_text["input_ids"].split(chunk), start
+    )
     speech = [corpus.eval_speech[k].split(chunk) for k in ("input_ids", "attention_mask", "answer")]
     for ids, mask, answer in zip(*speech) if model.config.speech_vocab_size else ():
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -518,6 +527,23 @@ def evaluate(model: DeepTalkForCausalLM, corpus: Corpus, chunk: int = 64) -> dic
         "speech_loss": sums["speech"] / counts["speech"] if counts["speech"] else math.nan,
         "speech_loss_full_vocab": sums["speech_full"] / counts["speech"] if counts["speech"] else math.nan,
     }
+
+
+@torch.no_grad()
+def _text_sums(
+    model: DeepTalkForCausalLM, windows: Iterable[torch.Tensor], text_vocab: int
+) -> tuple[float, float, int]:
+    """Summed next-token cross-entropy of text windows under the text block's softmax and under the full vocabulary,
+    and the number of predictions."""
+    text = full = 0.0
+    count = 0
+    for ids in windows:
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        target = ids[:, 1:].reshape(-1)
+        text += F.cross_entropy(logits[..., :text_vocab].reshape(-1, text_vocab), target, reduction="sum").item()
+        full += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target, reduction="sum").item()
+        count += target.numel()
+    return text, full, count
 
 
 def _trainable_summary(model: DeepTalkForCausalLM) -> dict[str, int]:
@@ -577,6 +603,40 @@ def add_speech(model: DeepTalkForCausalLM, corpus: Corpus, settings: Settings) -
     train(model, [("align", corpus.align)], settings.finetune_lr, stage=lambda _: set_training_stage(model, "speech"))
 
 
+Split = Callable[[DeepTalkForCausalLM], list[list[int]]]  # moves a model's speech experts, returns their ids
+
+
+def splits(
+    settings: Settings, load, counts: int | list[int], oracle: list[list[int]] | None = None
+) -> dict[str, Split]:
+    """How each split arm chooses its speech experts: (c) at random, (d) by load, and with `--split-study` (e) the
+    `oracle` ids and (c2), (c3) the first two of `split_study`'s random draws."""
+    chosen = {
+        "random_split": _assigner(load, counts, "random", settings.seed),
+        "deeptalk": _assigner(load, counts, settings.strategy, settings.seed),
+    }
+    if oracle is not None:
+
+        def move_oracle(model: DeepTalkForCausalLM) -> list[list[int]]:
+            move_speech_experts(model, oracle)
+            return oracle
+
+        chosen["oracle_split"] = move_oracle
+        chosen |= {f"random_split_{draw + 2}": _random_draw(settings, load, counts, draw) for draw in range(2)}
+    return chosen
+
+
+def _assigner(load, counts: int | list[int], strategy: str, seed: int) -> Split:
+    """`assign_modality_experts` with these arguments, as a `Split`."""
+    count = None if strategy == "adaptive" else counts  # adaptive picks its own counts
+    return lambda model: assign_modality_experts(model, load, num_speech_experts=count, strategy=strategy, seed=seed)
+
+
+def _random_draw(settings: Settings, load, counts: int | list[int], draw: int) -> Split:
+    """`split_study`'s random draw number `draw`, seeded apart from arm (c)'s draw (which uses `settings.seed`)."""
+    return _assigner(load, counts, "random", 1000 * (settings.seed + 1) + draw)
+
+
 def run_arm(
     arm: str,
     model: DeepTalkForCausalLM,
@@ -584,19 +644,18 @@ def run_arm(
     corpus: Corpus,
     settings: Settings,
     load=None,
-    counts: int | list[int] | None = None,
+    split: Split | None = None,
 ) -> ArmResult:
-    """Teach `model` (pre-trained, speech rows aligned) speech as `arm`: split (c, d), then speech and joint phases.
+    """Teach `model` (pre-trained, speech rows aligned) speech as `arm`: `split` (the split arms), then speech and
+    joint phases.
 
     All arms run the same two phases under one optimizer and schedule. Staged arms train the library's `"speech"`
     stage (speech tensors only) in the speech phase; the others train everything throughout.
     """
     started = time.perf_counter()
     chosen = moved = None
-    if arm in ("random_split", "deeptalk"):
-        strategy = "random" if arm == "random_split" else settings.strategy
-        count = None if strategy == "adaptive" else counts  # adaptive picks its own counts
-        chosen = assign_modality_experts(model, load, num_speech_experts=count, strategy=strategy, seed=settings.seed)
+    if split is not None:
+        chosen = split(model)
         if settings.speech_attention:
             add_speech_attention(model)
         moved = [float(load.rho_text[i][ids].sum()) for i, ids in enumerate(chosen)]
@@ -624,7 +683,7 @@ def run_arm(
     before, after = text_at_start["speech"], text_at_start[phases[1][0]]
     return ArmResult(
         arm=arm,
-        title=ARMS[arm],
+        title=TITLES[arm],
         pretrained=reference["pretrained"],
         after_align=reference["after_align"],
         after_split=curve[0],
@@ -637,6 +696,62 @@ def run_arm(
         curve=[{"step": step, **metrics} for step, metrics in sorted(curve.items())],
         seconds=time.perf_counter() - started,
     )
+
+
+def split_study(model: DeepTalkForCausalLM, corpus: Corpus, settings: Settings, load, counts: int | list[int]) -> dict:
+    """What the choice of speech experts costs text at the split itself, before any training.
+
+    - `single_expert_text_cost`: per MoE layer and expert, the rise of the text loss (nats per token, on the profile's
+      text windows) when that expert alone leaves the text group;
+    - `oracle_ids`: per layer, the experts with the lowest single costs (as many as (d) moves): what a rule that knew
+      each expert's worth to text would choose (greedily), which no profile of the load can see;
+    - `after_split_text_change_pct`: held-out text perplexity change right after the split for (d)'s choice, the
+      oracle's and `RANDOM_DRAWS` random draws (the first two are arms (c2) and (c3)).
+    """
+    layers = model.config.moe_layers
+    text_windows = [batch["input_ids"] for batch in corpus.profile[settings.profile_batches :]]  # its text half
+    held_out = corpus.eval_text["input_ids"].split(64)
+    training = model.training
+    model.eval()  # the candidates are copies, so they are in eval mode too
+
+    def text_loss(candidate: DeepTalkForCausalLM) -> float:
+        total, _, count = _text_sums(candidate, text_windows, corpus.text_vocab_size)
+        return total / count
+
+    def held_out_ppl(candidate: DeepTalkForCausalLM) -> float:
+        total, _, count = _text_sums(candidate, held_out, corpus.text_vocab_size)
+        return math.exp(total / count)
+
+    base = text_loss(model)
+    costs = []
+    for index, layer in enumerate(layers):
+        row = []
+        for expert in range(sum(model.config.layer_experts(layer))):
+            candidate = copy.deepcopy(model)
+            move_speech_experts(candidate, [[expert] if i == index else [] for i in range(len(layers))])
+            row.append(text_loss(candidate) - base)
+        costs.append(row)
+    per_layer = [counts] * len(layers) if isinstance(counts, int) else counts
+    oracle = [sorted(sorted(range(len(row)), key=row.__getitem__)[:count]) for row, count in zip(costs, per_layer)]
+
+    def change(split: Split) -> float:
+        candidate = copy.deepcopy(model)
+        split(candidate)
+        return 100.0 * (held_out_ppl(candidate) / before - 1.0)
+
+    before = held_out_ppl(model)
+    chosen = splits(settings, load, counts, oracle)
+    study = {
+        "single_expert_text_cost": costs,
+        "oracle_ids": oracle,
+        "after_split_text_change_pct": {
+            "deeptalk": change(chosen["deeptalk"]),
+            "oracle": change(chosen["oracle_split"]),
+            "random_draws": [change(_random_draw(settings, load, counts, d)) for d in range(RANDOM_DRAWS)],
+        },
+    }
+    model.train(training)
+    return study
 
 
 def run(
@@ -665,16 +780,22 @@ def run(
     counts: int | list[int] = settings.num_speech_experts
     if settings.strategy == "adaptive":  # the random split moves as many experts per layer as (d) will
         counts = [len(ids) for ids in assign_modality_experts(copy.deepcopy(models["moe"]), load, strategy="adaptive")]
+    study = split_study(models["moe"], corpus, settings, load, counts) if settings.split_study else None
+    chosen = splits(settings, load, counts, study and study["oracle_ids"])
     arms: dict[str, ArmResult] = {}
-    for arm in ARMS:
+    names = [*ARMS, *(STUDY_ARMS if study else ())]
+    last = {"dense" if arm == "dense" else "moe": arm for arm in names}  # the last arm of a kind needs no copy
+    for arm in names:
         kind = "dense" if arm == "dense" else "moe"
-        model = models[kind] if arm in ("dense", "deeptalk") else copy.deepcopy(models[kind])
-        arms[arm] = result = run_arm(arm, model, references[kind], corpus, settings, load, counts)
+        model = models[kind] if last[kind] == arm else copy.deepcopy(models[kind])
+        arms[arm] = result = run_arm(arm, model, references[kind], corpus, settings, load, chosen.get(arm))
         log(
             f"{result.title}: text ppl {result.change():+.1f}%, speech loss {result.final['speech_loss']:.3f} "
             f"({result.seconds:.0f} s)"
         )
     results = summarize(settings, corpus, arms, load, time.perf_counter() - started)
+    if study:
+        results["split_study"] = study
     if out_dir is not None:
         write_results(results, Path(out_dir), name)
     return results
@@ -865,8 +986,22 @@ def write_results(results: dict, out_dir: Path, name: str) -> None:
         + f"\n\nWall time {results['wall_seconds']:.0f} s, {results['machine']['torch_threads']} torch thread(s), "
         f"{results['machine']['processor']}; Bayes-optimal text ppl {results['data']['optimal_text_ppl']:.3f}.\n"
     )
+    if "split_study" in results:
+        summary += split_study_line(results["split_study"])
     (out_dir / f"{name}.md").write_text(summary)
     plot(results, out_dir / f"{name}.png")
+
+
+def split_study_line(study: dict) -> str:
+    """One sentence on `split_study`: the text cost of (d)'s split against the oracle's and the random draws'."""
+    change = study["after_split_text_change_pct"]
+    draws = np.array(change["random_draws"])
+    return (
+        f"\nSplit study: held-out text ppl change right after the split: (d) {change['deeptalk']:+.1f}%, oracle "
+        f"{change['oracle']:+.1f}%, {len(draws)} random draws median {np.median(draws):+.1f}% (range "
+        f"{draws.min():+.1f}% to {draws.max():+.1f}%); (d)'s split costs less than {(draws > change['deeptalk']).sum()} "
+        f"of the {len(draws)} draws.\n"
+    )
 
 
 def _default_name(settings: Settings, base: Settings) -> str:
@@ -878,7 +1013,7 @@ def _default_name(settings: Settings, base: Settings) -> str:
             continue
         if setting.name == "joint_text_fraction":
             name += f"_text{value:g}"
-        elif isinstance(value, bool):  # the one flag, `speech_attention`, is off by default
+        elif isinstance(value, bool):  # the flags are off by default
             name += f"_{setting.name}"
         elif isinstance(value, tuple):  # glob patterns: their count keeps the name a plain file name
             name += f"_{setting.name}{len(value)}"
@@ -909,6 +1044,12 @@ def main(argv: Iterable[str] | None = None) -> None:
         "--speech-attention",
         action="store_true",
         help="the split arms also get speech copies of the attention projections, trained as speech tensors",
+    )
+    parser.add_argument(
+        "--split-study",
+        action="store_true",
+        help="also measure what the choice of speech experts costs text, and run a text-cost oracle split (e) and two "
+        "more random splits (c2, c3)",
     )
     parser.add_argument(
         "--collect",
@@ -962,8 +1103,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         settings = replace(settings, finetune_lr=args.lr)
     if args.speech_lr_scale is not None:
         settings = replace(settings, speech_lr_scale=args.speech_lr_scale)
-    if args.speech_attention:
-        settings = replace(settings, speech_attention=True)
+    for flag in ("speech_attention", "split_study"):
+        if getattr(args, flag):
+            settings = replace(settings, **{flag: True})
     name = args.name or _default_name(settings, base)
     results = run(settings, args.out, name)
     print(table(results))

@@ -235,3 +235,55 @@ def test_collect_names_a_file_that_is_not_a_run(forgetting, tmp_path, capsys):
             forgetting.main(["--collect", str(tmp_path / bad), "--out", str(tmp_path)])
         assert bad in capsys.readouterr().err
     assert not list(tmp_path.glob("forgetting_matched_speech.*"))
+
+
+def test_split_study(forgetting, tmp_path):
+    """`--split-study`: the oracle takes the experts of lowest single text cost, each cost is the text loss of an
+    independently built MoE without that expert, and the study's after-split numbers are those of arms (e), (c2), (c3)."""
+    settings = forgetting.replace(forgetting.FAST, split_study=True)
+    corpus = forgetting.build_corpus(settings)
+    model = forgetting.pretrain(settings, corpus, dense=False)
+    forgetting.add_speech(model, corpus, settings)
+    load = forgetting.profile_modality_load(model, corpus.profile)
+    study = forgetting.split_study(model, corpus, settings, load, settings.num_speech_experts)
+    costs = study["single_expert_text_cost"]
+    assert [len(row) for row in costs] == [settings.num_experts] * settings.num_layers
+    for row, ids in zip(costs, study["oracle_ids"], strict=True):
+        assert len(ids) == settings.num_speech_experts and max(row[i] for i in ids) <= min(
+            row[i] for i in range(len(row)) if i not in ids
+        )
+
+    # Layer 1 without its most costly expert, built by hand: a plain MoE one expert smaller, those rows dropped.
+    layer, expert = 1, max(range(settings.num_experts), key=costs[1].__getitem__)
+    config = forgetting.copy.deepcopy(model.config)
+    config.num_experts = [settings.num_experts - (i == layer) for i in range(settings.num_layers)]
+    smaller = forgetting.DeepTalkForCausalLM(config)
+    keep = [i for i in range(settings.num_experts) if i != expert]
+    prefix = f"model.layers.{layer}.mlp."
+    weights = {
+        name: tensor[keep] if name.startswith(prefix) and name.split(".")[-2] in ("gate", "experts") else tensor
+        for name, tensor in model.state_dict().items()
+    }
+    smaller.load_state_dict(weights)
+    windows = [batch["input_ids"] for batch in corpus.profile[settings.profile_batches :]]
+
+    def loss(candidate):
+        total, _, count = forgetting._text_sums(candidate.eval(), windows, corpus.text_vocab_size)
+        return total / count
+
+    assert costs[layer][expert] == pytest.approx(loss(smaller) - loss(model), abs=1e-6)
+    assert costs[layer][expert] > 1e-4  # the check compares something that moves
+
+    forgetting.main(["--fast", "--split-study", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "forgetting_fast_split_study.json").read_text())
+    assert list(results["arms"]) == [*forgetting.ARMS, *forgetting.STUDY_ARMS]
+    assert results["split_study"] == json.loads(json.dumps(study))  # the same model, so the same study
+    after = results["split_study"]["after_split_text_change_pct"]
+    arms = results["arms"]
+    assert arms["oracle_split"]["speech_expert_ids"] == study["oracle_ids"]
+    for arm, value in (("deeptalk", after["deeptalk"]), ("oracle_split", after["oracle"])):
+        assert arms[arm]["text_ppl_change_after_split_pct"] == pytest.approx(value, abs=1e-6)
+    for arm, value in zip(("random_split_2", "random_split_3"), after["random_draws"], strict=False):
+        assert arms[arm]["text_ppl_change_after_split_pct"] == pytest.approx(value, abs=1e-6)
+    assert len(after["random_draws"]) == forgetting.RANDOM_DRAWS
+    assert "Split study" in (tmp_path / "forgetting_fast_split_study.md").read_text()

@@ -18,7 +18,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
-from .modality import ASSIGNMENT_STRATEGIES, add_speech_attention, assign_modality_experts, profile_modality_load
+from .modality import (
+    ASSIGNMENT_STRATEGIES,
+    add_speech_attention,
+    assign_modality_experts,
+    profile_modality_load,
+    speech_attention_layers,
+)
 from .modeling_deeptalk import DeepTalkForCausalLM
 from .upcycling import (
     MOE_ARCHITECTURES,
@@ -372,8 +378,11 @@ def profile_main(argv: list[str] | None = None) -> int:
                 f"{args.model} is a {type(model).__name__}; profile a DeepTalk model (upcycle or import it first)"
             )
         config = model.config
-        if args.speech_attention and config.speech_attention:
-            raise CheckpointError(f"{args.model} already has speech attention; drop --speech-attention")
+        if args.speech_attention:
+            try:  # checked before profiling, which can take long
+                speech_attention_layers(model)
+            except ValueError as error:
+                raise CheckpointError(f"{args.model}: --speech-attention: {error}") from error
         with open(args.data, encoding="utf-8") as file:
             total = sum(1 for line in file if line.strip())
         batches = read_jsonl_batches(

@@ -365,18 +365,24 @@ def add_speech_attention(model: nn.Module) -> None:
     learns to attend without changing text attention. The copies keep the `requires_grad` of the tensors they copy;
     saved checkpoints record the setting in the config.
     """
+    layers = speech_attention_layers(model)
+    for attention in layers:
+        attention.add_speech_projections()
+    layers[0].config.speech_attention = True
+
+
+def speech_attention_layers(model: nn.Module) -> list[DeepTalkAttention]:
+    """The attention layers `add_speech_attention` would extend; a `ValueError` if it cannot (no standard attention,
+    or speech attention already there), so callers can check before expensive work."""
     layers = [module for module in model.modules() if isinstance(module, DeepTalkAttention)]
     if not layers:
         raise ValueError(
             "the model has no standard attention layers to give speech projections (multi-head latent "
             "attention is not supported)"
         )
-    config = layers[0].config
-    if config.speech_attention:
+    if layers[0].config.speech_attention:
         raise ValueError("the model already has speech attention (config.speech_attention is True)")
-    for attention in layers:
-        attention.add_speech_projections()
-    config.speech_attention = True
+    return layers
 
 
 def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:

@@ -1,5 +1,6 @@
 """The config's tensor- and expert-parallel plans on two CPU processes (gloo): a training step of a tiny DeepTalk model
-under TP, TP+EP and FSDP+EP gives the single-process logits, loss and gradients."""
+under TP, TP+EP and FSDP+EP gives the single-process logits, loss and gradients. The model has speech attention, so
+its plan entries (speech q/k/v/o projections, q/k norms) are checked beside the text ones."""
 
 import os
 import subprocess
@@ -19,8 +20,11 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 def test_parallel_plans_match_one_process(tmp_path):
-    # Expert counts divisible by the 2 expert-parallel ranks; shared experts and a dense layer for the TP plan.
-    model = DeepTalkForCausalLM(tiny_config(num_speech_experts=2, shared_expert_intermediate_size=16)).train()
+    # Expert counts divisible by the 2 expert-parallel ranks; shared experts, a dense layer and speech attention for the
+    # TP plan.
+    model = DeepTalkForCausalLM(
+        tiny_config(num_speech_experts=2, shared_expert_intermediate_size=16, speech_attention=True)
+    ).train()
     model.save_pretrained(tmp_path)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.cat(

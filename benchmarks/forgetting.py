@@ -884,7 +884,8 @@ def table(results: dict) -> str:
 
 
 def matched_speech(runs: list[dict]) -> dict:
-    """Every arm's final text change at (d)'s final speech loss, over runs that differ only in the learning rate.
+    """Every arm's final text change at (d)'s final speech loss, over runs that differ only in the learning rate
+    (the `--split-study` arms too, where the runs have them).
 
     A learning rate trades speech for text differently in each arm, so one shared rate favours some arm; the goal's
     "at equal or better speech loss" compares arms on their trade-off curves instead: each arm's (speech loss, text
@@ -900,7 +901,7 @@ def matched_speech(runs: list[dict]) -> dict:
         arm: sorted(
             (run["arms"][arm]["final"]["speech_loss"], run["arms"][arm]["text_ppl_change_pct"]) for run in runs
         )
-        for arm in ARMS
+        for arm in runs[0]["arms"]  # the same arms in every run: `split_study` is one of the fixed settings
     }
     rows = []
     for run in runs:
@@ -920,14 +921,14 @@ def matched_speech(runs: list[dict]) -> dict:
 
 def matched_speech_table(matched: dict) -> str:
     """The markdown table of `matched_speech`: (d)'s runs, and every arm's text change at (d)'s speech loss."""
-    others = [arm for arm in ARMS if arm != "deeptalk"]
+    others = [arm for arm in TITLES if arm in matched["rows"][0] and arm != "deeptalk"]
 
     def cell(value: float | None) -> str:
         return "outside its runs" if value is None else f"{value:+.1f}%"
 
     lines = [
         "| learning rate | (d) speech loss | (d) Δ text | "
-        + " | ".join(f"{ARMS[arm][:3]} Δ text at that speech loss" for arm in others)
+        + " | ".join(f"{TITLES[arm].split()[0]} Δ text at that speech loss" for arm in others)
         + " | (d) ÷ (a) |",
         "| ---: | ---: | ---: | " + " | ".join("---:" for _ in others) + " | ---: |",
     ]

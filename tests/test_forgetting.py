@@ -214,6 +214,22 @@ def test_matched_speech_interpolates_each_arm_at_deeptalks_speech_loss(forgettin
     assert "| 0.002 | 0.700 | +3.0% | +10.0% | +14.0% | outside its runs | 0.30 |" in table
 
 
+def test_matched_speech_compares_the_split_study_arms_too(forgetting):
+    """Closed form as above, for the oracle and a second random draw of `--split-study` runs."""
+    arms = {"dense": (1.0, 4.0), "pure_moe": (1.0, 4.0), "random_split": (1.0, 4.0), "random_split_3": (1.0, 4.0)}
+    runs = [
+        _run_record(0.001, {**arms, "deeptalk": (1.1, 1.0), "oracle_split": (1.2, 2.0), "random_split_2": (1.0, 5.0)}),
+        _run_record(0.002, {**arms, "deeptalk": (0.7, 3.0), "oracle_split": (0.8, 6.0), "random_split_2": (0.6, 9.0)}),
+    ]
+    for run in runs:
+        run["settings"]["split_study"] = True
+    rows = forgetting.matched_speech(runs)["rows"]
+    assert rows[0]["oracle_split"] == pytest.approx(3.0) and rows[1]["oracle_split"] is None
+    assert rows[0]["random_split_2"] is None and rows[1]["random_split_2"] == pytest.approx(8.0)
+    header = forgetting.matched_speech_table(forgetting.matched_speech(runs)).splitlines()[0]
+    assert "(e) Δ text" in header and "(c2) Δ text" in header and header.index("(c3)") > header.index("(c2)")
+
+
 def test_matched_speech_refuses_runs_that_differ_beyond_the_learning_rate(forgetting):
     runs = [_run_record(0.001, dict.fromkeys(forgetting.ARMS, (1.0, 1.0))) for _ in range(2)]
     runs[1]["settings"]["seed"] = 1

@@ -4,7 +4,7 @@ helper's configs, which must adapt exactly what `set_training_stage` would train
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -109,6 +109,11 @@ def test_lora_on_every_part_trains_merges_and_round_trips(backend, tmp_path):
     # Same weights, same kernels; the Triton kernels' atomic adds may change the last bit between runs.
     tolerance = dict(rtol=1e-6, atol=1e-6) if interpreted else dict(rtol=0, atol=0)
     torch.testing.assert_close(reloaded_logits, adapter_logits, **tolerance)
+    # The stage helper's task type lets PEFT's auto class find the base model and the causal-LM wrapper.
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", **load).eval()
+    assert isinstance(auto, PeftModelForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(auto(input_ids).logits, adapter_logits, **tolerance)
 
     merged = peft_model.merge_and_unload()
     assert type(merged) is DeepTalkForCausalLM
@@ -165,9 +170,15 @@ def test_stage_config_options_and_errors():
     with pytest.raises(ValueError, match="stage='voice' is unknown"):
         lora_config_for_stage(model, "voice")
     tied = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
-    with pytest.raises(ValueError, match="tied"):
+    with pytest.raises(ValueError, match="model.speech_embed_tokens: the speech embeddings and output head are tied"):
         lora_config_for_stage(tied, "speech")
     assert lora_config_for_stage(tied, "speech", train_new_speech_modules=False).target_parameters
+    # Tied text and speech tables do not stop modules that are not tied: the parallel audio streams' tables.
+    streams = DeepTalkForCausalLM(
+        tiny_config(tie_word_embeddings=True, speech_vocab_size=0, num_audio_streams=2, audio_codebook_size=10)
+    )
+    saved = lora_config_for_stage(streams, "speech").modules_to_save
+    assert saved == ["model.speech_stream_embed", "speech_stream_heads"]
     get_peft_model(model, lora_config_for_stage(model, "speech"))
     with pytest.raises(ValueError, match="already holds PEFT adapters"):
         lora_config_for_stage(model, "text")
@@ -181,6 +192,10 @@ def test_align_stage_config_on_the_audio_model():
         lora_config_for_stage(model, "align")
     config = lora_config_for_stage(model, "align", also=model.audio_encoder_top_layers(1))
     assert config.modules_to_save == ["speech_connector"]
+    tied = DeepTalkForConditionalGeneration(whisper_audio_config(text_config=tiny_config(tie_word_embeddings=True)))
+    assert lora_config_for_stage(tied, "align", also=tied.audio_encoder_top_layers(1)).modules_to_save == [
+        "speech_connector"
+    ]  # the connector is not tied to anything
     joint = get_peft_model(model, lora_config_for_stage(model, "joint"))
     adapted = adapted_parameters(joint)
     assert any(name.startswith("language_model.model.layers.") for name in adapted)

@@ -27,6 +27,7 @@ NEW_SPEECH_MODULES = (
     "speech_stream_heads",
     "speech_connector",
 )
+TIED_SPEECH_MODULES = ("speech_embed_tokens", "speech_lm_head")  # tied to each other under `tie_word_embeddings`
 
 
 def _shortest_suffixes(chosen: set[str], universe: Iterable[str]) -> list[str]:
@@ -101,11 +102,15 @@ def lora_config_for_stage(
             f"stage {stage!r} has no linear layer or experts tensor to adapt in this model; train it in full with "
             f"set_training_stage(model, {stage!r}), or pass `also` patterns"
         )
-    if modules_to_save and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
+    tied = sorted(name for name in modules_to_save if name.rpartition(".")[2] in TIED_SPEECH_MODULES)
+    if tied and getattr(model.config.get_text_config(), "tie_word_embeddings", False):
         raise ValueError(
-            "the speech embeddings and output head are tied, and PEFT's modules_to_save would untie them: pass "
-            "train_new_speech_modules=False (and train them with set_training_stage before adding LoRA)"
+            f"{', '.join(tied)}: the speech embeddings and output head are tied, and PEFT's modules_to_save would "
+            "untie them: pass train_new_speech_modules=False (and train them with set_training_stage before adding "
+            "LoRA)"
         )
+    # CAUSAL_LM: get_peft_model gives a PeftModelForCausalLM, and AutoPeftModelForCausalLM can load the adapter.
+    lora_kwargs.setdefault("task_type", "CAUSAL_LM")
     return LoraConfig(
         target_modules=_shortest_suffixes(target_modules, modules),
         target_parameters=_shortest_suffixes(target_parameters, (name for name, _ in model.named_parameters())),

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,19 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         profile_main([model, str(data), "--speech-attention"])
     assert exit_info.value.code == EXIT_USAGE
+    # Outputs that would destroy an input are refused before profiling: the data file, a folder holding the model.
+    assert profile_main([model, str(data), "-o", str(data), "--overwrite", "--quiet"]) == EXIT_USAGE
+    holder = tmp_path / "models"
+    shutil.copytree(deeptalk_checkpoint, holder / "model")
+    arguments = [str(holder / "model"), str(data), "--assign-to", str(holder), "--overwrite", "--quiet"]
+    assert profile_main(arguments) == EXIT_USAGE
+    assert "holds the source" in capsys.readouterr().err and (holder / "model" / "config.json").is_file()
+    # Data of one modality: the load is written (its folder created), the assignment refused as unusable data.
+    text_only, load, split = tmp_path / "text.jsonl", tmp_path / "new" / "load.json", tmp_path / "split"
+    text_only.write_text('{"input_ids": [3, 4, 5]}\n')
+    assert profile_main([model, str(text_only), "-o", str(load), "--assign-to", str(split), "--quiet"]) == EXIT_SOURCE
+    assert "has no speech tokens" in capsys.readouterr().err and not split.exists()
+    assert ModalityLoad.load(load).text_tokens > 0
     if importlib.util.find_spec("matplotlib") is None:
         assert profile_main([model, str(data), "--plot", str(tmp_path / "p.png"), "--quiet"]) == EXIT_USAGE
         assert "deeptalk-hf[plot]" in capsys.readouterr().err

@@ -447,8 +447,10 @@ def test_destination_rules(tmp_path):
     upcycle_checkpoint(source, destination, overwrite=True, **options)
     assert "config.json" in os.listdir(destination) and "notes.txt" not in os.listdir(destination)
     assert leftovers(tmp_path) == []
-    with pytest.raises(ValueError, match="is the source"):
-        upcycle_checkpoint(source, source, overwrite=True, **options)
-    assert "model.safetensors.index.json" in os.listdir(source)
+    # Neither the source nor a folder holding it (which --overwrite would delete) can be the destination.
+    for holder in (source, tmp_path):
+        with pytest.raises(ValueError, match="is or holds the source"):
+            upcycle_checkpoint(source, holder, overwrite=True, **options)
+        assert "model.safetensors.index.json" in os.listdir(source)
     with pytest.raises(CheckpointError, match="neither a local directory"):
         upcycle_dense(str(tmp_path / "nowhere"), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)

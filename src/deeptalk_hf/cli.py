@@ -35,6 +35,7 @@ from .upcycling import (
     _read_config,
     _resolve_source,
     atomic_output_dir,
+    check_output_dir,
     upcycle_checkpoint,
     upcycle_moe_checkpoint,
 )
@@ -360,14 +361,16 @@ def profile_main(argv: list[str] | None = None) -> int:
     def action():
         if args.plot and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'deeptalk-hf[plot]'")
-        for path in (args.output, args.plot):
-            if path and Path(path).exists() and not args.overwrite:
-                raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
-        if args.assign_to and Path(args.assign_to).exists() and not args.overwrite:
-            raise FileExistsError(f"{args.assign_to} already exists (pass --overwrite to replace it)")
         if not Path(args.data).is_file():
             raise DataError(f"data file {args.data} does not exist")
+        for path in (args.output, args.plot):
+            if path and (Path(path).is_dir() or Path(path).resolve() == Path(args.data).resolve()):
+                raise ValueError(f"{path} is a directory or the data file; name a new file to write")
+            if path and Path(path).exists() and not args.overwrite:
+                raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
         source = _resolve_source(args.model, None)
+        if args.assign_to:
+            check_output_dir(args.assign_to, overwrite=args.overwrite, inputs=[source])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=args.dtype or "auto").to(device)
@@ -400,21 +403,29 @@ def profile_main(argv: list[str] | None = None) -> int:
                     bar.update(len(batch["input_ids"]))
 
             load = profile_modality_load(model, counted())
+        # The measured load first: it is what took long, and it stays useful if the assignment below fails.
+        if args.output:
+            load.save(args.output)
+        if args.plot:
+            load.plot(args.plot)
         chosen = None
         if args.assign_to:
+            missing = [
+                name for name, count in (("speech", load.speech_tokens), ("text", load.text_tokens)) if not count
+            ]
+            if missing:
+                raise DataError(
+                    f"{args.data} has no {' and no '.join(missing)} tokens; assigning needs both modalities"
+                )
             number = None if counts is None else counts[0] if len(counts) == 1 else counts
             chosen = assign_modality_experts(
                 model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed
             )
             if args.speech_attention:
                 add_speech_attention(model)
-            with atomic_output_dir(args.assign_to, overwrite=args.overwrite) as staging:
+            with atomic_output_dir(args.assign_to, overwrite=args.overwrite, inputs=[source]) as staging:
                 model.save_pretrained(staging)
                 _copy_tokenizer(source, staging)
-        if args.output:
-            load.save(args.output)
-        if args.plot:
-            load.plot(args.plot)
         print(_summary(load, chosen))
 
     return _run(parser.prog, action)

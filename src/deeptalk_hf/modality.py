@@ -4,8 +4,8 @@
    the source MoE did) and counts, per MoE layer and expert, the top-k assignments and router probability mass of
    speech and of text tokens: a `ModalityLoad`.
 2. `assign_modality_experts` moves the chosen experts (and their router rows) into `speech_experts`/`speech_gate`
-   (`move_speech_experts` for a split chosen elsewhere): a permutation, so with routing off the model computes exactly
-   what it did before.
+   (`move_speech_experts` for a split chosen elsewhere): a permutation, so with routing off the model computes what it
+   did before (the same routing; outputs equal up to float rounding, as the experts' sums run in another order).
 3. `set_training_stage` switches `requires_grad` on whole tensors, so freezing a modality is exact with any optimizer.
 """
 
@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from fnmatch import fnmatchcase
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -99,6 +100,7 @@ class ModalityLoad:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the load as JSON (through a temporary file, so an existing file is never left half-written)."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         partial = f"{path}.partial"
         with open(partial, "w", encoding="utf-8") as file:
             json.dump(self.to_dict(), file, indent=1)
@@ -135,6 +137,7 @@ class ModalityLoad:
             axes.set_ylabel("layer")
             axes.set_yticks(range(len(self.layers)), labels=[str(layer) for layer in self.layers])
             figure.colorbar(image, ax=axes)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(path)
 
 
@@ -285,8 +288,8 @@ def assign_modality_experts(
     `num_speech_experts` is an int or one count per MoE layer; it defaults to the model's current counts (not used by
     `"adaptive"`). Expert tensors and router rows move between `experts`/`gate` and `speech_experts`/`speech_gate`,
     and `config.num_experts`, `config.num_speech_experts` and `config.speech_expert_ids` record the new split, so with
-    `modality_routing="none"` the model computes exactly what it did before (also on an already split model: the load
-    and the ids are in source order). New parameters keep the `requires_grad` of the group they come from.
+    `modality_routing="none"` the model computes what it did before, up to float rounding (also on an already split
+    model: the load and the ids are in source order). New parameters keep the `requires_grad` of the group they come from.
     """
     config = model.config
     if strategy not in ASSIGNMENT_STRATEGIES:
@@ -330,7 +333,7 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
 
     The move behind `assign_modality_experts`, for a split chosen some other way: a published one, or one picked by a
     measure other than the load. Indices are in source order, so it also re-splits an already split model; with
-    `modality_routing="none"` the model computes exactly what it did before.
+    `modality_routing="none"` the model computes what it did before, up to float rounding.
     """
     config = model.config
     layers = config.moe_layers

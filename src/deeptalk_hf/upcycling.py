@@ -722,16 +722,31 @@ def _umask() -> int:
     return mask
 
 
+def check_output_dir(
+    destination: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
+) -> None:
+    """Raise unless `atomic_output_dir` may write `destination` (see there); for checking before long work."""
+    destination = Path(destination).resolve()
+    for source in map(Path, inputs):
+        if destination in (source.resolve(), *source.resolve().parents):
+            raise ValueError(f"destination {destination} is or holds the source {source}; write the output elsewhere")
+    if destination.exists() and not overwrite:
+        raise FileExistsError(f"{destination} already exists (pass overwrite=True / --overwrite to replace it)")
+
+
 @contextmanager
-def atomic_output_dir(destination: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(
+    destination: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `destination` that becomes `destination` only on success.
 
     On any error the temporary directory is removed and `destination` is untouched. With `overwrite`, an existing
-    `destination` is moved aside, replaced, and deleted only once the new one is in place.
+    `destination` is moved aside, replaced, and deleted only once the new one is in place. `inputs` are the paths
+    the output is made from (a source checkpoint): a `destination` that is one of them or a folder holding one is
+    refused, so replacing it can never delete them.
     """
     destination = Path(destination).absolute()
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} already exists (pass overwrite=True / --overwrite to replace it)")
+    check_output_dir(destination, overwrite=overwrite, inputs=inputs)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
     try:
@@ -764,8 +779,6 @@ def _write_checkpoint(
 ) -> Path:
     """The streaming path: plan the output shards, convert one source tensor at a time, write each shard as soon as
     it is complete, all inside `atomic_output_dir` (with config, generation config and tokenizer)."""
-    if Path(destination).resolve() == checkpoint.source.resolve():
-        raise ValueError(f"destination {destination} is the source checkpoint; write the converted model elsewhere")
     converter.pass_through = True
     planned = converter.plan(checkpoint.shapes())
     split = split_torch_state_dict_into_shards(
@@ -777,7 +790,7 @@ def _write_checkpoint(
     shard_buffers = _ShardBuffers(planned, split.filename_to_tensors)
     converter.allocate = shard_buffers.allocate
     total_bytes = split.metadata["total_size"]
-    with atomic_output_dir(destination, overwrite=overwrite) as staging:
+    with atomic_output_dir(destination, overwrite=overwrite, inputs=[checkpoint.source]) as staging:
         buffers: dict[str, dict[str, torch.Tensor]] = {}
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="Converting", disable=not progress) as bar:
             for name, tensor in checkpoint.tensors():
@@ -886,6 +899,7 @@ __all__ = [
     "CheckpointError",
     "MoeFamily",
     "atomic_output_dir",
+    "check_output_dir",
     "deeptalk_config_from_dense",
     "deeptalk_config_from_moe",
     "upcycle_checkpoint",

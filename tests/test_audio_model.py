@@ -211,6 +211,10 @@ def test_text_only_input_is_the_language_model():
     with torch.no_grad():
         assert torch.equal(model(input_ids).logits, model.language_model(input_ids).logits)
     assert torch.equal(model.generate(input_ids, **kwargs), model.language_model.generate(input_ids, **kwargs))
+    # Resizing is the LLM's, which keeps its text and speech blocks apart.
+    with pytest.raises(ValueError, match="resize_speech_vocab"):
+        model.resize_token_embeddings(model.config.text_config.vocab_size + 8)
+    assert model.resize_token_embeddings(model.config.text_config.vocab_size) is model.get_input_embeddings()
 
 
 def is_speech_side(name: str) -> bool:

@@ -248,6 +248,30 @@ def test_save_pretrained_round_trip_is_bit_identical_safetensors_only(tmp_path):
     assert loaded.speech_lm_head.weight is loaded.model.speech_embed_tokens.weight
 
 
+def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path):
+    """transformers' resize grows the text block of a model without speech ids (old ids keep their logits); with a
+    speech block, only a call that changes nothing is allowed (`len(tokenizer)` of a matching tokenizer)."""
+    model = DeepTalkForCausalLM(tiny_config(vocab_size=64, speech_vocab_size=0)).eval()
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        before = model(ids).logits
+    model.resize_token_embeddings(72)
+    model.resize_speech_vocab(16)
+    assert (model.config.speech_token_start, model.config.vocab_size) == (72, 88)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits[..., :64], before)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert model.resize_token_embeddings(88) is model.get_input_embeddings()
+    for size, multiple in ((96, None), (80, None), (88, 64)):
+        with pytest.raises(ValueError, match="72 text ids, then 16 speech ids.*resize_speech_vocab"):
+            model.resize_token_embeddings(size, pad_to_multiple_of=multiple)
+    assert model.config.vocab_size == 88
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(DeepTalkForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
 def test_wrong_tensor_shape_fails_naming_it(tmp_path):
     model = DeepTalkForCausalLM(tiny_config())
     model.save_pretrained(tmp_path)

@@ -154,6 +154,10 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """The LLM's `resize_token_embeddings` (which keeps its text and speech blocks apart)."""
+        return self.language_model.resize_token_embeddings(*args, **kwargs)
+
     def audio_encoder_top_layers(self, num_layers: int) -> list[str]:
         """Parameter names of the audio encoder's top `num_layers` transformer layers (its final norm excluded).
 

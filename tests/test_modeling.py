@@ -395,6 +395,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_reentrant_checkpointing_warns_that_the_router_losses_lose_their_gradient(reentrant, caplog):
+    config = tiny_config(router_aux_loss_coef=1e-2, router_z_loss_coef=1e-3)
+    model = DeepTalkForCausalLM(config).train()
+    with caplog.at_level("WARNING", logger="deeptalk_hf.modeling_deeptalk"):
+        model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    data = torch.randint(0, config.vocab_size, (2, 8))
+    out = model(data, labels=data)
+    assert out.aux_loss.requires_grad is out.z_loss.requires_grad is not reentrant  # what the warning is about
+    assert ("router losses (aux_loss, z_loss) get no gradient" in caplog.text) is reentrant
+
+
 @pytest.mark.parametrize("backend", ["grouped_mm", "batched_mm"])
 def test_torch_compile_fullgraph_matches_eager_mode(backend):
     """Where Qwen3-MoE compiles with `fullgraph=True` (grouped_mm, batched_mm), so does DeepTalk's hard routing."""

@@ -33,12 +33,14 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     eager_attention_forward,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deeptalk import DeepTalkConfig
 from .kernels import EXPERTS_IMPLEMENTATION, triton_is_default
+
+logger = logging.get_logger(__name__)
 
 DeepTalkRMSNorm = Qwen3MoeRMSNorm
 DeepTalkMLP = Qwen3MoeMLP
@@ -483,6 +485,21 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             )
             raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
         return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' activation checkpointing, with a warning where it silently stops load balancing: a reentrant
+        checkpoint runs the layers without autograd, so the router logits behind the router losses carry no gradient
+        (as in transformers' own MoE models)."""
+        config = self.config
+        losses = config.router_aux_loss_coef or config.router_z_loss_coef
+        if losses and config.moe_layers and (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            logger.warning(
+                "activation checkpointing with use_reentrant=True: the router losses (aux_loss, z_loss) get no "
+                "gradient, so load balancing stops; use the default use_reentrant=False"
+            )
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Without a request: the fused Triton kernels where they run natively (CUDA, Triton, SiLU experts), else

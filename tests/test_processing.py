@@ -230,6 +230,12 @@ def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():
         processor_kwargs={"padding": True},
     )
     assert [d.speech_units for d in PROCESSOR.batch_decode(batch["input_ids"])] == [[[7, 8, 9]], [[4]]]
+    # a text-only conversation (transformers passes the one-sample batch `speech_units=[[]]`)
+    for content in ("hello", [{"type": "text", "text": "hello"}]):
+        text_only = [{"role": "user", "content": content}]
+        encoded = PROCESSOR.apply_chat_template(text_only, add_generation_prompt=True, tokenize=True, return_dict=True)
+        rendered = PROCESSOR.apply_chat_template(text_only, add_generation_prompt=True)
+        assert encoded["input_ids"] == PROCESSOR(text=rendered)["input_ids"]
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -256,7 +262,8 @@ def test_save_and_load_round_trip(tmp_path):
     [
         ({"text": "hello", "speech_units": [1, -2]}, "unit -2 at position 1, out of range [0, 64)"),
         ({"text": "hello", "speech_units": [NUM_UNITS]}, "unit 64 at position 0"),
-        ({"text": "hello <|speech|>", "speech_units": [[]]}, "is empty"),
+        ({"text": "hello <|speech|> <|speech|>", "speech_units": [[5], []]}, "speech_units[0][1] is empty"),
+        ({"text": "hello <|speech|>", "speech_units": [[]]}, "1 <|speech|> placeholders but 0 speech segments"),
         (
             {"text": "hello <|speech|> <|speech|>", "speech_units": [1]},
             "2 <|speech|> placeholders but 1 speech segments",

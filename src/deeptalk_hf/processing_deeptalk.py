@@ -236,12 +236,13 @@ def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any
         raise ValueError(f"{name}{where} must be a segment or a list of segments, got {type(entry).__name__}")
 
     if single:
+        # A one-sample batch: `[[]]` (no speech, what apply_chat_template passes for a text-only conversation) or
+        # `[[segment, ...]]`; an empty segment would be an error anyway.
         if (
             isinstance(spec, (list, tuple))
             and len(spec) == 1
             and isinstance(spec[0], (list, tuple))
-            and len(spec[0]) > 0
-            and not is_leaf(spec[0])
+            and (len(spec[0]) == 0 or not is_leaf(spec[0]))
         ):
             spec = spec[0]
         return [segments(spec, "")]

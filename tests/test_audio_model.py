@@ -472,3 +472,8 @@ def test_audio_processor_refuses_bad_audio():
         processor(text="hello <|audio|>", audio=tone(300, 0.3), sampling_rate=8000)
     with pytest.raises(ValueError, match="2 audio placeholders"):
         processor(text="<|audio|> <|audio|>", audio=tone(300, 0.3), sampling_rate=SAMPLING_RATE)
+    # As many audios as placeholders over the batch, but not per text: one text's audio must not fill another's.
+    with pytest.raises(ValueError, match=r"text\[0\] has 2 audio placeholders .* but 1 audios were given for it"):
+        processor(
+            text=["<|audio|> <|audio|>", "hello"], audio=[tone(300, 0.3), tone(900, 0.5)], sampling_rate=SAMPLING_RATE
+        )

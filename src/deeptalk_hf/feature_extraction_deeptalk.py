@@ -71,15 +71,24 @@ def expand_audio_placeholders(
     token_ids: Sequence[Sequence[int]],
     num_audio_tokens: Sequence[int] | torch.Tensor,
     config: DeepTalkAudioConfig,
+    audios_per_sequence: Sequence[int] | None = None,
 ) -> dict[str, list[list[int]]]:
     """Each `<|audio|>` (`config.audio_token_id`) of `token_ids` becomes `num_audio_tokens[i]` placeholders, the i-th
     audio being the i-th placeholder in reading order over the batch.
 
     Returns `input_ids` and `modality_ids` (1 on the placeholders and speech-block ids, 0 elsewhere) per sequence.
-    Raises `ValueError` when the number of placeholders is not the number of audios.
+    Raises `ValueError` when the number of placeholders is not the number of audios, or, given
+    `audios_per_sequence` (how many of the audios each sequence brought), not that number in some sequence.
     """
     counts = [int(n) for n in num_audio_tokens]
     audio_id = config.audio_token_id
+    per_sequence = [] if audios_per_sequence is None else list(zip(token_ids, audios_per_sequence, strict=True))
+    for i, (ids, count) in enumerate(per_sequence):
+        if list(ids).count(audio_id) != count:
+            raise ValueError(
+                f"text[{i}] has {list(ids).count(audio_id)} audio placeholders (audio_token_id={audio_id}) but "
+                f"{count} audios were given for it"
+            )
     found = sum(list(ids).count(audio_id) for ids in token_ids)
     if found != len(counts):
         raise ValueError(

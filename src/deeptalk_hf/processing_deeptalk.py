@@ -439,7 +439,12 @@ class DeepTalkProcessor(ProcessorMixin):
                 rows.append(ids)
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
         if audio_features is not None:  # the audio-encoder path: one <|audio|> becomes the audio's positions
-            expanded = expand_audio_placeholders(rows, audio_features.pop("num_audio_tokens"), self.audio_model_config)
+            expanded = expand_audio_placeholders(
+                rows,
+                audio_features.pop("num_audio_tokens"),
+                self.audio_model_config,
+                audio_features.pop("audios_per_sequence"),
+            )
             rows, modality_rows = expanded["input_ids"], expanded["modality_ids"]
 
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
@@ -714,7 +719,9 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
             raise ValueError("audio= needs sampling_rate= (the waveforms' rate)")
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         waveforms = [waveform for segments in samples for waveform in segments]  # reading order
-        return None, extract_audio_features(waveforms, sampling_rate, self.feature_extractor, self.audio_model_config)
+        features = extract_audio_features(waveforms, sampling_rate, self.feature_extractor, self.audio_model_config)
+        features["audios_per_sequence"] = [len(segments) for segments in samples]  # checked against the placeholders
+        return None, features
 
 
 @dataclass

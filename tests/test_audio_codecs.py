@@ -156,12 +156,26 @@ def test_stereo_is_mixed_down_and_numpy_inputs_work():
         (torch.zeros(100, dtype=torch.int16), 16000, "floating-point samples"),
         (torch.full((100,), float("nan")), 16000, "NaN or infinite"),
         (torch.zeros(1, 1, 100), 16000, "[samples] or [channels, samples]"),
+        (torch.zeros(3000, 2), 16000, "more channels than samples, so probably [samples, channels]"),
     ],
 )
 @pytest.mark.parametrize("name", BOTH)
 def test_bad_audio_raises(name, waveform, rate, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         CODECS[name].encode(waveform, rate)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_a_half_precision_codec_encodes_and_decodes(name):
+    """A codec model in bfloat16 (as on a GPU) gets its waveform in bfloat16; zero frames are refused by name."""
+    # A fresh model: a used Mimi caches its codebooks in float32 outside what `.to` converts.
+    model, options = (tiny_mimi(), {"num_codebooks": MIMI.num_codebooks}) if name == "mimi" else (tiny_snac(), {})
+    codec = type(CODECS[name])(model.to(torch.bfloat16), **options)
+    codes = codec.encode(0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0)), 16000)
+    assert [c.shape for c in codes] == [c.shape for c in CODECS[name].encode(torch.zeros(4000), 16000)]
+    assert codec.decode(codes).dtype == torch.float32
+    with pytest.raises(ValueError, match="no frame"):
+        codec.decode([c[:0] for c in codes])
 
 
 @needs_snac

@@ -99,6 +99,7 @@ class FlatUnitCodec:
     codebook_size: int
     frame_levels: tuple[int, ...]
     device: torch.device
+    dtype: torch.dtype  # the codec model's: encode feeds it waveforms of this type
 
     @property
     def num_units(self) -> int:
@@ -136,6 +137,11 @@ class FlatUnitCodec:
         waveform = torch.as_tensor(waveform)
         if not waveform.is_floating_point():
             raise ValueError(f"the waveform must hold floating-point samples in [-1, 1], got {waveform.dtype}")
+        if waveform.dim() == 2 and waveform.shape[0] > waveform.shape[1] > 0:
+            raise ValueError(
+                f"the waveform has shape {tuple(waveform.shape)}: more channels than samples, so probably "
+                "[samples, channels] (as soundfile reads it); pass [channels, samples] (transpose it)"
+            )
         if waveform.dim() == 2:
             waveform = waveform.mean(0)
         if waveform.dim() != 1:
@@ -146,13 +152,14 @@ class FlatUnitCodec:
             raise ValueError("the waveform is empty")
         if not torch.isfinite(waveform).all():
             raise ValueError("the waveform has NaN or infinite samples")
-        waveform = resample(waveform.float(), sampling_rate, self.sampling_rate).to(self.device)
+        waveform = resample(waveform.float(), sampling_rate, self.sampling_rate).to(self.device, self.dtype)
         with torch.inference_mode():
             return [codes.long() for codes in self._encode(waveform)]
 
     def decode(self, codes: list[torch.LongTensor]) -> torch.Tensor:
         """The waveform `[samples]` at `sampling_rate`, `samples_per_frame` samples per frame."""
-        self._num_frames(codes)
+        if not self._num_frames(codes):
+            raise ValueError("the codes hold no frame: nothing to decode")
         with torch.inference_mode():
             return self._decode([c.to(self.device) for c in codes]).float()
 
@@ -253,7 +260,7 @@ class SnacCodec(FlatUnitCodec):
         self.codebook_size = int(model.codebook_size)
         self.frame_levels = _snac_frame_levels(strides)
         self.frame_rate = self.sampling_rate / (int(model.hop_length) * strides[0])
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "hubertsiuzdak/snac_24khz", **kwargs) -> SnacCodec:
@@ -287,7 +294,7 @@ class MimiCodec(FlatUnitCodec):
         self.codebook_size = int(config.codebook_size)
         self.frame_levels = tuple(range(self.num_codebooks))
         self.frame_rate = float(config.frame_rate)
-        self.device = next(model.parameters()).device
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "kyutai/mimi", num_codebooks: int | None = 8, **kwargs) -> MimiCodec:

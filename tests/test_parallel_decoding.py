@@ -162,6 +162,18 @@ def test_wrong_stream_count_is_refused():
         model.generate(torch.zeros(1, 2, 3, dtype=torch.long))
 
 
+def test_the_configs_pad_and_eos_ids_may_be_passed_other_ids_are_refused():
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    query = text_query(model.config, batch=1)
+    options = dict(max_new_tokens=5, do_sample=False)
+    expected = model.generate(query, **options)
+    same = dict(pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+    assert torch.equal(model.generate(query, **same, **options), expected)
+    for name in same:
+        with pytest.raises(ValueError, match=f"{name}=7: parallel-stream generation uses the config's {name}"):
+            model.generate(query, **{name: 7}, **options)
+
+
 class EndFirstItemEarly(LogitsProcessor):
     """The first item's audio streams end as soon as the pattern allows; the other items' never end."""
 

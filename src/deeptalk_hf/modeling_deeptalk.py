@@ -943,6 +943,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 f"parallel-stream generation takes input_ids of shape [batch, {streams}, seq], got {tuple(input_ids.shape)}"
             )
         batch, _, prompt_length = input_ids.shape
+        # The text stream ends and pads with the config's ids, which the pattern and the stopping criteria read.
+        own_ids = {"pad_token_id": config.pad_token_id if config.pad_token_id is not None else 0}
+        own_ids["eos_token_id"] = config.eos_token_id
+        for name, own in own_ids.items():
+            given = kwargs.pop(name, None)
+            if given is not None and given != own:
+                raise ValueError(
+                    f"{name}={given}: parallel-stream generation uses the config's {name} ({own}); set it there"
+                )
         attention_mask = kwargs.pop("attention_mask", None)
         speech = torch.full((batch,), speech_answer, dtype=torch.bool)
         if batch_parallel:
@@ -961,7 +970,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             logits_processor=[*logits_processor, DelayPatternLogitsProcessor(prompt_length, config, speech)],
             stopping_criteria=[*stopping_criteria, ParallelStreamsStoppingCriteria(prompt_length, config, speech)],
             eos_token_id=None,  # the stopping criteria and the pattern handle the ends, per stream
-            pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0,
+            pad_token_id=own_ids["pad_token_id"],
             batch_parallel=batch_parallel,
             **kwargs,
         )

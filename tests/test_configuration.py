@@ -31,6 +31,10 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(kv_lora_rank=8, qk_rope_head_dim=4), "v_head_dim"),
         (dict(qk_norm_type="layer"), "qk_norm_type"),
         (dict(clip_qkv=0.0), "clip_qkv"),
+        (dict(topk_method="noaux_tc", n_group=4, topk_group=1, num_speech_experts=0), "topk_group=1 groups of 1"),
+        (dict(num_audio_streams=2, audio_codebook_size=-5), "audio_codebook_size"),
+        (dict(num_audio_streams=2, stream_loss_weights=[0.0, 0.0, 0.0]), "stream_loss_weights"),
+        (dict(num_audio_streams=2, stream_loss_weights=[1.0, -1.0, 0.0]), "stream_loss_weights"),
     ],
 )
 def test_invalid_fields_raise_value_error_naming_them(overrides, field):

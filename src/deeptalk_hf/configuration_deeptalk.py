@@ -263,9 +263,16 @@ class DeepTalkConfig(PreTrainedConfig):
                 total = sum(self.layer_experts(layer))
                 if total % self.n_group:
                     raise ValueError(f"n_group={self.n_group} does not divide the {total} experts of layer {layer}")
+                if self.topk_group * (total // self.n_group) < self.num_experts_per_tok:
+                    raise ValueError(
+                        f"topk_group={self.topk_group} groups of {total // self.n_group} experts (layer {layer}) hold "
+                        f"fewer than num_experts_per_tok={self.num_experts_per_tok}"
+                    )
         if self.num_audio_streams < 0:
             raise ValueError(f"num_audio_streams={self.num_audio_streams} must be >= 0")
         if self.num_audio_streams:
+            if self.audio_codebook_size < 1:
+                raise ValueError(f"audio_codebook_size={self.audio_codebook_size} must be >= 1")
             specials = [self.audio_pad_token_id, self.audio_bos_token_id, self.audio_eos_token_id]
             if len(set(specials)) != 3 or any(i < self.audio_codebook_size for i in specials):
                 raise ValueError(
@@ -281,6 +288,8 @@ class DeepTalkConfig(PreTrainedConfig):
                     f"stream_loss_weights={self.stream_loss_weights} needs {self.num_audio_streams + 1} entries "
                     "(text stream first)"
                 )
+            if min(self.stream_loss_weights) < 0 or not sum(self.stream_loss_weights) > 0:
+                raise ValueError(f"stream_loss_weights={self.stream_loss_weights} must be >= 0 with a positive sum")
         if self.shared_expert_intermediate_size < 0:
             raise ValueError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is negative")
         if self.speech_expert_ids is not None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenizers import processors
 from transformers import AutoProcessor
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
@@ -117,6 +118,30 @@ def test_text_and_units_round_trip_for_every_policy(text, units, policy, ratio):
         [block.start + u for u in units] + [PROCESSOR.begin_of_speech_id, PROCESSOR.end_of_speech_id]
     )
     assert modality == [int(i in block) for i in ids]
+
+
+def processor_adding_bos_and_eos() -> DeepTalkProcessor:
+    """A tokenizer that wraps every text in `<s> ... </s>`, as Llama- and DeepSeek-style tokenizers add a BOS."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    bos, eos = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    add_speech_tokens(tokenizer, NUM_UNITS, text_vocab_size=TEXT_VOCAB_SIZE)
+    return DeepTalkProcessor(tokenizer)
+
+
+WRAPPING = processor_adding_bos_and_eos()
+
+
+@given(text=texts, units=segments, policy=st.sampled_from(INTERLEAVE_POLICIES), ratio=ratios)
+def test_tokens_the_tokenizer_adds_stay_at_the_ends_for_every_policy(text, units, policy, ratio):
+    """The policies lay out the text's own ids: a BOS stays first and an EOS last, never inside the speech."""
+    options = dict(speech_units=units, interleave=policy, text_speech_ratio=ratio)
+    bos, eos = WRAPPING.tokenizer.bos_token_id, WRAPPING.tokenizer.eos_token_id
+    bare = WRAPPING(text=text, add_special_tokens=False, **options)["input_ids"][0]
+    assert WRAPPING(text=text, **options)["input_ids"][0] == [bos, *bare, eos]
 
 
 @given(text=texts, units=segments, ratio=ratios)

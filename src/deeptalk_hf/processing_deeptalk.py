@@ -434,7 +434,9 @@ class DeepTalkProcessor(ProcessorMixin):
                     f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
                 )
             elif segments:
-                rows.append(self.interleave_ids(ids, segments[0], interleave, ratio))
+                before, after = self._added_special_tokens(ids, sample_text)
+                body = self.interleave_ids(ids[before : len(ids) - after], segments[0], interleave, ratio)
+                rows.append(ids[:before] + body + ids[len(ids) - after :])
             else:
                 rows.append(ids)
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
@@ -527,6 +529,19 @@ class DeepTalkProcessor(ProcessorMixin):
                 out.extend(start + unit for unit in next(pending))
                 out.append(self.end_of_speech_id)
         return out
+
+    def _added_special_tokens(self, ids: list[int], text: str) -> tuple[int, int]:
+        """How many of `ids`, the tokenizer's encoding of `text`, are tokens it added before and after the text's own
+        (a BOS, an EOS): they stay at the ends, and the interleaving policies lay out the text's own ids only."""
+        own = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        extra = len(ids) - len(own)
+        if extra <= 0:
+            return 0, 0
+        if not own:  # nothing to find them around: a leading BOS is the prefix
+            before = int(ids[0] == self.tokenizer.bos_token_id)
+            return before, extra - before
+        before = next((start for start in range(extra + 1) if ids[start : start + len(own)] == own), None)
+        return (0, 0) if before is None else (before, extra - before)
 
     def interleave_ids(
         self, text_ids: list[int], units: list[int], interleave: str | None = None, ratio: Sequence[int] | None = None

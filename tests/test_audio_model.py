@@ -464,6 +464,40 @@ def test_audio_processor_expands_placeholders_and_round_trips(tmp_path):
     assert all(torch.equal(again[key], batch[key]) for key in batch)
 
 
+def test_audio_processor_takes_a_spoken_question_with_a_speech_answer_and_chat_turns():
+    """`audio=` feeds the encoder and `speech_units=` the speech block in one call; the chat template renders audio
+    blocks as `<|audio|>` and speech blocks as `<|speech|>`, and tokenizes to the same inputs as that call."""
+    processor, config = audio_processor()
+    question = tone(300, 0.3)
+    both = processor(
+        text="hi <|audio|> ok <|speech|>", audio=question, speech_units=[1, 2], sampling_rate=SAMPLING_RATE
+    )
+    alone = processor(text="hi <|audio|> ok", audio=question, sampling_rate=SAMPLING_RATE)
+    assert both["input_ids"][0][: len(alone["input_ids"][0])] == alone["input_ids"][0]
+    assert processor.decode(both["input_ids"][0]).speech_units == [[1, 2]]
+    assert torch.equal(torch.as_tensor(both["input_features"]), torch.as_tensor(alone["input_features"]))
+    conversation = [
+        {"role": "user", "content": [{"type": "audio", "audio": question, "sampling_rate": SAMPLING_RATE}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "speech", "units": [1, 2]}]},
+    ]
+    rendered = processor.apply_chat_template(conversation)
+    assert rendered.count("<|audio|>") == 1 and rendered.count("<|speech|>") == 1
+    encoded = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+    expected = processor(
+        text=rendered, audio=question, speech_units=[1, 2], sampling_rate=SAMPLING_RATE, return_tensors="pt"
+    )
+    assert all(torch.equal(encoded[key], expected[key]) for key in expected)
+    # an audio block at another rate is resampled to the feature extractor's
+    conversation[0]["content"][0] = {
+        "type": "audio",
+        "audio": tone(300, 0.3)[::2],
+        "sampling_rate": SAMPLING_RATE // 2,
+    }
+    resampled = processor.apply_chat_template(conversation, tokenize=True, return_dict=True, return_tensors="pt")
+    assert resampled["input_ids"].shape == encoded["input_ids"].shape
+    assert resampled["input_features"].shape == encoded["input_features"].shape
+
+
 def test_audio_processor_refuses_bad_audio():
     processor, _ = audio_processor()
     with pytest.raises(ValueError, match="sampling_rate="):

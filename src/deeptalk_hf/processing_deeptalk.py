@@ -42,21 +42,53 @@ AUDIO_PLACEHOLDER = "<|audio|>"
 TEXT_PAD_TOKEN = "<|text_pad_{}|>"
 INTERLEAVE_POLICIES = ("speech_only", "text_then_speech", "interleaved")
 
-# ChatML turns (the Qwen family DeepTalk models start from). Speech and audio blocks become `<|speech|>`
-# placeholders; `speech_answer=True` opens a speech segment after the assistant header so the model answers in speech.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for block in message['content'] -%}"
-    "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
-    "{%- elif block['type'] in ('speech', 'audio') -%}{{ '<|speech|>' }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}"
-    "{%- if speech_answer -%}{{ '<|begin_of_speech|>' }}{%- endif -%}{%- endif -%}"
-)
+
+def _chat_template(audio_placeholder: str) -> str:
+    """ChatML turns (the Qwen family DeepTalk models start from). Speech blocks become `<|speech|>` placeholders, audio
+    blocks `audio_placeholder`; `speech_answer=True` opens a speech segment after the assistant header so the model
+    answers in speech."""
+    return (
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for block in message['content'] -%}"
+        "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
+        "{%- elif block['type'] == 'speech' -%}{{ '<|speech|>' }}"
+        f"{{%- elif block['type'] == 'audio' -%}}{{{{ '{audio_placeholder}' }}}}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{{ '<|im_end|>\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}"
+        "{%- if speech_answer -%}{{ '<|begin_of_speech|>' }}{%- endif -%}{%- endif -%}"
+    )
+
+
+# The codec path encodes audio blocks into speech units; the audio-encoder path feeds them to the encoder.
+DEFAULT_CHAT_TEMPLATE = _chat_template(SPEECH_PLACEHOLDER)
+AUDIO_CHAT_TEMPLATE = _chat_template(AUDIO_PLACEHOLDER)
+
+
+def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) -> list[list[tuple[str, Any]]]:
+    """Per conversation, its speech and audio blocks in order: `("speech", units)` for `{"type": "speech", "units":
+    [...]}`, `("audio", (waveform, sampling_rate))` for `{"type": "audio", ...}` (an `"audio"` array with its
+    `"sampling_rate"`, or a `"path"`/`"url"` loaded at `audio_loading_params`' rate)."""
+    from transformers.audio_utils import load_audio
+
+    batch = []
+    for conversation in conversations:
+        blocks = []
+        for message in conversation:
+            content = message.get("content")
+            for block in [] if isinstance(content, str) or not content else content:
+                if block["type"] == "speech":
+                    blocks.append(("speech", block["units"]))
+                elif block["type"] == "audio" and "audio" in block:
+                    blocks.append(("audio", (block["audio"], block.get("sampling_rate"))))
+                elif block["type"] == "audio":
+                    waveform = load_audio(block.get("path", block.get("url")), **audio_loading_params)
+                    blocks.append(("audio", (waveform, audio_loading_params["sampling_rate"])))
+        batch.append(blocks)
+    return batch
 
 
 def _speech_block(tokenizer: PreTrainedTokenizerBase) -> range | None:
@@ -293,6 +325,7 @@ class DeepTalkProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = DeepTalkProcessorKwargs
+    audio_becomes_units = True  # `audio=` is speech, encoded by the codec (so not beside `speech_units=`)
 
     def __init__(
         self,
@@ -403,13 +436,14 @@ class DeepTalkProcessor(ProcessorMixin):
 
         single = text is None or isinstance(text, str)
         texts = [text or ""] if single else list(text)
-        if speech_units is not None and audio is not None:
+        if speech_units is not None and audio is not None and self.audio_becomes_units:
             raise ValueError("pass speech as speech_units= or as audio=, not both")
         audio_features = None
         if audio is not None:
-            speech_units, audio_features = self._read_audio(
+            audio_units, audio_features = self._read_audio(
                 audio, merged["audio_kwargs"].get("sampling_rate"), len(texts), single
             )
+            speech_units = speech_units if audio_units is None else audio_units
         samples = _per_sample(speech_units, len(texts), single, _is_unit_segment, "speech_units")
         samples = [
             [self._checked_units(units, f"[{i}][{j}]") for j, units in enumerate(segments)]
@@ -654,26 +688,10 @@ class DeepTalkProcessor(ProcessorMixin):
         """Speech turns for `apply_chat_template`: `{"type": "speech", "units": [...]}` and `{"type": "audio", ...}`
         blocks (`"audio"` array with `"sampling_rate"`, or `"path"`/`"url"`), in conversation order, become the speech
         segments that fill the template's `<|speech|>` placeholders."""
-        from transformers.audio_utils import load_audio
-
-        batch = []
-        for conversation in conversations:
-            segments = []
-            for message in conversation:
-                content = message.get("content")
-                if isinstance(content, str) or not content:
-                    continue
-                for block in content:
-                    if block["type"] == "speech":
-                        segments.append(block["units"])
-                    elif block["type"] == "audio":
-                        if "audio" in block:
-                            waveform, rate = block["audio"], block.get("sampling_rate")
-                        else:
-                            rate = audio_loading_params["sampling_rate"]
-                            waveform = load_audio(block.get("path", block.get("url")), **audio_loading_params)
-                        segments.append(self._encode_audio(waveform, rate))
-            batch.append(segments)
+        batch = [
+            [block if kind == "speech" else self._encode_audio(*block) for kind, block in blocks]
+            for blocks in _speech_blocks(conversations, audio_loading_params)
+        ]
         empty = [[] for _ in conversations]
         return empty, empty, [], {"speech_units": batch}
 
@@ -691,6 +709,8 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         audio_model_config: the `DeepTalkAudioConfig` (or its dict) of the model the inputs are for.
     """
 
+    audio_becomes_units = False  # `audio=` feeds the encoder, beside any `speech_units=`
+
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -704,7 +724,8 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
             audio_model_config = DeepTalkAudioConfig(**audio_model_config)
         if not isinstance(audio_model_config, DeepTalkAudioConfig):
             raise ValueError("audio_model_config= must be the model's DeepTalkAudioConfig (or its dict)")
-        super().__init__(tokenizer, feature_extractor=feature_extractor, **kwargs)
+        chat_template = kwargs.pop("chat_template", None) or AUDIO_CHAT_TEMPLATE
+        super().__init__(tokenizer, feature_extractor=feature_extractor, chat_template=chat_template, **kwargs)
         self.audio_model_config = audio_model_config
         audio_id = audio_model_config.audio_token_id
         if self.tokenizer.convert_ids_to_tokens(audio_id) != AUDIO_PLACEHOLDER:
@@ -726,6 +747,24 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
             self.audio_model_config = config
         output["audio_model_config"] = config.to_dict()
         return output
+
+    def _multimodal_inputs_from_conversations(
+        self, conversations: list[list[dict]], audio_loading_params: dict, load_audio_from_video: bool = False
+    ):
+        """Speech blocks fill the template's `<|speech|>` placeholders as units; audio blocks, resampled to the
+        loading rate (the feature extractor's), go to the audio encoder through its `<|audio|>` placeholders."""
+        from .audio_codecs import resample
+
+        rate = audio_loading_params["sampling_rate"]
+        units, audio = [], []
+        for blocks in _speech_blocks(conversations, audio_loading_params):
+            units.append([block for kind, block in blocks if kind == "speech"])
+            waveforms = [block for kind, block in blocks if kind == "audio"]
+            if any(given is None for _, given in waveforms):
+                raise ValueError("an audio block with an 'audio' array needs its 'sampling_rate'")
+            audio.append([resample(torch.as_tensor(w, dtype=torch.float32), given, rate) for w, given in waveforms])
+        empty = [[] for _ in conversations]
+        return empty, empty, audio if any(audio) else [], {"speech_units": units}
 
     def _read_audio(
         self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool

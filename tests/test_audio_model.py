@@ -506,6 +506,9 @@ def test_audio_processor_refuses_bad_audio():
         processor(text="hello <|audio|>", audio=tone(300, 0.3), sampling_rate=8000)
     with pytest.raises(ValueError, match="2 audio placeholders"):
         processor(text="<|audio|> <|audio|>", audio=tone(300, 0.3), sampling_rate=SAMPLING_RATE)
+    for bad, message in ((np.full(1600, np.nan, np.float32), "NaN"), (np.full(1600, 2000, np.int16), "int16")):
+        with pytest.raises(ValueError, match=f"audio 0 .*{message}"):
+            processor(text="hello <|audio|>", audio=bad, sampling_rate=SAMPLING_RATE)
     # As many audios as placeholders over the batch, but not per text: one text's audio must not fill another's.
     with pytest.raises(ValueError, match=r"text\[0\] has 2 audio placeholders .* but 1 audios were given for it"):
         processor(

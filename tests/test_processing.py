@@ -289,6 +289,7 @@ def test_save_and_load_round_trip(tmp_path):
         ({"text": "hello", "speech_units": [NUM_UNITS]}, "unit 64 at position 0"),
         ({"text": "hello <|speech|> <|speech|>", "speech_units": [[5], []]}, "speech_units[0][1] is empty"),
         ({"text": "hello <|speech|>", "speech_units": [[]]}, "1 <|speech|> placeholders but 0 speech segments"),
+        ({"text": []}, "text= is an empty batch"),
         (
             {"text": "hello <|speech|> <|speech|>", "speech_units": [1]},
             "2 <|speech|> placeholders but 1 speech segments",

@@ -27,7 +27,8 @@ def extract_audio_features(
 
     A feature extractor with a fixed window (Whisper's `n_samples`) pads every audio to it, as its encoder requires,
     and refuses longer audio instead of cutting it; others pad to the longest audio. Raises `ValueError` for a
-    sampling rate other than the extractor's, an empty or multi-channel audio, or no audio at all.
+    sampling rate other than the extractor's, integer or non-finite samples, an empty or multi-channel audio, or no
+    audio at all.
     """
     if sampling_rate != feature_extractor.sampling_rate:
         raise ValueError(
@@ -39,7 +40,12 @@ def extract_audio_features(
     window = getattr(feature_extractor, "n_samples", None)
     waveforms = []
     for index, audio in enumerate(audios):
-        waveform = np.asarray(audio, dtype=np.float32)
+        waveform = audio.numpy(force=True) if isinstance(audio, torch.Tensor) else np.asarray(audio)
+        if not np.issubdtype(waveform.dtype, np.floating):  # integer PCM would be read as huge amplitudes
+            raise ValueError(f"audio {index} must hold floating-point samples in [-1, 1], got {waveform.dtype}")
+        waveform = waveform.astype(np.float32)
+        if not np.isfinite(waveform).all():
+            raise ValueError(f"audio {index} has NaN or infinite samples")
         if waveform.ndim != 1:
             raise ValueError(f"audio {index} has shape {waveform.shape}; expected mono samples (one dimension)")
         if not waveform.size:

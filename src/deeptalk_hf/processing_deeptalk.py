@@ -432,10 +432,18 @@ class DeepTalkProcessor(ProcessorMixin):
         text_kwargs = merged["text_kwargs"]
         unsupported = sorted(k for k, v in text_kwargs.items() if k not in _SUPPORTED_TEXT_KWARGS and v)
         if unsupported:
-            raise ValueError(f"{type(self).__name__} does not support {unsupported}")
+            hint = (
+                " (apply_chat_template's return_assistant_tokens_mask asks for them: speech segments are spliced into "
+                "the ids, so there are no character offsets to map)"
+                if "return_offsets_mapping" in unsupported
+                else ""
+            )
+            raise ValueError(f"{type(self).__name__} does not support {unsupported}{hint}")
 
         single = text is None or isinstance(text, str)
         texts = [text or ""] if single else list(text)
+        if not texts:
+            raise ValueError("text= is an empty batch")
         if speech_units is not None and audio is not None and self.audio_becomes_units:
             raise ValueError("pass speech as speech_units= or as audio=, not both")
         audio_features = None

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -83,6 +85,26 @@ def test_qwen3_moe_checkpoint_loads_with_same_logits_and_generation(tmp_path, ex
     assert (expected - actual).abs().max() <= 1e-5
     generate = dict(max_new_tokens=10, do_sample=False)
     assert torch.equal(source.generate(input_ids, **generate), model.generate(input_ids, **generate))
+
+
+def test_qwen3_moe_checkpoint_loads_without_a_config_and_other_layouts_are_refused(tmp_path):
+    """`DeepTalkForCausalLM.from_pretrained` on a Qwen3-MoE checkpoint alone reads its config as a DeepTalk config
+    (experts fused on load); a checkpoint that leaves tensors missing (a dense one, or an override that adds tensors)
+    is refused by name instead of keeping random weights."""
+    source = Qwen3MoeForCausalLM(Qwen3MoeConfig(**QWEN_FIELDS)).eval()
+    source.save_pretrained(tmp_path / "qwen3_moe")
+    model = DeepTalkForCausalLM.from_pretrained(tmp_path / "qwen3_moe").eval()
+    assert model.config.model_type == "deeptalk"
+    input_ids = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        assert (source(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="lacks .* tensors.*upcycle_checkpoint"):
+        DeepTalkForCausalLM.from_pretrained(tmp_path / "qwen3_moe", speech_attention=True)
+    dense = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(**{k: QWEN_FIELDS[k] for k in ("vocab_size", "hidden_size", "intermediate_size")},
+                                 num_hidden_layers=1, num_attention_heads=4)).save_pretrained(dense)  # fmt: skip
+    with pytest.raises(ValueError, match="mlp.experts"):
+        DeepTalkForCausalLM.from_pretrained(dense)
 
 
 def test_qwen2_moe_shared_expert_gate_and_qkv_bias_match(tmp_path):

@@ -477,14 +477,24 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):
-        """Refuse a checkpoint whose tensors do not fit the config, naming each tensor (transformers only logs them)."""
+        """Refuse a checkpoint whose tensors do not fit the config or leave some of its tensors missing, naming them
+        (transformers only logs them)."""
         if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
             details = "; ".join(
                 f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
                 for key, found, expected in sorted(loading_info.mismatched_keys)
             )
             raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
-        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
+        loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
+        if loading_info.missing_keys:  # they would stay random: a checkpoint of another layout, or a config override
+            missing = sorted(loading_info.missing_keys)
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} tensors this DeepTalk config needs ({', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}). A dense or other MoE checkpoint is converted with "
+                "upcycle_checkpoint / upcycle_moe_checkpoint (deeptalk-upcycle); speech attention is added with "
+                "add_speech_attention, the speech vocabulary with resize_speech_vocab"
+            )
+        return loading_info
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False

@@ -181,6 +181,12 @@ def test_paper_rule_on_hand_made_loads(tmp_path_factory):
     assert _choose_speech_experts(load, 1, None, "adaptive", generator) == [2, 3]
     uniform = hand_made_load([[1, 1, 1, 1]], [[1, 1, 1, 1]])
     assert _choose_speech_experts(uniform, 0, None, "adaptive", generator) == [0]  # at least one speech expert
+    # An expert both modalities use heavily scores high but leans to text: adaptive leaves it (paper's rule takes it).
+    shared = hand_made_load([[45, 12, 3, 40]], [[50, 10, 20, 20]])
+    assert _choose_speech_experts(shared, 0, None, "adaptive", generator) == [1, 3]
+    assert _choose_speech_experts(shared, 0, 2, "paper", generator) == [0, 3]
+    leaning = hand_made_load([[4, 3, 2, 1]], [[1, 1, 1, 7]])
+    assert _choose_speech_experts(leaning, 0, None, "adaptive", generator) == [0, 1, 2]  # all but one text expert
     drawn = _choose_speech_experts(load, 0, 2, "random", torch.Generator().manual_seed(7))
     assert drawn == _choose_speech_experts(load, 0, 2, "random", torch.Generator().manual_seed(7)) and len(drawn) == 2
 

@@ -204,14 +204,16 @@ def _choose_speech_experts(
 ) -> list[int]:
     """Source indices of the experts that become speech experts in MoE layer `load.layers[index]`."""
     num_experts = load.num_experts[index]
-    if strategy == "adaptive":
-        # This library's adaptive count: the experts whose share of the speech traffic exceeds their share of the
-        # text traffic, keeping at least one expert in each group.
-        count = int((load.rho_speech[index] > load.rho_text[index]).sum().clamp(1, num_experts - 1))
     if strategy == "random":
         return sorted(torch.randperm(num_experts, generator=generator)[:count].tolist())
     scores = load.scores[index].tolist()
     ranked = sorted(range(num_experts), key=lambda expert: (-scores[expert], expert))  # ties: lowest index first
+    if strategy == "adaptive":
+        # This library's adaptive rule: the experts whose share of the speech traffic exceeds their share of the text
+        # traffic, keeping at least one expert in each group (by the score where that trims or tops up the set).
+        leaning = (load.rho_speech[index] > load.rho_text[index]).tolist()
+        ranked = [e for e in ranked if leaning[e]] + [e for e in ranked if not leaning[e]]
+        count = min(max(sum(leaning), 1), num_experts - 1)
     return sorted(ranked[:count])
 
 
@@ -281,8 +283,8 @@ def assign_modality_experts(
     Strategies:
     - `"paper"` (DeepTalk's rule): per layer, the `num_speech_experts` experts with the highest ρA·(1−ρT) (ties: the
       lowest index).
-    - `"adaptive"`: per layer as many experts as have a larger share of the speech than of the text assignments
-      (ρA > ρT), at least one and leaving at least one text expert, ranked by the same score.
+    - `"adaptive"`: per layer the experts with a larger share of the speech than of the text assignments (ρA > ρT);
+      at least one and leaving at least one text expert, by the same score where that trims or tops up the set.
     - `"random"`: `num_speech_experts` experts drawn with `seed` (an ablation baseline).
 
     `num_speech_experts` is an int or one count per MoE layer; it defaults to the model's current counts (not used by

@@ -274,6 +274,11 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     arguments = [str(holder / "model"), str(data), "--assign-to", str(holder), "--overwrite", "--quiet"]
     assert profile_main(arguments) == EXIT_USAGE
     assert "holds the source" in capsys.readouterr().err and (holder / "model" / "config.json").is_file()
+    weights = holder / "model" / "model.safetensors"
+    arguments = [str(holder / "model"), str(data), "-o", str(weights), "--overwrite", "--quiet"]
+    assert profile_main(arguments) == EXIT_USAGE
+    assert "inside the model" in capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(holder / "model")  # intact
     # Data of one modality: the load is written (its folder created), the assignment refused as unusable data.
     text_only, load, split = tmp_path / "text.jsonl", tmp_path / "new" / "load.json", tmp_path / "split"
     text_only.write_text('{"input_ids": [3, 4, 5]}\n')

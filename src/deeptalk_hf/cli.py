@@ -363,12 +363,13 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise ValueError("--plot needs matplotlib: pip install 'deeptalk-hf[plot]'")
         if not Path(args.data).is_file():
             raise DataError(f"data file {args.data} does not exist")
-        for path in (args.output, args.plot):
-            if path and (Path(path).is_dir() or Path(path).resolve() == Path(args.data).resolve()):
-                raise ValueError(f"{path} is a directory or the data file; name a new file to write")
-            if path and Path(path).exists() and not args.overwrite:
-                raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
         source = _resolve_source(args.model, None)
+        for path in filter(None, (args.output, args.plot)):
+            target = Path(path).resolve()
+            if target.is_dir() or target == Path(args.data).resolve() or source.resolve() in target.parents:
+                raise ValueError(f"{path} is a directory, the data file or inside the model; name a new file to write")
+            if target.exists() and not args.overwrite:
+                raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
         if args.assign_to:
             check_output_dir(args.assign_to, overwrite=args.overwrite, inputs=[source])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

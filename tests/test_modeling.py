@@ -183,6 +183,13 @@ def test_hard_routing_isolates_modalities(experts, top_k, seq_len, seed):
     assert not torch.equal(before[:, seq_len:], after[:, seq_len:])
 
 
+def test_a_routing_mode_switched_to_an_unknown_value_is_refused():
+    model = DeepTalkForCausalLM(tiny_config())
+    model.config.modality_routing = "off"
+    with pytest.raises(ValueError, match="modality_routing='off' is unknown"):
+        model(torch.tensor([[3, 4, 70]]))
+
+
 def test_modality_ids_override_the_id_block_for_inputs_embeds():
     model = DeepTalkForCausalLM(tiny_config()).eval()
     input_ids = torch.randint(0, model.config.vocab_size, (2, 8))

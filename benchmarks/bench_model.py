@@ -4,7 +4,7 @@ DeepTalk runs hard modality routing on a mixed text/speech batch with E text + E
 has 2E experts, the same top-k, expert size, attention and vocabulary width, and the same experts backend. Both get
 the same inputs. The goal is DeepTalk >= 0.95x Qwen3-MoE: modality routing should cost (almost) nothing.
 
-    python benchmarks/bench_model.py [--backend grouped_mm] [--device cpu] [--out benchmarks/results/model.json]
+    python benchmarks/bench_model.py [--backend grouped_mm] [--device cpu] [--out PATH (default: benchmarks/results/model.json)]
 """
 
 import argparse
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="grouped_mm", help="experts backend for both models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--hidden", type=int, default=256, help="a multiple of 64 (heads of 64)")
     parser.add_argument("--expert-size", type=int, default=128)
     parser.add_argument("--experts", type=int, default=8, help="E: text experts = speech experts = E; Qwen3-MoE 2E")
     parser.add_argument("--top-k", type=int, default=2)
@@ -87,8 +87,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="benchmarks/results/model.json")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model.json")
     args = parser.parse_args()
+    if args.hidden < 64 or args.hidden % 64:
+        parser.error(f"--hidden {args.hidden} must be a positive multiple of 64 (attention heads of 64)")
 
     models = build(args)
     input_ids = mixed_batch(args)

@@ -764,13 +764,19 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         from .audio_codecs import resample
 
         rate = audio_loading_params["sampling_rate"]
+
+        def at_rate(waveform: Any, given: int | None) -> Any:
+            if given == rate:  # as given: `extract_audio_features` checks the samples
+                return waveform
+            waveform = torch.as_tensor(waveform)
+            if given is None or not waveform.is_floating_point():
+                raise ValueError("an audio block needs floating-point samples and its 'sampling_rate'")
+            return resample(waveform, given, rate)
+
         units, audio = [], []
         for blocks in _speech_blocks(conversations, audio_loading_params):
             units.append([block for kind, block in blocks if kind == "speech"])
-            waveforms = [block for kind, block in blocks if kind == "audio"]
-            if any(given is None for _, given in waveforms):
-                raise ValueError("an audio block with an 'audio' array needs its 'sampling_rate'")
-            audio.append([resample(torch.as_tensor(w, dtype=torch.float32), given, rate) for w, given in waveforms])
+            audio.append([at_rate(*block) for kind, block in blocks if kind == "audio"])
         empty = [[] for _ in conversations]
         return empty, empty, audio if any(audio) else [], {"speech_units": units}
 

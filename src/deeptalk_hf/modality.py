@@ -291,7 +291,8 @@ def assign_modality_experts(
     `"adaptive"`). Expert tensors and router rows move between `experts`/`gate` and `speech_experts`/`speech_gate`,
     and `config.num_experts`, `config.num_speech_experts` and `config.speech_expert_ids` record the new split, so with
     `modality_routing="none"` the model computes what it did before, up to float rounding (also on an already split
-    model: the load and the ids are in source order). New parameters keep the `requires_grad` of the group they come from.
+    model: the load and the ids are in source order). New parameters keep the `requires_grad` of the group they come
+    from.
     """
     config = model.config
     if strategy not in ASSIGNMENT_STRATEGIES:

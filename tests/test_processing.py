@@ -302,6 +302,7 @@ def test_save_and_load_round_trip(tmp_path):
             "speech_units[0][1] must hold integer unit ids",
         ),
         ({"text": "hello", "speech_units": torch.tensor([1.0, 2.0])}, "must be a segment"),
+        ({"text": "hello", "speech_units": torch.tensor([True, False])}, "must be a segment"),
         ({"text": "hello", "speech_units": [1], "interleave": "zigzag"}, "interleave='zigzag' is unknown"),
         ({"text": "hello", "speech_units": [1], "text_speech_ratio": (0, 2)}, "two positive counts"),
         ({"text": "hello", "speech_units": [1], "audio": torch.zeros(10)}, "not both"),

@@ -239,7 +239,8 @@ def _pad_like(rows: list[list[int]], padded_ids: list[list[int]], side: str) -> 
 def _is_unit_segment(value: Any) -> bool:
     """A non-empty 1-D sequence of integers (list, tuple, tensor or array)."""
     if isinstance(value, torch.Tensor):
-        return value.ndim == 1 and value.numel() > 0 and not (value.is_floating_point() or value.is_complex())
+        integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return value.ndim == 1 and value.numel() > 0 and integer
     if isinstance(value, np.ndarray):
         return value.ndim == 1 and value.size > 0 and np.issubdtype(value.dtype, np.integer)
     return (

@@ -248,6 +248,12 @@ def test_generation_extends_modality_ids_from_new_ids():
             next_id = model(sequence, modality_ids=full_modality).logits[:, -1].argmax(-1, keepdim=True)
             sequence = torch.cat([sequence, next_id], dim=1)
     assert torch.equal(out, sequence)
+    # The same prompt given as embeddings (as from an audio encoder): the same new ids.
+    embeds = model.get_input_embeddings()(prompt)
+    from_embeds = model.generate(
+        inputs_embeds=embeds, modality_ids=modality_ids, max_new_tokens=8, do_sample=False, eos_token_id=None
+    )
+    assert torch.equal(from_embeds, out[:, 6:])
 
 
 def test_left_padded_batch_generates_like_each_prompt_alone():

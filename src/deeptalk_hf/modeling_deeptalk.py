@@ -901,11 +901,18 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         )
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.LongTensor, *args, modality_ids=None, batch_parallel: bool = False, **kwargs
+        self,
+        input_ids: torch.LongTensor,
+        *args,
+        inputs_embeds: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        batch_parallel: bool = False,
+        **kwargs,
     ):
         """Extends a prompt's `modality_ids` over the generated ids (whose block gives their modality); with batch
-        parallel decoding, the text stream of each speech answer reads the text of its text-only copy."""
-        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        parallel decoding, the text stream of each speech answer reads the text of its text-only copy.
+        (`inputs_embeds` is named so that `generate` accepts a prompt given as embeddings.)"""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
         step_ids = model_inputs.get("input_ids")
         if batch_parallel and step_ids is not None:
             streams = step_ids.view(-1, self.config.num_audio_streams + 1, step_ids.shape[-1]).clone()

@@ -822,7 +822,8 @@ class DeepTalkStreamer(BaseStreamer):
 
     Iterate over it while `generate` runs in another thread (as with `TextIteratorStreamer`), or after it returns.
     Per segment, the speech chunks concatenate to `processor.decode(...).speech_units`; the text deltas concatenate to
-    its text. An audio chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of
+    its text under the same `decode_kwargs` (by default `skip_special_tokens=True`, as `TextIteratorStreamer`'s users
+    usually pass). An audio chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of
     a segment), from those frames plus up to `context_frames` earlier ones whose samples are dropped, which smooths
     chunk boundaries for codecs that look backwards.
     """

@@ -223,6 +223,9 @@ def test_decode_handles_generated_streams():
     assert decoded.text == "hello world"
     assert decoded.speech_units == [[1, 2], [3, 4], [5]]
     assert [d.speech_units for d in PROCESSOR.batch_decode([[b, e], [hello]])] == [[[]], []]
+    block = PROCESSOR.speech_tokens
+    with pytest.raises(ValueError, match=f"id {block.stop} is beyond the vocabulary .*last id is {block.stop - 1}"):
+        PROCESSOR.decode([hello, block.stop])
 
 
 # ---- chat template, saving ---------------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ class _SpeechSplitter:
         if marker == 2:
             return "pad"
         raise ValueError(
-            f"id {token_id} is beyond the vocabulary (speech block ends at {self.start + self.num_units + 3})"
+            f"id {token_id} is beyond the vocabulary (the speech block's last id is {self.start + self.num_units + 2})"
         )
 
 

@@ -89,17 +89,26 @@ def resample(
 class FlatUnitCodec:
     """Shared part of the adapters: input checks, mono mix-down and resampling, and the unit stream's layout.
 
-    Subclasses set `sampling_rate`, `frame_rate`, `num_codebooks`, `codebook_size`, `frame_levels` and implement
-    `_encode(waveform [samples] at sampling_rate) -> list[LongTensor]` and `_decode(codes) -> Tensor[samples]`.
+    Subclasses set `model`, `sampling_rate`, `frame_rate`, `num_codebooks`, `codebook_size`, `frame_levels` and
+    implement `_encode(waveform [samples] at sampling_rate) -> list[LongTensor]` and `_decode(codes) -> Tensor[samples]`.
     """
 
+    model: torch.nn.Module
     sampling_rate: int
     frame_rate: float
     num_codebooks: int
     codebook_size: int
     frame_levels: tuple[int, ...]
-    device: torch.device
-    dtype: torch.dtype  # the codec model's: encode feeds it waveforms of this type
+
+    @property
+    def device(self) -> torch.device:
+        """The codec model's device (read each time: the model may have moved since)."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The codec model's floating-point type: encode feeds it waveforms of this type."""
+        return next(self.model.parameters()).dtype
 
     @property
     def num_units(self) -> int:
@@ -260,7 +269,6 @@ class SnacCodec(FlatUnitCodec):
         self.codebook_size = int(model.codebook_size)
         self.frame_levels = _snac_frame_levels(strides)
         self.frame_rate = self.sampling_rate / (int(model.hop_length) * strides[0])
-        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "hubertsiuzdak/snac_24khz", **kwargs) -> SnacCodec:
@@ -294,7 +302,6 @@ class MimiCodec(FlatUnitCodec):
         self.codebook_size = int(config.codebook_size)
         self.frame_levels = tuple(range(self.num_codebooks))
         self.frame_rate = float(config.frame_rate)
-        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "kyutai/mimi", num_codebooks: int | None = 8, **kwargs) -> MimiCodec:

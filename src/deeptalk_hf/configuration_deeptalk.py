@@ -9,6 +9,14 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 MODALITY_ROUTING_MODES = ("hard", "none")
+
+
+def check_modality_routing(mode: str) -> None:
+    """Raise unless `mode` is a routing mode (checked at construction and at forward, as it may be switched)."""
+    if mode not in MODALITY_ROUTING_MODES:
+        raise ValueError(f"modality_routing={mode!r} is unknown; expected one of {MODALITY_ROUTING_MODES}")
+
+
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 QK_NORM_TYPES = ("head", "full")
@@ -209,10 +217,7 @@ class DeepTalkConfig(PreTrainedConfig):
                 f"speech_vocab_size={self.speech_vocab_size} does not fit in vocab_size={self.vocab_size}: the speech "
                 "block is the last `speech_vocab_size` ids and the text block must keep at least one id"
             )
-        if self.modality_routing not in MODALITY_ROUTING_MODES:
-            raise ValueError(
-                f"modality_routing={self.modality_routing!r} is unknown; expected one of {MODALITY_ROUTING_MODES}"
-            )
+        check_modality_routing(self.modality_routing)
         bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad_layers:
             raise ValueError(

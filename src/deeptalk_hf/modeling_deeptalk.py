@@ -37,7 +37,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_deeptalk import MODALITY_ROUTING_MODES, DeepTalkConfig
+from .configuration_deeptalk import DeepTalkConfig, check_modality_routing
 from .kernels import EXPERTS_IMPLEMENTATION, triton_is_default
 
 logger = logging.get_logger(__name__)
@@ -600,10 +600,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if self.config.modality_routing not in MODALITY_ROUTING_MODES:  # it may be switched on a built model
-            raise ValueError(
-                f"modality_routing={self.config.modality_routing!r} is unknown; expected one of {MODALITY_ROUTING_MODES}"
-            )
+        check_modality_routing(self.config.modality_routing)  # it may be switched on a built model
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:

@@ -203,6 +203,16 @@ def test_cached_generation_equals_uncached_from_audio_and_text(cache_implementat
     assert torch.equal(cached, uncached)
 
 
+def test_a_cache_passed_by_its_old_name_past_key_values_is_used():
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
+    ids = torch.randint(3, 60, (1, 7))
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :6], use_cache=True).cache
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            step = model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, model(input_ids=ids).logits[:, -1])
+
+
 def test_text_only_input_is_the_language_model():
     model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
     input_ids = torch.randint(3, 60, (2, 7))

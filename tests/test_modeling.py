@@ -230,6 +230,22 @@ def test_cached_generation_equals_uncached_and_streams(attn):
     assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks]), cached[0])
 
 
+def test_a_cache_passed_by_its_old_name_past_key_values_is_used():
+    """transformers 4 code and PEFT's prefix tuning pass `past_key_values=`: it must be the cache, not a dropped kwarg."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    ids = torch.randint(3, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        cache = model(ids[:, :6], use_cache=True).cache
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            step = model(ids[:, 6:], past_key_values=cache, use_cache=True).logits[:, -1]
+        cache = model.model(ids[:, :6], use_cache=True).cache
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            hidden = model.model(ids[:, 6:], past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+    torch.testing.assert_close(step, full)
+    torch.testing.assert_close(hidden, model.model(ids).last_hidden_state[:, -1])
+
+
 def test_generation_extends_modality_ids_from_new_ids():
     """A prompt whose modality comes from `modality_ids` must decode like a full recomputation that uses them."""
     model = DeepTalkForCausalLM(tiny_config()).eval()

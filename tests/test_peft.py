@@ -4,7 +4,7 @@ helper's configs, which must adapt exactly what `set_training_stage` would train
 
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, get_peft_model
+from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, PrefixTuningConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -238,3 +238,19 @@ def test_speech_stage_lora_leaves_the_text_model_bit_identical(merge, tmp_path):
         )
         with torch.no_grad():
             assert torch.equal(reloaded(mixed_batch(config)).logits, trained(mixed_batch(config)).logits)
+
+
+def test_prefix_tuning_reaches_the_attention_and_trains():
+    """PEFT's prefix tuning hands its virtual keys and values over as `past_key_values`."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    input_ids = mixed_batch(model.config, batch=1)
+    with torch.no_grad():
+        plain = model(input_ids).logits
+    peft_model = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        for parameter in peft_model.prompt_encoder.parameters():
+            parameter.normal_()
+    out = peft_model(input_ids=input_ids, labels=input_ids)
+    assert not torch.allclose(out.logits.detach(), plain)
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.prompt_encoder.parameters())

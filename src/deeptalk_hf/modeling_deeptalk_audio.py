@@ -22,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_deeptalk import DeepTalkAudioConfig
 from .modeling_deeptalk import (
@@ -227,6 +228,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return inputs_embeds.masked_scatter(is_audio.unsqueeze(-1).to(inputs_embeds.device), audio)
 
     @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

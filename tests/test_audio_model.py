@@ -213,6 +213,22 @@ def test_a_cache_passed_by_its_old_name_past_key_values_is_used():
         torch.testing.assert_close(step, model(input_ids=ids).logits[:, -1])
 
 
+@pytest.mark.parametrize("expand", [dict(num_return_sequences=2, do_sample=True), dict(num_beams=2)])
+def test_each_copy_of_a_sequence_hears_its_own_audios(expand):
+    """Beams and returned sequences repeat a sequence with all of its audios, in order (a row with two audios too)."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    audio_id = config.audio_token_id
+    audios = [tone(300, 0.25), tone(900, 0.5), tone(1500, 0.3)]
+    batch = audio_batch(config, whisper_features(), [[BOS, audio_id, 5, audio_id], [BOS, audio_id, 6]], audios, "left")
+    with torch.no_grad():
+        expected = model(**batch).logits[:, -1].repeat_interleave(2, dim=0)
+    out = model.generate(
+        **batch, max_new_tokens=1, output_logits=True, return_dict_in_generate=True, pad_token_id=PAD, **expand
+    )
+    torch.testing.assert_close(out.logits[0], expected)
+
+
 def test_text_only_input_is_the_language_model():
     model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
     input_ids = torch.randint(3, 60, (2, 7))

@@ -188,11 +188,9 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         get the mask as `attention_mask`).
         """
         input_features = input_features.to(self.audio_encoder.device, self.audio_encoder.dtype)
-        if input_features_mask is None:
-            feature_lengths = torch.full((input_features.shape[0],), input_features.shape[-1])
-        else:
+        feature_lengths = _feature_lengths(input_features, input_features_mask)
+        if input_features_mask is not None:
             input_features_mask = input_features_mask.to(input_features.device)
-            feature_lengths = input_features_mask.sum(-1).cpu()
         frames = self.audio_encoder(input_features, attention_mask=input_features_mask).last_hidden_state
         frame_lengths = audio_frame_lengths(self.config.audio_config, feature_lengths).to(frames.device)
         valid = torch.arange(frames.shape[1], device=frames.device) < frame_lengths[:, None]
@@ -280,10 +278,40 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, dict]:
+        """For beams and `num_return_sequences`: each sequence's audios are repeated with it. transformers repeats
+        every tensor row by row, but `input_features` has a row per audio, so a copy of a sequence with two audios
+        would hear one of them twice."""
+        features = {key: kwargs.pop(key, None) for key in ("input_features", "input_features_mask")}
+        if expand_size > 1 and input_ids is not None and features["input_features"] is not None:
+            lengths = audio_token_lengths(self.config, _feature_lengths(*features.values()))
+            placeholders = (input_ids == self.config.audio_token_id).sum(-1).cpu()
+            # The audios fill the placeholders in order: an audio belongs to the row its first position falls in.
+            rows = torch.searchsorted(placeholders.cumsum(0), lengths.cumsum(0) - lengths, right=True)
+            order = torch.cat([(rows == row).nonzero().flatten().repeat(expand_size) for row in range(len(input_ids))])
+            features = {
+                key: None if value is None else value[order.to(value.device)] for key, value in features.items()
+            }
+        input_ids, kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kwargs)
+        return input_ids, kwargs | features
+
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         """The LLM's step inputs (its `modality_ids` handling included); transformers passes `input_features` and
         `input_features_mask` at prefill only when a cache is used."""
         return self.language_model.prepare_inputs_for_generation(*args, **kwargs)
+
+
+def _feature_lengths(input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> torch.Tensor:
+    """Valid feature frames of each audio (on CPU): the mask's count, or the whole padded length without one."""
+    if input_features_mask is None:
+        return torch.full((input_features.shape[0],), input_features.shape[-1])
+    return input_features_mask.sum(-1).cpu()
 
 
 def _load_complete(model_class: type, path: str | os.PathLike) -> PreTrainedModel:

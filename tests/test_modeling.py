@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2MoeConfig,
@@ -270,6 +271,29 @@ def test_generation_extends_modality_ids_from_new_ids():
         inputs_embeds=embeds, modality_ids=modality_ids, max_new_tokens=8, do_sample=False, eos_token_id=None
     )
     assert torch.equal(from_embeds, out[:, 6:])
+
+
+def test_generate_refuses_modality_ids_of_another_shape_than_the_prompt():
+    """transformers would broadcast a one-row `modality_ids` over the batch, or silently cut or extend it."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    prompt = torch.randint(3, model.config.speech_token_start, (2, 6))
+    for shape in [(2, 5), (2, 7), (1, 6)]:
+        with pytest.raises(ValueError, match=rf"modality_ids has shape \({shape[0]}, {shape[1]}\) but the input"):
+            model.generate(prompt, modality_ids=torch.ones(shape, dtype=torch.long), max_new_tokens=2)
+    embeds = model.get_input_embeddings()(prompt)
+    with pytest.raises(ValueError, match="modality_ids has shape"):
+        model.generate(inputs_embeds=embeds, modality_ids=torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
+
+
+def test_generate_takes_transformers_positional_parameters_and_refuses_parallel_only_options():
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, 6))
+    expected = model.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert torch.equal(model.generate(prompt, config), expected)
+    for option in [dict(batch_parallel=True), dict(speech_answer=False)]:
+        with pytest.raises(ValueError, match="for models with parallel audio streams"):
+            model.generate(prompt, max_new_tokens=2, **option)
 
 
 def test_left_padded_batch_generates_like_each_prompt_alone():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from transformers.generation import LogitsProcessor
+from transformers.generation import GenerationConfig, LogitsProcessor
 
 from deeptalk_hf import DeepTalkForCausalLM
 from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern, revert_delay_pattern
@@ -172,6 +172,28 @@ def test_the_configs_pad_and_eos_ids_may_be_passed_other_ids_are_refused():
     for name in same:
         with pytest.raises(ValueError, match=f"{name}=7: parallel-stream generation uses the config's {name}"):
             model.generate(query, **{name: 7}, **options)
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(num_beams=2), "num_beams > 1"),
+        (dict(num_return_sequences=2, do_sample=True), "num_return_sequences > 1"),
+        (dict(cache_implementation="static"), "cache_implementation='static'"),
+        (dict(modality_ids=torch.zeros(4, 5, dtype=torch.long)), "modality_ids"),
+    ],
+)
+def test_options_that_would_split_an_items_streams_are_refused_by_name(options, named):
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    with pytest.raises(ValueError, match=f"does not support {named}"):
+        model.generate(text_query(model.config, batch=1), max_new_tokens=3, **options)
+
+
+def test_a_generation_config_may_be_passed_positionally_as_in_transformers():
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    query = text_query(model.config, batch=1)
+    expected = model.generate(query, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(query, GenerationConfig(max_new_tokens=5, do_sample=False)), expected)
 
 
 class EndFirstItemEarly(LogitsProcessor):

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -48,6 +48,18 @@ DeepTalkMLP = Qwen3MoeMLP
 DeepTalkRotaryEmbedding = Qwen3MoeRotaryEmbedding
 
 
+def check_modality_ids_shape(modality_ids: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(modality_ids.shape) != tuple(shape):
+        raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(shape)}")
+
+
+def check_prompt_modality_ids(input_ids: torch.Tensor, model_kwargs: dict) -> None:
+    """`generate` would broadcast a prompt's `modality_ids` of another shape over the batch, or cut it, silently."""
+    if (modality_ids := model_kwargs.get("modality_ids")) is not None:
+        prompt = model_kwargs.get("inputs_embeds")
+        check_modality_ids_shape(modality_ids, input_ids.shape if prompt is None else prompt.shape[:2])
+
+
 def speech_positions(
     config: DeepTalkConfig,
     input_ids: torch.LongTensor | None,
@@ -61,8 +73,7 @@ def speech_positions(
     (`input_ids` `[batch, 1 + S, seq]`), an audio code in any audio stream. Without either, all positions are text.
     """
     if modality_ids is not None:
-        if tuple(modality_ids.shape) != tuple(shape):
-            raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(shape)}")
+        check_modality_ids_shape(modality_ids, shape)
         return modality_ids.to(device=device) == 1
     if input_ids is None:
         return torch.zeros(shape, dtype=torch.bool, device=device)
@@ -933,17 +944,25 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         model_inputs["modality_ids"] = step_modality
         return model_inputs
 
+    def _expand_inputs_for_generation(self, *args, input_ids: torch.LongTensor | None = None, **kwargs):
+        check_prompt_modality_ids(input_ids, kwargs)
+        return super()._expand_inputs_for_generation(*args, input_ids=input_ids, **kwargs)
+
     @torch.no_grad()
     def generate(
         self,
         inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
         *,
-        speech_answer: bool = True,
+        speech_answer: bool | None = None,
         batch_parallel: bool = False,
         **kwargs,
     ):
-        r"""transformers' `generate`; with parallel audio streams, `inputs` is `[batch, 1 + S, seq]` in the delayed
-        layout and so is the result (`revert_delay_pattern` / `audio_codes_per_stream` read the codes back).
+        r"""transformers' `generate` (same positional parameters); with parallel audio streams, `inputs` is
+        `[batch, 1 + S, seq]` in the delayed layout and so is the result (`revert_delay_pattern` /
+        `audio_codes_per_stream` read the codes back).
 
         speech_answer (`bool`, defaults to `True`):
             Parallel streams only: answer in speech (audio streams follow the delay pattern and generation stops when
@@ -954,9 +973,26 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         """
         config = self.config
         if not config.num_audio_streams:
-            return super().generate(inputs, **kwargs)
+            if speech_answer is not None or batch_parallel:
+                raise ValueError("speech_answer and batch_parallel are for models with parallel audio streams")
+            return super().generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)
         from .generation_deeptalk import DelayPatternLogitsProcessor, ParallelStreamsStoppingCriteria
 
+        setting = generation_config or self.generation_config
+        cache_implementation = kwargs.get("cache_implementation", setting.cache_implementation)
+        refused = {
+            "num_beams > 1": (kwargs.get("num_beams") or setting.num_beams or 1) > 1,
+            "num_return_sequences > 1": (kwargs.get("num_return_sequences") or setting.num_return_sequences or 1) > 1,
+            f"cache_implementation={cache_implementation!r}": cache_implementation not in (None, "dynamic"),
+            "inputs_embeds": "inputs_embeds" in kwargs,
+            "modality_ids (the streams decide each position's modality)": "modality_ids" in kwargs,
+            "an assistant model": kwargs.get("assistant_model") is not None,
+        }
+        if any(refused.values()):
+            raise ValueError(
+                "parallel-stream generation keeps each item's streams together as consecutive rows and does not "
+                f"support {', '.join(name for name, given in refused.items() if given)}"
+            )
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
         streams = config.num_audio_streams + 1
         if input_ids.dim() != 3 or input_ids.shape[1] != streams:
@@ -974,22 +1010,21 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                     f"{name}={given}: parallel-stream generation uses the config's {name} ({own}); set it there"
                 )
         attention_mask = kwargs.pop("attention_mask", None)
-        speech = torch.full((batch,), speech_answer, dtype=torch.bool)
+        speech = torch.full((batch,), speech_answer is not False, dtype=torch.bool)
         if batch_parallel:
-            if not speech_answer:
+            if speech_answer is False:
                 raise ValueError("batch_parallel=True drives a speech answer; it needs speech_answer=True")
             input_ids = torch.cat([input_ids, input_ids])
             attention_mask = torch.cat([attention_mask, attention_mask]) if attention_mask is not None else None
             speech = torch.cat([speech, torch.zeros_like(speech)])
         if attention_mask is not None:
             attention_mask = attention_mask.repeat_interleave(streams, dim=0)
-        logits_processor = kwargs.pop("logits_processor", None) or []
-        stopping_criteria = kwargs.pop("stopping_criteria", None) or []
         output = super().generate(
             input_ids.flatten(0, 1),
+            generation_config,
+            [*(logits_processor or []), DelayPatternLogitsProcessor(prompt_length, config, speech)],
+            [*(stopping_criteria or []), ParallelStreamsStoppingCriteria(prompt_length, config, speech)],
             attention_mask=attention_mask,
-            logits_processor=[*logits_processor, DelayPatternLogitsProcessor(prompt_length, config, speech)],
-            stopping_criteria=[*stopping_criteria, ParallelStreamsStoppingCriteria(prompt_length, config, speech)],
             eos_token_id=None,  # the stopping criteria and the pattern handle the ends, per stream
             pad_token_id=own_ids["pad_token_id"],
             batch_parallel=batch_parallel,

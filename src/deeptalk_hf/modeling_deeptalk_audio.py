@@ -29,6 +29,7 @@ from .modeling_deeptalk import (
     DeepTalkCausalLMOutputWithPast,
     DeepTalkForCausalLM,
     DeepTalkPreTrainedModel,
+    check_prompt_modality_ids,
     speech_positions,
 )
 
@@ -288,6 +289,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """For beams and `num_return_sequences`: each sequence's audios are repeated with it. transformers repeats
         every tensor row by row, but `input_features` has a row per audio, so a copy of a sequence with two audios
         would hear one of them twice."""
+        check_prompt_modality_ids(input_ids, kwargs)
         features = {key: kwargs.pop(key, None) for key in ("input_features", "input_features_mask")}
         if expand_size > 1 and input_ids is not None and features["input_features"] is not None:
             lengths = audio_token_lengths(self.config, _feature_lengths(*features.values()))

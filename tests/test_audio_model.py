@@ -227,6 +227,8 @@ def test_each_copy_of_a_sequence_hears_its_own_audios(expand):
         **batch, max_new_tokens=1, output_logits=True, return_dict_in_generate=True, pad_token_id=PAD, **expand
     )
     torch.testing.assert_close(out.logits[0], expected)
+    with pytest.raises(ValueError, match="modality_ids has shape"):  # would be broadcast over the batch
+        model.generate(**dict(batch, modality_ids=batch["modality_ids"][:1]), max_new_tokens=1, **expand)
 
 
 def test_text_only_input_is_the_language_model():

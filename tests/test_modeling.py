@@ -453,6 +453,11 @@ def test_training_lowers_the_loss_with_router_losses():
         losses.append(out.loss.item())
     assert losses[-1] < losses[0] - 0.5
     assert model.model.layers[0].mlp.speech_gate.weight.grad.abs().sum() > 0
+    # Without labels (Trainer's compute_loss_func) the router losses are still on the output, to be added.
+    with torch.no_grad():
+        labelled, unlabelled = model(data, labels=data), model(data)
+    assert torch.equal(unlabelled.aux_loss, labelled.aux_loss) and torch.equal(unlabelled.z_loss, labelled.z_loss)
+    assert model.eval()(data).aux_loss is None
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

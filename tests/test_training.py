@@ -1,6 +1,7 @@
 """Training with transformers' Trainer: the loss it optimises includes the router losses, a training stage (full or
 LoRA) leaves every other tensor untouched, and `examples/train_stagewise.py` runs speech -> text -> joint."""
 
+import copy
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
+from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 
 from deeptalk_hf import DeepTalkForCausalLM, lora_config_for_stage, set_training_stage
@@ -84,6 +86,58 @@ def test_trainer_optimises_the_router_losses_and_respects_the_stage(lora, tmp_pa
             assert not torch.equal(param, before[name]), name
         else:
             assert torch.equal(param, before[name]), name
+
+
+def test_resuming_from_a_trainer_checkpoint_restores_every_tensor(tmp_path):
+    """`Trainer` reloads a checkpoint with `load_state_dict`, which never sees the experts' conversion mapping: the
+    experts saved one by one must still reach the fused tensors, so a resumed run ends where an unbroken one does."""
+    config = tiny_config()
+    data = examples(config)
+    initial = DeepTalkForCausalLM(config)
+
+    def run(folder: str, resume: str | None = None) -> DeepTalkForCausalLM:
+        model = copy.deepcopy(initial)
+        set_training_stage(model, "speech")
+        args = TrainingArguments(
+            output_dir=str(tmp_path / folder),
+            max_steps=4,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            weight_decay=0.1,
+            save_strategy="steps",
+            save_steps=2,
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
+        return model
+
+    unbroken = run("unbroken")
+    resumed = run("resumed", resume=str(tmp_path / "unbroken" / "checkpoint-2"))
+    for (name, expected), param in zip(unbroken.named_parameters(), resumed.parameters()):
+        assert torch.equal(param, expected), name
+
+
+def test_load_state_dict_takes_experts_saved_one_by_one_in_any_shard(tmp_path):
+    source = DeepTalkForCausalLM(tiny_config())
+    source.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    shards_of_group = {}
+    for index, shard in enumerate(shards):
+        for key in load_file(shard):
+            if match := re.fullmatch(r"(.*experts)\.\d+\.\w+_proj\.weight", key):
+                shards_of_group.setdefault(match[1], set()).add(index)
+    assert max(len(found) for found in shards_of_group.values()) > 1  # a group split over shards is set in parts
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.5))
+    for shard in shards:
+        model.load_state_dict(load_file(shard), strict=False)
+    for (name, expected), param in zip(source.named_parameters(), model.parameters()):
+        assert torch.equal(param, expected), name
+    wrong = {"model.layers.0.mlp.speech_experts.3.down_proj.weight": torch.zeros(32, 16)}
+    with pytest.raises(ValueError, match=r"speech_experts.3.down_proj.weight has shape \(32, 16\), but "):
+        model.load_state_dict(wrong, strict=False)
 
 
 def losses_of(stage: str, task: str, output: str) -> tuple[float, float]:

@@ -8,6 +8,7 @@ on whole tensors and text outputs stay bit-identical through speech-only trainin
 """
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -239,6 +240,10 @@ class DeepTalkMLAttention(DeepseekV3Attention):
     latents. `config.rope_interleave` selects DeepSeek's interleaved rotary layout."""
 
 
+# One expert's tensor as `save_pretrained` writes it, relative to its experts module.
+_SAVED_EXPERT = re.compile(r"(\d+)\.(gate|up|down)_proj\.weight")
+
+
 @use_experts_implementation
 class DeepTalkExperts(Qwen3MoeExperts):
     """Experts as fused 3D tensors (`gate_up_proj` `[E, 2I, H]`, `down_proj` `[E, H, I]`), Qwen3-MoE's eager math.
@@ -257,6 +262,30 @@ class DeepTalkExperts(Qwen3MoeExperts):
         self.down_proj = nn.Parameter(torch.empty(num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
         self.top_k = config.num_experts_per_tok
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        """Takes experts saved one by one (`{prefix}{j}.gate_proj.weight`, ..., as `save_pretrained` writes them) as
+        well as the fused tensors: `Trainer` reloads its checkpoints (resume, best model) with `load_state_dict`,
+        which skips the conversion mapping `from_pretrained` applies. A shard holding some experts sets just those."""
+        saved = [key for key in state_dict if key.startswith(prefix) and _SAVED_EXPERT.fullmatch(key[len(prefix) :])]
+        if saved:
+            fused = {
+                name: state_dict.get(prefix + name, getattr(self, name).detach()).clone()
+                for name in ("gate_up_proj", "down_proj")
+            }
+            for key in saved:
+                expert, part = _SAVED_EXPERT.fullmatch(key[len(prefix) :]).groups()
+                rows = {"gate": slice(0, self.intermediate_dim), "up": slice(self.intermediate_dim, None)}
+                target = fused["down_proj"] if part == "down" else fused["gate_up_proj"][:, rows[part]]
+                tensor = state_dict.pop(key)
+                if int(expert) >= self.num_experts or tensor.shape != target.shape[1:]:
+                    raise ValueError(
+                        f"{key} has shape {tuple(tensor.shape)}, but {prefix[:-1]} holds {self.num_experts} experts "
+                        f"whose {part}_proj is {tuple(target.shape[1:])}"
+                    )
+                target[int(expert)] = tensor
+            state_dict.update({prefix + name: tensor for name, tensor in fused.items()})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def _is_expert_parallel(self) -> bool:
@@ -853,10 +882,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         output_router_logits = (
             output_router_logits if output_router_logits is not None else config.output_router_logits
         )
-        # Balancing must not silently stop in training because router logits were not requested.
-        wants_router_losses = (
-            self.training and labels is not None and (config.router_aux_loss_coef or config.router_z_loss_coef)
-        )
+        # Balancing must not silently stop in training because router logits were not requested; without labels
+        # (`Trainer` with a `compute_loss_func` or label smoothing) the losses are still there to add.
+        wants_router_losses = self.training and (config.router_aux_loss_coef or config.router_z_loss_coef)
         outputs: MoeModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -2,7 +2,9 @@
 
 import importlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +20,14 @@ from deeptalk_hf.cli import (
     EXIT_OK,
     EXIT_SOURCE,
     EXIT_USAGE,
+    _run,
     profile_main,
     profile_parser,
     read_jsonl_batches,
     upcycle_main,
     upcycle_parser,
 )
+from deeptalk_hf.upcycling import atomic_output_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_upcycling import ARCHITECTURES, dense_model, max_diff, save_dense, text_ids  # noqa: E402
@@ -102,6 +106,32 @@ def test_upcycle_exit_codes(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:100])
     assert upcycle_main([str(source), str(tmp_path / "other"), *base]) == EXIT_SOURCE
     assert "truncated or corrupt" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_an_existing_destination_is_refused_before_a_hub_download(tmp_path, monkeypatch, capsys):
+    def download(*args):
+        raise AssertionError("downloaded before checking DST")
+
+    monkeypatch.setattr("deeptalk_hf.cli._resolve_source", download)
+    (tmp_path / "moe").mkdir()
+    arguments = ["org/some-model", str(tmp_path / "moe"), "--num-text-experts", "2", "--top-k", "1", "--quiet"]
+    assert upcycle_main(arguments) == EXIT_EXISTS
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_sigterm_unwinds_and_removes_a_half_written_output(tmp_path):
+    """`timeout`, Slurm and `docker stop` send SIGTERM: it must clean up like Ctrl-C, not leave a hidden partial."""
+
+    def action():
+        with atomic_output_dir(tmp_path / "out") as staging:
+            (staging / "shard.safetensors").write_bytes(b"0" * 1024)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        _run("deeptalk-upcycle", action)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_exit_code_reaches_the_shell(tmp_path):
@@ -282,9 +312,17 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     # Data of one modality: the load is written (its folder created), the assignment refused as unusable data.
     text_only, load, split = tmp_path / "text.jsonl", tmp_path / "new" / "load.json", tmp_path / "split"
     text_only.write_text('{"input_ids": [3, 4, 5]}\n')
-    assert profile_main([model, str(text_only), "-o", str(load), "--assign-to", str(split), "--quiet"]) == EXIT_SOURCE
+    arguments = [model, str(text_only), "-o", str(load), "--assign-to", str(split), "--quiet"]
+    assert profile_main([*arguments, "--num-speech-experts", "1"]) == EXIT_SOURCE
     assert "has no speech tokens" in capsys.readouterr().err and not split.exists()
     assert ModalityLoad.load(load).text_tokens > 0
+    # Refused before profiling: no count for a model without speech experts (the default would move none), a bad
+    # device.
+    load.unlink()
+    assert profile_main(arguments) == EXIT_USAGE
+    assert "no speech experts yet" in capsys.readouterr().err and not load.exists()
+    assert profile_main([*arguments, "--num-speech-experts", "1", "--device", "bogus"]) == EXIT_USAGE
+    assert "--device bogus cannot be used" in capsys.readouterr().err and not load.exists()
     if importlib.util.find_spec("matplotlib") is None:
         assert profile_main([model, str(data), "--plot", str(tmp_path / "p.png"), "--quiet"]) == EXIT_USAGE
         assert "deeptalk-hf[plot]" in capsys.readouterr().err

@@ -213,6 +213,16 @@ def test_assignment_errors(model):
         assign_modality_experts(model, load, strategy="adaptive", num_speech_experts=1)
 
 
+def test_a_model_without_speech_experts_needs_a_count(tmp_path_factory):
+    """An imported MoE has none: the default (the model's current counts) would silently move no expert."""
+    model = make_model(tmp_path_factory, num_speech_experts=0)
+    load = profile_modality_load(model, [mixed_batch(0)])
+    with pytest.raises(ValueError, match="no speech experts yet"):
+        assign_modality_experts(model, load)
+    chosen = assign_modality_experts(model, load, num_speech_experts=1)
+    assert chosen == [[int(scores.argmax())] for scores in load.scores]
+
+
 @settings(max_examples=8, deadline=None)
 @given(draws=st.lists(st.permutations(range(6)), min_size=2, max_size=2), counts=st.tuples(*[st.integers(0, 5)] * 2))
 def test_move_speech_experts_is_the_move_of_assignment(model, draws, counts):

@@ -1,6 +1,7 @@
 """Upcycling dense Llama / Qwen2 / Qwen3 / Mistral models: the upcycled model is the dense model, in memory and on disk."""
 
 import json
+import math
 import os
 
 import pytest
@@ -269,8 +270,11 @@ def test_dtype_and_independence_from_the_source():
     with torch.no_grad():
         fp32.model.embed_tokens.weight.add_(1.0)
     assert not torch.equal(fp32.model.embed_tokens.weight, dense.model.embed_tokens.weight)
-    with pytest.raises(ValueError, match="not a torch dtype"):
-        upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype="float33")
+    for wrong in ["float33", "int8", torch.float8_e4m3fn]:  # a checkpoint in an integer or float8 dtype would not load
+        with pytest.raises(ValueError, match="is not a weights dtype"):
+            upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype=wrong)
+    with pytest.raises(ValueError, match="init_noise=inf must be >= 0"):
+        upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, init_noise=math.inf)
 
 
 def test_mlp_only_layers_stay_dense():
@@ -454,3 +458,53 @@ def test_destination_rules(tmp_path):
         assert "model.safetensors.index.json" in os.listdir(source)
     with pytest.raises(CheckpointError, match="neither a local directory"):
         upcycle_dense(str(tmp_path / "nowhere"), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    (tmp_path / "a_file").write_text("mine")
+    with pytest.raises(ValueError, match="a_file is a file, not a directory"):
+        upcycle_checkpoint(source, tmp_path / "a_file" / "moe", overwrite=True, **options)
+
+
+def test_a_destination_created_during_the_run_is_never_replaced_unasked(tmp_path, monkeypatch):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    destination = tmp_path / "moe"
+
+    def save_while_someone_creates_the_destination(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        destination.mkdir(exist_ok=True)
+        (destination / "notes.txt").write_text("mine")
+
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.save_file", save_while_someone_creates_the_destination)
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False)
+    with pytest.raises(FileExistsError, match="created while the output was written"):
+        upcycle_checkpoint(source, destination, **options)
+    assert os.listdir(destination) == ["notes.txt"] and leftovers(tmp_path) == []
+
+
+def test_what_transformers_reads_from_older_checkpoints_is_read_alike(tmp_path):
+    """Llama-2-era files hold each layer's rotary `inv_freq` (transformers drops it); a config.json without a dtype
+    takes the weights' dtype (transformers' `dtype="auto"`); a tokenizer that ships its own code is copied as is."""
+    from safetensors.torch import load_file, save_file
+
+    dense = dense_model("llama").to(torch.bfloat16)
+    source = save_dense(dense, tmp_path / "dense", max_shard_size="1GB")
+    weights = load_file(source / "model.safetensors")
+    weights |= {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(4) for i in range(2)}
+    save_file(weights, source / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    del config["dtype"]
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "tokenization_custom.py").write_text("# the source's own tokenizer code\n")
+    tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
+    (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    in_memory = upcycle_dense(source, **options).eval()
+    destination = upcycle_checkpoint(source, tmp_path / "moe", progress=False, **options)
+    moe = load_checked(destination)
+    assert moe.dtype == in_memory.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(moe(text_ids()).logits, in_memory(text_ids()).logits)
+        assert max_diff(moe(text_ids()).logits.float(), dense(text_ids()).logits.float()) < 0.2  # bf16 rounding
+    for name in ("tokenization_custom.py", "tokenizer_config.json", "tokenizer.json"):
+        assert (destination / name).read_bytes() == (source / name).read_bytes()

@@ -8,6 +8,7 @@ cannot be used (unsupported, missing, corrupt), 4 the output exists (pass --over
 import argparse
 import importlib.util
 import json
+import signal
 import sys
 import textwrap
 import traceback
@@ -24,6 +25,7 @@ from .modality import (
     assign_modality_experts,
     profile_modality_load,
     speech_attention_layers,
+    speech_expert_counts,
 )
 from .modeling_deeptalk import DeepTalkForCausalLM
 from .upcycling import (
@@ -67,8 +69,15 @@ def _fail(prog: str, code: int, error: BaseException) -> int:
     return code
 
 
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run(prog: str, action) -> int:
-    """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments)."""
+    """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments).
+
+    SIGTERM (`timeout`, Slurm, `docker stop`) unwinds like Ctrl-C, so a half-written output is removed."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         action()
     except FileExistsError as error:
@@ -80,6 +89,8 @@ def _run(prog: str, action) -> int:
     except Exception as error:  # a bug or an environment failure (disk full, ...): keep the traceback
         traceback.print_exc()
         return _fail(prog, EXIT_FAILURE, f"{type(error).__name__}: {error}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 
@@ -194,6 +205,7 @@ def upcycle_main(argv: list[str] | None = None) -> int:
     dense_options = {name: value for name, value in vars(args).items() if name in _DENSE_OPTIONS}
 
     def action():
+        check_output_dir(args.destination, overwrite=args.overwrite)  # before a hub download
         source = _resolve_source(args.source, args.revision)
         config = _read_config(source)
         _check_architecture(config, {*SUPPORTED_ARCHITECTURES, *MOE_ARCHITECTURES}, "dense or MoE")
@@ -317,7 +329,8 @@ def profile_parser() -> argparse.ArgumentParser:
         type=_int_list,
         default=None,
         metavar="N[,N...]",
-        help="speech experts per MoE layer, one count or one per MoE layer (default: the model's current counts)",
+        help="speech experts per MoE layer, one count or one per MoE layer (default: the model's current counts; "
+        "required for a model without speech experts, such as an imported MoE)",
     )
     assign.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default: 0)")
     assign.add_argument(
@@ -374,6 +387,10 @@ def profile_main(argv: list[str] | None = None) -> int:
             check_output_dir(args.assign_to, overwrite=args.overwrite, inputs=[source])
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:  # AssertionError: a torch built without CUDA
+            raise ValueError(f"--device {device} cannot be used: {error}") from error
+        try:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=args.dtype or "auto").to(device)
         except (OSError, ValueError, KeyError) as error:
             raise CheckpointError(f"cannot load {args.model}: {error}") from error
@@ -382,6 +399,9 @@ def profile_main(argv: list[str] | None = None) -> int:
                 f"{args.model} is a {type(model).__name__}; profile a DeepTalk model (upcycle or import it first)"
             )
         config = model.config
+        number = None if counts is None else counts[0] if len(counts) == 1 else counts
+        if args.assign_to and args.strategy != "adaptive":
+            speech_expert_counts(config, number)  # checked before profiling, which can take long
         if args.speech_attention:
             try:  # checked before profiling, which can take long
                 speech_attention_layers(model)
@@ -418,7 +438,6 @@ def profile_main(argv: list[str] | None = None) -> int:
                 raise DataError(
                     f"{args.data} has no {' and no '.join(missing)} tokens; assigning needs both modalities"
                 )
-            number = None if counts is None else counts[0] if len(counts) == 1 else counts
             chosen = assign_modality_experts(
                 model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed
             )

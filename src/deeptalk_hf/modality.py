@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .configuration_deeptalk import DeepTalkConfig
 from .modeling_deeptalk import (
     DeepTalkAttention,
     DeepTalkExperts,
@@ -270,6 +271,27 @@ def _regroup(block: DeepTalkSparseMoeBlock, speech_ids: list[int]) -> None:
     block.num_text_experts, block.num_speech_experts = len(text_rows), len(speech_rows)
 
 
+def speech_expert_counts(config: DeepTalkConfig, num_speech_experts: int | Sequence[int] | None) -> list[int]:
+    """The per-MoE-layer speech expert counts `assign_modality_experts` takes from `num_speech_experts`, checked (so
+    a caller can check them before profiling)."""
+    layers = config.moe_layers
+    sizes = [sum(config.layer_experts(layer)) for layer in layers]
+    if num_speech_experts is None:
+        num_speech_experts = [config.layer_experts(layer)[1] for layer in layers]
+        if not any(num_speech_experts):  # an imported MoE: the default would move nothing, silently
+            raise ValueError(
+                "the model has no speech experts yet, so the default num_speech_experts (its current counts) would "
+                "move none: pass num_speech_experts"
+            )
+    counts = [num_speech_experts] * len(layers) if isinstance(num_speech_experts, int) else list(num_speech_experts)
+    if len(counts) != len(layers) or any(not 0 <= c < n for c, n in zip(counts, sizes, strict=False)):
+        raise ValueError(
+            f"num_speech_experts={num_speech_experts} must give, for each of the {len(layers)} MoE layers, a count "
+            f"in [0, experts) so at least one text expert remains (experts per layer: {sizes})"
+        )
+    return counts
+
+
 def assign_modality_experts(
     model: DeepTalkForCausalLM,
     load: ModalityLoad,
@@ -287,8 +309,8 @@ def assign_modality_experts(
       at least one and leaving at least one text expert, by the same score where that trims or tops up the set.
     - `"random"`: `num_speech_experts` experts drawn with `seed` (an ablation baseline).
 
-    `num_speech_experts` is an int or one count per MoE layer; it defaults to the model's current counts (not used by
-    `"adaptive"`). Expert tensors and router rows move between `experts`/`gate` and `speech_experts`/`speech_gate`,
+    `num_speech_experts` is an int or one count per MoE layer; it defaults to the model's current counts, which a model
+    without speech experts must not leave to the default (not used by `"adaptive"`). Expert tensors and router rows move between `experts`/`gate` and `speech_experts`/`speech_gate`,
     and `config.num_experts`, `config.num_speech_experts` and `config.speech_expert_ids` record the new split, so with
     `modality_routing="none"` the model computes what it did before, up to float rounding (also on an already split
     model: the load and the ids are in source order). New parameters keep the `requires_grad` of the group they come
@@ -315,16 +337,7 @@ def assign_modality_experts(
             raise ValueError(f"strategy='adaptive' needs at least 2 experts per MoE layer, got {sizes}")
         counts: list[int | None] = [None] * len(layers)
     else:
-        if num_speech_experts is None:
-            num_speech_experts = [config.layer_experts(layer)[1] for layer in layers]
-        counts = (
-            [num_speech_experts] * len(layers) if isinstance(num_speech_experts, int) else list(num_speech_experts)
-        )
-        if len(counts) != len(layers) or any(not 0 <= c < n for c, n in zip(counts, sizes, strict=False)):
-            raise ValueError(
-                f"num_speech_experts={num_speech_experts} must give, for each of the {len(layers)} MoE layers, a count "
-                f"in [0, experts) so at least one text expert remains (experts per layer: {sizes})"
-            )
+        counts = speech_expert_counts(config, num_speech_experts)
     generator = torch.Generator().manual_seed(seed)
     chosen = [_choose_speech_experts(load, i, count, strategy, generator) for i, count in enumerate(counts)]
     move_speech_experts(model, chosen)
@@ -448,5 +461,6 @@ __all__ = [
     "move_speech_experts",
     "profile_modality_load",
     "set_training_stage",
+    "speech_expert_counts",
     "training_stage_parameters",
 ]

@@ -18,6 +18,7 @@ to disk shard by shard, atomically, without ever holding the source and the resu
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ from huggingface_hub import snapshot_download, split_torch_state_dict_into_shard
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict, str_to_torch_dtype
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -54,8 +55,23 @@ _SPEECH_ROWS = {
     "lm_head.weight": "speech_lm_head.weight",
 }
 # Files of a hub snapshot that conversion reads (no `.bin` weights, no images or docs).
-_SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+_SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenization_*.py"]
+# A tokenizer's files, copied as they are (loading one can need its own code, `tokenization_*.py`).
+_TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "*.tiktoken",
+    "chat_template*",
+    "tokenization_*.py",
+)
+# Tensors that transformers drops when loading a source (Llama-2-era checkpoints hold the rotary frequencies).
+_IGNORED_SOURCE_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# Weight dtypes a converted checkpoint may take.
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class CheckpointError(ValueError):
@@ -63,11 +79,13 @@ class CheckpointError(ValueError):
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+    if dtype is None:
+        return None
+    resolved = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."), None)
+    if resolved not in _FLOAT_DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r} is not a weights dtype: expected one of float32, bfloat16, float16, float64"
+        )
     return resolved
 
 
@@ -310,7 +328,7 @@ class _Converter:
 
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config
-        if self.ignore is not None and self.ignore.match(name):
+        if _IGNORED_SOURCE_TENSORS.fullmatch(name) or (self.ignore is not None and self.ignore.match(name)):
             return
         for pattern, replacement in self.renames:
             name = re.sub(pattern, replacement, name)
@@ -379,7 +397,7 @@ class _Upcycler(_Converter):
     seed: int
 
     def __post_init__(self):
-        if self.init_noise < 0 or not 0 <= self.drop_fraction <= 1:
+        if not (math.isfinite(self.init_noise) and self.init_noise >= 0 and 0 <= self.drop_fraction <= 1):
             raise ValueError(
                 f"init_noise={self.init_noise} must be >= 0 and drop_fraction={self.drop_fraction} in [0, 1]"
             )
@@ -457,9 +475,11 @@ def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path
 
 
 def _copy_tokenizer(source: Path, destination: Path) -> None:
-    """Save the source's tokenizer (when it has one) beside the converted weights."""
-    if any((source / name).is_file() for name in _TOKENIZER_FILES):
-        AutoTokenizer.from_pretrained(source).save_pretrained(destination)
+    """Copy the source's tokenizer files (when it has any) beside the converted weights, as they are."""
+    for pattern in _TOKENIZER_FILES:
+        for file in source.glob(pattern):
+            if file.is_file():
+                shutil.copyfile(file, destination / file.name)
 
 
 def _shard_files(source: Path) -> list[Path]:
@@ -505,6 +525,8 @@ class _SourceCheckpoint:
                     header = handle.get_slice(name)
                     dtype = str_to_torch_dtype[header.get_dtype()]
                     self.layout[file][name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
+        if self.config.dtype is None:  # a config.json without a dtype: the weights', as transformers' "auto" reads it
+            self.config.dtype = next((t.dtype for _, t in self.shapes() if t.dtype.is_floating_point), None)
 
     def _open(self, file: Path):
         try:
@@ -730,6 +752,9 @@ def check_output_dir(
     for source in map(Path, inputs):
         if destination in (source.resolve(), *source.resolve().parents):
             raise ValueError(f"destination {destination} is or holds the source {source}; write the output elsewhere")
+    blocking = next((parent for parent in destination.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"destination {destination} cannot be created: {blocking} is a file, not a directory")
     if destination.exists() and not overwrite:
         raise FileExistsError(f"{destination} already exists (pass overwrite=True / --overwrite to replace it)")
 
@@ -752,6 +777,8 @@ def atomic_output_dir(
     try:
         yield staging
         staging.chmod(0o777 & ~_umask())
+        if destination.exists() and not overwrite:  # it appeared while this ran: never replace it unasked
+            raise FileExistsError(f"{destination} was created while the output was written; nothing was replaced")
         if destination.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
             os.replace(destination, previous / destination.name)

@@ -237,6 +237,56 @@ def test_decode_path_needs_no_sort(monkeypatch):
         assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_inconsistent_shapes_are_refused_before_any_kernel_runs():
+    """The kernels index with the shapes unchecked: a mismatch must not reach them (it wrote out of bounds)."""
+    x, gate_up, down = torch.randn(6, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16)
+    index, weights = torch.randint(0, 4, (6, 2)), torch.rand(6, 2)
+    wrong = {
+        "3D hidden states": (x.view(2, 3, 32), gate_up, down, index, weights),
+        "fewer hidden rows than routed tokens": (x[:4], gate_up, down, index, weights),
+        "another hidden size": (torch.randn(6, 16), gate_up, down, index, weights),
+        "down_proj of another width": (x, gate_up, torch.randn(4, 32, 8), index, weights),
+        "weights of another shape than the index": (x, gate_up, down, index, weights[:, :1]),
+    }
+    for inputs in wrong.values():
+        with pytest.raises(ValueError, match=r"fused_moe_experts takes hidden_states \[T, H\]"):
+            K.fused_moe_experts(*inputs)
+
+
+def test_second_order_gradients_are_refused_not_zero():
+    case = dict(
+        num_tokens=5, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=0,
+    )  # fmt: skip
+    inputs, _ = build_case(case, torch.float32, DEVICE)
+    (grad_x,) = torch.autograd.grad(K.fused_moe_experts(*inputs).square().sum(), inputs[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.square().sum().backward()
+
+
+def test_inference_keeps_no_buffer_for_a_backward(monkeypatch):
+    """Weights that require grad (as `from_pretrained` leaves them) under no_grad: nothing is saved for backward."""
+    kept = []
+    forward = fused_moe_module._forward_impl
+
+    def recording_forward(*args):
+        kept.append(args[-1])
+        return forward(*args)
+
+    monkeypatch.setattr(fused_moe_module, "_forward_impl", recording_forward)
+    case = dict(
+        num_tokens=13, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=0,
+    )  # fmt: skip
+    inputs, _ = build_case(case, torch.float32, DEVICE)
+    with torch.no_grad():
+        K.fused_moe_experts(*inputs)
+    with torch.inference_mode():
+        K.fused_moe_experts(*inputs)
+    K.fused_moe_experts(*inputs)
+    assert kept == [False, False, True]
+
+
 def test_fullgraph_compile():
     """Under `torch.compile(fullgraph=True)` the kernels are opaque custom ops: same outputs and gradients."""
     case = dict(
@@ -332,6 +382,8 @@ def test_cpu_without_interpreter_points_to_grouped_mm(monkeypatch):
     experts, *args = tiny_experts_call()
     with pytest.raises(RuntimeError, match="grouped_mm"):
         K.deeptalk_triton_experts_forward(experts, *args)
+    with pytest.raises(RuntimeError, match="grouped_mm"):  # the functional form too (not Triton's driver error)
+        K.fused_moe_experts(args[0], experts.gate_up_proj, experts.down_proj, *args[1:])
 
 
 def test_missing_triton_points_to_grouped_mm(monkeypatch):

@@ -61,20 +61,6 @@ def deeptalk_triton_experts_forward(
             f"experts_implementation='deeptalk_triton' does not support {type(self).__name__} with "
             f"{', '.join(unsupported)}; use experts_implementation='grouped_mm' for this model."
         )
-    if not is_triton_available():
-        raise ImportError(
-            "experts_implementation='deeptalk_triton' needs Triton (`pip install triton`, Linux only); "
-            "use experts_implementation='grouped_mm' instead."
-        )
-    if hidden_states.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(
-            f"experts_implementation='deeptalk_triton' runs on CUDA tensors, got {hidden_states.device.type}: move "
-            "the model to a GPU, or call `model.set_experts_implementation('grouped_mm')` (or pass "
-            "`experts_implementation='grouped_mm'` to `from_pretrained`) to run on this device. Setting "
-            "TRITON_INTERPRET=1 runs the kernels on CPU through Triton's (slow) interpreter, for testing."
-        )
-    from .fused_moe import fused_moe_experts
-
     return fused_moe_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_index, top_k_weights)
 
 
@@ -95,7 +81,21 @@ def fused_moe_experts(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Functional form of the kernels (see `fused_moe.fused_moe_experts`); imports Triton on first call."""
+    """Functional form of the kernels (see `fused_moe.fused_moe_experts`); imports Triton on first call, and raises
+    (pointing to `grouped_mm`) where the kernels cannot run."""
+    if not is_triton_available():
+        raise ImportError(
+            "experts_implementation='deeptalk_triton' needs Triton (`pip install triton`, Linux only); "
+            "use experts_implementation='grouped_mm' instead."
+        )
+    if hidden_states.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"experts_implementation='deeptalk_triton' runs on CUDA tensors, got {hidden_states.device.type}: move "
+            "the model to a GPU, or call `model.set_experts_implementation('grouped_mm')` (or pass "
+            "`experts_implementation='grouped_mm'` to `from_pretrained`) to run on this device. TRITON_INTERPRET=1, "
+            "set before Triton is imported (before starting Python), runs the kernels on CPU through Triton's (slow) "
+            "interpreter, for testing."
+        )
     from .fused_moe import fused_moe_experts as run
 
     return run(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)

@@ -135,9 +135,9 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         down_proj: torch.Tensor,
         top_k_index: torch.Tensor,
         top_k_weights: torch.Tensor,
+        keep: bool,
     ) -> torch.Tensor:
         routing = top_k_weights.reshape(-1).contiguous()
-        keep = any(ctx.needs_input_grad)
         out, gate_up, sorted_pairs, offsets = _run(
             _forward_impl, hidden_states, gate_up_proj, down_proj, top_k_index, routing, keep
         )
@@ -146,8 +146,9 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no second-order gradients: refused, not silently zero
     def backward(ctx, grad_out: torch.Tensor):
-        need_x, need_gate_up, need_down, _, need_routing = ctx.needs_input_grad
+        need_x, need_gate_up, need_down, _, need_routing, _ = ctx.needs_input_grad
         needs = (need_x, need_gate_up, need_down, need_routing)
         grads = _run(_backward_impl, grad_out, *ctx.saved_tensors, ctx.top_k, *needs)
         grad_x, grad_gate_up_proj, grad_down_proj, grad_routing = (
@@ -155,7 +156,7 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         )
         if grad_routing is not None:
             grad_routing = grad_routing.view(-1, ctx.top_k)
-        return grad_x, grad_gate_up_proj, grad_down_proj, None, grad_routing
+        return grad_x, grad_gate_up_proj, grad_down_proj, None, grad_routing, None
 
 
 def fused_moe_experts(
@@ -172,6 +173,7 @@ def fused_moe_experts(
     autocast dtype under autocast) with fp32 accumulation and returns `hidden_states`' dtype. Differentiable in
     everything but the indices.
     """
+    _check_shapes(hidden_states, gate_up_proj, down_proj, top_k_index, top_k_weights)
     num_tokens, top_k = top_k_index.shape
     device_type = hidden_states.device.type
     if torch.is_autocast_enabled(device_type):
@@ -185,6 +187,40 @@ def fused_moe_experts(
         return _run(
             triton_moe.decode_forward, x, gate_up_proj, down_proj, top_k_index, top_k_weights, hidden_states.dtype
         )
-    return FusedMoEExpertsFunction.apply(x, gate_up_proj, down_proj, top_k_index, top_k_weights).to(
+    # `keep`: the pre-activation buffer is written and saved only for a backward (not under no_grad/inference).
+    return FusedMoEExpertsFunction.apply(x, gate_up_proj, down_proj, top_k_index, top_k_weights, needs_grad).to(
         hidden_states.dtype
     )
+
+
+def _check_shapes(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> None:
+    """The kernels index with these shapes unchecked: a mismatch would read and write out of bounds."""
+    given = {
+        "hidden_states": hidden_states,
+        "gate_up_proj": gate_up_proj,
+        "down_proj": down_proj,
+        "top_k_index": top_k_index,
+        "top_k_weights": top_k_weights,
+    }
+    ranks = {"hidden_states": 2, "gate_up_proj": 3, "down_proj": 3, "top_k_index": 2, "top_k_weights": 2}
+    consistent = all(given[name].dim() == rank for name, rank in ranks.items())
+    if consistent:
+        num_experts, double_width, hidden = gate_up_proj.shape
+        consistent = (
+            double_width % 2 == 0
+            and tuple(down_proj.shape) == (num_experts, hidden, double_width // 2)
+            and tuple(hidden_states.shape) == (top_k_index.shape[0], hidden)
+            and top_k_weights.shape == top_k_index.shape
+        )
+    if not consistent:
+        shapes = ", ".join(f"{name} {tuple(tensor.shape)}" for name, tensor in given.items())
+        raise ValueError(
+            "fused_moe_experts takes hidden_states [T, H], gate_up_proj [E, 2I, H], down_proj [E, H, I], top_k_index "
+            f"and top_k_weights [T, k]; got {shapes}"
+        )

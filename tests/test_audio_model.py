@@ -542,3 +542,12 @@ def test_audio_processor_refuses_bad_audio():
         processor(
             text=["<|audio|> <|audio|>", "hello"], audio=[tone(300, 0.3), tone(900, 0.5)], sampling_rate=SAMPLING_RATE
         )
+    # Truncation may cut text, not an audio's placeholders (the audio fills all of them or none).
+    kwargs = dict(audio=tone(300, 0.3), sampling_rate=SAMPLING_RATE)
+    whole = processor(text="<|audio|> hello", **kwargs)["input_ids"][0]
+    assert (
+        processor(text="<|audio|> hello", truncation=True, max_length=len(whole) - 1, **kwargs)["input_ids"][0]
+        == (whole[:-1])
+    )
+    with pytest.raises(ValueError, match=r"truncating text\[0\] to 2 ids would cut 1 of its audio positions"):
+        processor(text="<|audio|> hello", truncation=True, max_length=2, **kwargs)

@@ -144,6 +144,25 @@ def test_tokens_the_tokenizer_adds_stay_at_the_ends_for_every_policy(text, units
     assert WRAPPING(text=text, **options)["input_ids"][0] == [bos, *bare, eos]
 
 
+@given(text=texts, units=segments, limit=st.integers(2, 12), left=st.booleans())
+def test_truncation_keeps_the_tokens_the_tokenizer_adds_as_the_tokenizer_does(text, units, limit, left):
+    """On text the processor truncates exactly as the tokenizer; with speech, the BOS/EOS stay and the body is cut."""
+    tokenizer = WRAPPING.tokenizer
+    tokenizer.truncation_side = "left" if left else "right"
+    try:
+        alone = WRAPPING(text=text, truncation=True, max_length=limit)["input_ids"][0]
+        assert alone == tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+        full = WRAPPING(text=text, speech_units=units)["input_ids"][0]
+        cut = WRAPPING(text=text, speech_units=units, truncation=True, max_length=limit)
+    finally:
+        tokenizer.truncation_side = "right"
+    ids = cut["input_ids"][0]
+    inner = full[1:-1]
+    body = inner[len(inner) - (limit - 2) :] if left else inner[: limit - 2]
+    assert ids == (full if len(full) <= limit else [full[0], *body, full[-1]])
+    assert cut["modality_ids"][0] == [int(i >= WRAPPING.speech_token_start) for i in ids]
+
+
 @given(text=texts, units=segments, ratio=ratios)
 def test_interleaved_layout_follows_the_ratio(text, units, ratio):
     """The k-th unit is preceded by exactly min(len(text), n_text * (k // n_speech + 1)) text tokens."""

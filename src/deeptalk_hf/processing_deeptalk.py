@@ -459,10 +459,10 @@ class DeepTalkProcessor(ProcessorMixin):
             for i, segments in enumerate(samples)
         ]
 
-        encoded = self.tokenizer(
-            [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts],
-            add_special_tokens=text_kwargs.get("add_special_tokens", True),
-        )["input_ids"]
+        tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
+        encoded = self.tokenizer(tokenized, add_special_tokens=text_kwargs.get("add_special_tokens", True))[
+            "input_ids"
+        ]
         rows = []
         for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True)):
             placeholders = sample_text.count(SPEECH_PLACEHOLDER)
@@ -495,9 +495,21 @@ class DeepTalkProcessor(ProcessorMixin):
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
         if truncation not in (None, False, "do_not_truncate"):
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
-            keep_left = self.tokenizer.truncation_side == "left"
-            rows = [row[-limit:] if keep_left else row[:limit] for row in rows]
-            modality_rows = [row[-limit:] if keep_left else row[:limit] for row in modality_rows]
+            kept = [
+                self._kept_positions(len(row), self._added_special_tokens(ids, text), limit)
+                for row, ids, text in zip(rows, encoded, tokenized, strict=True)
+            ]
+            if audio_features is not None:
+                audio_id = self.audio_model_config.audio_token_id
+                for i, (row, positions) in enumerate(zip(rows, kept, strict=True)):
+                    cut = row.count(audio_id) - sum(row[p] == audio_id for p in positions)
+                    if cut:
+                        raise ValueError(
+                            f"truncating text[{i}] to {limit} ids would cut {cut} of its audio positions (the audio "
+                            "must fill all of its placeholders): raise max_length or shorten the audio"
+                        )
+            rows = [[row[p] for p in positions] for row, positions in zip(rows, kept, strict=True)]
+            modality_rows = [[row[p] for p in positions] for row, positions in zip(modality_rows, kept, strict=True)]
         padded = self.tokenizer.pad(
             {"input_ids": rows},
             padding=text_kwargs.get("padding", False),
@@ -572,6 +584,19 @@ class DeepTalkProcessor(ProcessorMixin):
                 out.extend(start + unit for unit in next(pending))
                 out.append(self.end_of_speech_id)
         return out
+
+    def _kept_positions(self, length: int, specials: tuple[int, int], limit: int) -> range | list[int]:
+        """Positions of a row that truncation to `limit` keeps: as the tokenizer truncates, the special tokens it
+        added at the ends (`specials`: how many before and after) stay, and the body is cut on `truncation_side`."""
+        if length <= limit:
+            return range(length)
+        before, after = specials
+        if before + after > limit:  # no room for the body: cut the whole row
+            before = after = 0
+        body = limit - before - after
+        start, end = before, length - after
+        kept = range(end - body, end) if self.tokenizer.truncation_side == "left" else range(start, start + body)
+        return [*range(before), *kept, *range(end, length)]
 
     def _added_special_tokens(self, ids: list[int], text: str) -> tuple[int, int]:
         """How many of `ids`, the tokenizer's encoding of `text`, are tokens it added before and after the text's own

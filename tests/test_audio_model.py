@@ -490,6 +490,11 @@ def test_audio_processor_expands_placeholders_and_round_trips(tmp_path):
     assert type(loaded).__name__ == "DeepTalkAudioProcessor"
     again = loaded(text=texts, audio=audios, sampling_rate=SAMPLING_RATE, padding=True, return_tensors="pt")
     assert all(torch.equal(again[key], batch[key]) for key in batch)
+    # The layout settings are saved too.
+    processor.interleave, processor.text_speech_ratio = "speech_only", (4, 9)
+    processor.save_pretrained(tmp_path / "layout")
+    loaded = AutoProcessor.from_pretrained(tmp_path / "layout")
+    assert (loaded.interleave, tuple(loaded.text_speech_ratio)) == ("speech_only", (4, 9))
 
 
 def test_audio_processor_takes_a_spoken_question_with_a_speech_answer_and_chat_turns():

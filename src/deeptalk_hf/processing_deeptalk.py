@@ -750,8 +750,12 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         tokenizer: PreTrainedTokenizerBase | None = None,
         feature_extractor: SequenceFeatureExtractor | None = None,
         audio_model_config: DeepTalkAudioConfig | dict | None = None,
+        interleave: str = "text_then_speech",
+        text_speech_ratio: Sequence[int] = (13, 26),
         **kwargs: Any,
     ):
+        # `interleave` and `text_speech_ratio` are named here (not left in kwargs) so that `save_pretrained`, which
+        # writes the parameters of `__init__`, keeps them.
         from .configuration_deeptalk import DeepTalkAudioConfig
 
         if isinstance(audio_model_config, dict):
@@ -759,7 +763,14 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         if not isinstance(audio_model_config, DeepTalkAudioConfig):
             raise ValueError("audio_model_config= must be the model's DeepTalkAudioConfig (or its dict)")
         chat_template = kwargs.pop("chat_template", None) or AUDIO_CHAT_TEMPLATE
-        super().__init__(tokenizer, feature_extractor=feature_extractor, chat_template=chat_template, **kwargs)
+        super().__init__(
+            tokenizer,
+            chat_template,
+            interleave,
+            text_speech_ratio,
+            feature_extractor=feature_extractor,
+            **kwargs,
+        )
         self.audio_model_config = audio_model_config
         audio_id = audio_model_config.audio_token_id
         if self.tokenizer.convert_ids_to_tokens(audio_id) != AUDIO_PLACEHOLDER:

@@ -86,6 +86,23 @@ def test_fit_speech_vocab_refuses_a_tokenizer_padded_to_another_text_size():
         fit_speech_vocab(model, block)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_fit_speech_vocab_moves_the_markers_with_the_end_of_the_block(tied):
+    """Units keep their rows and the markers (the block's last ids) theirs, growing or shrinking the block."""
+    model = tiny_model(tiny_processor(4), tie_word_embeddings=tied)
+    with torch.no_grad():
+        for table in (model.model.speech_embed_tokens.weight, model.speech_lm_head.weight):
+            table.copy_(torch.arange(7.0)[:, None].expand_as(table))  # row i holds i: units 0-3, markers 4-6
+    text_mean = [model.model.embed_tokens.weight.mean(0), model.lm_head.weight.mean(0)]
+    fit_speech_vocab(model, tiny_processor(8).speech_tokens)
+    for table, mean in zip((model.model.speech_embed_tokens.weight, model.speech_lm_head.weight), text_mean):
+        assert table[:4, 0].tolist() == [0, 1, 2, 3] and table[8:, 0].tolist() == [4, 5, 6]
+        assert torch.equal(table[4:8], mean.expand(4, -1))
+    fit_speech_vocab(model, tiny_processor(2).speech_tokens)
+    for table in (model.model.speech_embed_tokens.weight, model.speech_lm_head.weight):
+        assert table[:, 0].tolist() == [0, 1, 4, 5, 6]
+
+
 def test_processor_refuses_tokenizers_without_a_proper_speech_block():
     with pytest.raises(ValueError, match="no speech tokens"):
         DeepTalkProcessor(tiny_tokenizer())

@@ -152,14 +152,31 @@ def add_speech_tokens(
 
 def fit_speech_vocab(model: DeepTalkForCausalLM, speech_tokens: range) -> None:
     """Size `model`'s speech embedding and output rows to the speech block `speech_tokens` (`add_speech_tokens`'s
-    result); new rows start at the mean of the text rows (`DeepTalkForCausalLM.resize_speech_vocab`)."""
+    result); new rows start at the mean of the text rows (`DeepTalkForCausalLM.resize_speech_vocab`).
+
+    A block of another size is taken to end with the markers, as `add_speech_tokens` lays it out: their rows move to
+    the new end with them, and the units keep theirs."""
     start = model.config.speech_token_start
     if speech_tokens.start != start:
         raise ValueError(
             f"the speech block starts at id {speech_tokens.start} but the model's text vocabulary has {start} ids; "
             f"call add_speech_tokens(tokenizer, num_units, text_vocab_size={start})"
         )
-    model.resize_speech_vocab(len(speech_tokens))
+    old, new, markers = model.config.speech_vocab_size, len(speech_tokens), len(SPEECH_MARKERS)
+
+    def tables() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [
+            (model.model.speech_embed_tokens.weight, model.model.embed_tokens.weight),
+            (model.speech_lm_head.weight, model.lm_head.weight),
+        ]
+
+    moved = [speech[-markers:].detach().clone() for speech, _ in tables()] if markers <= old != new else None
+    model.resize_speech_vocab(new)
+    if moved is not None and new >= markers:
+        with torch.no_grad():
+            for (speech, text), rows in zip(tables(), moved, strict=True):
+                speech[old - markers : min(old, new - markers)] = text.mean(0)  # units where the markers were
+                speech[-markers:] = rows
 
 
 @dataclass

@@ -233,6 +233,19 @@ def test_end_to_end_streaming_equals_the_final_decode(text, batch_parallel, chun
     assert voiced == frames and decoded.waveform.shape == (frames * SNAC.samples_per_frame,)
 
 
+def test_a_streamer_serves_one_generate_call_after_another():
+    inputs = PROCESSOR.parallel_prompt(SPOKEN, CONFIG, audio=QUESTION, sampling_rate=16000)
+
+    def events(streamer) -> list:
+        MODEL.generate(**inputs, max_new_tokens=8, do_sample=False, streamer=streamer)
+        return [(type(e).__name__, getattr(e, "text", None), getattr(e, "units", None)) for e in streamer]
+
+    reused = DeepTalkParallelStreamer(PROCESSOR, SNAC, CONFIG)
+    first = events(reused)
+    assert any(name == "SpeechChunk" for name, *_ in first)
+    assert events(reused) == first == events(DeepTalkParallelStreamer(PROCESSOR, SNAC, CONFIG))
+
+
 def test_streamer_checks_its_layout():
     streamer = DeepTalkParallelStreamer(PROCESSOR, SNAC, CONFIG, batch_parallel=True)
     with pytest.raises(ValueError, match="expected 16 rows"):

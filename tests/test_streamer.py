@@ -67,8 +67,11 @@ tokens = st.one_of(
 
 @given(ids=st.lists(tokens, max_size=60), cuts=st.lists(st.integers(0, 100), max_size=20))
 def test_streamed_text_and_speech_concatenate_to_the_decode(ids, cuts):
-    events = stream(DeepTalkStreamer(PROCESSOR), [WORD_IDS[0], BEGIN], ids, cuts)
+    streamer = DeepTalkStreamer(PROCESSOR)
+    events = stream(streamer, [WORD_IDS[0], BEGIN], ids, cuts)
     check_matches_decode(events, ids)
+    # `end` leaves it ready for the next `generate` call, as transformers' streamers are.
+    check_matches_decode(stream(streamer, [WORD_IDS[1]], ids[::-1], cuts), ids[::-1])
 
 
 def test_the_prompt_is_streamed_only_when_asked():
@@ -120,8 +123,11 @@ def test_audio_chunks_come_as_soon_as_enough_frames_are_pending(data, chunk_fram
 
 
 def test_streamer_refuses_batches_and_bad_chunking():
+    streamer = DeepTalkStreamer(PROCESSOR, skip_prompt=False, timeout=5)
     with pytest.raises(ValueError, match="batch size 1"):
-        DeepTalkStreamer(PROCESSOR, skip_prompt=False).put(torch.zeros(2, 3, dtype=torch.long))
+        streamer.put(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch size 1"):  # the consumer (another thread) gets it too, not a hang
+        next(streamer)
     with pytest.raises(ValueError, match="audio_chunk_frames=0"):
         DeepTalkStreamer(PROCESSOR, audio_chunk_frames=0)
 

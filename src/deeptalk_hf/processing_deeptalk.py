@@ -901,12 +901,23 @@ class DeepTalkStreamer(BaseStreamer):
         self.audio_chunk_frames, self.context_frames = audio_chunk_frames, context_frames
         self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
         self.queue: Queue = Queue()
-        self._splitter = _SpeechSplitter(processor.speech_token_start, processor.num_speech_units)
+        self._reset()
+
+    def _reset(self) -> None:
+        """The state of one `generate` call; `end` resets it, so one streamer can serve call after call."""
+        self._splitter = _SpeechSplitter(self.processor.speech_token_start, self.processor.num_speech_units)
         self._seen_prompt = False
         self._text_length = 0  # characters of text already sent
         self._voiced_frames: dict[int, int] = {}  # per segment, frames already sent as audio
 
     def put(self, value: torch.Tensor) -> None:
+        try:
+            self._put(value)
+        except Exception as error:  # also to the consumer, which would otherwise wait forever in another thread
+            self.queue.put(error, timeout=self.timeout)
+            raise
+
+    def _put(self, value: torch.Tensor) -> None:
         if value.dim() > 1 and value.shape[0] > 1:
             raise ValueError("DeepTalkStreamer streams one sequence; generate with batch size 1")
         if self.skip_prompt and not self._seen_prompt:
@@ -934,6 +945,7 @@ class DeepTalkStreamer(BaseStreamer):
     def end(self) -> None:
         self._send_text(final=True)
         self._finish_segments(keep_open=False)
+        self._reset()
         self.queue.put(None, timeout=self.timeout)
 
     def __iter__(self):
@@ -943,6 +955,8 @@ class DeepTalkStreamer(BaseStreamer):
         event = self.queue.get(timeout=self.timeout)
         if event is None:
             raise StopIteration
+        if isinstance(event, Exception):  # `put` failed in the generating thread
+            raise event
         return event
 
     def _send_text(self, final: bool) -> None:
@@ -1015,10 +1029,13 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
         self.config = config
         self.rows = (2 if batch_parallel else 1) * (config.num_audio_streams + 1)
         self.text_row = self.rows - config.num_audio_streams - 1  # the text-only copy's text stream, if any
+
+    def _reset(self) -> None:
+        super()._reset()
         self._audio_steps: list[torch.Tensor] = []  # the speech answer's audio streams, one [S] column per step
         self._splitter.segments.append([])
 
-    def put(self, value: torch.Tensor) -> None:
+    def _put(self, value: torch.Tensor) -> None:
         if value.shape[0] != self.rows:
             raise ValueError(
                 f"expected {self.rows} rows (one item's streams{', and its text-only copy' if self.text_row else ''}),"

@@ -53,6 +53,17 @@ def test_resample_keeps_leading_shape_and_length(length, rates):
     torch.testing.assert_close(out[1, 2], resample(waveform[1, 2], *rates))
 
 
+def test_resample_refuses_what_it_would_get_wrong():
+    """Integer samples would go through an integer kernel (all zeros); rates must be whole positive Hz."""
+    for waveform in (torch.full((100,), 10000, dtype=torch.int16), torch.zeros(100).numpy()):
+        with pytest.raises(ValueError, match="floating-point torch tensor"):
+            resample(waveform, 16000, 24000)
+    for rates in [(16000.5, 24000), (0, 24000), (16000, -1)]:
+        with pytest.raises(ValueError, match="positive integers"):
+            resample(torch.zeros(100), *rates)
+    assert resample(torch.ones(8), np.int64(16000), 16000).shape == (8,)  # numpy integers are whole Hz too
+
+
 # ---- unit layouts ------------------------------------------------------------------------------------------------
 
 

@@ -547,6 +547,13 @@ def test_audio_processor_refuses_bad_audio():
         processor(
             text=["<|audio|> <|audio|>", "hello"], audio=[tone(300, 0.3), tone(900, 0.5)], sampling_rate=SAMPLING_RATE
         )
+    # bfloat16 samples are read as floats (numpy has no bfloat16).
+    bf16 = torch.tensor(tone(300, 0.3)).bfloat16()
+    expected = processor(text="hello <|audio|>", audio=bf16.float().numpy(), sampling_rate=SAMPLING_RATE)
+    assert torch.equal(
+        torch.as_tensor(processor(text="hello <|audio|>", audio=bf16, sampling_rate=SAMPLING_RATE)["input_features"]),
+        torch.as_tensor(expected["input_features"]),
+    )
     # Truncation may cut text, not an audio's placeholders (the audio fills all of them or none).
     kwargs = dict(audio=tone(300, 0.3), sampling_rate=SAMPLING_RATE)
     whole = processor(text="<|audio|> hello", **kwargs)["input_ids"][0]

@@ -103,6 +103,14 @@ def test_fit_speech_vocab_moves_the_markers_with_the_end_of_the_block(tied):
         assert table[:, 0].tolist() == [0, 1, 4, 5, 6]
 
 
+def test_decode_takes_generates_one_row_batch_and_refuses_more():
+    ids = PROCESSOR(text="hello world", speech_units=[3, 4])["input_ids"][0]
+    expected = PROCESSOR.decode(ids)
+    assert PROCESSOR.decode(torch.tensor([ids])) == PROCESSOR.decode([ids]) == expected
+    with pytest.raises(ValueError, match="decode takes one sequence, got 2: use batch_decode"):
+        PROCESSOR.decode(torch.tensor([ids, ids]))
+
+
 def test_processor_refuses_tokenizers_without_a_proper_speech_block():
     with pytest.raises(ValueError, match="no speech tokens"):
         DeepTalkProcessor(tiny_tokenizer())

@@ -17,6 +17,7 @@ Resampling is plain torch (a windowed-sinc filter), so no torchaudio is needed.
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 from numbers import Integral
 from typing import Protocol, runtime_checkable
@@ -73,6 +74,13 @@ def resample(
     The rate ratio is reduced to `up / down`; output phase `p` of frame `m` reads the input around `m * down + p *
     down / up` through its own kernel, low-passed below the lower of the two Nyquist frequencies (times `rolloff`).
     """
+    rates = (orig_sampling_rate, new_sampling_rate)
+    if not all(isinstance(rate, numbers.Integral) and rate > 0 for rate in rates):
+        raise ValueError(f"sampling rates must be positive integers (Hz), got {rates}")
+    orig_sampling_rate, new_sampling_rate = map(int, rates)
+    if not isinstance(waveform, torch.Tensor) or not waveform.is_floating_point():
+        kind = waveform.dtype if isinstance(waveform, torch.Tensor) else type(waveform).__name__
+        raise ValueError(f"resample takes a floating-point torch tensor, got {kind}")
     if orig_sampling_rate == new_sampling_rate:
         return waveform
     common = math.gcd(orig_sampling_rate, new_sampling_rate)

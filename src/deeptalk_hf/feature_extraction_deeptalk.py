@@ -40,6 +40,8 @@ def extract_audio_features(
     window = getattr(feature_extractor, "n_samples", None)
     waveforms = []
     for index, audio in enumerate(audios):
+        if isinstance(audio, torch.Tensor):  # numpy has no bfloat16: widen floating tensors first
+            audio = audio.float() if audio.is_floating_point() else audio
         waveform = audio.numpy(force=True) if isinstance(audio, torch.Tensor) else np.asarray(audio)
         if not np.issubdtype(waveform.dtype, np.floating):  # integer PCM would be read as huge amplitudes
             raise ValueError(f"audio {index} must hold floating-point samples in [-1, 1], got {waveform.dtype}")

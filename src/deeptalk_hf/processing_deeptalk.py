@@ -652,6 +652,10 @@ class DeepTalkProcessor(ProcessorMixin):
         """Text (through the tokenizer's `decode`, with `kwargs`) and the speech segments' units of one sequence."""
         if isinstance(token_ids, (torch.Tensor, np.ndarray)):
             token_ids = token_ids.tolist()
+        if token_ids and isinstance(token_ids[0], (list, tuple)):  # `generate`'s `[1, length]` output
+            if len(token_ids) != 1:
+                raise ValueError(f"decode takes one sequence, got {len(token_ids)}: use batch_decode")
+            token_ids = token_ids[0]
         splitter = _SpeechSplitter(self.speech_token_start, self.num_speech_units)
         for token in token_ids:
             splitter.push(int(token))

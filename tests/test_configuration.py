@@ -42,6 +42,20 @@ def test_invalid_fields_raise_value_error_naming_them(overrides, field):
         tiny_config(**overrides)
 
 
+def test_a_config_broken_after_construction_is_not_saved(tmp_path):
+    """`save_pretrained` runs the checks again: a checkpoint that would not load is never written."""
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    from deeptalk_hf import DeepTalkForCausalLM
+
+    for change in [{"num_speech_experts": [2, 2, 2]}, {"modality_routing": "Hard"}, {"decoder_sparse_step": 2}]:
+        model = DeepTalkForCausalLM(tiny_config())
+        model.config.update(change)
+        with pytest.raises(StrictDataclassClassValidationError, match=next(iter(change))):
+            model.save_pretrained(tmp_path / "model")
+        assert not (tmp_path / "model").exists() or not any((tmp_path / "model").iterdir())
+
+
 def test_per_layer_expert_counts_follow_moe_layers():
     config = tiny_config(num_hidden_layers=4, mlp_only_layers=[0], num_experts=[2, 3, 4], num_speech_experts=[0, 1, 2])
     assert config.moe_layers == [1, 2, 3]

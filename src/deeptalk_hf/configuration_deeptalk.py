@@ -207,11 +207,22 @@ class DeepTalkConfig(PreTrainedConfig):
         if self.layer_types is None:
             kind = "full_attention" if self.sliding_window is None else "sliding_attention"
             self.layer_types = [kind] * self.num_hidden_layers
-        self._validate_deeptalk()
+        self.validate_deeptalk()  # here too, so that a bad field raises a plain ValueError at construction
         super().__post_init__(**kwargs)
 
-    def _validate_deeptalk(self) -> None:
-        """Checks that fail with a `ValueError` naming the field and the offending values."""
+    def validate_deeptalk(self) -> None:
+        """Checks that fail with a `ValueError` naming the field and the offending values; a `@strict` class
+        validator, so `save_pretrained` (through `validate`) refuses a config broken after construction too."""
+        folded = [
+            name
+            for name in ("decoder_sparse_step", "first_k_dense_replace", "use_sliding_window")
+            if name in self.__dict__
+        ]
+        if folded:
+            raise ValueError(
+                f"{folded} are read when the config is built (folded into mlp_only_layers / sliding_window): set "
+                "mlp_only_layers or sliding_window instead"
+            )
         if not 0 <= self.speech_vocab_size < self.vocab_size:
             raise ValueError(
                 f"speech_vocab_size={self.speech_vocab_size} does not fit in vocab_size={self.vocab_size}: the speech "

@@ -373,7 +373,7 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     config.num_experts = [size - len(ids) for size, ids in zip(sizes, chosen, strict=True)]
     config.num_speech_experts = [len(ids) for ids in chosen]
     config.speech_expert_ids = chosen
-    config._validate_deeptalk()
+    config.validate_deeptalk()
 
 
 def add_speech_attention(model: nn.Module) -> None:

@@ -538,6 +538,15 @@ def deepseek_pair(version: str):
     return source, upcycle_moe(source).eval()
 
 
+def test_a_checkpoint_with_tensors_the_config_has_no_place_for_is_refused(tmp_path):
+    """A DeepSeek-V2 checkpoint read as a DeepTalk config directly (its shared experts have no field there): loading
+    would drop them silently and compute another model; `upcycle_moe` is the way in."""
+    source, _ = deepseek_pair("v2")
+    source.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has 6 tensors this DeepTalk config has no place for .*shared_experts"):
+        DeepTalkForCausalLM.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_deepseek_mla_group_limited_routing_matches(version):
     source, model = deepseek_pair(version)

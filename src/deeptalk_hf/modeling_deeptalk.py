@@ -518,8 +518,8 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):
-        """Refuse a checkpoint whose tensors do not fit the config or leave some of its tensors missing, naming them
-        (transformers only logs them)."""
+        """Refuse a checkpoint whose tensors do not fit the config, leave some of its tensors missing or have no place
+        in it, naming them (transformers only logs them)."""
         if loading_info.mismatched_keys and not load_config.ignore_mismatched_sizes:
             details = "; ".join(
                 f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
@@ -534,6 +534,13 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 f"{', ...' if len(missing) > 4 else ''}). A dense or other MoE checkpoint is converted with "
                 "upcycle_checkpoint / upcycle_moe_checkpoint (deeptalk-upcycle); speech attention is added with "
                 "add_speech_attention, the speech vocabulary with resize_speech_vocab"
+            )
+        if loading_info.unexpected_keys:  # dropped weights: the model would compute something else than the source
+            unexpected = sorted(loading_info.unexpected_keys)
+            raise ValueError(
+                f"the checkpoint has {len(unexpected)} tensors this DeepTalk config has no place for "
+                f"({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}): it is another model's "
+                "checkpoint (import an MoE with upcycle_moe / deeptalk-upcycle) or the config was overridden"
             )
         return loading_info
 

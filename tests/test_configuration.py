@@ -29,6 +29,7 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(topk_method="noaux_tc"), "n_group"),
         (dict(topk_method="noaux_tc", n_group=3, topk_group=1, num_speech_experts=0), "n_group=3"),
         (dict(kv_lora_rank=8, qk_rope_head_dim=4), "v_head_dim"),
+        (dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6), "num_key_value_heads=2"),
         (dict(qk_norm_type="layer"), "qk_norm_type"),
         (dict(clip_qkv=0.0), "clip_qkv"),
         (dict(topk_method="noaux_tc", n_group=4, topk_group=1, num_speech_experts=0), "topk_group=1 groups of 1"),
@@ -108,6 +109,8 @@ def test_auto_config_round_trip(tmp_path):
 
 
 def test_mla_head_dim_is_the_rope_part():
-    config = tiny_config(kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    config = tiny_config(
+        kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_key_value_heads=4
+    )
     assert config.head_dim == 4 and config.qk_head_dim == 12
     assert DeepTalkConfig(**config.to_dict()).qk_head_dim == 12

@@ -1,6 +1,5 @@
 """The config's tensor- and expert-parallel plans on two CPU processes (gloo): a training step of a tiny DeepTalk model
-under TP, TP+EP and FSDP+EP gives the single-process logits, loss and gradients. The model has speech attention, so
-its plan entries (speech q/k/v/o projections, q/k norms) are checked beside the text ones."""
+under TP, TP+EP and FSDP+EP gives the single-process logits, loss and gradients, for each kind of attention."""
 
 import os
 import subprocess
@@ -18,12 +17,23 @@ from .conftest import tiny_config
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
+# Attention variants: per-head projections (with speech attention, so its plan entries are checked), DeepSeek's MLA
+# with a low-rank query, OLMoE's q/k norm over the whole projection (the last two keep attention replicated).
+ATTENTION = {
+    "heads": dict(speech_attention=True),
+    "mla": dict(
+        kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4
+    ),
+    "full_qk_norm": dict(qk_norm_type="full", clip_qkv=8.0),
+}
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
-def test_parallel_plans_match_one_process(tmp_path):
-    # Expert counts divisible by the 2 expert-parallel ranks; shared experts, a dense layer and speech attention for the
-    # TP plan.
+@pytest.mark.parametrize("attention", ATTENTION)
+def test_parallel_plans_match_one_process(attention, tmp_path):
+    # Expert counts divisible by the 2 expert-parallel ranks; shared experts and a dense layer for the TP plan.
     model = DeepTalkForCausalLM(
-        tiny_config(num_speech_experts=2, shared_expert_intermediate_size=16, speech_attention=True)
+        tiny_config(num_speech_experts=2, shared_expert_intermediate_size=16, **ATTENTION[attention])
     ).train()
     model.save_pretrained(tmp_path)
     generator = torch.Generator().manual_seed(0)

@@ -165,7 +165,9 @@ def test_errors():
     model = DeepTalkForCausalLM(tiny_config(speech_attention=True))
     with pytest.raises(ValueError, match="already has speech attention"):
         add_speech_attention(model)
-    mla = dict(kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6)
+    mla = dict(
+        kv_lora_rank=8, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, num_key_value_heads=4
+    )
     with pytest.raises(ValueError, match="speech_attention is not supported with multi-head latent attention"):
         tiny_config(speech_attention=True, **mla)
     with pytest.raises(ValueError, match="no standard attention layers"):

@@ -207,6 +207,10 @@ class DeepTalkConfig(PreTrainedConfig):
         if self.layer_types is None:
             kind = "full_attention" if self.sliding_window is None else "sliding_attention"
             self.layer_types = [kind] * self.num_hidden_layers
+        if self.kv_lora_rank is not None or self.qk_norm_type == "full":
+            # MLA's low-rank projections and a q/k norm over the whole projection do not split over heads: attention
+            # stays replicated (as in transformers' DeepSeek-V3), the experts and MLPs are still sharded.
+            self.base_model_tp_plan = {k: v for k, v in self.base_model_tp_plan.items() if ".self_attn." not in k}
         self.validate_deeptalk()  # here too, so that a bad field raises a plain ValueError at construction
         super().__post_init__(**kwargs)
 
@@ -258,6 +262,11 @@ class DeepTalkConfig(PreTrainedConfig):
             raise ValueError(
                 "kv_lora_rank is set (multi-head latent attention) but qk_nope_head_dim, qk_rope_head_dim or "
                 f"v_head_dim is missing: {self.qk_nope_head_dim}, {self.qk_rope_head_dim}, {self.v_head_dim}"
+            )
+        if self.kv_lora_rank is not None and self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(
+                f"multi-head latent attention (kv_lora_rank is set) expands keys and values to every head: "
+                f"num_key_value_heads={self.num_key_value_heads} must equal num_attention_heads={self.num_attention_heads}"
             )
         if self.speech_attention and self.kv_lora_rank is not None:
             raise ValueError(

@@ -309,6 +309,23 @@ def test_left_padded_batch_generates_like_each_prompt_alone():
         assert torch.equal(batch[row, width:], alone[0, len(prompt) :])
 
 
+def test_router_outputs_requested_by_the_config_work_with_a_cache():
+    """The router losses read the padding from the attention mask, which with a cache covers the cached positions too."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(input_ids, **kwargs)
+    model.config.output_router_logits = True
+    assert torch.equal(model.generate(input_ids, **kwargs), expected)
+    with torch.no_grad():
+        cache = model(input_ids[:, :5], attention_mask=attention_mask[:, :5], use_cache=True).cache
+        step = model(input_ids[:, 5:], attention_mask=attention_mask, cache=cache, use_cache=True)
+        is_speech = input_ids[:, 5:] >= model.config.speech_token_start
+        alone = modality_router_losses(step.router_logits, is_speech, model.config)
+    torch.testing.assert_close(step.aux_loss, alone[0])
+
+
 def test_save_pretrained_round_trip_is_bit_identical_safetensors_only(tmp_path):
     model = DeepTalkForCausalLM(tiny_config(num_speech_experts=[2, 0], tie_word_embeddings=True)).eval()
     model.save_pretrained(tmp_path)

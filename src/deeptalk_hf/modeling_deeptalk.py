@@ -712,6 +712,7 @@ def modality_router_losses(
     valid = torch.ones(is_speech.shape, device=device) if attention_mask is None else attention_mask.to(device).float()
     if valid.dim() != 2:  # a 4D mask says nothing about padding here
         valid = torch.ones(is_speech.shape, device=device)
+    valid = valid[:, -is_speech.shape[1] :]  # with a cache the mask also covers the cached positions
     valid = valid.reshape(-1)
     is_speech = is_speech.reshape(-1).to(device)
     total = valid.sum().clamp(min=1.0)

@@ -133,6 +133,10 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
         ModalityLoad.load(tmp_path / "other.json")
     with pytest.raises(ValueError, match="one value per expert"):
         ModalityLoad([0], 1, [[1, 2]], [[1]], [[0.5, 0.5]], [[1.0]])
+    with pytest.raises(ValueError, match="text_counts holds negative or non-finite values"):
+        ModalityLoad([0], 1, [[1, 2]], [[-1, 2]], [[0.5, 0.5]], [[1.0, 0.0]])
+    with pytest.raises(ValueError, match="wrap a single batch in a list"):
+        profile_modality_load(model, mixed_batch(0))
 
 
 def test_plot_needs_the_plot_extra(model, tmp_path, monkeypatch):

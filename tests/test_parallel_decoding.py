@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers.generation import GenerationConfig, LogitsProcessor
 
-from deeptalk_hf import DeepTalkForCausalLM
+from deeptalk_hf import DeepTalkForCausalLM, profile_modality_load
 from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern, revert_delay_pattern
 
 from .conftest import tiny_config
@@ -221,3 +221,9 @@ def test_an_item_that_has_ended_only_pads_while_the_batch_goes_on():
     assert length < batch.shape[-1] and torch.equal(batch[:1, :, :length], alone)
     assert (batch[0, 0, length:] == config.pad_token_id).all()
     assert (batch[0, 1:, length:] == config.audio_pad_token_id).all()
+
+
+def test_profiling_the_modality_load_is_refused_by_name():
+    model = DeepTalkForCausalLM(parallel_config())
+    with pytest.raises(ValueError, match="num_audio_streams=3 parallel streams, which it does not support"):
+        profile_modality_load(model, [{"input_ids": text_query(model.config)}])

@@ -64,8 +64,11 @@ class ModalityLoad:
             sizes = sizes or [v.numel() for v in values]
             if len(values) != len(self.layers) or [v.numel() for v in values] != sizes:
                 raise ValueError(
-                    f"ModalityLoad.{name} must hold, for each of the {len(self.layers)} layers, one value per expert"
+                    f"ModalityLoad.{name} must hold, for each of the {len(self.layers)} layers, one value per expert "
+                    f"(as many per layer as speech_counts: {sizes})"
                 )
+            if any((v < 0).any() or not v.isfinite().all() for v in values):
+                raise ValueError(f"ModalityLoad.{name} holds negative or non-finite values")
             setattr(self, name, values)
 
     @property
@@ -151,6 +154,13 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     not counted). The model runs in eval mode with `modality_routing="none"`; both are restored afterwards.
     """
     config = model.config
+    if config.num_audio_streams:
+        raise ValueError(
+            f"profile_modality_load reads single-stream batches; this model has num_audio_streams="
+            f"{config.num_audio_streams} parallel streams, which it does not support"
+        )
+    if isinstance(batches, Mapping):
+        raise ValueError("batches must be an iterable of batch dicts: wrap a single batch in a list")
     layers = config.moe_layers
     blocks = [model.model.layers[layer].mlp for layer in layers]
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
@@ -379,7 +389,8 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
 def add_speech_attention(model: nn.Module) -> None:
     """Give every attention layer speech projections (`config.speech_attention`), copies of its text ones.
 
-    The model computes what it did before (text positions bit for bit, speech positions up to float rounding). From
+    The model computes what it did before up to float rounding (bit for bit on text-only inputs and at text positions
+    before the first speech position: later text attends to keys and values the speech copies compute). From
     then on speech positions use the copies, which are speech tensors (the `"speech"` stage trains them), so speech
     learns to attend without changing text attention. The copies keep the `requires_grad` of the tensors they copy;
     saved checkpoints record the setting in the config.

@@ -253,12 +253,17 @@ def test_inconsistent_shapes_are_refused_before_any_kernel_runs():
             K.fused_moe_experts(*inputs)
 
 
-def test_second_order_gradients_are_refused_not_zero():
+def small_trainable_case(num_tokens: int) -> list[torch.Tensor]:
+    """fp32 inputs of a small case in which every tensor but the indices requires grad."""
     case = dict(
-        num_tokens=5, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
+        num_tokens=num_tokens, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
         layout="contiguous", trainable="all", seed=0,
     )  # fmt: skip
-    inputs, _ = build_case(case, torch.float32, DEVICE)
+    return build_case(case, torch.float32, DEVICE)[0]
+
+
+def test_second_order_gradients_are_refused_not_zero():
+    inputs = small_trainable_case(num_tokens=5)
     (grad_x,) = torch.autograd.grad(K.fused_moe_experts(*inputs).square().sum(), inputs[0], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad_x.square().sum().backward()
@@ -274,11 +279,7 @@ def test_inference_keeps_no_buffer_for_a_backward(monkeypatch):
         return forward(*args)
 
     monkeypatch.setattr(fused_moe_module, "_forward_impl", recording_forward)
-    case = dict(
-        num_tokens=13, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
-        layout="contiguous", trainable="all", seed=0,
-    )  # fmt: skip
-    inputs, _ = build_case(case, torch.float32, DEVICE)
+    inputs = small_trainable_case(num_tokens=13)  # enough tokens for the grouped kernels, not the decode ones
     with torch.no_grad():
         K.fused_moe_experts(*inputs)
     with torch.inference_mode():

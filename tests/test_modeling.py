@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     GenerationConfig,
     LlamaConfig,
@@ -22,7 +23,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
-from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, upcycle_moe
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, DeepTalkModel, upcycle_moe
 from deeptalk_hf.modeling_deeptalk import modality_router_losses
 
 from .conftest import tiny_config
@@ -338,6 +339,13 @@ def test_save_pretrained_round_trip_is_bit_identical_safetensors_only(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(input_ids).logits, loaded(input_ids).logits)
     assert loaded.speech_lm_head.weight is loaded.model.speech_embed_tokens.weight
+    # The base model of a causal LM's checkpoint (untied: the heads are in the file) leaves the heads out.
+    untied = DeepTalkForCausalLM(tiny_config()).eval()
+    untied.save_pretrained(tmp_path / "untied")
+    base = AutoModel.from_pretrained(tmp_path / "untied")
+    assert isinstance(base, DeepTalkModel)
+    with torch.no_grad():
+        assert torch.equal(base(input_ids).last_hidden_state, untied.model(input_ids).last_hidden_state)
 
 
 def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path):

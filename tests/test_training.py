@@ -135,9 +135,35 @@ def test_load_state_dict_takes_experts_saved_one_by_one_in_any_shard(tmp_path):
         model.load_state_dict(load_file(shard), strict=False)
     for (name, expected), param in zip(source.named_parameters(), model.parameters()):
         assert torch.equal(param, expected), name
-    wrong = {"model.layers.0.mlp.speech_experts.3.down_proj.weight": torch.zeros(32, 16)}
-    with pytest.raises(ValueError, match=r"speech_experts.3.down_proj.weight has shape \(32, 16\), but "):
-        model.load_state_dict(wrong, strict=False)
+    # A load of a state dict lacking some experts names them as missing (they are not kept from memory silently).
+    state = load_file(shards[0])
+    for shard in shards[1:]:
+        state |= load_file(shard)
+    del (
+        state["model.layers.0.mlp.experts.2.up_proj.weight"],
+        state["model.layers.2.mlp.speech_experts.0.down_proj.weight"],
+    )
+    assert sorted(model.load_state_dict(state, strict=False).missing_keys) == [
+        "model.layers.0.mlp.experts.2.up_proj.weight",
+        "model.layers.2.mlp.speech_experts.0.down_proj.weight",
+    ]
+    with pytest.raises(RuntimeError, match=r"Missing key.*experts.2.up_proj.weight.*speech_experts.0.down_proj"):
+        model.load_state_dict(state)
+    # On the meta device with assign=True (as accelerate loads): the experts are the checkpoint's.
+    with torch.device("meta"):
+        empty = DeepTalkForCausalLM(tiny_config())
+    empty.load_state_dict(
+        load_file(shards[0]) | {k: v for shard in shards[1:] for k, v in load_file(shard).items()}, assign=True
+    )
+    assert torch.equal(empty.model.layers[0].mlp.experts.down_proj, source.model.layers[0].mlp.experts.down_proj)
+    with pytest.raises(ValueError, match=r"speech_experts.3.down_proj.weight: .* holds 3 experts \(0 to 2\)"):
+        model.load_state_dict(
+            {"model.layers.0.mlp.speech_experts.3.down_proj.weight": torch.zeros(32, 16)}, strict=False
+        )
+    with pytest.raises(ValueError, match=r"speech_experts.1.down_proj.weight has shape \(16, 32\); this model's"):
+        model.load_state_dict(
+            {"model.layers.0.mlp.speech_experts.1.down_proj.weight": torch.zeros(16, 32)}, strict=False
+        )
 
 
 def losses_of(stage: str, task: str, output: str) -> tuple[float, float]:

@@ -240,6 +240,8 @@ class DeepTalkMLAttention(DeepseekV3Attention):
     latents. `config.rope_interleave` selects DeepSeek's interleaved rotary layout."""
 
 
+# The output heads of `DeepTalkForCausalLM`, beside its base model.
+_OUTPUT_HEADS = ("lm_head", "speech_lm_head", "speech_stream_heads")
 # One expert's tensor as `save_pretrained` writes it, relative to its experts module.
 _SAVED_EXPERT = re.compile(r"(\d+)\.(gate|up|down)_proj\.weight")
 
@@ -263,29 +265,48 @@ class DeepTalkExperts(Qwen3MoeExperts):
         self.act_fn = ACT2FN[config.hidden_act]
         self.top_k = config.num_experts_per_tok
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing_keys: list, *args
+    ) -> None:
         """Takes experts saved one by one (`{prefix}{j}.gate_proj.weight`, ..., as `save_pretrained` writes them) as
         well as the fused tensors: `Trainer` reloads its checkpoints (resume, best model) with `load_state_dict`,
-        which skips the conversion mapping `from_pretrained` applies. A shard holding some experts sets just those."""
-        saved = [key for key in state_dict if key.startswith(prefix) and _SAVED_EXPERT.fullmatch(key[len(prefix) :])]
-        if saved:
-            fused = {
-                name: state_dict.get(prefix + name, getattr(self, name).detach()).clone()
-                for name in ("gate_up_proj", "down_proj")
-            }
-            for key in saved:
-                expert, part = _SAVED_EXPERT.fullmatch(key[len(prefix) :]).groups()
-                rows = {"gate": slice(0, self.intermediate_dim), "up": slice(self.intermediate_dim, None)}
-                target = fused["down_proj"] if part == "down" else fused["gate_up_proj"][:, rows[part]]
-                tensor = state_dict.pop(key)
-                if int(expert) >= self.num_experts or tensor.shape != target.shape[1:]:
-                    raise ValueError(
-                        f"{key} has shape {tuple(tensor.shape)}, but {prefix[:-1]} holds {self.num_experts} experts "
-                        f"whose {part}_proj is {tuple(target.shape[1:])}"
-                    )
-                target[int(expert)] = tensor
-            state_dict.update({prefix + name: tensor for name, tensor in fused.items()})
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        which skips the conversion mapping `from_pretrained` applies. A fused tensor whose experts are all there is
+        built from them; a shard holding some of them sets just those (the others are reported missing).
+        """
+        inter, hidden = self.intermediate_dim, self.hidden_dim
+        fused_parts = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}  # gate rows first, then up rows
+        rows = {"gate": slice(0, inter), "up": slice(inter, 2 * inter), "down": slice(None)}
+        shapes = {"gate": (inter, hidden), "up": (inter, hidden), "down": (hidden, inter)}
+        saved: dict[str, dict[tuple[int, str], torch.Tensor]] = {name: {} for name in fused_parts}
+        for key in [key for key in state_dict if key.startswith(prefix)]:
+            if (match := _SAVED_EXPERT.fullmatch(key[len(prefix) :])) is None:
+                continue
+            expert, part = int(match[1]), match[2]
+            tensor = state_dict.pop(key)
+            if expert >= self.num_experts:
+                raise ValueError(
+                    f"{key}: {prefix[:-1]} holds {self.num_experts} experts (0 to {self.num_experts - 1})"
+                )
+            if tensor.shape != shapes[part]:
+                raise ValueError(f"{key} has shape {tuple(tensor.shape)}; this model's {part}_proj is {shapes[part]}")
+            saved["down_proj" if part == "down" else "gate_up_proj"][expert, part] = tensor
+        for name, parts in saved.items():
+            wanted = [(expert, part) for expert in range(self.num_experts) for part in fused_parts[name]]
+            if not parts:
+                continue
+            if len(parts) == len(wanted):  # all there: the fused tensor is theirs alone
+                experts = range(self.num_experts)
+                state_dict[prefix + name] = torch.stack(
+                    [torch.cat([parts[expert, part] for part in fused_parts[name]]) for expert in experts]
+                )
+                continue
+            fused = state_dict.get(prefix + name, getattr(self, name).detach()).clone()
+            for (expert, part), tensor in parts.items():
+                fused[expert, rows[part]] = tensor
+            state_dict[prefix + name] = fused
+            if strict:
+                missing_keys.extend(f"{prefix}{e}.{p}_proj.weight" for e, p in wanted if (e, p) not in parts)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
 
     @property
     def _is_expert_parallel(self) -> bool:
@@ -535,8 +556,10 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 "upcycle_checkpoint / upcycle_moe_checkpoint (deeptalk-upcycle); speech attention is added with "
                 "add_speech_attention, the speech vocabulary with resize_speech_vocab"
             )
-        if loading_info.unexpected_keys:  # dropped weights: the model would compute something else than the source
-            unexpected = sorted(loading_info.unexpected_keys)
+        unexpected = sorted(loading_info.unexpected_keys)
+        if model is model.base_model:  # the base model of a causal LM's checkpoint: the heads are not its to load
+            unexpected = [key for key in unexpected if key.split(".")[0] not in _OUTPUT_HEADS]
+        if unexpected:  # dropped weights: the model would compute something else than the source
             raise ValueError(
                 f"the checkpoint has {len(unexpected)} tensors this DeepTalk config has no place for "
                 f"({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}): it is another model's "

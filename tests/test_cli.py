@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,12 @@ def test_sigterm_unwinds_and_removes_a_half_written_output(tmp_path):
         _run("deeptalk-upcycle", action)
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is previous
+    # From another thread (a job runner, a notebook) it runs, without the handler Python allows the main thread only.
+    results = []
+    worker = threading.Thread(target=lambda: results.append(_run("deeptalk-upcycle", lambda: None)))
+    worker.start()
+    worker.join()
+    assert results == [EXIT_OK]
 
 
 def test_exit_code_reaches_the_shell(tmp_path):

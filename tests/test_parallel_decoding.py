@@ -118,6 +118,7 @@ def test_batch_parallel_text_equals_text_only_generation():
     kwargs = dict(max_new_tokens=10, do_sample=False)
     text_only = model.generate(query, speech_answer=False, **kwargs)
     assert (text_only[:, 1:] == model.config.audio_pad_token_id).all()
+    assert torch.equal(model.generate(query, speech_answer=0, **kwargs), text_only)  # any false value
     parallel = model.generate(query, batch_parallel=True, **kwargs)
     length = min(parallel.shape[-1], text_only.shape[-1])
     assert torch.equal(parallel[:, 0, :length], text_only[:, 0, :length])

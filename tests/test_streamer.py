@@ -124,10 +124,16 @@ def test_audio_chunks_come_as_soon_as_enough_frames_are_pending(data, chunk_fram
 
 def test_streamer_refuses_batches_and_bad_chunking():
     streamer = DeepTalkStreamer(PROCESSOR, skip_prompt=False, timeout=5)
+    streamer.put(torch.tensor([[WORD_IDS[2], BEGIN, START + 1]]))  # a call that fails midway
     with pytest.raises(ValueError, match="batch size 1"):
         streamer.put(torch.zeros(2, 3, dtype=torch.long))
+    events = [next(streamer), next(streamer)]
     with pytest.raises(ValueError, match="batch size 1"):  # the consumer (another thread) gets it too, not a hang
         next(streamer)
+    assert events == [TextDelta(WORDS[2]), SpeechChunk(0, [1])]
+    ids = [WORD_IDS[1], BEGIN, START + 2]  # and the streamer serves the next call as a fresh one would
+    fresh = DeepTalkStreamer(PROCESSOR, skip_prompt=False)
+    assert stream(streamer, [WORD_IDS[0]], ids, []) == stream(fresh, [WORD_IDS[0]], ids, [])
     with pytest.raises(ValueError, match="audio_chunk_frames=0"):
         DeepTalkStreamer(PROCESSOR, audio_chunk_frames=0)
 

@@ -273,7 +273,7 @@ def test_dtype_and_independence_from_the_source():
     for wrong in ["float33", "int8", torch.float8_e4m3fn]:  # a checkpoint in an integer or float8 dtype would not load
         with pytest.raises(ValueError, match="is not a weights dtype"):
             upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype=wrong)
-    with pytest.raises(ValueError, match="init_noise=inf must be >= 0"):
+    with pytest.raises(ValueError, match="init_noise=inf must be finite and >= 0"):
         upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, init_noise=math.inf)
 
 
@@ -495,6 +495,8 @@ def test_what_transformers_reads_from_older_checkpoints_is_read_alike(tmp_path):
     del config["dtype"]
     (source / "config.json").write_text(json.dumps(config))
     (source / "tokenization_custom.py").write_text("# the source's own tokenizer code\n")
+    (source / "additional_chat_templates").mkdir()
+    (source / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
     tokenizer_config = json.loads((source / "tokenizer_config.json").read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
     (source / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
@@ -506,5 +508,10 @@ def test_what_transformers_reads_from_older_checkpoints_is_read_alike(tmp_path):
     with torch.no_grad():
         assert torch.equal(moe(text_ids()).logits, in_memory(text_ids()).logits)
         assert max_diff(moe(text_ids()).logits.float(), dense(text_ids()).logits.float()) < 0.2  # bf16 rounding
-    for name in ("tokenization_custom.py", "tokenizer_config.json", "tokenizer.json"):
+    for name in (
+        "tokenization_custom.py",
+        "tokenizer_config.json",
+        "tokenizer.json",
+        "additional_chat_templates/tool_use.jinja",
+    ):
         assert (destination / name).read_bytes() == (source / name).read_bytes()

@@ -17,7 +17,6 @@ Resampling is plain torch (a windowed-sinc filter), so no torchaudio is needed.
 from __future__ import annotations
 
 import math
-import numbers
 from functools import lru_cache
 from numbers import Integral
 from typing import Protocol, runtime_checkable
@@ -66,6 +65,11 @@ def _sinc_kernel(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch.
     return kernel[:, None, :], half
 
 
+def _is_hertz(rate: object) -> bool:
+    """A sampling rate: a positive whole number of Hz (numpy integers too, not booleans)."""
+    return isinstance(rate, Integral) and not isinstance(rate, bool) and rate > 0
+
+
 def resample(
     waveform: torch.Tensor, orig_sampling_rate: int, new_sampling_rate: int, *, zeros: int = 16, rolloff: float = 0.95
 ) -> torch.Tensor:
@@ -75,7 +79,7 @@ def resample(
     down / up` through its own kernel, low-passed below the lower of the two Nyquist frequencies (times `rolloff`).
     """
     rates = (orig_sampling_rate, new_sampling_rate)
-    if not all(isinstance(rate, numbers.Integral) and rate > 0 for rate in rates):
+    if not all(map(_is_hertz, rates)):
         raise ValueError(f"sampling rates must be positive integers (Hz), got {rates}")
     orig_sampling_rate, new_sampling_rate = map(int, rates)
     if not isinstance(waveform, torch.Tensor) or not waveform.is_floating_point():
@@ -148,7 +152,7 @@ class FlatUnitCodec:
 
     def encode(self, waveform: torch.Tensor, sampling_rate: int) -> list[torch.LongTensor]:
         """Codes per level (1-D each) of a mono `[samples]` or `[channels, samples]` waveform at `sampling_rate`."""
-        if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, Integral) or sampling_rate <= 0:
+        if not _is_hertz(sampling_rate):
             raise ValueError(f"sampling_rate={sampling_rate!r} must be a positive integer number of Hz")
         sampling_rate = int(sampling_rate)
         waveform = torch.as_tensor(waveform)

@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import textwrap
+import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,8 +77,10 @@ def _terminated(signum: int, frame) -> None:
 def _run(prog: str, action) -> int:
     """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments).
 
-    SIGTERM (`timeout`, Slurm, `docker stop`) unwinds like Ctrl-C, so a half-written output is removed."""
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    SIGTERM (`timeout`, Slurm, `docker stop`) unwinds like Ctrl-C, so a half-written output is removed (when called
+    from the main thread, the only one Python lets set a signal handler)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
     try:
         action()
     except FileExistsError as error:
@@ -90,7 +93,8 @@ def _run(prog: str, action) -> int:
         traceback.print_exc()
         return _fail(prog, EXIT_FAILURE, f"{type(error).__name__}: {error}")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: not set here, or a handler installed outside Python
+            signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 
 

@@ -1069,9 +1069,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                     f"{name}={given}: parallel-stream generation uses the config's {name} ({own}); set it there"
                 )
         attention_mask = kwargs.pop("attention_mask", None)
-        speech = torch.full((batch,), speech_answer is not False, dtype=torch.bool)
+        speech_answer = True if speech_answer is None else bool(speech_answer)
+        speech = torch.full((batch,), speech_answer, dtype=torch.bool)
         if batch_parallel:
-            if speech_answer is False:
+            if not speech_answer:
                 raise ValueError("batch_parallel=True drives a speech answer; it needs speech_answer=True")
             input_ids = torch.cat([input_ids, input_ids])
             attention_mask = torch.cat([attention_mask, attention_mask]) if attention_mask is not None else None

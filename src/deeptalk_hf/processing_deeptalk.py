@@ -608,8 +608,8 @@ class DeepTalkProcessor(ProcessorMixin):
         if length <= limit:
             return range(length)
         before, after = specials
-        if before + after > limit:  # no room for the body: cut the whole row
-            before = after = 0
+        if before + after > limit:  # no room for the special tokens: the tokenizer leaves such a row as it is
+            return range(length)
         body = limit - before - after
         start, end = before, length - after
         kept = range(end - body, end) if self.tokenizer.truncation_side == "left" else range(start, start + body)
@@ -918,6 +918,7 @@ class DeepTalkStreamer(BaseStreamer):
         try:
             self._put(value)
         except Exception as error:  # also to the consumer, which would otherwise wait forever in another thread
+            self._reset()
             self.queue.put(error, timeout=self.timeout)
             raise
 

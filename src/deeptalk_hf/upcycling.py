@@ -67,6 +67,7 @@ _TOKENIZER_FILES = (
     "*.tiktoken",
     "chat_template*",
     "tokenization_*.py",
+    "additional_chat_templates",
 )
 # Tensors that transformers drops when loading a source (Llama-2-era checkpoints hold the rotary frequencies).
 _IGNORED_SOURCE_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -399,7 +400,7 @@ class _Upcycler(_Converter):
     def __post_init__(self):
         if not (math.isfinite(self.init_noise) and self.init_noise >= 0 and 0 <= self.drop_fraction <= 1):
             raise ValueError(
-                f"init_noise={self.init_noise} must be >= 0 and drop_fraction={self.drop_fraction} in [0, 1]"
+                f"init_noise={self.init_noise} must be finite and >= 0, drop_fraction={self.drop_fraction} in [0, 1]"
             )
 
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -477,9 +478,11 @@ def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path
 def _copy_tokenizer(source: Path, destination: Path) -> None:
     """Copy the source's tokenizer files (when it has any) beside the converted weights, as they are."""
     for pattern in _TOKENIZER_FILES:
-        for file in source.glob(pattern):
-            if file.is_file():
-                shutil.copyfile(file, destination / file.name)
+        for path in source.glob(pattern):
+            if path.is_dir():  # `additional_chat_templates/`
+                shutil.copytree(path, destination / path.name)
+            elif path.is_file():
+                shutil.copyfile(path, destination / path.name)
 
 
 def _shard_files(source: Path) -> list[Path]:
@@ -526,7 +529,7 @@ class _SourceCheckpoint:
                     dtype = str_to_torch_dtype[header.get_dtype()]
                     self.layout[file][name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
         if self.config.dtype is None:  # a config.json without a dtype: the weights', as transformers' "auto" reads it
-            self.config.dtype = next((t.dtype for _, t in self.shapes() if t.dtype.is_floating_point), None)
+            self.config.dtype = next((t.dtype for _, t in self.shapes() if t.dtype in _FLOAT_DTYPES), None)
 
     def _open(self, file: Path):
         try:

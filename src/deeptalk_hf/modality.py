@@ -320,8 +320,9 @@ def assign_modality_experts(
     - `"random"`: `num_speech_experts` experts drawn with `seed` (an ablation baseline).
 
     `num_speech_experts` is an int or one count per MoE layer; it defaults to the model's current counts, which a model
-    without speech experts must not leave to the default (not used by `"adaptive"`). Expert tensors and router rows move between `experts`/`gate` and `speech_experts`/`speech_gate`,
-    and `config.num_experts`, `config.num_speech_experts` and `config.speech_expert_ids` record the new split, so with
+    without speech experts must not leave to the default (not used by `"adaptive"`). Expert tensors and router rows
+    move between `experts`/`gate` and `speech_experts`/`speech_gate`, and `config.num_experts`,
+    `config.num_speech_experts` and `config.speech_expert_ids` record the new split, so with
     `modality_routing="none"` the model computes what it did before, up to float rounding (also on an already split
     model: the load and the ids are in source order). New parameters keep the `requires_grad` of the group they come
     from.

@@ -164,19 +164,17 @@ def fit_speech_vocab(model: DeepTalkForCausalLM, speech_tokens: range) -> None:
         )
     old, new, markers = model.config.speech_vocab_size, len(speech_tokens), len(SPEECH_MARKERS)
 
-    def tables() -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [
-            (model.model.speech_embed_tokens.weight, model.model.embed_tokens.weight),
-            (model.speech_lm_head.weight, model.lm_head.weight),
-        ]
+    def tables() -> list[torch.Tensor]:
+        return [model.model.speech_embed_tokens.weight, model.speech_lm_head.weight]
 
-    moved = [speech[-markers:].detach().clone() for speech, _ in tables()] if markers <= old != new else None
+    moved = [table[-markers:].detach().clone() for table in tables()] if markers <= old != new else None
+    if moved is not None:
+        model.resize_speech_vocab(old - markers)  # the units alone; the rows after them start afresh below
     model.resize_speech_vocab(new)
     if moved is not None and new >= markers:
         with torch.no_grad():
-            for (speech, text), rows in zip(tables(), moved, strict=True):
-                speech[old - markers : min(old, new - markers)] = text.mean(0)  # units where the markers were
-                speech[-markers:] = rows
+            for table, rows in zip(tables(), moved, strict=True):
+                table[-markers:] = rows
 
 
 @dataclass

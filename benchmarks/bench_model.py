@@ -9,6 +9,7 @@ the same inputs. The goal is DeepTalk >= 0.95x Qwen3-MoE: modality routing shoul
 
 import argparse
 import json
+import os
 import platform
 import time
 from functools import partial
@@ -136,7 +137,8 @@ def main() -> None:
         f"decode {ratios['decode_tokens_per_s']:.3f}x   (goal >= 0.95x)"
     )
     record = {
-        "args": vars(args),
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "load_average": os.getloadavg(),  # other work on the machine shows up in CPU timings
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

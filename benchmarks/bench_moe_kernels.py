@@ -113,7 +113,7 @@ def run(args) -> list[dict]:
     shapes = SHAPES if HAS_CUDA else CPU_SHAPES
     results = []
     free = torch.cuda.mem_get_info()[0] if HAS_CUDA else None
-    for shape in args.shapes or list(shapes):
+    for shape in (args.shapes if HAS_CUDA else None) or list(shapes):
         hidden, inter, experts, top_k = shapes[shape]
         for tokens in args.tokens or (TOKENS if HAS_CUDA else CPU_TOKENS):
             torch.manual_seed(0)
@@ -191,7 +191,12 @@ def device_name() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="*", help=f"subset of {list(SHAPES)}")
+    parser.add_argument(
+        "--shapes",
+        nargs="*",
+        choices=list(SHAPES),
+        help="subset of the model shapes (CUDA; the CPU smoke run has one)",
+    )
     parser.add_argument("--tokens", nargs="*", type=int, help=f"token counts (default {TOKENS})")
     parser.add_argument("--backends", nargs="*", default=BACKENDS, choices=BACKENDS)
     parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES)

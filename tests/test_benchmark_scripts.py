@@ -1,4 +1,5 @@
-"""The kernel benchmark and profile scripts run end to end (CPU smoke mode: tiny problem, Triton interpreter)."""
+"""The benchmark scripts run end to end on CPU at tiny sizes (the kernel ones in smoke mode: Triton interpreter) and
+write their results."""
 
 import json
 import subprocess
@@ -42,3 +43,12 @@ def test_profile_moe_kernels_writes_one_table_per_backend_and_mode(tmp_path):
     for backend in ("grouped_mm", "deeptalk_triton"):
         for mode in ("fwd", "fwd+bwd"):
             assert f"=== {backend} {mode} (1 steps) ===" in text
+
+
+def test_bench_model_writes_its_ratios(tmp_path):
+    out = tmp_path / "model.json"
+    arguments = ["--hidden", "64", "--expert-size", "32", "--experts", "2", "--layers", "1", "--vocab", "256"]
+    run("bench_model.py", *arguments, "--seq-len", "16", "--decode-tokens", "2", "--repeats", "1", "--out", str(out))
+    record = json.loads(out.read_text())
+    assert set(record["ratio_deeptalk_over_qwen3_moe"]) == {"train_tokens_per_s", "decode_tokens_per_s"}
+    assert record["args"]["out"] == str(out)

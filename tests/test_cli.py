@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers.utils import logging as hf_logging
 
 import deeptalk_hf  # noqa: F401  (registers the Auto classes)
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, ModalityLoad, profile_modality_load
@@ -227,7 +228,9 @@ def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
     output, assigned = tmp_path / "load.json", tmp_path / "split"
     arguments = [str(deeptalk_checkpoint), str(data), "-o", str(output), "--batch-size", "3", "--quiet"]
     assert profile_main([*arguments, "--assign-to", str(assigned), "--num-speech-experts", "2,3"]) == EXIT_OK
-    summary = capsys.readouterr().out
+    summary, errors = capsys.readouterr()
+    assert "Loading weights" not in errors and "Writing model shards" not in errors  # --quiet: transformers' bars too
+    assert hf_logging.is_progress_bar_enabled()  # and only while the command runs
     assert "layer 0" in summary and "layer 1" in summary and "speech experts" in summary
     load = ModalityLoad.load(output)
     model = AutoModelForCausalLM.from_pretrained(deeptalk_checkpoint)

@@ -14,11 +14,13 @@ import textwrap
 import threading
 import traceback
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
 
 from .modality import (
     ASSIGNMENT_STRATEGIES,
@@ -68,6 +70,19 @@ def _int_list(text: str) -> list[int]:
 def _fail(prog: str, code: int, error: BaseException) -> int:
     print(f"{prog}: error: {error}", file=sys.stderr)
     return code
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars (loading and saving weights) follow `--quiet` as ours do."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _terminated(signum: int, frame) -> None:
@@ -452,4 +467,5 @@ def profile_main(argv: list[str] | None = None) -> int:
                 _copy_tokenizer(source, staging)
         print(_summary(load, chosen))
 
-    return _run(parser.prog, action)
+    with _progress_bars(enabled=not args.quiet):
+        return _run(parser.prog, action)

@@ -26,6 +26,7 @@ from deeptalk_hf import (
     DeepTalkConfig,
     DeepTalkForCausalLM,
     DeepTalkForConditionalGeneration,
+    audio_token_lengths,
     expand_audio_placeholders,
     extract_audio_features,
     set_training_stage,
@@ -128,6 +129,10 @@ def test_two_audio_lengths_give_their_positions_and_masked_batches_match_single_
         assert not torch.allclose(louder[:, -1], logits[:, -1])
 
 
+def features_of(batch: dict) -> dict:
+    return {key: batch[key] for key in ("input_features", "input_features_mask")}
+
+
 def test_bad_audio_input_raises_naming_the_problem():
     config = whisper_audio_config()
     model = DeepTalkForConditionalGeneration(config).eval()
@@ -156,6 +161,21 @@ def test_bad_audio_input_raises_naming_the_problem():
         model(**too_many)
     with pytest.raises(ValueError, match="3 audio placeholders.*no input_features"):
         model(input_ids=batch["input_ids"])
+    with torch.no_grad():  # nor on a later turn (with a cache): a new audio needs its features
+        cache = model(input_ids=batch["input_ids"], **features_of(batch), use_cache=True).cache
+    with pytest.raises(ValueError, match="3 audio placeholders.*no input_features"):
+        model(input_ids=batch["input_ids"], cache=cache)
+    with pytest.raises(ValueError, match="input_features has 1 audios but input_features_mask 2"):
+        model(**dict(batch, input_features_mask=batch["input_features_mask"].repeat(2, 1)))
+    with pytest.raises(ValueError, match="every audio fills at least one position"):
+        expand_audio_placeholders([[BOS, audio_id]], [0], config)
+    # Two audios given in another order than their placeholder runs: one would be split over two rows.
+    pair = audio_batch(config, extractor, [[BOS, audio_id], [BOS, audio_id]], [tone(440, 0.25), tone(440, 0.5)])
+    swapped = dict(
+        pair, input_features=pair["input_features"].flip(0), input_features_mask=pair["input_features_mask"].flip(0)
+    )
+    with pytest.raises(ValueError, match="audio 0 .* would fill placeholders of rows 0 and 1"):
+        model(**swapped)
 
 
 @pytest.mark.parametrize(
@@ -319,6 +339,35 @@ def test_composed_from_checkpoints_saves_and_loads_identically(tmp_path):
     assert loaded.generation_config.suppress_tokens == [model.config.audio_token_id]
 
 
+def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):
+    """A float32 encoder with a bf16 LLM (as the checkpoints come) runs; the composite generates with the LLM's
+    settings (its end-of-turn ids, sampling) and never the placeholder; every experts backend reaches the LLM."""
+    whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER)).eval()
+    llm = DeepTalkForCausalLM(tiny_config()).to(torch.bfloat16).eval()
+    llm.generation_config.update(eos_token_id=[1, 7], do_sample=True, temperature=0.6)
+    model = DeepTalkForConditionalGeneration.from_parts(whisper, llm, stack_factor=5).eval()
+    batch = audio_batch(model.config, whisper_features(), [[BOS, model.config.audio_token_id, SEP]], [tone(700, 0.6)])
+    with torch.no_grad():
+        assert model(**batch).logits.dtype == torch.bfloat16
+    settings = model.generation_config
+    assert (settings.eos_token_id, settings.do_sample, settings.temperature) == ([1, 7], True, 0.6)
+    assert settings.suppress_tokens == [model.config.audio_token_id]
+    for backend in ("grouped_mm", "eager", "grouped_mm"):  # both ways
+        model.set_experts_implementation(backend)
+        assert model.language_model.config._experts_implementation == backend
+
+
+def test_only_encoders_whose_frames_can_be_counted_are_taken():
+    from transformers import Qwen2AudioEncoderConfig, Speech2TextConfig
+
+    for audio_config, message in [
+        (Speech2TextConfig(), "speech_to_text config is not an audio encoder DeepTalk can use"),
+        (Qwen2AudioEncoderConfig(), "qwen2_audio_encoder audio encoder counts its frames in a way"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            audio_token_lengths(whisper_audio_config(audio_config=audio_config), torch.tensor([1600]))
+
+
 def test_from_parts_refuses_an_encoder_of_another_class():
     whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER))
     with pytest.raises(ValueError, match="builds a WhisperEncoder encoder, but the given encoder is a WhisperDecoder"):
@@ -351,6 +400,8 @@ def test_align_stage_trains_the_connector_only(top_layers):
             assert not torch.equal(param, before[name]), name
         else:
             assert torch.equal(param, before[name]), name
+    # A fully frozen encoder stays in eval mode in training (its normalisation statistics, dropout untouched).
+    assert model.training and model.audio_encoder.training == bool(top_layers)
     with pytest.raises(ValueError, match=r"num_layers=3 must be in \[0, 2\]"):
         model.audio_encoder_top_layers(3)
 

@@ -66,11 +66,17 @@ def extract_audio_features(
         return_tensors="pt",
     )
     mask = features["attention_mask"]
+    num_audio_tokens = audio_token_lengths(config, mask.sum(-1))
+    if (num_audio_tokens < 1).any():  # its placeholder would silently vanish from the text
+        short = int((num_audio_tokens < 1).nonzero()[0])
+        raise ValueError(
+            f"audio {short} ({len(waveforms[short])} samples) is too short for the encoder to make a frame"
+        )
     return BatchFeature(
         {
             "input_features": features[feature_extractor.model_input_names[0]],
             "input_features_mask": mask,
-            "num_audio_tokens": audio_token_lengths(config, mask.sum(-1)),
+            "num_audio_tokens": num_audio_tokens,
         }
     )
 
@@ -89,6 +95,8 @@ def expand_audio_placeholders(
     `audios_per_sequence` (how many of the audios each sequence brought), not that number in some sequence.
     """
     counts = [int(n) for n in num_audio_tokens]
+    if any(count < 1 for count in counts):
+        raise ValueError(f"num_audio_tokens={counts}: every audio fills at least one position")
     audio_id = config.audio_token_id
     per_sequence = [] if audios_per_sequence is None else list(zip(token_ids, audios_per_sequence, strict=True))
     for i, (ids, count) in enumerate(per_sequence):

@@ -453,7 +453,8 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()
     """Make exactly one training stage's tensors trainable (whole tensors, so it is exact with any optimizer).
 
     The stages and `also` are those of `training_stage_parameters`. Frozen tensors lose any stale `.grad`, so an
-    optimizer holding them leaves them untouched. Returns the trainable names.
+    optimizer holding them leaves them untouched; a fully frozen audio encoder goes to eval mode. Returns the trainable
+    names.
     """
     trainable = training_stage_parameters(model, stage, also=also)
     selected = set(trainable)
@@ -461,6 +462,7 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()
         param.requires_grad_(name in selected)
         if name not in selected:
             param.grad = None
+    model.train(model.training)  # a model whose modes follow what is frozen (the audio model's encoder) updates them
     return trainable
 
 

@@ -7,6 +7,7 @@ The LLM stays a whole `DeepTalkForCausalLM` (both output heads, its generation l
 and the connector `speech_connector`, so the naming rule (every speech-specific tensor's name contains `speech`) holds.
 """
 
+import copy
 import os
 from types import SimpleNamespace
 
@@ -39,8 +40,15 @@ _ENCODER_LAYER_PATHS = ("layers", "encoder.layers")
 
 def audio_encoder_class(audio_config: PreTrainedConfig) -> type[PreTrainedModel]:
     """The encoder built for `audio_config`: Whisper's encoder (not the whole encoder-decoder) for Whisper configs,
-    the `AutoModel` class otherwise."""
-    return WhisperEncoder if audio_config.model_type == "whisper" else MODEL_MAPPING[type(audio_config)]
+    the `AutoModel` class otherwise (an encoder-only audio model, such as the wav2vec2 family)."""
+    if audio_config.model_type == "whisper":
+        return WhisperEncoder
+    if getattr(audio_config, "is_encoder_decoder", False) or type(audio_config) not in MODEL_MAPPING:
+        raise ValueError(
+            f"a {audio_config.model_type} config is not an audio encoder DeepTalk can use: give Whisper's config or an "
+            "encoder-only audio model's (e.g. wav2vec2)"
+        )
+    return MODEL_MAPPING[type(audio_config)]
 
 
 def audio_frame_lengths(audio_config: PreTrainedConfig, feature_lengths: torch.Tensor) -> torch.Tensor:
@@ -55,7 +63,13 @@ def audio_frame_lengths(audio_config: PreTrainedConfig, feature_lengths: torch.T
             f"the {audio_config.model_type} audio encoder does not say how many frames it makes from its input "
             "(no `_get_feat_extract_output_lengths`)"
         )
-    return lengths_of(SimpleNamespace(config=audio_config), torch.as_tensor(feature_lengths))
+    lengths = lengths_of(SimpleNamespace(config=audio_config), torch.as_tensor(feature_lengths))
+    if not isinstance(lengths, torch.Tensor):  # e.g. Qwen2-Audio's encoder: lengths before and after its pooling
+        raise ValueError(
+            f"the {audio_config.model_type} audio encoder counts its frames in a way DeepTalk does not read; use "
+            "Whisper's encoder or an encoder-only audio model (e.g. wav2vec2)"
+        )
+    return lengths
 
 
 def audio_token_lengths(config: DeepTalkAudioConfig, feature_lengths: torch.Tensor) -> torch.Tensor:
@@ -145,7 +159,23 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         model.language_model = language_model
         model.speech_connector = DeepTalkSpeechConnector(config).to(language_model.device, language_model.dtype)
         model.speech_connector.apply(model._init_weights)
+        model.generation_config = copy.deepcopy(language_model.generation_config)  # its end-of-turn ids, sampling, ...
+        suppressed = model.generation_config.suppress_tokens or []
+        model.generation_config.suppress_tokens = sorted({*suppressed, config.audio_token_id})
         return model
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        """Its experts are the language model's (transformers reads this from the module's source, which has none)."""
+        return True
+
+    def train(self, mode: bool = True) -> "DeepTalkForConditionalGeneration":
+        """A fully frozen audio encoder stays in eval mode (no dropout, normalisation statistics kept), so stages that
+        freeze it leave it bit-identical."""
+        super().train(mode)
+        if mode and not any(parameter.requires_grad for parameter in self.audio_encoder.parameters()):
+            self.audio_encoder.eval()
+        return self
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -195,7 +225,8 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         frames = self.audio_encoder(input_features, attention_mask=input_features_mask).last_hidden_state
         frame_lengths = audio_frame_lengths(self.config.audio_config, feature_lengths).to(frames.device)
         valid = torch.arange(frames.shape[1], device=frames.device) < frame_lengths[:, None]
-        embeds = self.speech_connector(frames * valid.unsqueeze(-1).to(frames.dtype))
+        frames = frames * valid.unsqueeze(-1).to(frames.dtype)
+        embeds = self.speech_connector(frames.to(self.speech_connector.linear_1.weight.dtype))  # encoder may differ
         return embeds, audio_token_lengths(self.config, feature_lengths)
 
     def _merge_audio(
@@ -210,17 +241,30 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         is_audio = input_ids == self.config.audio_token_id
         num_placeholders = int(is_audio.sum())
         if input_features is None:
-            if num_placeholders and (cache is None or cache.get_seq_length() == 0):
+            if num_placeholders:  # a step of generation never holds one (the placeholder is suppressed)
                 raise ValueError(
                     f"input_ids has {num_placeholders} audio placeholders (audio_token_id={self.config.audio_token_id}) "
                     "but no input_features were given"
                 )
             return inputs_embeds
+        if input_features_mask is not None and input_features_mask.shape[0] != input_features.shape[0]:
+            raise ValueError(
+                f"input_features has {input_features.shape[0]} audios but input_features_mask "
+                f"{input_features_mask.shape[0]}"
+            )
         embeds, lengths = self.get_audio_features(input_features, input_features_mask)
         if num_placeholders != int(lengths.sum()):
             raise ValueError(
                 f"input_ids has {num_placeholders} audio placeholders (audio_token_id={self.config.audio_token_id}) but "
                 f"the {len(lengths)} audios fill {int(lengths.sum())} positions ({lengths.tolist()} each)"
+            )
+        first, last = _rows_of_audios(input_ids, self.config.audio_token_id, lengths)
+        if not torch.equal(first, last):
+            audio = int((first != last).nonzero()[0])
+            raise ValueError(
+                f"audio {audio} ({int(lengths[audio])} positions) would fill placeholders of rows {int(first[audio])} "
+                f"and {int(last[audio])}: give the audios in the order of their placeholder runs, each run as long as "
+                "its audio (audio_token_lengths)"
             )
         valid = torch.arange(embeds.shape[1]) < lengths[:, None]
         audio = embeds[valid.to(embeds.device)].to(inputs_embeds.device, inputs_embeds.dtype)
@@ -293,9 +337,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         features = {key: kwargs.pop(key, None) for key in ("input_features", "input_features_mask")}
         if expand_size > 1 and input_ids is not None and features["input_features"] is not None:
             lengths = audio_token_lengths(self.config, _feature_lengths(*features.values()))
-            placeholders = (input_ids == self.config.audio_token_id).sum(-1).cpu()
-            # The audios fill the placeholders in order: an audio belongs to the row its first position falls in.
-            rows = torch.searchsorted(placeholders.cumsum(0), lengths.cumsum(0) - lengths, right=True)
+            rows, _ = _rows_of_audios(input_ids, self.config.audio_token_id, lengths)
             order = torch.cat([(rows == row).nonzero().flatten().repeat(expand_size) for row in range(len(input_ids))])
             features = {
                 key: None if value is None else value[order.to(value.device)] for key, value in features.items()
@@ -307,6 +349,16 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """The LLM's step inputs (its `modality_ids` handling included); transformers passes `input_features` and
         `input_features_mask` at prefill only when a cache is used."""
         return self.language_model.prepare_inputs_for_generation(*args, **kwargs)
+
+
+def _rows_of_audios(
+    input_ids: torch.Tensor, audio_token_id: int, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of each audio's first and last position: the audios fill the placeholders in order, row after row."""
+    placeholders = (input_ids == audio_token_id).sum(-1).cpu().cumsum(0)
+    ends = lengths.cpu().cumsum(0)
+    first = torch.searchsorted(placeholders, ends - lengths.cpu(), right=True)
+    return first, torch.searchsorted(placeholders, ends - 1, right=True)
 
 
 def _feature_lengths(input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from deeptalk_hf import (
     DeepTalkForCausalLM,
     DeepTalkForConditionalGeneration,
     lora_config_for_stage,
+    set_training_stage,
     training_stage_parameters,
 )
 
@@ -179,9 +180,14 @@ def test_stage_config_options_and_errors():
     )
     saved = lora_config_for_stage(streams, "speech").modules_to_save
     assert saved == ["model.speech_stream_embed", "speech_stream_heads"]
-    get_peft_model(model, lora_config_for_stage(model, "speech"))
+    peft_model = get_peft_model(model, lora_config_for_stage(model, "speech"))
     with pytest.raises(ValueError, match="already holds PEFT adapters"):
         lora_config_for_stage(model, "text")
+    # set_training_stage would select the frozen base tensors inside PEFT's wrappers by their names.
+    frozen = {name for name, param in peft_model.named_parameters() if not param.requires_grad}
+    with pytest.raises(ValueError, match="already holds PEFT adapters"):
+        set_training_stage(peft_model, "speech")
+    assert frozen == {name for name, param in peft_model.named_parameters() if not param.requires_grad}
 
 
 def test_align_stage_config_on_the_audio_model():
@@ -203,6 +209,10 @@ def test_align_stage_config_on_the_audio_model():
     peft_model = get_peft_model(DeepTalkForConditionalGeneration(whisper_audio_config()), config)
     adapted = adapted_parameters(peft_model)
     assert adapted and all(name.startswith("audio_encoder.layers.1.") for name in adapted)
+    # A convolution of the encoder gets PEFT's convolution LoRA, not the experts treatment of 3D tensors.
+    fresh = DeepTalkForConditionalGeneration(whisper_audio_config())
+    convolution = lora_config_for_stage(fresh, "align", also=("audio_encoder.conv1.*",))
+    assert convolution.target_modules == {"conv1"} and not convolution.target_parameters
 
 
 @pytest.mark.parametrize("merge", [False, True])

@@ -3,7 +3,8 @@
 A stage means the same tensors here as in `set_training_stage` (both read `training_stage_parameters`); this module
 only decides *how* each of them is adapted:
 - the 3D experts tensors (`mlp.experts.*`, `mlp.speech_experts.*`) get LoRA through PEFT's `target_parameters`;
-- linear layers (attention, dense MLPs, shared experts, routers) get LoRA through `target_modules`;
+- linear layers (attention, dense MLPs, shared experts, routers) and, through `also`, an audio encoder's 1D
+  convolutions get LoRA through `target_modules`;
 - the speech modules that an upcycled or audio-extended model creates new (speech embeddings and output heads, the
   parallel audio streams' tables, the speech connector) train in full through `modules_to_save`: their rows start
   from a mean or at random, far from anything a low-rank update of them could reach;
@@ -15,10 +16,10 @@ from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 
 from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .modality import training_stage_parameters
+from .modeling_deeptalk import DeepTalkExperts
 
 NEW_SPEECH_MODULES = (
     "speech_embed_tokens",
@@ -74,9 +75,6 @@ def lora_config_for_stage(
     connector frozen (a model whose speech vocabulary is already trained). Other keywords (`r`, `lora_alpha`, ...) go
     to `LoraConfig`; PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default).
     """
-    if any(isinstance(module, BaseTunerLayer) for module in model.modules()):
-        # PEFT allows only one set of experts tensors across adapters, so stages take turns: merge, then adapt again.
-        raise ValueError("the model already holds PEFT adapters: call merge_and_unload() before the next stage")
     stage_names = training_stage_parameters(model, stage, also=also)
     modules = dict(model.named_modules())
     output_embeddings = model.get_output_embeddings()
@@ -90,9 +88,9 @@ def lora_config_for_stage(
                 modules_to_save.add(".".join(path[: new + 1]))
             continue
         module = modules[module_name]
-        if getattr(module, param_name).dim() == 3:
+        if isinstance(module, DeepTalkExperts):
             target_parameters.add(name)
-        elif isinstance(module, nn.Linear) and param_name == "weight" and module is not output_embeddings:
+        elif isinstance(module, (nn.Linear, nn.Conv1d)) and param_name == "weight" and module is not output_embeddings:
             target_modules.add(module_name)
     adapted = target_parameters | {f"{module}.weight" for module in target_modules}
     if also and not any(fnmatchcase(name, pattern) for name in adapted for pattern in also):
@@ -109,7 +107,8 @@ def lora_config_for_stage(
             "untie them: pass train_new_speech_modules=False (and train them with set_training_stage before adding "
             "LoRA)"
         )
-    # CAUSAL_LM: get_peft_model gives a PeftModelForCausalLM, and AutoPeftModelForCausalLM can load the adapter.
+    # CAUSAL_LM: get_peft_model gives a PeftModelForCausalLM, and AutoPeftModelForCausalLM can load the adapter of a
+    # DeepTalkForCausalLM (the audio model's loads with PeftModel.from_pretrained on the composite).
     lora_kwargs.setdefault("task_type", "CAUSAL_LM")
     return LoraConfig(
         target_modules=_shortest_suffixes(target_modules, modules),

@@ -18,6 +18,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from .configuration_deeptalk import DeepTalkConfig
@@ -431,6 +433,13 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
     """
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage={stage!r} is unknown; expected one of {TRAINING_STAGES}")
+    if any(isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)) for module in model.modules()):
+        # Names would select the frozen base tensors inside PEFT's wrappers (and PEFT allows one set of experts
+        # tensors across adapters): stages take turns, merging in between.
+        raise ValueError(
+            "the model already holds PEFT adapters: stages select tensors by name, which would reach the base weights "
+            "inside them; call merge_and_unload() before the next stage"
+        )
     names = [name for name, _ in model.named_parameters()]
     if stage == "align" and not any("audio_encoder" in name for name in names):
         raise ValueError("stage 'align' trains the speech connector of an audio encoder, but this model has none")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForMultimodalLM,
@@ -337,6 +338,12 @@ def test_composed_from_checkpoints_saves_and_loads_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded.eval()(**batch).logits)
     assert loaded.generation_config.suppress_tokens == [model.config.audio_token_id]
+    # A tensor the composite has no place for is refused, a top-level `lm_head` too (only the LLM's base model
+    # leaves a causal LM's heads out).
+    weights = load_file(tmp_path / "composite" / "model.safetensors")
+    save_file(weights | {"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "composite" / "model.safetensors")
+    with pytest.raises(ValueError, match="no place for .*lm_head.weight"):
+        AutoModelForMultimodalLM.from_pretrained(tmp_path / "composite")
 
 
 def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):
@@ -348,6 +355,8 @@ def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):
     model = DeepTalkForConditionalGeneration.from_parts(whisper, llm, stack_factor=5).eval()
     batch = audio_batch(model.config, whisper_features(), [[BOS, model.config.audio_token_id, SEP]], [tone(700, 0.6)])
     with torch.no_grad():
+        assert model(**batch).logits.dtype == torch.bfloat16
+        model.speech_connector.float()  # a connector kept in float32 beside the bf16 LLM
         assert model(**batch).logits.dtype == torch.bfloat16
     settings = model.generation_config
     assert (settings.eos_token_id, settings.do_sample, settings.temperature) == ([1, 7], True, 0.6)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import utils as hub_utils
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
@@ -231,6 +232,12 @@ def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
     summary, errors = capsys.readouterr()
     assert "Loading weights" not in errors and "Writing model shards" not in errors  # --quiet: transformers' bars too
     assert hf_logging.is_progress_bar_enabled()  # and only while the command runs
+    hub_utils.disable_progress_bars()  # a host's own setting survives the command
+    try:
+        assert profile_main([*arguments, "--overwrite"]) == EXIT_OK
+        assert hub_utils.are_progress_bars_disabled() and hf_logging.is_progress_bar_enabled()
+    finally:
+        hub_utils.enable_progress_bars()
     assert "layer 0" in summary and "layer 1" in summary and "speech experts" in summary
     load = ModalityLoad.load(output)
     model = AutoModelForCausalLM.from_pretrained(deeptalk_checkpoint)

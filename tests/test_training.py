@@ -156,6 +156,11 @@ def test_load_state_dict_takes_experts_saved_one_by_one_in_any_shard(tmp_path):
         load_file(shards[0]) | {k: v for shard in shards[1:] for k, v in load_file(shard).items()}, assign=True
     )
     assert torch.equal(empty.model.layers[0].mlp.experts.down_proj, source.model.layers[0].mlp.experts.down_proj)
+    # The fused tensors with one expert given again one by one: that expert is replaced, nothing is missing.
+    patched = source.state_dict() | {"model.layers.0.mlp.experts.1.down_proj.weight": torch.ones(32, 16)}
+    model.load_state_dict(patched)
+    assert torch.equal(model.model.layers[0].mlp.experts.down_proj[1], torch.ones(32, 16))
+    assert torch.equal(model.model.layers[0].mlp.experts.down_proj[2], source.model.layers[0].mlp.experts.down_proj[2])
     with pytest.raises(ValueError, match=r"speech_experts.3.down_proj.weight: .* holds 3 experts \(0 to 2\)"):
         model.load_state_dict(
             {"model.layers.0.mlp.speech_experts.3.down_proj.weight": torch.zeros(32, 16)}, strict=False

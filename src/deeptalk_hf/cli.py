@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub import utils as hub_utils
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
@@ -74,15 +75,17 @@ def _fail(prog: str, code: int, error: BaseException) -> int:
 
 @contextmanager
 def _progress_bars(enabled: bool) -> Iterator[None]:
-    """transformers' own bars (loading and saving weights) follow `--quiet` as ours do."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    """transformers' and huggingface_hub's bars (loading, saving, downloading) follow `--quiet` as ours do; their
+    settings are restored afterwards."""
+    transformers_on, hub_on = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
     if not enabled:
-        hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()  # huggingface_hub's too
     try:
         yield
     finally:
-        if was_enabled and not enabled:
+        if transformers_on:
             hf_logging.enable_progress_bar()
+        (hub_utils.enable_progress_bars if hub_on else hub_utils.disable_progress_bars)()
 
 
 def _terminated(signum: int, frame) -> None:
@@ -251,7 +254,8 @@ def upcycle_main(argv: list[str] | None = None) -> int:
         upcycle_checkpoint(source, args.destination, **{"num_speech_experts": 0, **dense_options}, **output)
         print(f"wrote DeepTalk checkpoint {args.destination}")
 
-    return _run(parser.prog, action)
+    with _progress_bars(enabled=not args.quiet):
+        return _run(parser.prog, action)
 
 
 def read_jsonl_batches(

@@ -94,7 +94,9 @@ def lora_config_for_stage(
             target_modules.add(module_name)
     adapted = target_parameters | {f"{module}.weight" for module in target_modules}
     if also and not any(fnmatchcase(name, pattern) for name in adapted for pattern in also):
-        raise ValueError(f"also={list(also)} reaches no linear layer or experts tensor that LoRA can adapt")
+        raise ValueError(
+            f"also={list(also)} reaches no linear layer, convolution or experts tensor that LoRA can adapt"
+        )
     if not adapted:
         raise ValueError(
             f"stage {stage!r} has no linear layer or experts tensor to adapt in this model; train it in full with "

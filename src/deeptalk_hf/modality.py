@@ -471,7 +471,8 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()
         param.requires_grad_(name in selected)
         if name not in selected:
             param.grad = None
-    model.train(model.training)  # a model whose modes follow what is frozen (the audio model's encoder) updates them
+    if hasattr(model, "audio_encoder"):  # its encoder's mode follows whether it is frozen (see its `train`)
+        model.train(model.training)
     return trainable
 
 

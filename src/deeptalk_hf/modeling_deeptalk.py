@@ -300,11 +300,12 @@ class DeepTalkExperts(Qwen3MoeExperts):
                     [torch.cat([parts[expert, part] for part in fused_parts[name]]) for expert in experts]
                 )
                 continue
+            given = prefix + name in state_dict  # the fused tensor, with some experts given again one by one
             fused = state_dict.get(prefix + name, getattr(self, name).detach()).clone()
             for (expert, part), tensor in parts.items():
                 fused[expert, rows[part]] = tensor
             state_dict[prefix + name] = fused
-            if strict:
+            if not given:
                 missing_keys.extend(f"{prefix}{e}.{p}_proj.weight" for e, p in wanted if (e, p) not in parts)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
 
@@ -557,7 +558,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 "add_speech_attention, the speech vocabulary with resize_speech_vocab"
             )
         unexpected = sorted(loading_info.unexpected_keys)
-        if model is model.base_model:  # the base model of a causal LM's checkpoint: the heads are not its to load
+        if isinstance(model, DeepTalkModel):  # the base model of a causal LM's checkpoint: the heads are not its
             unexpected = [key for key in unexpected if key.split(".")[0] not in _OUTPUT_HEADS]
         if unexpected:  # dropped weights: the model would compute something else than the source
             raise ValueError(

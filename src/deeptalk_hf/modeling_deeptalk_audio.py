@@ -226,7 +226,11 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         frame_lengths = audio_frame_lengths(self.config.audio_config, feature_lengths).to(frames.device)
         valid = torch.arange(frames.shape[1], device=frames.device) < frame_lengths[:, None]
         frames = frames * valid.unsqueeze(-1).to(frames.dtype)
-        embeds = self.speech_connector(frames.to(self.speech_connector.linear_1.weight.dtype))  # encoder may differ
+        # The connector's dtype (the encoder's may differ), or the LLM's where a quantised connector stores another.
+        dtype = self.speech_connector.linear_1.weight.dtype
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            dtype = self.get_input_embeddings().weight.dtype
+        embeds = self.speech_connector(frames.to(dtype))
         return embeds, audio_token_lengths(self.config, feature_lengths)
 
     def _merge_audio(
@@ -259,8 +263,9 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 f"the {len(lengths)} audios fill {int(lengths.sum())} positions ({lengths.tolist()} each)"
             )
         first, last = _rows_of_audios(input_ids, self.config.audio_token_id, lengths)
-        if not torch.equal(first, last):
-            audio = int((first != last).nonzero()[0])
+        split = (first != last) & (lengths.cpu() > 0)
+        if split.any():
+            audio = int(split.nonzero()[0])
             raise ValueError(
                 f"audio {audio} ({int(lengths[audio])} positions) would fill placeholders of rows {int(first[audio])} "
                 f"and {int(last[audio])}: give the audios in the order of their placeholder runs, each run as long as "

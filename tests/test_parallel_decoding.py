@@ -140,6 +140,28 @@ def test_stream_losses_are_weighted_means_of_each_stream():
         terms.append(ce(out.audio_logits[:, s, :-1].flatten(0, 1), ids[:, s + 1, 1:].flatten()))
     expected = sum(w * t for w, t in zip(config.stream_loss_weights, terms)) / sum(config.stream_loss_weights)
     torch.testing.assert_close(out.loss, expected)
+    # Flattened as generate lays them out, the same loss.
+    torch.testing.assert_close(model(ids.flatten(0, 1), labels=ids.flatten(0, 1)).loss, expected)
+    # A stream without labels (the audio of a text-only batch) has no loss: the mean is over the other streams.
+    text_only = ids.clone()
+    text_only[:, 1:] = -100
+    torch.testing.assert_close(model(ids, labels=text_only).loss, terms[0])
+    # Trainer must not hand over its token count, which counts every stream (each stream is its own mean).
+    assert not model.accepts_loss_kwargs and DeepTalkForCausalLM(tiny_config()).accepts_loss_kwargs
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 9\)"):
+        model(ids, labels=ids[:, 0])
+
+
+def test_bad_stream_ids_and_layouts_are_refused_by_name():
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    ids = text_query(model.config, batch=1)
+    for stream, bad in [(1, model.config.audio_stream_vocab_size), (3, -1)]:
+        wrong = ids.clone()
+        wrong[0, stream, 2] = bad  # the streams share one table: it would read another stream's row
+        with pytest.raises(ValueError, match=f"audio stream {stream} has ids outside"):
+            model(wrong)
+    with pytest.raises(ValueError, match="for a model with parallel audio streams"):
+        DeepTalkForCausalLM(tiny_config())(ids[:, :1])
 
 
 def test_audio_positions_route_as_speech():

@@ -142,6 +142,18 @@ def test_generated_streams_decode_into_valid_snac_codes():
         **batch, max_new_tokens=steps, do_sample=False, logits_processor=[AudioEndsAfter(None, prompt_length)]
     )
     answer = out[:, :, prompt_length:]
+    # Without its attention mask the spoken question is still heard (the mask is not read from the text row alone).
+    alone = MODEL.generate(
+        batch["input_ids"][:1],
+        max_new_tokens=steps,
+        do_sample=False,
+        logits_processor=[AudioEndsAfter(None, prompt_length)],
+    )
+    with_mask = MODEL.generate(
+        batch["input_ids"][:1], attention_mask=torch.ones_like(batch["input_ids"][:1, 0]), max_new_tokens=steps,
+        do_sample=False, logits_processor=[AudioEndsAfter(None, prompt_length)],
+    )  # fmt: skip
+    assert torch.equal(alone, with_mask)
     frames = steps - max(CONFIG.audio_stream_delays)  # the later streams' last codes are still missing
     for item, decoded in enumerate(PROCESSOR.decode_parallel(answer, CONFIG)):
         assert [c.shape for c in decoded.codes] == [(frames,), (2 * frames,), (4 * frames,)]

@@ -633,12 +633,23 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         `[batch, 1 + S, seq]` add one `speech_stream_embed` row per non-pad audio code to the text stream's one."""
         if input_ids.dim() == 3:
             config = self.config
+            if not config.num_audio_streams:
+                raise ValueError(
+                    "input_ids of shape [batch, streams, seq] are for a model with parallel audio streams"
+                )
             if input_ids.shape[1] != config.num_audio_streams + 1:
                 raise ValueError(
                     f"input_ids has {input_ids.shape[1]} streams but the model has 1 text + "
                     f"{config.num_audio_streams} audio streams"
                 )
             audio_ids = input_ids[:, 1:]
+            outside = (audio_ids < 0) | (audio_ids >= config.audio_stream_vocab_size)
+            if outside.any():  # the streams share one table: a wrong id would read another stream's row
+                stream = int(outside.nonzero()[0, 1]) + 1
+                raise ValueError(
+                    f"audio stream {stream} has ids outside [0, {config.audio_stream_vocab_size}) (codes and the "
+                    "pad/bos/eos ids after them)"
+                )
             offsets = torch.arange(config.num_audio_streams, device=input_ids.device) * config.audio_stream_vocab_size
             audio = self.speech_stream_embed(audio_ids + offsets[:, None])
             # Pad adds nothing, so a text position (all audio streams pad) is exactly the single-stream model's.
@@ -872,6 +883,30 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             logits = torch.cat([logits, self.speech_lm_head(hidden_states)], dim=-1)
         return logits
 
+    def _stream_loss(self, logits: torch.Tensor, audio_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The `stream_loss_weights`-weighted mean of each stream's mean loss, over the streams that have labels (a
+        stream all -100, e.g. the audio of a text-only batch, has no loss rather than a NaN one). Each stream is
+        normalised by its own labels, so `Trainer`'s `num_items_in_batch` (counted over all streams) is not taken."""
+        config = self.config
+        per_stream = [(logits, self.vocab_size)] + [
+            (audio_logits[:, s], config.audio_stream_vocab_size) for s in range(config.num_audio_streams)
+        ]
+        total = weight_sum = 0.0
+        for s, ((stream_logits, vocab), weight) in enumerate(zip(per_stream, config.stream_loss_weights)):
+            count = int((labels[:, s, 1:] != -100).sum())
+            if weight and count:
+                total = total + weight * self.loss_function(
+                    stream_logits, labels[:, s], vocab, num_items_in_batch=count
+                )
+                weight_sum += weight
+        return total / weight_sum if weight_sum else logits.new_zeros(()) * logits.sum()
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether `Trainer` may hand over `num_items_in_batch`: not with parallel streams, whose losses are each
+        stream's own mean (the Trainer then averages micro-batches itself)."""
+        return not self.config.num_audio_streams
+
     def audio_stream_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits of each parallel audio stream, `[batch, S, seq, audio_vocab]`."""
         config = self.config
@@ -937,13 +972,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             if audio_logits is None:
                 loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             else:
-                weights = config.stream_loss_weights
-                loss = weights[0] * self.loss_function(logits, labels[:, 0], self.vocab_size, **kwargs)
-                for s in range(config.num_audio_streams):
-                    loss = loss + weights[s + 1] * self.loss_function(
-                        audio_logits[:, s], labels[:, s + 1], config.audio_stream_vocab_size, **kwargs
-                    )
-                loss = loss / sum(weights)
+                labels = labels.reshape(input_ids.shape) if flattened else labels
+                if labels.shape != input_ids.shape:
+                    raise ValueError(f"labels has shape {tuple(labels.shape)}; input_ids {tuple(input_ids.shape)}")
+                loss = self._stream_loss(logits, audio_logits, labels)
 
         aux_loss = z_loss = None
         if outputs.router_logits:
@@ -1070,6 +1102,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                     f"{name}={given}: parallel-stream generation uses the config's {name} ({own}); set it there"
                 )
         attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
+            padding = (input_ids[:, 0] == own_ids["pad_token_id"]) & (
+                input_ids[:, 1:] == config.audio_pad_token_id
+            ).all(1)
+            attention_mask = (~padding).long()
         speech_answer = True if speech_answer is None else bool(speech_answer)
         speech = torch.full((batch,), speech_answer, dtype=torch.bool)
         if batch_parallel:

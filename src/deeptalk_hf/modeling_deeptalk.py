@@ -1113,10 +1113,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             if not speech_answer:
                 raise ValueError("batch_parallel=True drives a speech answer; it needs speech_answer=True")
             input_ids = torch.cat([input_ids, input_ids])
-            attention_mask = torch.cat([attention_mask, attention_mask]) if attention_mask is not None else None
+            attention_mask = torch.cat([attention_mask, attention_mask])
             speech = torch.cat([speech, torch.zeros_like(speech)])
-        if attention_mask is not None:
-            attention_mask = attention_mask.repeat_interleave(streams, dim=0)
+        attention_mask = attention_mask.repeat_interleave(streams, dim=0)
         output = super().generate(
             input_ids.flatten(0, 1),
             generation_config,

@@ -228,7 +228,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         frames = frames * valid.unsqueeze(-1).to(frames.dtype)
         # The connector's dtype (the encoder's may differ), or the LLM's where a quantised connector stores another.
         dtype = self.speech_connector.linear_1.weight.dtype
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        if not dtype.is_floating_point or dtype.itemsize < 2:
             dtype = self.get_input_embeddings().weight.dtype
         embeds = self.speech_connector(frames.to(dtype))
         return embeds, audio_token_lengths(self.config, feature_lengths)

@@ -479,6 +479,7 @@ class DeepTalkProcessor(ProcessorMixin):
             "input_ids"
         ]
         rows = []
+        specials: dict[int, tuple[int, int]] = {}  # per row, where known: the tokenizer's own tokens at the ends
         for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True)):
             placeholders = sample_text.count(SPEECH_PLACEHOLDER)
             if placeholders:
@@ -492,7 +493,7 @@ class DeepTalkProcessor(ProcessorMixin):
                     f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
                 )
             elif segments:
-                before, after = self._added_special_tokens(ids, sample_text)
+                before, after = specials[i] = self._added_special_tokens(ids, sample_text)
                 body = self.interleave_ids(ids[before : len(ids) - after], segments[0], interleave, ratio)
                 rows.append(ids[:before] + body + ids[len(ids) - after :])
             else:
@@ -511,8 +512,10 @@ class DeepTalkProcessor(ProcessorMixin):
         if truncation not in (None, False, "do_not_truncate"):
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             kept = [
-                self._kept_positions(len(row), self._added_special_tokens(ids, text), limit)
-                for row, ids, text in zip(rows, encoded, tokenized, strict=True)
+                self._kept_positions(len(row), specials.get(i) or self._added_special_tokens(ids, text), limit)
+                if len(row) > limit
+                else range(len(row))
+                for i, (row, ids, text) in enumerate(zip(rows, encoded, tokenized, strict=True))
             ]
             if audio_features is not None:
                 audio_id = self.audio_model_config.audio_token_id
@@ -603,8 +606,6 @@ class DeepTalkProcessor(ProcessorMixin):
     def _kept_positions(self, length: int, specials: tuple[int, int], limit: int) -> range | list[int]:
         """Positions of a row that truncation to `limit` keeps: as the tokenizer truncates, the special tokens it
         added at the ends (`specials`: how many before and after) stay, and the body is cut on `truncation_side`."""
-        if length <= limit:
-            return range(length)
         before, after = specials
         if before + after > limit:  # no room for the special tokens: the tokenizer leaves such a row as it is
             return range(length)
@@ -824,10 +825,9 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         def at_rate(waveform: Any, given: int | None) -> Any:
             if given == rate:  # as given: `extract_audio_features` checks the samples
                 return waveform
-            waveform = torch.as_tensor(waveform)
-            if given is None or not waveform.is_floating_point():
-                raise ValueError("an audio block needs floating-point samples and its 'sampling_rate'")
-            return resample(waveform, given, rate)
+            if given is None:
+                raise ValueError("an audio block needs its 'sampling_rate'")
+            return resample(torch.as_tensor(waveform), given, rate)  # which refuses integer samples
 
         units, audio = [], []
         for blocks in _speech_blocks(conversations, audio_loading_params):

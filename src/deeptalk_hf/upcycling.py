@@ -477,12 +477,11 @@ def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path
 
 def _copy_tokenizer(source: Path, destination: Path) -> None:
     """Copy the source's tokenizer files (when it has any) beside the converted weights, as they are."""
-    for pattern in _TOKENIZER_FILES:
-        for path in source.glob(pattern):
-            if path.is_dir():  # `additional_chat_templates/`
-                shutil.copytree(path, destination / path.name)
-            elif path.is_file():
-                shutil.copyfile(path, destination / path.name)
+    for path in {path for pattern in _TOKENIZER_FILES for path in source.glob(pattern)}:  # once, if patterns overlap
+        if path.is_dir():  # `additional_chat_templates/`
+            shutil.copytree(path, destination / path.name)
+        elif path.is_file():
+            shutil.copyfile(path, destination / path.name)
 
 
 def _shard_files(source: Path) -> list[Path]:

@@ -8,6 +8,7 @@ on whole tensors and text outputs stay bit-identical through speech-only trainin
 """
 
 import copy
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,22 @@ def speech_positions(
     if input_ids.dim() == 3:
         return (input_ids[:, 0] >= config.speech_token_start) | (input_ids[:, 1:] < config.audio_codebook_size).any(1)
     return input_ids >= config.speech_token_start
+
+
+class ModalitySplit:
+    """Hard routing's split of a forward's tokens, shared by its MoE layers: the first layer that needs the rows finds
+    them, so a forward makes one host sync (`nonzero`) rather than one or two per layer."""
+
+    def __init__(self, is_speech: torch.Tensor):
+        self.is_speech = is_speech.reshape(-1)
+
+    @functools.cached_property
+    def speech_rows(self) -> torch.Tensor:
+        return self.is_speech.nonzero().squeeze(-1)
+
+    @functools.cached_property
+    def text_rows(self) -> torch.Tensor:
+        return (~self.is_speech).nonzero().squeeze(-1)
 
 
 def topk_routing(
@@ -369,44 +386,56 @@ class DeepTalkSparseMoeBlock(nn.Module):
                 self.shared_experts_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def _route(
-        self, logits: torch.Tensor, bias: torch.Tensor | None = None, group_limited: bool = False
+        self, logits: torch.Tensor, router: nn.Module, group_limited: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _, weights, indices = topk_routing(logits, self.config, bias, group_limited)
+        _, weights, indices = topk_routing(logits, self.config, correction_bias(router), group_limited)
         return weights, indices
 
-    def _hard(self, hidden: torch.Tensor, text_logits, speech_logits, is_speech: torch.Tensor) -> torch.Tensor:
-        """Each token goes to its own modality's group only; the groups run on their own tokens.
+    def _hard(
+        self, hidden: torch.Tensor, split: ModalitySplit, output_router_logits: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each token goes to its own modality's group only; the groups run on their own tokens. A batch of one
+        modality (e.g. a decoding step) is scored by its own router alone unless the router logits are returned.
 
         Under `torch.compile` shapes must not depend on data, so both groups see every token and the other
         modality's slots become sentinels (weight 0, skipped by the backends): same result, more routing work.
         """
-        if torch.compiler.is_compiling():
+        text_group = (self.gate, self.experts)
+        speech_group = (self.speech_gate, self.speech_experts)
+        compiling = torch.compiler.is_compiling()
+        single = not compiling and split.speech_rows.numel() in (0, hidden.shape[0])
+        if single and not output_router_logits:
+            router, experts = speech_group if split.speech_rows.numel() else text_group
+            weights, indices = self._route(router(hidden), router)
+            return experts(hidden, indices, weights), None
+        text_logits, speech_logits = self.gate(hidden), self.speech_gate(hidden)
+        router_logits = torch.cat([text_logits, speech_logits], dim=-1)
+        if compiling:
             output = torch.zeros_like(hidden)
-            for keep, logits, experts, bias in (
-                (~is_speech, text_logits, self.experts, correction_bias(self.gate)),
-                (is_speech, speech_logits, self.speech_experts, correction_bias(self.speech_gate)),
+            for keep, logits, (router, experts) in (
+                (~split.is_speech, text_logits, text_group),
+                (split.is_speech, speech_logits, speech_group),
             ):
-                weights, indices = self._route(logits, bias)
+                weights, indices = self._route(logits, router)
                 drop = ~keep.unsqueeze(-1)
                 output = output + experts(
                     hidden, indices.masked_fill(drop, experts.num_experts), weights.masked_fill(drop, 0.0)
                 )
-            return output
-        speech_rows = is_speech.nonzero().squeeze(-1)
-        text_group = (text_logits, self.experts, correction_bias(self.gate))
-        speech_group = (speech_logits, self.speech_experts, correction_bias(self.speech_gate))
-        if speech_rows.numel() in (0, hidden.shape[0]):  # one modality (e.g. decoding): no gather and scatter
-            logits, experts, bias = speech_group if speech_rows.numel() else text_group
-            weights, indices = self._route(logits, bias)
-            return experts(hidden, indices, weights)
+            return output, router_logits
+        if single:  # no gather and scatter
+            logits, (router, experts) = (
+                (speech_logits, speech_group) if split.speech_rows.numel() else (text_logits, text_group)
+            )
+            weights, indices = self._route(logits, router)
+            return experts(hidden, indices, weights), router_logits
         output = torch.empty_like(hidden)
-        for rows, (logits, experts, bias) in (
-            ((~is_speech).nonzero().squeeze(-1), text_group),
-            (speech_rows, speech_group),
+        for rows, logits, (router, experts) in (
+            (split.text_rows, text_logits, text_group),
+            (split.speech_rows, speech_logits, speech_group),
         ):
-            weights, indices = self._route(logits[rows], bias)
+            weights, indices = self._route(logits[rows], router)
             output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
-        return output
+        return output, router_logits
 
     def _source_position(self, device: torch.device) -> torch.Tensor | None:
         """Column of each source-MoE expert in `[experts; speech_experts]` order (`None`: the orders agree)."""
@@ -444,27 +473,26 @@ class DeepTalkSparseMoeBlock(nn.Module):
         return text_out + speech_out
 
     def forward(
-        self, hidden_states: torch.Tensor, modality_ids: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        hidden_states: torch.Tensor,
+        split: ModalitySplit | None = None,
+        output_router_logits: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`split`: the tokens' modalities (all text without it). The router logits come back unless
+        `output_router_logits` is False and hard routing skipped a router (then None)."""
         batch_size, seq_len, hidden_dim = hidden_states.shape
         hidden = hidden_states.reshape(-1, hidden_dim)
-        text_logits = self.gate(hidden)
         if not self.num_speech_experts:
-            router_logits = text_logits
-            weights, indices = self._route(text_logits, correction_bias(self.gate), group_limited=True)
+            router_logits = self.gate(hidden)
+            weights, indices = self._route(router_logits, self.gate, group_limited=True)
             output = self.experts(hidden, indices, weights)
+        elif self.config.modality_routing == "none":
+            router_logits = torch.cat([self.gate(hidden), self.speech_gate(hidden)], dim=-1)
+            output = self._joint(hidden, router_logits)
         else:
-            speech_logits = self.speech_gate(hidden)
-            router_logits = torch.cat([text_logits, speech_logits], dim=-1)
-            if self.config.modality_routing == "none":
-                output = self._joint(hidden, router_logits)
-            else:
-                is_speech = (
-                    modality_ids.reshape(-1)
-                    if modality_ids is not None
-                    else torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device)
-                )
-                output = self._hard(hidden, text_logits, speech_logits, is_speech)
+            if split is None:
+                split = ModalitySplit(torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device))
+            output, router_logits = self._hard(hidden, split, output_router_logits)
         if hasattr(self, "shared_experts"):
             shared = self.shared_experts(hidden)
             if hasattr(self, "shared_experts_gate"):
@@ -495,8 +523,9 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        modality_ids: torch.Tensor | None = None,
+        modality_split: ModalitySplit | None = None,
         speech_index: tuple[torch.Tensor, torch.Tensor] | None = None,
+        output_router_logits: bool = True,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         residual = hidden_states
@@ -515,7 +544,7 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
         if self.is_sparse:
-            hidden_states, _ = self.mlp(hidden_states, modality_ids)
+            hidden_states, _ = self.mlp(hidden_states, modality_split, output_router_logits)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states
@@ -711,6 +740,11 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
 
         # One host sync per forward, not one per projection: the speech attention indexes with it.
         speech_index = is_speech.nonzero(as_tuple=True) if self.config.speech_attention else None
+        modality_split = ModalitySplit(is_speech)
+        # As `capture_outputs` decides: unrecorded router logits let a one-modality batch skip the other router.
+        output_router_logits = (
+            kwargs.pop("output_router_logits") if "output_router_logits" in kwargs else self.config.output_router_logits
+        )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
@@ -721,8 +755,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 cache=cache,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
-                modality_ids=is_speech,
+                modality_split=modality_split,
                 speech_index=speech_index,
+                output_router_logits=bool(output_router_logits),
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)

@@ -275,15 +275,32 @@ def test_generation_extends_modality_ids_from_new_ids():
 
 
 def test_generate_refuses_modality_ids_of_another_shape_than_the_prompt():
-    """transformers would broadcast a one-row `modality_ids` over the batch, or silently cut or extend it."""
+    """transformers would broadcast a one-row `modality_ids` over the batch, or silently cut it."""
     model = DeepTalkForCausalLM(tiny_config()).eval()
     prompt = torch.randint(3, model.config.speech_token_start, (2, 6))
-    for shape in [(2, 5), (2, 7), (1, 6)]:
-        with pytest.raises(ValueError, match=rf"modality_ids has shape \({shape[0]}, {shape[1]}\) but the input"):
+    for shape in [(2, 7), (1, 6), (6,)]:
+        with pytest.raises(ValueError, match=rf"modality_ids has shape \({', '.join(map(str, shape))},?\) but the"):
             model.generate(prompt, modality_ids=torch.ones(shape, dtype=torch.long), max_new_tokens=2)
     embeds = model.get_input_embeddings()(prompt)
     with pytest.raises(ValueError, match="modality_ids has shape"):
         model.generate(inputs_embeds=embeds, modality_ids=torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
+
+
+def test_generate_modality_ids_may_cover_a_prefix_and_work_with_an_assistant():
+    """Positions after a shorter `modality_ids` take their modality from their ids, like generated tokens; so assisted
+    generation works (transformers hands the assistant the prompt's `modality_ids` with ids that have grown)."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3)).eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    by_ids = (prompt >= model.config.speech_token_start).long()
+    flipped = by_ids.clone()
+    flipped[:, :4] = 1 - flipped[:, :4]  # differs from what the ids say, so modality_ids must be read
+    options = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(prompt, modality_ids=flipped, **options)
+    assert not torch.equal(expected, model.generate(prompt, **options))
+    assert torch.equal(model.generate(prompt, modality_ids=flipped[:, :4], **options), expected)
+    assistant = copy.deepcopy(model)
+    assert torch.equal(model.generate(prompt, modality_ids=flipped, assistant_model=assistant, **options), expected)
 
 
 def test_generate_takes_transformers_positional_parameters_and_refuses_parallel_only_options():

@@ -56,10 +56,25 @@ def check_modality_ids_shape(modality_ids: torch.Tensor, shape: tuple[int, ...])
 
 
 def check_prompt_modality_ids(input_ids: torch.Tensor, model_kwargs: dict) -> None:
-    """`generate` would broadcast a prompt's `modality_ids` of another shape over the batch, or cut it, silently."""
-    if (modality_ids := model_kwargs.get("modality_ids")) is not None:
-        prompt = model_kwargs.get("inputs_embeds")
-        check_modality_ids_shape(modality_ids, input_ids.shape if prompt is None else prompt.shape[:2])
+    """`generate` would broadcast a prompt's `modality_ids` of another shape over the batch, or cut it, silently.
+
+    With `input_ids`, `modality_ids` may cover their first positions only: the rest take their modality from their
+    ids, as generated tokens do (assisted generation hands the assistant the prompt's `modality_ids` with ids that
+    have grown since)."""
+    if (modality_ids := model_kwargs.get("modality_ids")) is None:
+        return
+    prompt = model_kwargs.get("inputs_embeds")
+    if prompt is not None:
+        check_modality_ids_shape(modality_ids, prompt.shape[:2])
+    elif (
+        modality_ids.dim() != 2
+        or modality_ids.shape[0] != input_ids.shape[0]
+        or modality_ids.shape[1] > input_ids.shape[-1]
+    ):
+        raise ValueError(
+            f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(input_ids.shape)}: it must "
+            "have the prompt's batch size and cover at most its length"
+        )
 
 
 def speech_positions(
@@ -743,7 +758,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         modality_split = ModalitySplit(is_speech)
         # As `capture_outputs` decides: unrecorded router logits let a one-modality batch skip the other router.
         output_router_logits = (
-            kwargs.pop("output_router_logits") if "output_router_logits" in kwargs else self.config.output_router_logits
+            kwargs.pop("output_router_logits")
+            if "output_router_logits" in kwargs
+            else self.config.output_router_logits
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)

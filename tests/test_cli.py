@@ -326,6 +326,22 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert profile_main(arguments) == EXIT_USAGE
     assert "inside the model" in capsys.readouterr().err
     AutoModelForCausalLM.from_pretrained(holder / "model")  # intact
+    # --assign-to replacing the data file or a folder holding it; -o/--plot inside --assign-to (replaced at the end).
+    (tmp_path / "keep.txt").write_text("user file")
+    for assign_to in (data, tmp_path):
+        arguments = [model, str(data), "--assign-to", str(assign_to), "--num-speech-experts", "1", "--overwrite"]
+        assert profile_main([*arguments, "--quiet"]) == EXIT_USAGE
+        assert "holds the source" in capsys.readouterr().err
+    assert data.is_file() and (tmp_path / "keep.txt").read_text() == "user file"
+    arguments = [model, str(data), "--assign-to", str(tmp_path / "out"), "--num-speech-experts", "1"]
+    arguments += ["-o", str(tmp_path / "out" / "load.json")]
+    assert profile_main([*arguments, "--quiet"]) == EXIT_USAGE
+    assert "inside the model or --assign-to" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert (
+        profile_main([model, str(data), "-o", str(tmp_path / "a"), "--plot", str(tmp_path / "a"), "--quiet"])
+        == EXIT_USAGE
+    )
+    assert "name two files" in capsys.readouterr().err
     # Data of one modality: the load is written (its folder created), the assignment refused as unusable data.
     text_only, load, split = tmp_path / "text.jsonl", tmp_path / "new" / "load.json", tmp_path / "split"
     text_only.write_text('{"input_ids": [3, 4, 5]}\n')

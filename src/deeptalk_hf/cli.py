@@ -400,14 +400,21 @@ def profile_main(argv: list[str] | None = None) -> int:
         if not Path(args.data).is_file():
             raise DataError(f"data file {args.data} does not exist")
         source = _resolve_source(args.model, None)
+        inputs = [source, Path(args.data)]
+        if args.output and args.plot and Path(args.output).resolve() == Path(args.plot).resolve():
+            raise ValueError(f"-o and --plot both name {args.output}; name two files")
         for path in filter(None, (args.output, args.plot)):
             target = Path(path).resolve()
-            if target.is_dir() or target == Path(args.data).resolve() or source.resolve() in target.parents:
-                raise ValueError(f"{path} is a directory, the data file or inside the model; name a new file to write")
+            # The model folder written at the end would replace (or, when new, refuse) a folder holding the file.
+            folders = [source.resolve(), *([Path(args.assign_to).resolve()] if args.assign_to else [])]
+            if target.is_dir() or target == Path(args.data).resolve() or any(f in target.parents for f in folders):
+                raise ValueError(
+                    f"{path} is a directory, the data file, or inside the model or --assign-to; name a new file to write"
+                )
             if target.exists() and not args.overwrite:
                 raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
         if args.assign_to:
-            check_output_dir(args.assign_to, overwrite=args.overwrite, inputs=[source])
+            check_output_dir(args.assign_to, overwrite=args.overwrite, inputs=inputs)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             torch.empty(0, device=device)
@@ -466,7 +473,7 @@ def profile_main(argv: list[str] | None = None) -> int:
             )
             if args.speech_attention:
                 add_speech_attention(model)
-            with atomic_output_dir(args.assign_to, overwrite=args.overwrite, inputs=[source]) as staging:
+            with atomic_output_dir(args.assign_to, overwrite=args.overwrite, inputs=inputs) as staging:
                 model.save_pretrained(staging)
                 _copy_tokenizer(source, staging)
         print(_summary(load, chosen))

@@ -1,7 +1,7 @@
 """Parallel text-speech decoding: the delay pattern of the audio streams and the generation rules that keep it.
 
 With `config.num_audio_streams = S`, a sequence is `[batch, 1 + S, seq]`: stream 0 carries text, stream s carries the
-s-th audio codebook level, delayed `audio_stream_delays[s]` positions behind the text (Mini-Omni / DeepTalk). An answer
+s-th code of each codec frame (`AudioCodec.to_streams`), delayed `audio_stream_delays[s]` positions behind the text (Mini-Omni / DeepTalk). An answer
 of N audio frames lays each audio stream out as `pad * (d - 1), begin, code_0 ... code_{N-1}, end, pad ...`.
 
 For `generate`, each stream becomes a row of the batch (as transformers' MusicGen flattens its codebooks), so every

@@ -71,7 +71,7 @@ def lora_config_for_stage(
       on encoder layers.
 
     `also` adds glob patterns over parameter names (e.g. `("*.self_attn.*",)` in the speech stage); together they must
-    reach a linear layer or experts tensor. `train_new_speech_modules=False` leaves the speech embeddings, heads and
+    reach a linear layer, a Conv1d or an experts tensor. `train_new_speech_modules=False` leaves the speech embeddings, heads and
     connector frozen (a model whose speech vocabulary is already trained). Other keywords (`r`, `lora_alpha`, ...) go
     to `LoraConfig`; PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default).
     """

@@ -62,6 +62,12 @@ def test_resample_refuses_what_it_would_get_wrong():
         with pytest.raises(ValueError, match="positive integers"):
             resample(torch.zeros(100), *rates)
     assert resample(torch.ones(8), np.int64(16000), 16000).shape == (8,)  # numpy integers are whole Hz too
+    for waveform in (torch.zeros(()), torch.zeros(2, 0)):
+        with pytest.raises(ValueError, match="with samples"):
+            resample(waveform, 16000, 24000)
+    # Coprime rates would need a 4800-phase kernel of gigabytes: refused by name, before any memory is taken.
+    with pytest.raises(ValueError, match="4001 -> 4800 Hz reduces to 4800/4001"):
+        resample(torch.zeros(400), 4001, 4800)
 
 
 # ---- unit layouts ------------------------------------------------------------------------------------------------
@@ -115,6 +121,21 @@ def test_units_round_trip_codes(name, frames, seed):
 def test_from_units_names_the_misplaced_unit(units, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SNAC.from_units(units)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_codes_units_and_streams_must_be_integers(name):
+    """A float code is corrupt: refused, not truncated to a valid-looking one."""
+    codec = CODECS[name]
+    units = codec.to_units([torch.zeros(n, dtype=torch.long) for n in codec._codes_per_frame])
+    for call, value in [
+        (codec.from_units, units.double() + 0.9),
+        (codec.from_units, (units.double() + 0.9).tolist()),
+        (codec.from_streams, codec.to_streams(codec.from_units(units)).double()),
+        (codec.to_units, [torch.zeros(n) for n in codec._codes_per_frame]),
+    ]:
+        with pytest.raises(ValueError, match="must be integers"):
+            call(value)
 
 
 @needs_snac

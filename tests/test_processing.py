@@ -111,6 +111,64 @@ def test_decode_takes_generates_one_row_batch_and_refuses_more():
         PROCESSOR.decode(torch.tensor([ids, ids]))
 
 
+def test_decode_refuses_negative_and_non_integer_ids():
+    """-100 label padding or a float id is not an id: a clear error, not an OverflowError or a truncated id."""
+    with pytest.raises(ValueError, match="id -100 is negative"):
+        PROCESSOR.decode([5, -100])
+    for ids in (torch.tensor([10.7]), [10.7]):
+        with pytest.raises((ValueError, TypeError), match="integer"):
+            PROCESSOR.decode(ids)
+
+
+def test_add_speech_tokens_leaves_the_tokenizer_as_it_was_when_it_refuses():
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([SPEECH_MARKERS[1]], special_tokens=True)
+    vocabulary = tokenizer.get_vocab()
+    with pytest.raises(
+        ValueError, match=re.escape(f"already has 1 of the speech block's tokens ({SPEECH_MARKERS[1]})")
+    ):
+        add_speech_tokens(tokenizer, 4)
+    assert tokenizer.get_vocab() == vocabulary
+
+
+def test_interleave_ids_checks_policy_ratio_and_units():
+    text_ids = PROCESSOR.tokenizer("hello world")["input_ids"]
+    for arguments, message in [
+        (dict(interleave="speech-only"), "interleave='speech-only' is unknown"),
+        (dict(ratio=(-1, 2)), "two positive integers"),
+        (dict(ratio=(2, 0)), "two positive integers"),
+        (dict(units=[NUM_UNITS]), "unit 64 at position 0, out of range"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PROCESSOR.interleave_ids(text_ids, **({"units": [1, 2]} | arguments))
+
+
+def test_max_length_alone_truncates_as_the_tokenizer_does():
+    for text, units in [("hello world hello world", None), ("hello world", list(range(6)))]:
+        encoded = PROCESSOR(text=text, speech_units=units, max_length=3)["input_ids"][0]
+        assert encoded == PROCESSOR(text=text, speech_units=units, max_length=3, truncation=True)["input_ids"][0]
+        assert len(encoded) == 3
+    assert (
+        PROCESSOR(text="hello world hello", max_length=2)["input_ids"][0]
+        == PROCESSOR.tokenizer("hello world hello", max_length=2)["input_ids"]
+    )
+
+
+def test_empty_text_keeps_an_eos_that_is_also_the_bos_at_the_end():
+    """A tokenizer whose BOS and EOS are one token, appended after the text: with no text, it is still the EOS."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "</s>", "eos_token": "</s>"})
+    eos = tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", eos)]
+    )
+    add_speech_tokens(tokenizer, NUM_UNITS, text_vocab_size=TEXT_VOCAB_SIZE)
+    processor = DeepTalkProcessor(tokenizer)
+    for text in ("", None, "hello"):
+        ids = processor(text=text, speech_units=[1, 2])["input_ids"][0]
+        assert ids[-1] == eos and ids.count(eos) == 1, (text, ids)
+
+
 def test_processor_refuses_tokenizers_without_a_proper_speech_block():
     with pytest.raises(ValueError, match="no speech tokens"):
         DeepTalkProcessor(tiny_tokenizer())
@@ -351,7 +409,8 @@ def test_save_and_load_round_trip(tmp_path):
         ({"text": "hello", "speech_units": torch.tensor([1.0, 2.0])}, "must be a segment"),
         ({"text": "hello", "speech_units": torch.tensor([True, False])}, "must be a segment"),
         ({"text": "hello", "speech_units": [1], "interleave": "zigzag"}, "interleave='zigzag' is unknown"),
-        ({"text": "hello", "speech_units": [1], "text_speech_ratio": (0, 2)}, "two positive counts"),
+        ({"text": "hello", "speech_units": [1], "text_speech_ratio": (0, 2)}, "two positive integers"),
+        ({"text": "hello", "speech_units": [1], "text_speech_ratio": (1.5, 2)}, "two positive integers"),
         ({"text": "hello", "speech_units": [1], "audio": torch.zeros(10)}, "not both"),
         ({"text": "hello <|speech|>", "audio": torch.zeros(10), "sampling_rate": 16000}, "needs an audio codec"),
         ({"text": "hello", "return_offsets_mapping": True}, "does not support"),

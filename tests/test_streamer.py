@@ -14,15 +14,26 @@ from hypothesis import strategies as st
 
 from deeptalk_hf import (
     AudioChunk,
+    DeepTalkProcessor,
     DeepTalkStreamer,
     MimiCodec,
     SnacCodec,
     SpeechChunk,
     SpeechUnitsLogitsProcessor,
     TextDelta,
+    add_speech_tokens,
 )
 
-from .speech_fixtures import HAVE_SNAC, WORDS, needs_snac, tiny_mimi, tiny_model, tiny_processor, tiny_snac
+from .speech_fixtures import (
+    HAVE_SNAC,
+    WORDS,
+    needs_snac,
+    tiny_mimi,
+    tiny_model,
+    tiny_processor,
+    tiny_snac,
+    tiny_tokenizer,
+)
 
 SNAC = SnacCodec(tiny_snac()) if HAVE_SNAC else None
 MIMI = MimiCodec(tiny_mimi(), num_codebooks=4)
@@ -120,6 +131,22 @@ def test_audio_chunks_come_as_soon_as_enough_frames_are_pending(data, chunk_fram
             voiced[event.segment] = voiced.get(event.segment, 0) + event.waveform.shape[0] // samples
     # every whole frame of every segment became audio, once
     assert voiced == {s: len(u) // per_frame for s, u in units.items() if len(u) >= per_frame}
+
+
+def test_streamed_text_is_not_rewritten_by_a_tokenizer_clean_up():
+    """A clean-up (`" ' "` becomes `"'"`) rewrites text already sent, so the streamer decodes without it."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["'"])
+    tokenizer.clean_up_tokenization_spaces = True
+    add_speech_tokens(tokenizer, 4)
+    processor = DeepTalkProcessor(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(["hello", "'", "world"])
+    assert processor.decode(ids).text == "hello'world"  # the clean-up, which would have streamed "hello 'orld"
+    events = stream(DeepTalkStreamer(processor), [ids[0]], ids, [1, 2])
+    expected = processor.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).text
+    assert "".join(e.text for e in events) == expected == "hello ' world"
+    with pytest.raises(ValueError, match="clean_up_tokenization_spaces=True rewrites text already streamed"):
+        DeepTalkStreamer(processor, clean_up_tokenization_spaces=True)
 
 
 def test_streamer_refuses_batches_and_bad_chunking():

@@ -57,10 +57,15 @@ class AudioCodec(Protocol):
     def decode(self, codes: list[torch.LongTensor]) -> torch.Tensor: ...
 
 
+def _cutoff(up: int, down: int, rolloff: float) -> float:
+    """The low-pass cutoff in cycles per input sample: below the lower of the two Nyquist frequencies."""
+    return rolloff * min(1.0, up / down) / 2
+
+
 @lru_cache(maxsize=16)
 def _sinc_kernel(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch.Tensor, int]:
     """One low-pass interpolation kernel per output phase, `[up, 1, taps]`, and the taps' half-width."""
-    cutoff = rolloff * min(1.0, up / down) / 2  # cycles per input sample
+    cutoff = _cutoff(up, down, rolloff)
     width = zeros / (2 * cutoff)  # half-width in input samples: `zeros` zero crossings of the sinc
     half = math.ceil(width)
     offsets = torch.arange(-half, half + down, dtype=torch.float64)  # input offsets from frame start m * down
@@ -69,6 +74,19 @@ def _sinc_kernel(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch.
     window = torch.cos(torch.pi * t.clamp(-width, width) / (2 * width)) ** 2
     kernel = 2 * cutoff * torch.sinc(2 * cutoff * t) * window
     return kernel[:, None, :], half
+
+
+def _integer_tensor(values: object, name: str) -> torch.Tensor:
+    """`values` as a long tensor: a float or boolean code is corrupt, so it is refused rather than truncated."""
+    tensor = torch.as_tensor(values)
+    if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+        raise ValueError(f"{name} must be integers, got {tensor.dtype}")
+    return tensor.long()
+
+
+# Largest polyphase kernel `resample` builds (float64 elements, 32 MiB): rates whose ratio only reduces to large
+# coprime numbers (4001 -> 4800 Hz) would need gigabytes.
+_MAX_KERNEL_ELEMENTS = 1 << 22
 
 
 def _is_hertz(rate: object) -> bool:
@@ -91,10 +109,18 @@ def resample(
     if not isinstance(waveform, torch.Tensor) or not waveform.is_floating_point():
         kind = waveform.dtype if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise ValueError(f"resample takes a floating-point torch tensor, got {kind}")
+    if waveform.dim() == 0 or waveform.shape[-1] == 0:
+        raise ValueError(f"resample takes a waveform [..., samples] with samples, got shape {tuple(waveform.shape)}")
     if orig_sampling_rate == new_sampling_rate:
         return waveform
     common = math.gcd(orig_sampling_rate, new_sampling_rate)
     up, down = new_sampling_rate // common, orig_sampling_rate // common
+    taps = 2 * math.ceil(zeros / (2 * _cutoff(up, down, rolloff))) + down  # `_sinc_kernel`'s width
+    if up * taps > _MAX_KERNEL_ELEMENTS:
+        raise ValueError(
+            f"resampling {orig_sampling_rate} -> {new_sampling_rate} Hz reduces to {up}/{down} and needs a "
+            f"{up} x {taps} kernel; resample through a rate sharing a larger factor with both (e.g. a multiple of 100)"
+        )
     kernel, half = _sinc_kernel(up, down, zeros, rolloff)
     shape, length = waveform.shape[:-1], waveform.shape[-1]
     frames = math.ceil(length / down)
@@ -195,6 +221,7 @@ class FlatUnitCodec:
             raise ValueError(f"expected codes for {self.num_codebooks} codebook levels, got {len(codes)}")
         frames = codes[0].numel() // self._codes_per_frame[0]
         for level, (level_codes, per_frame) in enumerate(zip(codes, self._codes_per_frame, strict=True)):
+            _integer_tensor(level_codes, f"level {level}'s codes")
             if level_codes.dim() != 1 or level_codes.numel() != frames * per_frame:
                 raise ValueError(
                     f"level {level} has codes of shape {tuple(level_codes.shape)}; expected [{frames * per_frame}] "
@@ -218,7 +245,7 @@ class FlatUnitCodec:
 
     def from_units(self, units: torch.LongTensor | list[int]) -> list[torch.LongTensor]:
         """Codes per level from a unit stream of whole frames; a `ValueError` names the first misplaced unit."""
-        units = torch.as_tensor(units, dtype=torch.long).reshape(-1)
+        units = _integer_tensor(units, "units").reshape(-1)
         if units.numel() % self.units_per_frame:
             raise ValueError(f"{units.numel()} units are not whole frames of {self.units_per_frame} units")
         levels = units.div(self.codebook_size, rounding_mode="floor")
@@ -243,7 +270,7 @@ class FlatUnitCodec:
 
     def from_streams(self, streams: torch.LongTensor) -> list[torch.LongTensor]:
         """Codes per level from parallel audio streams `[units_per_frame, frames]` (inverse of `to_streams`)."""
-        streams = torch.as_tensor(streams, dtype=torch.long).cpu()
+        streams = _integer_tensor(streams, "streams").cpu()
         if streams.dim() != 2 or streams.shape[0] != self.units_per_frame:
             raise ValueError(f"streams must have shape [{self.units_per_frame}, frames], got {tuple(streams.shape)}")
         if streams.numel() and not 0 <= int(streams.min()) <= int(streams.max()) < self.codebook_size:

@@ -8,9 +8,11 @@ segment, `<|begin_of_speech|> units <|end_of_speech|>`.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from queue import Queue
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +145,12 @@ def add_speech_tokens(
         start = text_vocab_size
     names = [TEXT_PAD_TOKEN.format(i) for i in range(len(tokenizer), start)]
     names += [SPEECH_UNIT_TOKEN.format(i) for i in range(num_units)] + list(SPEECH_MARKERS)
+    taken = sorted(set(names) & set(tokenizer.get_vocab()))
+    if taken:  # checked first: the tokenizer is left as it was
+        raise ValueError(
+            f"the tokenizer already has {len(taken)} of the speech block's tokens ({', '.join(taken[:3])}) without a "
+            "whole speech block at its end; start from a tokenizer without them"
+        )
     tokenizer.add_tokens([AddedToken(name, special=True, normalized=False) for name in names], special_tokens=True)
     block = range(start, start + num_units + len(SPEECH_MARKERS))
     if _speech_block(tokenizer) != block:
@@ -211,6 +219,8 @@ class _SpeechSplitter:
 
     def push(self, token_id: int) -> str:
         """Consume one id; returns its kind: `"text"`, `"unit"`, `"begin"`, `"end"` or `"pad"`."""
+        if token_id < 0:
+            raise ValueError(f"id {token_id} is negative (labels' -100 padding is not an id: drop it before decoding)")
         offset = token_id - self.start
         if offset < 0:
             self.text_ids.append(token_id)
@@ -236,6 +246,13 @@ class _SpeechSplitter:
         )
 
 
+def _surrounding(ids: list[int], own: list[int]) -> tuple[int, int] | None:
+    """How many ids come before and after `own` (non-empty) inside `ids`; `None` if it is not there."""
+    extra = len(ids) - len(own)
+    before = next((start for start in range(extra + 1) if ids[start : start + len(own)] == own), None)
+    return None if before is None else (before, extra - before)
+
+
 def _frame_groups(streams: list[torch.LongTensor]) -> torch.LongTensor:
     """Per-stream codes cut to whole frames, `[S, frames]`: a frame is complete once every stream has its code."""
     frames = min(len(codes) for codes in streams)
@@ -251,13 +268,16 @@ def _pad_like(rows: list[list[int]], padded_ids: list[list[int]], side: str) -> 
     return result
 
 
+def _has_integer_dtype(value: torch.Tensor | np.ndarray) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return np.issubdtype(value.dtype, np.integer)
+
+
 def _is_unit_segment(value: Any) -> bool:
     """A non-empty 1-D sequence of integers (list, tuple, tensor or array)."""
-    if isinstance(value, torch.Tensor):
-        integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
-        return value.ndim == 1 and value.numel() > 0 and integer
-    if isinstance(value, np.ndarray):
-        return value.ndim == 1 and value.size > 0 and np.issubdtype(value.dtype, np.integer)
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.ndim == 1 and len(value) > 0 and _has_integer_dtype(value)
     return (
         isinstance(value, (list, tuple))
         and len(value) > 0
@@ -369,9 +389,9 @@ class DeepTalkProcessor(ProcessorMixin):
     def _check_policy(interleave: str, ratio: Sequence[int]) -> str:
         if interleave not in INTERLEAVE_POLICIES:
             raise ValueError(f"interleave={interleave!r} is unknown; expected one of {INTERLEAVE_POLICIES}")
-        if len(ratio) != 2 or min(ratio) < 1:
+        if len(ratio) != 2 or not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in ratio):
             raise ValueError(
-                f"text_speech_ratio={tuple(ratio)} must be two positive counts (text tokens, speech units)"
+                f"text_speech_ratio={tuple(ratio)} must be two positive integers (text tokens, speech units)"
             )
         return interleave
 
@@ -509,6 +529,8 @@ class DeepTalkProcessor(ProcessorMixin):
             rows, modality_rows = expanded["input_ids"], expanded["modality_ids"]
 
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
+        if truncation is None and max_length is not None and text_kwargs.get("padding", False) is False:
+            truncation = True  # as the tokenizer: `max_length` alone truncates
         if truncation not in (None, False, "do_not_truncate"):
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             kept = [
@@ -621,19 +643,23 @@ class DeepTalkProcessor(ProcessorMixin):
         extra = len(ids) - len(own)
         if extra <= 0:
             return 0, 0
-        if not own:  # nothing to find them around: a leading BOS is the prefix
+        if not own:  # nothing to find them around: split them as the tokenizer does around a text
+            probe, probe_own = (self.tokenizer("a", add_special_tokens=add)["input_ids"] for add in (True, False))
+            split = _surrounding(probe, probe_own) if probe_own else None
+            if split is not None and sum(split) == extra:
+                return split
             before = int(ids[0] == self.tokenizer.bos_token_id)
             return before, extra - before
-        before = next((start for start in range(extra + 1) if ids[start : start + len(own)] == own), None)
-        return (0, 0) if before is None else (before, extra - before)
+        return _surrounding(ids, own) or (0, 0)
 
     def interleave_ids(
         self, text_ids: list[int], units: list[int], interleave: str | None = None, ratio: Sequence[int] | None = None
     ) -> list[int]:
         """Lay out a transcript's ids and its speech units (unit indices) by an interleaving policy."""
         interleave = interleave or self.interleave
-        n_text, n_speech = ratio or self.text_speech_ratio
-        speech = [self.speech_token_start + unit for unit in units]
+        n_text, n_speech = ratio = tuple(ratio or self.text_speech_ratio)
+        self._check_policy(interleave, ratio)
+        speech = [self.speech_token_start + unit for unit in self._checked_units(units, "")]
         begin, end = [self.begin_of_speech_id], [self.end_of_speech_id]
         if interleave == "speech_only":
             return begin + speech + end
@@ -650,6 +676,8 @@ class DeepTalkProcessor(ProcessorMixin):
     def decode(self, token_ids: Any, **kwargs: Any) -> SpeechTextOutput:
         """Text (through the tokenizer's `decode`, with `kwargs`) and the speech segments' units of one sequence."""
         if isinstance(token_ids, (torch.Tensor, np.ndarray)):
+            if token_ids.reshape(-1).shape[0] and not _has_integer_dtype(token_ids):  # an empty row may be float
+                raise ValueError(f"decode takes integer ids, got a {type(token_ids).__name__} of {token_ids.dtype}")
             token_ids = token_ids.tolist()
         if token_ids and isinstance(token_ids[0], (list, tuple)):  # `generate`'s `[1, length]` output
             if len(token_ids) != 1:
@@ -657,7 +685,7 @@ class DeepTalkProcessor(ProcessorMixin):
             token_ids = token_ids[0]
         splitter = _SpeechSplitter(self.speech_token_start, self.num_speech_units)
         for token in token_ids:
-            splitter.push(int(token))
+            splitter.push(operator.index(token))  # a float id is corrupt, not an id to round
         return SpeechTextOutput(self.tokenizer.decode(splitter.text_ids, **kwargs), splitter.segments)
 
     def batch_decode(self, sequences: Any, **kwargs: Any) -> list[SpeechTextOutput]:
@@ -878,7 +906,7 @@ class DeepTalkStreamer(BaseStreamer):
     Iterate over it while `generate` runs in another thread (as with `TextIteratorStreamer`), or after it returns.
     Per segment, the speech chunks concatenate to `processor.decode(...).speech_units`; the text deltas concatenate to
     its text under the same `decode_kwargs` (by default `skip_special_tokens=True`, as `TextIteratorStreamer`'s users
-    usually pass). An audio chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of
+    usually pass) and `clean_up_tokenization_spaces=False` (a clean-up would rewrite text already sent). An audio chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of
     a segment), from those frames plus up to `context_frames` earlier ones whose samples are dropped, which smooths
     chunk boundaries for codecs that look backwards.
     """
@@ -898,10 +926,15 @@ class DeepTalkStreamer(BaseStreamer):
             raise ValueError(
                 f"audio_chunk_frames={audio_chunk_frames} must be >= 1, context_frames={context_frames} >= 0"
             )
+        if decode_kwargs.get("clean_up_tokenization_spaces"):
+            raise ValueError(
+                "clean_up_tokenization_spaces=True rewrites text already streamed (' ,' becomes ','): the streamer "
+                "decodes without it"
+            )
         self.processor, self.codec = processor, codec
         self.skip_prompt, self.timeout = skip_prompt, timeout
         self.audio_chunk_frames, self.context_frames = audio_chunk_frames, context_frames
-        self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
+        self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs, "clean_up_tokenization_spaces": False}
         self.queue: Queue = Queue()
         self._reset()
 

@@ -11,7 +11,7 @@ import copy
 import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -115,32 +115,50 @@ class ModalitySplit:
         return (~self.is_speech).nonzero().squeeze(-1)
 
 
+@dataclass(frozen=True)
+class RoutingSettings:
+    """The config's top-k routing fields, read once per MoE block: a config attribute read costs ~1 us
+    (`PreTrainedConfig.__getattribute__`) and `topk_routing` runs per layer and decoding step. The fields keep the
+    config's names, so a config can be passed where these are taken."""
+
+    num_experts_per_tok: int
+    scoring_func: str
+    topk_method: str
+    n_group: int | None
+    topk_group: int | None
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+
+    @classmethod
+    def from_config(cls, config: DeepTalkConfig) -> "RoutingSettings":
+        return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
+
+
 def topk_routing(
     logits: torch.Tensor,
-    config: DeepTalkConfig,
+    settings: RoutingSettings,
     bias: torch.Tensor | None = None,
     group_limited: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores one expert group and picks a tie-stable top-k (the lowest index wins among equal scores).
 
-    Scoring is softmax or sigmoid (`config.scoring_func`); DeepSeek-V3's score-correction `bias` shifts the choice but
-    not the weights; with `group_limited` (a router that sees all of a layer's experts) DeepSeek's group-limited top-k
-    keeps the `topk_group` best of `n_group` groups first. A group smaller than top-k uses all its experts: the spare
-    slots carry the sentinel index `E` (the group size) with weight 0, which every experts backend skips.
+    Scoring is softmax or sigmoid (`settings.scoring_func`); DeepSeek-V3's score-correction `bias` shifts the choice
+    but not the weights; with `group_limited` (a router that sees all of a layer's experts) DeepSeek's group-limited
+    top-k keeps the `topk_group` best of `n_group` groups first. A group smaller than top-k uses all its experts: the
+    spare slots carry the sentinel index `E` (the group size) with weight 0, which every experts backend skips.
     Returns `(probs, weights, indices)`, `probs` being the scores normalised per token (for balancing losses).
     """
     num_experts = logits.shape[-1]
-    # Each config attribute read costs ~1 us (PreTrainedConfig.__getattribute__); this runs per layer and step.
-    top_k, softmax, method = config.num_experts_per_tok, config.scoring_func == "softmax", config.topk_method
+    top_k, softmax, method = settings.num_experts_per_tok, settings.scoring_func == "softmax", settings.topk_method
     scores = F.softmax(logits, dim=-1, dtype=torch.float) if softmax else logits.float().sigmoid()
     choice = scores if bias is None else scores + bias
     if group_limited and method != "greedy":
-        grouped = choice.unflatten(-1, (config.n_group, -1))
+        grouped = choice.unflatten(-1, (settings.n_group, -1))
         if method == "group_limited_greedy":  # DeepSeek-V2: a group's best expert
             group_scores = grouped.amax(dim=-1)
         else:  # DeepSeek-V3: the sum of a group's two best experts
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-        kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[..., : config.topk_group]
+        kept = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[..., : settings.topk_group]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
         choice = choice.masked_fill(~group_mask.repeat_interleave(grouped.shape[-1], dim=-1), float("-inf"))
     k = min(top_k, num_experts)
@@ -148,11 +166,13 @@ def topk_routing(
     indices = indices[..., :k]
     # Without a bias or a group mask the sorted values are the scores themselves: no gather needed.
     weights = ranked[..., :k] if choice is scores else scores.gather(-1, indices)
-    if config.norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    scaling = config.routed_scaling_factor
-    if scaling != 1.0:
-        weights = weights * scaling
+    if settings.norm_topk_prob:
+        # The epsilon guards a sum of ~0: softmax's top-k are the largest scores (sum >= 1/E), so only sigmoid
+        # scores or a biased/group-masked choice need it (adding it would not change a softmax sum's bits either).
+        total = weights.sum(dim=-1, keepdim=True)
+        weights = weights / (total if softmax and choice is scores else total + 1e-20)
+    if settings.routed_scaling_factor != 1.0:
+        weights = weights * settings.routed_scaling_factor
     if k < top_k:
         weights = F.pad(weights, (0, top_k - k), value=0.0)
         indices = F.pad(indices, (0, top_k - k), value=num_experts)
@@ -390,6 +410,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.num_text_experts, self.num_speech_experts = config.layer_experts(layer_idx)
+        self.routing = RoutingSettings.from_config(config)
         self.gate = DeepTalkTopKRouter(config, self.num_text_experts)
         self.experts = DeepTalkExperts(config, self.num_text_experts)
         if self.num_speech_experts:
@@ -403,7 +424,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
     def _route(
         self, logits: torch.Tensor, router: nn.Module, group_limited: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        _, weights, indices = topk_routing(logits, self.config, correction_bias(router), group_limited)
+        _, weights, indices = topk_routing(logits, self.routing, correction_bias(router), group_limited)
         return weights, indices
 
     def _hard(
@@ -467,7 +488,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         if position is not None:
             router_logits = router_logits[:, position]
             bias = bias[position] if bias is not None else None
-        return topk_routing(router_logits, self.config, bias, group_limited=True)
+        return topk_routing(router_logits, self.routing, bias, group_limited=True)
 
     def _joint(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """Routing `"none"`: one top-k over all experts in source order, then each group gets its slots."""

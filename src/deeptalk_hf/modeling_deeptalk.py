@@ -693,9 +693,12 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def embed(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.LongTensor, split: ModalitySplit | None = None) -> torch.Tensor:
         """Text ids read `embed_tokens`, speech ids `speech_embed_tokens` (rows chosen by id); parallel streams
-        `[batch, 1 + S, seq]` add one `speech_stream_embed` row per non-pad audio code to the text stream's one."""
+        `[batch, 1 + S, seq]` add one `speech_stream_embed` row per non-pad audio code to the text stream's one.
+
+        `split`: the ids' own modality split (2D ids), where hard routing finds its rows anyway: a batch of one
+        modality (e.g. a decoding step) then reads its one table: one lookup, not two lookups and their merge."""
         if input_ids.dim() == 3:
             config = self.config
             if not config.num_audio_streams:
@@ -720,13 +723,38 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             # Pad adds nothing, so a text position (all audio streams pad) is exactly the single-stream model's.
             audio = audio.masked_fill((audio_ids == config.audio_pad_token_id).unsqueeze(-1), 0.0).sum(dim=1)
             return self.embed(input_ids[:, 0]) + audio
-        start = self.config.speech_token_start
-        if not self.config.speech_vocab_size:
+        config = self.config
+        if not config.speech_vocab_size:
             return self.embed_tokens(input_ids)
+        start = config.speech_token_start
+        if split is not None:
+            num_speech = split.speech_rows.numel()
+            if num_speech == 0:
+                return self.embed_tokens(input_ids)
+            if num_speech == input_ids.numel():
+                return self.speech_embed_tokens(input_ids - start)
         is_speech = input_ids >= start
         text = self.embed_tokens(input_ids.masked_fill(is_speech, 0))
         speech = self.speech_embed_tokens((input_ids - start).clamp(min=0))
         return torch.where(is_speech.unsqueeze(-1), speech, text)
+
+    def _ids_split(
+        self, input_ids: torch.LongTensor, modality_ids: torch.Tensor | None, routing: str
+    ) -> ModalitySplit | None:
+        """The routing split of 2D ids that decide their own modality, for `embed` to share, where hard routing finds
+        its rows (a host sync) anyway: a layer has speech experts and the graph is not being compiled. Not under
+        autograd, where the table a batch does not read must still get its (zero) gradient."""
+        counts = self.config.num_speech_experts
+        if (
+            modality_ids is not None
+            or input_ids.dim() != 2
+            or routing != "hard"
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or not any(counts if isinstance(counts, list) else [counts])
+        ):
+            return None
+        return ModalitySplit(speech_positions(self.config, input_ids, None, input_ids.shape, input_ids.device))
 
     @merge_with_config_defaults
     @capture_outputs
@@ -749,46 +777,53 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        check_modality_routing(self.config.modality_routing)  # it may be switched on a built model
+        config = self.config  # each attribute read costs ~1 us: read each once per forward
+        routing = config.modality_routing
+        check_modality_routing(routing)  # it may be switched on a built model
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = DynamicCache(config=config)
+        modality_split = None
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids)
-        is_speech = speech_positions(
-            self.config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device
-        )
+            modality_split = self._ids_split(input_ids, modality_ids, routing)
+            inputs_embeds = self.embed(input_ids, modality_split)
+        if modality_split is None:
+            modality_split = ModalitySplit(
+                speech_positions(config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device)
+            )
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
+        layer_types = config.layer_types
         if not isinstance(causal_mask_mapping := attention_mask, dict):
             mask_kwargs = {
-                "config": self.config,
+                "config": config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
                 "cache": cache,
                 "position_ids": position_ids,
             }
             causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
-            if "sliding_attention" in self.config.layer_types:
+            if "sliding_attention" in layer_types:
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         # One host sync per forward, not one per projection: the speech attention indexes with it.
-        speech_index = is_speech.nonzero(as_tuple=True) if self.config.speech_attention else None
-        modality_split = ModalitySplit(is_speech)
+        speech_index = (
+            modality_split.is_speech.view(inputs_embeds.shape[:2]).nonzero(as_tuple=True)
+            if config.speech_attention
+            else None
+        )
         # As `capture_outputs` decides: unrecorded router logits let a one-modality batch skip the other router.
         output_router_logits = (
-            kwargs.pop("output_router_logits")
-            if "output_router_logits" in kwargs
-            else self.config.output_router_logits
+            kwargs.pop("output_router_logits") if "output_router_logits" in kwargs else config.output_router_logits
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
+        for layer_idx, decoder_layer in enumerate(self.layers[: config.num_hidden_layers]):
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=causal_mask_mapping[self.config.layer_types[layer_idx]],
+                attention_mask=causal_mask_mapping[layer_types[layer_idx]],
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=use_cache,

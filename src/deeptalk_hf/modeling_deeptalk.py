@@ -1054,8 +1054,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             0 for text and 1 for speech positions (routing only); defaults to what the ids say.
         """
         config = self.config
-        streams = config.num_audio_streams + 1
-        flattened = config.num_audio_streams > 0 and input_ids is not None and input_ids.dim() == 2
+        num_audio_streams = config.num_audio_streams  # each config read costs ~1 us: once per forward
+        streams = num_audio_streams + 1
+        flattened = num_audio_streams > 0 and input_ids is not None and input_ids.dim() == 2
         if flattened:  # generation's layout: one row per stream
             input_ids = input_ids.reshape(-1, streams, input_ids.shape[-1])
             attention_mask = attention_mask[::streams] if attention_mask is not None else None
@@ -1079,7 +1080,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.compute_logits(hidden_states)
-        audio_logits = self.audio_stream_logits(hidden_states) if config.num_audio_streams else None
+        audio_logits = self.audio_stream_logits(hidden_states) if num_audio_streams else None
 
         loss = None
         if labels is not None:
@@ -1143,10 +1144,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             return model_inputs
         cache = model_inputs.get("cache")
         past = cache.get_seq_length() if cache is not None else 0
-        step_modality = (step_ids >= self.config.speech_token_start).to(modality_ids.dtype)
         covered = min(modality_ids.shape[1] - past, step_ids.shape[1])
-        if covered > 0:
-            step_modality[:, :covered] = modality_ids[:, past : past + covered]
+        if covered <= 0:  # past the prompt's modality ids, the model reads the same modality from the ids themselves
+            return model_inputs
+        step_modality = (step_ids >= self.config.speech_token_start).to(modality_ids.dtype)
+        step_modality[:, :covered] = modality_ids[:, past : past + covered]
         model_inputs["modality_ids"] = step_modality
         return model_inputs
 

@@ -185,6 +185,20 @@ def test_hard_routing_isolates_modalities(experts, top_k, seq_len, seed):
     assert not torch.equal(before[:, seq_len:], after[:, seq_len:])
 
 
+@pytest.mark.parametrize("routing", ["hard", "none"])
+def test_one_modality_batches_give_the_same_logits_in_inference_and_under_autograd(routing):
+    """Without autograd a one-modality batch (a decoding step) reads one embedding table and one router: the same
+    bits as the general path (both tables, both routers) that training takes."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3, modality_routing=routing)).eval()
+    start = model.config.speech_token_start
+    for ids in (torch.randint(3, start, (2, 5)), torch.randint(start, model.config.vocab_size, (2, 5))):
+        with torch.no_grad():
+            fast = model(ids).logits
+        assert torch.equal(fast, model(ids).logits.detach())
+        assert torch.equal(fast, model(ids, output_router_logits=True).logits.detach())
+
+
 def test_a_routing_mode_switched_to_an_unknown_value_is_refused():
     model = DeepTalkForCausalLM(tiny_config())
     model.config.modality_routing = "off"

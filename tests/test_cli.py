@@ -300,6 +300,12 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert "[0, 80)" in capsys.readouterr().err
     bad.write_text('{"input_ids": [1, 2], "modality_ids": [1]}\n')
     assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
+    bad.write_bytes(b'{"input_ids": [1, 2]}\n{"input_ids": [1, 2], "note": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
+    assert "bad.jsonl:2: not UTF-8 text" in capsys.readouterr().err
+    bad.write_bytes(b'\xef\xbb\xbf{"input_ids": [1, 2, 70]}\n')  # a BOM opens some editors' UTF-8 files
+    assert profile_main([model, str(bad), "--quiet"]) == EXIT_OK
+    capsys.readouterr()
     assert profile_main([model, str(tmp_path / "none.jsonl"), "--quiet"]) == EXIT_SOURCE
     llama = tmp_path / "llama"
     dense_model("llama").save_pretrained(llama)

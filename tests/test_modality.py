@@ -1,8 +1,11 @@
 """Modality-load profiling, expert assignment (a pure permutation) and training stages (exact freezing)."""
 
 import copy
+import json
+import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import Phase, given, settings
@@ -137,6 +140,33 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
         ModalityLoad([0], 1, [[1, 2]], [[-1, 2]], [[0.5, 0.5]], [[1.0, 0.0]])
     with pytest.raises(ValueError, match="wrap a single batch in a list"):
         profile_modality_load(model, mixed_batch(0))
+    # A corrupt or foreign file is refused by name, never read approximately (a fractional count truncated).
+    saved = load.to_dict()
+    for change, message in [
+        ({"speech_counts": [[1.7] * 6, [1] * 6]}, "speech_counts must hold whole assignment counts"),
+        ({"version": 99}, "version 1"),
+        ({"top_k": 0}, "top_k=0 must be an integer >= 1"),
+        ({"speech_tokens": -5}, "speech_tokens=-5 must be an integer >= 0"),
+        ({"extra": 1}, "unknown fields extra"),
+    ]:
+        (tmp_path / "bad.json").write_text(json.dumps(saved | change))
+        with pytest.raises(ValueError, match=re.escape(message)):
+            ModalityLoad.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "text_mass"}))
+    with pytest.raises(ValueError, match=re.escape("bad.json is not a modality load: missing fields text_mass")):
+        ModalityLoad.load(tmp_path / "bad.json")
+
+
+def test_profiling_refuses_malformed_batches_by_number(model):
+    good = mixed_batch(0)
+    for batch, message in [
+        ({"input_ids": torch.full((2, 3), TEXT_VOCAB + SPEECH_VOCAB)}, "input_ids has ids outside [0, 80)"),
+        ({"input_ids": torch.full((2, 3), -1)}, "input_ids has ids outside [0, 80)"),
+        ({"input_ids": []}, "input_ids must be non-empty integer ids"),
+        (dict(good, attention_mask=good["attention_mask"][:, 1:]), "attention_mask (3, 11) do not match input_ids"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(f"batch 1: {message}")):
+            profile_modality_load(model, [good, batch])
 
 
 def test_plot_needs_the_plot_extra(model, tmp_path, monkeypatch):
@@ -215,6 +245,13 @@ def test_assignment_errors(model):
         assign_modality_experts(model, text_only, num_speech_experts=1)
     with pytest.raises(ValueError, match="adaptive"):
         assign_modality_experts(model, load, strategy="adaptive", num_speech_experts=1)
+    for count in (1.5, [1.0, 1], True):
+        with pytest.raises(ValueError, match="whole expert counts"):
+            assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=count)
+    # Integers of any kind (numpy, 0-d tensors) are counts.
+    expected = assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=2)
+    for count in (np.int64(2), torch.tensor(2), [np.int64(2), torch.tensor(2).item()]):
+        assert assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=count) == expected
 
 
 def test_a_model_without_speech_experts_needs_a_count(tmp_path_factory):

@@ -283,8 +283,12 @@ def read_jsonl_batches(
         return {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids}
 
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:  # decoded line by line, so bad bytes are reported with their line
+        for number, raw in enumerate(file, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from error
             if not line.strip():
                 continue
             try:
@@ -437,7 +441,7 @@ def profile_main(argv: list[str] | None = None) -> int:
                 speech_attention_layers(model)
             except ValueError as error:
                 raise CheckpointError(f"{args.model}: --speech-attention: {error}") from error
-        with open(args.data, encoding="utf-8") as file:
+        with open(args.data, "rb") as file:  # for the progress bar only: the reader checks the text
             total = sum(1 for line in file if line.strip())
         batches = read_jsonl_batches(
             args.data,

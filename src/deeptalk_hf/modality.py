@@ -13,8 +13,9 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from fnmatch import fnmatchcase
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -59,10 +60,22 @@ class ModalityLoad:
     text_tokens: int = 0
 
     def __post_init__(self):
+        whole = {"top_k": 1, "speech_tokens": 0, "text_tokens": 0}
+        for name, least in whole.items():
+            value = getattr(self, name)
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < least:
+                raise ValueError(f"ModalityLoad.{name}={value!r} must be an integer >= {least}")
+        if not all(isinstance(layer, Integral) and not isinstance(layer, bool) for layer in self.layers):
+            raise ValueError(f"ModalityLoad.layers={self.layers!r} must be decoder-layer indices")
         sizes = None
         for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
+            values = [torch.as_tensor(v).cpu().reshape(-1) for v in getattr(self, name)]
+            if name.endswith("counts") and any(
+                v.numel() and (v.is_floating_point() or v.is_complex()) for v in values
+            ):
+                raise ValueError(f"ModalityLoad.{name} must hold whole assignment counts, not fractions")
             dtype = torch.int64 if name.endswith("counts") else torch.float64
-            values = [torch.as_tensor(v, dtype=dtype).cpu().reshape(-1) for v in getattr(self, name)]
+            values = [v.to(dtype) for v in values]
             sizes = sizes or [v.numel() for v in values]
             if len(values) != len(self.layers) or [v.numel() for v in values] != sizes:
                 raise ValueError(
@@ -121,8 +134,21 @@ class ModalityLoad:
             raise ValueError(
                 f"{path} is not a DeepTalk modality load (expected a JSON object with format {_LOAD_FORMAT!r})"
             )
-        data.pop("version", None)
-        return cls(**data)
+        if data.pop("version", None) != 1:
+            raise ValueError(f"{path}: this library reads modality-load version 1 files")
+        missing = sorted({field.name for field in fields(cls) if field.default is MISSING} - set(data))
+        unknown = sorted(set(data) - {field.name for field in fields(cls)})
+        if missing or unknown:
+            problems = [
+                f"{kind} fields {', '.join(names)}"
+                for kind, names in (("missing", missing), ("unknown", unknown))
+                if names
+            ]
+            raise ValueError(f"{path} is not a modality load: {'; '.join(problems)}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error
 
     def plot(self, path: str | os.PathLike) -> None:
         """Heatmaps (layers × experts) of ρA, ρT and ρA·(1−ρT) into an image file (needs the `plot` extra)."""
@@ -173,14 +199,16 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     config.modality_routing = "none"
     model.eval()
     try:
-        for batch in batches:
+        for number, batch in enumerate(batches):
             input_ids = torch.as_tensor(batch["input_ids"], device=model.device)
             input_ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
             extra = {
-                key: torch.as_tensor(batch[key], device=model.device).reshape(input_ids.shape)
+                key: torch.as_tensor(batch[key], device=model.device)
                 for key in ("attention_mask", "modality_ids")
                 if batch.get(key) is not None
             }
+            _check_profile_batch(number, input_ids, extra, config.vocab_size)
+            extra = {key: value.reshape(input_ids.shape) for key, value in extra.items()}
             outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False, **extra)
             is_speech = speech_positions(
                 config, input_ids, extra.get("modality_ids"), input_ids.shape, model.device
@@ -210,6 +238,21 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
         speech_tokens=tokens["speech"],
         text_tokens=tokens["text"],
     )
+
+
+def _check_profile_batch(number: int, input_ids: torch.Tensor, extra: dict, vocab_size: int) -> None:
+    """A malformed batch fails here, by name, not deep inside the model (or as a device assert on a GPU)."""
+    problem = None
+    if input_ids.dim() != 2 or not input_ids.numel() or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        problem = f"input_ids must be non-empty integer ids [batch, seq] or [seq], got {input_ids.dtype} {tuple(input_ids.shape)}"
+    elif not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+        problem = f"input_ids has ids outside [0, {vocab_size})"
+    else:
+        wrong = [f"{key} {tuple(value.shape)}" for key, value in extra.items() if value.numel() != input_ids.numel()]
+        if wrong:
+            problem = f"{', '.join(wrong)} do not match input_ids {tuple(input_ids.shape)}"
+    if problem:
+        raise ValueError(f"batch {number}: {problem}")
 
 
 def _choose_speech_experts(
@@ -295,7 +338,13 @@ def speech_expert_counts(config: DeepTalkConfig, num_speech_experts: int | Seque
                 "the model has no speech experts yet, so the default num_speech_experts (its current counts) would "
                 "move none: pass num_speech_experts"
             )
-    counts = [num_speech_experts] * len(layers) if isinstance(num_speech_experts, int) else list(num_speech_experts)
+    if isinstance(num_speech_experts, torch.Tensor):  # a 0-d or 1-d tensor of counts
+        num_speech_experts = num_speech_experts.tolist()
+    single = isinstance(num_speech_experts, (Integral, float))
+    counts = [num_speech_experts] * len(layers) if single else list(num_speech_experts)
+    if not all(isinstance(c, Integral) and not isinstance(c, bool) for c in counts):
+        raise ValueError(f"num_speech_experts={num_speech_experts} must be whole expert counts")
+    counts = [int(c) for c in counts]
     if len(counts) != len(layers) or any(not 0 <= c < n for c, n in zip(counts, sizes, strict=False)):
         raise ValueError(
             f"num_speech_experts={num_speech_experts} must give, for each of the {len(layers)} MoE layers, a count "

@@ -1,5 +1,7 @@
 """DeepTalk configuration: a Qwen3-MoE-style config with modality experts and a speech vocabulary block."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
@@ -188,7 +190,7 @@ class DeepTalkConfig(PreTrainedConfig):
         kwargs.pop("model_type", None)
         if self.kv_lora_rank is not None:  # MLA: RoPE covers the rope part of each head (as in DeepSeek's configs)
             self.head_dim = self.qk_rope_head_dim
-        elif self.head_dim is None:
+        elif self.head_dim is None and self.num_attention_heads > 0:  # 0 heads: refused by `validate_deeptalk`
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_audio_streams:
             codes = self.audio_codebook_size
@@ -247,13 +249,24 @@ class DeepTalkConfig(PreTrainedConfig):
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")
         if self.qk_norm_type not in QK_NORM_TYPES:
             raise ValueError(f"qk_norm_type={self.qk_norm_type!r} is unknown; expected one of {QK_NORM_TYPES}")
-        if self.clip_qkv is not None and self.clip_qkv <= 0:
-            raise ValueError(f"clip_qkv={self.clip_qkv} must be positive (or None for no clipping)")
+        if self.clip_qkv is not None and not 0 < self.clip_qkv < math.inf:
+            raise ValueError(f"clip_qkv={self.clip_qkv} must be positive and finite (or None for no clipping)")
+        if not 0 < self.routed_scaling_factor < math.inf:
+            raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be positive and finite")
+        if self.sliding_window is not None and self.sliding_window < 2:
+            raise ValueError(
+                f"sliding_window={self.sliding_window} must be at least 2 (transformers' sliding-window cache gets a "
+                "window of 1 wrong in cached generation)"
+            )
+        if self.shared_expert_gate and not self.shared_expert_intermediate_size:
+            raise ValueError("shared_expert_gate=True needs shared experts (shared_expert_intermediate_size > 0)")
         if self.scoring_func not in SCORING_FUNCTIONS:
             raise ValueError(f"scoring_func={self.scoring_func!r} is unknown; expected one of {SCORING_FUNCTIONS}")
         if self.topk_method not in TOPK_METHODS:
             raise ValueError(f"topk_method={self.topk_method!r} is unknown; expected one of {TOPK_METHODS}")
-        if self.topk_method != "greedy" and not (self.n_group and self.topk_group and self.topk_group <= self.n_group):
+        if self.topk_method != "greedy" and not (
+            self.n_group and self.topk_group and 0 < self.topk_group <= self.n_group
+        ):
             raise ValueError(
                 f"topk_method={self.topk_method!r} needs n_group and topk_group with 0 < topk_group <= n_group, got "
                 f"n_group={self.n_group}, topk_group={self.topk_group}"
@@ -262,6 +275,37 @@ class DeepTalkConfig(PreTrainedConfig):
             raise ValueError(
                 "kv_lora_rank is set (multi-head latent attention) but qk_nope_head_dim, qk_rope_head_dim or "
                 f"v_head_dim is missing: {self.qk_nope_head_dim}, {self.qk_rope_head_dim}, {self.v_head_dim}"
+            )
+        mla = self.kv_lora_rank is not None
+        sizes = {
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "moe_intermediate_size": self.moe_intermediate_size,
+        }
+        if mla:
+            sizes |= {"kv_lora_rank": self.kv_lora_rank, "v_head_dim": self.v_head_dim}
+            sizes |= {
+                "qk_rope_head_dim": self.qk_rope_head_dim,
+                "q_lora_rank": 1 if self.q_lora_rank is None else self.q_lora_rank,
+            }
+        else:
+            sizes["head_dim"] = self.head_dim
+        small = {name: value for name, value in sizes.items() if value is None or value < 1}
+        if small or (mla and self.qk_nope_head_dim < 0):
+            raise ValueError(f"{small or {'qk_nope_head_dim': self.qk_nope_head_dim}} must be positive sizes")
+        rope = "qk_rope_head_dim" if mla else "head_dim"
+        if getattr(self, rope) % 2:
+            raise ValueError(f"{rope}={getattr(self, rope)} must be even: rotary embeddings turn pairs of dimensions")
+        if not mla and self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (each key/value head serves a group of query heads)"
+            )
+        if mla and (self.clip_qkv is not None or self.qkv_bias):
+            raise ValueError(
+                "clip_qkv and qkv_bias apply to standard attention; multi-head latent attention (kv_lora_rank is "
+                "set) would ignore them"
             )
         if self.kv_lora_rank is not None and self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
@@ -316,8 +360,9 @@ class DeepTalkConfig(PreTrainedConfig):
                     f"stream_loss_weights={self.stream_loss_weights} needs {self.num_audio_streams + 1} entries "
                     "(text stream first)"
                 )
-            if min(self.stream_loss_weights) < 0 or not sum(self.stream_loss_weights) > 0:
-                raise ValueError(f"stream_loss_weights={self.stream_loss_weights} must be >= 0 with a positive sum")
+            weights = self.stream_loss_weights
+            if min(weights) < 0 or not 0 < sum(weights) < math.inf:
+                raise ValueError(f"stream_loss_weights={weights} must be finite, >= 0 and with a positive sum")
         if self.shared_expert_intermediate_size < 0:
             raise ValueError(f"shared_expert_intermediate_size={self.shared_expert_intermediate_size} is negative")
         if self.speech_expert_ids is not None:

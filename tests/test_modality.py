@@ -145,6 +145,9 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
     for change, message in [
         ({"speech_counts": [[1.7] * 6, [1] * 6]}, "speech_counts must hold whole assignment counts"),
         ({"version": 99}, "version 1"),
+        ({"version": True}, "version=True"),
+        ({"version": 1.0}, "version=1.0"),
+        ({"text_counts": [[True] * 6, [1] * 6]}, "text_counts must hold whole assignment counts"),
         ({"top_k": 0}, "top_k=0 must be an integer >= 1"),
         ({"speech_tokens": -5}, "speech_tokens=-5 must be an integer >= 0"),
         ({"extra": 1}, "unknown fields extra"),
@@ -155,6 +158,10 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "text_mass"}))
     with pytest.raises(ValueError, match=re.escape("bad.json is not a modality load: missing fields text_mass")):
         ModalityLoad.load(tmp_path / "bad.json")
+    for text in (b"\xff{}", b"{"):  # not UTF-8, not JSON
+        (tmp_path / "bad.json").write_bytes(text)
+        with pytest.raises(ValueError, match="bad.json is not a DeepTalk modality load"):
+            ModalityLoad.load(tmp_path / "bad.json")
 
 
 def test_profiling_refuses_malformed_batches_by_number(model):

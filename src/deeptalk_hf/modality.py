@@ -38,6 +38,7 @@ TRAINING_STAGES = ("align", "speech", "text", "joint")
 ASSIGNMENT_STRATEGIES = ("paper", "adaptive", "random")
 _TEXT_EXPERTS = re.compile(r"\.mlp\.(experts|gate)\.")
 _LOAD_FORMAT = "deeptalk-modality-load"
+_LOAD_VERSION = 1  # what `ModalityLoad.save` writes and `ModalityLoad.load` reads
 
 
 @dataclass
@@ -71,9 +72,11 @@ class ModalityLoad:
         for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
             values = [torch.as_tensor(v).cpu().reshape(-1) for v in getattr(self, name)]
             if name.endswith("counts") and any(
-                v.numel() and (v.is_floating_point() or v.is_complex()) for v in values
+                v.numel() and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool) for v in values
             ):
-                raise ValueError(f"ModalityLoad.{name} must hold whole assignment counts, not fractions")
+                raise ValueError(
+                    f"ModalityLoad.{name} must hold whole assignment counts (integers, not fractions or booleans)"
+                )
             dtype = torch.int64 if name.endswith("counts") else torch.float64
             values = [v.to(dtype) for v in values]
             sizes = sizes or [v.numel() for v in values]
@@ -111,7 +114,7 @@ class ModalityLoad:
         return [a * (1 - t) for a, t in zip(self.rho_speech, self.rho_text, strict=True)]
 
     def to_dict(self) -> dict:
-        data = {"format": _LOAD_FORMAT, "version": 1}
+        data = {"format": _LOAD_FORMAT, "version": _LOAD_VERSION}
         for field in fields(self):
             value = getattr(self, field.name)
             data[field.name] = [v.tolist() for v in value] if field.name.endswith(("counts", "mass")) else value
@@ -128,14 +131,20 @@ class ModalityLoad:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModalityLoad":
-        with open(path, encoding="utf-8") as file:
-            data = json.load(file)
+        try:
+            with open(path, encoding="utf-8") as file:
+                data = json.load(file)
+        except ValueError as error:  # not UTF-8 or not JSON: neither error names the file
+            raise ValueError(f"{path} is not a DeepTalk modality load: {error}") from error
         if not isinstance(data, dict) or data.pop("format", None) != _LOAD_FORMAT:
             raise ValueError(
                 f"{path} is not a DeepTalk modality load (expected a JSON object with format {_LOAD_FORMAT!r})"
             )
-        if data.pop("version", None) != 1:
-            raise ValueError(f"{path}: this library reads modality-load version 1 files")
+        version = data.pop("version", None)
+        if type(version) is not int or version != _LOAD_VERSION:  # `true` and `1.0` equal 1 but were never written
+            raise ValueError(
+                f"{path}: version={version!r}; this library reads modality-load version {_LOAD_VERSION} files"
+            )
         missing = sorted({field.name for field in fields(cls) if field.default is MISSING} - set(data))
         unknown = sorted(set(data) - {field.name for field in fields(cls)})
         if missing or unknown:

@@ -4,6 +4,7 @@ import copy
 import json
 import re
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -158,6 +159,14 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "text_mass"}))
     with pytest.raises(ValueError, match=re.escape("bad.json is not a modality load: missing fields text_mass")):
         ModalityLoad.load(tmp_path / "bad.json")
+    # Integers of any kind are stored as ints, which `save` can write.
+    numpy_load = ModalityLoad(
+        [np.int64(0)], torch.tensor(1), [[1, 0]], [[0, 1]], [[1.0, 0.0]], [[0.0, 1.0]], np.int32(1), 1
+    )
+    numpy_load.save(tmp_path / "numpy.json")
+    assert ModalityLoad.load(tmp_path / "numpy.json").to_dict() == numpy_load.to_dict()
+    with pytest.raises(ValueError, match="layers=5 must be decoder-layer indices"):
+        ModalityLoad(5, 1, [[1, 0]], [[0, 1]], [[1.0, 0.0]], [[0.0, 1.0]])
     for text in (b"\xff{}", b"{"):  # not UTF-8, not JSON
         (tmp_path / "bad.json").write_bytes(text)
         with pytest.raises(ValueError, match="bad.json is not a DeepTalk modality load"):
@@ -252,12 +261,22 @@ def test_assignment_errors(model):
         assign_modality_experts(model, text_only, num_speech_experts=1)
     with pytest.raises(ValueError, match="adaptive"):
         assign_modality_experts(model, load, strategy="adaptive", num_speech_experts=1)
-    for count in (1.5, [1.0, 1], True):
+    for count in (
+        1.5,
+        [1.0, 1],
+        True,
+        np.float32(2.5),
+        Fraction(2),
+        np.bool_(True),
+        torch.tensor(2.0),
+        [2, True],
+        "2",
+    ):
         with pytest.raises(ValueError, match="whole expert counts"):
             assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=count)
-    # Integers of any kind (numpy, 0-d tensors) are counts.
+    # Integers of any kind (numpy, 0-d tensors and arrays), alone or one per layer, are counts.
     expected = assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=2)
-    for count in (np.int64(2), torch.tensor(2), [np.int64(2), torch.tensor(2).item()]):
+    for count in (np.int64(2), torch.tensor(2), np.array(2), [np.int32(2), torch.tensor(2)], torch.tensor([2, 2])):
         assert assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=count) == expected
 
 

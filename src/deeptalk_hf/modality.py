@@ -10,12 +10,13 @@
 """
 
 import json
+import operator
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, fields
 from fnmatch import fnmatchcase
-from numbers import Integral
+from numbers import Number
 from pathlib import Path
 
 import torch
@@ -41,6 +42,14 @@ _LOAD_FORMAT = "deeptalk-modality-load"
 _LOAD_VERSION = 1  # what `ModalityLoad.save` writes and `ModalityLoad.load` reads
 
 
+def _integer(value: object) -> int:
+    """`value` as an int when it is an integral number of any kind (Python, NumPy, a 0-d tensor or array), else a
+    TypeError: a count of 2.0 or 2.5 is a mistake, not a count to round; bools are flags, as transformers has them."""
+    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool"):
+        raise TypeError(f"{value!r} is a boolean")
+    return operator.index(value)
+
+
 @dataclass
 class ModalityLoad:
     """How a model routed speech and text tokens, per MoE layer and expert.
@@ -63,11 +72,17 @@ class ModalityLoad:
     def __post_init__(self):
         whole = {"top_k": 1, "speech_tokens": 0, "text_tokens": 0}
         for name, least in whole.items():
-            value = getattr(self, name)
-            if not isinstance(value, Integral) or isinstance(value, bool) or value < least:
-                raise ValueError(f"ModalityLoad.{name}={value!r} must be an integer >= {least}")
-        if not all(isinstance(layer, Integral) and not isinstance(layer, bool) for layer in self.layers):
-            raise ValueError(f"ModalityLoad.layers={self.layers!r} must be decoder-layer indices")
+            try:
+                value = _integer(getattr(self, name))
+            except TypeError:
+                value = None
+            if value is None or value < least:
+                raise ValueError(f"ModalityLoad.{name}={getattr(self, name)!r} must be an integer >= {least}")
+            setattr(self, name, value)  # a plain int, so `save` can write it
+        try:
+            self.layers = [_integer(layer) for layer in self.layers]
+        except TypeError as error:
+            raise ValueError(f"ModalityLoad.layers={self.layers!r} must be decoder-layer indices") from error
         sizes = None
         for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
             values = [torch.as_tensor(v).cpu().reshape(-1) for v in getattr(self, name)]
@@ -347,13 +362,12 @@ def speech_expert_counts(config: DeepTalkConfig, num_speech_experts: int | Seque
                 "the model has no speech experts yet, so the default num_speech_experts (its current counts) would "
                 "move none: pass num_speech_experts"
             )
-    if isinstance(num_speech_experts, torch.Tensor):  # a 0-d or 1-d tensor of counts
-        num_speech_experts = num_speech_experts.tolist()
-    single = isinstance(num_speech_experts, (Integral, float))
-    counts = [num_speech_experts] * len(layers) if single else list(num_speech_experts)
-    if not all(isinstance(c, Integral) and not isinstance(c, bool) for c in counts):
-        raise ValueError(f"num_speech_experts={num_speech_experts} must be whole expert counts")
-    counts = [int(c) for c in counts]
+    # One number for every layer (any number or 0-d array: a fraction is refused below, not iterated) or one per layer.
+    single = isinstance(num_speech_experts, Number) or getattr(num_speech_experts, "ndim", None) == 0
+    try:
+        counts = [_integer(c) for c in ([num_speech_experts] * len(layers) if single else num_speech_experts)]
+    except TypeError as error:
+        raise ValueError(f"num_speech_experts={num_speech_experts!r} must be whole expert counts") from error
     if len(counts) != len(layers) or any(not 0 <= c < n for c, n in zip(counts, sizes, strict=False)):
         raise ValueError(
             f"num_speech_experts={num_speech_experts} must give, for each of the {len(layers)} MoE layers, a count "

@@ -175,14 +175,31 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
 
 def test_profiling_refuses_malformed_batches_by_number(model):
     good = mixed_batch(0)
+    speech = (good["input_ids"] >= TEXT_VOCAB).long()
     for batch, message in [
         ({"input_ids": torch.full((2, 3), TEXT_VOCAB + SPEECH_VOCAB)}, "input_ids has ids outside [0, 80)"),
         ({"input_ids": torch.full((2, 3), -1)}, "input_ids has ids outside [0, 80)"),
         ({"input_ids": []}, "input_ids must be non-empty integer ids"),
-        (dict(good, attention_mask=good["attention_mask"][:, 1:]), "attention_mask (3, 11) do not match input_ids"),
+        (dict(good, attention_mask=good["attention_mask"].T), "attention_mask (12, 3) does not match input_ids"),
+        (dict(good, attention_mask=good["attention_mask"][:, 1:]), "attention_mask (3, 11) does not match input_ids"),
+        (dict(good, modality_ids=speech.reshape(-1)), "modality_ids (1, 36) does not match input_ids"),
+        (dict(good, modality_ids=2 * speech), "modality_ids must hold 0/1 values"),
+        (dict(good, attention_mask=good["attention_mask"] / 2), "attention_mask must hold 0/1 values"),
+        ({"input_ids": good["input_ids"].to(torch.complex64)}, "input_ids must be non-empty integer ids"),
+        ({"input_ids": [[1, 2], [3]]}, "input_ids is not a tensor"),
+        ({"ids": good["input_ids"]}, "expected a dict with input_ids"),
     ]:
         with pytest.raises(ValueError, match=re.escape(f"batch 1: {message}")):
             profile_modality_load(model, [good, batch])
+    # Any integer dtype holds ids (the embedding takes int32/int64 only); a 1-d mask goes with 1-d ids.
+    ids = good["input_ids"]
+    expected = profile_modality_load(model, [{"input_ids": ids}]).to_dict()
+    assert profile_modality_load(model, [{"input_ids": ids.to(torch.int16)}]).to_dict() == expected
+    row = {"input_ids": ids[0], "attention_mask": torch.ones(ids.shape[1], dtype=torch.long)}
+    assert (
+        profile_modality_load(model, [row]).to_dict()
+        == profile_modality_load(model, [{"input_ids": ids[:1]}]).to_dict()
+    )
 
 
 def test_plot_needs_the_plot_extra(model, tmp_path, monkeypatch):

@@ -224,15 +224,7 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     model.eval()
     try:
         for number, batch in enumerate(batches):
-            input_ids = torch.as_tensor(batch["input_ids"], device=model.device)
-            input_ids = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
-            extra = {
-                key: torch.as_tensor(batch[key], device=model.device)
-                for key in ("attention_mask", "modality_ids")
-                if batch.get(key) is not None
-            }
-            _check_profile_batch(number, input_ids, extra, config.vocab_size)
-            extra = {key: value.reshape(input_ids.shape) for key, value in extra.items()}
+            input_ids, extra = _profile_batch(number, batch, model.device, config.vocab_size)
             outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False, **extra)
             is_speech = speech_positions(
                 config, input_ids, extra.get("modality_ids"), input_ids.shape, model.device
@@ -264,19 +256,39 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     )
 
 
-def _check_profile_batch(number: int, input_ids: torch.Tensor, extra: dict, vocab_size: int) -> None:
-    """A malformed batch fails here, by name, not deep inside the model (or as a device assert on a GPU)."""
-    problem = None
-    if input_ids.dim() != 2 or not input_ids.numel() or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        problem = f"input_ids must be non-empty integer ids [batch, seq] or [seq], got {input_ids.dtype} {tuple(input_ids.shape)}"
-    elif not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
-        problem = f"input_ids has ids outside [0, {vocab_size})"
-    else:
-        wrong = [f"{key} {tuple(value.shape)}" for key, value in extra.items() if value.numel() != input_ids.numel()]
-        if wrong:
-            problem = f"{', '.join(wrong)} do not match input_ids {tuple(input_ids.shape)}"
-    if problem:
-        raise ValueError(f"batch {number}: {problem}")
+def _profile_batch(
+    number: int, batch: object, device: torch.device, vocab_size: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`batch` as `[batch, seq]` ids and masks, checked: a malformed batch fails here, by number, not deep inside the
+    model (an id out of range is a device assert on a GPU) or, with a mask of another shape, not at all."""
+
+    def refuse(problem: str) -> ValueError:
+        return ValueError(f"batch {number}: {problem}")
+
+    if not isinstance(batch, Mapping) or batch.get("input_ids") is None:
+        raise refuse(f"expected a dict with input_ids, got {type(batch).__name__}")
+    tensors = {}
+    for key in ("input_ids", "attention_mask", "modality_ids"):
+        if batch.get(key) is not None:
+            try:
+                value = torch.as_tensor(batch[key], device=device)
+            except (TypeError, ValueError, RuntimeError) as error:  # ragged or non-numeric lists
+                raise refuse(f"{key} is not a tensor ({error})") from error
+            tensors[key] = value.unsqueeze(0) if value.dim() == 1 else value
+    input_ids = tensors.pop("input_ids")
+    if input_ids.dim() != 2 or not input_ids.numel() or input_ids.dtype.is_floating_point or input_ids.is_complex():
+        raise refuse(
+            f"input_ids must be non-empty integer ids [batch, seq] or [seq], got {input_ids.dtype} "
+            f"{tuple(input_ids.shape)}"
+        )
+    if input_ids.dtype == torch.bool or not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+        raise refuse(f"input_ids has ids outside [0, {vocab_size})")
+    for key, value in tensors.items():
+        if value.shape != input_ids.shape:
+            raise refuse(f"{key} {tuple(value.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        if not ((value == 0) | (value == 1)).all():  # 1 marks speech or a real token; others would count silently
+            raise refuse(f"{key} must hold 0/1 values")
+    return input_ids.long(), tensors  # int16 or uint8 ids are ids too, which the embedding does not take
 
 
 def _choose_speech_experts(

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import deeptalk_hf  # noqa: F401  (registers the Auto classes)
-from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, ModalityLoad, profile_modality_load
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, ModalityLoad, cli, profile_modality_load
 from deeptalk_hf.cli import (
     EXIT_EXISTS,
     EXIT_OK,
@@ -288,6 +288,22 @@ def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
     assert "already has speech attention" in capsys.readouterr().err and not again.exists()
 
 
+def test_profile_reads_and_counts_the_same_lines(deeptalk_checkpoint, tmp_path, monkeypatch, capsys):
+    """The reader and the progress bar's total agree on a BOM, whitespace-only lines and any line ending."""
+    totals = []
+    bar = cli.tqdm
+
+    def counting_bar(*args, total, **kwargs):
+        totals.append(total)
+        return bar(*args, total=total, **kwargs)
+
+    monkeypatch.setattr(cli, "tqdm", counting_bar)
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b'\xef\xbb\xbf\r\n{"input_ids": [1, 2]}\r{"input_ids": [3, 70]}\r\n\xc2\xa0\n{"input_ids": [4]}')
+    assert profile_main([str(deeptalk_checkpoint), str(data), "--quiet"]) == EXIT_OK
+    assert totals == [3] and "tokens: 1 speech, 4 text" in capsys.readouterr().out
+
+
 def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     data = write_data(tmp_path / "data.jsonl")
     model = str(deeptalk_checkpoint)
@@ -302,7 +318,7 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
     bad.write_bytes(b'{"input_ids": [1, 2]}\n{"input_ids": [1, 2], "note": "caf\xe9"}\n')  # Latin-1, not UTF-8
     assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
-    assert "bad.jsonl:2: not UTF-8 text" in capsys.readouterr().err
+    assert "bad.jsonl:2: not UTF-8 text (byte 0xe9 at column 35)" in capsys.readouterr().err
     bad.write_bytes(b'\xef\xbb\xbf{"input_ids": [1, 2, 70]}\n')  # a BOM opens some editors' UTF-8 files
     assert profile_main([model, str(bad), "--quiet"]) == EXIT_OK
     capsys.readouterr()

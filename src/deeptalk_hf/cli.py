@@ -258,6 +258,25 @@ def upcycle_main(argv: list[str] | None = None) -> int:
         return _run(parser.prog, action)
 
 
+def _data_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """A data file's non-blank lines with their numbers, for the reader and the progress bar's count alike.
+
+    UTF-8, which a BOM may open; lines end as in text mode (\\n, \\r\\n or \\r). Bad bytes are carried through
+    (`surrogateescape`) only to be reported with their line.
+    """
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as file:
+        for number, line in enumerate(file, start=1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as error:  # an escaped byte: U+DC80..U+DCFF stand for 0x80..0xFF
+                byte = ord(line[error.start]) - 0xDC00
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{byte:02x} at column {error.start + 1})"
+                ) from None
+            if line.strip():
+                yield number, line
+
+
 def read_jsonl_batches(
     path: str | Path, *, batch_size: int, vocab_size: int, speech_token_start: int, max_length: int | None = None
 ) -> Iterator[dict[str, torch.Tensor]]:
@@ -283,29 +302,22 @@ def read_jsonl_batches(
         return {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids}
 
     rows: list[dict] = []
-    with open(path, "rb") as file:  # decoded line by line, so bad bytes are reported with their line
-        for number, raw in enumerate(file, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM may open the file
-            except UnicodeDecodeError as error:
-                raise DataError(f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start})") from error
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                ids, modality = row["input_ids"], row.get("modality_ids")
-            except (ValueError, TypeError, KeyError, AttributeError) as error:
-                raise DataError(f"{path}:{number}: expected a JSON object with 'input_ids' ({error!r})") from error
-            if not isinstance(ids, list) or not ids or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
-                raise DataError(f"{path}:{number}: input_ids must be a non-empty list of ids in [0, {vocab_size})")
-            if modality is not None and (
-                not isinstance(modality, list) or len(modality) != len(ids) or not set(modality) <= {0, 1}
-            ):
-                raise DataError(f"{path}:{number}: modality_ids must be 0/1 values, one per input id")
-            rows.append({"input_ids": ids[:max_length], "modality_ids": modality and modality[:max_length]})
-            if len(rows) == batch_size:
-                yield pack(rows)
-                rows = []
+    for number, line in _data_lines(path):
+        try:
+            row = json.loads(line)
+            ids, modality = row["input_ids"], row.get("modality_ids")
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            raise DataError(f"{path}:{number}: expected a JSON object with 'input_ids' ({error!r})") from error
+        if not isinstance(ids, list) or not ids or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
+            raise DataError(f"{path}:{number}: input_ids must be a non-empty list of ids in [0, {vocab_size})")
+        if modality is not None and (
+            not isinstance(modality, list) or len(modality) != len(ids) or not set(modality) <= {0, 1}
+        ):
+            raise DataError(f"{path}:{number}: modality_ids must be 0/1 values, one per input id")
+        rows.append({"input_ids": ids[:max_length], "modality_ids": modality and modality[:max_length]})
+        if len(rows) == batch_size:
+            yield pack(rows)
+            rows = []
     if rows:
         yield pack(rows)
 
@@ -441,8 +453,7 @@ def profile_main(argv: list[str] | None = None) -> int:
                 speech_attention_layers(model)
             except ValueError as error:
                 raise CheckpointError(f"{args.model}: --speech-attention: {error}") from error
-        with open(args.data, "rb") as file:  # for the progress bar only: the reader checks the text
-            total = sum(1 for line in file if line.strip())
+        total = sum(1 for _ in _data_lines(args.data))  # the lines the reader will read
         batches = read_jsonl_batches(
             args.data,
             batch_size=args.batch_size,

@@ -360,7 +360,7 @@ def test_deeptalk_default_backend(monkeypatch):
     assert tiny_deeptalk("hard").config._experts_implementation == "deeptalk_triton"
     assert tiny_qwen3_moe().config._experts_implementation == "grouped_mm"
     gelu = DeepTalkConfig(
-        vocab_size=32, hidden_size=16, moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        vocab_size=32, hidden_size=16, moe_intermediate_size=8, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
         hidden_act="gelu",
     )  # fmt: skip
     assert DeepTalkForCausalLM(gelu).config._experts_implementation == "grouped_mm"

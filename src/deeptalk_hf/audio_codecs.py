@@ -21,6 +21,7 @@ from functools import lru_cache
 from numbers import Integral
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,10 +77,17 @@ def _sinc_kernel(up: int, down: int, zeros: int, rolloff: float) -> tuple[torch.
     return kernel[:, None, :], half
 
 
+def has_integer_dtype(value: torch.Tensor | np.ndarray) -> bool:
+    """Integer ids or codes (booleans are flags, floats a corrupt value: neither is an id)."""
+    if isinstance(value, torch.Tensor):
+        return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return np.issubdtype(value.dtype, np.integer)
+
+
 def _integer_tensor(values: object, name: str) -> torch.Tensor:
     """`values` as a long tensor: a float or boolean code is corrupt, so it is refused rather than truncated."""
     tensor = torch.as_tensor(values)
-    if tensor.numel() and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+    if tensor.numel() and not has_integer_dtype(tensor):
         raise ValueError(f"{name} must be integers, got {tensor.dtype}")
     return tensor.long()
 

@@ -814,9 +814,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             if "sliding_attention" in layer_types:
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
-        # One host sync per forward, not one per projection: the speech attention indexes with it.
+        # The speech attention indexes with the split's rows: the forward's one host sync, not one per projection.
         speech_index = (
-            modality_split.is_speech.view(inputs_embeds.shape[:2]).nonzero(as_tuple=True)
+            (modality_split.speech_rows // inputs_embeds.shape[1], modality_split.speech_rows % inputs_embeds.shape[1])
             if config.speech_attention
             else None
         )

@@ -26,6 +26,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .audio_codecs import has_integer_dtype
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
 from .generation_deeptalk import audio_codes_per_stream, build_delay_pattern
 
@@ -268,16 +269,10 @@ def _pad_like(rows: list[list[int]], padded_ids: list[list[int]], side: str) -> 
     return result
 
 
-def _has_integer_dtype(value: torch.Tensor | np.ndarray) -> bool:
-    if isinstance(value, torch.Tensor):
-        return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
-    return np.issubdtype(value.dtype, np.integer)
-
-
 def _is_unit_segment(value: Any) -> bool:
     """A non-empty 1-D sequence of integers (list, tuple, tensor or array)."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
-        return value.ndim == 1 and len(value) > 0 and _has_integer_dtype(value)
+        return value.ndim == 1 and len(value) > 0 and has_integer_dtype(value)
     return (
         isinstance(value, (list, tuple))
         and len(value) > 0
@@ -514,7 +509,7 @@ class DeepTalkProcessor(ProcessorMixin):
                 )
             elif segments:
                 before, after = specials[i] = self._added_special_tokens(ids, sample_text)
-                body = self.interleave_ids(ids[before : len(ids) - after], segments[0], interleave, ratio)
+                body = self._interleave(ids[before : len(ids) - after], segments[0], interleave, ratio)
                 rows.append(ids[:before] + body + ids[len(ids) - after :])
             else:
                 rows.append(ids)
@@ -657,9 +652,14 @@ class DeepTalkProcessor(ProcessorMixin):
     ) -> list[int]:
         """Lay out a transcript's ids and its speech units (unit indices) by an interleaving policy."""
         interleave = interleave or self.interleave
-        n_text, n_speech = ratio = tuple(ratio or self.text_speech_ratio)
+        ratio = tuple(ratio or self.text_speech_ratio)
         self._check_policy(interleave, ratio)
-        speech = [self.speech_token_start + unit for unit in self._checked_units(units, "")]
+        return self._interleave(text_ids, self._checked_units(units, ""), interleave, ratio)
+
+    def _interleave(self, text_ids: list[int], units: list[int], interleave: str, ratio: tuple[int, int]) -> list[int]:
+        """`interleave_ids` on arguments already checked (`__call__` checks them once per call)."""
+        n_text, n_speech = ratio
+        speech = [self.speech_token_start + unit for unit in units]
         begin, end = [self.begin_of_speech_id], [self.end_of_speech_id]
         if interleave == "speech_only":
             return begin + speech + end
@@ -676,7 +676,7 @@ class DeepTalkProcessor(ProcessorMixin):
     def decode(self, token_ids: Any, **kwargs: Any) -> SpeechTextOutput:
         """Text (through the tokenizer's `decode`, with `kwargs`) and the speech segments' units of one sequence."""
         if isinstance(token_ids, (torch.Tensor, np.ndarray)):
-            if token_ids.reshape(-1).shape[0] and not _has_integer_dtype(token_ids):  # an empty row may be float
+            if token_ids.reshape(-1).shape[0] and not has_integer_dtype(token_ids):  # an empty row may be float
                 raise ValueError(f"decode takes integer ids, got a {type(token_ids).__name__} of {token_ids.dtype}")
             token_ids = token_ids.tolist()
         if token_ids and isinstance(token_ids[0], (list, tuple)):  # `generate`'s `[1, length]` output

@@ -5,6 +5,7 @@ training leaves its text outputs bit-identical (hard routing)."""
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -239,6 +240,34 @@ def test_olmoe_clipping_is_exercised():
     model.config.clip_qkv = None
     with torch.no_grad():
         assert max_diff(model(text_ids()).logits, source(text_ids()).logits) > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("kind", ["qwen2_moe", "deepseek_v3"])
+def test_a_zero_width_shared_expert_is_imported_as_none(kind, tmp_path):
+    """transformers builds a zero-width shared expert with empty weights (Qwen2-MoE's with its gate); it adds nothing,
+    so the import has no shared experts and is still the source. Non-empty weights under a zero width are refused."""
+    if kind == "qwen2_moe":
+        config = Qwen2MoeConfig(**BODY, intermediate_size=48, moe_intermediate_size=16, num_experts=6)
+        config.shared_expert_intermediate_size = 0
+        source = randomize(Qwen2MoeForCausalLM(config))
+    else:
+        source = randomize(DeepseekV3ForCausalLM(DeepseekV3Config(**MLA | dict(n_shared_experts=0), q_lora_rank=12)))
+    model = upcycle_moe(source)
+    assert model.config.shared_expert_intermediate_size == 0 and not model.config.shared_expert_gate
+    assert_same_model(model, source)
+    checkpoint = save_dense(source, tmp_path / "source")
+    upcycle_moe_checkpoint(checkpoint, tmp_path / "deeptalk", progress=False)
+    assert_same_model(load_checked(tmp_path / "deeptalk"), source)
+
+    corrupted = save_dense(source, tmp_path / "corrupted", max_shard_size="10MB")
+    state = load_file(corrupted / "model.safetensors")
+    name = next(name for name in state if re.search(r"shared_experts?\.down_proj", name))
+    state[name] = torch.ones(state[name].shape[0], 2)
+    save_file(state, corrupted / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)} has shape \(\d+, 2\).* width 0"):
+        upcycle_moe_checkpoint(corrupted, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("kind", ["olmoe", "deepseek_v3"])

@@ -243,8 +243,9 @@ MOE_ARCHITECTURES: dict[str, MoeFamily] = {
             **_QWEN_MOE,
             **_same("qkv_bias shared_expert_intermediate_size layer_types"),
             "sliding_window": lambda c: c.sliding_window or None,  # 0 when use_sliding_window is off
+            "shared_expert_gate": lambda c: bool(c.shared_expert_intermediate_size),
         },
-        fixed={"use_qk_norm": False, "shared_expert_gate": True},
+        fixed={"use_qk_norm": False},
         renames=(
             (r"\.mlp\.shared_expert\.", ".mlp.shared_experts."),
             (r"\.mlp\.shared_expert_gate\.", ".mlp.shared_experts_gate."),
@@ -319,6 +320,9 @@ class _Converter:
     pass_through: bool = False
     # Where copies go: `allocate(name, shape, dtype)`, by default new tensors (streaming reuses shard buffers).
     allocate: Callable[[str, torch.Size, torch.dtype], torch.Tensor] | None = None
+    # Source tensors of a part the config gives width 0 (transformers still builds them, empty): dropped, and refused
+    # if they hold elements after all.
+    empty: re.Pattern | None = None
 
     def _fresh(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Output `name` as a contiguous copy of `tensor` in the target dtype (never aliasing the source)."""
@@ -330,6 +334,12 @@ class _Converter:
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         config = self.config
         if _IGNORED_SOURCE_TENSORS.fullmatch(name) or (self.ignore is not None and self.ignore.match(name)):
+            return
+        if self.empty is not None and self.empty.match(name):
+            if tensor.numel():
+                raise CheckpointError(
+                    f"{name} has shape {tuple(tensor.shape)}, but the config gives this shared expert width 0"
+                )
             return
         for pattern, replacement in self.renames:
             name = re.sub(pattern, replacement, name)
@@ -378,7 +388,13 @@ def _moe_converter(source: PretrainedConfig, config: DeepTalkConfig, dtype: torc
     if family.mtp_layers and getattr(source, "num_mtp_layers", 0):
         mtp = "|".join(str(source.num_hidden_layers + i) for i in range(source.num_mtp_layers))
         ignore = re.compile(rf"model\.layers\.({mtp})\.")
-    return _Converter(config=config, dtype=dtype, renames=family.renames, ignore=ignore)
+    empty = None
+    if not config.shared_expert_intermediate_size:
+        # A zero-width shared expert (Qwen2-MoE's gated one included) adds nothing: the model has none.
+        empty = re.compile(r"model\.layers\.\d+\.mlp\.shared_experts?\.")
+        gate = r"model\.layers\.\d+\.mlp\.shared_expert_gate\."
+        ignore = re.compile(gate if ignore is None else f"{ignore.pattern}|{gate}")
+    return _Converter(config=config, dtype=dtype, renames=family.renames, ignore=ignore, empty=empty)
 
 
 def _seeded(*key) -> torch.Generator:

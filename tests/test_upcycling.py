@@ -3,9 +3,11 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
+from huggingface_hub import utils as hf_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
@@ -339,6 +341,34 @@ def test_streaming_checkpoint_is_the_dense_model(kind, tmp_path):
         dense.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
     )
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_a_hub_source_downloads_only_the_weights_its_index_names(sharded, tmp_path, monkeypatch):
+    """Mistral's repositories also hold `consolidated.safetensors` (the same weights again): only the configs,
+    tokenizer files and the files of the index (or `model.safetensors`) are fetched, both from one commit."""
+    dense = dense_model("mistral")
+    repo = save_dense(dense, tmp_path / "repo", max_shard_size="40KB" if sharded else "10MB")
+    (repo / "consolidated.safetensors").write_bytes(b"not needed")
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision))
+        snapshot = tmp_path / "cache" / "0123abcd"  # the hub cache's snapshot folder is named by its commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in hf_utils.filter_repo_objects(os.listdir(repo), allow_patterns=allow_patterns):
+            shutil.copyfile(repo / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.snapshot_download", snapshot_download)
+    options = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, progress=False)
+    upcycle_checkpoint("mistralai/tiny", tmp_path / "moe", revision="main", **options)
+    assert calls == [("mistralai/tiny", "main"), ("mistralai/tiny", "0123abcd")]
+    downloaded = set(os.listdir(tmp_path / "cache" / "0123abcd"))
+    assert downloaded == set(os.listdir(repo)) - {"consolidated.safetensors"}
+    with torch.no_grad():
+        ids = text_ids()
+        assert max_diff(load_checked(tmp_path / "moe")(ids).logits, dense(ids).logits) <= 1e-5
 
 
 def test_streaming_equals_in_memory_with_every_option(tmp_path):

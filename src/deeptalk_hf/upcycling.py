@@ -55,7 +55,8 @@ _SPEECH_ROWS = {
     "lm_head.weight": "speech_lm_head.weight",
 }
 # Files of a hub snapshot that conversion reads (no `.bin` weights, no images or docs).
-_SNAPSHOT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenization_*.py"]
+# What a hub download fetches besides the weight files (configs, index, tokenizer files and their code).
+_SNAPSHOT_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenization_*.py"]
 # A tokenizer's files, copied as they are (loading one can need its own code, `tokenization_*.py`).
 _TOKENIZER_FILES = (
     "tokenizer*",
@@ -483,11 +484,21 @@ def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory or a hub model id")
+    folder = _download(str(model_path), revision, _SNAPSHOT_PATTERNS)
+    # Then only the weight files the index names (or the single file), from the same commit (the snapshot folder's
+    # name): a repository may hold other safetensors beside them (Mistral's `consolidated.safetensors`, the same
+    # weights again).
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    weights = sorted(set(_weight_map(index).values())) if index.is_file() else [SAFE_WEIGHTS_NAME]
+    return _download(str(model_path), folder.name, _SNAPSHOT_PATTERNS + weights)
+
+
+def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
     try:
-        return Path(snapshot_download(str(model_path), revision=revision, allow_patterns=_SNAPSHOT_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (OSError, ValueError) as error:
         raise CheckpointError(
-            f"{model_path} is neither a local directory nor a downloadable hub model: {error}"
+            f"{repo_id} is neither a local directory nor a downloadable hub model: {error}"
         ) from error
 
 
@@ -500,14 +511,18 @@ def _copy_tokenizer(source: Path, destination: Path) -> None:
             shutil.copyfile(path, destination / path.name)
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    """A safetensors index's tensor -> shard file map."""
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
+
+
 def _shard_files(source: Path) -> list[Path]:
     index = source / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as error:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
-        files = [source / name for name in dict.fromkeys(weight_map.values())]
+        files = [source / name for name in dict.fromkeys(_weight_map(index).values())]
     elif (source / SAFE_WEIGHTS_NAME).is_file():
         files = [source / SAFE_WEIGHTS_NAME]
     else:

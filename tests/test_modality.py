@@ -186,6 +186,7 @@ def test_profiling_refuses_malformed_batches_by_number(model):
         (dict(good, modality_ids=2 * speech), "modality_ids must hold 0/1 values"),
         (dict(good, attention_mask=good["attention_mask"] / 2), "attention_mask must hold 0/1 values"),
         ({"input_ids": good["input_ids"].to(torch.complex64)}, "input_ids must be non-empty integer ids"),
+        ({"input_ids": good["input_ids"] > 0}, "input_ids must be non-empty integer ids"),
         ({"input_ids": [[1, 2], [3]]}, "input_ids is not a tensor"),
         ({"ids": good["input_ids"]}, "expected a dict with input_ids"),
     ]:

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
+from .audio_codecs import has_integer_dtype
 from .configuration_deeptalk import DeepTalkConfig
 from .modeling_deeptalk import (
     DeepTalkAttention,
@@ -86,9 +87,7 @@ class ModalityLoad:
         sizes = None
         for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
             values = [torch.as_tensor(v).cpu().reshape(-1) for v in getattr(self, name)]
-            if name.endswith("counts") and any(
-                v.numel() and (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool) for v in values
-            ):
+            if name.endswith("counts") and any(v.numel() and not has_integer_dtype(v) for v in values):
                 raise ValueError(
                     f"ModalityLoad.{name} must hold whole assignment counts (integers, not fractions or booleans)"
                 )
@@ -276,12 +275,12 @@ def _profile_batch(
                 raise refuse(f"{key} is not a tensor ({error})") from error
             tensors[key] = value.unsqueeze(0) if value.dim() == 1 else value
     input_ids = tensors.pop("input_ids")
-    if input_ids.dim() != 2 or not input_ids.numel() or input_ids.dtype.is_floating_point or input_ids.is_complex():
+    if input_ids.dim() != 2 or not input_ids.numel() or not has_integer_dtype(input_ids):
         raise refuse(
             f"input_ids must be non-empty integer ids [batch, seq] or [seq], got {input_ids.dtype} "
             f"{tuple(input_ids.shape)}"
         )
-    if input_ids.dtype == torch.bool or not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
+    if not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab_size:
         raise refuse(f"input_ids has ids outside [0, {vocab_size})")
     for key, value in tensors.items():
         if value.shape != input_ids.shape:
@@ -309,7 +308,9 @@ def _choose_speech_experts(
     return sorted(ranked[:count])
 
 
-def _new_module(cls, config, tensors: Mapping[str, torch.Tensor], like: nn.Module) -> nn.Module:
+def _new_module(
+    cls: type[nn.Module], config: DeepTalkConfig, tensors: Mapping[str, torch.Tensor], like: nn.Module
+) -> nn.Module:
     """An experts or router module holding `tensors` (built on meta, so nothing is allocated twice)."""
     with torch.device("meta"):
         module = cls(config, next(iter(tensors.values())).shape[0])

@@ -270,7 +270,7 @@ class DeepTalkAttention(nn.Module):
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            config._attn_implementation, eager_attention_forward
         )
         attn_output, attn_weights = attention_interface(
             self,
@@ -705,8 +705,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
 
         `split`: the ids' own modality split (2D ids), where hard routing finds its rows anyway: a batch of one
         modality (e.g. a decoding step) then reads its one table: one lookup, not two lookups and their merge."""
+        config = self.config
         if input_ids.dim() == 3:
-            config = self.config
             if not config.num_audio_streams:
                 raise ValueError(
                     "input_ids of shape [batch, streams, seq] are for a model with parallel audio streams"
@@ -729,7 +729,6 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             # Pad adds nothing, so a text position (all audio streams pad) is exactly the single-stream model's.
             audio = audio.masked_fill((audio_ids == config.audio_pad_token_id).unsqueeze(-1), 0.0).sum(dim=1)
             return self.embed(input_ids[:, 0]) + audio
-        config = self.config
         if not config.speech_vocab_size:
             return self.embed_tokens(input_ids)
         start = config.speech_token_start
@@ -821,7 +820,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             else None
         )
         # As `capture_outputs` decides: unrecorded router logits let a one-modality batch skip the other router.
-        output_router_logits = (
+        output_router_logits = bool(
             kwargs.pop("output_router_logits") if "output_router_logits" in kwargs else config.output_router_logits
         )
         hidden_states = inputs_embeds
@@ -836,7 +835,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 position_embeddings=position_embeddings,
                 modality_split=modality_split,
                 speech_index=speech_index,
-                output_router_logits=bool(output_router_logits),
+                output_router_logits=output_router_logits,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
@@ -858,11 +857,10 @@ def modality_router_losses(
     (non-padding) tokens. Returns `(aux_loss, z_loss)`.
     """
     device = router_logits[0].device
-    valid = torch.ones(is_speech.shape, device=device) if attention_mask is None else attention_mask.to(device).float()
-    if valid.dim() != 2:  # a 4D mask says nothing about padding here
-        valid = torch.ones(is_speech.shape, device=device)
-    valid = valid[:, -is_speech.shape[1] :]  # with a cache the mask also covers the cached positions
-    valid = valid.reshape(-1)
+    if attention_mask is None or attention_mask.dim() != 2:  # a 4D mask says nothing about padding here
+        valid = torch.ones(is_speech.numel(), device=device)
+    else:  # with a cache the mask also covers the cached positions
+        valid = attention_mask[:, -is_speech.shape[1] :].to(device).float().reshape(-1)
     is_speech = is_speech.reshape(-1).to(device)
     total = valid.sum().clamp(min=1.0)
     aux_loss = torch.zeros((), device=device)

@@ -167,7 +167,7 @@ def test_zero_router_picks_whole_sets_of_parts(granularity, shared_fraction, tex
         assert torch.equal(block.shared_experts.gate_proj.weight, gate[: shared * part])
     # The experts a zero router picks for a text token, in `[experts; speech_experts]` order.
     num_scored = experts.shape[0] if routing == "none" else text_sets * routed_parts
-    _, weights, picks = topk_routing(torch.zeros(1, num_scored), config)
+    weights, picks = topk_routing(torch.zeros(1, num_scored), config)
     held = []
     for j in picks[0][weights[0] > 0].tolist():
         matches = [p for p in range(granularity) if torch.equal(experts[j, :part], gate[p * part : (p + 1) * part])]

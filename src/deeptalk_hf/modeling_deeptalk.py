@@ -134,19 +134,28 @@ class RoutingSettings:
         return cls(**{field.name: getattr(config, field.name) for field in fields(cls)})
 
 
+def router_probs(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """Router scores normalised per token (softmax, or sigmoid scores over their sum): the probabilities that the
+    balancing losses and the load profile average."""
+    if scoring_func == "softmax":
+        return F.softmax(logits, dim=-1, dtype=torch.float)
+    scores = logits.float().sigmoid()
+    return scores / scores.sum(dim=-1, keepdim=True)
+
+
 def topk_routing(
     logits: torch.Tensor,
     settings: RoutingSettings,
     bias: torch.Tensor | None = None,
     group_limited: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores one expert group and picks a tie-stable top-k (the lowest index wins among equal scores).
 
     Scoring is softmax or sigmoid (`settings.scoring_func`); DeepSeek-V3's score-correction `bias` shifts the choice
     but not the weights; with `group_limited` (a router that sees all of a layer's experts) DeepSeek's group-limited
     top-k keeps the `topk_group` best of `n_group` groups first. A group smaller than top-k uses all its experts: the
     spare slots carry the sentinel index `E` (the group size) with weight 0, which every experts backend skips.
-    Returns `(probs, weights, indices)`, `probs` being the scores normalised per token (for balancing losses).
+    Returns `(weights, indices)`.
     """
     num_experts = logits.shape[-1]
     top_k, softmax, method = settings.num_experts_per_tok, settings.scoring_func == "softmax", settings.topk_method
@@ -176,8 +185,7 @@ def topk_routing(
     if k < top_k:
         weights = F.pad(weights, (0, top_k - k), value=0.0)
         indices = F.pad(indices, (0, top_k - k), value=num_experts)
-    probs = scores if softmax else scores / scores.sum(dim=-1, keepdim=True)
-    return probs, weights.to(logits.dtype), indices
+    return weights.to(logits.dtype), indices
 
 
 class DeepTalkAttention(nn.Module):
@@ -428,8 +436,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Only DeepSeek-V3's routers hold a bias; looking for a PEFT wrapper's `base_layer` costs ~2.5 us otherwise.
         bias = correction_bias(router) if self.routing.topk_method == "noaux_tc" else None
-        _, weights, indices = topk_routing(logits, self.routing, bias, group_limited)
-        return weights, indices
+        return topk_routing(logits, self.routing, bias, group_limited)
 
     def _hard(
         self, hidden: torch.Tensor, split: ModalitySplit, output_router_logits: bool
@@ -479,28 +486,34 @@ class DeepTalkSparseMoeBlock(nn.Module):
             output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
         return output, router_logits
 
-    def _source_position(self, device: torch.device) -> torch.Tensor | None:
-        """Column of each source-MoE expert in `[experts; speech_experts]` order (`None`: the orders agree)."""
+    def _source_order(
+        self, router_logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Router logits `[tokens, E_text + E_speech]` and the correction biases in the source MoE's expert order,
+        and the column of each source expert in `[experts; speech_experts]` (`None`: the orders agree)."""
         order = self.config.expert_order(self.layer_idx)
-        return None if order is None else torch.argsort(torch.tensor(order, device=device))
-
-    def route_all(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Routing `"none"`: `topk_routing` over all experts in the source MoE's order (group limits and correction
-        biases included), from router logits `[tokens, E_text + E_speech]`. Indices are source indices."""
-        position = self._source_position(router_logits.device)
+        position = None if order is None else torch.argsort(torch.tensor(order, device=router_logits.device))
         bias = correction_bias(self.gate)
         if bias is not None and self.num_speech_experts:
             bias = torch.cat([bias, correction_bias(self.speech_gate)])
         if position is not None:
             router_logits = router_logits[:, position]
             bias = bias[position] if bias is not None else None
-        return topk_routing(router_logits, self.routing, bias, group_limited=True)
+        return router_logits, bias, position
+
+    def route_all(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routing `"none"` as the load profile sees it: `(probs, weights, indices)` of `topk_routing` over all experts
+        in the source MoE's order (group limits and correction biases included), from router logits
+        `[tokens, E_text + E_speech]`. Indices are source indices."""
+        logits, bias, _ = self._source_order(router_logits)
+        weights, indices = topk_routing(logits, self.routing, bias, group_limited=True)
+        return router_probs(logits, self.routing.scoring_func), weights, indices
 
     def _joint(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """Routing `"none"`: one top-k over all experts in source order, then each group gets its slots."""
         num_text = self.num_text_experts
-        _, weights, indices = self.route_all(router_logits)
-        position = self._source_position(router_logits.device)
+        logits, bias, position = self._source_order(router_logits)
+        weights, indices = topk_routing(logits, self.routing, bias, group_limited=True)
         if position is not None:
             # Back from source indices to `[experts; speech_experts]` positions (the sentinel stays the sentinel).
             indices = torch.cat([position, position.new_tensor([position.numel()])])[indices]
@@ -877,9 +890,7 @@ def modality_router_losses(
             ]
         for weight, group_logits in groups:
             num_experts = group_logits.shape[-1]
-            probs = group_logits.softmax(dim=-1) if config.scoring_func == "softmax" else group_logits.sigmoid()
-            if config.scoring_func != "softmax":
-                probs = probs / probs.sum(dim=-1, keepdim=True)
+            probs = router_probs(group_logits, config.scoring_func)
             picks = probs.topk(min(config.num_experts_per_tok, num_experts), dim=-1).indices
             assignments = torch.zeros(num_experts, device=device).index_add_(
                 0, picks.reshape(-1), weight.repeat_interleave(picks.shape[-1])

@@ -392,7 +392,6 @@ class DeepTalkTopKRouter(nn.Linear):
 
     def __init__(self, config: DeepTalkConfig, num_experts: int):
         super().__init__(config.hidden_size, num_experts, bias=False)
-        self.num_experts = num_experts
         # DeepSeek-V3's per-expert score correction (a checkpoint buffer that moves with its expert); None elsewhere.
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(num_experts) if config.topk_method == "noaux_tc" else None

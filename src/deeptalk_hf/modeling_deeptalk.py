@@ -898,8 +898,7 @@ def modality_router_losses(
             # share * f_i = assignments_i / total, with P_i = weight @ probs / count
             aux_loss = aux_loss + num_experts * (assignments / total * (weight @ probs) / denominator).sum()
             z_loss = z_loss + weight @ torch.logsumexp(group_logits, dim=-1).pow(2) / total
-    num_layers = max(len(router_logits), 1)
-    return aux_loss / num_layers, z_loss / num_layers
+    return aux_loss / len(router_logits), z_loss / len(router_logits)
 
 
 @dataclass

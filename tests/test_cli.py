@@ -224,6 +224,15 @@ def test_read_jsonl_batches(tmp_path):
     assert first["input_ids"][1, :9].tolist() == rows[1]["input_ids"][:9]
 
 
+@pytest.mark.parametrize("modality", ["[[0], [1]]", '[0, {"a": 1}]', "[0, 2]"])
+def test_read_jsonl_batches_refuses_modality_ids_that_are_not_0_or_1(tmp_path, modality):
+    """Nested values are corrupt data (exit code 3), not a crash."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f'{{"input_ids": [1, 2], "modality_ids": {modality}}}\n')
+    with pytest.raises(cli.DataError, match="bad.jsonl:1: modality_ids must be 0/1 values"):
+        list(read_jsonl_batches(bad, batch_size=1, vocab_size=80, speech_token_start=TEXT_VOCAB))
+
+
 def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
     data = write_data(tmp_path / "data.jsonl")
     output, assigned = tmp_path / "load.json", tmp_path / "split"

@@ -13,7 +13,7 @@ import sys
 import textwrap
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from .modality import (
     ASSIGNMENT_STRATEGIES,
+    ModalityLoad,
     add_speech_attention,
     assign_modality_experts,
     profile_modality_load,
@@ -68,7 +69,7 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _fail(prog: str, code: int, error: BaseException) -> int:
+def _fail(prog: str, code: int, error: BaseException | str) -> int:
     print(f"{prog}: error: {error}", file=sys.stderr)
     return code
 
@@ -88,11 +89,11 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         (hub_utils.enable_progress_bars if hub_on else hub_utils.disable_progress_bars)()
 
 
-def _terminated(signum: int, frame) -> None:
+def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run(prog: str, action) -> int:
+def _run(prog: str, action: Callable[[], None]) -> int:
     """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments).
 
     SIGTERM (`timeout`, Slurm, `docker stop`) unwinds like Ctrl-C, so a half-written output is removed (when called
@@ -385,7 +386,7 @@ def profile_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _summary(load, chosen: list[list[int]] | None) -> str:
+def _summary(load: ModalityLoad, chosen: list[list[int]] | None) -> str:
     lines = [f"tokens: {load.speech_tokens} speech, {load.text_tokens} text; top-k {load.top_k}"]
     for i, layer in enumerate(load.layers):
         scores = load.scores[i]
@@ -396,6 +397,22 @@ def _summary(load, chosen: list[list[int]] | None) -> str:
             line += f"; speech experts: {chosen[i]}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _check_load_files(args: argparse.Namespace, source: Path) -> None:
+    """`-o`/`--plot` must name two files that are not inputs, before the profiling that takes long."""
+    if args.output and args.plot and Path(args.output).resolve() == Path(args.plot).resolve():
+        raise ValueError(f"-o and --plot both name {args.output}; name two files")
+    # The model folder written at the end would replace (or, when new, refuse) a folder holding the file.
+    folders = [source.resolve(), *([Path(args.assign_to).resolve()] if args.assign_to else [])]
+    for path in filter(None, (args.output, args.plot)):
+        target = Path(path).resolve()
+        if target.is_dir() or target == Path(args.data).resolve() or any(f in target.parents for f in folders):
+            raise ValueError(
+                f"{path} is a directory, the data file, or inside the model or --assign-to; name a new file to write"
+            )
+        if target.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
 
 
 def profile_main(argv: list[str] | None = None) -> int:
@@ -417,18 +434,7 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise DataError(f"data file {args.data} does not exist")
         source = _resolve_source(args.model, None)
         inputs = [source, Path(args.data)]
-        if args.output and args.plot and Path(args.output).resolve() == Path(args.plot).resolve():
-            raise ValueError(f"-o and --plot both name {args.output}; name two files")
-        for path in filter(None, (args.output, args.plot)):
-            target = Path(path).resolve()
-            # The model folder written at the end would replace (or, when new, refuse) a folder holding the file.
-            folders = [source.resolve(), *([Path(args.assign_to).resolve()] if args.assign_to else [])]
-            if target.is_dir() or target == Path(args.data).resolve() or any(f in target.parents for f in folders):
-                raise ValueError(
-                    f"{path} is a directory, the data file, or inside the model or --assign-to; name a new file to write"
-                )
-            if target.exists() and not args.overwrite:
-                raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
+        _check_load_files(args, source)
         if args.assign_to:
             check_output_dir(args.assign_to, overwrite=args.overwrite, inputs=inputs)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -181,14 +181,9 @@ class FlatUnitCodec:
 
     @property
     def _frame_order(self) -> torch.Tensor:
-        """Column of each frame position in the level-major `[frames, units_per_frame]` table."""
-        starts = [sum(self._codes_per_frame[:level]) for level in range(self.num_codebooks)]
-        seen = [0] * self.num_codebooks
-        order = []
-        for level in self.frame_levels:
-            order.append(starts[level] + seen[level])
-            seen[level] += 1
-        return torch.tensor(order)
+        """Column of each frame position in the level-major `[frames, units_per_frame]` table: its rank in a stable
+        sort by level."""
+        return torch.argsort(torch.argsort(torch.tensor(self.frame_levels), stable=True))
 
     def encode(self, waveform: torch.Tensor, sampling_rate: int) -> list[torch.LongTensor]:
         """Codes per level (1-D each) of a mono `[samples]` or `[channels, samples]` waveform at `sampling_rate`."""

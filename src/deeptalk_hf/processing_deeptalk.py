@@ -906,9 +906,10 @@ class DeepTalkStreamer(BaseStreamer):
     Iterate over it while `generate` runs in another thread (as with `TextIteratorStreamer`), or after it returns.
     Per segment, the speech chunks concatenate to `processor.decode(...).speech_units`; the text deltas concatenate to
     its text under the same `decode_kwargs` (by default `skip_special_tokens=True`, as `TextIteratorStreamer`'s users
-    usually pass) and `clean_up_tokenization_spaces=False` (a clean-up would rewrite text already sent). An audio chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of
-    a segment), from those frames plus up to `context_frames` earlier ones whose samples are dropped, which smooths
-    chunk boundaries for codecs that look backwards.
+    usually pass) and `clean_up_tokenization_spaces=False` (a clean-up would rewrite text already sent). An audio
+    chunk is decoded as soon as `audio_chunk_frames` whole frames are pending (and at the end of a segment), from
+    those frames plus up to `context_frames` earlier ones whose samples are dropped, which smooths chunk boundaries
+    for codecs that look backwards.
     """
 
     def __init__(
@@ -963,19 +964,16 @@ class DeepTalkStreamer(BaseStreamer):
         splitter, units, segment = self._splitter, [], None
         for token in value.reshape(-1).tolist():
             kind = splitter.push(token)
-            if kind == "unit" and len(splitter.segments) - 1 != segment:
-                self._send_units(segment, units)
-                segment, units = len(splitter.segments) - 1, []
             if kind == "unit":
+                segment = len(splitter.segments) - 1
                 units.append(splitter.segments[-1][-1])
-            elif kind == "text":
+            elif kind != "pad":  # text or a marker: the units so far go out first (one chunk, one segment)
                 self._send_units(segment, units)
                 units = []
-                self._send_text(final=False)
-            elif kind in ("begin", "end"):
-                self._send_units(segment, units)
-                units = []
-                self._finish_segments(keep_open=kind == "begin")
+                if kind == "text":
+                    self._send_text(final=False)
+                else:
+                    self._finish_segments(keep_open=kind == "begin")
         self._send_units(segment, units)
 
     def end(self) -> None:

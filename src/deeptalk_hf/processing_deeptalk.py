@@ -375,20 +375,19 @@ class DeepTalkProcessor(ProcessorMixin):
             raise ValueError(
                 "the tokenizer has no speech tokens: call add_speech_tokens(tokenizer, num_units, text_vocab_size=...)"
             )
+        self._check_policy(interleave, text_speech_ratio)
         self.speech_tokens = block
-        self.interleave = self._check_policy(interleave, text_speech_ratio)
-        self.text_speech_ratio = tuple(text_speech_ratio)
+        self.interleave, self.text_speech_ratio = interleave, tuple(text_speech_ratio)
         self.codec = codec
 
     @staticmethod
-    def _check_policy(interleave: str, ratio: Sequence[int]) -> str:
+    def _check_policy(interleave: str, ratio: Sequence[int]) -> None:
         if interleave not in INTERLEAVE_POLICIES:
             raise ValueError(f"interleave={interleave!r} is unknown; expected one of {INTERLEAVE_POLICIES}")
         if len(ratio) != 2 or not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in ratio):
             raise ValueError(
                 f"text_speech_ratio={tuple(ratio)} must be two positive integers (text tokens, speech units)"
             )
-        return interleave
 
     @property
     def speech_token_start(self) -> int:
@@ -578,17 +577,10 @@ class DeepTalkProcessor(ProcessorMixin):
     def _read_audio(
         self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool
     ) -> tuple[list[list] | None, BatchFeature | None]:
-        """`audio=` as `(speech_units, encoder_features)`: here the codec path, units; `DeepTalkAudioProcessor`
-        overrides it with the audio-encoder path."""
-        return self._audio_to_units(audio, sampling_rate, batch_size, single), None
-
-    def _audio_to_units(self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool) -> list[list]:
-        """The codec path of `audio=`: waveforms → codes → the flat unit stream, per sample and segment.
-
-        (An audio-encoder path, which feeds features instead of units, belongs beside this one, not inside it.)
-        """
+        """`audio=` as `(speech_units, encoder_features)`: here the codec path, each waveform's units;
+        `DeepTalkAudioProcessor` overrides it with the audio-encoder path."""
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
-        return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples]
+        return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples], None
 
     def _encode_audio(self, waveform: Any, sampling_rate: int | None) -> list[int]:
         if self.codec is None:
@@ -597,12 +589,16 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         if sampling_rate is None:
             raise ValueError("audio= needs sampling_rate= (the waveforms' rate; the codec resamples to its own)")
-        if self.codec.num_units > self.num_speech_units:
-            raise ValueError(
-                f"the codec makes {self.codec.num_units} distinct units but the tokenizer has {self.num_speech_units}"
-            )
+        self._check_codec_units(self.codec)
         codes = self.codec.encode(torch.as_tensor(waveform), sampling_rate)
         return self.codec.to_units(codes).tolist()
+
+    def _check_codec_units(self, codec: AudioCodec) -> None:
+        """Every unit the codec makes must be one of the tokenizer's speech units."""
+        if codec.num_units > self.num_speech_units:
+            raise ValueError(
+                f"the codec makes {codec.num_units} distinct units but the tokenizer has {self.num_speech_units}"
+            )
 
     def _fill_placeholders(self, text: str, ids: list[int], segments: list[list[int]]) -> list[int]:
         """`ids` were tokenized with each placeholder as a begin-of-speech marker; the segments go after those."""
@@ -1100,10 +1096,7 @@ class SpeechUnitsLogitsProcessor(LogitsProcessor):
     Outside segments nothing changes. Useful for models in training and for random-weight pipelines."""
 
     def __init__(self, processor: DeepTalkProcessor, codec: AudioCodec, *, allow_text: bool = False):
-        if codec.num_units > processor.num_speech_units:
-            raise ValueError(
-                f"the codec makes {codec.num_units} distinct units but the tokenizer has {processor.num_speech_units}"
-            )
+        processor._check_codec_units(codec)
         self.start, self.num_units = processor.speech_token_start, processor.num_speech_units
         self.begin, self.end = processor.begin_of_speech_id, processor.end_of_speech_id
         self.levels = torch.tensor(codec.frame_levels)

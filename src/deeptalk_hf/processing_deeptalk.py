@@ -492,26 +492,10 @@ class DeepTalkProcessor(ProcessorMixin):
         encoded = self.tokenizer(tokenized, add_special_tokens=text_kwargs.get("add_special_tokens", True))[
             "input_ids"
         ]
-        rows = []
-        specials: dict[int, tuple[int, int]] = {}  # per row, where known: the tokenizer's own tokens at the ends
-        for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True)):
-            placeholders = sample_text.count(SPEECH_PLACEHOLDER)
-            if placeholders:
-                if placeholders != len(segments):
-                    raise ValueError(
-                        f"text[{i}] has {placeholders} {SPEECH_PLACEHOLDER} placeholders but {len(segments)} speech segments"
-                    )
-                rows.append(self._fill_placeholders(sample_text, ids, segments))
-            elif len(segments) > 1:
-                raise ValueError(
-                    f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
-                )
-            elif segments:
-                before, after = specials[i] = self._added_special_tokens(ids, sample_text)
-                body = self._interleave(ids[before : len(ids) - after], segments[0], interleave, ratio)
-                rows.append(ids[:before] + body + ids[len(ids) - after :])
-            else:
-                rows.append(ids)
+        rows = [
+            self._with_speech(i, sample_text, ids, segments, interleave, ratio)
+            for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True))
+        ]
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
         if audio_features is not None:  # the audio-encoder path: one <|audio|> becomes the audio's positions
             expanded = expand_audio_placeholders(
@@ -528,10 +512,10 @@ class DeepTalkProcessor(ProcessorMixin):
         if truncation not in (None, False, "do_not_truncate"):
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             kept = [
-                self._kept_positions(len(row), specials.get(i) or self._added_special_tokens(ids, text), limit)
+                self._kept_positions(len(row), self._added_special_tokens(ids, text), limit)
                 if len(row) > limit
                 else range(len(row))
-                for i, (row, ids, text) in enumerate(zip(rows, encoded, tokenized, strict=True))
+                for row, ids, text in zip(rows, encoded, tokenized, strict=True)
             ]
             if audio_features is not None:
                 audio_id = self.audio_model_config.audio_token_id
@@ -558,6 +542,28 @@ class DeepTalkProcessor(ProcessorMixin):
         if audio_features is not None:
             data.update(audio_features)
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
+
+    def _with_speech(
+        self, i: int, text: str, ids: list[int], segments: list[list[int]], interleave: str, ratio: tuple[int, int]
+    ) -> list[int]:
+        """Text `i`'s ids (`ids`) with its speech: a segment per placeholder, or a transcript's one segment laid out by
+        the interleaving policy between the tokens the tokenizer added at the ends."""
+        placeholders = text.count(SPEECH_PLACEHOLDER)
+        if placeholders:
+            if placeholders != len(segments):
+                raise ValueError(
+                    f"text[{i}] has {placeholders} {SPEECH_PLACEHOLDER} placeholders but {len(segments)} speech segments"
+                )
+            return self._fill_placeholders(text, ids, segments)
+        if len(segments) > 1:
+            raise ValueError(
+                f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
+            )
+        if not segments:
+            return ids
+        before, after = self._added_special_tokens(ids, text)
+        body = self._interleave(ids[before : len(ids) - after], segments[0], interleave, ratio)
+        return ids[:before] + body + ids[len(ids) - after :]
 
     def _checked_units(self, units: Any, where: str) -> list[int]:
         if len(units) == 0:

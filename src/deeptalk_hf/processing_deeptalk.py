@@ -176,7 +176,7 @@ def fit_speech_vocab(model: DeepTalkForCausalLM, speech_tokens: range) -> None:
     def tables() -> list[torch.Tensor]:
         return [model.model.speech_embed_tokens.weight, model.speech_lm_head.weight]
 
-    moved = [table[-markers:].detach().clone() for table in tables()] if markers <= old != new else None
+    moved = [table[-markers:].detach().clone() for table in tables()] if markers <= old and old != new else None
     if moved is not None:
         model.resize_speech_vocab(old - markers)  # the units alone; the rows after them start afresh below
     model.resize_speech_vocab(new)
@@ -286,8 +286,8 @@ def _is_waveform(value: Any) -> bool:
 
 def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any], bool], name: str) -> list[list]:
     """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes
-    `None` (no speech) or a list with one such entry per text. A single text also accepts a one-sample batch (as `apply_chat_template`
-    passes it)."""
+    `None` (no speech) or a list with one such entry per text. A single text also accepts a one-sample batch (as
+    `apply_chat_template` passes it)."""
 
     def segments(entry: Any, where: str) -> list:
         if entry is None or (isinstance(entry, (list, tuple)) and len(entry) == 0):

@@ -309,7 +309,7 @@ def _snac_frame_levels(vq_strides: list[int]) -> tuple[int, ...]:
 class SnacCodec(FlatUnitCodec):
     """SNAC (`snac` package, `pip install deeptalk-hf[audio]`): multi-scale codes, Mini-Omni's 7-per-frame order."""
 
-    def __init__(self, model):
+    def __init__(self, model: torch.nn.Module):
         self.model = model.eval()
         strides = list(model.vq_strides)
         self.sampling_rate = int(model.sampling_rate)
@@ -337,7 +337,7 @@ class SnacCodec(FlatUnitCodec):
 class MimiCodec(FlatUnitCodec):
     """transformers' `MimiModel` (Moshi's codec): 12.5 Hz frames, the first `num_codebooks` levels interleaved."""
 
-    def __init__(self, model, num_codebooks: int | None = None):
+    def __init__(self, model: torch.nn.Module, num_codebooks: int | None = None):
         config = model.config
         self.model = model.eval()
         self.num_codebooks = config.num_quantizers if num_codebooks is None else num_codebooks

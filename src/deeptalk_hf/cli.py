@@ -451,7 +451,7 @@ def profile_main(argv: list[str] | None = None) -> int:
                 f"{args.model} is a {type(model).__name__}; profile a DeepTalk model (upcycle or import it first)"
             )
         config = model.config
-        number = None if counts is None else counts[0] if len(counts) == 1 else counts
+        number = counts[0] if counts and len(counts) == 1 else counts  # one count for every MoE layer
         if args.assign_to and args.strategy != "adaptive":
             speech_expert_counts(config, number)  # checked before profiling, which can take long
         if args.speech_attention:

@@ -143,6 +143,15 @@ def test_sigterm_unwinds_and_removes_a_half_written_output(tmp_path):
     assert results == [EXIT_OK]
 
 
+def test_a_sigterm_handler_installed_outside_python_is_left_in_place(monkeypatch):
+    """`getsignal` gives None for a handler Python did not install: replacing it could not be undone."""
+    installed = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append(handler))
+    assert _run("deeptalk-upcycle", lambda: None) == EXIT_OK
+    assert installed == []
+
+
 def test_exit_code_reaches_the_shell(tmp_path):
     """As the console script runs it: `sys.exit(upcycle_main())`."""
     command = "import sys; from deeptalk_hf.cli import upcycle_main; sys.exit(upcycle_main())"

@@ -97,9 +97,10 @@ def _run(prog: str, action: Callable[[], None]) -> int:
     """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments).
 
     SIGTERM (`timeout`, Slurm, `docker stop`) unwinds like Ctrl-C, so a half-written output is removed (when called
-    from the main thread, the only one Python lets set a signal handler)."""
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    from the main thread, the only one Python lets set a signal handler, and unless a handler installed outside
+    Python holds SIGTERM: `getsignal` gives None for it, so it could not be put back)."""
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
+    previous = signal.signal(signal.SIGTERM, _terminated) if own else None
     try:
         action()
     except FileExistsError as error:
@@ -112,7 +113,7 @@ def _run(prog: str, action: Callable[[], None]) -> int:
         traceback.print_exc()
         return _fail(prog, EXIT_FAILURE, f"{type(error).__name__}: {error}")
     finally:
-        if previous is not None:  # None: not set here, or a handler installed outside Python
+        if own:
             signal.signal(signal.SIGTERM, previous)
     return EXIT_OK
 

@@ -237,6 +237,7 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
             for i, logits in enumerate(outputs.router_logits):
                 probs, _, indices = blocks[i].route_all(logits.float())
                 for modality, selected in selections.items():
+                    selected = selected.to(indices.device)  # under a device_map each layer routes on its own device
                     picked = indices[selected].reshape(-1).cpu()
                     counts[modality][i] += torch.bincount(picked, minlength=sizes[i] + 1)[: sizes[i]]
                     mass[modality][i] += probs[selected].sum(0).double().cpu()

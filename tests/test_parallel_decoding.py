@@ -7,7 +7,12 @@ from hypothesis import strategies as st
 from transformers.generation import GenerationConfig, LogitsProcessor
 
 from deeptalk_hf import DeepTalkForCausalLM, profile_modality_load
-from deeptalk_hf.generation_deeptalk import audio_codes_per_stream, build_delay_pattern, revert_delay_pattern
+from deeptalk_hf.generation_deeptalk import (
+    AudioStreamReader,
+    audio_codes_per_stream,
+    build_delay_pattern,
+    revert_delay_pattern,
+)
 
 from .conftest import tiny_config
 
@@ -43,6 +48,20 @@ def test_delay_pattern_round_trip(streams, frames, batch, data):
         assert (delayed[:, s, delay + frames] == config.audio_eos_token_id).all()
     for item in range(batch):
         assert all(torch.equal(a, b) for a, b in zip(audio_codes_per_stream(delayed, config)[item], codes[item]))
+
+
+@given(data=st.data())
+def test_the_step_by_step_reader_reads_what_the_whole_answer_gives(data):
+    """Any ids (codes, pad, begin and end codes in any order, repeated): `AudioStreamReader` after each step holds
+    `audio_codes_per_stream` of the steps so far."""
+    config = parallel_config()
+    ids = st.integers(0, config.audio_codebook_size + 2)  # codes, then pad, begin and end codes
+    steps = data.draw(st.lists(st.lists(ids, min_size=3, max_size=3), max_size=12))
+    reader = AudioStreamReader(config)
+    for t, step in enumerate(steps):
+        reader.push(step)
+        expected = audio_codes_per_stream(torch.tensor(steps[: t + 1]).T[None], config)[0]
+        assert reader.codes == [codes.tolist() for codes in expected]
 
 
 def test_build_delay_pattern_rejects_codes_out_of_range():

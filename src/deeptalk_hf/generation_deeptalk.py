@@ -60,6 +60,32 @@ def audio_codes_per_stream(streams: torch.LongTensor, config: DeepTalkConfig) ->
     return result
 
 
+class AudioStreamReader:
+    """`audio_codes_per_stream` of one item, read a step at a time (for streaming): each step costs one look at each
+    stream's new code, where reading the whole answer again at every step grows with the square of its length.
+
+    `codes[s]` holds stream s's codes so far: those after its first begin code (all of them while none came), up to
+    its first end code after that point, without pad or other non-code ids."""
+
+    def __init__(self, config: DeepTalkConfig):
+        self.config = config
+        self.codes: list[list[int]] = [[] for _ in range(config.num_audio_streams)]
+        self._begun = [False] * config.num_audio_streams
+        self._ended = [False] * config.num_audio_streams
+
+    def push(self, step: list[int]) -> None:
+        """One step's ids, one per audio stream."""
+        config = self.config
+        for s, code in enumerate(step):
+            if code == config.audio_bos_token_id and not self._begun[s]:
+                # The first begin code starts the stream afresh (what came before it, an end code included, is dropped).
+                self._begun[s], self._ended[s], self.codes[s] = True, False, []
+            elif code == config.audio_eos_token_id:
+                self._ended[s] = True
+            elif code < config.audio_codebook_size and not self._ended[s]:
+                self.codes[s].append(code)
+
+
 def _ends(token_ids: torch.Tensor | int | list[int] | None, row: torch.Tensor) -> torch.Tensor:
     """Whether each row of `row` `[rows, steps]` contains one of the end ids."""
     if token_ids is None:
@@ -136,6 +162,7 @@ class ParallelStreamsStoppingCriteria(StoppingCriteria):
 
 
 __all__ = [
+    "AudioStreamReader",
     "DelayPatternLogitsProcessor",
     "ParallelStreamsStoppingCriteria",
     "audio_codes_per_stream",

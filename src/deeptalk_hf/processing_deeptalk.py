@@ -28,7 +28,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .audio_codecs import has_integer_dtype
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
-from .generation_deeptalk import audio_codes_per_stream, build_delay_pattern
+from .generation_deeptalk import AudioStreamReader, audio_codes_per_stream, build_delay_pattern
 
 if TYPE_CHECKING:
     from .audio_codecs import AudioCodec
@@ -1054,6 +1054,7 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
         timeout: float | None = None,
         **decode_kwargs: Any,
     ):
+        self.config = config  # before `__init__`'s `_reset`, which reads it
         super().__init__(
             processor,
             processor._stream_codec(codec, config),
@@ -1062,13 +1063,12 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
             timeout=timeout,
             **decode_kwargs,
         )
-        self.config = config
         self.rows = (2 if batch_parallel else 1) * (config.num_audio_streams + 1)
         self.text_row = self.rows - config.num_audio_streams - 1  # the text-only copy's text stream, if any
 
     def _reset(self) -> None:
         super()._reset()
-        self._audio_steps: list[torch.Tensor] = []  # the speech answer's audio streams, one [S] column per step
+        self._audio = AudioStreamReader(self.config)  # the speech answer's audio streams so far
         self._splitter.segments.append([])
 
     def _put(self, value: torch.Tensor) -> None:
@@ -1086,10 +1086,10 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
             if text_ids:
                 self._splitter.text_ids += text_ids
                 self._send_text(final=False)
-            self._audio_steps.append(step[1:streams])
-            codes = audio_codes_per_stream(torch.stack(self._audio_steps, dim=-1)[None], self.config)[0]
-            new = _frame_groups(codes)[:, len(answer) // self.codec.units_per_frame :]
-            if new.shape[1]:
+            self._audio.push(step[1:streams].tolist())
+            done, frames = len(answer) // self.codec.units_per_frame, min(map(len, self._audio.codes))
+            if frames > done:  # every stream has its code of these frames
+                new = torch.tensor([codes[done:frames] for codes in self._audio.codes])
                 units = self.codec.to_units(self.codec.from_streams(new)).tolist()
                 answer += units
                 self._send_units(0, units)

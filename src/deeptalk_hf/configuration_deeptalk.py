@@ -56,8 +56,8 @@ class DeepTalkConfig(PreTrainedConfig):
       projection before the head split (`"full"`, OLMoE); `clip_qkv` clamps queries, keys and values (OLMoE).
     - DeepSeek-V2/V3: multi-head latent attention when `kv_lora_rank` is set (`q_lora_rank`, `qk_nope_head_dim`,
       `qk_rope_head_dim`, `v_head_dim`, `rope_interleave`; `head_dim` becomes `qk_rope_head_dim`, as in transformers'
-      DeepSeek configs, and `use_qk_norm`/`qk_norm_type` do not apply: MLA normalises its latents itself); router `scoring_func` (softmax or sigmoid), `topk_method`
-      (`"greedy"`, V2's `"group_limited_greedy"`, V3's `"noaux_tc"` with a per-expert score-correction bias),
+      DeepSeek configs, and `use_qk_norm`/`qk_norm_type` do not apply: MLA normalises its latents itself); router
+      `scoring_func` (softmax or sigmoid), `topk_method` (`"greedy"`, V2's `"group_limited_greedy"`, V3's `"noaux_tc"` with a per-expert score-correction bias),
       `n_group`/`topk_group` and `routed_scaling_factor`. Group-limited top-k applies where a router sees all of a
       layer's experts (routing "none", or a layer without speech experts); a split modality group uses plain top-k.
 

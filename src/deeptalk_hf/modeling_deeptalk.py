@@ -430,12 +430,14 @@ class DeepTalkSparseMoeBlock(nn.Module):
             if config.shared_expert_gate:
                 self.shared_experts_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
+    def _bias(self, router: nn.Module) -> torch.Tensor | None:
+        # Only DeepSeek-V3's routers hold a bias; looking for a PEFT wrapper's `base_layer` costs ~2.5 us otherwise.
+        return correction_bias(router) if self.routing.topk_method == "noaux_tc" else None
+
     def _route(
         self, logits: torch.Tensor, router: nn.Module, group_limited: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Only DeepSeek-V3's routers hold a bias; looking for a PEFT wrapper's `base_layer` costs ~2.5 us otherwise.
-        bias = correction_bias(router) if self.routing.topk_method == "noaux_tc" else None
-        return topk_routing(logits, self.routing, bias, group_limited)
+        return topk_routing(logits, self.routing, self._bias(router), group_limited)
 
     def _hard(
         self, hidden: torch.Tensor, split: ModalitySplit, output_router_logits: bool
@@ -492,9 +494,9 @@ class DeepTalkSparseMoeBlock(nn.Module):
         and the column of each source expert in `[experts; speech_experts]` (`None`: the orders agree)."""
         order = self.config.expert_order(self.layer_idx)
         position = None if order is None else torch.argsort(torch.tensor(order, device=router_logits.device))
-        bias = correction_bias(self.gate)
+        bias = self._bias(self.gate)
         if bias is not None and self.num_speech_experts:
-            bias = torch.cat([bias, correction_bias(self.speech_gate)])
+            bias = torch.cat([bias, self._bias(self.speech_gate)])
         if position is not None:
             router_logits = router_logits[:, position]
             bias = bias[position] if bias is not None else None

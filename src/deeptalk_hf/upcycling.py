@@ -54,8 +54,8 @@ _SPEECH_ROWS = {
     "model.embed_tokens.weight": "model.speech_embed_tokens.weight",
     "lm_head.weight": "speech_lm_head.weight",
 }
-# Files of a hub snapshot that conversion reads (no `.bin` weights, no images or docs).
-# What a hub download fetches besides the weight files (configs, index, tokenizer files and their code).
+# Files of a hub snapshot that conversion reads besides the weights (configs, index, tokenizer files and their code;
+# no `.bin` weights, no images or docs).
 _SNAPSHOT_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenization_*.py"]
 # A tokenizer's files, copied as they are (loading one can need its own code, `tokenization_*.py`).
 _TOKENIZER_FILES = (

@@ -233,9 +233,9 @@ def test_read_jsonl_batches(tmp_path):
     assert first["input_ids"][1, :9].tolist() == rows[1]["input_ids"][:9]
 
 
-@pytest.mark.parametrize("modality", ["[[0], [1]]", '[0, {"a": 1}]', "[0, 2]"])
+@pytest.mark.parametrize("modality", ["[[0], [1]]", '[0, {"a": 1}]', "[0, 2]", "[0, 1.0]", "[true, 0]"])
 def test_read_jsonl_batches_refuses_modality_ids_that_are_not_0_or_1(tmp_path, modality):
-    """Nested values are corrupt data (exit code 3), not a crash."""
+    """Nested, float and boolean values are corrupt data (exit code 3), not a crash or a silent cast."""
     bad = tmp_path / "bad.jsonl"
     bad.write_text(f'{{"input_ids": [1, 2], "modality_ids": {modality}}}\n')
     with pytest.raises(cli.DataError, match="bad.jsonl:1: modality_ids must be 0/1 values"):

@@ -313,7 +313,9 @@ def read_jsonl_batches(
         if not isinstance(ids, list) or not ids or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
             raise DataError(f"{path}:{number}: input_ids must be a non-empty list of ids in [0, {vocab_size})")
         if modality is not None and (
-            not isinstance(modality, list) or len(modality) != len(ids) or not all(type(m) is int and m in (0, 1) for m in modality)
+            not isinstance(modality, list)
+            or len(modality) != len(ids)
+            or not all(type(m) is int and m in (0, 1) for m in modality)
         ):
             raise DataError(f"{path}:{number}: modality_ids must be 0/1 values, one per input id")
         rows.append({"input_ids": ids[:max_length], "modality_ids": modality and modality[:max_length]})

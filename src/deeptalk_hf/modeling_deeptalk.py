@@ -1177,9 +1177,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         batch_parallel: bool = False,
         **kwargs,
     ):
-        r"""transformers' `generate` (same positional parameters); with parallel audio streams, `inputs` is
-        `[batch, 1 + S, seq]` in the delayed layout and so is the result (`revert_delay_pattern` /
-        `audio_codes_per_stream` read the codes back).
+        r"""transformers' `generate` (its first four parameters by position, the rest by keyword); with parallel audio
+        streams, `inputs` is `[batch, 1 + S, seq]` in the delayed layout and so is the result (`revert_delay_pattern`
+        / `audio_codes_per_stream` read the codes back).
 
         speech_answer (`bool`, defaults to `True`):
             Parallel streams only: answer in speech (audio streams follow the delay pattern and generation stops when

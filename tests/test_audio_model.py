@@ -166,6 +166,8 @@ def test_bad_audio_input_raises_naming_the_problem():
         cache = model(input_ids=batch["input_ids"], **features_of(batch), use_cache=True).cache
     with pytest.raises(ValueError, match="3 audio placeholders.*no input_features"):
         model(input_ids=batch["input_ids"], cache=cache)
+    with pytest.raises(ValueError, match="no input_features.*assistant model in generate gets none"):
+        model.generate(**batch, assistant_model=model, max_new_tokens=2, do_sample=False)
     with pytest.raises(ValueError, match="input_features has 1 audios but input_features_mask 2"):
         model(**dict(batch, input_features_mask=batch["input_features_mask"].repeat(2, 1)))
     with pytest.raises(ValueError, match="every audio fills at least one position"):

@@ -248,7 +248,8 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if num_placeholders:  # a step of generation never holds one (the placeholder is suppressed)
                 raise ValueError(
                     f"input_ids has {num_placeholders} audio placeholders (audio_token_id={self.config.audio_token_id}) "
-                    "but no input_features were given"
+                    "but no input_features were given (an assistant model in generate gets none: assisted "
+                    "generation does not support audio inputs)"
                 )
             return inputs_embeds
         if input_features_mask is not None and input_features_mask.shape[0] != input_features.shape[0]:

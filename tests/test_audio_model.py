@@ -430,6 +430,19 @@ def test_other_stages_keep_their_meaning_and_leave_the_encoder_frozen():
     assert set(joint) == {n for n in names if not n.startswith("audio_encoder.")}
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_reentrant_checkpointing_warns_that_the_llm_router_losses_lose_their_gradient(reentrant, caplog):
+    """The composite checkpoints its language model's layers too, so it warns as the language model alone does."""
+    text_config = tiny_config(router_aux_loss_coef=1e-2, router_z_loss_coef=1e-3)
+    model = DeepTalkForConditionalGeneration(whisper_audio_config(text_config=text_config)).train()
+    with caplog.at_level("WARNING", logger="deeptalk_hf.modeling_deeptalk"):
+        model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    input_ids = torch.tensor([[BOS, 11, 12, 70, 71, 72]])
+    out = model(input_ids, labels=input_ids)
+    assert out.aux_loss.requires_grad is out.z_loss.requires_grad is not reentrant  # what the warning is about
+    assert ("router losses (aux_loss, z_loss) get no gradient" in caplog.text) is reentrant
+
+
 def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
     """A non-Whisper encoder (wav2vec2: raw samples in, sample-level mask) is built by `AutoModel` and masked."""
     encoder_config = Wav2Vec2Config(

@@ -456,6 +456,9 @@ def test_joint_align_and_also(tmp_path_factory):
         set_training_stage(model, "listen")
     with pytest.raises(ValueError, match="matches no parameter"):
         set_training_stage(model, "text", also=("*.attention.*",))
+    # One pattern passed as a string is named as such, not read as one pattern per character ("*" would match all).
+    with pytest.raises(TypeError, match=r"also='\*\.self_attn\.\*' is one string.*also=\('\*\.self_attn\.\*',\)"):
+        set_training_stage(model, "speech", also="*.self_attn.*")
     trainable = set(set_training_stage(model, "text", also=("*.self_attn.q_proj.*",)))
     assert {name for name in trainable if "q_proj" in name} == {
         f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)

@@ -519,6 +519,8 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
     """
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage={stage!r} is unknown; expected one of {TRAINING_STAGES}")
+    if isinstance(also, str):  # a string is a sequence too: each character would be a pattern
+        raise TypeError(f"also={also!r} is one string; pass a sequence of patterns, e.g. also=({also!r},)")
     if any(isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)) for module in model.modules()):
         # Names would select the frozen base tensors inside PEFT's wrappers (and PEFT allows one set of experts
         # tensors across adapters): stages take turns, merging in between.

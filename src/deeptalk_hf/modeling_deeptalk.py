@@ -606,6 +606,20 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
+def warn_if_checkpointing_stops_balancing(
+    config: DeepTalkConfig, activation_checkpointing_kwargs: dict | None
+) -> None:
+    """Warn where activation checkpointing would silently stop load balancing: a reentrant checkpoint runs the layers
+    without autograd, so the router logits behind the router losses carry no gradient (as in transformers' own MoE
+    models). For every model that checkpoints DeepTalk layers (the audio model's language model too)."""
+    losses = config.router_aux_loss_coef or config.router_z_loss_coef
+    if losses and config.moe_layers and (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+        logger.warning(
+            "activation checkpointing with use_reentrant=True: the router losses (aux_loss, z_loss) get no "
+            "gradient, so load balancing stops; use the default use_reentrant=False"
+        )
+
+
 class DeepTalkPreTrainedModel(PreTrainedModel):
     config: DeepTalkConfig
     base_model_prefix = "model"
@@ -656,16 +670,9 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
     ) -> None:
-        """transformers' activation checkpointing, with a warning where it silently stops load balancing: a reentrant
-        checkpoint runs the layers without autograd, so the router logits behind the router losses carry no gradient
-        (as in transformers' own MoE models)."""
-        config = self.config
-        losses = config.router_aux_loss_coef or config.router_z_loss_coef
-        if losses and config.moe_layers and (activation_checkpointing_kwargs or {}).get("use_reentrant"):
-            logger.warning(
-                "activation checkpointing with use_reentrant=True: the router losses (aux_loss, z_loss) get no "
-                "gradient, so load balancing stops; use the default use_reentrant=False"
-            )
+        """transformers' activation checkpointing, with a warning where it silently stops load balancing (see
+        `warn_if_checkpointing_stops_balancing`)."""
+        warn_if_checkpointing_stops_balancing(self.config, activation_checkpointing_kwargs)
         super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:

@@ -32,6 +32,7 @@ from .modeling_deeptalk import (
     DeepTalkPreTrainedModel,
     check_prompt_modality_ids,
     speech_positions,
+    warn_if_checkpointing_stops_balancing,
 )
 
 # Where audio encoders keep their transformer layers: Whisper / Qwen2-Audio / GLM-ASR, and the wav2vec2 family.
@@ -176,6 +177,14 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if mode and not any(parameter.requires_grad for parameter in self.audio_encoder.parameters()):
             self.audio_encoder.eval()
         return self
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """transformers' activation checkpointing, which reaches the language model's layers without going through its
+        `activation_checkpointing_enable`: so the warning about a reentrant checkpoint's router losses is given here."""
+        warn_if_checkpointing_stops_balancing(self.config.text_config, activation_checkpointing_kwargs)
+        super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

@@ -25,6 +25,8 @@ from deeptalk_hf import (
     set_training_stage,
 )
 
+from .conftest import tiny_config
+
 TEXT_VOCAB, SPEECH_VOCAB = 64, 16
 
 
@@ -459,6 +461,13 @@ def test_joint_align_and_also(tmp_path_factory):
     # One pattern passed as a string is named as such, not read as one pattern per character ("*" would match all).
     with pytest.raises(TypeError, match=r"also='\*\.self_attn\.\*' is one string.*also=\('\*\.self_attn\.\*',\)"):
         set_training_stage(model, "speech", also="*.self_attn.*")
+    # A model without speech tensors (an imported MoE before assignment) or without MoE layers: the call says why.
+    bare = DeepTalkForCausalLM(tiny_config(speech_vocab_size=0, num_speech_experts=0))
+    with pytest.raises(ValueError, match="stage 'speech' leaves nothing.*no speech tensors.*resize_speech_vocab"):
+        set_training_stage(bare, "speech")
+    dense = DeepTalkForCausalLM(tiny_config(mlp_only_layers=[0, 1, 2]))
+    with pytest.raises(ValueError, match="stage 'text' leaves nothing.*no text experts or text router"):
+        set_training_stage(dense, "text")
     trainable = set(set_training_stage(model, "text", also=("*.self_attn.q_proj.*",)))
     assert {name for name in trainable if "q_proj" in name} == {
         f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)

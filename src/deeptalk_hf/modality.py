@@ -542,7 +542,12 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
             raise ValueError(f"also pattern {pattern!r} matches no parameter of the model")
     trainable = [name for name in names if rules[stage](name) or any(fnmatchcase(name, pattern) for pattern in also)]
     if not trainable:
-        raise ValueError(f"stage {stage!r} leaves nothing to train in this model")
+        reason = {
+            "speech": "it has no speech tensors (speech vocabulary, experts or attention): add them first, e.g. with "
+            "resize_speech_vocab and assign_modality_experts",
+            "text": "it has no text experts or text router (mlp.experts, mlp.gate): no layer is an MoE layer",
+        }
+        raise ValueError(f"stage {stage!r} leaves nothing to train in this model: {reason[stage]}")
     return trainable
 
 

@@ -546,6 +546,8 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
             "speech": "it has no speech tensors (speech vocabulary, experts or attention): add them first, e.g. with "
             "resize_speech_vocab and assign_modality_experts",
             "text": "it has no text experts or text router (mlp.experts, mlp.gate): no layer is an MoE layer",
+            "joint": "it has no parameters outside the audio encoder",
+            "align": "it has no speech connector",
         }
         raise ValueError(f"stage {stage!r} leaves nothing to train in this model: {reason[stage]}")
     return trainable

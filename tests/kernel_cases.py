@@ -1,7 +1,14 @@
 """Shared helpers of the kernel tests (CPU/interpreter and GPU): cases, non-contiguous layouts, comparisons."""
 
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+from transformers import (
+    Lfm2MoeConfig,
+    Lfm2MoeForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
 
@@ -100,6 +107,16 @@ def tiny_mixtral() -> MixtralForCausalLM:
     return MixtralForCausalLM(config)
 
 
+def tiny_lfm2_moe() -> Lfm2MoeForCausalLM:
+    # Its experts hold the function `F.silu` as `act_fn`, not an activation module.
+    config = Lfm2MoeConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, num_dense_layers=0,
+        layer_types=["conv", "full_attention"],
+    )  # fmt: skip
+    return Lfm2MoeForCausalLM(config)
+
+
 def tiny_deeptalk(routing: str) -> DeepTalkForCausalLM:
     # top-k 3 > 2 speech experts: speech tokens carry sentinel slots under hard routing.
     config = DeepTalkConfig(
@@ -113,6 +130,7 @@ def tiny_deeptalk(routing: str) -> DeepTalkForCausalLM:
 MODELS = {
     "qwen3_moe": tiny_qwen3_moe,
     "mixtral": tiny_mixtral,
+    "lfm2_moe": tiny_lfm2_moe,
     "deeptalk_hard": lambda: tiny_deeptalk("hard"),
     "deeptalk_none": lambda: tiny_deeptalk("none"),
 }

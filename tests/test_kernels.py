@@ -399,6 +399,10 @@ def test_unsupported_layouts_are_named():
     experts.act_fn = torch.nn.GELU()
     with pytest.raises(NotImplementedError, match="GELU"):
         K.deeptalk_triton_experts_forward(experts, *args)
+    del experts.act_fn  # a function other than `F.silu` (which LFM2-MoE's experts hold as `act_fn`)
+    experts.act_fn = torch.nn.functional.gelu
+    with pytest.raises(NotImplementedError, match="activation gelu"):
+        K.deeptalk_triton_experts_forward(experts, *args)
     config = GptOssConfig(num_local_experts=2, hidden_size=8, intermediate_size=8)
     with pytest.raises(NotImplementedError, match="biases.*transposed.*interleaved.*_apply_gate"):
         K.deeptalk_triton_experts_forward(GptOssExperts(config), *args)

@@ -33,6 +33,10 @@ def _interpreting() -> bool:
 def _unsupported_features(experts: nn.Module) -> list[str]:
     """What, if anything, keeps an experts module off the kernels (they implement one layout)."""
     custom_gate = getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+    act_fn = getattr(experts, "act_fn", None)
+    # Most experts hold an activation module; some (LFM2-MoE) hold the function `F.silu` itself.
+    silu = isinstance(act_fn, (SiLUActivation, nn.SiLU)) or act_fn is nn.functional.silu
+    act_name = getattr(act_fn, "__name__", None) or type(act_fn).__name__
     checks = {
         "no gate (has_gate=False)": not getattr(experts, "has_gate", True),
         "biases (has_bias=True)": getattr(experts, "has_bias", False),
@@ -40,9 +44,7 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
         "interleaved gate/up rows (is_concatenated=False)": not getattr(experts, "is_concatenated", True),
         "a post-expert norm (has_post_expert_norm=True)": getattr(experts, "has_post_expert_norm", False),
         "a custom `_apply_gate`": custom_gate,
-        f"activation {type(getattr(experts, 'act_fn', None)).__name__} (only SiLU)": not isinstance(
-            getattr(experts, "act_fn", None), (SiLUActivation, nn.SiLU)
-        ),
+        f"activation {act_name} (only SiLU)": not silu,
     }
     return [feature for feature, unsupported in checks.items() if unsupported]
 

@@ -44,7 +44,8 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
         "interleaved gate/up rows (is_concatenated=False)": not getattr(experts, "is_concatenated", True),
         "a post-expert norm (has_post_expert_norm=True)": getattr(experts, "has_post_expert_norm", False),
         "a custom `_apply_gate`": custom_gate,
-        f"activation {act_name} (only SiLU)": not silu,
+        # A custom gate replaces the default's use of `act_fn` (which such modules often lack): named once, above.
+        f"activation {act_name} (only SiLU)": not custom_gate and not silu,
     }
     return [feature for feature, unsupported in checks.items() if unsupported]
 

@@ -499,7 +499,8 @@ def profile_main(argv: list[str] | None = None) -> int:
                 add_speech_attention(model)
             with atomic_output_dir(args.assign_to, overwrite=args.overwrite, inputs=inputs) as staging:
                 model.save_pretrained(staging)
-                _copy_tokenizer(source, staging)
+                # A DeepTalk source's processor settings (interleaving) belong with its tokenizer.
+                _copy_tokenizer(source, staging, extra=("processor_config.json",))
         print(_summary(load, chosen))
 
     with _progress_bars(enabled=not args.quiet):

@@ -502,9 +502,11 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         ) from error
 
 
-def _copy_tokenizer(source: Path, destination: Path) -> None:
-    """Copy the source's tokenizer files (when it has any) beside the converted weights, as they are."""
-    for path in {path for pattern in _TOKENIZER_FILES for path in source.glob(pattern)}:  # once, if patterns overlap
+def _copy_tokenizer(source: Path, destination: Path, extra: tuple[str, ...] = ()) -> None:
+    """Copy the source's tokenizer files (when it has any) and the `extra` patterns beside the converted weights, as
+    they are."""
+    patterns = (*_TOKENIZER_FILES, *extra)
+    for path in {path for pattern in patterns for path in source.glob(pattern)}:  # once, if patterns overlap
         if path.is_dir():  # `additional_chat_templates/`
             shutil.copytree(path, destination / path.name)
         elif path.is_file():

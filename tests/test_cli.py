@@ -404,7 +404,8 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     # device.
     load.unlink()
     assert profile_main(arguments) == EXIT_USAGE
-    assert "no speech experts yet" in capsys.readouterr().err and not load.exists()
+    error = capsys.readouterr().err
+    assert "no speech experts yet" in error and "--num-speech-experts" in error and not load.exists()
     assert profile_main([*arguments, "--num-speech-experts", "1", "--device", "bogus"]) == EXIT_USAGE
     assert "--device bogus cannot be used" in capsys.readouterr().err and not load.exists()
     if importlib.util.find_spec("matplotlib") is None:

@@ -456,7 +456,10 @@ def profile_main(argv: list[str] | None = None) -> int:
         config = model.config
         number = counts[0] if counts and len(counts) == 1 else counts  # one count for every MoE layer
         if args.assign_to and args.strategy != "adaptive":
-            speech_expert_counts(config, number)  # checked before profiling, which can take long
+            try:  # checked before profiling, which can take long
+                speech_expert_counts(config, number)
+            except ValueError as error:  # the library's message names the argument; the user types the option
+                raise ValueError(f"--num-speech-experts: {error}") from error
         if args.speech_attention:
             try:  # checked before profiling, which can take long
                 speech_attention_layers(model)

@@ -102,6 +102,8 @@ def _check_architecture(source: PretrainedConfig, supported: Iterable[str], what
             hint = " (it is a dense model: use upcycle_dense)"
         elif kind in MOE_ARCHITECTURES:
             hint = " (it is an MoE: use upcycle_moe)"
+        elif kind == DeepTalkConfig.model_type:
+            hint = " (it is already a DeepTalk model: load it with from_pretrained)"
         raise CheckpointError(
             f"cannot convert model_type {kind!r} ({names}): supported {what} architectures are "
             f"{', '.join(sorted(supported))}{hint}"

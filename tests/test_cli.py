@@ -306,6 +306,17 @@ def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):
     assert "already has speech attention" in capsys.readouterr().err and not again.exists()
 
 
+def test_profile_assign_to_keeps_the_processor_settings(deeptalk_checkpoint, tmp_path):
+    """A processor saved beside the model (its interleaving policy) comes along with the tokenizer files."""
+    model = shutil.copytree(deeptalk_checkpoint, tmp_path / "model")
+    settings = '{"interleave": "interleaved", "processor_class": "DeepTalkProcessor", "text_speech_ratio": [2, 4]}'
+    (model / "processor_config.json").write_text(settings)
+    data, split = write_data(tmp_path / "data.jsonl"), tmp_path / "split"
+    arguments = [str(model), str(data), "--quiet", "--assign-to", str(split), "--num-speech-experts", "2"]
+    assert profile_main(arguments) == EXIT_OK
+    assert (split / "processor_config.json").read_text() == settings
+
+
 def test_profile_reads_and_counts_the_same_lines(deeptalk_checkpoint, tmp_path, monkeypatch, capsys):
     """The reader and the progress bar's total agree on a BOM, whitespace-only lines and any line ending."""
     totals = []
@@ -393,7 +404,8 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     # device.
     load.unlink()
     assert profile_main(arguments) == EXIT_USAGE
-    assert "no speech experts yet" in capsys.readouterr().err and not load.exists()
+    error = capsys.readouterr().err
+    assert "no speech experts yet" in error and "--num-speech-experts" in error and not load.exists()
     assert profile_main([*arguments, "--num-speech-experts", "1", "--device", "bogus"]) == EXIT_USAGE
     assert "--device bogus cannot be used" in capsys.readouterr().err and not load.exists()
     if importlib.util.find_spec("matplotlib") is None:

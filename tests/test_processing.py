@@ -368,6 +368,15 @@ def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():
         assert encoded["input_ids"] == PROCESSOR(text=rendered)["input_ids"]
 
 
+def test_a_chat_template_without_speech_placeholders_is_refused():
+    """A text model's own template (copied with its tokenizer) renders no `<|speech|>`: the units must not silently
+    become a transcript appended after the prompt."""
+    text_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    conversation = [{"role": "user", "content": [{"type": "speech", "units": [7, 8, 9]}]}]
+    with pytest.raises(ValueError, match="the chat template does not render speech blocks"):
+        PROCESSOR.apply_chat_template(conversation, chat_template=text_template, tokenize=True)
+
+
 def test_save_and_load_round_trip(tmp_path):
     processor = tiny_processor(NUM_UNITS, interleave="interleaved", text_speech_ratio=(2, 3))
     processor.save_pretrained(tmp_path)

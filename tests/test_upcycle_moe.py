@@ -410,6 +410,9 @@ def test_unsupported_sources_are_refused(tmp_path):
         upcycle_moe(gpt2)
     with pytest.raises(CheckpointError, match=r"model_type 'mixtral'.*use upcycle_moe"):
         upcycle_dense(source_model("mixtral"), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    deeptalk = upcycle_moe(source_model("mixtral"))
+    with pytest.raises(CheckpointError, match=r"model_type 'deeptalk'.*already a DeepTalk model"):
+        upcycle_moe(deeptalk)
 
     checkpoint = save_dense(source_model("qwen3_moe"), tmp_path / "quantized")
     config = json.loads((checkpoint / "config.json").read_text())

@@ -456,7 +456,10 @@ def profile_main(argv: list[str] | None = None) -> int:
         config = model.config
         number = counts[0] if counts and len(counts) == 1 else counts  # one count for every MoE layer
         if args.assign_to and args.strategy != "adaptive":
-            speech_expert_counts(config, number)  # checked before profiling, which can take long
+            try:  # checked before profiling, which can take long
+                speech_expert_counts(config, number)
+            except ValueError as error:  # the library's message names the argument; the user types the option
+                raise ValueError(f"--num-speech-experts: {error}") from error
         if args.speech_attention:
             try:  # checked before profiling, which can take long
                 speech_attention_layers(model)
@@ -499,7 +502,8 @@ def profile_main(argv: list[str] | None = None) -> int:
                 add_speech_attention(model)
             with atomic_output_dir(args.assign_to, overwrite=args.overwrite, inputs=inputs) as staging:
                 model.save_pretrained(staging)
-                _copy_tokenizer(source, staging)
+                # A DeepTalk source's processor settings (interleaving) belong with its tokenizer.
+                _copy_tokenizer(source, staging, extra=("processor_config.json",))
         print(_summary(load, chosen))
 
     with _progress_bars(enabled=not args.quiet):

@@ -94,6 +94,11 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
     return batch
 
 
+class _ConversationSpeech(list):
+    """The speech segments of `apply_chat_template`'s conversations: each must fill a placeholder of the rendered
+    template; unlike `speech_units=` beside a plain text, none is a transcript to lay out."""
+
+
 def _speech_block(tokenizer: PreTrainedTokenizerBase) -> range | None:
     """The tokenizer's speech block, `None` if it has no speech tokens; a `ValueError` if they are laid out wrongly."""
     added = tokenizer.get_added_vocab()
@@ -474,6 +479,7 @@ class DeepTalkProcessor(ProcessorMixin):
         texts = [text or ""] if single else list(text)
         if not texts:
             raise ValueError("text= is an empty batch")
+        from_conversation = isinstance(speech_units, _ConversationSpeech)
         if speech_units is not None and audio is not None and self.audio_becomes_units:
             raise ValueError("pass speech as speech_units= or as audio=, not both")
         audio_features = None
@@ -493,7 +499,7 @@ class DeepTalkProcessor(ProcessorMixin):
             "input_ids"
         ]
         rows = [
-            self._with_speech(i, sample_text, ids, segments, interleave, ratio)
+            self._with_speech(i, sample_text, ids, segments, interleave, ratio, from_conversation)
             for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True))
         ]
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
@@ -544,10 +550,18 @@ class DeepTalkProcessor(ProcessorMixin):
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
 
     def _with_speech(
-        self, i: int, text: str, ids: list[int], segments: list[list[int]], interleave: str, ratio: tuple[int, int]
+        self,
+        i: int,
+        text: str,
+        ids: list[int],
+        segments: list[list[int]],
+        interleave: str,
+        ratio: tuple[int, int],
+        from_conversation: bool = False,
     ) -> list[int]:
         """Text `i`'s ids (`ids`) with its speech: a segment per placeholder, or a transcript's one segment laid out by
-        the interleaving policy between the tokens the tokenizer added at the ends."""
+        the interleaving policy between the tokens the tokenizer added at the ends (never for a conversation's
+        segments, which a template without placeholders, such as a text model's own, would drop)."""
         placeholders = text.count(SPEECH_PLACEHOLDER)
         if placeholders:
             if placeholders != len(segments):
@@ -555,6 +569,12 @@ class DeepTalkProcessor(ProcessorMixin):
                     f"text[{i}] has {placeholders} {SPEECH_PLACEHOLDER} placeholders but {len(segments)} speech segments"
                 )
             return self._fill_placeholders(text, ids, segments)
+        if from_conversation and segments:
+            raise ValueError(
+                f"conversation {i} has {len(segments)} speech blocks but the chat template does not render speech "
+                f"blocks as {SPEECH_PLACEHOLDER} (a text model's own template?): build the processor with "
+                "DeepTalkProcessor(tokenizer), whose default template does, or pass a chat_template= that does"
+            )
         if len(segments) > 1:
             raise ValueError(
                 f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
@@ -777,7 +797,7 @@ class DeepTalkProcessor(ProcessorMixin):
             for blocks in _speech_blocks(conversations, audio_loading_params)
         ]
         empty = [[] for _ in conversations]
-        return empty, empty, [], {"speech_units": batch}
+        return empty, empty, [], {"speech_units": _ConversationSpeech(batch)}
 
 
 class DeepTalkAudioProcessor(DeepTalkProcessor):
@@ -864,7 +884,7 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
             units.append([block for kind, block in blocks if kind == "speech"])
             audio.append([at_rate(*block) for kind, block in blocks if kind == "audio"])
         empty = [[] for _ in conversations]
-        return empty, empty, audio if any(audio) else [], {"speech_units": units}
+        return empty, empty, audio if any(audio) else [], {"speech_units": _ConversationSpeech(units)}
 
     def _read_audio(
         self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool

@@ -102,6 +102,8 @@ def _check_architecture(source: PretrainedConfig, supported: Iterable[str], what
             hint = " (it is a dense model: use upcycle_dense)"
         elif kind in MOE_ARCHITECTURES:
             hint = " (it is an MoE: use upcycle_moe)"
+        elif kind == DeepTalkConfig.model_type:
+            hint = " (it is already a DeepTalk model: load it with from_pretrained)"
         raise CheckpointError(
             f"cannot convert model_type {kind!r} ({names}): supported {what} architectures are "
             f"{', '.join(sorted(supported))}{hint}"
@@ -502,9 +504,11 @@ def _download(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         ) from error
 
 
-def _copy_tokenizer(source: Path, destination: Path) -> None:
-    """Copy the source's tokenizer files (when it has any) beside the converted weights, as they are."""
-    for path in {path for pattern in _TOKENIZER_FILES for path in source.glob(pattern)}:  # once, if patterns overlap
+def _copy_tokenizer(source: Path, destination: Path, extra: tuple[str, ...] = ()) -> None:
+    """Copy the source's tokenizer files (when it has any) and the `extra` patterns beside the converted weights, as
+    they are."""
+    patterns = (*_TOKENIZER_FILES, *extra)
+    for path in {path for pattern in patterns for path in source.glob(pattern)}:  # once, if patterns overlap
         if path.is_dir():  # `additional_chat_templates/`
             shutil.copytree(path, destination / path.name)
         elif path.is_file():

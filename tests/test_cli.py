@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import runpy
 import shutil
 import signal
 import subprocess
@@ -150,6 +151,13 @@ def test_a_sigterm_handler_installed_outside_python_is_left_in_place(monkeypatch
     monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append(handler))
     assert _run("deeptalk-upcycle", lambda: None) == EXIT_OK
     assert installed == []
+
+
+@pytest.mark.filterwarnings("ignore:'deeptalk_hf.cli' found in sys.modules:RuntimeWarning")  # runpy's, re-running it
+def test_running_the_module_points_to_the_commands():
+    """`python -m deeptalk_hf.cli` has no command of its own: it names the two and fails, rather than exit 0."""
+    with pytest.raises(SystemExit, match="deeptalk-upcycle and deeptalk-profile"):
+        runpy.run_module("deeptalk_hf.cli", run_name="__main__")
 
 
 def test_exit_code_reaches_the_shell(tmp_path):

@@ -508,3 +508,7 @@ def profile_main(argv: list[str] | None = None) -> int:
 
     with _progress_bars(enabled=not args.quiet):
         return _run(parser.prog, action)
+
+
+if __name__ == "__main__":  # `python -m deeptalk_hf.cli` would otherwise do nothing and exit 0
+    sys.exit("deeptalk_hf.cli holds two commands, installed with the package: deeptalk-upcycle and deeptalk-profile")

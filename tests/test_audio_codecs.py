@@ -197,6 +197,36 @@ def test_bad_audio_raises(name, waveform, rate, message):
         CODECS[name].encode(waveform, rate)
 
 
+@needs_snac
+@pytest.mark.parametrize("vq_strides", [[4, 2, 1], [8, 4, 2, 1]])
+def test_a_snac_with_local_attention_decodes_any_number_of_frames(vq_strides):
+    """SNAC 32/44 kHz attend within windows of latent steps: a streamed chunk or an answer of a few frames must
+    decode too, to `samples_per_frame` samples per frame, and the encoder's own window-sized output as SNAC does."""
+    from snac import SNAC as SnacModel
+
+    torch.manual_seed(0)
+    model = SnacModel(
+        sampling_rate=24000,
+        encoder_dim=4,
+        encoder_rates=[2, 4, 8, 8],
+        decoder_dim=64,
+        decoder_rates=[8, 8, 4, 2],
+        attn_window_size=16,
+        codebook_size=16,
+        codebook_dim=4,
+        vq_strides=vq_strides,
+        noise=False,  # decoding is deterministic: comparable
+    ).eval()
+    codec = SnacCodec(model)
+    units = codec.to_units(codec.encode(0.1 * torch.randn(9000, generator=torch.Generator().manual_seed(0)), 24000))
+    codes = codec.from_units(units)
+    with torch.inference_mode():
+        torch.testing.assert_close(codec.decode(codes), model.decode([c[None] for c in codes])[0, 0])
+    for frames in (1, 2, 3):
+        audio = codec.decode(codec.from_units(units[: frames * codec.units_per_frame]))
+        assert audio.shape == (frames * codec.samples_per_frame,) and torch.isfinite(audio).all()
+
+
 @pytest.mark.parametrize("name", BOTH)
 def test_a_half_precision_codec_encodes_and_decodes(name):
     """A codec model in bfloat16 (as on a GPU) gets its waveform in bfloat16; zero frames are refused by name."""

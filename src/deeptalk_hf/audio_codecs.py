@@ -331,7 +331,13 @@ class SnacCodec(FlatUnitCodec):
         return [codes[0] for codes in self.model.encode(waveform[None, None])]
 
     def _decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
-        return self.model.decode([c[None] for c in codes])[0, 0]
+        """`SNAC.decode`, for any number of frames: the 32/44 kHz models' local attention reads whole windows of
+        latent steps (fewer fail), so the latent is zero-padded to whole windows, as `SNAC.preprocess` pads the audio
+        it encodes, and the padding's samples are dropped."""
+        latent = self.model.quantizer.from_codes([c[None] for c in codes])
+        window = self.model.attn_window_size or 1
+        audio = self.model.decoder(F.pad(latent, (0, -latent.shape[-1] % window)))
+        return audio[0, 0, : codes[0].numel() * self.samples_per_frame]
 
 
 class MimiCodec(FlatUnitCodec):

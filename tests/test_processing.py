@@ -3,6 +3,7 @@ template, saving, and the errors bad input must raise."""
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -391,6 +392,13 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded.chat_template == processor.chat_template
     sample = {"text": ["hello world how are you", "the sun"], "speech_units": [[1, 2, 3, 4, 5], [6]]}
     assert loaded(**sample)["input_ids"] == processor(**sample)["input_ids"]
+
+
+def test_numpy_integer_ratio_saves_and_loads(tmp_path):
+    """The ratio accepts numpy integers (a config read with numpy): it is kept as ints, so it can be written as JSON."""
+    processor = tiny_processor(NUM_UNITS, interleave="interleaved", text_speech_ratio=np.array([2, 3]))
+    processor.save_pretrained(tmp_path)
+    assert AutoProcessor.from_pretrained(tmp_path).text_speech_ratio == (2, 3)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------

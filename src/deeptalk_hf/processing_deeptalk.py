@@ -383,7 +383,8 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         self._check_policy(interleave, text_speech_ratio)
         self.speech_tokens = block
-        self.interleave, self.text_speech_ratio = interleave, tuple(text_speech_ratio)
+        # plain ints: `save_pretrained` writes them as JSON, which has no numpy integers
+        self.interleave, self.text_speech_ratio = interleave, tuple(map(int, text_speech_ratio))
         self.codec = codec
 
     @staticmethod

@@ -284,6 +284,41 @@ def test_batches_with_placeholders_pad_and_round_trip(batch, side):
     assert modality.tolist() == (ids >= PROCESSOR.speech_token_start).long().tolist()
 
 
+@given(
+    batch=st.lists(st.tuples(texts, st.one_of(st.none(), segments)), min_size=1, max_size=4),
+    policy=st.sampled_from(INTERLEAVE_POLICIES),
+    limit=st.integers(2, 14),
+    side=st.sampled_from(["left", "right"]),
+    cut_left=st.booleans(),
+)
+def test_truncated_padded_batches_keep_bos_and_eos_and_mask_padding(batch, policy, limit, side, cut_left):
+    """Each row is `<s> body </s>`, its body cut to `limit` on the truncation side, then padded on the padding side
+    with mask 0 and modality 0: the same rows as each sample alone, whatever the other rows' lengths."""
+    tokenizer = WRAPPING.tokenizer
+    options = dict(interleave=policy, truncation=True, max_length=limit)
+    tokenizer.truncation_side = "left" if cut_left else "right"
+    try:
+        rows = [WRAPPING(text=text, speech_units=units, **options)["input_ids"][0] for text, units in batch]
+        encoded = WRAPPING(
+            text=[text for text, _ in batch],
+            speech_units=[units for _, units in batch],
+            padding=True,
+            padding_side=side,
+            **options,
+        )
+    finally:
+        tokenizer.truncation_side = "right"
+    width = max(map(len, rows))
+    for row, ids, mask, modality in zip(rows, *(encoded[k] for k in ("input_ids", "attention_mask", "modality_ids"))):
+        assert len(row) <= limit and (row[0], row[-1]) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+        pad = width - len(row)
+        filler = [tokenizer.pad_token_id] * pad
+        assert ids == (filler + row if side == "left" else row + filler)
+        kept = [1] * len(row)
+        assert mask == ([0] * pad + kept if side == "left" else kept + [0] * pad)
+        assert modality == [int(i >= WRAPPING.speech_token_start) * m for i, m in zip(ids, mask, strict=True)]
+
+
 def test_a_batch_of_texts_needs_no_speech():
     encoded = PROCESSOR(text=["hello world", "how are you today"], padding=True)
     assert [PROCESSOR.decode(row, skip_special_tokens=True).text for row in encoded["input_ids"]] == [

@@ -2,6 +2,7 @@
 template, saving, and the errors bad input must raise."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -153,6 +154,15 @@ def test_max_length_alone_truncates_as_the_tokenizer_does():
         PROCESSOR(text="hello world hello", max_length=2)["input_ids"][0]
         == PROCESSOR.tokenizer("hello world hello", max_length=2)["input_ids"]
     )
+
+
+def test_truncating_and_padding_to_the_longest_warns_as_little_as_the_tokenizer():
+    """`max_length` truncated the rows: padding them must not warn that it is ignored, which the tokenizer does not."""
+    texts = ["hello world how", "the sun"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encoded = PROCESSOR(text=texts, padding=True, truncation=True, max_length=2)
+    assert encoded["input_ids"] == PROCESSOR.tokenizer(texts, padding=True, truncation=True, max_length=2)["input_ids"]
 
 
 def test_empty_text_keeps_an_eos_that_is_also_the_bos_at_the_end():

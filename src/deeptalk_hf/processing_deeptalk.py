@@ -517,7 +517,8 @@ class DeepTalkProcessor(ProcessorMixin):
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
         if truncation is None and max_length is not None and text_kwargs.get("padding", False) is False:
             truncation = True  # as the tokenizer: `max_length` alone truncates
-        if truncation not in (None, False, "do_not_truncate"):
+        truncating = truncation not in (None, False, "do_not_truncate")
+        if truncating:
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             kept = [
                 self._kept_positions(len(row), self._added_special_tokens(ids, text), limit)
@@ -539,7 +540,8 @@ class DeepTalkProcessor(ProcessorMixin):
         padded = self.tokenizer.pad(
             {"input_ids": rows},
             padding=text_kwargs.get("padding", False),
-            max_length=max_length,
+            # after truncation, only padding to `max_length` reads it: `pad` would warn that it is ignored
+            max_length=max_length if text_kwargs.get("padding") == "max_length" or not truncating else None,
             pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
             padding_side=text_kwargs.get("padding_side"),
             return_attention_mask=text_kwargs.get("return_attention_mask"),

@@ -183,6 +183,22 @@ def test_bad_stream_ids_and_layouts_are_refused_by_name():
         DeepTalkForCausalLM(tiny_config())(ids[:, :1])
 
 
+def test_flattened_input_takes_one_row_per_stream_and_refuses_other_layouts():
+    """2D ids are the streams flattened into rows, as `generate` lays them out; an item's mask ([batch, seq]) was read
+    as if it had one row per stream (`mask[::1 + S]`) and gave other items' masks, silently."""
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    ids = text_query(model.config, batch=4)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        flat = model(ids.flatten(0, 1), attention_mask=mask.repeat_interleave(4, dim=0)).logits
+        assert torch.equal(flat.view(4, 4, 5, -1)[:, 0, :, : expected.shape[-1]], expected)
+        for rows, mask_rows in [(16, 4), (15, 15)]:
+            with pytest.raises(ValueError, match=r"2D input_ids are the 4 streams of each item flattened into rows"):
+                model(ids.flatten(0, 1)[:rows], attention_mask=torch.ones(mask_rows, 5, dtype=torch.long))
+
+
 def test_audio_positions_route_as_speech():
     config = parallel_config(num_speech_experts=[2, 2])
     model = DeepTalkForCausalLM(config).eval()

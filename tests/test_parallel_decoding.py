@@ -70,6 +70,14 @@ def test_build_delay_pattern_rejects_codes_out_of_range():
         build_delay_pattern(torch.full((1, 3, 2), 10), config)
 
 
+@pytest.mark.parametrize("streams", [2, 4])
+def test_revert_delay_pattern_refuses_another_stream_count(streams):
+    """It indexed streams by the config's delays: too few gave an IndexError, extra ones were dropped silently."""
+    config = parallel_config()
+    with pytest.raises(ValueError, match=f"streams have {streams} streams but the config has 3"):
+        revert_delay_pattern(torch.full((1, streams, 8), config.audio_pad_token_id), config)
+
+
 def test_without_parallel_fields_there_are_no_stream_weights():
     names = [name for name, _ in DeepTalkForCausalLM(tiny_config()).named_parameters()]
     assert not any("stream" in name for name in names)

@@ -153,6 +153,22 @@ def test_batch_parallel_text_equals_text_only_generation():
     assert not torch.equal(alone[:, 0, 5:length], text_only[:, 0, 5:length])  # the copy really drives the text
 
 
+@pytest.mark.parametrize("batch_parallel", [False, True])
+def test_returned_scores_are_per_flattened_row(batch_parallel):
+    """`sequences` is `[batch, 1 + S, seq]`; each step's scores keep generate's rows (`b * (1 + S) + s`, the
+    text-only copies after the items), so the greedy pick of each row is its id in the returned streams."""
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    query = text_query(model.config)
+    out = model.generate(
+        query, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True,
+        batch_parallel=batch_parallel,
+    )  # fmt: skip
+    picks = torch.stack([scores.argmax(-1) for scores in out.scores], dim=-1).view(-1, 4, len(out.scores))
+    if batch_parallel:  # the answer's text stream is its copy's
+        picks = torch.cat([picks[2:, :1], picks[:2, 1:]], dim=1)
+    assert torch.equal(picks, out.sequences[:, :, 5:])
+
+
 def test_stream_losses_are_weighted_means_of_each_stream():
     config = parallel_config(stream_loss_weights=[1.0, 0.5, 0.25, 2.0], router_aux_loss_coef=0.0)
     model = DeepTalkForCausalLM(config).eval()

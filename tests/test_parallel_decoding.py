@@ -138,6 +138,53 @@ def test_generation_stops_when_every_audio_stream_has_ended():
         assert (out[0, s + 1, 5 + delay + 1 :] == config.audio_pad_token_id).all()
 
 
+class AudioEndsAt(LogitsProcessor):
+    """Audio stream row r may not end before step `ends[r]` and ends as soon as it may from then on."""
+
+    def __init__(self, prompt_length: int, ends: list[int], config):
+        self.prompt_length, self.ends, self.eos = prompt_length, torch.tensor(ends), config.audio_eos_token_id
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        may_end = input_ids.shape[1] - self.prompt_length >= self.ends
+        scores[:, self.eos] = torch.where(may_end, 1e4, -float("inf"))
+        return scores
+
+
+ENDING_MODEL = DeepTalkForCausalLM(parallel_config()).eval()
+
+
+@given(data=st.data())
+def test_each_stream_ends_when_it_may_and_generation_stops_with_the_last(data):
+    """Left-padded items of different lengths, each audio stream ending at its own step: stream s of item b pads until
+    its begin code at delay - 1, ends at its first free step from its end step on, then pads; generation stops at the
+    step after the batch's last end (or at max_new_tokens)."""
+    model = ENDING_MODEL
+    config, batch = model.config, data.draw(st.integers(1, 3))
+    lengths = data.draw(st.lists(st.integers(1, 4), min_size=batch, max_size=batch))
+    ends = data.draw(st.lists(st.integers(0, 8), min_size=3 * batch, max_size=3 * batch))
+    max_new = data.draw(st.integers(1, 10))
+    query, prompt = text_query(config, batch, max(lengths)), max(lengths)
+    for item, length in enumerate(lengths):
+        query[item, 0, : prompt - length] = config.pad_token_id
+    rows = [0 if s == 0 else ends[3 * b + s - 1] for b in range(batch) for s in range(4)]
+    out = model.generate(
+        query, max_new_tokens=max_new, do_sample=False, logits_processor=[AudioEndsAt(prompt, rows, config)]
+    )
+    end_steps = [
+        [max(ends[3 * b + s], delay) for s, delay in enumerate(config.audio_stream_delays)] for b in range(batch)
+    ]
+    assert out.shape[-1] - prompt == min(max_new, max(map(max, end_steps)) + 1)
+    for b in range(batch):
+        for s, delay in enumerate(config.audio_stream_delays):
+            pattern = [config.audio_pad_token_id] * (delay - 1) + [config.audio_bos_token_id]
+            pattern += [None] * (end_steps[b][s] - delay) + [config.audio_eos_token_id]
+            pattern += [config.audio_pad_token_id] * (out.shape[-1] - prompt - len(pattern))
+            got = out[b, s + 1, prompt:].tolist()
+            assert [g if p is None else p for g, p in zip(got, pattern)] == got
+            assert all(g < config.audio_codebook_size for g, p in zip(got, pattern) if p is None)
+
+
 def test_batch_parallel_text_equals_text_only_generation():
     torch.manual_seed(5)
     model = DeepTalkForCausalLM(parallel_config()).eval()

@@ -70,6 +70,14 @@ def test_build_delay_pattern_rejects_codes_out_of_range():
         build_delay_pattern(torch.full((1, 3, 2), 10), config)
 
 
+@pytest.mark.parametrize("streams", [2, 4])
+def test_revert_delay_pattern_refuses_another_stream_count(streams):
+    """It indexed streams by the config's delays: too few gave an IndexError, extra ones were dropped silently."""
+    config = parallel_config()
+    with pytest.raises(ValueError, match=f"streams have {streams} streams but the config has 3"):
+        revert_delay_pattern(torch.full((1, streams, 8), config.audio_pad_token_id), config)
+
+
 def test_without_parallel_fields_there_are_no_stream_weights():
     names = [name for name, _ in DeepTalkForCausalLM(tiny_config()).named_parameters()]
     assert not any("stream" in name for name in names)
@@ -130,6 +138,53 @@ def test_generation_stops_when_every_audio_stream_has_ended():
         assert (out[0, s + 1, 5 + delay + 1 :] == config.audio_pad_token_id).all()
 
 
+class AudioEndsAt(LogitsProcessor):
+    """Audio stream row r may not end before step `ends[r]` and ends as soon as it may from then on."""
+
+    def __init__(self, prompt_length: int, ends: list[int], config):
+        self.prompt_length, self.ends, self.eos = prompt_length, torch.tensor(ends), config.audio_eos_token_id
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        may_end = input_ids.shape[1] - self.prompt_length >= self.ends
+        scores[:, self.eos] = torch.where(may_end, 1e4, -float("inf"))
+        return scores
+
+
+ENDING_MODEL = DeepTalkForCausalLM(parallel_config()).eval()
+
+
+@given(data=st.data())
+def test_each_stream_ends_when_it_may_and_generation_stops_with_the_last(data):
+    """Left-padded items of different lengths, each audio stream ending at its own step: stream s of item b pads until
+    its begin code at delay - 1, ends at its first free step from its end step on, then pads; generation stops at the
+    step after the batch's last end (or at max_new_tokens)."""
+    model = ENDING_MODEL
+    config, batch = model.config, data.draw(st.integers(1, 3))
+    lengths = data.draw(st.lists(st.integers(1, 4), min_size=batch, max_size=batch))
+    ends = data.draw(st.lists(st.integers(0, 8), min_size=3 * batch, max_size=3 * batch))
+    max_new = data.draw(st.integers(1, 10))
+    query, prompt = text_query(config, batch, max(lengths)), max(lengths)
+    for item, length in enumerate(lengths):
+        query[item, 0, : prompt - length] = config.pad_token_id
+    rows = [0 if s == 0 else ends[3 * b + s - 1] for b in range(batch) for s in range(4)]
+    out = model.generate(
+        query, max_new_tokens=max_new, do_sample=False, logits_processor=[AudioEndsAt(prompt, rows, config)]
+    )
+    end_steps = [
+        [max(ends[3 * b + s], delay) for s, delay in enumerate(config.audio_stream_delays)] for b in range(batch)
+    ]
+    assert out.shape[-1] - prompt == min(max_new, max(map(max, end_steps)) + 1)
+    for b in range(batch):
+        for s, delay in enumerate(config.audio_stream_delays):
+            pattern = [config.audio_pad_token_id] * (delay - 1) + [config.audio_bos_token_id]
+            pattern += [None] * (end_steps[b][s] - delay) + [config.audio_eos_token_id]
+            pattern += [config.audio_pad_token_id] * (out.shape[-1] - prompt - len(pattern))
+            got = out[b, s + 1, prompt:].tolist()
+            assert [g if p is None else p for g, p in zip(got, pattern)] == got
+            assert all(g < config.audio_codebook_size for g, p in zip(got, pattern) if p is None)
+
+
 def test_batch_parallel_text_equals_text_only_generation():
     torch.manual_seed(5)
     model = DeepTalkForCausalLM(parallel_config()).eval()
@@ -143,6 +198,22 @@ def test_batch_parallel_text_equals_text_only_generation():
     assert torch.equal(parallel[:, 0, :length], text_only[:, 0, :length])
     alone = model.generate(query, **kwargs)
     assert not torch.equal(alone[:, 0, 5:length], text_only[:, 0, 5:length])  # the copy really drives the text
+
+
+@pytest.mark.parametrize("batch_parallel", [False, True])
+def test_returned_scores_are_per_flattened_row(batch_parallel):
+    """`sequences` is `[batch, 1 + S, seq]`; each step's scores keep generate's rows (`b * (1 + S) + s`, the
+    text-only copies after the items), so the greedy pick of each row is its id in the returned streams."""
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    query = text_query(model.config)
+    out = model.generate(
+        query, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True,
+        batch_parallel=batch_parallel,
+    )  # fmt: skip
+    picks = torch.stack([scores.argmax(-1) for scores in out.scores], dim=-1).view(-1, 4, len(out.scores))
+    if batch_parallel:  # the answer's text stream is its copy's
+        picks = torch.cat([picks[2:, :1], picks[:2, 1:]], dim=1)
+    assert torch.equal(picks, out.sequences[:, :, 5:])
 
 
 def test_stream_losses_are_weighted_means_of_each_stream():
@@ -181,6 +252,22 @@ def test_bad_stream_ids_and_layouts_are_refused_by_name():
             model(wrong)
     with pytest.raises(ValueError, match="for a model with parallel audio streams"):
         DeepTalkForCausalLM(tiny_config())(ids[:, :1])
+
+
+def test_flattened_input_takes_one_row_per_stream_and_refuses_other_layouts():
+    """2D ids are the streams flattened into rows, as `generate` lays them out; an item's mask ([batch, seq]) was read
+    as if it had one row per stream (`mask[::1 + S]`) and gave other items' masks, silently."""
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    ids = text_query(model.config, batch=4)
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).logits
+        flat = model(ids.flatten(0, 1), attention_mask=mask.repeat_interleave(4, dim=0)).logits
+        assert torch.equal(flat.view(4, 4, 5, -1)[:, 0, :, : expected.shape[-1]], expected)
+        for rows, mask_rows in [(16, 4), (15, 15)]:
+            with pytest.raises(ValueError, match=r"2D input_ids are the 4 streams of each item flattened into rows"):
+                model(ids.flatten(0, 1)[:rows], attention_mask=torch.ones(mask_rows, 5, dtype=torch.long))
 
 
 def test_audio_positions_route_as_speech():

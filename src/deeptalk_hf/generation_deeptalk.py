@@ -15,11 +15,16 @@ from transformers.generation import LogitsProcessor, StoppingCriteria
 from .configuration_deeptalk import DeepTalkConfig
 
 
+def _check_stream_count(name: str, tensor: torch.Tensor, config: DeepTalkConfig) -> None:
+    """Stream s is read with the config's delay s: another count would pair streams with the wrong delays."""
+    if tensor.shape[1] != config.num_audio_streams:
+        raise ValueError(f"{name} have {tensor.shape[1]} streams but the config has {config.num_audio_streams}")
+
+
 def build_delay_pattern(codes: torch.LongTensor, config: DeepTalkConfig) -> torch.LongTensor:
     """Aligned codes `[batch, S, frames]` -> delayed audio streams `[batch, S, frames + max_delay + 1]`."""
+    _check_stream_count("codes", codes, config)
     batch, num_streams, frames = codes.shape
-    if num_streams != config.num_audio_streams:
-        raise ValueError(f"codes have {num_streams} streams but the config has {config.num_audio_streams}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= config.audio_codebook_size):
         raise ValueError(f"audio codes must lie in [0, {config.audio_codebook_size})")
     delays = config.audio_stream_delays
@@ -34,6 +39,7 @@ def build_delay_pattern(codes: torch.LongTensor, config: DeepTalkConfig) -> torc
 
 def revert_delay_pattern(streams: torch.LongTensor, config: DeepTalkConfig) -> torch.LongTensor:
     """Inverse of `build_delay_pattern`: delayed streams `[batch, S, length]` -> aligned codes `[batch, S, frames]`."""
+    _check_stream_count("streams", streams, config)
     delays = config.audio_stream_delays
     frames = streams.shape[-1] - max(delays) - 1
     if frames < 0:

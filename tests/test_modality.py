@@ -268,6 +268,17 @@ def test_paper_rule_on_hand_made_loads(tmp_path_factory):
     assert model.config.num_experts == [2, 3] and model.config.num_speech_experts == [2, 1]
 
 
+def test_paper_rule_ties_are_exact():
+    """Scores equal as numbers tie, whatever their float rounding: the lowest index wins."""
+    from deeptalk_hf.modality import _choose_speech_experts
+
+    # ρA·(1−ρT) is 7/100 for experts 0 and 1, but in floats 0.1·(1−0.3) rounds below 0.07·(1−0).
+    load = hand_made_load([[10, 7, 83, 0]], [[3, 0, 0, 7]])
+    assert load.scores[0][0] < load.scores[0][1]
+    assert load.ranked(0) == [2, 0, 1, 3]
+    assert _choose_speech_experts(load, 0, 2, "paper", torch.Generator()) == [0, 2]
+
+
 def test_assignment_errors(model):
     load = profile_modality_load(model, [mixed_batch(0)])
     with pytest.raises(ValueError, match="strategy"):

@@ -279,6 +279,15 @@ def test_dtype_and_independence_from_the_source():
         upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, init_noise=math.inf)
 
 
+def test_bf16_upcycling_is_bit_exact_where_nothing_is_rounded_apart(tmp_path):
+    """Granularity 1 with a power-of-two top-k: the bf16 dense model's logits, bit for bit (docs/upcycling.md)."""
+    dense_model("qwen3").save_pretrained(tmp_path)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    moe = upcycle_dense(tmp_path, num_text_experts=2, num_speech_experts=2, num_experts_per_tok=2, dtype="bfloat16")
+    with torch.no_grad():
+        assert torch.equal(moe(text_ids()).logits, dense(text_ids()).logits)
+
+
 def test_mlp_only_layers_stay_dense():
     dense = dense_model("mistral")
     moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, mlp_only_layers=[1])

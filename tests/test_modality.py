@@ -127,6 +127,57 @@ def test_profile_excludes_padding_and_follows_modality_ids(model):
     assert marked.speech_tokens == 10 and marked.text_tokens == 0
 
 
+def test_profile_is_a_hand_run_of_the_router():
+    """Counts and mass equal a plain-torch run of each router over the recorded MLP inputs, padding excluded, on a
+    split model with DeepSeek-V3 routing (source order, correction bias, group limit)."""
+    config = tiny_config(
+        num_experts=[5, 6],
+        num_speech_experts=[3, 2],
+        num_experts_per_tok=3,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        n_group=4,
+        topk_group=2,
+    )
+    model = randomize(DeepTalkForCausalLM(config)).eval()
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(0.2 * torch.randn(buffer.shape))
+    move_speech_experts(model, [[7, 1, 3], [6, 0]])
+    batch = mixed_batch(4)
+    load = profile_modality_load(model, [batch])
+    inputs = {}
+    hooks = [
+        model.model.layers[layer].mlp.register_forward_hook(
+            lambda _, args, __, layer=layer: inputs.update({layer: args[0]})
+        )
+        for layer in config.moe_layers
+    ]
+    model.config.modality_routing = "none"  # as profiling runs it
+    with torch.no_grad():
+        model(**batch)
+    for hook in hooks:
+        hook.remove()
+    valid = batch["attention_mask"].reshape(-1).bool()
+    is_speech = batch["input_ids"].reshape(-1) >= config.speech_token_start
+    for i, layer in enumerate(config.moe_layers):
+        block = model.model.layers[layer].mlp
+        order = config.expert_order(layer)  # the source index of each row of [gate; speech_gate]
+        weight, bias = torch.zeros(8, 32), torch.zeros(8)
+        weight[order] = torch.cat([block.gate.weight, block.speech_gate.weight]).detach()
+        bias[order] = torch.cat([block.gate.e_score_correction_bias, block.speech_gate.e_score_correction_bias])
+        scores = (inputs[layer].reshape(-1, 32) @ weight.T).sigmoid()
+        choice = scores + bias
+        groups = choice.view(-1, 4, 2).sum(-1).topk(2, dim=-1).indices  # a group's score: its two experts' sum
+        kept = torch.zeros(choice.shape[0], 4, dtype=torch.bool).scatter_(1, groups, True).repeat_interleave(2, 1)
+        picks = choice.masked_fill(~kept, -torch.inf).topk(3, dim=-1).indices
+        for modality, selected in (("speech", valid & is_speech), ("text", valid & ~is_speech)):
+            counts = torch.bincount(picks[selected].reshape(-1), minlength=8)
+            assert torch.equal(getattr(load, f"{modality}_counts")[i], counts)
+            mass = (scores / scores.sum(-1, keepdim=True))[selected].sum(0).double()
+            torch.testing.assert_close(getattr(load, f"{modality}_mass")[i], mass, rtol=1e-6, atol=1e-6)
+
+
 def test_load_json_round_trip_and_validation(model, tmp_path):
     load = profile_modality_load(model, [mixed_batch(0)])
     load.save(tmp_path / "load.json")
@@ -266,6 +317,17 @@ def test_paper_rule_on_hand_made_loads(tmp_path_factory):
     assert chosen == [[1, 2], [2]]
     assert model.config.speech_expert_ids == [[1, 2], [2]]
     assert model.config.num_experts == [2, 3] and model.config.num_speech_experts == [2, 1]
+
+
+def test_paper_rule_ties_are_exact():
+    """Scores equal as numbers tie, whatever their float rounding: the lowest index wins."""
+    from deeptalk_hf.modality import _choose_speech_experts
+
+    # ρA·(1−ρT) is 7/100 for experts 0 and 1, but in floats 0.1·(1−0.3) rounds below 0.07·(1−0).
+    load = hand_made_load([[10, 7, 83, 0]], [[3, 0, 0, 7]])
+    assert load.scores[0][0] < load.scores[0][1]
+    assert load.ranked(0) == [2, 0, 1, 3]
+    assert _choose_speech_experts(load, 0, 2, "paper", torch.Generator()) == [0, 2]
 
 
 def test_assignment_errors(model):

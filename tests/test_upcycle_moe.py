@@ -182,10 +182,13 @@ def family(request):
 
 
 def test_imported_model_is_the_source_in_memory_and_streamed(family, tmp_path):
-    _, source = family
+    kind, source = family
     model = upcycle_moe(source)
     assert isinstance(model, DeepTalkForCausalLM) and model.config.num_speech_experts == 0
     assert_same_model(model, source)
+    if not kind.startswith("deepseek"):  # DeepSeek: another RoPE rounding (V2) and top-k order (V2, V3)
+        with torch.no_grad():
+            assert torch.equal(model(text_ids()).logits[..., :VOCAB], source(text_ids()).logits)
 
     checkpoint = save_dense(source, tmp_path / "source", max_shard_size="30KB")
     assert len(list(checkpoint.glob("*.safetensors"))) > 1

@@ -246,6 +246,25 @@ def test_noise_and_drop_upcycling():
         )
 
 
+def test_drop_upcycling_draws_from_each_dense_matrix_statistics():
+    """Re-initialised channels follow a normal distribution with the mean and std of the dense matrix they replace."""
+    dense = dense_model("llama")
+    with torch.no_grad():
+        for shift, layer in zip((1.0, -2.0), dense.model.layers, strict=True):
+            layer.mlp.gate_proj.weight.add_(shift)
+            layer.mlp.down_proj.weight.mul_(3.0)
+    moe = upcycle_dense(dense, num_text_experts=8, num_speech_experts=4, num_experts_per_tok=2, drop_fraction=1.0)
+    for layer in range(2):
+        mlp = dense.model.layers[layer].mlp
+        fresh = [
+            torch.cat([group.reshape(-1) for group in groups])
+            for groups in zip(expert_weights(moe, layer), expert_weights(moe, layer, "speech_experts"), strict=True)
+        ]
+        for values, proj in zip(fresh, (mlp.gate_proj, mlp.up_proj, mlp.down_proj), strict=True):
+            mean, std = proj.weight.mean().item(), proj.weight.std().item()
+            assert abs(values.mean().item() - mean) < 0.05 * std and abs(values.std().item() / std - 1) < 0.05
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_speech_vocabulary(kind):
     dense = dense_model(kind)
@@ -277,6 +296,15 @@ def test_dtype_and_independence_from_the_source():
             upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype=wrong)
     with pytest.raises(ValueError, match="init_noise=inf must be finite and >= 0"):
         upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, init_noise=math.inf)
+
+
+def test_bf16_upcycling_is_bit_exact_where_nothing_is_rounded_apart(tmp_path):
+    """Granularity 1 with a power-of-two top-k: the bf16 dense model's logits, bit for bit (docs/upcycling.md)."""
+    dense_model("qwen3").save_pretrained(tmp_path)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    moe = upcycle_dense(tmp_path, num_text_experts=2, num_speech_experts=2, num_experts_per_tok=2, dtype="bfloat16")
+    with torch.no_grad():
+        assert torch.equal(moe(text_ids()).logits, dense(text_ids()).logits)
 
 
 def test_mlp_only_layers_stay_dense():

@@ -393,7 +393,7 @@ def _summary(load: ModalityLoad, chosen: list[list[int]] | None) -> str:
     lines = [f"tokens: {load.speech_tokens} speech, {load.text_tokens} text; top-k {load.top_k}"]
     for i, layer in enumerate(load.layers):
         scores = load.scores[i]
-        best = torch.argsort(scores, descending=True, stable=True)[:4].tolist()
+        best = load.ranked(i)[:4]
         ranked = ", ".join(f"{e} ({scores[e]:.3f})" for e in best)
         line = f"layer {layer}: highest rhoA*(1-rhoT): {ranked}"
         if chosen is not None:

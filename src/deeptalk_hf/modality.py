@@ -127,6 +127,17 @@ class ModalityLoad:
         """DeepTalk's speech-expert score ρA·(1−ρT): heavy speech traffic and light text traffic."""
         return [a * (1 - t) for a, t in zip(self.rho_speech, self.rho_text, strict=True)]
 
+    def ranked(self, index: int) -> list[int]:
+        """The experts of MoE layer `layers[index]` by score, highest first; equal scores: the lowest index first.
+
+        Ranked on ρA·(1−ρT) times the layer's speech and text totals, in integers, so that scores equal as numbers tie
+        (the float `scores` round apart, e.g. 0.1·(1−0.3) < 0.07·(1−0)).
+        """
+        speech, text = self.speech_counts[index].tolist(), self.text_counts[index].tolist()
+        text_total = max(sum(text), 1)  # as `_shares` divides
+        exact = [s * (text_total - t) for s, t in zip(speech, text, strict=True)]
+        return sorted(range(len(exact)), key=lambda expert: (-exact[expert], expert))
+
     def to_dict(self) -> dict:
         data = {"format": _LOAD_FORMAT, "version": _LOAD_VERSION}
         for field in fields(self):
@@ -298,8 +309,7 @@ def _choose_speech_experts(
     num_experts = load.num_experts[index]
     if strategy == "random":
         return sorted(torch.randperm(num_experts, generator=generator)[:count].tolist())
-    scores = load.scores[index].tolist()
-    ranked = sorted(range(num_experts), key=lambda expert: (-scores[expert], expert))  # ties: lowest index first
+    ranked = load.ranked(index)
     if strategy == "adaptive":
         # This library's adaptive rule: the experts whose share of the speech traffic exceeds their share of the text
         # traffic, keeping at least one expert in each group (by the score where that trims or tops up the set).

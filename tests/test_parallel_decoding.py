@@ -291,16 +291,30 @@ def test_wrong_stream_count_is_refused():
         model.generate(torch.zeros(1, 2, 3, dtype=torch.long))
 
 
-def test_the_configs_pad_and_eos_ids_may_be_passed_other_ids_are_refused():
+def test_the_configs_pad_id_may_be_passed_another_is_refused():
     model = DeepTalkForCausalLM(parallel_config()).eval()
     query = text_query(model.config, batch=1)
     options = dict(max_new_tokens=5, do_sample=False)
     expected = model.generate(query, **options)
-    same = dict(pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
-    assert torch.equal(model.generate(query, **same, **options), expected)
-    for name in same:
-        with pytest.raises(ValueError, match=f"{name}=7: parallel-stream generation uses the config's {name}"):
-            model.generate(query, **{name: 7}, **options)
+    assert torch.equal(model.generate(query, pad_token_id=model.config.pad_token_id, **options), expected)
+    with pytest.raises(ValueError, match="pad_token_id=7: parallel-stream generation pads with the config's"):
+        model.generate(query, pad_token_id=7, **options)
+
+
+def test_the_text_stream_ends_at_the_end_ids_of_the_argument_or_the_generation_config():
+    """As in transformers: an `eos_token_id` argument, else the generation config's (one id or several), else the
+    model config's. A text-only answer stops right after its text stream emits one of them."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    config, query = model.config, text_query(model.config, batch=1)
+    options = dict(max_new_tokens=8, do_sample=False, speech_answer=False)
+    free = model.generate(query, **options)[0, 0, query.shape[-1] :].tolist()
+    step = next(i for i, token in enumerate(free) if token not in free[:i] and token != config.eos_token_id)
+    assert step < len(free) - 1  # it ends early below
+    stopped = model.generate(query, eos_token_id=free[step], **options)
+    assert stopped[0, 0, query.shape[-1] :].tolist() == free[: step + 1]
+    model.generation_config.eos_token_id = [config.eos_token_id, free[step]]
+    assert torch.equal(model.generate(query, **options), stopped)
 
 
 @pytest.mark.parametrize(

@@ -105,14 +105,21 @@ class DelayPatternLogitsProcessor(LogitsProcessor):
 
     Audio stream s of a speech answer emits pad for its first `delay - 1` steps, then its begin code, then free codes
     until it emits its end code, then pad. In a text-only answer (`speech_answer` False for the item) audio streams
-    only emit pad. The text stream emits the text pad id once it has emitted a text end id, or once the item's speech
-    answer has ended (an ended item only pads while the rest of the batch goes on).
+    only emit pad. The text stream emits the text pad id once it has emitted a text end id (`eos_token_id`, one or a
+    list), or once the item's speech answer has ended (an ended item only pads while the rest of the batch goes on).
     """
 
-    def __init__(self, prompt_length: int, config: DeepTalkConfig, speech_answer: torch.Tensor):
+    def __init__(
+        self,
+        prompt_length: int,
+        config: DeepTalkConfig,
+        speech_answer: torch.Tensor,
+        eos_token_id: int | list[int] | None,
+    ):
         self.prompt_length = prompt_length
         self.config = config
         self.speech_answer = speech_answer  # [items] bool
+        self.text_eos_token_id = eos_token_id
         self.text_pad = config.pad_token_id if config.pad_token_id is not None else 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -128,7 +135,7 @@ class DelayPatternLogitsProcessor(LogitsProcessor):
         ended_audio = _ends(config.audio_eos_token_id, generated) & is_audio
         # A speech answer ends with its last audio stream; its text must not run on while the rest of the batch does.
         ended_speech = ended_audio.view(-1, streams)[:, 1:].all(dim=-1).repeat_interleave(streams)
-        ended_text = (_ends(config.eos_token_id, generated) | ended_speech) & ~is_audio
+        ended_text = (_ends(self.text_eos_token_id, generated) | ended_speech) & ~is_audio
 
         forced = torch.full_like(stream, -1)
         forced = torch.where(ended_text, self.text_pad, forced)
@@ -148,18 +155,27 @@ class DelayPatternLogitsProcessor(LogitsProcessor):
 
 class ParallelStreamsStoppingCriteria(StoppingCriteria):
     """An item is done when all its audio streams emitted their end code (speech answer) or its text stream emitted a
-    text end id (text-only answer); all rows of an item stop together."""
+    text end id (`eos_token_id`; text-only answer); all rows of an item stop together."""
 
-    def __init__(self, prompt_length: int, config: DeepTalkConfig, speech_answer: torch.Tensor):
+    def __init__(
+        self,
+        prompt_length: int,
+        config: DeepTalkConfig,
+        speech_answer: torch.Tensor,
+        eos_token_id: int | list[int] | None,
+    ):
         self.prompt_length = prompt_length
         self.config = config
         self.speech_answer = speech_answer
+        # Not `eos_token_id`: transformers takes a criterion with that attribute for its own end check and overwrites a
+        # finished item's rows with the text pad id, audio streams included (they must keep the audio pad).
+        self.text_eos_token_id = eos_token_id
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         config = self.config
         streams = config.num_audio_streams + 1
         generated = input_ids[:, self.prompt_length :].reshape(-1, streams, input_ids.shape[1] - self.prompt_length)
-        text_done = _ends(config.eos_token_id, generated[:, 0])
+        text_done = _ends(self.text_eos_token_id, generated[:, 0])
         speech_done = torch.stack(
             [_ends(config.audio_eos_token_id, generated[:, s]) for s in range(1, streams)], dim=-1
         ).all(dim=-1)

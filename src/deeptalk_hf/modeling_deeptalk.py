@@ -1233,20 +1233,23 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 f"parallel-stream generation takes input_ids of shape [batch, {streams}, seq], got {tuple(input_ids.shape)}"
             )
         batch, _, prompt_length = input_ids.shape
-        # The text stream ends and pads with the config's ids, which the pattern and the stopping criteria read.
-        own_ids = {"pad_token_id": config.pad_token_id if config.pad_token_id is not None else 0}
-        own_ids["eos_token_id"] = config.eos_token_id
-        for name, own in own_ids.items():
-            given = kwargs.pop(name, None)
-            if given is not None and given != own:
-                raise ValueError(
-                    f"{name}={given}: parallel-stream generation uses the config's {name} ({own}); set it there"
-                )
+        # The text stream pads with the config's pad id, as the processor lays prompts out; it ends at the end ids
+        # transformers would use (argument, then generation config, then model config), which the pattern and the
+        # stopping criteria read: transformers' own end check would stop an item at an audio code of the same id.
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+        given = kwargs.pop("pad_token_id", None)
+        if given is not None and given != pad_token_id:
+            raise ValueError(
+                f"pad_token_id={given}: parallel-stream generation pads with the config's pad_token_id "
+                f"({pad_token_id}), as the processor lays prompts out; set it there"
+            )
+        eos_token_id = next(
+            (ids for ids in (kwargs.pop("eos_token_id", None), setting.eos_token_id) if ids is not None),
+            config.eos_token_id,
+        )
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
-            padding = (input_ids[:, 0] == own_ids["pad_token_id"]) & (
-                input_ids[:, 1:] == config.audio_pad_token_id
-            ).all(1)
+            padding = (input_ids[:, 0] == pad_token_id) & (input_ids[:, 1:] == config.audio_pad_token_id).all(1)
             attention_mask = (~padding).long()
         speech_answer = True if speech_answer is None else bool(speech_answer)
         speech = torch.full((batch,), speech_answer, dtype=torch.bool)
@@ -1260,11 +1263,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         output = super().generate(
             input_ids.flatten(0, 1),
             generation_config,
-            [*(logits_processor or []), DelayPatternLogitsProcessor(prompt_length, config, speech)],
-            [*(stopping_criteria or []), ParallelStreamsStoppingCriteria(prompt_length, config, speech)],
+            [*(logits_processor or []), DelayPatternLogitsProcessor(prompt_length, config, speech, eos_token_id)],
+            [*(stopping_criteria or []), ParallelStreamsStoppingCriteria(prompt_length, config, speech, eos_token_id)],
             attention_mask=attention_mask,
             eos_token_id=None,  # the stopping criteria and the pattern handle the ends, per stream
-            pad_token_id=own_ids["pad_token_id"],
+            pad_token_id=pad_token_id,
             batch_parallel=batch_parallel,
             **kwargs,
         )

@@ -24,7 +24,8 @@ training. This is the same question at toy scale, on CPU, with everything genera
    (d) DeepTalk: profile the load after `align`, move the experts with the highest rho_A * (1 - rho_T) into the
    speech group, train by stages.
 
-Each arm reports its text perplexity change against its own pre-trained model and its held-out speech loss. Results:
+Each arm reports its text perplexity change against its own pre-trained model and its held-out speech loss, under the
+softmax of the text block and of the speech block (the JSON has both under the full vocabulary too). Results:
 `forgetting.json`, `forgetting.md` (the table) and `forgetting.png` (curves) in `--out`; `--fast` runs tiny sizes
 (for the tests) and writes `forgetting_fast.*`; every other option adds its setting to the name
 (`--seed 1 --lr 0.002` writes `forgetting_finetune_lr0.002_seed1.*`) unless `--name` is given. `--collect` reads

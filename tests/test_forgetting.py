@@ -303,3 +303,43 @@ def test_split_study(forgetting, tmp_path):
         assert arms[arm]["text_ppl_change_after_split_pct"] == pytest.approx(value, abs=1e-6)
     assert len(after["random_draws"]) == forgetting.RANDOM_DRAWS
     assert "Split study" in (tmp_path / "forgetting_fast_split_study.md").read_text()
+
+
+def test_evaluate_recomputed_one_sequence_at_a_time_and_docs_name_each_softmax(forgetting):
+    """Independent recomputation of `evaluate`: text ppl is exp(mean NLL) over every token after BOS of the held-out
+    windows (no padding, BOS never a target) under the text block's softmax; speech loss is the mean NLL of the units
+    and EOS of the unpadded held-out TTS samples under the speech block's softmax. The full-vocabulary numbers count
+    what a model puts on the other block, which the headline numbers do not, so docs/forgetting.md must say which
+    softmax each headline number uses."""
+    import torch
+
+    settings = forgetting.replace(forgetting.FAST, pretrain_steps=5, align_steps=2)
+    corpus = forgetting.build_corpus(settings)
+    model = forgetting.pretrain(settings, corpus, dense=False)
+    forgetting.add_speech(model, corpus, settings)
+    metrics = forgetting.evaluate(model, corpus)
+    start = corpus.text_vocab_size
+    sos = start + corpus.speech_vocab_size - 2
+    nll = {"text": [], "text_full": [], "speech": [], "speech_full": []}
+    model.eval()
+    with torch.no_grad():
+        for window in corpus.eval_text["input_ids"]:
+            logits = model(input_ids=window[None]).logits[0].float()
+            for t in range(1, len(window)):
+                nll["text"].append(-torch.log_softmax(logits[t - 1, :start], -1)[window[t]].item())
+                nll["text_full"].append(-torch.log_softmax(logits[t - 1], -1)[window[t]].item())
+        for ids, mask in zip(corpus.eval_speech["input_ids"], corpus.eval_speech["attention_mask"], strict=True):
+            sample = ids[: int(mask.sum())]
+            logits = model(input_ids=sample[None]).logits[0].float()
+            for t in range(int((sample == sos).nonzero()) + 1, len(sample)):  # the units, then EOS
+                nll["speech"].append(-torch.log_softmax(logits[t - 1, start:], -1)[sample[t] - start].item())
+                nll["speech_full"].append(-torch.log_softmax(logits[t - 1], -1)[sample[t]].item())
+    windows = corpus.eval_text["input_ids"]
+    assert len(nll["text"]) == windows.shape[0] * (windows.shape[1] - 1)
+    assert metrics["text_ppl"] == pytest.approx(math.exp(np.mean(nll["text"])), rel=1e-5)
+    assert metrics["text_ppl_full_vocab"] == pytest.approx(math.exp(np.mean(nll["text_full"])), rel=1e-5)
+    assert metrics["speech_loss"] == pytest.approx(np.mean(nll["speech"]), rel=1e-5)
+    assert metrics["speech_loss_full_vocab"] == pytest.approx(np.mean(nll["speech_full"]), rel=1e-5)
+    assert metrics["text_ppl_full_vocab"] > metrics["text_ppl"]  # the two measures differ
+    docs = (ROOT / "docs" / "forgetting.md").read_text()
+    assert "under the speech block's softmax" in docs and "under the text block's softmax" in docs

@@ -368,6 +368,20 @@ def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):
         assert model.language_model.config._experts_implementation == backend
 
 
+def test_a_float32_encoder_beside_a_bf16_llm_saves_as_the_llms_dtype(tmp_path):
+    """The composite's dtype is its LLM's, not its first parameter's (the encoder's): saving records it, and
+    `from_pretrained` (one dtype for the whole model) reloads the LLM as it was rather than widened to float32."""
+    whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER))
+    llm = DeepTalkForCausalLM(tiny_config()).to(torch.bfloat16)
+    model = DeepTalkForConditionalGeneration.from_parts(whisper, llm, stack_factor=5)
+    assert model.audio_encoder.dtype == torch.float32 and model.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForMultimodalLM.from_pretrained(tmp_path)
+    assert loaded.language_model.dtype == loaded.speech_connector.linear_1.weight.dtype == torch.bfloat16
+    for name, tensor in loaded.language_model.state_dict().items():
+        assert torch.equal(tensor, llm.state_dict()[name]), name
+
+
 def test_only_encoders_whose_frames_can_be_counted_are_taken():
     from transformers import Qwen2AudioEncoderConfig, Speech2TextConfig
 

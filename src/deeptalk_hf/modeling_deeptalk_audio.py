@@ -165,6 +165,13 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         model.generation_config.suppress_tokens = sorted({*suppressed, config.audio_token_id})
         return model
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The language model's dtype, not the first parameter's (the encoder's, which may be float32 beside a bf16
+        LLM): `save_pretrained` records it, so `from_pretrained`, which loads a model in one dtype, does not widen the
+        LLM; generation sizes its caches with it."""
+        return self.language_model.dtype
+
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         """Its experts are the language model's (transformers reads this from the module's source, which has none)."""

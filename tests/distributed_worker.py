@@ -1,6 +1,7 @@
 """Run by `test_distributed.py` under `torchrun --nproc-per-node 2` (gloo, CPU): loads the saved tiny model with each
 parallel layout of the config's `base_model_tp_plan` / `base_model_ep_plan` and checks a training forward and backward
-against the single-process reference (logits, loss with the router losses, every parameter's gradient)."""
+against the single-process reference (logits, loss with the router losses, every parameter's gradient); with `pp`,
+an inference forward on two pipeline stages against the reference logits."""
 
 import sys
 from pathlib import Path
@@ -22,10 +23,21 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def pipeline(path: Path, reference: dict) -> None:
+    """Two pipeline stages: the later one gets hidden states in place of the ids, yet routes speech as speech."""
+    model = DeepTalkForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(pp_size=2)).eval()
+    with torch.no_grad():
+        logits = model(reference["input_ids"]).logits
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
+    print("pp: ok", flush=True)
+
+
 def main(path: Path) -> None:
     torch.set_num_threads(1)
     reference = torch.load(path / "reference.pt")
     input_ids = reference["input_ids"]
+    if sys.argv[2:] == ["pp"]:
+        return pipeline(path, reference)
     for layout, options in LAYOUTS.items():
         model = DeepTalkForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(**options)).train()
         outputs = model(input_ids, labels=input_ids)

@@ -28,6 +28,15 @@ ATTENTION = {
 }
 
 
+def run_workers(path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The worker on two CPU processes (gloo), reading the reference saved in `path`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    return subprocess.run(
+        [*command, str(WORKER), str(path), *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
 @pytest.mark.parametrize("attention", ATTENTION)
 def test_parallel_plans_match_one_process(attention, tmp_path):
@@ -49,23 +58,24 @@ def test_parallel_plans_match_one_process(attention, tmp_path):
         "grads": {name: param.grad for name, param in model.named_parameters()},
     }
     torch.save(reference, tmp_path / "reference.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            "2",
-            str(WORKER),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    result = run_workers(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     for layout in ("tp", "tp+ep", "fsdp+ep"):
         assert result.stdout.count(f"{layout}: ok") == 2, result.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_pipeline_stages_route_speech_ids_as_speech(tmp_path):
+    """transformers' pipeline parallelism hands the later stages hidden states instead of `input_ids`: the ids'
+    modality must reach them, or their MoE layers route speech positions as text (different logits)."""
+    model = DeepTalkForCausalLM(tiny_config(num_hidden_layers=4)).eval()
+    model.save_pretrained(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.cat(
+        [torch.randint(3, 64, (2, 6), generator=generator), torch.randint(64, 80, (2, 6), generator=generator)], 1
+    )
+    with torch.no_grad():
+        torch.save({"input_ids": input_ids, "logits": model(input_ids).logits}, tmp_path / "reference.pt")
+    result = run_workers(tmp_path, "pp")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert result.stdout.count("pp: ok") == 2, result.stdout

@@ -9,6 +9,7 @@ on whole tensors and text outputs stay bit-identical through speech-only trainin
 
 import copy
 import functools
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -19,6 +20,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.distributed import DistributedConfig
 from transformers.generation import GenerationConfig, GenerationMixin, LogitsProcessorList, StoppingCriteriaList
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -35,7 +37,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     eager_attention_forward,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -942,6 +944,29 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             )
         self._tied_weights_keys = tied
         self.post_init()
+
+    @classmethod
+    def maybe_distribute_model(
+        cls, model: nn.Module, distributed_config: DistributedConfig | None, mesh_manager: object | None
+    ) -> nn.Module:
+        """transformers' parallelism. Pipeline parallelism hands every stage after the first the hidden states in
+        place of `input_ids`, so their MoE layers would route speech positions as text: the ids' modality is passed
+        on as `modality_ids` (single-stream models; the naive pipeline does not lay out parallel streams anyway)."""
+        model = super().maybe_distribute_model(model, distributed_config, mesh_manager)
+        if mesh_manager is None or distributed_config.pp_size <= 1 or model.config.num_audio_streams:
+            return model
+        pipeline_forward, signature = model.forward, inspect.signature(model.forward)
+
+        @functools.wraps(pipeline_forward)
+        def forward(*args, **kwargs) -> ModelOutput:
+            bound = signature.bind_partial(*args, **kwargs)
+            input_ids = bound.arguments.get("input_ids")
+            if input_ids is not None and bound.arguments.get("modality_ids") is None:
+                bound.arguments["modality_ids"] = (input_ids >= model.config.speech_token_start).long()
+            return pipeline_forward(*bound.args, **bound.kwargs)
+
+        model.forward = forward
+        return model
 
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True

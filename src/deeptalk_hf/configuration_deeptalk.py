@@ -49,7 +49,8 @@ class DeepTalkConfig(PreTrainedConfig):
       `self_attn.speech_{q,k,v,o}_proj` (`speech_{q,k}_norm`), used at speech positions; text positions keep the
       original ones. Speech then learns to attend (e.g. to the text it speaks) in speech tensors, so the speech stage
       leaves text attention untouched. `add_speech_attention` turns it on for a built model, copying the text
-      projections. Not with multi-head latent attention.
+      projections (a model built from a config with it on initialises them like any new weights). Not with multi-head
+      latent attention.
     - `router_z_loss_coef`: weight of the router z-loss (`mean(logsumexp(logits)**2)`).
     - `qkv_bias`: bias on q/k/v only (Qwen2); `attention_bias` puts a bias on q/k/v/o (Llama, Qwen3).
     - `use_qk_norm`: RMSNorm on queries and keys, per head (`qk_norm_type="head"`, Qwen3) or over the whole q/k

@@ -1,9 +1,10 @@
 """Benchmark (not a test): upcycling a ~0.5B-parameter dense checkpoint disk to disk, against loading and saving the
 same checkpoint with transformers.
 
-    PYTHONPATH=src python benchmarks/bench_upcycle.py [--workdir DIR] [--repeats N]
+    PYTHONPATH=src python benchmarks/bench_upcycle.py [--workdir DIR] [--repeats N] [--output PATH] [--size tiny]
 
-The dense model is a random Qwen2-0.5B-shaped model (494M parameters, bf16, tied embeddings) saved in 500MB shards.
+The dense model is a random Qwen2-0.5B-shaped model (494M parameters, bf16, tied embeddings) saved in 500MB shards
+(`--size tiny`: a 2-layer toy of the same family, which only checks the script end to end).
 Every measured step runs in a fresh subprocess that reports its own wall time and peak RSS (`ru_maxrss`), so the
 steps do not share memory or warm-up. Goal (issue 5): upcycling within 1.5x the time of transformers' load + save, and
 peak memory within 1.5x the largest output shard plus one input shard (RSS includes the interpreter and libraries,
@@ -12,6 +13,7 @@ reported separately as the `import` step). Results go to benchmarks/results/benc
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -33,6 +35,12 @@ DENSE = dict(
     max_position_embeddings=32768,
     tie_word_embeddings=True,
 )
+SIZES = {
+    "qwen2-0.5b": DENSE,
+    "tiny": dict(
+        DENSE, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+    ),
+}
 CASES = {
     # Same number of weights as the dense model: 4 quarter-size experts, all picked at step 0.
     "upcycle g4 4x1/4": dict(num_text_experts=4, num_speech_experts=0, num_experts_per_tok=4, granularity=4),
@@ -53,7 +61,7 @@ def child(step: str, source: str, destination: str, options: str) -> None:
     if step == "create":
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)
-        model = Qwen2ForCausalLM(Qwen2Config(**DENSE, dtype="bfloat16"))
+        model = Qwen2ForCausalLM(Qwen2Config(**SIZES[json.loads(options)["size"]], dtype="bfloat16"))
         model.save_pretrained(source, max_shard_size=SHARD)
         result = {}
     elif step == "baseline":
@@ -85,11 +93,32 @@ def shard_sizes(path: Path) -> list[int]:
     return sorted(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def dense_parameters(path: Path) -> int:
+    """The checkpoint's parameter count (a one-shard checkpoint, `--size tiny`, has no index to read it from)."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["metadata"]["total_parameters"]
+    from safetensors import safe_open
+
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per step; the fastest is reported (default: 5)")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "bench_upcycle.json"))
+    parser.add_argument(
+        "--output",
+        default=str(Path(__file__).parent / "results" / "bench_upcycle.json"),
+        help="results file (default: benchmarks/results/bench_upcycle.json)",
+    )
+    parser.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="qwen2-0.5b",
+        help="dense model: Qwen2-0.5B shapes, or a toy (smoke test)",
+    )
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -97,10 +126,10 @@ def main() -> None:
         return
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_upcycle_"))
-    source = workdir / "dense"
+    source = workdir / ("dense" if args.size == "qwen2-0.5b" else f"dense_{args.size}")
     try:
         if not source.exists():
-            run("create", source)
+            run("create", source, options={"size": args.size})
         input_shards = shard_sizes(source)
         results = {"import": run("import", source)}
         steps = {"transformers load+save": ("baseline", None)} | {name: ("upcycle", o) for name, o in CASES.items()}
@@ -133,9 +162,8 @@ def main() -> None:
         report = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "load_average_1_5_15min": os.getloadavg(),
-            "dense_parameters": json.loads((source / "model.safetensors.index.json").read_text())["metadata"][
-                "total_parameters"
-            ],
+            "size": args.size,
+            "dense_parameters": dense_parameters(source),
             "input_bytes": sum(input_shards),
             "largest_input_shard_bytes": input_shards[-1],
             "shard_size": SHARD,

@@ -52,3 +52,33 @@ def test_bench_model_writes_its_ratios(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["ratio_deeptalk_over_qwen3_moe"]) == {"train_tokens_per_s", "decode_tokens_per_s"}
     assert record["args"]["out"] == str(out)
+
+
+def test_bench_upcycle_writes_its_ratios(tmp_path):
+    out = tmp_path / "upcycle.json"
+    run(
+        "bench_upcycle.py",
+        "--size",
+        "tiny",
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--output",
+        str(out),
+    )
+    record = json.loads(out.read_text())
+    assert record["size"] == "tiny"
+    for case in ("upcycle g4 4x1/4", "upcycle g4 8+4 k4"):
+        result = record["results"][case]
+        assert result["time_vs_baseline"] > 0 and result["rss_vs_largest_output_plus_input_shard"] > 0
+        assert result["output_bytes"] > 0
+
+
+def test_bench_latency_writes_every_mode(tmp_path):
+    arguments = ["--question-seconds", "0.2", "--units", "7", "--text-tokens", "1", "--audio-chunk-frames", "1"]
+    run("bench_latency.py", *arguments, "--runs", "1", "--decode-steps", "1", "--parallel", "--out", str(tmp_path))
+    record = json.loads((tmp_path / "latency_cpu_tiny_text_then_speech_parallel.json").read_text())
+    assert record["median_of_runs"]["first_audio_s"] > 0
+    assert set(record["parallel"]["median_of_runs"]) == {"parallel", "parallel_batch_parallel"}
+    assert all(m["first_audio_s"] > 0 for m in record["parallel"]["median_of_runs"].values())

@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from run_info import versions
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
@@ -369,6 +370,7 @@ def main() -> None:
     report = {
         "device": device_name,
         "load_average": os.getloadavg(),  # other work on the machine shows up in CPU timings
+        "versions": versions(),
         "size": args.size,
         "num_hidden_layers": model.config.num_hidden_layers,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from run_info import versions
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
@@ -139,9 +140,12 @@ def main() -> None:
     record = {
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "load_average": os.getloadavg(),  # other work on the machine shows up in CPU timings
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "versions": versions(),
         "results": results,
         "ratio_deeptalk_over_qwen3_moe": ratios,
     }

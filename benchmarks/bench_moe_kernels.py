@@ -29,6 +29,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from run_info import versions  # noqa: E402
 from transformers import Qwen3MoeConfig  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
@@ -216,11 +217,21 @@ def main(argv: list[str] | None = None) -> None:
     results = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"moe_kernels_{slug(name)}_{args.dtype}"
-    meta = dict(device=name, dtype=args.dtype, torch=torch.__version__, cuda=HAS_CUDA, date=time.strftime("%Y-%m-%d"))
+    meta = dict(
+        device=name,
+        dtype=args.dtype,
+        torch=torch.__version__,
+        cuda=HAS_CUDA,
+        date=time.strftime("%Y-%m-%d"),
+        versions=versions(),
+        args={key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+    )
     stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=results), indent=1))
     table = "\n".join(format_row(row, results) for row in results)
     stem.with_suffix(".md").write_text(
-        f"# MoE experts layer benchmark\n\n{name}, {args.dtype}, torch {torch.__version__}, {meta['date']}\n\n"
+        f"# MoE experts layer benchmark\n\n{name}, {args.dtype}, {meta['date']}; "
+        + ", ".join(f"{package} {number}" for package, number in meta["versions"].items())
+        + "\n\n"
         "TFLOP/s count useful work only (6·H·I FLOPs per routed pair forward, 3x that forward+backward).\n\n"
         f"{HEADER}\n{table}\n"
     )

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from run_info import versions
+
 SHARD = "500MB"
 DENSE = dict(
     vocab_size=151936,
@@ -162,6 +164,8 @@ def main() -> None:
         report = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
             "load_average_1_5_15min": os.getloadavg(),
+            "versions": versions(),
+            "args": {key: value for key, value in vars(args).items() if key != "child"},
             "size": args.size,
             "dense_parameters": dense_parameters(source),
             "input_bytes": sum(input_shards),

@@ -25,6 +25,7 @@ from bench_moe_kernels import (
     make_step,
     slug,
 )
+from run_info import versions
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     module, x, index, weights = make_problem(hidden, inter, experts, top_k, tokens, dtype, device)
     tables = [
-        f"{device_name()}, {dtype}, torch {torch.__version__}; H={hidden} I={inter} E={experts} k={top_k} T={tokens}"
+        f"{device_name()}, {dtype}, {', '.join(f'{p} {v}' for p, v in versions().items())}; "
+        f"H={hidden} I={inter} E={experts} k={top_k} T={tokens}, {args.steps} steps"
     ]
     for backend in args.backends:
         for mode in args.modes:

@@ -20,12 +20,20 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
+def assert_records_its_run(record: dict) -> None:
+    """A results file names the versions that produced it (torch alone does not say which transformers it timed)."""
+    assert {"python", "torch", "transformers", "deeptalk-hf"} <= set(record["versions"])
+
+
 def test_bench_moe_kernels_writes_every_backend_and_mode(tmp_path):
     run(
         "bench_moe_kernels.py", "--tokens", "16", "--backends", "grouped_mm", "deeptalk_triton", "--out", str(tmp_path)
     )
     (result,) = tmp_path.glob("moe_kernels_*_fp32.json")
-    rows = json.loads(result.read_text())["results"]
+    record = json.loads(result.read_text())
+    assert_records_its_run(record)
+    assert record["args"]["tokens"] == [16]
+    rows = record["results"]
     assert {(r["backend"], r["mode"]) for r in rows} == {
         (backend, mode) for backend in ("grouped_mm", "deeptalk_triton") for mode in ("fwd", "fwd+bwd")
     }
@@ -40,6 +48,7 @@ def test_profile_moe_kernels_writes_one_table_per_backend_and_mode(tmp_path):
     run("profile_moe_kernels.py", "--steps", "1", "--modes", "fwd", "fwd+bwd", "--out", str(tmp_path))
     (result,) = tmp_path.glob("moe_profile_*_tiny_64.txt")
     text = result.read_text()
+    assert "torch 2." in text.splitlines()[0] and "transformers " in text.splitlines()[0]
     for backend in ("grouped_mm", "deeptalk_triton"):
         for mode in ("fwd", "fwd+bwd"):
             assert f"=== {backend} {mode} (1 steps) ===" in text
@@ -52,6 +61,7 @@ def test_bench_model_writes_its_ratios(tmp_path):
     record = json.loads(out.read_text())
     assert set(record["ratio_deeptalk_over_qwen3_moe"]) == {"train_tokens_per_s", "decode_tokens_per_s"}
     assert record["args"]["out"] == str(out)
+    assert_records_its_run(record)
 
 
 def test_bench_upcycle_writes_its_ratios(tmp_path):
@@ -68,7 +78,8 @@ def test_bench_upcycle_writes_its_ratios(tmp_path):
         str(out),
     )
     record = json.loads(out.read_text())
-    assert record["size"] == "tiny"
+    assert record["size"] == "tiny" and record["args"]["repeats"] == 1
+    assert_records_its_run(record)
     for case in ("upcycle g4 4x1/4", "upcycle g4 8+4 k4"):
         result = record["results"][case]
         assert result["time_vs_baseline"] > 0 and result["rss_vs_largest_output_plus_input_shard"] > 0
@@ -80,5 +91,6 @@ def test_bench_latency_writes_every_mode(tmp_path):
     run("bench_latency.py", *arguments, "--runs", "1", "--decode-steps", "1", "--parallel", "--out", str(tmp_path))
     record = json.loads((tmp_path / "latency_cpu_tiny_text_then_speech_parallel.json").read_text())
     assert record["median_of_runs"]["first_audio_s"] > 0
+    assert_records_its_run(record)
     assert set(record["parallel"]["median_of_runs"]) == {"parallel", "parallel_batch_parallel"}
     assert all(m["first_audio_s"] > 0 for m in record["parallel"]["median_of_runs"].values())

@@ -329,22 +329,33 @@ def breakdown(args, processor, model, codec) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shapes (random weights)")
     parser.add_argument("--num-layers", type=int, default=0, help="override the layer count (e.g. v2-lite on CPU)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if available, else cpu"
+    )
     parser.add_argument("--codec", default="random", help="'random' (SNAC 24 kHz shapes) or a SNAC hub id / folder")
     parser.add_argument("--experts-implementation", default=None, help="e.g. grouped_mm, deeptalk_triton")
-    parser.add_argument("--policy", choices=INTERLEAVE_POLICIES, default="text_then_speech")
-    parser.add_argument("--question-seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--policy", choices=INTERLEAVE_POLICIES, default="text_then_speech", help="single-stream answer layout"
+    )
+    parser.add_argument("--question-seconds", type=float, default=2.0, help="length of the spoken question")
     parser.add_argument("--text-tokens", type=int, default=13, help="text tokens in the answer (0 for none)")
     parser.add_argument("--units", type=int, default=7 * 8, help="speech units in the answer")
-    parser.add_argument("--audio-chunk-frames", type=int, default=2)
-    parser.add_argument("--decode-steps", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--audio-chunk-frames", type=int, default=2, help="codec frames per streamed audio chunk")
+    parser.add_argument("--decode-steps", type=int, default=20, help="decode steps timed alone (their median)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="timed runs after one warm-up, modes taking turns; medians reported"
+    )
     parser.add_argument(
         "--parallel", action="store_true", help="also time parallel streams, with and without batch parallel decoding"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results",
+        help="folder for latency_<device>_<size>_<policy>[_parallel].json (default: benchmarks/results)",
+    )
     args = parser.parse_args()
 
     processor, model, codec = build(args)

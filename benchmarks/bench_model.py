@@ -78,18 +78,32 @@ def mixed_batch(args: argparse.Namespace) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="grouped_mm", help="experts backend for both models")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if available, else cpu"
+    )
     parser.add_argument("--hidden", type=int, default=256, help="a multiple of 64 (heads of 64)")
-    parser.add_argument("--expert-size", type=int, default=128)
+    parser.add_argument("--expert-size", type=int, default=128, help="moe_intermediate_size of each expert")
     parser.add_argument("--experts", type=int, default=8, help="E: text experts = speech experts = E; Qwen3-MoE 2E")
-    parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model.json")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (both models)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers, all MoE")
+    parser.add_argument("--vocab", type=int, default=4096, help="vocabulary; DeepTalk's last quarter is speech")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per forward+backward")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (forward+backward)")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=64, help="greedy tokens generated after a 32-token prompt"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed runs after one warm-up; the fastest is reported, the models taking turns",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results" / "model.json",
+        help="results file (default: benchmarks/results/model.json)",
+    )
     args = parser.parse_args()
     if args.hidden < 64 or args.hidden % 64:
         parser.error(f"--hidden {args.hidden} must be a positive multiple of 64 (attention heads of 64)")

@@ -204,12 +204,17 @@ def main(argv: list[str] | None = None) -> None:
         help="subset of the model shapes (CUDA; the CPU smoke run has one)",
     )
     parser.add_argument("--tokens", nargs="*", type=int, help=f"token counts (default {TOKENS})")
-    parser.add_argument("--backends", nargs="*", default=BACKENDS, choices=BACKENDS)
-    parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES)
+    parser.add_argument("--backends", nargs="*", default=BACKENDS, choices=BACKENDS, help="experts backends to time")
+    parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES, help="forward, forward+backward or both")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms (CUDA)")
     parser.add_argument("--iters", type=int, default=100, help="measurement time per measurement, ms (CUDA)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results",
+        help="folder for moe_kernels_<device>_<dtype>.{json,md} (default: benchmarks/results)",
+    )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if HAS_CUDA else "fp32")  # the interpreter's bf16 products are not faithful
     if not HAS_CUDA:

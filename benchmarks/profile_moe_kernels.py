@@ -31,13 +31,28 @@ from torch.profiler import ProfilerActivity, profile
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="qwen3_30b_a3b", choices=list(SHAPES))
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--backends", nargs="*", default=["grouped_mm", "deeptalk_triton"], choices=BACKENDS)
-    parser.add_argument("--modes", nargs="*", default=["fwd+bwd"], choices=MODES)
+    parser.add_argument(
+        "--shape", default="qwen3_30b_a3b", choices=list(SHAPES), help="expert shape (CUDA; without it a tiny one)"
+    )
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens T (CUDA; without it 64)")
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=["grouped_mm", "deeptalk_triton"],
+        choices=BACKENDS,
+        help="experts backends to profile",
+    )
+    parser.add_argument(
+        "--modes", nargs="*", default=["fwd+bwd"], choices=MODES, help="forward and/or forward+backward"
+    )
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per backend and mode")
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per table")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results",
+        help="folder for moe_profile_<device>_<shape>_<T>.txt (default: benchmarks/results)",
+    )
     args = parser.parse_args(argv)
     if HAS_CUDA:
         device, dtype, tokens, shape = "cuda", DTYPES["bf16"], args.tokens, SHAPES[args.shape]

@@ -109,3 +109,22 @@ def test_bench_moe_kernels_ratio_is_also_against_the_fastest_baseline(monkeypatc
     line = bench_moe_kernels.format_row(rows[-1], rows)
     assert "| 1.25x | 2.50x | 0.62x (eager) |" in line
     assert bench_moe_kernels.HEADER.splitlines()[0].count("|") == line.count("|")
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["bench_model.py", "bench_moe_kernels.py", "profile_moe_kernels.py", "bench_upcycle.py", "bench_latency.py"],
+)
+def test_help_describes_every_option(script):
+    """`--help` says what each option does (what `--out` is, a file or a folder; what `--repeats` reports), not only
+    its name."""
+    lines = run(script, "--help").split("options:\n", 1)[1].splitlines()
+    undescribed = []
+    for number, line in enumerate(lines):
+        if not line.startswith("  -"):
+            continue
+        invocation, _, described = line.strip().partition("  ")
+        following = lines[number + 1] if number + 1 < len(lines) else ""
+        if not described.strip() and not (following.startswith("      ") and not following.strip().startswith("-")):
+            undescribed.append(invocation)
+    assert not undescribed, f"{script} --help describes none of {undescribed}"

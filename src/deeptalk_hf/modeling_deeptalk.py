@@ -961,8 +961,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         def forward(*args, **kwargs) -> ModelOutput:
             bound = signature.bind_partial(*args, **kwargs)
             input_ids = bound.arguments.get("input_ids")
-            if input_ids is not None and bound.arguments.get("modality_ids") is None:
-                bound.arguments["modality_ids"] = (input_ids >= model.config.speech_token_start).long()
+            if input_ids is not None and bound.arguments.get("modality_ids") is None:  # the model's own rule
+                speech = speech_positions(model.config, input_ids, None, input_ids.shape, input_ids.device)
+                bound.arguments["modality_ids"] = speech.long()
             return pipeline_forward(*bound.args, **bound.kwargs)
 
         model.forward = forward

@@ -1064,8 +1064,8 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
     answer is segment 0, and a frame's units (the codec's, as `SpeechChunk.units` always are) and its audio go out as
     soon as its frame group is complete, i.e. every audio stream has emitted its code for it. Concatenated, the text
     deltas and speech chunks give `processor.decode_parallel`'s text and codes (as units) of the returned answer, and
-    the audio chunks a waveform of its length (decoded chunk by chunk, so not its samples). The prompt is never
-    streamed.
+    the audio chunks a waveform of its length (decoded chunk by chunk, so not necessarily its samples). The prompt is
+    never streamed.
     """
 
     def __init__(

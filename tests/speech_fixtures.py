@@ -66,12 +66,12 @@ def tiny_model(processor: DeepTalkProcessor, seed: int = 0, **overrides) -> Deep
     return model
 
 
-def tiny_snac():
-    """A small SNAC with the 24 kHz model's structure (3 levels at strides 4/2/1, no local attention)."""
+def tiny_snac(**overrides):
+    """A small SNAC with the 24 kHz model's structure (3 levels at strides 4/2/1, no local attention), or `overrides`."""
     from snac import SNAC
 
     torch.manual_seed(0)
-    return SNAC(
+    options = dict(
         sampling_rate=24000,
         encoder_dim=4,
         encoder_rates=[2, 4, 8, 8],
@@ -81,7 +81,8 @@ def tiny_snac():
         codebook_size=64,
         codebook_dim=4,
         vq_strides=[4, 2, 1],
-    ).eval()
+    )
+    return SNAC(**{**options, **overrides}).eval()
 
 
 def tiny_mimi():

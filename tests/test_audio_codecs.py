@@ -202,21 +202,8 @@ def test_bad_audio_raises(name, waveform, rate, message):
 def test_a_snac_with_local_attention_decodes_any_number_of_frames(vq_strides):
     """SNAC 32/44 kHz attend within windows of latent steps: a streamed chunk or an answer of a few frames must
     decode too, to `samples_per_frame` samples per frame, and the encoder's own window-sized output as SNAC does."""
-    from snac import SNAC as SnacModel
-
-    torch.manual_seed(0)
-    model = SnacModel(
-        sampling_rate=24000,
-        encoder_dim=4,
-        encoder_rates=[2, 4, 8, 8],
-        decoder_dim=64,
-        decoder_rates=[8, 8, 4, 2],
-        attn_window_size=16,
-        codebook_size=16,
-        codebook_dim=4,
-        vq_strides=vq_strides,
-        noise=False,  # decoding is deterministic: comparable
-    ).eval()
+    # decoder_dim 64: one attention head; noise=False: decoding is deterministic, so comparable
+    model = tiny_snac(decoder_dim=64, attn_window_size=16, codebook_size=16, vq_strides=vq_strides, noise=False)
     codec = SnacCodec(model)
     units = codec.to_units(codec.encode(0.1 * torch.randn(9000, generator=torch.Generator().manual_seed(0)), 24000))
     codes = codec.from_units(units)

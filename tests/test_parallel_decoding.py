@@ -139,7 +139,8 @@ def test_generation_stops_when_every_audio_stream_has_ended():
 
 
 class AudioEndsAt(LogitsProcessor):
-    """Audio stream row r may not end before step `ends[r]` and ends as soon as it may from then on."""
+    """Row r may not emit the audio end code before step `ends[r]` and emits it as soon as it may from then on (the
+    delay pattern decides when an audio row may; text rows get 0 and their ids are not checked)."""
 
     def __init__(self, prompt_length: int, ends: list[int], config):
         self.prompt_length, self.ends, self.eos = prompt_length, torch.tensor(ends), config.audio_eos_token_id

@@ -100,62 +100,9 @@ def _ends(token_ids: torch.Tensor | int | list[int] | None, row: torch.Tensor) -
     return torch.isin(row, ids).any(dim=-1)
 
 
-class DelayPatternLogitsProcessor(LogitsProcessor):
-    """Forces the delay pattern on flattened parallel streams (row `b * (1 + S) + s` is stream s of item b).
-
-    Audio stream s of a speech answer emits pad for its first `delay - 1` steps, then its begin code, then free codes
-    until it emits its end code, then pad. In a text-only answer (`speech_answer` False for the item) audio streams
-    only emit pad. The text stream emits the text pad id once it has emitted a text end id (`eos_token_id`, one or a
-    list), or once the item's speech answer has ended (an ended item only pads while the rest of the batch goes on).
-    """
-
-    def __init__(
-        self,
-        prompt_length: int,
-        config: DeepTalkConfig,
-        speech_answer: torch.Tensor,
-        eos_token_id: int | list[int] | None,
-    ):
-        self.prompt_length = prompt_length
-        self.config = config
-        self.speech_answer = speech_answer  # [items] bool
-        self.text_eos_token_id = eos_token_id
-        self.text_pad = config.pad_token_id if config.pad_token_id is not None else 0
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        config = self.config
-        streams = config.num_audio_streams + 1
-        generated = input_ids[:, self.prompt_length :]
-        step = generated.shape[1]
-        device = scores.device
-        stream = torch.arange(input_ids.shape[0], device=device) % streams
-        speech = self.speech_answer.to(device).repeat_interleave(streams)
-        delay = torch.tensor([0, *config.audio_stream_delays], device=device)[stream]
-        is_audio = stream > 0
-        ended_audio = _ends(config.audio_eos_token_id, generated) & is_audio
-        # A speech answer ends with its last audio stream; its text must not run on while the rest of the batch does.
-        ended_speech = ended_audio.view(-1, streams)[:, 1:].all(dim=-1).repeat_interleave(streams)
-        ended_text = (_ends(self.text_eos_token_id, generated) | ended_speech) & ~is_audio
-
-        forced = torch.full_like(stream, -1)
-        forced = torch.where(ended_text, self.text_pad, forced)
-        audio_pad = is_audio & (~speech | (step < delay - 1) | ended_audio)
-        forced = torch.where(audio_pad, config.audio_pad_token_id, forced)
-        forced = torch.where(is_audio & speech & (step == delay - 1), config.audio_bos_token_id, forced)
-
-        scores = scores.clone()
-        free_audio = is_audio & (forced < 0)
-        for special in (config.audio_pad_token_id, config.audio_bos_token_id):
-            scores[free_audio, special] = -float("inf")
-        rows = (forced >= 0).nonzero().squeeze(-1)
-        scores[rows] = -float("inf")
-        scores[rows, forced[rows]] = 0.0
-        return scores
-
-
-class ParallelStreamsStoppingCriteria(StoppingCriteria):
-    """An item is done when all its audio streams emitted their end code (speech answer) or its text stream emitted a
-    text end id (`eos_token_id`; text-only answer); all rows of an item stop together."""
+class _ParallelStreamsRule:
+    """What the delay pattern and the stopping criteria read: the prompt length (generated steps follow it), the
+    config, which items answer in speech (`speech_answer`, `[items]` bool) and the text stream's end ids."""
 
     def __init__(
         self,
@@ -170,6 +117,52 @@ class ParallelStreamsStoppingCriteria(StoppingCriteria):
         # Not `eos_token_id`: transformers takes a criterion with that attribute for its own end check and overwrites a
         # finished item's rows with the text pad id, audio streams included (they must keep the audio pad).
         self.text_eos_token_id = eos_token_id
+
+
+class DelayPatternLogitsProcessor(_ParallelStreamsRule, LogitsProcessor):
+    """Forces the delay pattern on flattened parallel streams (row `b * (1 + S) + s` is stream s of item b).
+
+    Audio stream s of a speech answer emits pad for its first `delay - 1` steps, then its begin code, then free codes
+    until it emits its end code, then pad. In a text-only answer (`speech_answer` False for the item) audio streams
+    only emit pad. The text stream emits the text pad id once it has emitted a text end id (`eos_token_id`, one or a
+    list), or once the item's speech answer has ended (an ended item only pads while the rest of the batch goes on).
+    """
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        config = self.config
+        text_pad = config.pad_token_id if config.pad_token_id is not None else 0
+        streams = config.num_audio_streams + 1
+        generated = input_ids[:, self.prompt_length :]
+        step = generated.shape[1]
+        device = scores.device
+        stream = torch.arange(input_ids.shape[0], device=device) % streams
+        speech = self.speech_answer.to(device).repeat_interleave(streams)
+        delay = torch.tensor([0, *config.audio_stream_delays], device=device)[stream]
+        is_audio = stream > 0
+        ended_audio = _ends(config.audio_eos_token_id, generated) & is_audio
+        # A speech answer ends with its last audio stream; its text must not run on while the rest of the batch does.
+        ended_speech = ended_audio.view(-1, streams)[:, 1:].all(dim=-1).repeat_interleave(streams)
+        ended_text = (_ends(self.text_eos_token_id, generated) | ended_speech) & ~is_audio
+
+        forced = torch.full_like(stream, -1)
+        forced = torch.where(ended_text, text_pad, forced)
+        audio_pad = is_audio & (~speech | (step < delay - 1) | ended_audio)
+        forced = torch.where(audio_pad, config.audio_pad_token_id, forced)
+        forced = torch.where(is_audio & speech & (step == delay - 1), config.audio_bos_token_id, forced)
+
+        scores = scores.clone()
+        free_audio = is_audio & (forced < 0)
+        for special in (config.audio_pad_token_id, config.audio_bos_token_id):
+            scores[free_audio, special] = -float("inf")
+        rows = (forced >= 0).nonzero().squeeze(-1)
+        scores[rows] = -float("inf")
+        scores[rows, forced[rows]] = 0.0
+        return scores
+
+
+class ParallelStreamsStoppingCriteria(_ParallelStreamsRule, StoppingCriteria):
+    """An item is done when all its audio streams emitted their end code (speech answer) or its text stream emitted a
+    text end id (`eos_token_id`; text-only answer); all rows of an item stop together."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         config = self.config

@@ -961,8 +961,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         def forward(*args, **kwargs) -> ModelOutput:
             bound = signature.bind_partial(*args, **kwargs)
             input_ids = bound.arguments.get("input_ids")
-            if input_ids is not None and bound.arguments.get("modality_ids") is None:
-                bound.arguments["modality_ids"] = (input_ids >= model.config.speech_token_start).long()
+            if input_ids is not None and bound.arguments.get("modality_ids") is None:  # the model's own rule
+                speech = speech_positions(model.config, input_ids, None, input_ids.shape, input_ids.device)
+                bound.arguments["modality_ids"] = speech.long()
             return pipeline_forward(*bound.args, **bound.kwargs)
 
         model.forward = forward
@@ -1268,10 +1269,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 f"pad_token_id={given}: parallel-stream generation pads with the config's pad_token_id "
                 f"({pad_token_id}), as the processor lays prompts out; set it there"
             )
-        eos_token_id = next(
-            (ids for ids in (kwargs.pop("eos_token_id", None), setting.eos_token_id) if ids is not None),
-            config.eos_token_id,
-        )
+        eos_token_id = kwargs.pop("eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = setting.eos_token_id if setting.eos_token_id is not None else config.eos_token_id
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
             padding = (input_ids[:, 0] == pad_token_id) & (input_ids[:, 1:] == config.audio_pad_token_id).all(1)

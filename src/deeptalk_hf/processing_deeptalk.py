@@ -94,9 +94,9 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
     return batch
 
 
-class _ConversationSpeech(list):
-    """The speech segments of `apply_chat_template`'s conversations: each must fill a placeholder of the rendered
-    template; unlike `speech_units=` beside a plain text, none is a transcript to lay out."""
+# The flag `apply_chat_template` hands `__call__` beside the conversations' speech segments: each must fill a
+# placeholder of the rendered template; unlike `speech_units=` beside a plain text, none is a transcript to lay out.
+_FROM_CONVERSATION = "_speech_from_conversation"
 
 
 def _speech_block(tokenizer: PreTrainedTokenizerBase) -> range | None:
@@ -458,6 +458,7 @@ class DeepTalkProcessor(ProcessorMixin):
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` and `modality_ids` (1 on speech-block ids).
         """
+        from_conversation = kwargs.pop(_FROM_CONVERSATION, False)
         for unused in ("images", "videos"):  # `apply_chat_template` passes them
             if kwargs.pop(unused, None) is not None:
                 raise ValueError(f"{type(self).__name__} takes no {unused}")
@@ -481,7 +482,6 @@ class DeepTalkProcessor(ProcessorMixin):
         texts = [text or ""] if single else list(text)
         if not texts:
             raise ValueError("text= is an empty batch")
-        from_conversation = isinstance(speech_units, _ConversationSpeech)
         if speech_units is not None and audio is not None and self.audio_becomes_units:
             raise ValueError("pass speech as speech_units= or as audio=, not both")
         audio_features = None
@@ -561,7 +561,7 @@ class DeepTalkProcessor(ProcessorMixin):
         segments: list[list[int]],
         interleave: str,
         ratio: tuple[int, int],
-        from_conversation: bool = False,
+        from_conversation: bool,
     ) -> list[int]:
         """Text `i`'s ids (`ids`) with its speech: a segment per placeholder, or a transcript's one segment laid out by
         the interleaving policy between the tokens the tokenizer added at the ends (never for a conversation's
@@ -801,7 +801,7 @@ class DeepTalkProcessor(ProcessorMixin):
             for blocks in _speech_blocks(conversations, audio_loading_params)
         ]
         empty = [[] for _ in conversations]
-        return empty, empty, [], {"speech_units": _ConversationSpeech(batch)}
+        return empty, empty, [], {"speech_units": batch, _FROM_CONVERSATION: True}
 
 
 class DeepTalkAudioProcessor(DeepTalkProcessor):
@@ -888,7 +888,7 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
             units.append([block for kind, block in blocks if kind == "speech"])
             audio.append([at_rate(*block) for kind, block in blocks if kind == "audio"])
         empty = [[] for _ in conversations]
-        return empty, empty, audio if any(audio) else [], {"speech_units": _ConversationSpeech(units)}
+        return empty, empty, audio if any(audio) else [], {"speech_units": units, _FROM_CONVERSATION: True}
 
     def _read_audio(
         self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool
@@ -1064,8 +1064,8 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
     answer is segment 0, and a frame's units (the codec's, as `SpeechChunk.units` always are) and its audio go out as
     soon as its frame group is complete, i.e. every audio stream has emitted its code for it. Concatenated, the text
     deltas and speech chunks give `processor.decode_parallel`'s text and codes (as units) of the returned answer, and
-    the audio chunks a waveform of its length (decoded chunk by chunk, so not its samples). The prompt is never
-    streamed.
+    the audio chunks a waveform of its length (decoded chunk by chunk, so not necessarily its samples). The prompt is
+    never streamed.
     """
 
     def __init__(

@@ -379,7 +379,8 @@ class DeepTalkProcessor(ProcessorMixin):
         if block is None:
             raise ValueError(
                 "the tokenizer has no speech tokens: call add_speech_tokens(tokenizer, num_units, text_vocab_size=...) "
-                "(for a DeepTalk model: num_units=config.speech_vocab_size - 3, text_vocab_size=config.speech_token_start)"
+                f"(for a DeepTalk model: num_units=config.speech_vocab_size - {len(SPEECH_MARKERS)} markers, "
+                "text_vocab_size=config.speech_token_start)"
             )
         self._check_policy(interleave, text_speech_ratio)
         self.speech_tokens = block

@@ -1227,8 +1227,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             Parallel streams only: answer in speech (audio streams follow the delay pattern and generation stops when
             every audio stream has ended) or in text only (audio streams emit pad; stops at the text end).
         batch_parallel (`bool`, defaults to `False`):
-            Parallel streams only: decode a text-only copy of each query beside it, whose text drives the text stream
-            of the speech answer (DeepTalk / Mini-Omni batch parallel decoding).
+            Parallel streams only: decode a text-only copy of each query beside it, whose text is fed to the speech
+            answer as its text stream and returned as the answer's text (DeepTalk / Mini-Omni batch parallel
+            decoding); an item is done once its audio streams and its copy's text have ended.
         """
         config = self.config
         if not config.num_audio_streams:

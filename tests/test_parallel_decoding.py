@@ -290,7 +290,8 @@ def test_bad_stream_ids_and_layouts_are_refused_by_name():
 
 def test_flattened_input_takes_one_row_per_stream_and_refuses_other_layouts():
     """2D ids are the streams flattened into rows, as `generate` lays them out; an item's mask ([batch, seq]) was read
-    as if it had one row per stream (`mask[::1 + S]`) and gave other items' masks, silently."""
+    as if it had one row per stream (`mask[::1 + S]`) and gave other items' masks, silently; so were an item's
+    position ids."""
     model = DeepTalkForCausalLM(parallel_config()).eval()
     ids = text_query(model.config, batch=4)
     mask = torch.ones(4, 5, dtype=torch.long)
@@ -302,6 +303,18 @@ def test_flattened_input_takes_one_row_per_stream_and_refuses_other_layouts():
         for rows, mask_rows in [(16, 4), (15, 15)]:
             with pytest.raises(ValueError, match=r"2D input_ids are the 4 streams of each item flattened into rows"):
                 model(ids.flatten(0, 1)[:rows], attention_mask=torch.ones(mask_rows, 5, dtype=torch.long))
+        # The same for position_ids (e.g. packed sequences restarting at 0): one row per row, or one for all rows.
+        positions = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 0, 1, 2], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
+        expected = model(ids, position_ids=positions, use_cache=False).logits
+        flat = model(ids.flatten(0, 1), position_ids=positions.repeat_interleave(4, dim=0), use_cache=False).logits
+        assert torch.equal(flat.view(4, 4, 5, -1)[:, 0, :, : expected.shape[-1]], expected)
+        shared = model(ids.flatten(0, 1), position_ids=positions[3:], use_cache=False).logits
+        assert torch.equal(shared, model(ids.flatten(0, 1), position_ids=positions[[3] * 16], use_cache=False).logits)
+        with pytest.raises(
+            ValueError,
+            match=r"one attention_mask and position_ids row per row .*: got 16 rows, None mask rows and 4 position_ids",
+        ):
+            model(ids.flatten(0, 1), position_ids=positions)
 
 
 def test_audio_positions_route_as_speech():

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForMultimodalLM,
+    DataCollatorWithFlattening,
     Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
     WhisperConfig,
@@ -128,6 +129,23 @@ def test_two_audio_lengths_give_their_positions_and_masked_batches_match_single_
         # The audio reaches the text after it.
         louder = model(**dict(batch, input_features=batch["input_features"] + 0.5)).logits
         assert not torch.allclose(louder[:, -1], logits[:, -1])
+
+
+def test_a_padding_free_batch_with_its_audios_gives_each_items_logits():
+    """Packing (transformers' `DataCollatorWithFlattening`) keeps only ids, labels and positions: without the audios
+    the placeholders are refused; with the items' features concatenated in order, each item's logits are its own."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).train()
+    audio_id = config.audio_token_id
+    texts, audios = [[BOS, audio_id, 5], [BOS, 9, audio_id, 6, 7]], [tone(440, 0.25), tone(880, 0.5625)]
+    items = [audio_batch(config, whisper_features(), texts[i : i + 1], audios[i : i + 1]) for i in range(2)]
+    packed = DataCollatorWithFlattening()([{"input_ids": item["input_ids"][0]} for item in items])
+    with pytest.raises(ValueError, match="audio placeholders .* but no input_features were given"):
+        model(**packed, use_cache=False)
+    features = {key: torch.cat([item[key] for item in items]) for key in ("input_features", "input_features_mask")}
+    logits = model(**packed, **features, use_cache=False).logits[0]
+    for item, item_logits in zip(items, logits.split([item["input_ids"].shape[1] for item in items]), strict=True):
+        torch.testing.assert_close(item_logits, model(**item, use_cache=False).logits[0])
 
 
 def features_of(batch: dict) -> dict:

@@ -12,7 +12,7 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
 
 import deeptalk_hf  # noqa: F401  (registers the Auto classes)
 from deeptalk_hf import (
@@ -125,6 +125,23 @@ def test_profile_excludes_padding_and_follows_modality_ids(model):
     ids = torch.randint(0, TEXT_VOCAB, (1, 10))
     marked = profile_modality_load(model, [{"input_ids": ids[0].tolist(), "modality_ids": [1] * 10}])
     assert marked.speech_tokens == 10 and marked.text_tokens == 0
+
+
+def test_profile_of_a_packed_batch_is_the_profile_of_its_sequences(model):
+    """A padding-free batch (transformers' `DataCollatorWithFlattening`: one row, `position_ids` restarting at each
+    sequence) is profiled as its sequences one by one: they do not attend to each other."""
+    batch = mixed_batch(3)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    packed = DataCollatorWithFlattening()([{"input_ids": row} for row in rows])
+    expected = profile_modality_load(model, [{"input_ids": row} for row in rows]).to_dict()
+    got = profile_modality_load(model, [packed]).to_dict()
+    assert got["speech_counts"] == expected["speech_counts"] and got["text_counts"] == expected["text_counts"]
+    for key in ("speech_mass", "text_mass"):
+        torch.testing.assert_close(torch.tensor(got[key]), torch.tensor(expected[key]))
+    with pytest.raises(ValueError, match=re.escape("batch 0: position_ids (1, 3) does not match input_ids")):
+        profile_modality_load(model, [dict(packed, position_ids=packed["position_ids"][:, :3])])
+    with pytest.raises(ValueError, match=re.escape("batch 0: position_ids must be integers, got torch.float32")):
+        profile_modality_load(model, [dict(packed, position_ids=packed["position_ids"].float())])
 
 
 def test_profile_is_a_hand_run_of_the_router():

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from transformers import DataCollatorWithFlattening
 from transformers.generation import GenerationConfig, LogitsProcessor
 
 from deeptalk_hf import DeepTalkForCausalLM, profile_modality_load
@@ -27,6 +29,37 @@ def text_query(config, batch=2, length=5):
     text = torch.randint(3, config.speech_token_start, (batch, 1, length))
     audio = torch.full((batch, config.num_audio_streams, length), config.audio_pad_token_id)
     return torch.cat([text, audio], dim=1)
+
+
+def test_a_padding_free_batch_of_parallel_streams_packs_along_the_sequence():
+    """`DataCollatorWithFlattening` cannot flatten `[1 + S, seq]` items (it fails); packed by hand along the sequence,
+    with positions restarting and -100 on each item's first label, each item's logits and the loss are the padded
+    batch's."""
+    config = parallel_config()
+    model = DeepTalkForCausalLM(config).train()
+    items = []
+    for length in (5, 7):
+        ids = torch.randint(0, config.audio_codebook_size, (1 + config.num_audio_streams, length))
+        ids[0] = torch.randint(3, config.speech_token_start, (length,))
+        items.append(ids)
+    with pytest.raises((ValueError, TypeError)):
+        DataCollatorWithFlattening()([{"input_ids": ids} for ids in items])
+    input_ids = torch.cat(items, dim=-1)[None]
+    labels = input_ids.clone()
+    labels[..., [0, 5]] = -100
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    packed = model(input_ids=input_ids, labels=labels, position_ids=position_ids, use_cache=False)
+    padded_ids = torch.stack([F.pad(ids, (0, 7 - ids.shape[-1])) for ids in items])
+    padded_labels = torch.stack([F.pad(ids, (0, 7 - ids.shape[-1]), value=-100) for ids in items])
+    padded_labels[..., 0] = -100
+    mask = torch.tensor([[1] * 5 + [0] * 2, [1] * 7])
+    padded = model(input_ids=padded_ids, labels=padded_labels, attention_mask=mask, use_cache=False)
+    for i, (start, length) in enumerate([(0, 5), (5, 7)]):
+        torch.testing.assert_close(packed.logits[0, start : start + length], padded.logits[i, :length])
+        torch.testing.assert_close(
+            packed.audio_logits[0, :, start : start + length], padded.audio_logits[i, :, :length]
+        )
+    torch.testing.assert_close(packed.loss, padded.loss)
 
 
 @given(
@@ -257,7 +290,8 @@ def test_bad_stream_ids_and_layouts_are_refused_by_name():
 
 def test_flattened_input_takes_one_row_per_stream_and_refuses_other_layouts():
     """2D ids are the streams flattened into rows, as `generate` lays them out; an item's mask ([batch, seq]) was read
-    as if it had one row per stream (`mask[::1 + S]`) and gave other items' masks, silently."""
+    as if it had one row per stream (`mask[::1 + S]`) and gave other items' masks, silently; so were an item's
+    position ids."""
     model = DeepTalkForCausalLM(parallel_config()).eval()
     ids = text_query(model.config, batch=4)
     mask = torch.ones(4, 5, dtype=torch.long)
@@ -269,6 +303,18 @@ def test_flattened_input_takes_one_row_per_stream_and_refuses_other_layouts():
         for rows, mask_rows in [(16, 4), (15, 15)]:
             with pytest.raises(ValueError, match=r"2D input_ids are the 4 streams of each item flattened into rows"):
                 model(ids.flatten(0, 1)[:rows], attention_mask=torch.ones(mask_rows, 5, dtype=torch.long))
+        # The same for position_ids (e.g. packed sequences restarting at 0): one row per row, or one for all rows.
+        positions = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 0, 1, 2], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]])
+        expected = model(ids, position_ids=positions, use_cache=False).logits
+        flat = model(ids.flatten(0, 1), position_ids=positions.repeat_interleave(4, dim=0), use_cache=False).logits
+        assert torch.equal(flat.view(4, 4, 5, -1)[:, 0, :, : expected.shape[-1]], expected)
+        shared = model(ids.flatten(0, 1), position_ids=positions[3:], use_cache=False).logits
+        assert torch.equal(shared, model(ids.flatten(0, 1), position_ids=positions[[3] * 16], use_cache=False).logits)
+        with pytest.raises(
+            ValueError,
+            match=r"one attention_mask and position_ids row per row .*: got 16 rows, None mask rows and 4 position_ids",
+        ):
+            model(ids.flatten(0, 1), position_ids=positions)
 
 
 def test_audio_positions_route_as_speech():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments
+from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 from deeptalk_hf import DeepTalkForCausalLM, lora_config_for_stage, set_training_stage
 
@@ -50,6 +50,46 @@ def trainer_for(model, data, tmp_path, steps: int) -> Trainer:
         seed=0,
     )
     return Trainer(model=model, args=args, train_dataset=data)
+
+
+def right_padded(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The padded batch of `rows`: ids and labels, -100 and a 0 mask on the padding."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = labels[i, : len(row)] = torch.tensor(row)
+    return {"input_ids": input_ids, "attention_mask": (labels != -100).long(), "labels": labels}
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_padding_free_batch_trains_as_its_padded_batch(attn_implementation):
+    """transformers' `DataCollatorWithFlattening` (one row, `position_ids` restarting per sequence, no mask): each
+    sequence's logits are its own, and the loss (router losses included) and every gradient are the padded batch's."""
+    config = tiny_config(router_aux_loss_coef=0.01, router_z_loss_coef=0.001, attn_implementation=attn_implementation)
+    model = DeepTalkForCausalLM(config).train()
+    start = config.speech_token_start
+    rows = [
+        torch.randint(3, start, (5,)).tolist(),
+        torch.randint(start, config.vocab_size, (7,)).tolist(),
+        torch.randint(3, config.vocab_size, (9,)).tolist(),
+    ]
+    packed = DataCollatorWithFlattening()([{"input_ids": row, "labels": row} for row in rows])
+    padded = right_padded(rows)
+    outputs = {name: model(**batch, use_cache=False) for name, batch in (("packed", packed), ("padded", padded))}
+    sequences = outputs["packed"].logits[0].split([len(row) for row in rows])
+    for i, (row, logits) in enumerate(zip(rows, sequences, strict=True)):
+        torch.testing.assert_close(logits, outputs["padded"].logits[i, : len(row)])
+    for name in ("loss", "aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(outputs["packed"], name), getattr(outputs["padded"], name))
+    gradients = {}
+    for name, output in outputs.items():
+        model.zero_grad()
+        output.loss.backward()
+        gradients[name] = {key: p.grad.clone() for key, p in model.named_parameters() if p.grad is not None}
+    assert gradients["packed"].keys() == gradients["padded"].keys()
+    for key, gradient in gradients["packed"].items():
+        torch.testing.assert_close(gradient, gradients["padded"][key], msg=key)
 
 
 @pytest.mark.parametrize("lora", [False, True])

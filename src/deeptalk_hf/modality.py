@@ -212,8 +212,10 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     """Measure how `model` routes speech and text tokens, with modality routing off.
 
     `batches` yields dicts with `input_ids` (`[batch, seq]` or `[seq]`, tensors or lists) and optionally
-    `modality_ids` (1 marks speech; otherwise the id block decides) and `attention_mask` (0 marks padding, which is
-    not counted). The model runs in eval mode with `modality_routing="none"`; both are restored afterwards.
+    `modality_ids` (1 marks speech; otherwise the id block decides), `attention_mask` (0 marks padding, which is
+    not counted) and `position_ids` (a padding-free batch, e.g. from transformers' `DataCollatorWithFlattening`:
+    positions restart at each packed sequence, which then attends to itself only). The model runs in eval mode with
+    `modality_routing="none"`; both are restored afterwards.
     """
     config = model.config
     if config.num_audio_streams:
@@ -279,7 +281,7 @@ def _profile_batch(
     if not isinstance(batch, Mapping) or batch.get("input_ids") is None:
         raise refuse(f"expected a dict with input_ids, got {type(batch).__name__}")
     tensors = {}
-    for key in ("input_ids", "attention_mask", "modality_ids"):
+    for key in ("input_ids", "attention_mask", "modality_ids", "position_ids"):
         if batch.get(key) is not None:
             try:
                 value = torch.as_tensor(batch[key], device=device)
@@ -297,7 +299,10 @@ def _profile_batch(
     for key, value in tensors.items():
         if value.shape != input_ids.shape:
             raise refuse(f"{key} {tuple(value.shape)} does not match input_ids {tuple(input_ids.shape)}")
-        if not ((value == 0) | (value == 1)).all():  # 1 marks speech or a real token; others would count silently
+        if key == "position_ids":
+            if not has_integer_dtype(value):
+                raise refuse(f"position_ids must be integers, got {value.dtype}")
+        elif not ((value == 0) | (value == 1)).all():  # 1 marks speech or a real token; others would count silently
             raise refuse(f"{key} must hold 0/1 values")
     return input_ids.long(), tensors  # int16 or uint8 ids are ids too, which the embedding does not take
 

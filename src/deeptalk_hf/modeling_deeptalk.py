@@ -1088,8 +1088,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         r"""
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, or `(batch_size, 1 + S, sequence_length)` with parallel audio streams):
             Token ids. With `config.num_audio_streams = S`, stream 0 is text and streams 1..S the delayed audio
-            codes; a 2D input is then read as the streams flattened into rows (`batch * (1 + S)`, and so is its
-            `attention_mask`), as in `generate`, and the logits come back in that layout, each row padded with `-inf`
+            codes; a 2D input is then read as the streams flattened into rows (`batch * (1 + S)`, and so are its
+            `attention_mask` and `position_ids`), as in `generate`, and the logits come back in that layout, each row padded with `-inf`
             to a common width.
         labels (`torch.LongTensor`, same layout as `input_ids`, *optional*):
             With parallel streams the loss is the `stream_loss_weights`-weighted mean of each stream's loss.
@@ -1102,12 +1102,14 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         flattened = num_audio_streams > 0 and input_ids is not None and input_ids.dim() == 2
         if flattened:  # generation's layout: one row per stream
             rows = input_ids.shape[0]
-            # An item's mask ([batch, seq]) would be read as the rows' mask (`[::streams]`), giving wrong items.
-            if rows % streams or (attention_mask is not None and attention_mask.shape[0] != rows):
-                mask_rows = None if attention_mask is None else attention_mask.shape[0]
+            # An item's mask or positions ([batch, seq]) would be read as the rows' (`[::streams]`), giving wrong items.
+            mask_rows = None if attention_mask is None else attention_mask.shape[0]
+            position_rows = None if position_ids is None else position_ids.shape[0]
+            if rows % streams or mask_rows not in (None, rows) or position_rows not in (None, 1, rows):
                 raise ValueError(
                     f"2D input_ids are the {streams} streams of each item flattened into rows, as generate lays them "
-                    f"out, with one attention_mask row per row: got {rows} rows and {mask_rows} mask rows"
+                    "out, with one attention_mask and position_ids row per row (or one position_ids row for all): got "
+                    f"{rows} rows, {mask_rows} mask rows and {position_rows} position_ids rows"
                 )
             input_ids = input_ids.reshape(-1, streams, input_ids.shape[-1])
             attention_mask = attention_mask[::streams] if attention_mask is not None else None

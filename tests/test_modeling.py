@@ -379,6 +379,27 @@ def test_save_pretrained_round_trip_is_bit_identical_safetensors_only(tmp_path):
         assert torch.equal(base(input_ids).last_hidden_state, untied.model(input_ids).last_hidden_state)
 
 
+def test_sharded_and_other_dtype_round_trips(tmp_path):
+    """A sharded save loads bit-identical; a bf16 checkpoint loads as bf16 (`dtype="auto"`, the default) or widened
+    to float32 on request, holding the same values either way; a float32 one narrows to bf16 on request."""
+    model = DeepTalkForCausalLM(tiny_config(speech_attention=True)).eval()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len([f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors")]) > 1
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")(input_ids).logits, model(input_ids).logits
+        )
+    narrow = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.bfloat16)
+    assert {p.dtype for p in narrow.parameters()} == {torch.bfloat16}
+    narrow.save_pretrained(tmp_path / "bf16")
+    for dtype in ("auto", torch.float32):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=dtype)
+        assert {p.dtype for p in loaded.parameters()} == {torch.float32 if dtype == torch.float32 else torch.bfloat16}
+        for name, tensor in loaded.state_dict().items():
+            assert torch.equal(tensor, narrow.state_dict()[name].to(tensor.dtype)), name
+
+
 def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path):
     """transformers' resize grows the text block of a model without speech ids (old ids keep their logits); with a
     speech block, only a call that changes nothing is allowed (`len(tokenizer)` of a matching tokenizer)."""

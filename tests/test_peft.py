@@ -2,11 +2,22 @@
 experts backend (`deeptalk_triton` under Triton's interpreter on CPU), merging, adapter save/load, and the stage
 helper's configs, which must adapt exactly what `set_training_stage` would train."""
 
+import peft
 import pytest
 import torch
-from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, PrefixTuningConfig, get_peft_model
+from packaging import version
+from peft import (
+    AutoPeftModelForCausalLM,
+    LoraConfig,
+    PeftModel,
+    PeftModelForCausalLM,
+    PrefixTuningConfig,
+    get_peft_model,
+)
 from peft.tuners.lora import LoraLayer
 from torch import nn
+from transformers import AutoModelForCausalLM
+from transformers.integrations.peft import MIN_PEFT_VERSION
 
 from deeptalk_hf import (
     DeepTalkForCausalLM,
@@ -264,3 +275,69 @@ def test_prefix_tuning_reaches_the_attention_and_trains():
     assert not torch.allclose(out.logits.detach(), plain)
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.prompt_encoder.parameters())
+
+
+def perturbed_stage_adapter(base_dir, stage: str, adapter_dir) -> torch.Tensor:
+    """A stage helper's adapter on the checkpoint at `base_dir`, its trainable tensors moved off their init, saved to
+    `adapter_dir`; returns its logits on a mixed batch."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    peft_model = get_peft_model(base, lora_config_for_stage(base, stage, r=4))
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.1)
+        logits = peft_model(mixed_batch(base.config)).logits
+    peft_model.save_pretrained(adapter_dir)
+    return logits
+
+
+@pytest.mark.parametrize("stage", ["speech", "joint"])
+def test_transformers_load_adapter_and_from_pretrained_of_an_adapter_dir(stage, tmp_path):
+    """transformers' own PEFT integration reads a stage helper's adapter (LoRA on experts tensors, speech tables in
+    full): `model.load_adapter(dir)` and `AutoModelForCausalLM.from_pretrained(dir)`, which finds the base checkpoint
+    in `adapter_config.json`, give the adapter's logits bit for bit."""
+    DeepTalkForCausalLM(lora_model_config()).save_pretrained(tmp_path / "base")
+    logits = perturbed_stage_adapter(tmp_path / "base", stage, tmp_path / "adapter")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    info = model.load_adapter(tmp_path / "adapter")
+    assert not info.missing_keys and not info.unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(model(mixed_batch(model.config)).logits, logits)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+        assert isinstance(loaded, DeepTalkForCausalLM)
+        assert torch.equal(loaded(mixed_batch(model.config)).logits, logits)
+
+
+def test_transformers_adapter_methods_need_the_peft_version_transformers_asks_for(tmp_path):
+    """`add_adapter`, `set_adapter`, `enable_adapters`/`disable_adapters`, `active_adapters` and saving an
+    adapter-carrying model: transformers refuses them below its minimum PEFT version (docs/lora.md says so); above
+    it, they work on DeepTalk as on transformers' own MoE models."""
+    model = DeepTalkForCausalLM(lora_model_config()).eval()
+    lora = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["mlp.speech_experts.gate_up_proj"])
+    if version.parse(peft.__version__) < version.parse(MIN_PEFT_VERSION):
+        with pytest.raises(ValueError, match=f">= {MIN_PEFT_VERSION}"):
+            model.add_adapter(lora)
+        return
+    input_ids = mixed_batch(model.config)
+    fresh = DeepTalkForCausalLM(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        base = model(input_ids).logits
+        for name in ("a", "b"):
+            model.add_adapter(lora, adapter_name=name)
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name and f".{name}." in param_name:
+                    param.normal_(std=0.1)
+        outputs = {}
+        for name in ("a", "b"):
+            model.set_adapter(name)
+            assert model.active_adapters() == [name]
+            outputs[name] = model(input_ids).logits
+        assert not torch.equal(outputs["a"], outputs["b"])
+        model.disable_adapters()
+        assert torch.equal(model(input_ids).logits, base)
+        model.enable_adapters()
+        assert torch.equal(model(input_ids).logits, outputs["b"])
+        model.save_pretrained(tmp_path, selected_adapters=["b"])
+        fresh.load_adapter(tmp_path)
+        assert torch.equal(fresh(input_ids).logits, outputs["b"])

@@ -1089,8 +1089,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, or `(batch_size, 1 + S, sequence_length)` with parallel audio streams):
             Token ids. With `config.num_audio_streams = S`, stream 0 is text and streams 1..S the delayed audio
             codes; a 2D input is then read as the streams flattened into rows (`batch * (1 + S)`, and so are its
-            `attention_mask` and `position_ids`), as in `generate`, and the logits come back in that layout, each row padded with `-inf`
-            to a common width.
+            `attention_mask` and `position_ids`), as in `generate`, and the logits come back in that layout, each row
+            padded with `-inf` to a common width.
         labels (`torch.LongTensor`, same layout as `input_ids`, *optional*):
             With parallel streams the loss is the `stream_loss_weights`-weighted mean of each stream's loss.
         modality_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):

@@ -4,7 +4,8 @@
     python examples/speech_roundtrip.py --model path/to/deeptalk --codec hubertsiuzdak/snac_24khz
 
 The question is spoken by espeak-ng when it is installed, else it is a synthetic voiced signal. Without `--model` the
-LLM and codec have random weights: the pipeline runs end to end and the answer is noise-like audio.
+LLM and codec have random weights: the pipeline runs end to end and the answer is noise-like audio. Needs the `snac`
+package (the `audio` extra: `pip install 'deeptalk-hf[audio]'`).
 """
 
 from __future__ import annotations
@@ -106,9 +107,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
 
-    if args.codec == "random":
+    try:
         from snac import SNAC
-
+    except ImportError:
+        raise SystemExit("speech_roundtrip.py needs the `snac` package: pip install 'deeptalk-hf[audio]'") from None
+    if args.codec == "random":
         torch.manual_seed(0)
         codec = SnacCodec(
             SNAC(

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,6 @@ TEXT_VOCAB, SPEECH_VOCAB = 64, 16
 
 
 def test_console_scripts_are_declared():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {
         "deeptalk-upcycle": "deeptalk_hf.cli:upcycle_main",

@@ -253,3 +253,13 @@ def test_speech_roundtrip_example_writes_the_answer_wav(tmp_path):
     with wave.open(str(out), "rb") as file:
         assert (file.getframerate(), file.getnchannels(), file.getsampwidth()) == (24000, 1, 2)
         assert file.getnframes() == math.ceil(0.5 * 24000 / 2048) * 2048
+
+
+def test_speech_roundtrip_example_without_snac_says_what_to_install(tmp_path):
+    """Without the `audio` extra the example exits naming it, not with a bare ModuleNotFoundError."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "speech_roundtrip.py"
+    code = "import runpy, sys; sys.modules['snac'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    command = [sys.executable, "-c", code, str(script), "--out", str(tmp_path / "answer.wav")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "pip install 'deeptalk-hf[audio]'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "answer.wav").exists()

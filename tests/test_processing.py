@@ -1,13 +1,14 @@
 """DeepTalkProcessor: speech vocabulary layout, text+units → ids → text+units for every policy, batching, the chat
 template, saving, and the errors bad input must raise."""
 
+import math
 import re
 import warnings
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from tokenizers import processors
 from transformers import AutoProcessor
@@ -270,12 +271,48 @@ def test_interleaved_layout_follows_the_ratio(text, units, ratio):
     assert ids.index(PROCESSOR.begin_of_speech_id) == min(num_text, n_text)
 
 
+@given(text=texts, units=segments, ratio=ratios)
+@example(text="hello world how are you today", units=list(range(6)), ratio=(2, 3))  # units fill whole chunks
+@example(text="hello world", units=list(range(4)), ratio=(1, 2))
+def test_interleaved_layout_is_the_chunk_by_chunk_closed_form(text, units, ratio):
+    """GLM-4-Voice's layout: `t[:n] <bos> u[:m] t[n:2n] u[m:2m] ... <eos>` and then the text left over, with a text
+    chunk only *between* two speech chunks (never after the last one, also when the units fill whole chunks)."""
+    n_text, n_speech = ratio
+    own = PROCESSOR.tokenizer(text)["input_ids"]
+    speech = [PROCESSOR.speech_token_start + unit for unit in units]
+    chunks = math.ceil(len(speech) / n_speech)
+    expected = own[:n_text] + [PROCESSOR.begin_of_speech_id]
+    for j in range(chunks):
+        expected += own[j * n_text : (j + 1) * n_text] if j else []
+        expected += speech[j * n_speech : (j + 1) * n_speech]
+    expected += [PROCESSOR.end_of_speech_id] + own[chunks * n_text :]
+    encoded = PROCESSOR(text=text, speech_units=units, interleave="interleaved", text_speech_ratio=ratio)
+    assert encoded["input_ids"][0] == expected
+    assert PROCESSOR.interleave_ids(own, units, "interleaved", ratio) == expected
+
+
 @st.composite
 def prompts_with_speech(draw):
     """A prompt with one `<|speech|>` placeholder per segment, between word sequences."""
     units = draw(st.lists(segments, max_size=3))
     pieces = draw(st.lists(texts, min_size=len(units) + 1, max_size=len(units) + 1))
     return pieces[0] + "".join(" <|speech|> " + piece for piece in pieces[1:]), units
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_without_padding_side_follows_the_tokenizers(side):
+    """With no `padding_side=`, the ids and `modality_ids` are padded on the tokenizer's side alike."""
+    processor = tiny_processor(NUM_UNITS)
+    processor.tokenizer.padding_side = side
+    prompts, units = ["hello <|speech|>", "hello world how are you <|speech|> today"], [[1, 2], [3]]
+    encoded = processor(text=prompts, speech_units=units, padding=True)
+    assert encoded == processor(text=prompts, speech_units=units, padding=True, padding_side=side)
+    short_mask = encoded["attention_mask"][0]
+    assert short_mask[0 if side == "left" else -1] == 0
+    for ids, mask, modality in zip(
+        encoded["input_ids"], encoded["attention_mask"], encoded["modality_ids"], strict=True
+    ):
+        assert modality == [int(on and i in processor.speech_tokens) for i, on in zip(ids, mask, strict=True)]
 
 
 @given(batch=st.lists(prompts_with_speech(), min_size=1, max_size=4), side=st.sampled_from(["left", "right"]))

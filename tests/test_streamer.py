@@ -85,6 +85,16 @@ def test_streamed_text_and_speech_concatenate_to_the_decode(ids, cuts):
     check_matches_decode(stream(streamer, [WORD_IDS[1]], ids[::-1], cuts), ids[::-1])
 
 
+def test_decode_kwargs_given_to_the_streamer_override_its_defaults():
+    """`skip_special_tokens=False` keeps special tokens in the streamed text, as `decode` with the same kwargs does."""
+    im_start = PROCESSOR.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    ids = [im_start, WORD_IDS[0], BEGIN, START + 3, END, im_start, WORD_IDS[1]]
+    events = stream(DeepTalkStreamer(PROCESSOR, skip_special_tokens=False), [WORD_IDS[2]], ids, [1, 4])
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == PROCESSOR.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False).text
+    assert text.count("<|im_start|>") == 2
+
+
 def test_the_prompt_is_streamed_only_when_asked():
     prompt = [WORD_IDS[0], BEGIN, START + 1, END]
     assert stream(DeepTalkStreamer(PROCESSOR), prompt, [], []) == []

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from transformers import AutoProcessor
 
-from deeptalk_hf.audio_codecs import AudioCodec, MimiCodec, SnacCodec, _snac_frame_levels, resample
+from deeptalk_hf.audio_codecs import AudioCodec, FlatUnitCodec, MimiCodec, SnacCodec, _snac_frame_levels, resample
 
 from .speech_fixtures import HAVE_SNAC, needs_snac, tiny_mimi, tiny_processor, tiny_snac
 
@@ -43,6 +43,27 @@ def test_resample_removes_what_the_new_rate_cannot_hold():
     seconds = torch.arange(24000) / 24000
     out = resample(torch.sin(2 * math.pi * 10000 * seconds), 24000, 16000)
     assert out[1000:-1000].abs().max() < 0.02
+
+
+def windowed_sinc(waveform: np.ndarray, orig: int, new: int, zeros: int = 16, rolloff: float = 0.95) -> np.ndarray:
+    """The direct sum `resample` computes polyphase: output n, at input time n * orig / new, is the input weighted by
+    a sinc low-passed at `rolloff` times the lower Nyquist frequency, under a Hann window `zeros` crossings wide."""
+    cutoff = rolloff * min(orig, new) / orig / 2  # cycles per input sample
+    width = zeros / (2 * cutoff)
+    t = np.arange(len(waveform))[None, :] - (np.arange(math.ceil(len(waveform) * new / orig)) * orig / new)[:, None]
+    window = np.where(np.abs(t) <= width, np.cos(np.pi * t / (2 * width)) ** 2, 0.0)
+    return (2 * cutoff * np.sinc(2 * cutoff * t) * window) @ waveform
+
+
+@given(
+    length=st.integers(1, 400),
+    rates=st.sampled_from([(16000, 24000), (24000, 16000), (44100, 24000), (8000, 24000), (48000, 24000)]),
+    seed=st.integers(0, 2**16),
+)
+def test_resample_is_the_direct_hann_windowed_sinc_sum(length, rates, seed):
+    waveform = np.random.default_rng(seed).standard_normal(length)
+    out = resample(torch.from_numpy(waveform), *rates)
+    np.testing.assert_allclose(out.numpy(), windowed_sinc(waveform, *rates), rtol=0, atol=1e-9)
 
 
 @given(length=st.integers(1, 3000), rates=st.sampled_from([(16000, 24000), (48000, 24000), (24000, 24000)]))
@@ -170,6 +191,30 @@ def test_audio_round_trip_shapes_frames_and_rates(name, rate, samples):
 
 
 @needs_snac
+class FrameMeanCodec(FlatUnitCodec):
+    """A transparent one-level codec: each frame of 4 samples is its mean quantised to 16 codes, so (unlike a tiny
+    random SNAC, whose codes hardly depend on the audio) different waveforms give different codes."""
+
+    def __init__(self):
+        self.model = torch.nn.Linear(1, 1)
+        self.sampling_rate, self.frame_rate, self.num_codebooks, self.codebook_size = 8000, 2000.0, 1, 16
+        self.frame_levels = (0,)
+
+    def _encode(self, waveform):
+        frames = waveform[: len(waveform) // 4 * 4].reshape(-1, 4).mean(1)
+        return [((frames.clamp(-1, 1) + 1) * 7.5).round().long()]
+
+
+def test_stereo_is_mixed_down_to_the_mean_of_its_channels():
+    codec = FrameMeanCodec()
+    ramp = torch.linspace(-0.9, 0.9, 64)
+    stereo = torch.stack([ramp, -ramp.flip(0) * 0.2])
+    (mixed,) = codec.encode(stereo, 8000)
+    assert torch.equal(mixed, codec.encode(stereo.mean(0), 8000)[0])
+    assert not torch.equal(mixed, codec.encode(stereo[0], 8000)[0])
+    assert not torch.equal(mixed, codec.encode(stereo[1], 8000)[0])
+
+
 def test_stereo_is_mixed_down_and_numpy_inputs_work():
     stereo = 0.1 * torch.randn(2, 3000, generator=torch.Generator().manual_seed(1))
     expected = SNAC.encode(stereo.mean(0), 24000)

@@ -23,11 +23,12 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
 )
 
 from deeptalk_hf import DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense
 from deeptalk_hf.modeling_deeptalk import topk_routing
-from deeptalk_hf.upcycling import CheckpointError, deeptalk_config_from_dense
+from deeptalk_hf.upcycling import CheckpointError, deeptalk_config_from_dense, deeptalk_config_from_moe
 
 VOCAB = 64
 SEQ = 20  # longer than Mistral's window and than the llama3 scaling's original context
@@ -115,6 +116,17 @@ def test_upcycled_model_is_the_dense_model(kind, granularity):
     dense_out = dense.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     moe_out = moe.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(dense_out, moe_out)
+
+
+def test_special_token_ids_are_carried():
+    """The source's pad, bos and eos ids (generation pads and stops with them) carry over, dense and MoE alike."""
+    ids = dict(pad_token_id=3, bos_token_id=4, eos_token_id=[5, 6])
+    dense = deeptalk_config_from_dense(
+        LlamaConfig(**(COMMON | ids)), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1
+    )
+    moe = deeptalk_config_from_moe(Qwen3MoeConfig(**(COMMON | ids)), speech_vocab_size=8)
+    for config in (dense, moe):
+        assert {name: getattr(config, name) for name in ids} == ids
 
 
 def test_architecture_details_are_carried():
@@ -263,6 +275,27 @@ def test_drop_upcycling_draws_from_each_dense_matrix_statistics():
         for values, proj in zip(fresh, (mlp.gate_proj, mlp.up_proj, mlp.down_proj), strict=True):
             mean, std = proj.weight.mean().item(), proj.weight.std().item()
             assert abs(values.mean().item() - mean) < 0.05 * std and abs(values.std().item() / std - 1) < 0.05
+
+
+def test_fine_grained_drop_upcycling_draws_from_the_whole_dense_matrix():
+    """With granularity 2 each expert holds half of the MLP; its re-initialised channels still follow the mean and std
+    of the whole dense matrix, not of its own half (here the halves are shifted apart: +2 and -2)."""
+    dense = dense_model("llama")
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            for weight, axis in ((layer.mlp.gate_proj.weight, 0), (layer.mlp.down_proj.weight, 1)):
+                half = weight.shape[axis] // 2
+                weight.narrow(axis, 0, half).add_(2.0)
+                weight.narrow(axis, half, half).sub_(2.0)
+    moe = upcycle_dense(
+        dense, num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, granularity=2, drop_fraction=1.0
+    )
+    mlp = dense.model.layers[0].mlp
+    gate, _, down = expert_weights(moe, 0)
+    for fresh, proj in ((gate, mlp.gate_proj), (down, mlp.down_proj)):
+        mean, std = proj.weight.mean().item(), proj.weight.std().item()
+        for expert in fresh:  # each expert alone, parts 0 and 1 alike
+            assert abs(expert.mean().item() - mean) < 0.15 * std and abs(expert.std().item() / std - 1) < 0.15
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])

@@ -26,6 +26,7 @@ from deeptalk_hf import (
     set_training_stage,
     training_stage_parameters,
 )
+from deeptalk_hf.lora import NEW_SPEECH_MODULES
 
 from .conftest import tiny_config
 from .test_audio_model import whisper_audio_config
@@ -199,6 +200,20 @@ def test_stage_config_options_and_errors():
     with pytest.raises(ValueError, match="already holds PEFT adapters"):
         set_training_stage(peft_model, "speech")
     assert frozen == {name for name, param in peft_model.named_parameters() if not param.requires_grad}
+
+
+def test_frozen_new_speech_modules_get_no_lora_either_and_the_model_is_a_causal_lm():
+    """`train_new_speech_modules=False` leaves the speech embeddings and output head frozen: neither trained in full
+    nor given LoRA (the speech output head is a linear layer of the speech stage); the experts and routers still
+    are. The stage config makes `get_peft_model` give a `PeftModelForCausalLM` (so `generate` and
+    `AutoPeftModelForCausalLM` work)."""
+    model = DeepTalkForCausalLM(lora_model_config())
+    peft_model = get_peft_model(model, lora_config_for_stage(model, "speech", train_new_speech_modules=False))
+    assert isinstance(peft_model, PeftModelForCausalLM)
+    adapted = [name for name, module in peft_model.named_modules() if isinstance(module, LoraLayer)]
+    trainable = [name for name, param in peft_model.named_parameters() if param.requires_grad]
+    assert any("speech_experts" in name for name in adapted) and any("speech_gate" in name for name in adapted)
+    assert not [name for name in adapted + trainable if any(new in name for new in NEW_SPEECH_MODULES)]
 
 
 def test_align_stage_config_on_the_audio_model():

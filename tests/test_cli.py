@@ -76,6 +76,10 @@ def test_cli_upcycled_checkpoint_is_the_dense_model(kind, granularity, tmp_path)
     assert upcycle_main(arguments) == EXIT_OK
     moe, info = AutoModelForCausalLM.from_pretrained(tmp_path / "moe", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # every expert option reached the model (the expert counts do not show in text logits)
+    mlp = moe.model.layers[0].mlp
+    assert mlp.experts.gate_up_proj.shape[0] == 4 * granularity and moe.config.num_experts_per_tok == 2 * granularity
+    assert mlp.speech_experts.gate_up_proj.shape[0] == 2 * granularity
     ids = text_ids()
     with torch.no_grad():
         assert max_diff(moe(ids).logits, dense(ids).logits) <= 1e-5

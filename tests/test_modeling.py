@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, DeepTalkModel, upcycle_moe
-from deeptalk_hf.modeling_deeptalk import modality_router_losses
+from deeptalk_hf.modeling_deeptalk import ModalitySplit, RoutingSettings, modality_router_losses, topk_routing
 
 from .conftest import tiny_config
 
@@ -183,6 +183,74 @@ def test_hard_routing_isolates_modalities(experts, top_k, seq_len, seed):
         before, after = model(mixed_ids).logits, speech_changed(mixed_ids).logits
     assert torch.equal(before[:, :seq_len, :start], after[:, :seq_len, :start])
     assert not torch.equal(before[:, seq_len:], after[:, seq_len:])
+
+
+def routing_settings(top_k, scoring_func="softmax", norm_topk_prob=True):
+    return RoutingSettings(
+        num_experts_per_tok=top_k,
+        scoring_func=scoring_func,
+        topk_method="greedy",
+        n_group=None,
+        topk_group=None,
+        norm_topk_prob=norm_topk_prob,
+        routed_scaling_factor=1.0,
+    )
+
+
+@given(
+    logits=st.lists(st.lists(st.integers(-2, 2), min_size=5, max_size=5), min_size=1, max_size=4),
+    num_experts=st.integers(1, 5),
+    top_k=st.integers(1, 4),
+    scoring_func=st.sampled_from(["softmax", "sigmoid"]),
+    norm_topk_prob=st.booleans(),
+)
+def test_topk_is_tie_stable_and_pads_small_groups_with_the_sentinel(
+    logits, num_experts, top_k, scoring_func, norm_topk_prob
+):
+    """Among equal scores the lowest expert index wins (a plain-Python ranking on (-score, index)); a group smaller
+    than top-k uses all its experts and fills the spare slots with the sentinel index E and weight 0."""
+    logits = torch.tensor(logits, dtype=torch.float)[:, :num_experts]  # small integers: many exact ties
+    settings = routing_settings(top_k, scoring_func, norm_topk_prob)
+    weights, indices = topk_routing(logits, settings)
+    assert weights.shape == indices.shape == (logits.shape[0], top_k)
+    for row, token in enumerate(logits.double()):
+        scores = (token.softmax(-1) if scoring_func == "softmax" else token.sigmoid()).tolist()
+        ranked = sorted(range(num_experts), key=lambda e: (-scores[e], e))[:top_k]
+        spare = top_k - len(ranked)
+        assert indices[row].tolist() == ranked + [num_experts] * spare
+        expected = [scores[e] for e in ranked]
+        if norm_topk_prob:
+            expected = [s / sum(expected) for s in expected]
+        torch.testing.assert_close(weights[row].double(), torch.tensor(expected + [0.0] * spare, dtype=torch.double))
+
+
+def reference_expert(experts, e, hidden):
+    """One expert of a fused experts module in plain torch: down(silu(gate(h)) * up(h))."""
+    gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+    return (torch.nn.functional.silu(hidden @ gate.T) * (hidden @ up.T)) @ experts.down_proj[e].T
+
+
+@pytest.mark.parametrize("routing", ["hard", "none"])
+def test_a_zero_router_picks_the_lowest_experts_of_each_group(routing):
+    """All scores tie under a zero router: each token takes its group's first k experts ("hard") or the first k of
+    `[experts; speech_experts]` ("none"), with equal weights; a plain-torch sum of those experts is the block's
+    output."""
+    config = tiny_config(num_experts=5, num_speech_experts=4, num_experts_per_tok=3, modality_routing=routing)
+    model = DeepTalkForCausalLM(config).eval()
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.gate.weight.zero_()
+        block.speech_gate.weight.zero_()
+    hidden = torch.randn(2, 6, config.hidden_size)
+    is_speech = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        output, _ = block(hidden, ModalitySplit(is_speech))
+        expected = torch.zeros_like(hidden)
+        for b in range(2):
+            for t in range(6):
+                experts = block.speech_experts if routing == "hard" and is_speech[b, t] else block.experts
+                expected[b, t] = sum(reference_expert(experts, e, hidden[b, t]) for e in range(3)) / 3
+    torch.testing.assert_close(output, expected)
 
 
 @pytest.mark.parametrize("routing", ["hard", "none"])

@@ -583,6 +583,55 @@ def test_modality_losses_match_hand_computed_values():
     assert z.item() == pytest.approx(expected_z / 3, rel=1e-5)
 
 
+def test_the_loss_adds_each_router_loss_with_its_own_coefficient():
+    """`loss` is the language-model cross entropy (plain torch) + router_aux_loss_coef * aux_loss +
+    router_z_loss_coef * z_loss."""
+    config = tiny_config(router_aux_loss_coef=0.03, router_z_loss_coef=0.007)
+    model = DeepTalkForCausalLM(config).eval()
+    input_ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids, output_router_logits=True)
+    cross_entropy = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, config.vocab_size), input_ids[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(out.loss, cross_entropy + 0.03 * out.aux_loss + 0.007 * out.z_loss)
+    assert out.aux_loss > 0 and out.z_loss > 0
+
+
+def test_router_losses_follow_modality_ids():
+    """With `inputs_embeds` the router losses split the tokens by `modality_ids`, as the routing does: the same
+    losses as the ids that `modality_ids` describes."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    input_ids[:, :4] = torch.randint(3, model.config.speech_token_start, (2, 4))
+    input_ids[:, 4:] = torch.randint(model.config.speech_token_start, model.config.vocab_size, (2, 4))
+    modality_ids = (input_ids >= model.config.speech_token_start).long()
+    embeds = model.model.embed(input_ids)
+    with torch.no_grad():
+        by_ids = model(input_ids, output_router_logits=True)
+        by_modality = model(inputs_embeds=embeds, modality_ids=modality_ids, output_router_logits=True)
+    torch.testing.assert_close(by_modality.aux_loss, by_ids.aux_loss)
+    torch.testing.assert_close(by_modality.z_loss, by_ids.z_loss)
+
+
+def test_router_losses_under_routing_none_are_transformers_over_all_experts():
+    """Routing "none" scores every token over all experts: one balancing group, as transformers computes it."""
+    config = tiny_config(
+        num_hidden_layers=2, mlp_only_layers=[1], num_experts=3, num_speech_experts=2, modality_routing="none"
+    )
+    model = DeepTalkForCausalLM(config).eval()
+    input_ids = torch.randint(3, config.vocab_size, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    (logits,) = out.router_logits
+    expected = load_balancing_loss_func(out.router_logits, 5, config.num_experts_per_tok, attention_mask)
+    torch.testing.assert_close(out.aux_loss, expected)
+    valid = attention_mask.reshape(-1).bool()
+    torch.testing.assert_close(out.z_loss, torch.logsumexp(logits[valid], -1).pow(2).mean())
+
+
 def test_training_lowers_the_loss_with_router_losses():
     config = tiny_config(router_z_loss_coef=1e-3, router_aux_loss_coef=1e-2)
     model = DeepTalkForCausalLM(config).train()

@@ -385,6 +385,21 @@ def test_generate_modality_ids_may_cover_a_prefix_and_work_with_an_assistant():
     assert torch.equal(model.generate(prompt, modality_ids=flipped, assistant_model=assistant, **options), expected)
 
 
+def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_positions():
+    """Continuing from a cache (e.g. the next turn of a dialogue), the positions still to compute take their
+    `modality_ids` from their own place in the prompt, not from its start."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3)).eval()
+    prompt = torch.randint(3, model.config.speech_token_start, (1, 10))
+    modality_ids = torch.tensor([[0] * 6 + [1] * 4])
+    options = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(prompt, modality_ids=modality_ids, **options)
+    assert not torch.equal(expected, model.generate(prompt, **options))
+    with torch.no_grad():
+        cache = model(prompt[:, :6], modality_ids=modality_ids[:, :6], use_cache=True).cache
+    assert torch.equal(model.generate(prompt, modality_ids=modality_ids, cache=cache, **options), expected)
+
+
 def test_generate_takes_transformers_positional_parameters_and_refuses_parallel_only_options():
     model = DeepTalkForCausalLM(tiny_config()).eval()
     prompt = torch.randint(3, model.config.vocab_size, (1, 6))

@@ -24,6 +24,7 @@ from deeptalk_hf import (
     profile_modality_load,
     set_training_stage,
 )
+from deeptalk_hf.modality import speech_expert_counts
 
 from .conftest import tiny_config
 
@@ -353,6 +354,8 @@ def test_assignment_errors(model):
         assign_modality_experts(model, load, strategy="best")
     with pytest.raises(ValueError, match="at least one text expert"):
         assign_modality_experts(model, load, num_speech_experts=6)
+    with pytest.raises(ValueError, match="at least one text expert"):  # checked before profiling, as the CLI does
+        speech_expert_counts(model.config, [1, 6])
     with pytest.raises(ValueError, match="profile this model"):
         assign_modality_experts(model, hand_made_load([[1, 1]], [[1, 1]]), num_speech_experts=1)
     text_only = profile_modality_load(model, [{"input_ids": torch.randint(0, TEXT_VOCAB, (1, 8))}])
@@ -404,6 +407,18 @@ def test_move_speech_experts_is_the_move_of_assignment(model, draws, counts):
     expected = assigned.state_dict()
     assert all(torch.equal(tensor, expected[name]) for name, tensor in moved.state_dict().items())
     assert moved.state_dict().keys() == expected.keys()
+
+
+def test_moved_experts_keep_the_requires_grad_of_their_group(model):
+    """Re-splitting a model in the speech stage keeps the stage: the new text experts and router stay frozen, the new
+    speech ones keep training (each new tensor takes the flag of the group it replaces)."""
+    moved = copy.deepcopy(model)
+    trainable = set(set_training_stage(moved, "speech"))
+    move_speech_experts(moved, [[0, 3, 5], [1]])
+    block = moved.model.layers[0].mlp
+    assert block.speech_experts.gate_up_proj.requires_grad and not block.experts.gate_up_proj.requires_grad
+    for name, param in moved.named_parameters():
+        assert param.requires_grad is (name in trainable), name
 
 
 def test_move_speech_experts_errors(model):
@@ -552,15 +567,16 @@ def test_joint_align_and_also(tmp_path_factory):
         f"model.layers.{i}.self_attn.q_proj.weight" for i in range(3)
     }
 
-    # A model with an audio encoder and a speech connector (as the audio issue will add them).
-    model.model.audio_encoder = nn.Linear(4, 4)
+    # A model with an audio encoder and a speech connector (as the audio issue will add them); the encoder's own
+    # parameter names may say "speech" (e.g. SeamlessM4T's `speech_encoder`): it stays frozen all the same.
+    model.model.audio_encoder = nn.ModuleDict({"speech_encoder": nn.Linear(4, 4)})
     model.model.speech_connector = nn.Linear(4, 32)
     assert set(set_training_stage(model, "align")) == {"model.speech_connector.weight", "model.speech_connector.bias"}
     for stage in ("speech", "joint"):
         trainable = set(set_training_stage(model, stage))
         assert "model.speech_connector.weight" in trainable
         assert not any("audio_encoder" in name for name in trainable)
-    assert model.model.audio_encoder.weight.requires_grad is False
+    assert model.model.audio_encoder.speech_encoder.weight.requires_grad is False
 
 
 def test_freezing_drops_stale_gradients(tmp_path_factory):

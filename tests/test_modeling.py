@@ -24,7 +24,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, DeepTalkModel, upcycle_moe
-from deeptalk_hf.modeling_deeptalk import modality_router_losses
+from deeptalk_hf.modeling_deeptalk import ModalitySplit, RoutingSettings, modality_router_losses, topk_routing
 
 from .conftest import tiny_config
 
@@ -185,6 +185,74 @@ def test_hard_routing_isolates_modalities(experts, top_k, seq_len, seed):
     assert not torch.equal(before[:, seq_len:], after[:, seq_len:])
 
 
+def routing_settings(top_k, scoring_func="softmax", norm_topk_prob=True):
+    return RoutingSettings(
+        num_experts_per_tok=top_k,
+        scoring_func=scoring_func,
+        topk_method="greedy",
+        n_group=None,
+        topk_group=None,
+        norm_topk_prob=norm_topk_prob,
+        routed_scaling_factor=1.0,
+    )
+
+
+@given(
+    logits=st.lists(st.lists(st.integers(-2, 2), min_size=5, max_size=5), min_size=1, max_size=4),
+    num_experts=st.integers(1, 5),
+    top_k=st.integers(1, 4),
+    scoring_func=st.sampled_from(["softmax", "sigmoid"]),
+    norm_topk_prob=st.booleans(),
+)
+def test_topk_is_tie_stable_and_pads_small_groups_with_the_sentinel(
+    logits, num_experts, top_k, scoring_func, norm_topk_prob
+):
+    """Among equal scores the lowest expert index wins (a plain-Python ranking on (-score, index)); a group smaller
+    than top-k uses all its experts and fills the spare slots with the sentinel index E and weight 0."""
+    logits = torch.tensor(logits, dtype=torch.float)[:, :num_experts]  # small integers: many exact ties
+    settings = routing_settings(top_k, scoring_func, norm_topk_prob)
+    weights, indices = topk_routing(logits, settings)
+    assert weights.shape == indices.shape == (logits.shape[0], top_k)
+    for row, token in enumerate(logits.double()):
+        scores = (token.softmax(-1) if scoring_func == "softmax" else token.sigmoid()).tolist()
+        ranked = sorted(range(num_experts), key=lambda e: (-scores[e], e))[:top_k]
+        spare = top_k - len(ranked)
+        assert indices[row].tolist() == ranked + [num_experts] * spare
+        expected = [scores[e] for e in ranked]
+        if norm_topk_prob:
+            expected = [s / sum(expected) for s in expected]
+        torch.testing.assert_close(weights[row].double(), torch.tensor(expected + [0.0] * spare, dtype=torch.double))
+
+
+def reference_expert(experts, e, hidden):
+    """One expert of a fused experts module in plain torch: down(silu(gate(h)) * up(h))."""
+    gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+    return (torch.nn.functional.silu(hidden @ gate.T) * (hidden @ up.T)) @ experts.down_proj[e].T
+
+
+@pytest.mark.parametrize("routing", ["hard", "none"])
+def test_a_zero_router_picks_the_lowest_experts_of_each_group(routing):
+    """All scores tie under a zero router: each token takes its group's first k experts ("hard") or the first k of
+    `[experts; speech_experts]` ("none"), with equal weights; a plain-torch sum of those experts is the block's
+    output."""
+    config = tiny_config(num_experts=5, num_speech_experts=4, num_experts_per_tok=3, modality_routing=routing)
+    model = DeepTalkForCausalLM(config).eval()
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.gate.weight.zero_()
+        block.speech_gate.weight.zero_()
+    hidden = torch.randn(2, 6, config.hidden_size)
+    is_speech = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 0, 0, 0, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        output, _ = block(hidden, ModalitySplit(is_speech))
+        expected = torch.zeros_like(hidden)
+        for b in range(2):
+            for t in range(6):
+                experts = block.speech_experts if routing == "hard" and is_speech[b, t] else block.experts
+                expected[b, t] = sum(reference_expert(experts, e, hidden[b, t]) for e in range(3)) / 3
+    torch.testing.assert_close(output, expected)
+
+
 @pytest.mark.parametrize("routing", ["hard", "none"])
 def test_one_modality_batches_give_the_same_logits_in_inference_and_under_autograd(routing):
     """Without autograd a one-modality batch (a decoding step) reads one embedding table and one router: the same
@@ -315,6 +383,21 @@ def test_generate_modality_ids_may_cover_a_prefix_and_work_with_an_assistant():
     assert torch.equal(model.generate(prompt, modality_ids=flipped[:, :4], **options), expected)
     assistant = copy.deepcopy(model)
     assert torch.equal(model.generate(prompt, modality_ids=flipped, assistant_model=assistant, **options), expected)
+
+
+def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_positions():
+    """Continuing from a cache (e.g. the next turn of a dialogue), the positions still to compute take their
+    `modality_ids` from their own place in the prompt, not from its start."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3)).eval()
+    prompt = torch.randint(3, model.config.speech_token_start, (1, 10))
+    modality_ids = torch.tensor([[0] * 6 + [1] * 4])
+    options = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(prompt, modality_ids=modality_ids, **options)
+    assert not torch.equal(expected, model.generate(prompt, **options))
+    with torch.no_grad():
+        cache = model(prompt[:, :6], modality_ids=modality_ids[:, :6], use_cache=True).cache
+    assert torch.equal(model.generate(prompt, modality_ids=modality_ids, cache=cache, **options), expected)
 
 
 def test_generate_takes_transformers_positional_parameters_and_refuses_parallel_only_options():
@@ -513,6 +596,55 @@ def test_modality_losses_match_hand_computed_values():
             expected_z += len(tokens) / len(valid) * group_z
     assert aux.item() == pytest.approx(expected_aux / 3, rel=1e-5)
     assert z.item() == pytest.approx(expected_z / 3, rel=1e-5)
+
+
+def test_the_loss_adds_each_router_loss_with_its_own_coefficient():
+    """`loss` is the language-model cross entropy (plain torch) + router_aux_loss_coef * aux_loss +
+    router_z_loss_coef * z_loss."""
+    config = tiny_config(router_aux_loss_coef=0.03, router_z_loss_coef=0.007)
+    model = DeepTalkForCausalLM(config).eval()
+    input_ids = torch.randint(0, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        out = model(input_ids, labels=input_ids, output_router_logits=True)
+    cross_entropy = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, config.vocab_size), input_ids[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(out.loss, cross_entropy + 0.03 * out.aux_loss + 0.007 * out.z_loss)
+    assert out.aux_loss > 0 and out.z_loss > 0
+
+
+def test_router_losses_follow_modality_ids():
+    """With `inputs_embeds` the router losses split the tokens by `modality_ids`, as the routing does: the same
+    losses as the ids that `modality_ids` describes."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    input_ids[:, :4] = torch.randint(3, model.config.speech_token_start, (2, 4))
+    input_ids[:, 4:] = torch.randint(model.config.speech_token_start, model.config.vocab_size, (2, 4))
+    modality_ids = (input_ids >= model.config.speech_token_start).long()
+    embeds = model.model.embed(input_ids)
+    with torch.no_grad():
+        by_ids = model(input_ids, output_router_logits=True)
+        by_modality = model(inputs_embeds=embeds, modality_ids=modality_ids, output_router_logits=True)
+    torch.testing.assert_close(by_modality.aux_loss, by_ids.aux_loss)
+    torch.testing.assert_close(by_modality.z_loss, by_ids.z_loss)
+
+
+def test_router_losses_under_routing_none_are_transformers_over_all_experts():
+    """Routing "none" scores every token over all experts: one balancing group, as transformers computes it."""
+    config = tiny_config(
+        num_hidden_layers=2, mlp_only_layers=[1], num_experts=3, num_speech_experts=2, modality_routing="none"
+    )
+    model = DeepTalkForCausalLM(config).eval()
+    input_ids = torch.randint(3, config.vocab_size, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    (logits,) = out.router_logits
+    expected = load_balancing_loss_func(out.router_logits, 5, config.num_experts_per_tok, attention_mask)
+    torch.testing.assert_close(out.aux_loss, expected)
+    valid = attention_mask.reshape(-1).bool()
+    torch.testing.assert_close(out.z_loss, torch.logsumexp(logits[valid], -1).pow(2).mean())
 
 
 def test_training_lowers_the_loss_with_router_losses():

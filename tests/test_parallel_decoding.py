@@ -219,6 +219,20 @@ def test_each_stream_ends_when_it_may_and_generation_stops_with_the_last(data):
             assert all(g < config.audio_codebook_size for g, p in zip(got, pattern) if p is None)
 
 
+def test_the_text_of_a_speech_answer_runs_until_its_last_audio_stream_ends():
+    """The text stream is forced to pad once every audio stream of its item has ended, not at the first end. Here
+    `AudioEndsAt` also pushes the text rows to one id (the audio end code's column), so only the pattern pads them."""
+    model = ENDING_MODEL
+    config = model.config
+    query = text_query(config, batch=1)
+    out = model.generate(
+        query, max_new_tokens=12, do_sample=False, logits_processor=[AudioEndsAt(5, [0, 1, 2, 7], config)]
+    )
+    assert out.shape[-1] == 5 + 8  # the last stream ends at step 7
+    assert out[0, 3, -1] == config.audio_eos_token_id
+    assert out[0, 0, 5:].tolist() == [config.audio_eos_token_id] * 8
+
+
 def test_batch_parallel_text_equals_text_only_generation():
     torch.manual_seed(5)
     model = DeepTalkForCausalLM(parallel_config()).eval()
@@ -232,6 +246,23 @@ def test_batch_parallel_text_equals_text_only_generation():
     assert torch.equal(parallel[:, 0, :length], text_only[:, 0, :length])
     alone = model.generate(query, **kwargs)
     assert not torch.equal(alone[:, 0, 5:length], text_only[:, 0, 5:length])  # the copy really drives the text
+
+
+def test_the_speech_answer_of_batch_parallel_decoding_is_conditioned_on_its_copys_text():
+    """Teacher-forced on the returned streams (the copy's text as the text stream), the model's greedy pick among the
+    codes and the end code is each generated audio code: the answer's audio was decoded reading the copy's text."""
+    torch.manual_seed(5)
+    model = DeepTalkForCausalLM(parallel_config(initializer_range=0.3)).eval()
+    config = model.config
+    query = text_query(config)
+    parallel = model.generate(query, batch_parallel=True, max_new_tokens=10, do_sample=False)
+    with torch.no_grad():
+        audio_logits = model(parallel).audio_logits[:, :, 5 - 1 : -1]
+    audio_logits[..., [config.audio_pad_token_id, config.audio_bos_token_id]] = -float("inf")
+    generated = parallel[:, 1:, 5:]
+    is_code = generated < config.audio_codebook_size
+    assert is_code.sum() >= 10
+    assert torch.equal(audio_logits.argmax(-1)[is_code], generated[is_code])
 
 
 @pytest.mark.parametrize("batch_parallel", [False, True])
@@ -248,6 +279,20 @@ def test_returned_scores_are_per_flattened_row(batch_parallel):
     if batch_parallel:  # the answer's text stream is its copy's
         picks = torch.cat([picks[2:, :1], picks[:2, 1:]], dim=1)
     assert torch.equal(picks, out.sequences[:, :, 5:])
+
+
+def test_a_speech_prompt_with_a_padded_text_stream_is_not_padding():
+    """Without an attention mask, a position is padding only where the text stream and every audio stream pad: a
+    speech query (text pad beside audio codes, some streams still in their delay) attends to all its positions."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(parallel_config(initializer_range=0.3)).eval()
+    config = model.config
+    audio = build_delay_pattern(torch.randint(0, config.audio_codebook_size, (2, 3, 3)), config)
+    text = torch.full((2, 1, audio.shape[-1]), config.pad_token_id)
+    query = torch.cat([text, audio], dim=1)
+    options = dict(max_new_tokens=6, do_sample=False)
+    expected = model.generate(query, attention_mask=torch.ones(2, query.shape[-1], dtype=torch.long), **options)
+    assert torch.equal(model.generate(query, **options), expected)
 
 
 def test_stream_losses_are_weighted_means_of_each_stream():

@@ -25,6 +25,7 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(num_experts_per_tok=0), "num_experts_per_tok"),
         (dict(layer_types=["full_attention"]), "layer_types"),
         (dict(speech_expert_ids=[[0, 1, 9], [0, 1, 2]]), "speech_expert_ids"),
+        (dict(speech_expert_ids=[[0, 1, 7], [0, 1, 2]]), "speech_expert_ids"),  # 7 experts: index 7 is one past
         (dict(scoring_func="relu"), "scoring_func"),
         (dict(topk_method="noaux_tc"), "n_group"),
         (dict(topk_method="noaux_tc", n_group=3, topk_group=1, num_speech_experts=0), "n_group=3"),
@@ -34,6 +35,7 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(clip_qkv=0.0), "clip_qkv"),
         (dict(topk_method="noaux_tc", n_group=4, topk_group=1, num_speech_experts=0), "topk_group=1 groups of 1"),
         (dict(num_audio_streams=2, audio_codebook_size=-5), "audio_codebook_size"),
+        (dict(num_audio_streams=2, audio_stream_delays=[0, 1]), "audio_stream_delays"),
         (dict(num_audio_streams=2, stream_loss_weights=[0.0, 0.0, 0.0]), "stream_loss_weights"),
         (dict(num_audio_streams=2, stream_loss_weights=[1.0, -1.0, 0.0]), "stream_loss_weights"),
         (dict(num_audio_streams=2, stream_loss_weights=[1.0, float("inf"), 0.0]), "stream_loss_weights"),
@@ -69,6 +71,16 @@ def test_speech_block_is_the_end_of_the_vocabulary():
 def test_invalid_fields_raise_value_error_naming_them(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+def test_group_limits_may_be_reached_exactly():
+    """DeepSeek-style group limits at their bounds are valid: one group with topk_group == n_group (Moonlight's and
+    Kimi-K2's n_group=topk_group=1), and top groups that hold exactly num_experts_per_tok experts."""
+    for n_group, topk_group in [(1, 1), (2, 2), (2, 1)]:
+        config = tiny_config(
+            num_experts=4, num_speech_experts=0, topk_method="noaux_tc", n_group=n_group, topk_group=topk_group
+        )
+        assert (config.n_group, config.topk_group, config.num_experts_per_tok) == (n_group, topk_group, 2)
 
 
 def test_a_config_broken_after_construction_is_not_saved(tmp_path):
@@ -125,6 +137,9 @@ def test_expert_order_records_the_source_positions():
     config = tiny_config(num_experts=3, num_speech_experts=2, speech_expert_ids=[[1, 4], [0, 2]])
     assert config.expert_order(0) == [0, 2, 3, 1, 4]
     assert config.expert_order(2) == [1, 3, 4, 0, 2]
+    # The recorded order is speech_experts' order, sorted or not.
+    unsorted = tiny_config(num_experts=3, num_speech_experts=2, speech_expert_ids=[[4, 1], [2, 0]])
+    assert unsorted.expert_order(2) == [1, 3, 4, 2, 0]
     assert tiny_config(speech_expert_ids=[[4, 5, 6], [4, 5, 6]]).expert_order(0) is None
 
 
@@ -142,3 +157,5 @@ def test_mla_head_dim_is_the_rope_part():
     )
     assert config.head_dim == 4 and config.qk_head_dim == 12
     assert DeepTalkConfig(**config.to_dict()).qk_head_dim == 12
+    # DeepSeek's config.json stores the derived width too: read, not refused (it is a property here).
+    assert DeepTalkConfig(**config.to_dict() | {"qk_head_dim": 12}).qk_head_dim == 12

@@ -236,6 +236,40 @@ def test_each_family_detail_is_carried():
             assert actual == value, (kind, name, actual)
 
 
+@pytest.mark.parametrize("kind", ["qwen3_moe_sliding", "deepseek_v3_not_interleaved"])
+def test_source_variants_import_as_the_source(kind):
+    """Details the family fixtures leave at their defaults: Qwen3-MoE with a sliding window (every layer), DeepSeek-V3
+    with rope_interleave=False. The source must differ without them, so the comparison can fail."""
+    if kind == "qwen3_moe_sliding":
+        config = Qwen3MoeConfig(
+            **BODY,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=6,
+            use_sliding_window=True,
+            sliding_window=5,
+        )
+        source, field, other = randomize(Qwen3MoeForCausalLM(config)), "sliding_window", None
+    else:
+        config = DeepseekV3Config(**MLA, q_lora_rank=12, rope_interleave=False)
+        source, field, other = randomize(DeepseekV3ForCausalLM(config)), "rope_interleave", True
+    model = upcycle_moe(source)
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(model(ids).logits[..., :VOCAB], source(ids).logits) <= 1e-5
+        setattr(source.config, field, other)
+        assert max_diff(model(ids).logits[..., :VOCAB], source(ids).logits) > 1e-3
+
+
+def test_router_loss_coefficient_is_carried():
+    """Each family's `router_aux_loss_coef` is carried into the config (not replaced by the DeepTalk default)."""
+    for kind in FAMILIES:
+        source = source_model(kind)
+        source.config.router_aux_loss_coef = 0.037
+        config = upcycle_moe(source).config
+        assert config.router_aux_loss_coef == 0.037, kind
+
+
 def test_olmoe_clipping_is_exercised():
     """The OLMoE test model clips: without `clip_qkv` the imported model would differ (so the test can fail)."""
     source = source_model("olmoe")

@@ -143,6 +143,48 @@ def test_audio_chunks_come_as_soon_as_enough_frames_are_pending(data, chunk_fram
     assert voiced == {s: len(u) // per_frame for s, u in units.items() if len(u) >= per_frame}
 
 
+def test_audio_with_full_context_is_the_decode_of_the_segment():
+    """With every earlier frame as context, Mimi (causal) decodes each chunk as the whole segment's decode would: the
+    chunks concatenate to it. Without the context, chunk boundaries differ."""
+    generator = torch.Generator().manual_seed(0)
+    codes = [
+        torch.randint(0, MIMI.codebook_size, (6 * MIMI.frame_levels.count(level),), generator=generator)
+        for level in range(MIMI.num_codebooks)
+    ]
+    units = MIMI.to_units(codes).tolist()
+    ids = [WORD_IDS[1], BEGIN] + [START + u for u in units] + [END]
+    full = MIMI.decode(MIMI.from_units(units))
+    for context, same in [(6, True), (0, False)]:
+        streamer = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=1, context_frames=context)
+        events = stream(streamer, [WORD_IDS[0]], ids, [3, 7, 11])
+        waveform = torch.cat([e.waveform for e in events if isinstance(e, AudioChunk)])
+        assert waveform.shape == full.shape
+        assert ((waveform - full).abs().max() <= 1e-5) == same
+
+
+def test_end_flushes_a_cut_segment_and_held_back_text():
+    """A generation cut inside a speech segment (max_new_tokens) still voices its last whole frames, and text that ends
+    in an incomplete character (held back while more could follow) is sent at the end."""
+    units = MIMI.to_units(
+        [torch.zeros(3 * MIMI.frame_levels.count(level), dtype=torch.long) for level in range(MIMI.num_codebooks)]
+    )
+    units = units.tolist()
+    streamer = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=2, context_frames=0)
+    cuts = [1 + frame * MIMI.units_per_frame for frame in range(3)]  # a frame per step
+    events = stream(streamer, [WORD_IDS[0]], [BEGIN] + [START + u for u in units], cuts)
+    voiced = sum(e.waveform.shape[0] for e in events if isinstance(e, AudioChunk))
+    assert voiced == 3 * MIMI.samples_per_frame
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens(["\ufffd"])
+    add_speech_tokens(tokenizer, 4)
+    processor = DeepTalkProcessor(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(["hello", "\ufffd"])
+    events = stream(DeepTalkStreamer(processor), [ids[0]], ids, [])
+    assert "".join(e.text for e in events) == processor.decode(ids, skip_special_tokens=True).text
+    assert events[-1].text.endswith("\ufffd")
+
+
 def test_streamed_text_is_not_rewritten_by_a_tokenizer_clean_up():
     """A clean-up (`" ' "` becomes `"'"`) rewrites text already sent, so the streamer decodes without it."""
     tokenizer = tiny_tokenizer()

@@ -142,6 +142,19 @@ def test_edge_cases_match_reference(case):
     )
 
 
+@pytest.mark.parametrize("trainable", ["gate_up_only", "down_only", "hidden_only", "router_only"])
+def test_each_input_alone_gets_its_own_gradient(trainable):
+    """One input requiring grad at a time (e.g. LoRA-free fine-tuning of one projection): the backward must read
+    which input asked for what, not assume they come together."""
+    check_against_reference(
+        dict(
+            num_tokens=7, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
+            layout="contiguous", trainable=trainable, seed=2,
+        ),
+        torch.float32,
+    )  # fmt: skip
+
+
 def test_many_experts_and_large_top_k():
     """256 experts (the tile lookup spans them all) and k = 10."""
     check_against_reference(
@@ -237,6 +250,27 @@ def test_decode_path_needs_no_sort(monkeypatch):
         assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_decode_path_returns_the_hidden_states_dtype():
+    """The per-pair kernels compute in the weights' dtype (fp16 weights, or fp16 autocast over fp32 weights) and,
+    as the grouped path and eager's experts, return fp32 for fp32 hidden states."""
+    case = dict(
+        num_tokens=1, hidden=16, inter=16, num_experts=8, top_k=2, num_used=8, sentinel_rate=0.0,
+        layout="contiguous", trainable="none", seed=4,
+    )  # fmt: skip
+    inputs, _ = build_case(case, torch.float32, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    assert fused_moe_module.use_decode_path(1, 2, 8)
+    rounded = [a.half().double() if a.is_floating_point() else a for a in inputs]
+    expected = K.moe_experts_reference(*rounded)
+    out = K.fused_moe_experts(x, gate_up.half(), down.half(), index, weights)
+    assert out.dtype == torch.float32
+    assert_close(out, expected, TOLERANCE[torch.float16], "fp16 weights")
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = K.fused_moe_experts(*inputs)
+    assert out.dtype == torch.float32
+    assert_close(out, expected, TOLERANCE[torch.float16], "fp16 autocast")
+
+
 def test_inconsistent_shapes_are_refused_before_any_kernel_runs():
     """The kernels index with the shapes unchecked: a mismatch must not reach them (it wrote out of bounds)."""
     x, gate_up, down = torch.randn(6, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16)
@@ -247,6 +281,7 @@ def test_inconsistent_shapes_are_refused_before_any_kernel_runs():
         "another hidden size": (torch.randn(6, 16), gate_up, down, index, weights),
         "down_proj of another width": (x, gate_up, torch.randn(4, 32, 8), index, weights),
         "weights of another shape than the index": (x, gate_up, down, index, weights[:, :1]),
+        "an odd gate_up width": (x, torch.randn(4, 33, 32), down, index, weights),
     }
     for inputs in wrong.values():
         with pytest.raises(ValueError, match=r"fused_moe_experts takes hidden_states \[T, H\]"):

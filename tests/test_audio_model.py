@@ -313,6 +313,12 @@ def test_text_only_input_is_the_language_model():
     kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, suppress_tokens=[model.config.audio_token_id])
     with torch.no_grad():
         assert torch.equal(model(input_ids).logits, model.language_model(input_ids).logits)
+        # Given modality ids route the text-block positions they mark as speech, as they do in the LLM.
+        modality_ids = torch.zeros_like(input_ids)
+        modality_ids[:, 2:5] = 1
+        marked = model(input_ids, modality_ids=modality_ids).logits
+        assert torch.equal(marked, model.language_model(input_ids, modality_ids=modality_ids).logits)
+        assert not torch.equal(marked, model(input_ids).logits)
     assert torch.equal(model.generate(input_ids, **kwargs), model.language_model.generate(input_ids, **kwargs))
     # Resizing is the LLM's, which keeps its text and speech blocks apart.
     with pytest.raises(ValueError, match="resize_speech_vocab"):
@@ -418,6 +424,16 @@ def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):
     for backend in ("grouped_mm", "eager", "grouped_mm"):  # both ways
         model.set_experts_implementation(backend)
         assert model.language_model.config._experts_implementation == backend
+
+
+def test_float32_features_are_cast_to_a_bf16_encoders_dtype():
+    """A feature extractor gives float32 features; a bf16 model (encoder included) takes them as bf16 features."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()).to(torch.bfloat16).eval()
+    batch = audio_batch(model.config, whisper_features(), [[BOS, model.config.audio_token_id, SEP]], [tone(700, 0.6)])
+    assert batch["input_features"].dtype == torch.float32
+    with torch.no_grad():
+        logits = model(**batch).logits
+        assert torch.equal(logits, model(**dict(batch, input_features=batch["input_features"].bfloat16())).logits)
 
 
 def test_a_float32_encoder_beside_a_bf16_llm_saves_as_the_llms_dtype(tmp_path):

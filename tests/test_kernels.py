@@ -198,6 +198,10 @@ def test_autocast_computes_in_the_autocast_dtype():
     names = ("output", "hidden", "gate_up", "down", "routing")
     for name, grad, ref in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
         assert_close(grad, ref, TOLERANCE[torch.float16], name)
+    # The grouped kernels see the hidden states rounded to fp16 too, bit for bit.
+    x, *rest = inputs
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+        assert torch.equal(K.fused_moe_experts(*inputs), K.fused_moe_experts(x.half().float(), *rest))
     # Without the cast the products would be fp32: much closer to the fp32 reference than fp16 rounding allows.
     exact = K.moe_experts_reference(*upcast(inputs))
     assert (out.double() - exact).abs().max() > 1e-5 * exact.abs().max()
@@ -265,8 +269,11 @@ def test_decode_path_returns_the_hidden_states_dtype():
     out = K.fused_moe_experts(x, gate_up.half(), down.half(), index, weights)
     assert out.dtype == torch.float32
     assert_close(out, expected, TOLERANCE[torch.float16], "fp16 weights")
+    # The kernels see the hidden states rounded to the weights' dtype, as `F.linear` does: bit for bit the same.
+    assert torch.equal(out, K.fused_moe_experts(x.half().float(), gate_up.half(), down.half(), index, weights))
     with torch.autocast(DEVICE.type, dtype=torch.float16):
         out = K.fused_moe_experts(*inputs)
+        assert torch.equal(out, K.fused_moe_experts(x.half().float(), gate_up, down, index, weights))
     assert out.dtype == torch.float32
     assert_close(out, expected, TOLERANCE[torch.float16], "fp16 autocast")
 
@@ -339,6 +346,28 @@ def test_fullgraph_compile():
     one_token = (x[:1], gate_up, down, index[:1], weights[:1])
     with torch.no_grad():  # the decode op
         assert_close(compiled(*one_token), K.fused_moe_experts(*one_token), 1e-6, "decode")
+
+
+def test_custom_ops_fake_kernels_match_the_real_ones():
+    """`torch.library.opcheck`: each op's schema holds and its fake kernel gives the real outputs' shapes, dtypes and
+    strides (what compiled graphs are built from)."""
+    case = dict(
+        num_tokens=6, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.2,
+        layout="contiguous", trainable="none", seed=8,
+    )  # fmt: skip
+    (x, gate_up, down, index, weights), grad_out = build_case(case, torch.float32, DEVICE)
+    routing = weights.reshape(-1)
+    checks = dict(test_utils=("test_schema", "test_faketensor"))
+    for keep in (True, False):
+        torch.library.opcheck(
+            torch.ops.deeptalk_hf.moe_experts_forward, (x, gate_up, down, index, routing, keep), **checks
+        )
+    _, kept, sorted_pairs, offsets = fused_moe_module._forward_impl(x, gate_up, down, index, routing, True)
+    backward_args = (grad_out, x, gate_up, down, routing, sorted_pairs, offsets, kept, 2)
+    for needs in [(True, True, True, True), (True, False, False, True)]:
+        torch.library.opcheck(torch.ops.deeptalk_hf.moe_experts_backward, (*backward_args, *needs), **checks)
+    decode_args = (x[:1], gate_up, down, index[:1], weights[:1], torch.float32)
+    torch.library.opcheck(torch.ops.deeptalk_hf.moe_experts_decode, decode_args, **checks)
 
 
 def test_deeptalk_model_fullgraph_compile():

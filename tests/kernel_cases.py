@@ -63,6 +63,9 @@ def build_case(case: dict, dtype: torch.dtype, device: torch.device):
         "all": (x, gate_up, down, weights),
         "frozen_experts": (x, weights),
         "router_only": (weights,),
+        "gate_up_only": (gate_up,),
+        "down_only": (down,),
+        "hidden_only": (x,),
         "none": (),
     }
     for a in trainable[case["trainable"]]:

@@ -131,6 +131,38 @@ def test_two_audio_lengths_give_their_positions_and_masked_batches_match_single_
         assert not torch.allclose(louder[:, -1], logits[:, -1])
 
 
+def test_each_position_is_the_connector_over_its_consecutive_valid_encoder_frames():
+    """Position j of an audio is `linear_2(act(linear_1([f_sj; ...; f_sj+s-1])))` over consecutive encoder frames,
+    the frames past its valid length (Whisper's padded window, the tail of a partial last stack) reading as zeros.
+    Stack factor 3 does not divide Whisper's 50 frames, so the connector's own padding is exercised too."""
+    config = whisper_audio_config(stack_factor=3)
+    model = DeepTalkForConditionalGeneration(config).eval()
+    features = extract_audio_features([tone(440, 0.25), tone(880, 0.5625)], SAMPLING_RATE, whisper_features(), config)
+    connector = model.speech_connector
+    with torch.no_grad():
+        embeds, lengths = model.get_audio_features(features["input_features"], features["input_features_mask"])
+        frames = model.audio_encoder(features["input_features"]).last_hidden_state
+        assert lengths.tolist() == [5, 10]  # ceil(13 / 3), ceil(29 / 3)
+        for audio, num_frames in enumerate([13, 29]):
+            for j in range(int(lengths[audio])):
+                stack = [frames[audio, f] if f < num_frames else torch.zeros(32) for f in range(3 * j, 3 * j + 3)]
+                expected = connector.linear_2(connector.act(connector.linear_1(torch.cat(stack))))
+                torch.testing.assert_close(embeds[audio, j], expected)
+
+
+def test_features_without_a_mask_are_a_whole_window():
+    """Without `input_features_mask` every feature frame is valid: 100 mel frames fill 10 positions, as a full mask."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    features = extract_audio_features([tone(440, 0.25)], SAMPLING_RATE, whisper_features(), config)["input_features"]
+    input_ids = torch.tensor([[BOS] + [config.audio_token_id] * 10 + [SEP]])
+    full = torch.ones(1, features.shape[-1], dtype=torch.long)
+    with torch.no_grad():
+        assert model.get_audio_features(features)[1].tolist() == [10]
+        masked = model(input_ids, input_features=features, input_features_mask=full).logits
+        assert torch.equal(model(input_ids, input_features=features).logits, masked)
+
+
 def test_a_padding_free_batch_with_its_audios_gives_each_items_logits():
     """Packing (transformers' `DataCollatorWithFlattening`) keeps only ids, labels and positions: without the audios
     the placeholders are refused; with the items' features concatenated in order, each item's logits are its own."""
@@ -186,6 +218,8 @@ def test_bad_audio_input_raises_naming_the_problem():
         model(input_ids=batch["input_ids"], cache=cache)
     with pytest.raises(ValueError, match="no input_features.*assistant model in generate gets none"):
         model.generate(**batch, assistant_model=model, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="cannot go with inputs_embeds"):  # the audio would be dropped silently
+        model(inputs_embeds=model.get_input_embeddings()(batch["input_ids"]), **features_of(batch))
     with pytest.raises(ValueError, match="input_features has 1 audios but input_features_mask 2"):
         model(**dict(batch, input_features_mask=batch["input_features_mask"].repeat(2, 1)))
     with pytest.raises(ValueError, match="every audio fills at least one position"):
@@ -279,6 +313,12 @@ def test_text_only_input_is_the_language_model():
     kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, suppress_tokens=[model.config.audio_token_id])
     with torch.no_grad():
         assert torch.equal(model(input_ids).logits, model.language_model(input_ids).logits)
+        # Given modality ids route the text-block positions they mark as speech, as they do in the LLM.
+        modality_ids = torch.zeros_like(input_ids)
+        modality_ids[:, 2:5] = 1
+        marked = model(input_ids, modality_ids=modality_ids).logits
+        assert torch.equal(marked, model.language_model(input_ids, modality_ids=modality_ids).logits)
+        assert not torch.equal(marked, model(input_ids).logits)
     assert torch.equal(model.generate(input_ids, **kwargs), model.language_model.generate(input_ids, **kwargs))
     # Resizing is the LLM's, which keeps its text and speech blocks apart.
     with pytest.raises(ValueError, match="resize_speech_vocab"):
@@ -386,6 +426,16 @@ def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):
         assert model.language_model.config._experts_implementation == backend
 
 
+def test_float32_features_are_cast_to_a_bf16_encoders_dtype():
+    """A feature extractor gives float32 features; a bf16 model (encoder included) takes them as bf16 features."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()).to(torch.bfloat16).eval()
+    batch = audio_batch(model.config, whisper_features(), [[BOS, model.config.audio_token_id, SEP]], [tone(700, 0.6)])
+    assert batch["input_features"].dtype == torch.float32
+    with torch.no_grad():
+        logits = model(**batch).logits
+        assert torch.equal(logits, model(**dict(batch, input_features=batch["input_features"].bfloat16())).logits)
+
+
 def test_a_float32_encoder_beside_a_bf16_llm_saves_as_the_llms_dtype(tmp_path):
     """The composite's dtype is its LLM's, not its first parameter's (the encoder's): saving records it, and
     `from_pretrained` (one dtype for the whole model) reloads the LLM as it was rather than widened to float32."""
@@ -393,6 +443,7 @@ def test_a_float32_encoder_beside_a_bf16_llm_saves_as_the_llms_dtype(tmp_path):
     llm = DeepTalkForCausalLM(tiny_config()).to(torch.bfloat16)
     model = DeepTalkForConditionalGeneration.from_parts(whisper, llm, stack_factor=5)
     assert model.audio_encoder.dtype == torch.float32 and model.dtype == torch.bfloat16
+    assert model.speech_connector.linear_1.weight.dtype == torch.bfloat16  # the new connector is made in it
     model.save_pretrained(tmp_path)
     loaded = AutoModelForMultimodalLM.from_pretrained(tmp_path)
     assert loaded.language_model.dtype == loaded.speech_connector.linear_1.weight.dtype == torch.bfloat16
@@ -445,6 +496,8 @@ def test_align_stage_trains_the_connector_only(top_layers):
             assert torch.equal(param, before[name]), name
     # A fully frozen encoder stays in eval mode in training (its normalisation statistics, dropout untouched).
     assert model.training and model.audio_encoder.training == bool(top_layers)
+    all_layers = [n for n, _ in model.named_parameters() if n.startswith("audio_encoder.layers.")]
+    assert model.audio_encoder_top_layers(2) == all_layers
     with pytest.raises(ValueError, match=r"num_layers=3 must be in \[0, 2\]"):
         model.audio_encoder_top_layers(3)
 

@@ -142,6 +142,19 @@ def test_edge_cases_match_reference(case):
     )
 
 
+@pytest.mark.parametrize("trainable", ["gate_up_only", "down_only", "hidden_only", "router_only"])
+def test_each_input_alone_gets_its_own_gradient(trainable):
+    """One input requiring grad at a time (e.g. LoRA-free fine-tuning of one projection): the backward must read
+    which input asked for what, not assume they come together."""
+    check_against_reference(
+        dict(
+            num_tokens=7, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
+            layout="contiguous", trainable=trainable, seed=2,
+        ),
+        torch.float32,
+    )  # fmt: skip
+
+
 def test_many_experts_and_large_top_k():
     """256 experts (the tile lookup spans them all) and k = 10."""
     check_against_reference(
@@ -185,6 +198,10 @@ def test_autocast_computes_in_the_autocast_dtype():
     names = ("output", "hidden", "gate_up", "down", "routing")
     for name, grad, ref in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
         assert_close(grad, ref, TOLERANCE[torch.float16], name)
+    # The grouped kernels see the hidden states rounded to fp16 too, bit for bit.
+    x, *rest = inputs
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
+        assert torch.equal(K.fused_moe_experts(*inputs), K.fused_moe_experts(x.half().float(), *rest))
     # Without the cast the products would be fp32: much closer to the fp32 reference than fp16 rounding allows.
     exact = K.moe_experts_reference(*upcast(inputs))
     assert (out.double() - exact).abs().max() > 1e-5 * exact.abs().max()
@@ -237,6 +254,30 @@ def test_decode_path_needs_no_sort(monkeypatch):
         assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_decode_path_returns_the_hidden_states_dtype():
+    """The per-pair kernels compute in the weights' dtype (fp16 weights, or fp16 autocast over fp32 weights) and,
+    as the grouped path and eager's experts, return fp32 for fp32 hidden states."""
+    case = dict(
+        num_tokens=1, hidden=16, inter=16, num_experts=8, top_k=2, num_used=8, sentinel_rate=0.0,
+        layout="contiguous", trainable="none", seed=4,
+    )  # fmt: skip
+    inputs, _ = build_case(case, torch.float32, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    assert fused_moe_module.use_decode_path(1, 2, 8)
+    rounded = [a.half().double() if a.is_floating_point() else a for a in inputs]
+    expected = K.moe_experts_reference(*rounded)
+    out = K.fused_moe_experts(x, gate_up.half(), down.half(), index, weights)
+    assert out.dtype == torch.float32
+    assert_close(out, expected, TOLERANCE[torch.float16], "fp16 weights")
+    # The kernels see the hidden states rounded to the weights' dtype, as `F.linear` does: bit for bit the same.
+    assert torch.equal(out, K.fused_moe_experts(x.half().float(), gate_up.half(), down.half(), index, weights))
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        out = K.fused_moe_experts(*inputs)
+        assert torch.equal(out, K.fused_moe_experts(x.half().float(), gate_up, down, index, weights))
+    assert out.dtype == torch.float32
+    assert_close(out, expected, TOLERANCE[torch.float16], "fp16 autocast")
+
+
 def test_inconsistent_shapes_are_refused_before_any_kernel_runs():
     """The kernels index with the shapes unchecked: a mismatch must not reach them (it wrote out of bounds)."""
     x, gate_up, down = torch.randn(6, 32), torch.randn(4, 32, 32), torch.randn(4, 32, 16)
@@ -247,6 +288,7 @@ def test_inconsistent_shapes_are_refused_before_any_kernel_runs():
         "another hidden size": (torch.randn(6, 16), gate_up, down, index, weights),
         "down_proj of another width": (x, gate_up, torch.randn(4, 32, 8), index, weights),
         "weights of another shape than the index": (x, gate_up, down, index, weights[:, :1]),
+        "an odd gate_up width": (x, torch.randn(4, 33, 32), down, index, weights),
     }
     for inputs in wrong.values():
         with pytest.raises(ValueError, match=r"fused_moe_experts takes hidden_states \[T, H\]"):
@@ -304,6 +346,28 @@ def test_fullgraph_compile():
     one_token = (x[:1], gate_up, down, index[:1], weights[:1])
     with torch.no_grad():  # the decode op
         assert_close(compiled(*one_token), K.fused_moe_experts(*one_token), 1e-6, "decode")
+
+
+def test_custom_ops_fake_kernels_match_the_real_ones():
+    """`torch.library.opcheck`: each op's schema holds and its fake kernel gives the real outputs' shapes, dtypes and
+    strides (what compiled graphs are built from)."""
+    case = dict(
+        num_tokens=6, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.2,
+        layout="contiguous", trainable="none", seed=8,
+    )  # fmt: skip
+    (x, gate_up, down, index, weights), grad_out = build_case(case, torch.float32, DEVICE)
+    routing = weights.reshape(-1)
+    checks = dict(test_utils=("test_schema", "test_faketensor"))
+    for keep in (True, False):
+        torch.library.opcheck(
+            torch.ops.deeptalk_hf.moe_experts_forward, (x, gate_up, down, index, routing, keep), **checks
+        )
+    _, kept, sorted_pairs, offsets = fused_moe_module._forward_impl(x, gate_up, down, index, routing, True)
+    backward_args = (grad_out, x, gate_up, down, routing, sorted_pairs, offsets, kept, 2)
+    for needs in [(True, True, True, True), (True, False, False, True)]:
+        torch.library.opcheck(torch.ops.deeptalk_hf.moe_experts_backward, (*backward_args, *needs), **checks)
+    decode_args = (x[:1], gate_up, down, index[:1], weights[:1], torch.float32)
+    torch.library.opcheck(torch.ops.deeptalk_hf.moe_experts_decode, decode_args, **checks)
 
 
 def test_deeptalk_model_fullgraph_compile():

@@ -350,7 +350,9 @@ def test_fullgraph_compile():
 
 def test_custom_ops_fake_kernels_match_the_real_ones():
     """`torch.library.opcheck`: each op's schema holds and its fake kernel gives the real outputs' shapes, dtypes and
-    strides (what compiled graphs are built from)."""
+    strides (what compiled graphs are built from). opcheck's eager-vs-AOT comparison is left out: the kept
+    pre-activation buffer's rows past `offsets[E]` (sentinel pairs) are never written, nor read by the backward, so
+    two runs differ there (uninitialised memory) while every row the backward reads is equal."""
     case = dict(
         num_tokens=6, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.2,
         layout="contiguous", trainable="none", seed=8,

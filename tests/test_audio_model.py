@@ -15,8 +15,12 @@ from transformers import (
     AutoConfig,
     AutoModelForMultimodalLM,
     DataCollatorWithFlattening,
+    HubertConfig,
+    SeamlessM4TFeatureExtractor,
+    Wav2Vec2BertConfig,
     Wav2Vec2Config,
     Wav2Vec2FeatureExtractor,
+    WavLMConfig,
     WhisperConfig,
     WhisperFeatureExtractor,
     WhisperForConditionalGeneration,
@@ -565,6 +569,64 @@ def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         assert torch.equal(loaded.eval()(**batch).logits, logits)
+
+
+CONV_ENCODER = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    conv_dim=(16, 16),
+    conv_kernel=(10, 8),
+    conv_stride=(5, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    feat_extract_norm="layer",
+    mask_time_prob=0.0,
+)
+W2V_BERT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    feature_projection_input_dim=160,
+    conv_depthwise_kernel_size=7,
+    mask_time_prob=0.0,
+)
+
+
+@pytest.mark.parametrize(
+    "encoder_config",
+    [
+        HubertConfig(**CONV_ENCODER, do_stable_layer_norm=False),
+        WavLMConfig(**CONV_ENCODER, do_stable_layer_norm=True),  # with its relative position bias
+        Wav2Vec2BertConfig(**W2V_BERT),
+    ],
+    ids=["hubert-layer-norm", "wavlm-layer-norm", "w2v-bert"],
+)
+def test_encoders_documented_batch_invariant_give_each_items_logits(encoder_config, one_thread):
+    """docs/speech_input.md: layer-norm HuBERT and WavLM and w2v-bert (no adapter) give a padded batch its
+    items' logits. 1900 samples make odd frame counts, where an adapter's stride-2 conv reaches the padding."""
+    torch.manual_seed(0)
+    config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
+    model = DeepTalkForConditionalGeneration(config).eval()
+    if isinstance(encoder_config, Wav2Vec2BertConfig):
+        extractor = SeamlessM4TFeatureExtractor(
+            feature_size=80, sampling_rate=SAMPLING_RATE, return_attention_mask=True
+        )
+    else:
+        extractor = Wav2Vec2FeatureExtractor(
+            sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True
+        )
+    audios = [tone(300, 1900 / SAMPLING_RATE), tone(600, 0.25)]
+    texts = [[BOS, config.audio_token_id, 5], [BOS, config.audio_token_id, 6]]
+    batch = audio_batch(config, extractor, texts, audios)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row in range(2):
+            alone = audio_batch(config, extractor, texts[row : row + 1], audios[row : row + 1])
+            length = alone["input_ids"].shape[1]
+            torch.testing.assert_close(model(**alone).logits[0], logits[row, :length], rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture

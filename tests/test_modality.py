@@ -198,8 +198,13 @@ def test_profile_is_a_hand_run_of_the_router():
 
 def test_load_json_round_trip_and_validation(model, tmp_path):
     load = profile_modality_load(model, [mixed_batch(0)])
-    load.save(tmp_path / "load.json")
-    again = ModalityLoad.load(tmp_path / "load.json")
+    load.save(tmp_path / "profiles" / "load.json")  # a folder that does not exist yet
+    load.save(tmp_path / "profiles" / "load.json")  # and over an existing file
+    assert [path.name for path in (tmp_path / "profiles").iterdir()] == ["load.json"]  # no partial file left
+    written = json.loads((tmp_path / "profiles" / "load.json").read_text())
+    assert (written["format"], written["version"]) == ("deeptalk-modality-load", 1)
+    assert written["speech_counts"] == [counts.tolist() for counts in load.speech_counts]
+    again = ModalityLoad.load(tmp_path / "profiles" / "load.json")
     assert again.layers == load.layers and again.speech_tokens == load.speech_tokens
     for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(load, name), getattr(again, name), strict=True))

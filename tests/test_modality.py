@@ -198,8 +198,13 @@ def test_profile_is_a_hand_run_of_the_router():
 
 def test_load_json_round_trip_and_validation(model, tmp_path):
     load = profile_modality_load(model, [mixed_batch(0)])
-    load.save(tmp_path / "load.json")
-    again = ModalityLoad.load(tmp_path / "load.json")
+    load.save(tmp_path / "profiles" / "load.json")  # a folder that does not exist yet
+    load.save(tmp_path / "profiles" / "load.json")  # and over an existing file
+    assert [path.name for path in (tmp_path / "profiles").iterdir()] == ["load.json"]  # no partial file left
+    written = json.loads((tmp_path / "profiles" / "load.json").read_text())
+    assert (written["format"], written["version"]) == ("deeptalk-modality-load", 1)
+    assert written["speech_counts"] == [counts.tolist() for counts in load.speech_counts]
+    again = ModalityLoad.load(tmp_path / "profiles" / "load.json")
     assert again.layers == load.layers and again.speech_tokens == load.speech_tokens
     for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(load, name), getattr(again, name), strict=True))
@@ -358,6 +363,9 @@ def test_assignment_errors(model):
         speech_expert_counts(model.config, [1, 6])
     with pytest.raises(ValueError, match="profile this model"):
         assign_modality_experts(model, hand_made_load([[1, 1]], [[1, 1]]), num_speech_experts=1)
+    other_layers = hand_made_load([[1] * 6] * 2, [[1] * 6] * 2, layers=(0, 1))  # the right sizes, other layers
+    with pytest.raises(ValueError, match=r"MoE layers \[0, 1\].*layers \[0, 2\].*profile this model"):
+        assign_modality_experts(copy.deepcopy(model), other_layers, num_speech_experts=1)
     text_only = profile_modality_load(model, [{"input_ids": torch.randint(0, TEXT_VOCAB, (1, 8))}])
     with pytest.raises(ValueError, match="no speech tokens"):
         assign_modality_experts(model, text_only, num_speech_experts=1)
@@ -428,8 +436,13 @@ def test_move_speech_experts_errors(model):
         ([[6], []], r"\[0, 6\)"),
         ([list(range(6)), []], "at least one text expert"),
     ):
+        moved = copy.deepcopy(model)
         with pytest.raises(ValueError, match=problem):
-            move_speech_experts(copy.deepcopy(model), ids)
+            move_speech_experts(moved, ids)
+        # Refused before anything moves: the model and its config are as they were.
+        assert moved.config.to_dict() == model.config.to_dict()
+        assert moved.state_dict().keys() == model.state_dict().keys()
+        assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in moved.state_dict().items())
 
 
 def assert_same_logits(actual, expected):

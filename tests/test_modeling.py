@@ -507,6 +507,33 @@ def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path
         assert torch.equal(DeepTalkForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_resize_speech_vocab_keeps_rows_ties_the_head_and_sizes_the_loss(tie):
+    """Growing the speech block of a bf16 model: kept rows stay, new rows start at the mean of their own table's text
+    rows, the new tensors keep the model's dtype, a tied head is the embedding itself (training one trains the other),
+    and the loss runs over the new vocabulary (checked against `F.cross_entropy`)."""
+    model = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=tie)).to(torch.bfloat16).eval()
+    tables = {
+        "embed": (lambda: model.model.embed_tokens.weight, lambda: model.model.speech_embed_tokens.weight),
+        "head": (lambda: model.lm_head.weight, lambda: model.speech_lm_head.weight),
+    }
+    before = {name: speech().detach().clone() for name, (_, speech) in tables.items()}
+    model.resize_speech_vocab(24)
+    assert (model.config.vocab_size, model.config.speech_vocab_size, model.vocab_size) == (88, 24, 88)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name, (text, speech) in tables.items():
+        assert speech().shape == (24, 32), name
+        assert torch.equal(speech()[:16], before[name]), name
+        mean = text().detach().float().mean(0).to(torch.bfloat16)
+        assert torch.equal(speech()[16:], mean.expand(8, -1)), name
+    assert (model.speech_lm_head.weight is model.model.speech_embed_tokens.weight) is tie
+    ids = torch.randint(0, 88, (2, 7))
+    out = model(ids, labels=ids)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, 88), ids[:, 1:].reshape(-1))
+    assert out.logits.shape == (2, 7, 88)
+    torch.testing.assert_close(out.loss.float(), expected)
+
+
 def test_wrong_tensor_shape_fails_naming_it(tmp_path):
     model = DeepTalkForCausalLM(tiny_config())
     model.save_pretrained(tmp_path)

@@ -532,22 +532,24 @@ def test_reentrant_checkpointing_warns_that_the_llm_router_losses_lose_their_gra
     assert ("router losses (aux_loss, z_loss) get no gradient" in caplog.text) is reentrant
 
 
+CONV_ENCODER = dict(  # a tiny wav2vec2-family encoder: raw samples in, two strided convs
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=37,
+    conv_dim=(16, 16),
+    conv_kernel=(10, 8),
+    conv_stride=(5, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+    feat_extract_norm="layer",
+    mask_time_prob=0.0,
+)
+
+
 def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
     """A non-Whisper encoder (wav2vec2: raw samples in, sample-level mask) is built by `AutoModel` and masked."""
-    encoder_config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        conv_dim=(16, 16),
-        conv_kernel=(10, 8),
-        conv_stride=(5, 4),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
-        mask_time_prob=0.0,
-    )
+    encoder_config = Wav2Vec2Config(**CONV_ENCODER, do_stable_layer_norm=True)
     config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
     model = DeepTalkForConditionalGeneration(config).eval()
     assert type(model.audio_encoder).__name__ == "Wav2Vec2Model"
@@ -571,19 +573,6 @@ def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
         assert torch.equal(loaded.eval()(**batch).logits, logits)
 
 
-CONV_ENCODER = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    conv_dim=(16, 16),
-    conv_kernel=(10, 8),
-    conv_stride=(5, 4),
-    num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=2,
-    feat_extract_norm="layer",
-    mask_time_prob=0.0,
-)
 W2V_BERT = dict(
     hidden_size=32,
     num_hidden_layers=2,

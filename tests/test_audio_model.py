@@ -532,6 +532,17 @@ def test_reentrant_checkpointing_warns_that_the_llm_router_losses_lose_their_gra
     assert ("router losses (aux_loss, z_loss) get no gradient" in caplog.text) is reentrant
 
 
+def batch_logits_are_its_items(model, extractor, texts, audios, batch):
+    """The batch's logits, checked row by row against each item run alone (padding must not leak into an item)."""
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row in range(len(texts)):
+            alone = audio_batch(model.config, extractor, texts[row : row + 1], audios[row : row + 1])
+            length = alone["input_ids"].shape[1]
+            torch.testing.assert_close(model(**alone).logits[0], logits[row, :length], rtol=1e-4, atol=1e-4)
+    return logits
+
+
 CONV_ENCODER = dict(  # a tiny wav2vec2-family encoder: raw samples in, two strided convs
     hidden_size=32,
     num_hidden_layers=2,
@@ -559,12 +570,7 @@ def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
     batch = audio_batch(config, extractor, texts, audios)
     # conv lengths: (1600 - 10) // 5 + 1 = 319 -> (319 - 8) // 4 + 1 = 78 frames -> 16 positions; 4000 -> 198 -> 40
     assert batch["modality_ids"].sum(-1).tolist() == [16, 40]
-    with torch.no_grad():
-        logits = model(**batch).logits
-        for row in range(2):
-            alone = audio_batch(config, extractor, texts[row : row + 1], audios[row : row + 1])
-            length = alone["input_ids"].shape[1]
-            torch.testing.assert_close(model(**alone).logits[0], logits[row, :length], rtol=1e-4, atol=1e-4)
+    logits = batch_logits_are_its_items(model, extractor, texts, audios, batch)
     assert model.audio_encoder_top_layers(1)[0].startswith("audio_encoder.encoder.layers.1.")
     model.save_pretrained(tmp_path)
     loaded, info = AutoModelForMultimodalLM.from_pretrained(tmp_path, output_loading_info=True)
@@ -610,12 +616,7 @@ def test_encoders_documented_batch_invariant_give_each_items_logits(encoder_conf
     audios = [tone(300, 1900 / SAMPLING_RATE), tone(600, 0.25)]
     texts = [[BOS, config.audio_token_id, 5], [BOS, config.audio_token_id, 6]]
     batch = audio_batch(config, extractor, texts, audios)
-    with torch.no_grad():
-        logits = model(**batch).logits
-        for row in range(2):
-            alone = audio_batch(config, extractor, texts[row : row + 1], audios[row : row + 1])
-            length = alone["input_ids"].shape[1]
-            torch.testing.assert_close(model(**alone).logits[0], logits[row, :length], rtol=1e-4, atol=1e-4)
+    batch_logits_are_its_items(model, extractor, texts, audios, batch)
 
 
 @pytest.fixture

@@ -1064,10 +1064,9 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
     whose text-only copy's text stream is the answer's text). Text deltas come from the text stream; the speech
     answer is segment 0, and a frame's units (the codec's, as `SpeechChunk.units` always are) go out as soon as its
     frame group is complete, i.e. every audio stream has emitted its code for it, and audio once `audio_chunk_frames`
-    whole frames are pending (as in `DeepTalkStreamer`). Concatenated, the text
-    deltas and speech chunks give `processor.decode_parallel`'s text and codes (as units) of the returned answer, and
-    the audio chunks a waveform of its length (decoded chunk by chunk, so not necessarily its samples). The prompt is
-    never streamed.
+    whole frames are pending (as in `DeepTalkStreamer`). Concatenated, the text deltas and speech chunks give
+    `processor.decode_parallel`'s text and codes (as units) of the returned answer, and the audio chunks a waveform of
+    its length (decoded chunk by chunk, so not necessarily its samples). The prompt is never streamed.
     """
 
     def __init__(

@@ -180,6 +180,40 @@ def test_deterministic_mode_matches_reference():
         torch.use_deterministic_algorithms(previous)
 
 
+def test_deterministic_mode_does_not_depend_on_the_expert_labels():
+    """Deterministic mode sums each token's pairs in its top-k slot order, so relabelling the experts (the weights
+    permuted alike) gives bit-identical outputs and gradients; atomic adds follow the expert order (under the
+    interpreter, fixed: the relabelled sum differs, which shows the check can see the mode)."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=40, num_experts=4, top_k=3, num_used=4, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=5,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    label = torch.tensor([3, 1, 0, 2], device=DEVICE)  # expert e is called label[e]
+    old = torch.argsort(label)
+    relabelled_weights = [w.detach()[old].clone().requires_grad_() for w in (gate_up, down)]
+    relabelled = [x, *relabelled_weights, label[index], weights]
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        for deterministic in (True, False):
+            torch.use_deterministic_algorithms(deterministic)
+            out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+            out_relabelled, (grad_x, grad_gate_up, grad_down, grad_routing) = outputs_and_grads(
+                K.fused_moe_experts, relabelled, grad_out
+            )
+            same = [torch.equal(out, out_relabelled)] + [
+                torch.equal(a, b)
+                for a, b in zip(grads, [grad_x, grad_gate_up[label], grad_down[label], grad_routing], strict=True)
+            ]
+            if deterministic:
+                assert all(same), same
+            elif DEVICE.type == "cpu":
+                assert not same[0]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     """fp32 weights under fp16 autocast: fp16 products (as eager's `F.linear`), fp32 gradients for the weights."""
     case = dict(

@@ -6,6 +6,7 @@ costs about 2 ms per program and reduction step. bf16 is checked only in `test_k
 dot is not faithful).
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -166,18 +167,25 @@ def test_many_experts_and_large_top_k():
     )  # fmt: skip
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """`torch.use_deterministic_algorithms(enabled)` for the block, the previous setting restored after it."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_deterministic_mode_matches_reference():
     """Under `torch.use_deterministic_algorithms` the kernels store per-pair rows instead of adding atomically."""
     case = dict(
         num_tokens=13, hidden=40, inter=40, num_experts=4, top_k=3, num_used=4, sentinel_rate=0.25,
         layout="contiguous", trainable="all", seed=5,
     )  # fmt: skip
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         check_against_reference(case, torch.float32)
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 def test_deterministic_mode_does_not_depend_on_the_expert_labels():
@@ -194,24 +202,20 @@ def test_deterministic_mode_does_not_depend_on_the_expert_labels():
     old = torch.argsort(label)
     relabelled_weights = [w.detach()[old].clone().requires_grad_() for w in (gate_up, down)]
     relabelled = [x, *relabelled_weights, label[index], weights]
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        for deterministic in (True, False):
-            torch.use_deterministic_algorithms(deterministic)
+    for deterministic in (True, False):
+        with deterministic_algorithms(deterministic):
             out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
             out_relabelled, (grad_x, grad_gate_up, grad_down, grad_routing) = outputs_and_grads(
                 K.fused_moe_experts, relabelled, grad_out
             )
-            same = [torch.equal(out, out_relabelled)] + [
-                torch.equal(a, b)
-                for a, b in zip(grads, [grad_x, grad_gate_up[label], grad_down[label], grad_routing], strict=True)
-            ]
-            if deterministic:
-                assert all(same), same
-            elif DEVICE.type == "cpu":
-                assert not same[0]
-    finally:
-        torch.use_deterministic_algorithms(previous)
+        same = [torch.equal(out, out_relabelled)] + [
+            torch.equal(a, b)
+            for a, b in zip(grads, [grad_x, grad_gate_up[label], grad_down[label], grad_routing], strict=True)
+        ]
+        if deterministic:
+            assert all(same), same
+        elif DEVICE.type == "cpu":
+            assert not same[0]
 
 
 def test_autocast_computes_in_the_autocast_dtype():

@@ -593,15 +593,18 @@ W2V_BERT = dict(
 @pytest.mark.parametrize(
     "encoder_config",
     [
+        Wav2Vec2Config(**CONV_ENCODER, do_stable_layer_norm=False),  # the stable variant: the wav2vec2 test above
         HubertConfig(**CONV_ENCODER, do_stable_layer_norm=False),
-        WavLMConfig(**CONV_ENCODER, do_stable_layer_norm=True),  # with its relative position bias
+        HubertConfig(**CONV_ENCODER, do_stable_layer_norm=True),
+        WavLMConfig(**CONV_ENCODER, do_stable_layer_norm=False),  # with its relative position bias
+        WavLMConfig(**CONV_ENCODER, do_stable_layer_norm=True),
         Wav2Vec2BertConfig(**W2V_BERT),
     ],
-    ids=["hubert-layer-norm", "wavlm-layer-norm", "w2v-bert"],
+    ids=["wav2vec2", "hubert", "hubert-stable", "wavlm", "wavlm-stable", "w2v-bert"],
 )
 def test_encoders_documented_batch_invariant_give_each_items_logits(encoder_config, one_thread):
-    """docs/speech_input.md: layer-norm HuBERT and WavLM and w2v-bert (no adapter) give a padded batch its
-    items' logits. 1900 samples make odd frame counts, where an adapter's stride-2 conv reaches the padding."""
+    """docs/speech_input.md: layer-norm wav2vec2, HuBERT and WavLM (stable layer norm or not) and w2v-bert, without an
+    adapter, give a padded batch its items' logits. 1900 samples make odd frame counts, where an adapter's stride-2 conv reaches the padding."""
     torch.manual_seed(0)
     config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
     model = DeepTalkForConditionalGeneration(config).eval()

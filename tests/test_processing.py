@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from tokenizers import processors
+from tokenizers import normalizers, processors
 from transformers import AutoProcessor
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
@@ -179,6 +179,27 @@ def test_empty_text_keeps_an_eos_that_is_also_the_bos_at_the_end():
     for text in ("", None, "hello"):
         ids = processor(text=text, speech_units=[1, 2])["input_ids"][0]
         assert ids[-1] == eos and ids.count(eos) == 1, (text, ids)
+
+
+@pytest.mark.parametrize("template", ["<s> $A </s>", "$A </s>"])
+def test_empty_text_keeps_the_added_tokens_at_the_ends_when_the_tokenizer_erases_the_probe(template):
+    """With no text, the processor finds where the tokenizer puts its BOS/EOS by encoding "a"; a tokenizer that erases
+    "a" leaves it the ids themselves: a leading BOS stays first, the rest stays last."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    bos, eos = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("a", "")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    assert tokenizer("a", add_special_tokens=False)["input_ids"] == []
+    add_speech_tokens(tokenizer, NUM_UNITS, text_vocab_size=TEXT_VOCAB_SIZE)
+    processor = DeepTalkProcessor(tokenizer)
+    before = [bos] if template.startswith("<s>") else []
+    speech = [processor.begin_of_speech_id, processor.speech_token_start + 3, processor.end_of_speech_id]
+    for policy in INTERLEAVE_POLICIES:
+        ids = processor(text="", speech_units=[3], interleave=policy)["input_ids"][0]
+        assert ids == [*before, *speech, eos], (policy, ids)
 
 
 def test_processor_refuses_tokenizers_without_a_proper_speech_block():

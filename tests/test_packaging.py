@@ -33,3 +33,10 @@ def test_every_dependency_accepts_the_oldest_python():
 
 def test_ruff_targets_the_oldest_python():
     assert PROJECT["tool"]["ruff"]["target-version"] == "py" + "".join(oldest_python().split(".")[:2])
+
+
+def test_the_package_declares_its_type_hints():
+    # PEP 561: without py.typed in the wheel, type checkers ignore the package's annotations
+    package = ROOT / "src" / "deeptalk_hf"
+    assert (package / "py.typed").is_file()
+    assert "py.typed" in PROJECT["tool"]["setuptools"]["package-data"]["deeptalk_hf"]

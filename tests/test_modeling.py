@@ -181,7 +181,10 @@ def test_hard_routing_isolates_modalities(experts, top_k, seq_len, seed):
         assert torch.equal(model(text_ids).logits[..., :start], speech_changed(text_ids).logits[..., :start])
         assert torch.equal(model(speech_ids).logits, text_changed(speech_ids).logits)
         before, after = model(mixed_ids).logits, speech_changed(mixed_ids).logits
-    assert torch.equal(before[:, :seq_len, :start], after[:, :seq_len, :start])
+    if len(layers_with_speech) == len(config.moe_layers):
+        assert torch.equal(before[:, :seq_len, :start], after[:, :seq_len, :start])
+    else:  # speech tokens share a layer's text experts, whose matmuls then round with other row counts
+        torch.testing.assert_close(before[:, :seq_len, :start], after[:, :seq_len, :start], rtol=1e-5, atol=1e-6)
     assert not torch.equal(before[:, seq_len:], after[:, seq_len:])
 
 

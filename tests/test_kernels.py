@@ -167,6 +167,21 @@ def test_many_experts_and_large_top_k():
     )  # fmt: skip
 
 
+def test_widths_and_row_counts_one_past_a_block_match_reference():
+    """Hidden and intermediate widths of 33, one past a multiple of every block size (the reduction loops' last step
+    holds a single element; the other cases' widths are multiples of 8), and experts of 17 rows, one past the
+    weight-gradient kernel's row block; on the training and the decode paths."""
+    case = dict(
+        num_tokens=17, hidden=33, inter=33, num_experts=3, top_k=2, num_used=2, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=9,
+    )  # fmt: skip
+    check_against_reference(case, torch.float32)  # experts 0 and 1 get every token, expert 2 none
+    inputs, _ = build_case(dict(case, num_tokens=1, trainable="none"), torch.float32, DEVICE)
+    assert fused_moe_module.use_decode_path(1, 2, 3)
+    expected = K.moe_experts_reference(*upcast(inputs))
+    assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool):
     """`torch.use_deterministic_algorithms(enabled)` for the block, the previous setting restored after it."""

@@ -260,6 +260,41 @@ def test_autocast_computes_in_the_autocast_dtype():
     assert (out.double() - exact).abs().max() > 1e-5 * exact.abs().max()
 
 
+def test_fp16_sums_accumulate_in_fp32():
+    """fp16 inputs in which the second block of each reduction cancels the first up to small terms (32 columns for
+    the down projection over I and its input gradient over H, 16 rows for its weight gradient): fp32 accumulators
+    keep the small remainder, fp16 ones round the first block's sum, ~250 times larger, to 11 bits and lose it
+    (seen under the interpreter: errors 6 to 12 times the tolerance; 0.07 times with fp32 accumulators)."""
+    case = dict(
+        num_tokens=32, hidden=64, inter=64, num_experts=1, top_k=1, num_used=1, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=12,
+    )  # fmt: skip
+    inputs, _ = build_case(case, torch.float16, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    gen = torch.Generator().manual_seed(12)
+    flip = torch.cat([torch.ones(32), -torch.ones(32)])
+    mirrored = torch.randn(32, 32, generator=gen).repeat(2, 2) * flip[:, None] * flip[None, :]
+    grad = torch.randn(16, 32, generator=gen)
+    small = torch.randn(16, 32, generator=gen) / 256
+    # Output-gradient column h + 32 = column h; token t + 16 = -token t + small.
+    grad_out = torch.cat([grad, small - grad]).repeat(1, 2).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        # down[h, i + 32] = -down[h, i] + small and down[h + 32, i] = -down[h, i] + small.
+        down[0] = mirrored + torch.randn(64, 64, generator=gen) / 256
+        gate_up[0, 32:64] = gate_up[0, :32]  # gate and up rows i + 32 = rows i: act[:, i + 32] = act[:, i]
+        gate_up[0, 96:] = gate_up[0, 64:96]
+        x[16:] = x[:16]  # token t + 16 = token t
+        weights.fill_(1.0)  # weighted output gradients exact in fp16
+    out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, upcast(inputs), grad_out.double())
+    # Not gate_up_proj's gradient: tokens t and t + 16 cancel there to second order, below the fp16 rounding of the
+    # per-row gradients that every fp16 backend does.
+    names = ("output", "hidden", "gate_up", "down", "routing")
+    for name, ours, ref in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
+        if name != "gate_up":
+            assert_close(ours, ref, TOLERANCE[torch.float16], name)
+
+
 def test_eager_experts_agree():
     """transformers' eager experts, the reference and the kernels agree (ties the oracle to transformers' math)."""
     case = dict(

@@ -233,6 +233,27 @@ def test_deterministic_mode_does_not_depend_on_the_expert_labels():
             assert not same[0]
 
 
+def test_deterministic_routing_gradient_holds_a_partial_per_column_block_of_any_tuned_tile(monkeypatch):
+    """The deterministic routing gradient keeps one partial per column block of the narrowest tuned tile, whichever
+    tile the GPU autotuner picks; the interpreter has only one tile, so here the tuned list is put back and the
+    backward kernel runs the narrowest tile, on an intermediate width that spans two of its column blocks."""
+    tiles = triton_moe.GROUPED_TILES
+    monkeypatch.setattr(
+        triton_moe, "_GROUPED_CONFIGS", [triton.Config(dict(zip(triton_moe._MNK, t[:3]))) for t in tiles]
+    )
+    narrowest = min(tiles, key=lambda t: (t[1], t[0]))
+    kernel = triton_moe._down_backward_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(triton_moe._MNK, narrowest[:3])))])
+    monkeypatch.setattr(kernel, "cache", {})
+    case = dict(
+        num_tokens=13, hidden=16, inter=72, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
+        layout="contiguous", trainable="router_only", seed=11,
+    )  # fmt: skip
+    assert triton.cdiv(case["inter"], narrowest[1]) > 1
+    with deterministic_algorithms(True):
+        check_against_reference(case, torch.float32)
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     """fp32 weights under fp16 autocast: fp16 products (as eager's `F.linear`), fp32 gradients for the weights."""
     case = dict(

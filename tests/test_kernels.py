@@ -500,6 +500,22 @@ def test_sort_by_expert():
     assert sorted_pairs.dtype == offsets.dtype == torch.int32
 
 
+def test_fp32_products_follow_torch_matmul_precision():
+    """fp32 products are exact (IEEE) under torch's default matmul precision and TF32 only where the user allows it
+    (`torch.set_float32_matmul_precision`); the interpreter ignores the kernels' `input_precision`, so the choice is
+    checked where it is made. fp16 keeps the backend's default."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_moe._precision(torch.float32) == "ieee"
+        for allowed in ("high", "medium"):
+            torch.set_float32_matmul_precision(allowed)
+            assert triton_moe._precision(torch.float32) == "tf32"
+        assert triton_moe._precision(torch.float16) is None
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Models: `set_experts_implementation("deeptalk_triton")` gives eager's logits and gradients.
 

@@ -254,6 +254,24 @@ def test_deterministic_routing_gradient_holds_a_partial_per_column_block_of_any_
         check_against_reference(case, torch.float32)
 
 
+def test_no_read_outside_the_inputs():
+    """Inputs at the corner of NaN-filled buffers (layout "padded"): an element past a width or a reduction's ragged
+    end must be masked on both operands of its product (NaN * 0 is NaN), on the training and the decode paths. Under
+    deterministic mode new buffers are NaN-filled too, which covers reads of the rows the kernels leave unwritten:
+    those of sentinel pairs, such as the decode case's second pair."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.2,
+        layout="padded", trainable="all", seed=10,
+    )  # fmt: skip
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            check_against_reference(case, torch.float32)
+            inputs, _ = build_case(dict(case, num_tokens=1, trainable="none"), torch.float32, DEVICE)
+            inputs[3][0] = torch.tensor([1, case["num_experts"]])  # a real pair, then a sentinel pair
+            expected = K.moe_experts_reference(*upcast(inputs))
+            assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     """fp32 weights under fp16 autocast: fp16 products (as eager's `F.linear`), fp32 gradients for the weights."""
     case = dict(

@@ -272,6 +272,32 @@ def test_no_read_outside_the_inputs():
             assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_kernels_write_only_the_rows_of_their_experts():
+    """A row tile writes only its expert's sorted rows: on a GPU a write past them races with the next expert's tile.
+    The interpreter runs the tiles in order, so there the next tile overwrites such a write and only one past the
+    last expert shows. Deterministic mode fills new buffers with NaN: the sentinel pairs' rows, past `offsets[E]`,
+    of the per-row buffers (activation, kept pre-activation, its gradient) must stay NaN."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=40, num_experts=4, top_k=3, num_used=4, sentinel_rate=0.3,
+        layout="contiguous", trainable="none", seed=5,
+    )  # fmt: skip
+    (x, gate_up, down, index, weights), grad_out = build_case(case, torch.float32, DEVICE)
+    with deterministic_algorithms(True):
+        sorted_pairs, offsets = K.sort_by_expert(index, case["num_experts"])
+        act, kept = triton_moe.gate_up_forward(x, gate_up, sorted_pairs, offsets, case["top_k"], keep_gate_up=True)
+        end = offsets[-1].item()
+        written = {"act": act[:end].clone(), "gate_up": kept[:end].clone()}
+        unwritten = {"act": act[end:].clone(), "gate_up": kept[end:].clone()}
+        kept[end:] = 0.0  # finite, so that a backward tile reading past its rows would write finite values there
+        grad_gate_up, _ = triton_moe.down_backward(
+            grad_out, down, kept, weights.reshape(-1), sorted_pairs, offsets, case["top_k"], True, True
+        )
+    written["grad_gate_up"], unwritten["grad_gate_up"] = grad_gate_up[:end], grad_gate_up[end:]
+    assert 0 < end < sorted_pairs.numel()
+    for name in written:
+        assert written[name].isfinite().all() and unwritten[name].isnan().all(), name
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     """fp32 weights under fp16 autocast: fp16 products (as eager's `F.linear`), fp32 gradients for the weights."""
     case = dict(

@@ -7,6 +7,7 @@ dot is not faithful).
 """
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -542,6 +543,31 @@ def test_sort_by_expert():
     assert sorted(sorted_pairs.tolist()[6:]) == [2, 5]  # the sentinel slots, past offsets[E]
     assert offsets.tolist() == [0, 2, 3, 6]
     assert sorted_pairs.dtype == offsets.dtype == torch.int32
+
+
+@pytest.mark.parametrize("kernel", ["_scatter_kernel", "_down_backward_kernel"])
+def test_autotuning_runs_do_not_add_up(kernel, monkeypatch):
+    """On a GPU the autotuner runs every candidate config, several times, on the call's own buffers before the chosen
+    one: the kernels that add into their output atomically must have it zeroed before each run (`reset_to_zero`).
+    The interpreter has one config and never benchmarks; here two configs and a benchmark that runs each twice."""
+    kernel = getattr(triton_moe, kernel)
+    tiles = [(16, 32, 32), (16, 64, 32)]
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(triton_moe._MNK, t))) for t in tiles])
+    monkeypatch.setattr(kernel, "cache", {})
+    timings = itertools.cycle(range(len(tiles), 0, -1))  # configs are benchmarked in order: the last is the fastest
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        return [float(next(timings))] * len(quantiles)
+
+    monkeypatch.setattr(kernel, "_do_bench", bench)
+    case = dict(
+        num_tokens=13, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.2,
+        layout="contiguous", trainable="all", seed=13,
+    )  # fmt: skip
+    check_against_reference(case, torch.float32)
+    assert kernel.cache and all(config.kwargs["BLOCK_N"] == tiles[-1][1] for config in kernel.cache.values())
 
 
 def test_fp32_products_follow_torch_matmul_precision():

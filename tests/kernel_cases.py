@@ -35,7 +35,15 @@ def make_routing(
 
 
 def strided(tensor: torch.Tensor, layout: str) -> torch.Tensor:
-    """The same values in a non-contiguous layout: every other column of a wider buffer, or a transposed buffer."""
+    """The same values in a non-contiguous layout: every other column of a wider buffer, a transposed buffer, or
+    ("padded") the corner of a buffer one longer in every dimension whose spare elements are NaN (integers: 0), so a
+    read past the end of any dimension poisons the result even where the value read is multiplied by a masked 0."""
+    if layout == "padded":
+        fill = float("nan") if tensor.is_floating_point() else 0
+        wide = torch.full([n + 1 for n in tensor.shape], fill, dtype=tensor.dtype, device=tensor.device)
+        corner = wide[tuple(slice(0, n) for n in tensor.shape)]
+        corner.copy_(tensor)
+        return corner
     if layout == "sliced":
         wide = torch.zeros(*tensor.shape[:-1], 2 * tensor.shape[-1], dtype=tensor.dtype, device=tensor.device)
         wide[..., ::2] = tensor

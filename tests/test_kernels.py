@@ -7,6 +7,7 @@ dot is not faithful).
 """
 
 import contextlib
+import itertools
 import os
 import subprocess
 import sys
@@ -167,6 +168,21 @@ def test_many_experts_and_large_top_k():
     )  # fmt: skip
 
 
+def test_widths_and_row_counts_one_past_a_block_match_reference():
+    """Hidden and intermediate widths of 33, one past a multiple of every block size (the reduction loops' last step
+    holds a single element; the other cases' widths are multiples of 8), and experts of 17 rows, one past the
+    weight-gradient kernel's row block; on the training and the decode paths."""
+    case = dict(
+        num_tokens=17, hidden=33, inter=33, num_experts=3, top_k=2, num_used=2, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=9,
+    )  # fmt: skip
+    check_against_reference(case, torch.float32)  # experts 0 and 1 get every token, expert 2 none
+    inputs, _ = build_case(dict(case, num_tokens=1, trainable="none"), torch.float32, DEVICE)
+    assert fused_moe_module.use_decode_path(1, 2, 3)
+    expected = K.moe_experts_reference(*upcast(inputs))
+    assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool):
     """`torch.use_deterministic_algorithms(enabled)` for the block, the previous setting restored after it."""
@@ -218,6 +234,71 @@ def test_deterministic_mode_does_not_depend_on_the_expert_labels():
             assert not same[0]
 
 
+def test_deterministic_routing_gradient_holds_a_partial_per_column_block_of_any_tuned_tile(monkeypatch):
+    """The deterministic routing gradient keeps one partial per column block of the narrowest tuned tile, whichever
+    tile the GPU autotuner picks; the interpreter has only one tile, so here the tuned list is put back and the
+    backward kernel runs the narrowest tile, on an intermediate width that spans two of its column blocks."""
+    tiles = triton_moe.GROUPED_TILES
+    monkeypatch.setattr(
+        triton_moe, "_GROUPED_CONFIGS", [triton.Config(dict(zip(triton_moe._MNK, t[:3]))) for t in tiles]
+    )
+    narrowest = min(tiles, key=lambda t: (t[1], t[0]))
+    kernel = triton_moe._down_backward_kernel
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(triton_moe._MNK, narrowest[:3])))])
+    monkeypatch.setattr(kernel, "cache", {})
+    case = dict(
+        num_tokens=13, hidden=16, inter=72, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.0,
+        layout="contiguous", trainable="router_only", seed=11,
+    )  # fmt: skip
+    assert triton.cdiv(case["inter"], narrowest[1]) > 1
+    with deterministic_algorithms(True):
+        check_against_reference(case, torch.float32)
+
+
+def test_no_read_outside_the_inputs():
+    """Inputs at the corner of NaN-filled buffers (layout "padded"): an element past a width or a reduction's ragged
+    end must be masked on both operands of its product (NaN * 0 is NaN), on the training and the decode paths. Under
+    deterministic mode new buffers are NaN-filled too, which covers reads of the rows the kernels leave unwritten:
+    those of sentinel pairs, such as the decode case's second pair."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.2,
+        layout="padded", trainable="all", seed=10,
+    )  # fmt: skip
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            check_against_reference(case, torch.float32)
+            inputs, _ = build_case(dict(case, num_tokens=1, trainable="none"), torch.float32, DEVICE)
+            inputs[3][0] = torch.tensor([1, case["num_experts"]])  # a real pair, then a sentinel pair
+            expected = K.moe_experts_reference(*upcast(inputs))
+            assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
+
+
+def test_kernels_write_only_the_rows_of_their_experts():
+    """A row tile writes only its expert's sorted rows: on a GPU a write past them races with the next expert's tile.
+    The interpreter runs the tiles in order, so there the next tile overwrites such a write and only one past the
+    last expert shows. Deterministic mode fills new buffers with NaN: the sentinel pairs' rows, past `offsets[E]`,
+    of the per-row buffers (activation, kept pre-activation, its gradient) must stay NaN."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=40, num_experts=4, top_k=3, num_used=4, sentinel_rate=0.3,
+        layout="contiguous", trainable="none", seed=5,
+    )  # fmt: skip
+    (x, gate_up, down, index, weights), grad_out = build_case(case, torch.float32, DEVICE)
+    with deterministic_algorithms(True):
+        sorted_pairs, offsets = K.sort_by_expert(index, case["num_experts"])
+        act, kept = triton_moe.gate_up_forward(x, gate_up, sorted_pairs, offsets, case["top_k"], keep_gate_up=True)
+        end = offsets[-1].item()
+        written = {"act": act[:end].clone(), "gate_up": kept[:end].clone()}
+        unwritten = {"act": act[end:].clone(), "gate_up": kept[end:].clone()}
+        kept[end:] = 0.0  # finite, so that a backward tile reading past its rows would write finite values there
+        grad_gate_up, _ = triton_moe.down_backward(
+            grad_out, down, kept, weights.reshape(-1), sorted_pairs, offsets, case["top_k"], True, True
+        )
+    written["grad_gate_up"], unwritten["grad_gate_up"] = grad_gate_up[:end], grad_gate_up[end:]
+    assert 0 < end < sorted_pairs.numel()
+    for name in written:
+        assert written[name].isfinite().all() and unwritten[name].isnan().all(), name
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     """fp32 weights under fp16 autocast: fp16 products (as eager's `F.linear`), fp32 gradients for the weights."""
     case = dict(
@@ -243,6 +324,41 @@ def test_autocast_computes_in_the_autocast_dtype():
     # Without the cast the products would be fp32: much closer to the fp32 reference than fp16 rounding allows.
     exact = K.moe_experts_reference(*upcast(inputs))
     assert (out.double() - exact).abs().max() > 1e-5 * exact.abs().max()
+
+
+def test_fp16_sums_accumulate_in_fp32():
+    """fp16 inputs in which the second block of each reduction cancels the first up to small terms (32 columns for
+    the down projection over I and its input gradient over H, 16 rows for its weight gradient): fp32 accumulators
+    keep the small remainder, fp16 ones round the first block's sum, ~250 times larger, to 11 bits and lose it
+    (seen under the interpreter: errors 6 to 12 times the tolerance; 0.07 times with fp32 accumulators)."""
+    case = dict(
+        num_tokens=32, hidden=64, inter=64, num_experts=1, top_k=1, num_used=1, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=12,
+    )  # fmt: skip
+    inputs, _ = build_case(case, torch.float16, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    gen = torch.Generator().manual_seed(12)
+    flip = torch.cat([torch.ones(32), -torch.ones(32)])
+    mirrored = torch.randn(32, 32, generator=gen).repeat(2, 2) * flip[:, None] * flip[None, :]
+    grad = torch.randn(16, 32, generator=gen)
+    small = torch.randn(16, 32, generator=gen) / 256
+    # Output-gradient column h + 32 = column h; token t + 16 = -token t + small.
+    grad_out = torch.cat([grad, small - grad]).repeat(1, 2).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        # down[h, i + 32] = -down[h, i] + small and down[h + 32, i] = -down[h, i] + small.
+        down[0] = mirrored + torch.randn(64, 64, generator=gen) / 256
+        gate_up[0, 32:64] = gate_up[0, :32]  # gate and up rows i + 32 = rows i: act[:, i + 32] = act[:, i]
+        gate_up[0, 96:] = gate_up[0, 64:96]
+        x[16:] = x[:16]  # token t + 16 = token t
+        weights.fill_(1.0)  # weighted output gradients exact in fp16
+    out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, upcast(inputs), grad_out.double())
+    # Not gate_up_proj's gradient: tokens t and t + 16 cancel there to second order, below the fp16 rounding of the
+    # per-row gradients that every fp16 backend does.
+    names = ("output", "hidden", "gate_up", "down", "routing")
+    for name, ours, ref in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
+        if name != "gate_up":
+            assert_close(ours, ref, TOLERANCE[torch.float16], name)
 
 
 def test_eager_experts_agree():
@@ -427,6 +543,47 @@ def test_sort_by_expert():
     assert sorted(sorted_pairs.tolist()[6:]) == [2, 5]  # the sentinel slots, past offsets[E]
     assert offsets.tolist() == [0, 2, 3, 6]
     assert sorted_pairs.dtype == offsets.dtype == torch.int32
+
+
+@pytest.mark.parametrize("kernel", ["_scatter_kernel", "_down_backward_kernel"])
+def test_autotuning_runs_do_not_add_up(kernel, monkeypatch):
+    """On a GPU the autotuner runs every candidate config, several times, on the call's own buffers before the chosen
+    one: the kernels that add into their output atomically must have it zeroed before each run (`reset_to_zero`).
+    The interpreter has one config and never benchmarks; here two configs and a benchmark that runs each twice."""
+    kernel = getattr(triton_moe, kernel)
+    tiles = [(16, 32, 32), (16, 64, 32)]
+    monkeypatch.setattr(kernel, "configs", [triton.Config(dict(zip(triton_moe._MNK, t))) for t in tiles])
+    monkeypatch.setattr(kernel, "cache", {})
+    timings = itertools.cycle(range(len(tiles), 0, -1))  # configs are benchmarked in order: the last is the fastest
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        kernel_call()
+        return [float(next(timings))] * len(quantiles)
+
+    monkeypatch.setattr(kernel, "_do_bench", bench)
+    case = dict(
+        num_tokens=13, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.2,
+        layout="contiguous", trainable="all", seed=13,
+    )  # fmt: skip
+    check_against_reference(case, torch.float32)
+    assert kernel.cache and all(config.kwargs["BLOCK_N"] == tiles[-1][1] for config in kernel.cache.values())
+
+
+def test_fp32_products_follow_torch_matmul_precision():
+    """fp32 products are exact (IEEE) under torch's default matmul precision and TF32 only where the user allows it
+    (`torch.set_float32_matmul_precision`); the interpreter ignores the kernels' `input_precision`, so the choice is
+    checked where it is made. fp16 keeps the backend's default."""
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_moe._precision(torch.float32) == "ieee"
+        for allowed in ("high", "medium"):
+            torch.set_float32_matmul_precision(allowed)
+            assert triton_moe._precision(torch.float32) == "tf32"
+        assert triton_moe._precision(torch.float16) is None
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 # --------------------------------------------------------------------------------------------------------------------

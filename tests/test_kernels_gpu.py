@@ -107,6 +107,29 @@ def test_bf16_non_contiguous(layout):
         assert_close(ours, ref, BF16_TOLERANCE, f"{layout} {name}")
 
 
+@pytest.mark.parametrize("num_tokens", [1, 3, 257])
+def test_bf16_ragged_widths_read_and_write_nothing_past_the_inputs(num_tokens):
+    """Widths one past a multiple of every block size, inputs at the corner of NaN-filled buffers (layout "padded"): a
+    compiled kernel reading past a width or a reduction's ragged end, on the grouped or the decode path, poisons the
+    result (the interpreter runs tiles in order and cannot show a GPU's out-of-bounds races)."""
+    case = dict(
+        num_tokens=num_tokens, hidden=1025, inter=321, num_experts=20, top_k=4, num_used=16, sentinel_rate=0.1,
+        layout="padded", trainable="all" if num_tokens > 3 else "none", seed=num_tokens,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.bfloat16, DEVICE)
+    if case["trainable"] == "none":
+        with torch.no_grad():
+            out, grads = K.fused_moe_experts(*inputs), []
+            ref_out, ref_grads = K.moe_experts_reference(*upcast(inputs, torch.float32)), []
+    else:
+        out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
+        ref_out, ref_grads = outputs_and_grads(
+            K.moe_experts_reference, upcast(inputs, torch.float32), grad_out.float()
+        )
+    for name, ours, ref in zip(GRAD_NAMES, [out, *grads], [ref_out, *ref_grads]):
+        assert_close(ours, ref, BF16_TOLERANCE, f"T={num_tokens} {name}")
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float16, 1e-2)])
 def test_fp32_fp16_compiled(dtype, tol):
     """Compiled fp32 uses exact (IEEE) products under torch's default matmul precision, fp16 accumulates in fp32."""

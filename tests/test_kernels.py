@@ -18,7 +18,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from hypothesis import given  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from transformers import GptOssConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM  # noqa: E402
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
@@ -76,18 +76,23 @@ def check_against_reference(case: dict, dtype: torch.dtype) -> None:
     out, grads = outputs_and_grads(K.fused_moe_experts, inputs, grad_out)
     assert out.dtype == dtype
     ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, upcast(inputs), grad_out.double())
+    # fp16: a sum that cancels (one token's routing gradient) may lose more than `tol` of its size; there the kernels
+    # must be as accurate as plain torch in fp16 (which accumulates in fp32 on CPU)
+    same_out, same_grads = None, [None] * len(grads)
+    if dtype == torch.float16:
+        same_out, same_grads = outputs_and_grads(K.moe_experts_reference, upcast(inputs, dtype), grad_out)
     tol = TOLERANCE[dtype]
-    assert_close(out, ref_out, tol, "output")
+    assert_close(out, ref_out, tol, "output", same_out)
     names = [
         n
         for n, a in zip(("hidden", "gate_up_proj", "down_proj", "", "routing"), inputs, strict=True)
         if a.requires_grad
     ]
-    for name, grad, ref_grad, leaf in zip(
-        names, grads, ref_grads, (a for a in inputs if a.requires_grad), strict=True
+    for name, grad, ref_grad, same_grad, leaf in zip(
+        names, grads, ref_grads, same_grads, (a for a in inputs if a.requires_grad), strict=True
     ):
         assert grad.dtype == leaf.dtype
-        assert_close(grad, ref_grad, tol, f"grad {name}")
+        assert_close(grad, ref_grad, tol, f"grad {name}", same_grad)
 
 
 @given(case=moe_cases())
@@ -96,6 +101,20 @@ def test_fp32_matches_reference(case):
 
 
 @given(case=moe_cases())
+@example(  # one token's routing gradient, 0.6% of its terms' sum of magnitudes: fp16 torch and the kernels err by 1.3%
+    case=dict(
+        num_tokens=2,
+        hidden=40,
+        inter=40,
+        num_experts=1,
+        top_k=1,
+        num_used=1,
+        sentinel_rate=0.25,
+        layout="contiguous",
+        trainable="all",
+        seed=1,
+    )  # fmt: skip
+)
 def test_fp16_matches_reference(case):
     check_against_reference(case, torch.float16)
 

@@ -117,7 +117,7 @@ def test_speech_stage_trains_speech_attention_and_leaves_text_exact():
     assert not {"q_proj", "o_proj"} & set(config.target_modules)
 
 
-def test_speech_stage_lora_on_speech_attention_merges_exactly():
+def test_speech_stage_lora_on_speech_attention_merges_up_to_rounding():
     model = randomize(DeepTalkForCausalLM(tiny_config(speech_attention=True)), seed=0)
     peft_model = get_peft_model(model, lora_config_for_stage(model, "speech", r=2))
     generator = torch.Generator().manual_seed(3)
@@ -135,7 +135,13 @@ def test_speech_stage_lora_on_speech_attention_merges_exactly():
     assert not torch.allclose(adapted[:, 5:], plain[:, 5:])
     merged = peft_model.merge_and_unload()
     assert merged is base_text
-    torch.testing.assert_close(merged(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    merged_logits = merged(ids).logits
+    assert torch.equal(merged_logits[:, :5], adapted[:, :5])  # the merge changed only speech-attention weights
+    # Folding B @ A into W rounds differently from W x + B (A x): up to rounding, not bitwise. The error scales with the
+    # logits (about 10 here), not with each element, so the tolerance is relative to their largest magnitude: the
+    # worst of 60 default seeds was 2.8e-6 of it (a fixed 1e-5 absolute bound failed 19 of those 60).
+    scale = adapted.abs().max().item()
+    torch.testing.assert_close(merged_logits, adapted, rtol=0, atol=1e-5 * scale)
 
 
 def test_copies_keep_requires_grad_and_stage_names():

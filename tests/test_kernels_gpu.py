@@ -30,6 +30,7 @@ from .kernel_cases import (  # noqa: E402
     assert_close,
     build_case,
     check_model_matches_eager,
+    max_error,
     outputs_and_grads,
     tiny_deeptalk,
     upcast,
@@ -72,10 +73,6 @@ def grouped_mm_experts(gate_up: torch.Tensor, down: torch.Tensor) -> Qwen3MoeExp
     return experts
 
 
-def error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.float() - expected.float()).abs().max().item()
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_bf16_matches_reference_at_model_shapes(shape):
     inputs, grad_out = build_case(model_case(shape), torch.bfloat16, DEVICE)
@@ -92,8 +89,8 @@ def test_bf16_matches_reference_at_model_shapes(shape):
         assert ours.dtype == torch.bfloat16, name
         assert_close(ours, ref, BF16_TOLERANCE, f"{shape} {name}")
         floor = 1e-3 * ref.abs().max().item()
-        assert error(ours, ref) <= 2 * error(gmm, ref) + floor, (
-            f"{shape} {name}: error {error(ours, ref):.3e} vs grouped_mm's {error(gmm, ref):.3e}"
+        assert max_error(ours, ref) <= 2 * max_error(gmm, ref) + floor, (
+            f"{shape} {name}: error {max_error(ours, ref):.3e} vs grouped_mm's {max_error(gmm, ref):.3e}"
         )
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    ContinuousBatchingConfig,
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -315,6 +316,22 @@ def test_cached_generation_equals_uncached_and_streams(attn):
     assert torch.equal(model.generate(input_ids, cache_implementation="static", **kwargs), cached)
     assert streamer.ended
     assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks]), cached[0])
+
+
+@pytest.mark.parametrize("speech_attention", [False, True])
+def test_continuous_batching_generates_what_generate_does(speech_attention):
+    """`generate_batch` (transformers' continuous batching, as `transformers serve` uses it) packs the requests into one
+    row over a paged cache: each token must still route and attend by its own modality. (A small cache: by default it
+    takes most of the free memory, which takes seconds to fill on CPU.)"""
+    model = DeepTalkForCausalLM(tiny_config(speech_attention=speech_attention, eos_token_id=None)).eval()
+    start = model.config.speech_token_start
+    prompts = [[2, 5, 6, 7, start, start + 1], [2, 9, 10], [2, start + 6, start + 7, start + 8, 11], [2, start + 2]]
+    config = GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p) :].tolist() for p in prompts]
+    assert any(t >= start for tokens in expected for t in tokens) and any(t < start for t in expected[0])
+    paged = ContinuousBatchingConfig(page_size=16, num_blocks=8, max_batch_tokens=64)  # all prompts in one batch
+    batched = model.generate_batch(inputs=prompts, generation_config=config, continuous_batching_config=paged)
+    assert [batched[f"req_{i}"].generated_tokens for i in range(len(prompts))] == expected
 
 
 def test_a_cache_passed_by_its_old_name_past_key_values_is_used():

@@ -754,6 +754,25 @@ def test_torch_compile_fullgraph_matches_eager_mode(backend):
         torch.testing.assert_close(compiled(input_ids).logits, model(input_ids).logits)
 
 
+def test_torch_compile_fullgraph_trains_like_eager_mode():
+    """Under compile both groups see every token with sentinel slots: in training the loss, both router losses and every
+    gradient must be eager mode's. (One eager call first: transformers installs its output-capturing hooks under a
+    lock on the first call that asks for router logits, which a full graph cannot trace; Qwen3-MoE alike.)"""
+    model = DeepTalkForCausalLM(tiny_config(router_z_loss_coef=0.01)).train()
+    reference = copy.deepcopy(model)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    input_ids[0, :4] = model.config.speech_token_start + 3
+    model(input_ids, labels=input_ids)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    out, expected = compiled(input_ids, labels=input_ids), reference(input_ids, labels=input_ids)
+    (out.loss + out.aux_loss + out.z_loss).backward()
+    (expected.loss + expected.aux_loss + expected.z_loss).backward()
+    for name in ("loss", "aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name))
+    for (name, param), other in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, other.grad, msg=name)
+
+
 DEEPSEEK_FIELDS = dict(
     vocab_size=97,
     hidden_size=32,

@@ -754,11 +754,17 @@ def test_torch_compile_fullgraph_matches_eager_mode(backend):
         torch.testing.assert_close(compiled(input_ids).logits, model(input_ids).logits)
 
 
-def test_torch_compile_fullgraph_trains_like_eager_mode():
-    """Under compile both groups see every token with sentinel slots: in training the loss, both router losses and every
-    gradient must be eager mode's. (One eager call first: transformers installs its output-capturing hooks under a
-    lock on the first call that asks for router logits, which a full graph cannot trace; Qwen3-MoE alike.)"""
-    model = DeepTalkForCausalLM(tiny_config(router_z_loss_coef=0.01)).train()
+@pytest.mark.parametrize("speech_attention", [False, True])
+def test_torch_compile_fullgraph_trains_like_eager_mode(speech_attention):
+    """Under compile both groups see every token with sentinel slots, and speech attention takes a mask: in training
+    the loss, both router losses and every gradient must be eager mode's. (One eager call first: transformers installs
+    its output-capturing hooks under a lock on the first call that asks for router logits, which a full graph cannot
+    trace; Qwen3-MoE alike.)"""
+    model = DeepTalkForCausalLM(tiny_config(router_z_loss_coef=0.01, speech_attention=speech_attention)).train()
+    with torch.no_grad():  # speech projections start as copies of the text ones: make them differ
+        for name, param in model.named_parameters():
+            if ".self_attn.speech_" in name:
+                param.add_(0.1 * torch.randn_like(param))
     reference = copy.deepcopy(model)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 8))
     input_ids[0, :4] = model.config.speech_token_start + 3

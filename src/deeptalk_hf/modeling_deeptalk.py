@@ -101,6 +101,10 @@ def speech_positions(
     return input_ids >= config.speech_token_start
 
 
+# Where speech attention uses the speech projections: (batch, position) indices, or a [batch, seq] mask when compiling.
+SpeechIndex = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+
+
 class ModalitySplit:
     """Hard routing's split of a forward's tokens, shared by its MoE layers: the first layer that needs the rows finds
     them, so a forward makes one host sync (`nonzero`) rather than one or two per layer."""
@@ -229,16 +233,17 @@ class DeepTalkAttention(nn.Module):
         for name in names:
             self.add_module(f"speech_{name}", copy.deepcopy(getattr(self, name)))
 
-    def _project(
-        self, name: str, states: torch.Tensor, speech_index: tuple[torch.Tensor, torch.Tensor] | None
-    ) -> torch.Tensor:
+    def _project(self, name: str, states: torch.Tensor, speech_index: SpeechIndex | None) -> torch.Tensor:
         """`name` (e.g. `"q_proj"`) applied to `states` `[batch, seq, ...]`, its speech copy at `speech_index`."""
         # The text module runs on every row (speech rows are overwritten) so that text rows see exactly the matmul of
         # a model without speech attention: projecting only the text rows would change the float rounding.
         out = getattr(self, name)(states)
         if speech_index is None:
             return out
-        return out.index_put(speech_index, getattr(self, f"speech_{name}")(states[speech_index]))
+        speech = getattr(self, f"speech_{name}")
+        if isinstance(speech_index, torch.Tensor):  # a mask (under torch.compile): the speech copy on every row too
+            return torch.where(speech_index.view(*speech_index.shape, *[1] * (out.dim() - 2)), speech(states), out)
+        return out.index_put(speech_index, speech(states[speech_index]))
 
     def forward(
         self,
@@ -246,13 +251,13 @@ class DeepTalkAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-        speech_index: tuple[torch.Tensor, torch.Tensor] | None = None,
+        speech_index: SpeechIndex | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         r"""
-        speech_index (`tuple(torch.LongTensor, torch.LongTensor)`, *optional*):
-            (batch, position) indices of the speech positions, which use the speech projections; only with
-            `config.speech_attention`.
+        speech_index (`tuple(torch.LongTensor, torch.LongTensor)` or `torch.BoolTensor`, *optional*):
+            (batch, position) indices of the speech positions, which use the speech projections, or their
+            `[batch, seq]` mask under `torch.compile`; only with `config.speech_attention`.
         """
         config = self.config
         input_shape = hidden_states.shape[:-1]
@@ -582,7 +587,7 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         modality_split: ModalitySplit | None = None,
-        speech_index: tuple[torch.Tensor, torch.Tensor] | None = None,
+        speech_index: SpeechIndex | None = None,
         output_router_logits: bool = True,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
@@ -837,11 +842,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         # The speech attention indexes with the split's rows: the forward's one host sync, not one per projection.
-        speech_index = (
-            (modality_split.speech_rows // inputs_embeds.shape[1], modality_split.speech_rows % inputs_embeds.shape[1])
-            if config.speech_attention
-            else None
-        )
+        # Under `torch.compile` shapes must not depend on data: a mask, and the speech projections on every row.
+        speech_index = None
+        if config.speech_attention and torch.compiler.is_compiling():
+            speech_index = modality_split.is_speech.view(inputs_embeds.shape[:2])
+        elif config.speech_attention:
+            rows, seq_len = modality_split.speech_rows, inputs_embeds.shape[1]
+            speech_index = (rows // seq_len, rows % seq_len)
         # As `capture_outputs` decides: unrecorded router logits let a one-modality batch skip the other router.
         output_router_logits = bool(
             kwargs.pop("output_router_logits") if "output_router_logits" in kwargs else config.output_router_logits

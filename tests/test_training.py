@@ -128,6 +128,35 @@ def test_trainer_optimises_the_router_losses_and_respects_the_stage(lora, tmp_pa
             assert torch.equal(param, before[name]), name
 
 
+@pytest.mark.parametrize("backend", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("modality", ["text", "speech"])
+@pytest.mark.parametrize("router_losses", [True, False])
+def test_a_one_modality_batch_gives_every_trainable_tensor_a_gradient(backend, modality, router_losses):
+    """DDP without `find_unused_parameters` (torch's default; `Trainer`'s with activation checkpointing) fails at the
+    next step unless every trainable tensor got a gradient: a text-only or speech-only batch must reach the other
+    group's router and experts too, as the grouped backends reach every expert of transformers' MoE models. Their
+    gradients are zero, and the loss is that of a model without the other group's tensors in the graph."""
+    coefficients = {} if router_losses else dict(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    model = DeepTalkForCausalLM(tiny_config(experts_implementation=backend, **coefficients)).train()
+    start = model.config.speech_token_start
+    low, high = (3, start) if modality == "text" else (start, model.config.vocab_size)
+    input_ids = torch.randint(low, high, (2, 8))
+    outputs = model(input_ids, labels=input_ids)
+    outputs.loss.backward()
+    missing = [name for name, param in model.named_parameters() if param.grad is None]
+    assert not missing
+    other = "speech_" if modality == "text" else ""
+    for layer in model.model.layers:
+        if hasattr(layer.mlp, "speech_experts"):
+            for param in (
+                *getattr(layer.mlp, f"{other}experts").parameters(),
+                getattr(layer.mlp, f"{other}gate").weight,
+            ):
+                assert not param.grad.any()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids, labels=input_ids).loss, outputs.loss, rtol=0, atol=0)
+
+
 def test_resuming_from_a_trainer_checkpoint_restores_every_tensor(tmp_path):
     """`Trainer` reloads a checkpoint with `load_state_dict`, which never sees the experts' conversion mapping: the
     experts saved one by one must still reach the fused tensors, so a resumed run ends where an unbroken one does."""

@@ -456,15 +456,22 @@ class DeepTalkSparseMoeBlock(nn.Module):
         modality's slots become sentinels (weight 0, skipped by the backends): same result, more routing work.
         """
         compiling = torch.compiler.is_compiling()
-        single = not compiling and split.speech_rows.numel() in (0, hidden.shape[0])
-        if single and not output_router_logits:
-            router, experts = (
-                (self.speech_gate, self.speech_experts) if split.speech_rows.numel() else (self.gate, self.experts)
-            )
-            weights, indices = self._route(router(hidden), router)
-            return experts(hidden, indices, weights), None
         text_group = (self.gate, self.experts)
         speech_group = (self.speech_gate, self.speech_experts)
+        if not compiling and split.speech_rows.numel() in (0, hidden.shape[0]):  # one modality: no gather and scatter
+            is_speech = bool(split.speech_rows.numel())
+            (router, experts), (other_router, other_experts) = (
+                (speech_group, text_group) if is_speech else (text_group, speech_group)
+            )
+            logits = router(hidden)
+            weights, indices = self._route(logits, router)
+            output = experts(hidden, indices, weights)
+            if torch.is_grad_enabled():
+                output = output + self._on_no_tokens(hidden, other_router, other_experts)
+            if not output_router_logits:
+                return output, None
+            other_logits = other_router(hidden)
+            return output, torch.cat([other_logits, logits] if is_speech else [logits, other_logits], dim=-1)
         text_logits, speech_logits = self.gate(hidden), self.speech_gate(hidden)
         router_logits = torch.cat([text_logits, speech_logits], dim=-1)
         if compiling:
@@ -479,12 +486,6 @@ class DeepTalkSparseMoeBlock(nn.Module):
                     hidden, indices.masked_fill(drop, experts.num_experts), weights.masked_fill(drop, 0.0)
                 )
             return output, router_logits
-        if single:  # no gather and scatter
-            logits, (router, experts) = (
-                (speech_logits, speech_group) if split.speech_rows.numel() else (text_logits, text_group)
-            )
-            weights, indices = self._route(logits, router)
-            return experts(hidden, indices, weights), router_logits
         output = torch.empty_like(hidden)
         for rows, logits, (router, experts) in (
             (split.text_rows, text_logits, text_group),
@@ -493,6 +494,14 @@ class DeepTalkSparseMoeBlock(nn.Module):
             weights, indices = self._route(logits[rows], router)
             output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
         return output, router_logits
+
+    def _on_no_tokens(self, hidden: torch.Tensor, router: nn.Module, experts: nn.Module) -> torch.Tensor:
+        """A group run on no tokens: an exact zero that keeps its router and experts in the autograd graph. DDP without
+        `find_unused_parameters` needs a gradient for every trainable tensor in each backward, which the grouped
+        backends give all of transformers' MoE experts (`eager` skips experts without tokens, here as there)."""
+        empty = hidden[:0]
+        weights, indices = self._route(router(empty), router)
+        return experts(empty, indices, weights).sum()
 
     def _source_order(
         self, router_logits: torch.Tensor

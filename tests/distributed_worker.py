@@ -1,7 +1,8 @@
 """Run by `test_distributed.py` under `torchrun --nproc-per-node 2` (gloo, CPU): loads the saved tiny model with each
 parallel layout of the config's `base_model_tp_plan` / `base_model_ep_plan` and checks a training forward and backward
 against the single-process reference (logits, loss with the router losses, every parameter's gradient); with `pp`,
-an inference forward on two pipeline stages against the reference logits."""
+an inference forward on two pipeline stages against the reference logits; with `ddp`, data parallel training on a
+batch per rank against the gradients of both batches."""
 
 import sys
 from pathlib import Path
@@ -32,12 +33,31 @@ def pipeline(path: Path, reference: dict) -> None:
     print("pp: ok", flush=True)
 
 
+def data_parallel(path: Path, reference: dict) -> None:
+    """`DistributedDataParallel` without `find_unused_parameters`: a tensor without a gradient on one rank (a text-only
+    batch never reaching the speech group) fails the next step's forward."""
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    model = DeepTalkForCausalLM.from_pretrained(path).train()
+    parallel = torch.nn.parallel.DistributedDataParallel(model)
+    input_ids = reference["batches"][rank]
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        parallel(input_ids, labels=input_ids).loss.backward()
+    for name, param in model.named_parameters():  # averaged over the ranks
+        torch.testing.assert_close(param.grad, reference["grads"][name], rtol=1e-4, atol=1e-6, msg=name)
+    print("ddp: ok", flush=True)
+    torch.distributed.destroy_process_group()
+
+
 def main(path: Path) -> None:
     torch.set_num_threads(1)
     reference = torch.load(path / "reference.pt")
-    input_ids = reference["input_ids"]
     if sys.argv[2:] == ["pp"]:
         return pipeline(path, reference)
+    if sys.argv[2:] == ["ddp"]:
+        return data_parallel(path, reference)
+    input_ids = reference["input_ids"]
     for layout, options in LAYOUTS.items():
         model = DeepTalkForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(**options)).train()
         outputs = model(input_ids, labels=input_ids)

@@ -79,3 +79,21 @@ def test_pipeline_stages_route_speech_ids_as_speech(tmp_path):
     result = run_workers(tmp_path, "pp")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert result.stdout.count("pp: ok") == 2, result.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_data_parallel_takes_a_one_modality_batch(tmp_path):
+    """DDP as torch and `Trainer` with activation checkpointing run it (no `find_unused_parameters`), one rank's batch
+    text only: the speech group must still get its (zero) gradients there, and the averaged gradients are both
+    batches'."""
+    model = DeepTalkForCausalLM(tiny_config()).train()
+    model.save_pretrained(tmp_path)
+    generator = torch.Generator().manual_seed(0)
+    text = torch.randint(3, 64, (2, 8), generator=generator)
+    mixed = torch.cat([text[:, :4], torch.randint(64, 80, (2, 4), generator=generator)], 1)
+    (sum(model(batch, labels=batch).loss for batch in (text, mixed)) / 2).backward()
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    torch.save({"batches": [text, mixed], "grads": grads}, tmp_path / "reference.pt")
+    result = run_workers(tmp_path, "ddp")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert result.stdout.count("ddp: ok") == 2, result.stdout

@@ -213,6 +213,25 @@ def deterministic_algorithms(enabled: bool):
         torch.use_deterministic_algorithms(previous)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_no_tokens_give_zero_weight_gradients(deterministic):
+    """A one-modality training batch runs the other group's experts on no tokens, so that data-parallel training gets a
+    gradient for every tensor: an empty output and weight gradients written as zeros (deterministic mode's NaN-filled
+    allocations show a buffer left unwritten)."""
+    hidden, inter, num_experts, top_k = 16, 8, 3, 2
+    gate_up = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, requires_grad=True)
+    down = torch.randn(num_experts, hidden, inter, device=DEVICE, requires_grad=True)
+    x = torch.randn(0, hidden, device=DEVICE, requires_grad=True)
+    weights = torch.rand(0, top_k, device=DEVICE, requires_grad=True)
+    index = torch.zeros(0, top_k, dtype=torch.long, device=DEVICE)
+    with deterministic_algorithms(deterministic):
+        out = K.fused_moe_experts(x, gate_up, down, index, weights)
+        out.sum().backward()
+    assert out.shape == (0, hidden)
+    for param in (gate_up, down):
+        assert torch.equal(param.grad, torch.zeros_like(param))
+
+
 def test_deterministic_mode_matches_reference():
     """Under `torch.use_deterministic_algorithms` the kernels store per-pair rows instead of adding atomically."""
     case = dict(

@@ -450,7 +450,8 @@ class DeepTalkSparseMoeBlock(nn.Module):
         self, hidden: torch.Tensor, split: ModalitySplit, output_router_logits: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each token goes to its own modality's group only; the groups run on their own tokens. A batch of one
-        modality (e.g. a decoding step) is scored by its own router alone unless the router logits are returned.
+        modality (e.g. a decoding step) is scored by its own router alone unless the router logits are returned; under
+        autograd the other group runs on no tokens, so that every trainable tensor gets a gradient.
 
         Under `torch.compile` shapes must not depend on data, so both groups see every token and the other
         modality's slots become sentinels (weight 0, skipped by the backends): same result, more routing work.

@@ -746,6 +746,27 @@ def test_audio_processor_takes_a_spoken_question_with_a_speech_answer_and_chat_t
     assert resampled["input_features"].shape == encoded["input_features"].shape
 
 
+def test_audio_processor_masks_the_answers_after_a_spoken_question():
+    """With the audio-encoder path one `<|audio|>` becomes the audio's positions: the assistant tokens mask (TRL's
+    assistant-only loss) must still mark exactly the answer, its speech units and its `<|im_end|>`."""
+    processor, _ = audio_processor()
+    conversation = [
+        {"role": "user", "content": [{"type": "audio", "audio": tone(300, 0.3), "sampling_rate": SAMPLING_RATE}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "speech", "units": [1, 2]}]},
+    ]
+    out = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = out["input_ids"][0], out["assistant_masks"][0]
+    audio_id = processor.audio_model_config.audio_token_id
+    assert ids.count(audio_id) > 1 and not any(m for token, m in zip(ids, mask) if token == audio_id)
+    answer = [token for token, m in zip(ids, mask) if m]
+    tokens = processor.tokenizer.convert_tokens_to_ids(["ok", "<|im_end|>"])
+    begin, units = processor.begin_of_speech_id, [processor.speech_token_start + 1, processor.speech_token_start + 2]
+    assert answer == [tokens[0], begin, *units, processor.end_of_speech_id, tokens[1]]
+    assert ids[-len(answer) :] == answer
+
+
 def test_audio_processor_refuses_bad_audio():
     processor, _ = audio_processor()
     with pytest.raises(ValueError, match="sampling_rate="):

@@ -437,6 +437,76 @@ def test_decode_handles_generated_streams():
 # ---- chat template, saving ---------------------------------------------------------------------------------------
 
 
+def answer_positions(ids: list[int], attention: list[int]) -> list[int]:
+    """1 on each assistant turn from the token after its role through its `<|im_end|>`, read from the ids alone."""
+    start, end = PROCESSOR.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assistant = PROCESSOR.tokenizer.convert_tokens_to_ids("assistant")
+    expected, inside = [], False
+    for position, token in enumerate(ids):
+        expected.append(int(inside and bool(attention[position])))
+        if position and ids[position - 1] == start and token == assistant:
+            inside = True
+        elif token == end:
+            inside = False
+    return expected
+
+
+TURN = st.tuples(
+    st.lists(st.sampled_from(WORDS), max_size=3),
+    st.lists(st.lists(st.integers(0, NUM_UNITS - 1), min_size=1, max_size=4), max_size=2),
+)
+
+
+@given(
+    conversations=st.lists(st.lists(TURN, min_size=1, max_size=4), min_size=1, max_size=3),
+    padding_side=st.sampled_from(["left", "right"]),
+)
+def test_assistant_tokens_mask_is_exactly_the_answers(conversations, padding_side):
+    """`return_assistant_tokens_mask=True` (TRL's assistant-only loss) marks each assistant turn's content, its
+    spliced speech units and markers included, and its `<|im_end|>`; the user's turns, speech included, and padding
+    stay out, whatever the placeholders before them shift."""
+    batch = []
+    for turns in conversations:
+        messages = []
+        for number, (words, segments) in enumerate(turns):
+            content = [{"type": "text", "text": " ".join(words)}] if words else []
+            content += [{"type": "speech", "units": units} for units in segments]
+            messages.append({"role": ("user", "assistant")[number % 2], "content": content or "hello"})
+        batch.append(messages)
+    out = PROCESSOR.apply_chat_template(
+        batch,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        processor_kwargs={"padding": True, "padding_side": padding_side},
+    )
+    for ids, mask, attention in zip(out["input_ids"], out["assistant_masks"], out["attention_mask"], strict=True):
+        assert mask == answer_positions(ids, attention)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_assistant_tokens_mask_follows_truncation(side):
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "hello world"}, {"type": "speech", "units": [1, 2]}]},
+        {"role": "assistant", "content": [{"type": "speech", "units": [3, 4, 5]}, {"type": "text", "text": "ok"}]},
+    ]
+    options = dict(tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    full = PROCESSOR.apply_chat_template(conversation, **options)
+    limit = len(full["input_ids"][0]) - 4
+    tokenizer = PROCESSOR.tokenizer
+    previous, tokenizer.truncation_side = tokenizer.truncation_side, side
+    try:
+        cut = PROCESSOR.apply_chat_template(
+            conversation, **options, processor_kwargs={"truncation": True, "max_length": limit}
+        )
+    finally:
+        tokenizer.truncation_side = previous
+    kept = slice(-limit, None) if side == "left" else slice(0, limit)
+    assert cut["input_ids"][0] == full["input_ids"][0][kept]
+    assert cut["assistant_masks"][0] == full["assistant_masks"][0][kept]
+    assert sum(full["assistant_masks"][0]) == 3 + 2 + 1 + 1  # units, markers, "ok", <|im_end|>
+
+
 def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():
     conversation = [
         {"role": "user", "content": [{"type": "speech", "units": [7, 8, 9]}, {"type": "text", "text": "hello"}]},
@@ -533,7 +603,8 @@ def test_numpy_integer_ratio_saves_and_loads(tmp_path):
         ({"text": "hello", "speech_units": [1], "text_speech_ratio": (1.5, 2)}, "two positive integers"),
         ({"text": "hello", "speech_units": [1], "audio": torch.zeros(10)}, "not both"),
         ({"text": "hello <|speech|>", "audio": torch.zeros(10), "sampling_rate": 16000}, "needs an audio codec"),
-        ({"text": "hello", "return_offsets_mapping": True}, "does not support"),
+        ({"text": "hello", "return_overflowing_tokens": True}, "does not support"),
+        ({"text": "hello", "speech_units": [1], "return_offsets_mapping": True}, "needs the speech in <|speech|>"),
     ],
 )
 def test_bad_input_raises_a_value_error_naming_the_problem(kwargs, message):

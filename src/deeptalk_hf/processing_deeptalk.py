@@ -49,17 +49,23 @@ INTERLEAVE_POLICIES = ("speech_only", "text_then_speech", "interleaved")
 def _chat_template(audio_placeholder: str) -> str:
     """ChatML turns (the Qwen family DeepTalk models start from). Speech blocks become `<|speech|>` placeholders, audio
     blocks `audio_placeholder`; `speech_answer=True` opens a speech segment after the assistant header so the model
-    answers in speech."""
+    answers in speech. An assistant turn's content and `<|im_end|>` sit in `{% generation %}` markers, from which
+    `apply_chat_template(..., return_assistant_tokens_mask=True)` masks the answers (e.g. TRL's assistant-only loss)."""
     return (
-        "{%- for message in messages -%}"
-        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{%- macro content(message) -%}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for block in message['content'] -%}"
         "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
         "{%- elif block['type'] == 'speech' -%}{{ '<|speech|>' }}"
         f"{{%- elif block['type'] == 'audio' -%}}{{{{ '{audio_placeholder}' }}}}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
-        "{{ '<|im_end|>\n' }}"
+        "{%- endmacro -%}"
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{ content(message) + '<|im_end|>' }}{%- endgeneration -%}"
+        "{%- else -%}{{ content(message) + '<|im_end|>' }}{%- endif -%}"
+        "{{ '\n' }}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}"
         "{%- if speech_answer -%}{{ '<|begin_of_speech|>' }}{%- endif -%}{%- endif -%}"
@@ -265,13 +271,26 @@ def _frame_groups(streams: list[torch.LongTensor]) -> torch.LongTensor:
     return torch.stack([codes[:frames] for codes in streams])
 
 
-def _pad_like(rows: list[list[int]], padded_ids: list[list[int]], side: str) -> list[list[int]]:
-    """Per-token values padded with 0 to the padded ids' lengths, on the tokenizer's padding side."""
+def _pad_like(rows: list[list], padded_ids: list[list[int]], side: str, value: Any = 0) -> list[list]:
+    """Per-token values padded with `value` to the padded ids' lengths, on the tokenizer's padding side."""
     result = []
     for row, ids in zip(rows, padded_ids, strict=True):
-        pad = [0] * (len(ids) - len(row))
+        pad = [value] * (len(ids) - len(row))
         result.append(pad + row if side == "left" else row + pad)
     return result
+
+
+def _placeholder_replacements(text: str) -> list[dict[str, Any]]:
+    """Where the tokenized text differs from `text`: each `<|speech|>` is tokenized as `<|begin_of_speech|>`, in the
+    form `apply_chat_template` reads (`span` in `text`, `new_span` in the tokenized text) to place the assistant
+    masks' character spans."""
+    replacements, gained = [], 0
+    for match in re.finditer(re.escape(SPEECH_PLACEHOLDER), text):
+        start, end = match.span()
+        new_start = start + gained
+        replacements.append({"span": (start, end), "new_span": (new_start, new_start + len(BEGIN_OF_SPEECH))})
+        gained += len(BEGIN_OF_SPEECH) - len(SPEECH_PLACEHOLDER)
+    return replacements
 
 
 def _is_unit_segment(value: Any) -> bool:
@@ -335,6 +354,8 @@ _SUPPORTED_TEXT_KWARGS = {
     "padding_side",
     "return_attention_mask",
     "return_tensors",
+    "return_offsets_mapping",
+    "return_text_replacement_offsets",
 }
 
 
@@ -471,13 +492,13 @@ class DeepTalkProcessor(ProcessorMixin):
         text_kwargs = merged["text_kwargs"]
         unsupported = sorted(k for k, v in text_kwargs.items() if k not in _SUPPORTED_TEXT_KWARGS and v)
         if unsupported:
-            hint = (
-                " (apply_chat_template's return_assistant_tokens_mask asks for them: speech segments are spliced into "
-                "the ids, so there are no character offsets to map)"
-                if "return_offsets_mapping" in unsupported
-                else ""
-            )
-            raise ValueError(f"{type(self).__name__} does not support {unsupported}{hint}")
+            raise ValueError(f"{type(self).__name__} does not support {unsupported}")
+        # What `apply_chat_template(..., return_assistant_tokens_mask=True)` asks for: each id's character span (a
+        # spliced speech unit or audio position takes its placeholder's) and where the tokenized text differs.
+        offsets_wanted = bool(text_kwargs.get("return_offsets_mapping"))
+        replacements_wanted = bool(
+            text_kwargs.get("return_text_replacement_offsets") or merged.get("return_text_replacement_offsets")
+        )
 
         single = text is None or isinstance(text, str)
         texts = [text or ""] if single else list(text)
@@ -498,21 +519,35 @@ class DeepTalkProcessor(ProcessorMixin):
         ]
 
         tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
-        encoded = self.tokenizer(tokenized, add_special_tokens=text_kwargs.get("add_special_tokens", True))[
-            "input_ids"
-        ]
-        rows = [
+        encoding = self.tokenizer(
+            tokenized,
+            add_special_tokens=text_kwargs.get("add_special_tokens", True),
+            return_offsets_mapping=offsets_wanted,
+        )
+        encoded = encoding["input_ids"]
+        filled = [
             self._with_speech(i, sample_text, ids, segments, interleave, ratio, from_conversation)
             for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True))
         ]
+        rows = [row for row, _ in filled]
+        origins = [origin for _, origin in filled]  # per id, the tokenizer token it comes from
+        if offsets_wanted and None in origins:
+            raise ValueError(
+                "return_offsets_mapping needs the speech in <|speech|> placeholders (a conversation's speech blocks): "
+                "a transcript's speech_units= are laid out by the interleaving policy and have no characters"
+            )
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
         if audio_features is not None:  # the audio-encoder path: one <|audio|> becomes the audio's positions
+            counts = [int(n) for n in audio_features.pop("num_audio_tokens")]
             expanded = expand_audio_placeholders(
-                rows,
-                audio_features.pop("num_audio_tokens"),
-                self.audio_model_config,
-                audio_features.pop("audios_per_sequence"),
+                rows, counts, self.audio_model_config, audio_features.pop("audios_per_sequence")
             )
+            if offsets_wanted:
+                audio_id, remaining = self.audio_model_config.audio_token_id, iter(counts)
+                origins = [
+                    [o for token, o in zip(row, origin) for _ in range(next(remaining) if token == audio_id else 1)]
+                    for row, origin in zip(rows, origins, strict=True)
+                ]
             rows, modality_rows = expanded["input_ids"], expanded["modality_ids"]
 
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
@@ -538,6 +573,8 @@ class DeepTalkProcessor(ProcessorMixin):
                         )
             rows = [[row[p] for p in positions] for row, positions in zip(rows, kept, strict=True)]
             modality_rows = [[row[p] for p in positions] for row, positions in zip(modality_rows, kept, strict=True)]
+            if offsets_wanted:
+                origins = [[row[p] for p in positions] for row, positions in zip(origins, kept, strict=True)]
         padded = self.tokenizer.pad(
             {"input_ids": rows},
             padding=text_kwargs.get("padding", False),
@@ -550,6 +587,11 @@ class DeepTalkProcessor(ProcessorMixin):
         data = dict(padded)
         side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
         data["modality_ids"] = _pad_like(modality_rows, data["input_ids"], side)
+        if offsets_wanted:
+            spans = [[tuple(encoding["offset_mapping"][i][o]) for o in origin] for i, origin in enumerate(origins)]
+            data["offset_mapping"] = _pad_like(spans, data["input_ids"], side, value=(0, 0))
+        if replacements_wanted:
+            data["text_replacement_offsets"] = [_placeholder_replacements(text) for text in texts]
         if audio_features is not None:
             data.update(audio_features)
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
@@ -563,10 +605,11 @@ class DeepTalkProcessor(ProcessorMixin):
         interleave: str,
         ratio: tuple[int, int],
         from_conversation: bool,
-    ) -> list[int]:
+    ) -> tuple[list[int], list[int] | None]:
         """Text `i`'s ids (`ids`) with its speech: a segment per placeholder, or a transcript's one segment laid out by
         the interleaving policy between the tokens the tokenizer added at the ends (never for a conversation's
-        segments, which a template without placeholders, such as a text model's own, would drop)."""
+        segments, which a template without placeholders, such as a text model's own, would drop). Also returns, per
+        id, the index in `ids` of the token it comes from (`None` for a laid-out transcript)."""
         placeholders = text.count(SPEECH_PLACEHOLDER)
         if placeholders:
             if placeholders != len(segments):
@@ -585,10 +628,10 @@ class DeepTalkProcessor(ProcessorMixin):
                 f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
             )
         if not segments:
-            return ids
+            return ids, list(range(len(ids)))
         before, after = self._added_special_tokens(ids, text)
         body = self._interleave(ids[before : len(ids) - after], segments[0], interleave, ratio)
-        return ids[:before] + body + ids[len(ids) - after :]
+        return ids[:before] + body + ids[len(ids) - after :], None
 
     def _checked_units(self, units: Any, where: str) -> list[int]:
         if len(units) == 0:
@@ -631,21 +674,24 @@ class DeepTalkProcessor(ProcessorMixin):
                 f"the codec makes {codec.num_units} distinct units but the tokenizer has {self.num_speech_units}"
             )
 
-    def _fill_placeholders(self, text: str, ids: list[int], segments: list[list[int]]) -> list[int]:
-        """`ids` were tokenized with each placeholder as a begin-of-speech marker; the segments go after those."""
+    def _fill_placeholders(self, text: str, ids: list[int], segments: list[list[int]]) -> tuple[list[int], list[int]]:
+        """`ids` were tokenized with each placeholder as a begin-of-speech marker; the segments go after those.
+        Returns the ids and, per id, the index in `ids` of its token (a segment's units and end marker: the begin
+        marker's)."""
         pattern = f"{re.escape(SPEECH_PLACEHOLDER)}|{re.escape(BEGIN_OF_SPEECH)}"
         markers = [m.group() == SPEECH_PLACEHOLDER for m in re.finditer(pattern, text)]
         begin, start = self.begin_of_speech_id, self.speech_token_start
         if ids.count(begin) != len(markers):
             raise ValueError(f"the tokenizer did not keep {BEGIN_OF_SPEECH} as one token in {text!r}")
         from_placeholder, pending = iter(markers), iter(segments)
-        out = []
-        for token in ids:
+        out, origin = [], []
+        for index, token in enumerate(ids):
             out.append(token)
             if token == begin and next(from_placeholder):
                 out.extend(start + unit for unit in next(pending))
                 out.append(self.end_of_speech_id)
-        return out
+            origin.extend([index] * (len(out) - len(origin)))
+        return out, origin
 
     def _kept_positions(self, length: int, specials: tuple[int, int], limit: int) -> range | list[int]:
         """Positions of a row that truncation to `limit` keeps: as the tokenizer truncates, the special tokens it

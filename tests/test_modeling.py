@@ -320,8 +320,8 @@ def test_cached_generation_equals_uncached_and_streams(attn):
 
 @pytest.mark.parametrize("speech_attention", [False, True])
 def test_continuous_batching_generates_what_generate_does(speech_attention):
-    """`generate_batch` (transformers' continuous batching, as `transformers serve` uses it) packs the requests into one
-    row over a paged cache: each token must still route and attend by its own modality. (A small cache: by default it
+    """`generate_batch` (transformers' continuous batching) packs the requests into one row over a paged cache: each
+    token must still route and attend by its own modality. (A small cache: by default it
     takes most of the free memory, which takes seconds to fill on CPU.)"""
     model = DeepTalkForCausalLM(tiny_config(speech_attention=speech_attention, eos_token_id=None)).eval()
     start = model.config.speech_token_start

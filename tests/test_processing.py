@@ -437,6 +437,38 @@ def test_decode_handles_generated_streams():
 # ---- chat template, saving ---------------------------------------------------------------------------------------
 
 
+def test_continuing_a_final_message_that_ends_in_speech_leaves_its_segment_open():
+    """`continue_final_message=True` on a final message ending in speech continues inside that segment: the prompt is
+    the whole conversation's ids up to that segment's `<|end_of_speech|>` (transformers alone continues the last text
+    block, which dropped the trailing speech, and refuses a message without text)."""
+    question = {"role": "user", "content": [{"type": "speech", "units": [1]}, {"type": "text", "text": "how are you"}]}
+    options = dict(tokenize=True, return_dict=True)
+    for answer in (
+        [{"type": "text", "text": "hello"}, {"type": "speech", "units": [3, 4]}],
+        [{"type": "speech", "units": [3, 4]}],
+    ):
+        conversation = [question, {"role": "assistant", "content": answer}]
+        opened = PROCESSOR.apply_chat_template(conversation, continue_final_message=True, **options)["input_ids"][0]
+        whole = PROCESSOR.apply_chat_template(conversation, **options)["input_ids"][0]
+        assert whole[: len(opened)] == opened and whole[len(opened)] == PROCESSOR.end_of_speech_id
+        assert opened[-3:] == [
+            PROCESSOR.begin_of_speech_id,
+            PROCESSOR.speech_token_start + 3,
+            PROCESSOR.speech_token_start + 4,
+        ]
+        assert PROCESSOR.decode(opened).speech_units == [[1], [3, 4]]
+    batch = PROCESSOR.apply_chat_template(
+        [conversation, [question, {"role": "assistant", "content": "hello"}]],
+        continue_final_message=True,
+        processor_kwargs={"padding": True},
+        **options,
+    )
+    assert [PROCESSOR.decode(ids).speech_units for ids in batch["input_ids"]] == [[[1], [3, 4]], [[1]]]
+    conversation[-1]["content"] = [{"type": "speech", "units": [NUM_UNITS]}]
+    with pytest.raises(ValueError, match=f"final speech block has unit {NUM_UNITS}"):
+        PROCESSOR.apply_chat_template(conversation, continue_final_message=True)
+
+
 def answer_positions(ids: list[int], attention: list[int]) -> list[int]:
     """1 on each assistant turn from the token after its role through its `<|im_end|>`, read from the ids alone."""
     start, end = PROCESSOR.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])

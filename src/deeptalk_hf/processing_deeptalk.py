@@ -837,6 +837,29 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         return codec
 
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+        """transformers' `apply_chat_template`. With `continue_final_message=True`, a final message that ends in a
+        speech block is continued inside that segment: the prompt ends with its units, without `<|end_of_speech|>`, so
+        the model goes on speaking (transformers continues a message's last text block only)."""
+        if kwargs.get("continue_final_message"):
+            batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+            opened = [
+                self._open_final_speech(messages, i)
+                for i, messages in enumerate(conversation if batched else [conversation])
+            ]
+            conversation = opened if batched else opened[0]
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
+    def _open_final_speech(self, messages: Any, i: int) -> Any:
+        """`messages` with a final speech block written out as the text of its open segment (`<|begin_of_speech|>`
+        and its unit tokens), which transformers then continues as the final text."""
+        content = messages[-1].get("content") if isinstance(messages, (list, tuple)) and messages else None
+        if not isinstance(content, (list, tuple)) or not content or content[-1].get("type") != "speech":
+            return messages
+        units = self._checked_units(content[-1]["units"], f" of conversation {i}'s final speech block")
+        text = BEGIN_OF_SPEECH + "".join(SPEECH_UNIT_TOKEN.format(unit) for unit in units)
+        return [*messages[:-1], {**messages[-1], "content": [*content[:-1], {"type": "text", "text": text}]}]
+
     def _multimodal_inputs_from_conversations(
         self, conversations: list[list[dict]], audio_loading_params: dict, load_audio_from_video: bool = False
     ):

@@ -1,5 +1,7 @@
 """Parallel text-speech streams: delay pattern, generation rules, batch parallel decoding, losses, isolation."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -319,6 +321,25 @@ def test_stream_losses_are_weighted_means_of_each_stream():
     assert not model.accepts_loss_kwargs and DeepTalkForCausalLM(tiny_config()).accepts_loss_kwargs
     with pytest.raises(ValueError, match=r"labels has shape \(2, 9\)"):
         model(ids, labels=ids[:, 0])
+
+
+def test_torch_compile_fullgraph_trains_like_eager_mode():
+    """The stream losses are computed in tensors (a stream without labels weighted 0, no host sync), so a parallel-
+    stream model compiles whole: the same loss and gradients as eager mode, with a stream that has no labels."""
+    model = DeepTalkForCausalLM(parallel_config(router_z_loss_coef=0.01)).train()
+    reference = copy.deepcopy(model)
+    audio = build_delay_pattern(torch.randint(0, 10, (2, 3, 4)), model.config)
+    ids = torch.cat([torch.randint(3, model.config.speech_token_start, (2, 1, audio.shape[-1])), audio], dim=1)
+    labels = ids.clone()
+    labels[:, 2] = -100
+    model(ids, labels=labels)  # one eager call first: transformers installs its output hooks under a lock
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    out, expected = compiled(ids, labels=labels), reference(ids, labels=labels)
+    out.loss.backward()
+    expected.loss.backward()
+    torch.testing.assert_close(out.loss, expected.loss)
+    for (name, param), other in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(param.grad, other.grad, msg=name)
 
 
 def test_bad_stream_ids_and_layouts_are_refused_by_name():

@@ -756,7 +756,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 )
             audio_ids = input_ids[:, 1:]
             outside = (audio_ids < 0) | (audio_ids >= config.audio_stream_vocab_size)
-            if outside.any():  # the streams share one table: a wrong id would read another stream's row
+            # The streams share one table: a wrong id would read another stream's row (checked eagerly: a host sync).
+            if not torch.compiler.is_compiling() and outside.any():
                 stream = int(outside.nonzero()[0, 1]) + 1
                 raise ValueError(
                     f"audio stream {stream} has ids outside [0, {config.audio_stream_vocab_size}) (codes and the "
@@ -1064,15 +1065,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         per_stream = [(logits, self.vocab_size)] + [
             (audio_logits[:, s], config.audio_stream_vocab_size) for s in range(config.num_audio_streams)
         ]
-        total = weight_sum = 0.0
+        # In tensors, without a host sync (so that it compiles): a stream without labels gets weight 0.
+        total = weight_sum = logits.new_zeros((), dtype=torch.float32)
         for s, ((stream_logits, vocab), weight) in enumerate(zip(per_stream, config.stream_loss_weights)):
-            count = int((labels[:, s, 1:] != -100).sum())
-            if weight and count:
-                total = total + weight * self.loss_function(
-                    stream_logits, labels[:, s], vocab, num_items_in_batch=count
-                )
-                weight_sum += weight
-        return total / weight_sum if weight_sum else logits.new_zeros(()) * logits.sum()
+            if weight:
+                count = (labels[:, s, 1:] != -100).sum()
+                loss = self.loss_function(stream_logits, labels[:, s], vocab, num_items_in_batch=count.clamp(min=1))
+                present = weight * (count > 0).float()
+                total, weight_sum = total + present * loss, weight_sum + present
+        return total / weight_sum.clamp(min=torch.finfo(weight_sum.dtype).tiny)
 
     @property
     def accepts_loss_kwargs(self) -> bool:

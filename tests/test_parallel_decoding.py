@@ -317,6 +317,10 @@ def test_stream_losses_are_weighted_means_of_each_stream():
     text_only = ids.clone()
     text_only[:, 1:] = -100
     torch.testing.assert_close(model(ids, labels=text_only).loss, terms[0])
+    # No labels at all: a zero loss that still backpropagates (zeros, not NaN).
+    nothing = model(ids, labels=torch.full_like(ids, -100)).loss
+    nothing.backward()
+    assert nothing == 0 and all(not p.grad.isnan().any() for p in model.parameters() if p.grad is not None)
     # Trainer must not hand over its token count, which counts every stream (each stream is its own mean).
     assert not model.accepts_loss_kwargs and DeepTalkForCausalLM(tiny_config()).accepts_loss_kwargs
     with pytest.raises(ValueError, match=r"labels has shape \(2, 9\)"):

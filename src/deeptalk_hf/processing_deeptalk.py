@@ -853,8 +853,11 @@ class DeepTalkProcessor(ProcessorMixin):
     def _open_final_speech(self, messages: Any, i: int) -> Any:
         """`messages` with a final speech block written out as the text of its open segment (`<|begin_of_speech|>`
         and its unit tokens), which transformers then continues as the final text."""
-        content = messages[-1].get("content") if isinstance(messages, (list, tuple)) and messages else None
-        if not isinstance(content, (list, tuple)) or not content or content[-1].get("type") != "speech":
+        last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
+        content = last.get("content") if isinstance(last, dict) else None
+        if not isinstance(content, (list, tuple)) or not content or not isinstance(content[-1], dict):
+            return messages
+        if content[-1].get("type") != "speech":
             return messages
         units = self._checked_units(content[-1]["units"], f" of conversation {i}'s final speech block")
         text = BEGIN_OF_SPEECH + "".join(SPEECH_UNIT_TOKEN.format(unit) for unit in units)

@@ -854,7 +854,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
 
         # The speech attention indexes with the split's rows: the forward's one host sync, not one per projection.
         # Under `torch.compile` shapes must not depend on data: a mask, and the speech projections on every row.
-        speech_index = None
+        speech_index: SpeechIndex | None = None
         if config.speech_attention and torch.compiler.is_compiling():
             speech_index = modality_split.is_speech.view(inputs_embeds.shape[:2])
         elif config.speech_attention:

@@ -530,12 +530,12 @@ class DeepTalkProcessor(ProcessorMixin):
             for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True))
         ]
         rows = [row for row, _ in filled]
-        origins = [origin for _, origin in filled]  # per id, the tokenizer token it comes from
-        if offsets_wanted and None in origins:
+        if offsets_wanted and any(origin is None for _, origin in filled):
             raise ValueError(
                 "return_offsets_mapping needs the speech in <|speech|> placeholders (a conversation's speech blocks): "
                 "a transcript's speech_units= are laid out by the interleaving policy and have no characters"
             )
+        origins = [origin or [] for _, origin in filled]  # per id, the tokenizer token it comes from
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
         if audio_features is not None:  # the audio-encoder path: one <|audio|> becomes the audio's positions
             counts = [int(n) for n in audio_features.pop("num_audio_tokens")]
@@ -684,7 +684,8 @@ class DeepTalkProcessor(ProcessorMixin):
         if ids.count(begin) != len(markers):
             raise ValueError(f"the tokenizer did not keep {BEGIN_OF_SPEECH} as one token in {text!r}")
         from_placeholder, pending = iter(markers), iter(segments)
-        out, origin = [], []
+        out: list[int] = []
+        origin: list[int] = []
         for index, token in enumerate(ids):
             out.append(token)
             if token == begin and next(from_placeholder):
@@ -837,7 +838,7 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         return codec
 
-    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs: Any) -> Any:
+    def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' `apply_chat_template`. With `continue_final_message=True`, a final message that ends in a
         speech block is continued inside that segment: the prompt ends with its units, without `<|end_of_speech|>`, so
         the model goes on speaking (transformers continues a message's last text block only)."""
@@ -848,7 +849,7 @@ class DeepTalkProcessor(ProcessorMixin):
                 for i, messages in enumerate(conversation if batched else [conversation])
             ]
             conversation = opened if batched else opened[0]
-        return super().apply_chat_template(conversation, chat_template, **kwargs)
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _open_final_speech(self, messages: Any, i: int) -> Any:
         """`messages` with a final speech block written out as the text of its open segment (`<|begin_of_speech|>`

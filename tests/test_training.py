@@ -135,7 +135,7 @@ def test_a_one_modality_batch_gives_every_trainable_tensor_a_gradient(backend, m
     """DDP without `find_unused_parameters` (torch's default; `Trainer`'s with activation checkpointing) fails at the
     next step unless every trainable tensor got a gradient: a text-only or speech-only batch must reach the other
     group's router and experts too, as the grouped backends reach every expert of transformers' MoE models. Their
-    gradients are zero, and the loss is that of a model without the other group's tensors in the graph."""
+    gradients are zero, and the loss is bitwise the one computed under `no_grad`, where the other group does not run."""
     coefficients = {} if router_losses else dict(router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
     model = DeepTalkForCausalLM(tiny_config(experts_implementation=backend, **coefficients)).train()
     start = model.config.speech_token_start

@@ -475,10 +475,13 @@ class DeepTalkProcessor(ProcessorMixin):
                 encodes into units; needs `sampling_rate=`.
             interleave, text_speech_ratio: override the processor's layout policy for this call.
             Text kwargs (`padding`, `padding_side`, `truncation`, `max_length`, `pad_to_multiple_of`,
-            `add_special_tokens`, `return_attention_mask`, `return_tensors`) work as for the tokenizer.
+            `add_special_tokens`, `return_attention_mask`, `return_tensors`) work as for the tokenizer;
+            `return_offsets_mapping` and `return_text_replacement_offsets` (what `apply_chat_template` asks for to
+            build assistant masks) too, for speech given in `<|speech|>` placeholders.
 
         Returns:
-            `BatchFeature` with `input_ids`, `attention_mask` and `modality_ids` (1 on speech-block ids).
+            `BatchFeature` with `input_ids`, `attention_mask` and `modality_ids` (1 on speech-block ids), and
+            `offset_mapping` / `text_replacement_offsets` when asked for.
         """
         from_conversation = kwargs.pop(_FROM_CONVERSATION, False)
         for unused in ("images", "videos"):  # `apply_chat_template` passes them

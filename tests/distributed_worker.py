@@ -46,8 +46,8 @@ def data_parallel(path: Path, reference: dict) -> None:
         parallel(input_ids, labels=input_ids).loss.backward()
     for name, param in model.named_parameters():  # averaged over the ranks
         torch.testing.assert_close(param.grad, reference["grads"][name], rtol=1e-4, atol=1e-6, msg=name)
+    # No destroy_process_group, as for the other layouts: in one CI run it hung after both ranks had printed ok.
     print("ddp: ok", flush=True)
-    torch.distributed.destroy_process_group()
 
 
 def main(path: Path) -> None:

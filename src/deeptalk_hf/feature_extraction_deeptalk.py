@@ -90,7 +90,8 @@ def expand_audio_placeholders(
     """Each `<|audio|>` (`config.audio_token_id`) of `token_ids` becomes `num_audio_tokens[i]` placeholders, the i-th
     audio being the i-th placeholder in reading order over the batch.
 
-    Returns `input_ids` and `modality_ids` (1 on the placeholders and speech-block ids, 0 elsewhere) per sequence.
+    Returns `input_ids`, `modality_ids` (1 on the placeholders and speech-block ids, 0 elsewhere) and `positions`
+    (each id's index in its sequence of `token_ids`) per sequence.
     Raises `ValueError` when the number of placeholders is not the number of audios, or, given
     `audios_per_sequence` (how many of the audios each sequence brought), not that number in some sequence.
     """
@@ -111,13 +112,13 @@ def expand_audio_placeholders(
             f"the text has {found} audio placeholders (audio_token_id={audio_id}) but {len(counts)} audios were given"
         )
     remaining = iter(counts)
-    input_ids, modality_ids = [], []
+    input_ids, modality_ids, positions = [], [], []
     for ids in token_ids:
-        expanded = []
-        for token in ids:
-            expanded.extend([audio_id] * next(remaining) if token == audio_id else [token])
+        sources = [p for p, token in enumerate(ids) for _ in range(next(remaining) if token == audio_id else 1)]
+        expanded = [ids[p] for p in sources]
         row = torch.tensor([expanded], dtype=torch.long)
         speech = speech_positions(config.text_config, row, None, row.shape, row.device) | (row == audio_id)
         input_ids.append(expanded)
         modality_ids.append(speech[0].long().tolist())
-    return {"input_ids": input_ids, "modality_ids": modality_ids}
+        positions.append(sources)
+    return {"input_ids": input_ids, "modality_ids": modality_ids, "positions": positions}

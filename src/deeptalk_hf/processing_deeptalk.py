@@ -541,17 +541,17 @@ class DeepTalkProcessor(ProcessorMixin):
         origins = [origin or [] for _, origin in filled]  # per id, the tokenizer token it comes from
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
         if audio_features is not None:  # the audio-encoder path: one <|audio|> becomes the audio's positions
-            counts = [int(n) for n in audio_features.pop("num_audio_tokens")]
             expanded = expand_audio_placeholders(
-                rows, counts, self.audio_model_config, audio_features.pop("audios_per_sequence")
+                rows,
+                audio_features.pop("num_audio_tokens"),
+                self.audio_model_config,
+                audio_features.pop("audios_per_sequence"),
             )
-            if offsets_wanted:
-                audio_id, remaining = self.audio_model_config.audio_token_id, iter(counts)
-                origins = [
-                    [o for token, o in zip(row, origin) for _ in range(next(remaining) if token == audio_id else 1)]
-                    for row, origin in zip(rows, origins, strict=True)
-                ]
             rows, modality_rows = expanded["input_ids"], expanded["modality_ids"]
+            if offsets_wanted:
+                origins = [
+                    [row[p] for p in sources] for row, sources in zip(origins, expanded["positions"], strict=True)
+                ]
 
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
         if truncation is None and max_length is not None and text_kwargs.get("padding", False) is False:

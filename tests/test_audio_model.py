@@ -323,6 +323,8 @@ def test_text_only_input_is_the_language_model():
         marked = model(input_ids, modality_ids=modality_ids).logits
         assert torch.equal(marked, model.language_model(input_ids, modality_ids=modality_ids).logits)
         assert not torch.equal(marked, model(input_ids).logits)
+        with pytest.raises(ValueError, match="modality_ids must be 0"):  # the composite reads them itself
+            model(input_ids, modality_ids=modality_ids * 2)
     assert torch.equal(model.generate(input_ids, **kwargs), model.language_model.generate(input_ids, **kwargs))
     # Resizing is the LLM's, which keeps its text and speech blocks apart.
     with pytest.raises(ValueError, match="resize_speech_vocab"):

@@ -292,6 +292,38 @@ def test_modality_ids_override_the_id_block_for_inputs_embeds():
         model(input_ids, modality_ids=modality_ids[:, :3])
 
 
+def test_modality_ids_other_than_0_and_1_are_refused_except_on_padding():
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    input_ids = torch.tensor([[3, 4, 70], [5, 6, 7]])
+    with pytest.raises(ValueError, match=r"modality_ids must be 0 \(text\) or 1 \(speech\) .* got \[-100, 2\]"):
+        model(input_ids, modality_ids=torch.tensor([[0, 2, 0], [-100, 0, 0]]))
+    attention_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    with pytest.raises(ValueError, match=r"got \[2\]"):
+        model(input_ids, attention_mask=attention_mask, modality_ids=torch.tensor([[0, 2, 0], [-100, 0, 0]]))
+    with torch.no_grad():
+        reference = model(input_ids, attention_mask=attention_mask).logits
+        padded = torch.tensor([[0, 0, 1], [-100, 0, 0]])  # padding may hold anything
+        assert torch.equal(model(input_ids, attention_mask=attention_mask, modality_ids=padded).logits, reference)
+        assert torch.equal(model(input_ids, modality_ids=padded.bool() & (padded > 0)).logits, model(input_ids).logits)
+    generated = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False)
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=3, do_sample=False)
+    assert torch.equal(model.generate(input_ids, modality_ids=padded, **kwargs), generated)
+    with pytest.raises(ValueError, match=r"got \[2\]"):
+        model.generate(input_ids, modality_ids=torch.tensor([[0, 2, 1], [0, 0, 0]]), **kwargs)
+
+
+@pytest.mark.parametrize("grad", [True, False])  # without autograd a one-modality batch reads only its own table
+@pytest.mark.parametrize("bad", [-1, 80, 200])
+def test_ids_outside_the_vocabulary_are_refused_by_name(bad, grad):
+    model = DeepTalkForCausalLM(tiny_config())  # 64 text ids, 16 speech ids
+    with torch.set_grad_enabled(grad):
+        for input_ids in ([[3, bad, 70]], [[bad]], [[70, bad]]):
+            with pytest.raises(
+                ValueError, match=rf"input_ids range from .* outside the vocabulary \[0, 80\) \(text ids below 64"
+            ):
+                model(torch.tensor(input_ids))
+
+
 class Collect(BaseStreamer):
     def __init__(self):
         self.chunks = []

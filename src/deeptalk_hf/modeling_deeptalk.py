@@ -79,6 +79,21 @@ def check_prompt_modality_ids(input_ids: torch.Tensor, model_kwargs: dict) -> No
         )
 
 
+def check_modality_ids_values(modality_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+    """Any value but 0 and 1 would route as text, silently; padding (0 in a 2D `attention_mask`, whose last columns
+    are the input's) may hold anything. Checked eagerly only: a host sync."""
+    if modality_ids is None or torch.compiler.is_compiling():
+        return
+    wrong = (modality_ids != 0) & (modality_ids != 1)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= wrong.shape[-1]:
+        wrong = wrong & attention_mask[:, attention_mask.shape[1] - wrong.shape[-1] :].to(wrong.device).bool()
+    if wrong.any():
+        raise ValueError(
+            f"modality_ids must be 0 (text) or 1 (speech) where attention_mask is not 0, got "
+            f"{modality_ids[wrong].unique().tolist()}"
+        )
+
+
 def speech_positions(
     config: DeepTalkConfig,
     input_ids: torch.LongTensor | None,
@@ -824,12 +839,20 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         config = self.config  # each attribute read costs ~1 us: read each once per forward
         routing = config.modality_routing
         check_modality_routing(routing)  # it may be switched on a built model
+        check_modality_ids_values(modality_ids, attention_mask)
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
         modality_split = None
         if inputs_embeds is None:
             modality_split = self._ids_split(input_ids, modality_ids, routing)
-            inputs_embeds = self.embed(input_ids, modality_split)
+            try:
+                inputs_embeds = self.embed(input_ids, modality_split)
+            except IndexError as error:  # torch's message names no table and no range (CPU; CUDA asserts instead)
+                ids = input_ids if input_ids.dim() == 2 else input_ids[:, 0]  # audio streams are checked in `embed`
+                raise ValueError(
+                    f"input_ids range from {ids.min().item()} to {ids.max().item()}, outside the vocabulary "
+                    f"[0, {config.vocab_size}) (text ids below {config.speech_token_start}, speech ids from it)"
+                ) from error
         if modality_split is None:
             modality_split = ModalitySplit(
                 speech_positions(config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device)

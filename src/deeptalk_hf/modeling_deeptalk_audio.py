@@ -30,6 +30,7 @@ from .modeling_deeptalk import (
     DeepTalkCausalLMOutputWithPast,
     DeepTalkForCausalLM,
     DeepTalkPreTrainedModel,
+    check_modality_ids_values,
     check_prompt_modality_ids,
     speech_positions,
     warn_if_checkpointing_stops_balancing,
@@ -328,6 +329,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.language_model.model.embed(input_ids)
             inputs_embeds = self._merge_audio(input_ids, inputs_embeds, input_features, input_features_mask, cache)
+        check_modality_ids_values(modality_ids, attention_mask)
         is_speech = speech_positions(
             self.config.text_config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device
         )

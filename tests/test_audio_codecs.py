@@ -169,6 +169,20 @@ def test_to_units_checks_the_codes():
         SNAC.to_units([torch.tensor([64]), torch.tensor([1, 2]), torch.tensor([1, 2, 3, 4])])
 
 
+@pytest.mark.parametrize("name", BOTH)
+def test_codes_may_be_lists_or_arrays(name):
+    """As `from_units` takes a list: the codes `encode` gives, as lists or arrays, decode and flatten the same."""
+    codec = CODECS[name]
+    codes = codec.encode(0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0)), 24000)
+    for convert in (torch.Tensor.tolist, torch.Tensor.numpy):
+        assert torch.equal(codec.to_units([convert(c) for c in codes]), codec.to_units(codes))
+        waveforms = []
+        for given in ([convert(c) for c in codes], codes):
+            torch.manual_seed(0)  # SNAC's decoder adds noise
+            waveforms.append(codec.decode(given))
+        assert torch.equal(*waveforms)
+
+
 # ---- audio round trips through random-weight codecs --------------------------------------------------------------
 
 

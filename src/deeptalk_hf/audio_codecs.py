@@ -214,17 +214,19 @@ class FlatUnitCodec:
 
     def decode(self, codes: list[torch.LongTensor]) -> torch.Tensor:
         """The waveform `[samples]` at `sampling_rate`, `samples_per_frame` samples per frame."""
-        if not self._num_frames(codes):
+        codes, frames = self._checked_codes(codes)
+        if not frames:
             raise ValueError("the codes hold no frame: nothing to decode")
         with torch.inference_mode():
             return self._decode([c.to(self.device) for c in codes]).float()
 
-    def _num_frames(self, codes: list[torch.LongTensor]) -> int:
+    def _checked_codes(self, codes: list[torch.LongTensor]) -> tuple[list[torch.LongTensor], int]:
+        """`codes` as long tensors (lists and arrays too) and their number of frames."""
         if len(codes) != self.num_codebooks:
             raise ValueError(f"expected codes for {self.num_codebooks} codebook levels, got {len(codes)}")
+        codes = [_integer_tensor(level_codes, f"level {level}'s codes") for level, level_codes in enumerate(codes)]
         frames = codes[0].numel() // self._codes_per_frame[0]
         for level, (level_codes, per_frame) in enumerate(zip(codes, self._codes_per_frame, strict=True)):
-            _integer_tensor(level_codes, f"level {level}'s codes")
             if level_codes.dim() != 1 or level_codes.numel() != frames * per_frame:
                 raise ValueError(
                     f"level {level} has codes of shape {tuple(level_codes.shape)}; expected [{frames * per_frame}] "
@@ -232,11 +234,11 @@ class FlatUnitCodec:
                 )
             if level_codes.numel() and not 0 <= int(level_codes.min()) <= int(level_codes.max()) < self.codebook_size:
                 raise ValueError(f"level {level} has codes outside [0, {self.codebook_size})")
-        return frames
+        return codes, frames
 
     def to_units(self, codes: list[torch.LongTensor]) -> torch.LongTensor:
         """The flat unit stream: frame after frame, `frame_levels` order within a frame, `level * codebook_size + code`."""
-        frames = self._num_frames(codes)
+        codes, frames = self._checked_codes(codes)
         table = torch.cat(
             [
                 c.reshape(frames, per_frame).cpu() + level * self.codebook_size

@@ -177,9 +177,9 @@ def test_codes_may_be_lists_or_arrays(name):
     for convert in (torch.Tensor.tolist, torch.Tensor.numpy):
         assert torch.equal(codec.to_units([convert(c) for c in codes]), codec.to_units(codes))
         waveforms = []
-        for given in ([convert(c) for c in codes], codes):
+        for as_given in ([convert(c) for c in codes], codes):
             torch.manual_seed(0)  # SNAC's decoder adds noise
-            waveforms.append(codec.decode(given))
+            waveforms.append(codec.decode(as_given))
         assert torch.equal(*waveforms)
 
 

@@ -319,7 +319,7 @@ def test_ids_outside_the_vocabulary_are_refused_by_name(bad, grad):
     with torch.set_grad_enabled(grad):
         for input_ids in ([[3, bad, 70]], [[bad]], [[70, bad]]):
             with pytest.raises(
-                ValueError, match=rf"input_ids range from .* outside the vocabulary \[0, 80\) \(text ids below 64"
+                ValueError, match=r"input_ids range from .* outside the vocabulary \[0, 80\) \(text ids below 64"
             ):
                 model(torch.tensor(input_ids))
 

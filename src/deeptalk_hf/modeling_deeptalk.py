@@ -79,14 +79,15 @@ def check_prompt_modality_ids(input_ids: torch.Tensor, model_kwargs: dict) -> No
         )
 
 
-def check_modality_ids_values(modality_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
+def check_modality_ids_values(modality_ids: torch.Tensor | None, attention_mask: torch.Tensor | dict | None) -> None:
     """Any value but 0 and 1 would route as text, silently; padding (0 in a 2D `attention_mask`, whose last columns
     are the input's) may hold anything. Checked eagerly only: a host sync."""
     if modality_ids is None or torch.compiler.is_compiling():
         return
     wrong = (modality_ids != 0) & (modality_ids != 1)
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= wrong.shape[-1]:
-        wrong = wrong & attention_mask[:, attention_mask.shape[1] - wrong.shape[-1] :].to(wrong.device).bool()
+    mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None  # not a prepared per-layer dict
+    if mask is not None and mask.dim() == 2 and mask.shape[1] >= wrong.shape[-1]:
+        wrong = wrong & mask[:, mask.shape[1] - wrong.shape[-1] :].to(wrong.device).bool()
     if wrong.any():
         raise ValueError(
             f"modality_ids must be 0 (text) or 1 (speech) where attention_mask is not 0, got "

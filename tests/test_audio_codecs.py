@@ -337,7 +337,7 @@ def test_processor_encodes_audio_into_speech_segments():
     ]
     ids = processor.apply_chat_template(conversation, tokenize=True)[0]
     assert processor.decode(ids).speech_units == [expected[0], [5]]
-    with pytest.raises(ValueError, match="needs sampling_rate="):
+    with pytest.raises(ValueError, match="needs its sampling rate"):
         processor(text="<|speech|>", audio=question)
 
 
@@ -354,6 +354,23 @@ def test_snac_loading_names_the_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "snac", None)  # as if the package were not installed
     with pytest.raises(ImportError, match=re.escape("pip install 'deeptalk-hf[audio]'")):
         SnacCodec.from_pretrained("hubertsiuzdak/snac_24khz")
+
+
+def test_continuing_a_final_audio_block_continues_its_units():
+    """With a codec an audio block is its units: a final one is continued as the same speech block would be."""
+    processor = tiny_processor(MIMI.num_units, codec=MIMI)
+    waveform = 0.1 * torch.randn(3000, generator=torch.Generator().manual_seed(4))
+    units = MIMI.to_units(MIMI.encode(waveform, 16000)).tolist()
+    question = {"role": "user", "content": "hello"}
+    opened = []
+    for block in ({"type": "audio", "audio": waveform, "sampling_rate": 16000}, {"type": "speech", "units": units}):
+        conversation = [question, {"role": "assistant", "content": [{"type": "text", "text": "how"}, block]}]
+        opened.append(processor.apply_chat_template(conversation, continue_final_message=True, tokenize=True)[0])
+    assert opened[0] == opened[1] and processor.decode(opened[0]).speech_units == [units]
+    assert opened[0][-1] == processor.speech_token_start + units[-1]  # the segment stays open
+    conversation[-1]["content"][-1] = {"type": "audio", "audio": waveform}
+    with pytest.raises(ValueError, match="needs its sampling rate"):
+        processor.apply_chat_template(conversation, continue_final_message=True)
 
 
 def test_the_codec_is_not_saved_with_the_processor_but_can_be_passed_back(tmp_path):

@@ -737,6 +737,13 @@ def test_audio_processor_takes_a_spoken_question_with_a_speech_answer_and_chat_t
         text=rendered, audio=question, speech_units=[1, 2], sampling_rate=SAMPLING_RATE, return_tensors="pt"
     )
     assert all(torch.equal(encoded[key], expected[key]) for key in expected)
+    with pytest.raises(ValueError, match="ends in an audio block, which feeds the audio encoder"):
+        processor.apply_chat_template(conversation[:1], continue_final_message=True)
+    # a batch whose audio entries are all None is text only, as audio=None
+    texts = ["hi ok", "how are you"]
+    without = processor(text=texts, padding=True)
+    assert processor(text=texts, audio=[None, None], sampling_rate=SAMPLING_RATE, padding=True) == without
+    assert processor(text=texts, audio=[None, None], padding=True) == without
     # an audio block at another rate is resampled to the feature extractor's
     conversation[0]["content"][0] = {
         "type": "audio",

@@ -114,6 +114,14 @@ def test_decode_takes_generates_one_row_batch_and_refuses_more():
         PROCESSOR.decode(torch.tensor([ids, ids]))
 
 
+def test_decode_takes_one_id_as_the_tokenizer_does():
+    expected = PROCESSOR.decode([10])
+    assert expected.text == PROCESSOR.tokenizer.decode(10)
+    for one in (10, torch.tensor(10), np.int64(10)):
+        assert PROCESSOR.decode(one) == expected
+    assert PROCESSOR.decode(PROCESSOR.speech_token_start + 3).speech_units == [[3]]
+
+
 def test_decode_refuses_negative_and_non_integer_ids():
     """-100 label padding or a float id is not an id: a clear error, not an OverflowError or a truncated id."""
     with pytest.raises(ValueError, match="id -100 is negative"):
@@ -144,6 +152,52 @@ def test_interleave_ids_checks_policy_ratio_and_units():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             PROCESSOR.interleave_ids(text_ids, **({"units": [1, 2]} | arguments))
+
+
+def test_interleave_ids_takes_tensors_and_arrays_and_refuses_non_text_ids():
+    text_ids = PROCESSOR.tokenizer("hello world")["input_ids"]
+    expected = PROCESSOR.interleave_ids(text_ids, [1, 2])
+    for ids in (torch.tensor(text_ids), np.array(text_ids), tuple(text_ids)):
+        laid_out = PROCESSOR.interleave_ids(ids, [1, 2])
+        assert laid_out == expected and all(type(token) is int for token in laid_out)
+    for bad, message in [
+        ([*text_ids, PROCESSOR.speech_token_start], f"text_ids has {PROCESSOR.speech_token_start}, not a text id"),
+        ([-1], "text_ids has -1, not a text id"),
+        (torch.tensor([1.0]), "1-D integer ids"),
+        ([1.0], "must be integer ids"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            PROCESSOR.interleave_ids(bad, [1, 2])
+    with pytest.raises(ValueError, match="interleave='' is unknown"):
+        PROCESSOR.interleave_ids(text_ids, [1, 2], "")
+
+
+def test_a_stacked_batch_of_units_is_one_segment_per_text():
+    texts = ["hello <|speech|>", "world <|speech|>"]
+    expected = PROCESSOR(text=texts, speech_units=[[1, 2], [3, 4]])
+    for stacked in (torch.tensor([[1, 2], [3, 4]]), np.array([[1, 2], [3, 4]])):
+        assert PROCESSOR(text=texts, speech_units=stacked) == expected
+
+
+def test_truncation_padding_to_a_multiple_is_checked_as_by_the_tokenizer():
+    texts = ["hello world what the weather", "the"]
+    for padding in (True, "max_length"):
+        options = dict(truncation=True, max_length=4, padding=padding, pad_to_multiple_of=3)
+        with pytest.raises(ValueError, match=r"truncation length \(4\) is not a multiple of pad_to_multiple_of \(3\)"):
+            PROCESSOR.tokenizer(texts, **options)
+        with pytest.raises(ValueError, match=r"truncation length \(4\) is not a multiple of pad_to_multiple_of \(3\)"):
+            PROCESSOR(text=texts, **options)
+        options["max_length"] = 6
+        assert PROCESSOR(text=texts, **options)["input_ids"] == PROCESSOR.tokenizer(texts, **options)["input_ids"]
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_empty_texts_give_integer_tensors_as_the_tokenizer(return_tensors):
+    for texts in ("", ["", ""]):
+        out = PROCESSOR(text=texts, return_tensors=return_tensors)
+        reference = PROCESSOR.tokenizer(texts if isinstance(texts, list) else [texts], return_tensors=return_tensors)
+        for key in ("input_ids", "attention_mask", "modality_ids"):
+            assert out[key].shape == reference["input_ids"].shape and out[key].dtype == reference["input_ids"].dtype
 
 
 def test_max_length_alone_truncates_as_the_tokenizer_does():
@@ -574,6 +628,14 @@ def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():
         assert encoded["input_ids"] == PROCESSOR(text=rendered)["input_ids"]
 
 
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_image_and_video_blocks_are_refused_not_dropped(kind):
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": kind, "url": "x"}]}]
+    for tokenize in (False, True):
+        with pytest.raises(ValueError, match=f"conversation 0 has an {kind} block"):
+            PROCESSOR.apply_chat_template(conversation, tokenize=tokenize)
+
+
 def test_a_chat_template_without_speech_placeholders_is_refused():
     """A text model's own template (copied with its tokenizer) renders no `<|speech|>`: the units must not silently
     become a transcript appended after the prompt."""
@@ -617,6 +679,10 @@ def test_numpy_integer_ratio_saves_and_loads(tmp_path):
         ({"text": "hello <|speech|> <|speech|>", "speech_units": [[5], []]}, "speech_units[0][1] is empty"),
         ({"text": "hello <|speech|>", "speech_units": [[]]}, "1 <|speech|> placeholders but 0 speech segments"),
         ({"text": []}, "text= is an empty batch"),
+        ({"text": 5}, "text= must be a string or a list of strings, got a int"),
+        ({"text": ["hello", None]}, "text= must be a string or a list of strings, got a list of 2 entries"),
+        ({"text": [["hello", "world"]]}, "text= must be a string or a list of strings"),
+        ({"text": ["a", "b"], "speech_units": torch.tensor([[1, 2]])}, "got a Tensor of shape (1, 2)"),
         (
             {"text": "hello <|speech|> <|speech|>", "speech_units": [1]},
             "2 <|speech|> placeholders but 1 speech segments",

@@ -308,6 +308,15 @@ def _is_waveform(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, np.ndarray))
 
 
+def _describe(value: Any) -> str:
+    """A value's type, with its shape or length, for error messages."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} entries ({sorted({type(v).__name__ for v in value})})"
+    return f"a {type(value).__name__}"
+
+
 def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any], bool], name: str) -> list[list]:
     """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes
     `None` (no speech) or a list with one such entry per text. A single text also accepts a one-sample batch (as
@@ -335,8 +344,11 @@ def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any
         return [segments(spec, "")]
     if spec is None:
         return [[] for _ in range(batch_size)]
+    given = spec
+    if isinstance(spec, (torch.Tensor, np.ndarray)) and spec.ndim >= 2:  # a stacked batch: one entry per row
+        spec = list(spec)
     if not isinstance(spec, (list, tuple)) or len(spec) != batch_size:
-        raise ValueError(f"{name} must have one entry per text ({batch_size} texts)")
+        raise ValueError(f"{name} must have one entry per text ({batch_size} texts), got {_describe(given)}")
     return [segments(entry, f"[{i}]") for i, entry in enumerate(spec)]
 
 
@@ -484,7 +496,7 @@ class DeepTalkProcessor(ProcessorMixin):
             `offset_mapping` / `text_replacement_offsets` when asked for.
         """
         from_conversation = kwargs.pop(_FROM_CONVERSATION, False)
-        for unused in ("images", "videos"):  # `apply_chat_template` passes them
+        for unused in ("images", "videos"):  # as transformers' processors take them
             if kwargs.pop(unused, None) is not None:
                 raise ValueError(f"{type(self).__name__} takes no {unused}")
         merged = self._merge_kwargs(
@@ -504,6 +516,8 @@ class DeepTalkProcessor(ProcessorMixin):
         )
 
         single = text is None or isinstance(text, str)
+        if not single and not (isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text)):
+            raise ValueError(f"text= must be a string or a list of strings, got {_describe(text)}")
         texts = [text or ""] if single else list(text)
         if not texts:
             raise ValueError("text= is an empty batch")
@@ -559,6 +573,13 @@ class DeepTalkProcessor(ProcessorMixin):
         truncating = truncation not in (None, False, "do_not_truncate")
         if truncating:
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
+            multiple = text_kwargs.get("pad_to_multiple_of")
+            if multiple and text_kwargs.get("padding") not in (None, False, "do_not_pad") and limit % multiple:
+                # the tokenizer's own check, which its `pad` below cannot make: it no longer sees `max_length`
+                raise ValueError(
+                    f"Truncation and padding are both activated but truncation length ({limit}) is not a multiple of "
+                    f"pad_to_multiple_of ({multiple})."
+                )
             kept = [
                 self._kept_positions(len(row), self._added_special_tokens(ids, text), limit)
                 if len(row) > limit
@@ -597,6 +618,10 @@ class DeepTalkProcessor(ProcessorMixin):
             data["text_replacement_offsets"] = [_placeholder_replacements(text) for text in texts]
         if audio_features is not None:
             data.update(audio_features)
+        if text_kwargs.get("return_tensors") and not any(data["input_ids"]):  # ids, not an empty list's floats
+            for key in ("input_ids", "attention_mask", "modality_ids"):
+                if key in data:
+                    data[key] = np.zeros((len(rows), 0), dtype=np.int64)
         return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
 
     def _with_speech(
@@ -659,13 +684,20 @@ class DeepTalkProcessor(ProcessorMixin):
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples], None
 
-    def _encode_audio(self, waveform: Any, sampling_rate: int | None) -> list[int]:
+    def _require_codec(self) -> AudioCodec:
         if self.codec is None:
             raise ValueError(
                 "audio= needs an audio codec: DeepTalkProcessor(..., codec=SnacCodec.from_pretrained(...))"
             )
+        return self.codec
+
+    def _encode_audio(self, waveform: Any, sampling_rate: int | None) -> list[int]:
+        self._require_codec()
         if sampling_rate is None:
-            raise ValueError("audio= needs sampling_rate= (the waveforms' rate; the codec resamples to its own)")
+            raise ValueError(
+                "audio needs its sampling rate (sampling_rate= beside audio=, or an audio block's 'sampling_rate'; "
+                "the codec resamples to its own)"
+            )
         self._check_codec_units(self.codec)
         codes = self.codec.encode(torch.as_tensor(waveform), sampling_rate)
         return self.codec.to_units(codes).tolist()
@@ -728,10 +760,19 @@ class DeepTalkProcessor(ProcessorMixin):
         self, text_ids: list[int], units: list[int], interleave: str | None = None, ratio: Sequence[int] | None = None
     ) -> list[int]:
         """Lay out a transcript's ids and its speech units (unit indices) by an interleaving policy."""
-        interleave = interleave or self.interleave
-        ratio = tuple(ratio or self.text_speech_ratio)
+        interleave = self.interleave if interleave is None else interleave
+        ratio = tuple(self.text_speech_ratio if ratio is None else ratio)
         self._check_policy(interleave, ratio)
-        return self._interleave(text_ids, self._checked_units(units, ""), interleave, ratio)
+        if isinstance(text_ids, (torch.Tensor, np.ndarray)):
+            if text_ids.ndim != 1 or (len(text_ids) and not has_integer_dtype(text_ids)):
+                raise ValueError(f"text_ids must be 1-D integer ids, got {_describe(text_ids)} of {text_ids.dtype}")
+            text_ids = text_ids.tolist()
+        elif not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in text_ids):
+            raise ValueError(f"text_ids must be integer ids, got {_describe(text_ids)}")
+        outside = [t for t in text_ids if not 0 <= t < self.speech_token_start]
+        if outside:
+            raise ValueError(f"text_ids has {outside[0]}, not a text id (text ids are [0, {self.speech_token_start}))")
+        return self._interleave([int(t) for t in text_ids], self._checked_units(units, ""), interleave, ratio)
 
     def _interleave(self, text_ids: list[int], units: list[int], interleave: str, ratio: tuple[int, int]) -> list[int]:
         """`interleave_ids` on arguments already checked (`__call__` checks them once per call)."""
@@ -756,6 +797,8 @@ class DeepTalkProcessor(ProcessorMixin):
             if token_ids.reshape(-1).shape[0] and not has_integer_dtype(token_ids):  # an empty row may be float
                 raise ValueError(f"decode takes integer ids, got a {type(token_ids).__name__} of {token_ids.dtype}")
             token_ids = token_ids.tolist()
+        if not isinstance(token_ids, (list, tuple)):  # one id, as the tokenizer's `decode` takes it
+            token_ids = [token_ids]
         if token_ids and isinstance(token_ids[0], (list, tuple)):  # `generate`'s `[1, length]` output
             if len(token_ids) != 1:
                 raise ValueError(f"decode takes one sequence, got {len(token_ids)}: use batch_decode")
@@ -845,25 +888,43 @@ class DeepTalkProcessor(ProcessorMixin):
         """transformers' `apply_chat_template`. With `continue_final_message=True`, a final message that ends in a
         speech block is continued inside that segment: the prompt ends with its units, without `<|end_of_speech|>`, so
         the model goes on speaking (transformers continues a message's last text block only)."""
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = conversation if batched else [conversation]
+        for i, messages in enumerate(conversations):
+            for message in messages:
+                content = message.get("content") if isinstance(message, dict) else None
+                for block in content if isinstance(content, (list, tuple)) else []:
+                    if isinstance(block, dict) and block.get("type") in ("image", "video"):  # the template drops them
+                        raise ValueError(
+                            f"conversation {i} has an {block['type']} block: DeepTalk processors take text, speech "
+                            "and audio blocks"
+                        )
         if kwargs.get("continue_final_message"):
-            batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-            opened = [
-                self._open_final_speech(messages, i)
-                for i, messages in enumerate(conversation if batched else [conversation])
-            ]
+            opened = [self._open_final_speech(messages, i) for i, messages in enumerate(conversations)]
             conversation = opened if batched else opened[0]
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _open_final_speech(self, messages: Any, i: int) -> Any:
-        """`messages` with a final speech block written out as the text of its open segment (`<|begin_of_speech|>`
-        and its unit tokens), which transformers then continues as the final text."""
+        """`messages` with a final speech block (or, with a codec, audio block) written out as the text of its open
+        segment (`<|begin_of_speech|>` and its unit tokens), which transformers then continues as the final text."""
         last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
         content = last.get("content") if isinstance(last, dict) else None
         if not isinstance(content, (list, tuple)) or not content or not isinstance(content[-1], dict):
             return messages
-        if content[-1].get("type") != "speech":
+        kind = content[-1].get("type")
+        if kind == "audio" and not self.audio_becomes_units:
+            raise ValueError(
+                f"continue_final_message: conversation {i} ends in an audio block, which feeds the audio encoder and "
+                "cannot be continued (a final speech block can)"
+            )
+        if kind == "audio":  # the codec's units of it, continued as a speech block's
+            rate = self._require_codec().sampling_rate  # a path is loaded at the codec's rate
+            ((_, audio),) = _speech_blocks([[{"content": [content[-1]]}]], {"sampling_rate": rate})[0]
+            units = self._encode_audio(*audio)
+        elif kind == "speech":
+            units = self._checked_units(content[-1]["units"], f" of conversation {i}'s final speech block")
+        else:
             return messages
-        units = self._checked_units(content[-1]["units"], f" of conversation {i}'s final speech block")
         text = BEGIN_OF_SPEECH + "".join(SPEECH_UNIT_TOKEN.format(unit) for unit in units)
         return [*messages[:-1], {**messages[-1], "content": [*content[:-1], {"type": "text", "text": text}]}]
 
@@ -970,10 +1031,12 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
     def _read_audio(
         self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool
     ) -> tuple[list[list] | None, BatchFeature | None]:
-        if sampling_rate is None:
-            raise ValueError("audio= needs sampling_rate= (the waveforms' rate)")
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         waveforms = [waveform for segments in samples for waveform in segments]  # reading order
+        if not waveforms:  # `[None, None]`: text only, as `audio=None`
+            return None, None
+        if sampling_rate is None:
+            raise ValueError("audio= needs sampling_rate= (the waveforms' rate)")
         features = extract_audio_features(waveforms, sampling_rate, self.feature_extractor, self.audio_model_config)
         features["audios_per_sequence"] = [len(segments) for segments in samples]  # checked against the placeholders
         return None, features

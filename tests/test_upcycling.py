@@ -26,9 +26,9 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from deeptalk_hf import DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense
 from deeptalk_hf.modeling_deeptalk import topk_routing
-from deeptalk_hf.upcycling import CheckpointError, deeptalk_config_from_dense, deeptalk_config_from_moe
+from deeptalk_hf.upcycling import CheckpointError, _Converter, deeptalk_config_from_dense, deeptalk_config_from_moe
 
 VOCAB = 64
 SEQ = 20  # longer than Mistral's window and than the llama3 scaling's original context
@@ -145,6 +145,31 @@ def test_architecture_details_are_carried():
         for field, value in fields.items():
             assert getattr(config, field) == value, (kind, field)
         assert config.rms_norm_eps == 1e-5 and config.norm_topk_prob and config.vocab_size == VOCAB
+
+
+def test_fields_a_family_does_not_declare_are_not_read():
+    """Any config takes extra attributes, which its model ignores: Mistral slides the window on every layer whatever
+    a `layer_types` attribute says, and Llama has no window at all."""
+    torch.manual_seed(0)
+    extra = dict(sliding_window=4, layer_types=["full_attention", "sliding_attention"])
+    for dense in (
+        MistralForCausalLM(MistralConfig(**COMMON, **extra)),
+        LlamaForCausalLM(LlamaConfig(**COMMON, **extra)),
+    ):
+        dense = randomize(dense)
+        moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+        ids = text_ids()
+        with torch.no_grad():
+            assert max_diff(moe(ids).logits, dense(ids).logits) <= 1e-5, type(dense).__name__
+
+
+def test_a_tensor_given_twice_is_refused_before_anything_is_written():
+    converter = _Converter(config=DeepTalkConfig(**COMMON, num_experts=2, num_experts_per_tok=1))
+    norm = torch.empty(COMMON["hidden_size"], device="meta")
+    with pytest.raises(
+        CheckpointError, match=r"gives model.norm.weight twice \(the second time from model.norm.weight"
+    ):
+        converter.plan([("model.norm.weight", norm), ("model.norm.weight", norm)])
 
 
 @settings(max_examples=12, deadline=None)
@@ -488,9 +513,21 @@ def corrupt(kind: str, source):
         for shard in shards:
             (source / shard).unlink()
         (source / "model.safetensors.index.json").unlink()
+    elif kind in ("index-not-a-map", "index-not-an-object"):
+        (source / "model.safetensors.index.json").write_text(
+            '{"weight_map": []}' if kind == "index-not-a-map" else "[]"
+        )
+    elif kind in ("mlp-wider-than-config", "mlp-narrower-than-config"):  # transformers refuses both
+        config = json.loads((source / "config.json").read_text())
+        config["intermediate_size"] += -16 if kind == "mlp-wider-than-config" else 16
+        (source / "config.json").write_text(json.dumps(config))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "garbage-header", "missing-shard", "missing-tensor", "no-weights"])
+CORRUPTIONS = ["truncated", "garbage-header", "missing-shard", "missing-tensor", "no-weights", "index-not-a-map"]
+CORRUPTIONS += ["index-not-an-object", "mlp-wider-than-config", "mlp-narrower-than-config"]
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_corrupt_source_fails_cleanly(kind, tmp_path):
     source = save_dense(dense_model("llama"), tmp_path / "dense")
     corrupt(kind, source)
@@ -501,6 +538,26 @@ def test_corrupt_source_fails_cleanly(kind, tmp_path):
     assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
     with pytest.raises(CheckpointError):
         upcycle_dense(source, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+
+
+def test_each_tensor_is_read_from_the_shard_its_index_names(tmp_path):
+    """A shard may hold a stale copy of a tensor that the index places in another shard: transformers reads the
+    index's, and so does conversion (reading both wrote one output shard twice, the second time with that tensor
+    alone)."""
+    from safetensors.torch import load_file, save_file
+
+    dense = dense_model("llama")
+    source = save_dense(dense, tmp_path / "dense", max_shard_size="20KB")
+    weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    other = next(f for f in sorted(set(weight_map.values())) if f != weight_map["model.norm.weight"])
+    tensors = load_file(source / other)
+    tensors["model.norm.weight"] = torch.zeros_like(dense.model.norm.weight)  # stale: not what the model holds
+    save_file(tensors, source / other, metadata={"format": "pt"})
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    upcycle_checkpoint(source, tmp_path / "moe", max_shard_size="20KB", progress=False, **options)
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(load_checked(tmp_path / "moe")(ids).logits, dense(ids).logits) < 1e-5
 
 
 def test_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):

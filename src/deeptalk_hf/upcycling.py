@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,12 @@ def _common_fields(source: PretrainedConfig, speech_vocab_size: int, dtype: torc
     )
 
 
+def _declared(config: PretrainedConfig, name: str) -> Any:
+    """A field the config's class declares, else `None`: any config takes extra attributes, which its model ignores
+    (e.g. `layer_types` on a Mistral config, whose model slides the window on every layer)."""
+    return getattr(config, name) if name in {f.name for f in fields(config)} else None
+
+
 def deeptalk_config_from_dense(
     dense: PretrainedConfig,
     *,
@@ -189,9 +195,9 @@ def deeptalk_config_from_dense(
         intermediate_size=intermediate,
         moe_intermediate_size=part,
         head_dim=getattr(dense, "head_dim", None) or dense.hidden_size // dense.num_attention_heads,
-        attention_bias=getattr(dense, "attention_bias", False),
-        sliding_window=getattr(dense, "sliding_window", None),
-        layer_types=copy.deepcopy(getattr(dense, "layer_types", None)),
+        attention_bias=_declared(dense, "attention_bias") or False,
+        sliding_window=_declared(dense, "sliding_window"),
+        layer_types=copy.deepcopy(_declared(dense, "layer_types")),
         mlp_only_layers=sorted(mlp_only_layers or []),
         num_experts=num_text_experts,
         num_speech_experts=num_speech_experts,
@@ -358,11 +364,12 @@ class _Converter:
 
     def plan(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Dry run on meta tensors: every output name and shape, in output order; checked against the DeepTalk model."""
-        planned = {
-            out: result
-            for name, tensor in tensors
-            for out, result in self.convert(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
-        }
+        planned: dict[str, torch.Tensor] = {}
+        for name, tensor in tensors:
+            for out, result in self.convert(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")):
+                if out in planned:  # the writer would save its shard twice, the second time with this tensor alone
+                    raise CheckpointError(f"the source checkpoint gives {out} twice (the second time from {name})")
+                planned[out] = result
         with torch.device("meta"):
             model = DeepTalkForCausalLM(copy.deepcopy(self.config))
         expected = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
@@ -435,6 +442,13 @@ class _Upcycler(_Converter):
         axis = 1 if proj == "down_proj" else 0  # the intermediate dimension
         routed_parts = self.granularity - self.num_shared_experts
         prefix = f"model.layers.{layer}.mlp"
+        intermediate = self.granularity * part
+        expected = (config.hidden_size, intermediate) if axis else (intermediate, config.hidden_size)
+        if tuple(dense.shape) != expected:  # experts narrow it: a wider tensor would lose rows silently
+            raise CheckpointError(
+                f"{prefix}.{proj}.weight has shape {tuple(dense.shape)}, but the config (intermediate_size="
+                f"{intermediate}, hidden_size={config.hidden_size}) needs {expected}"
+            )
         if self.num_shared_experts:
             name = f"{prefix}.shared_experts.{proj}.weight"
             yield name, self._fresh(name, dense.narrow(axis, 0, self.num_shared_experts * part))
@@ -518,9 +532,12 @@ def _copy_tokenizer(source: Path, destination: Path, extra: tuple[str, ...] = ()
 def _weight_map(index: Path) -> dict[str, str]:
     """A safetensors index's tensor -> shard file map."""
     try:
-        return json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{index} is not a valid safetensors index: {error}") from error
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index} is not a valid safetensors index: {error!r}") from error
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid safetensors index: its weight_map is not a name -> file map")
+    return weight_map
 
 
 def _shard_files(source: Path) -> list[Path]:
@@ -553,15 +570,24 @@ class _SourceCheckpoint:
     def __init__(self, source: Path):
         self.source = source
         self.config = _read_config(source)
-        # Names, shapes and dtypes from the headers, as meta tensors (nothing is read yet).
+        # Names, shapes and dtypes from the headers, as meta tensors (nothing is read yet). With an index, each tensor
+        # is read from the shard it names, as transformers reads it (a shard may hold a stale copy of another's).
+        index = source / SAFE_WEIGHTS_INDEX_NAME
+        owners = {name: source / file for name, file in _weight_map(index).items()} if index.is_file() else None
         self.layout: dict[Path, dict[str, torch.Tensor]] = {}
         for file in _shard_files(source):
             with self._open(file) as handle:
                 self.layout[file] = {}
                 for name in handle.keys():
+                    if owners is not None and owners.get(name) != file:
+                        continue
                     header = handle.get_slice(name)
                     dtype = str_to_torch_dtype[header.get_dtype()]
                     self.layout[file][name] = torch.empty(header.get_shape(), dtype=dtype, device="meta")
+        if owners is not None:
+            absent = sorted(set(owners) - {name for tensors in self.layout.values() for name in tensors})
+            if absent:
+                raise CheckpointError(f"{index} lists tensors that their shards lack: {absent[:5]}")
         if self.config.dtype is None:  # a config.json without a dtype: the weights', as transformers' "auto" reads it
             self.config.dtype = next((t.dtype for _, t in self.shapes() if t.dtype in _FLOAT_DTYPES), None)
 

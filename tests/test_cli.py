@@ -19,7 +19,14 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging as hf_logging
 
 import deeptalk_hf  # noqa: F401  (registers the Auto classes)
-from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, ModalityLoad, cli, profile_modality_load
+from deeptalk_hf import (
+    DeepTalkConfig,
+    DeepTalkForCausalLM,
+    ModalityLoad,
+    assign_modality_experts,
+    cli,
+    profile_modality_load,
+)
 from deeptalk_hf.cli import (
     EXIT_EXISTS,
     EXIT_OK,
@@ -327,6 +334,19 @@ def test_profile_assign_to_keeps_the_processor_settings(deeptalk_checkpoint, tmp
     arguments = [str(model), str(data), "--quiet", "--assign-to", str(split), "--num-speech-experts", "2"]
     assert profile_main(arguments) == EXIT_OK
     assert (split / "processor_config.json").read_text() == settings
+
+
+def test_profile_in_another_dtype_saves_the_split_in_the_stored_one(deeptalk_checkpoint, tmp_path):
+    """`--dtype` is what profiling runs in: the split model is the stored weights, moved, not a bf16 copy of them."""
+    data, split, measured = write_data(tmp_path / "data.jsonl"), tmp_path / "split", tmp_path / "load.json"
+    arguments = [str(deeptalk_checkpoint), str(data), "--quiet", "--assign-to", str(split), "-o", str(measured)]
+    assert profile_main([*arguments, "--dtype", "bfloat16", "--num-speech-experts", "2"]) == EXIT_OK
+    expected = AutoModelForCausalLM.from_pretrained(deeptalk_checkpoint)
+    assign_modality_experts(expected, ModalityLoad.load(measured), num_speech_experts=2)
+    saved = AutoModelForCausalLM.from_pretrained(split)
+    assert saved.config.speech_expert_ids == expected.config.speech_expert_ids
+    for (name, tensor), reference in zip(saved.state_dict().items(), expected.state_dict().values(), strict=True):
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, reference), name
 
 
 def test_profile_reads_and_counts_the_same_lines(deeptalk_checkpoint, tmp_path, monkeypatch, capsys):

@@ -353,7 +353,12 @@ def profile_parser() -> argparse.ArgumentParser:
         "--max-length", type=int, default=None, help="cut sequences to this many ids (default: no cut)"
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype to run the model in (default: saved)")
+    parser.add_argument(
+        "--dtype",
+        choices=_DTYPES,
+        default=None,
+        help="dtype to profile in (default: saved); --assign-to saves the split in the saved dtype",
+    )
     assign = parser.add_argument_group("expert assignment")
     assign.add_argument(
         "--assign-to",
@@ -495,6 +500,10 @@ def profile_main(argv: list[str] | None = None) -> int:
                 raise DataError(
                     f"{args.data} has no {' and no '.join(missing)} tokens; assigning needs both modalities"
                 )
+            if (
+                args.dtype is not None
+            ):  # profiled in another dtype: split the weights as stored, which save as they are
+                model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
             chosen = assign_modality_experts(
                 model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed
             )

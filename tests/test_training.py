@@ -35,11 +35,13 @@ def examples(config, count: int = 8, length: int = 10) -> list[dict[str, torch.T
     return rows
 
 
-def trainer_for(model, data, tmp_path, steps: int) -> Trainer:
+def trainer_for(model, data, tmp_path, steps: int, accumulation: int = 1) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
-        per_device_train_batch_size=len(data),  # one batch: step 1's logged loss is the loss on all of `data`
+        # one step per pass over `data`: step 1's logged loss is the loss on all of it
+        per_device_train_batch_size=len(data) // accumulation,
+        gradient_accumulation_steps=accumulation,
         learning_rate=1e-2,
         weight_decay=0.1,
         logging_steps=1,
@@ -126,6 +128,25 @@ def test_trainer_optimises_the_router_losses_and_respects_the_stage(lora, tmp_pa
             assert not torch.equal(param, before[name]), name
         else:
             assert torch.equal(param, before[name]), name
+
+
+def test_gradient_accumulation_keeps_the_router_losses_weight(tmp_path):
+    """`Trainer` normalises the language-model loss over the micro-batches a step accumulates and sums their losses:
+    the router losses take each micro-batch's share of the labels, so accumulating two halves of a batch of equal
+    rows logs the same loss and takes the same step as the whole batch (at full weight they counted twice)."""
+    config = tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    data = examples(config, count=1) * 8
+    runs = {}
+    for accumulation in (1, 2):
+        torch.manual_seed(0)  # the same weights for both
+        model = DeepTalkForCausalLM(copy.deepcopy(config))
+        trainer = trainer_for(model, data, tmp_path / str(accumulation), steps=1, accumulation=accumulation)
+        trainer.train()
+        logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        runs[accumulation] = logged[0], dict(model.named_parameters())
+    torch.testing.assert_close(torch.tensor(runs[2][0]), torch.tensor(runs[1][0]), rtol=1e-5, atol=1e-5)
+    for name, param in runs[1][1].items():
+        torch.testing.assert_close(runs[2][1][name], param, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "batched_mm"])

@@ -907,6 +907,21 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
+def accumulation_share(labels: torch.Tensor, loss_kwargs: dict) -> torch.Tensor | float:
+    """This batch's share of the labels a training step accumulates (1 without `num_items_in_batch`).
+
+    `Trainer` with gradient accumulation sums the micro-batches' losses and hands each `num_items_in_batch`, the label
+    count of them all (of every process, with `average_tokens_across_devices`), which normalises the language-model
+    loss; weighting the router losses by the share keeps their coefficients' weight whatever the accumulation (each at
+    full weight would count G-fold)."""
+    num_items = loss_kwargs.get("num_items_in_batch")
+    if num_items is None:
+        return 1.0
+    counted = loss_kwargs.get("shift_labels")
+    counted = labels[..., 1:] if counted is None else counted  # what Trainer counts
+    return counted.ne(-100).sum() / num_items
+
+
 def modality_router_losses(
     router_logits: tuple[torch.Tensor, ...],
     is_speech: torch.Tensor,
@@ -1193,8 +1208,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             is_speech = speech_positions(config, input_ids, modality_ids, shape, logits.device)
             aux_loss, z_loss = modality_router_losses(outputs.router_logits, is_speech, config, attention_mask)
             if loss is not None:
-                loss = loss + config.router_aux_loss_coef * aux_loss.to(loss.device)
-                loss = loss + config.router_z_loss_coef * z_loss.to(loss.device)
+                router_loss = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
+                share = 1.0 if audio_logits is not None else accumulation_share(labels, kwargs)
+                loss = loss + share * router_loss.to(loss.device)
 
         if flattened:
             width = max(logits.shape[-1], audio_logits.shape[-1])

@@ -197,7 +197,8 @@ def test_profile_is_a_hand_run_of_the_router():
 
 
 def test_load_json_round_trip_and_validation(model, tmp_path):
-    load = profile_modality_load(model, [mixed_batch(0)])
+    # Several batches: masses summed over them are float64 values that float32 cannot hold.
+    load = profile_modality_load(model, [mixed_batch(0), mixed_batch(1), mixed_batch(2)])
     load.save(tmp_path / "profiles" / "load.json")  # a folder that does not exist yet
     load.save(tmp_path / "profiles" / "load.json")  # and over an existing file
     assert [path.name for path in (tmp_path / "profiles").iterdir()] == ["load.json"]  # no partial file left
@@ -208,6 +209,7 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
     assert again.layers == load.layers and again.speech_tokens == load.speech_tokens
     for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(load, name), getattr(again, name), strict=True))
+    assert again.to_dict() == load.to_dict()
     (tmp_path / "other.json").write_text('{"layers": []}')
     with pytest.raises(ValueError, match="not a DeepTalk modality load"):
         ModalityLoad.load(tmp_path / "other.json")
@@ -291,6 +293,8 @@ def test_plot_writes_a_png(model, tmp_path):
     load = profile_modality_load(model, [mixed_batch(0)])
     load.plot(tmp_path / "load.png")
     assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="covers no MoE layer"):
+        ModalityLoad([], 1, [], [], [], [], 0, 0).plot(tmp_path / "none.png")
 
 
 # Assignment
@@ -371,6 +375,8 @@ def test_assignment_errors(model):
         assign_modality_experts(model, text_only, num_speech_experts=1)
     with pytest.raises(ValueError, match="adaptive"):
         assign_modality_experts(model, load, strategy="adaptive", num_speech_experts=1)
+    with pytest.raises(ValueError, match="seed=None must be an integer"):
+        assign_modality_experts(copy.deepcopy(model), load, strategy="random", num_speech_experts=1, seed=None)
     for count in (
         1.5,
         [1.0, 1],
@@ -435,6 +441,9 @@ def test_move_speech_experts_errors(model):
         ([[0, 0], []], "distinct"),
         ([[6], []], r"\[0, 6\)"),
         ([list(range(6)), []], "at least one text expert"),
+        ([[0.9, 2.5], []], "must be integer expert indices"),  # not truncated to 0 and 2
+        ([[True], []], "must be integer expert indices"),
+        (["ab", []], "must be integer expert indices"),
     ):
         moved = copy.deepcopy(model)
         with pytest.raises(ValueError, match=problem):

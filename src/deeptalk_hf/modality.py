@@ -86,13 +86,17 @@ class ModalityLoad:
             raise ValueError(f"ModalityLoad.layers={self.layers!r} must be decoder-layer indices") from error
         sizes = None
         for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
-            values = [torch.as_tensor(v).cpu().reshape(-1) for v in getattr(self, name)]
-            if name.endswith("counts") and any(v.numel() and not has_integer_dtype(v) for v in values):
+            counts = name.endswith("counts")
+            # Masses in float64 from the start: a list of floats (what `load` reads) would pass through float32.
+            values = [
+                torch.as_tensor(v, dtype=None if counts else torch.float64).cpu().reshape(-1)
+                for v in getattr(self, name)
+            ]
+            if counts and any(v.numel() and not has_integer_dtype(v) for v in values):
                 raise ValueError(
                     f"ModalityLoad.{name} must hold whole assignment counts (integers, not fractions or booleans)"
                 )
-            dtype = torch.int64 if name.endswith("counts") else torch.float64
-            values = [v.to(dtype) for v in values]
+            values = [v.to(torch.int64) for v in values] if counts else values
             sizes = sizes or [v.numel() for v in values]
             if len(values) != len(self.layers) or [v.numel() for v in values] != sizes:
                 raise ValueError(
@@ -190,6 +194,8 @@ class ModalityLoad:
             from matplotlib.figure import Figure
         except ImportError:
             raise ImportError("plotting a modality load needs matplotlib: pip install 'deeptalk-hf[plot]'") from None
+        if not self.layers:
+            raise ValueError("the load covers no MoE layer: there is nothing to plot")
         width = max(self.num_experts)
         panels = {"speech share ρA": self.rho_speech, "text share ρT": self.rho_text, "score ρA·(1−ρT)": self.scores}
         figure = Figure(figsize=(4 + 1.2 * width, 1.5 + 0.35 * len(self.layers)), layout="constrained")
@@ -452,7 +458,10 @@ def assign_modality_experts(
         counts: list[int | None] = [None] * len(layers)
     else:
         counts = speech_expert_counts(config, num_speech_experts)
-    generator = torch.Generator().manual_seed(seed)
+    try:
+        generator = torch.Generator().manual_seed(_integer(seed))
+    except TypeError as error:
+        raise ValueError(f"seed={seed!r} must be an integer (it makes the random draws reproducible)") from error
     chosen = [_choose_speech_experts(load, i, count, strategy, generator) for i, count in enumerate(counts)]
     move_speech_experts(model, chosen)
     return chosen
@@ -474,7 +483,12 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
         )
     chosen = []
     for layer, given, size in zip(layers, speech_expert_ids, sizes, strict=True):
-        ids = sorted(int(i) for i in given)
+        try:
+            ids = sorted(_integer(i) for i in given)  # an index of 2.5 or True is a mistake, not one to round
+        except TypeError as error:
+            raise ValueError(
+                f"speech_expert_ids for MoE layer {layer} must be integer expert indices, got {given!r}"
+            ) from error
         if len(set(ids)) != len(ids) or any(not 0 <= i < size for i in ids) or len(ids) >= size:
             raise ValueError(
                 f"speech_expert_ids for MoE layer {layer} must be distinct indices in [0, {size}) leaving at least one "

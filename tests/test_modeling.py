@@ -449,7 +449,13 @@ def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_posi
     assert not torch.equal(expected, model.generate(prompt, **options))
     with torch.no_grad():
         cache = model(prompt[:, :6], modality_ids=modality_ids[:, :6], use_cache=True).cache
-    assert torch.equal(model.generate(prompt, modality_ids=modality_ids, cache=cache, **options), expected)
+    assert torch.equal(
+        model.generate(prompt, modality_ids=modality_ids, cache=copy.deepcopy(cache), **options), expected
+    )
+    # the same from embeddings (transformers passes the uncached ones only)
+    embeds = model.model.embed(prompt)
+    from_embeds = model.generate(inputs_embeds=embeds, modality_ids=modality_ids, cache=cache, **options)
+    assert torch.equal(from_embeds, expected[:, prompt.shape[1] :])
 
 
 def test_generate_takes_transformers_positional_parameters_and_refuses_parallel_only_options():

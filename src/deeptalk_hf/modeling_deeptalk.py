@@ -1250,11 +1250,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             model_inputs["input_ids"] = step_ids = streams.flatten(0, 1)
         if modality_ids is None:
             return model_inputs
-        if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids cover it
-            model_inputs["modality_ids"] = modality_ids
-            return model_inputs
         cache = model_inputs.get("cache")
         past = cache.get_seq_length() if cache is not None else 0
+        if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids of its uncached positions
+            model_inputs["modality_ids"] = modality_ids[:, past : past + model_inputs["inputs_embeds"].shape[1]]
+            return model_inputs
         covered = min(modality_ids.shape[1] - past, step_ids.shape[1])
         if covered <= 0:  # past the prompt's modality ids, the model reads the same modality from the ids themselves
             return model_inputs

@@ -103,7 +103,8 @@ class ScriptedAnswer(LogitsProcessor):
     def __init__(self, processor: DeepTalkProcessor, policy: str, text_tokens: int, units: int, prompt_length: int):
         tokenizer = processor.tokenizer
         self.words = torch.tensor(tokenizer.convert_tokens_to_ids(WORDS))
-        self.layout = processor.interleave_ids([-1] * text_tokens, [0] * units, policy)  # -1: a text slot
+        # A text id marks a text slot (markers and units lie in the speech block).
+        self.layout = processor.interleave_ids([0] * text_tokens, [0] * units, policy)
         self.unit_range = (processor.speech_token_start, processor.begin_of_speech_id)
         self.prompt_length = prompt_length
 
@@ -113,7 +114,7 @@ class ScriptedAnswer(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         slot = self.layout[min(input_ids.shape[1] - self.prompt_length, len(self.layout) - 1)]
         allowed = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-        if slot == -1:
+        if slot < self.unit_range[0]:
             allowed[self.words.to(scores.device)] = True
         elif self.unit_range[0] <= slot < self.unit_range[1]:
             allowed[self.unit_range[0] : self.unit_range[1]] = True

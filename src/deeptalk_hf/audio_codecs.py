@@ -214,19 +214,19 @@ class FlatUnitCodec:
 
     def decode(self, codes: list[torch.LongTensor]) -> torch.Tensor:
         """The waveform `[samples]` at `sampling_rate`, `samples_per_frame` samples per frame."""
-        codes, frames = self._checked_codes(codes)
+        levels, frames = self._checked_codes(codes)
         if not frames:
             raise ValueError("the codes hold no frame: nothing to decode")
         with torch.inference_mode():
-            return self._decode([c.to(self.device) for c in codes]).float()
+            return self._decode([c.to(self.device) for c in levels]).float()
 
-    def _checked_codes(self, codes: list[torch.LongTensor]) -> tuple[list[torch.LongTensor], int]:
+    def _checked_codes(self, codes: list[torch.LongTensor]) -> tuple[list[torch.Tensor], int]:
         """`codes` as long tensors (lists and arrays too) and their number of frames."""
         if len(codes) != self.num_codebooks:
             raise ValueError(f"expected codes for {self.num_codebooks} codebook levels, got {len(codes)}")
-        codes = [_integer_tensor(level_codes, f"level {level}'s codes") for level, level_codes in enumerate(codes)]
-        frames = codes[0].numel() // self._codes_per_frame[0]
-        for level, (level_codes, per_frame) in enumerate(zip(codes, self._codes_per_frame, strict=True)):
+        levels = [_integer_tensor(level_codes, f"level {level}'s codes") for level, level_codes in enumerate(codes)]
+        frames = levels[0].numel() // self._codes_per_frame[0]
+        for level, (level_codes, per_frame) in enumerate(zip(levels, self._codes_per_frame, strict=True)):
             if level_codes.dim() != 1 or level_codes.numel() != frames * per_frame:
                 raise ValueError(
                     f"level {level} has codes of shape {tuple(level_codes.shape)}; expected [{frames * per_frame}] "
@@ -234,15 +234,15 @@ class FlatUnitCodec:
                 )
             if level_codes.numel() and not 0 <= int(level_codes.min()) <= int(level_codes.max()) < self.codebook_size:
                 raise ValueError(f"level {level} has codes outside [0, {self.codebook_size})")
-        return codes, frames
+        return levels, frames
 
     def to_units(self, codes: list[torch.LongTensor]) -> torch.LongTensor:
         """The flat unit stream: frame after frame, `frame_levels` order within a frame, `level * codebook_size + code`."""
-        codes, frames = self._checked_codes(codes)
+        levels, frames = self._checked_codes(codes)
         table = torch.cat(
             [
                 c.reshape(frames, per_frame).cpu() + level * self.codebook_size
-                for level, (c, per_frame) in enumerate(zip(codes, self._codes_per_frame, strict=True))
+                for level, (c, per_frame) in enumerate(zip(levels, self._codes_per_frame, strict=True))
             ],
             dim=1,
         )

@@ -1207,7 +1207,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             shape = outputs.last_hidden_state.shape[:2]
             is_speech = speech_positions(config, input_ids, modality_ids, shape, logits.device)
             aux_loss, z_loss = modality_router_losses(outputs.router_logits, is_speech, config, attention_mask)
-            if loss is not None:
+            if loss is not None and labels is not None:  # (the loss comes from the labels)
                 router_loss = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
                 share = 1.0 if audio_logits is not None else accumulation_share(labels, kwargs)
                 loss = loss + share * router_loss.to(loss.device)

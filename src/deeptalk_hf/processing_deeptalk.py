@@ -692,15 +692,14 @@ class DeepTalkProcessor(ProcessorMixin):
         return self.codec
 
     def _encode_audio(self, waveform: Any, sampling_rate: int | None) -> list[int]:
-        self._require_codec()
+        codec = self._require_codec()
         if sampling_rate is None:
             raise ValueError(
                 "audio needs its sampling rate (sampling_rate= beside audio=, or an audio block's 'sampling_rate'; "
                 "the codec resamples to its own)"
             )
-        self._check_codec_units(self.codec)
-        codes = self.codec.encode(torch.as_tensor(waveform), sampling_rate)
-        return self.codec.to_units(codes).tolist()
+        self._check_codec_units(codec)
+        return codec.to_units(codec.encode(torch.as_tensor(waveform), sampling_rate)).tolist()
 
     def _check_codec_units(self, codec: AudioCodec) -> None:
         """Every unit the codec makes must be one of the tokenizer's speech units."""

@@ -310,6 +310,24 @@ def test_each_copy_of_a_sequence_hears_its_own_audios(expand):
         model.generate(**dict(batch, modality_ids=batch["modality_ids"][:1]), max_new_tokens=1, **expand)
 
 
+def test_the_placeholder_stays_suppressed_when_the_caller_suppresses_other_tokens():
+    """A `suppress_tokens=` of the caller's replaces the generation config's list in transformers: the placeholder,
+    which a model may prefer, must still never be generated (it has no audio to fill it)."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
+    audio_id = model.config.audio_token_id
+    with torch.no_grad():
+        model.language_model.lm_head.weight[audio_id] = 50.0  # a model that prefers the placeholder
+    batch = audio_batch(model.config, whisper_features(), [[BOS, audio_id, SEP]], [tone(300, 0.3)])
+    options = dict(
+        max_new_tokens=3, do_sample=False, pad_token_id=PAD, output_scores=True, return_dict_in_generate=True
+    )
+    for suppressed in ([5], [audio_id, 5], None):
+        out = model.generate(**batch, suppress_tokens=suppressed, **options)
+        assert all(scores[0, audio_id] == -float("inf") for scores in out.scores), suppressed
+        assert audio_id not in out.sequences[0, batch["input_ids"].shape[1] :].tolist()
+    assert model.generation_config.suppress_tokens == [audio_id]  # the model's own config is left as it was
+
+
 def test_text_only_input_is_the_language_model():
     model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
     input_ids = torch.randint(3, 60, (2, 7))
@@ -579,6 +597,23 @@ def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     with torch.no_grad():
         assert torch.equal(loaded.eval()(**batch).logits, logits)
+
+
+@pytest.mark.parametrize("adapter_width", [16, 32])
+def test_an_adapter_of_another_width_feeds_the_connector(adapter_width):
+    """With `add_adapter=True` the encoder's frames are `output_hidden_size` wide, which the connector must take."""
+    encoder_config = Wav2Vec2Config(
+        **CONV_ENCODER, add_adapter=True, num_adapter_layers=1, output_hidden_size=adapter_width
+    )
+    config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
+    model = DeepTalkForConditionalGeneration(config).eval()
+    assert model.speech_connector.linear_1.in_features == 5 * adapter_width
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True)
+    batch = audio_batch(config, extractor, [[BOS, config.audio_token_id, 5]], [tone(300, 0.25)])
+    with torch.no_grad():
+        frames = model.audio_encoder(batch["input_features"]).last_hidden_state
+        assert frames.shape[-1] == adapter_width
+        assert model(**batch).logits.isfinite().all()
 
 
 W2V_BERT = dict(

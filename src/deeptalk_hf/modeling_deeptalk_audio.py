@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedConfig
+from transformers import AutoModel, GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
@@ -74,6 +74,14 @@ def audio_frame_lengths(audio_config: PreTrainedConfig, feature_lengths: torch.T
     return lengths
 
 
+def audio_frame_width(audio_config: PreTrainedConfig) -> int:
+    """Width of the encoder's output frames: `hidden_size`, or an adapter's `output_hidden_size` (wav2vec2, WavLM,
+    w2v-bert with `add_adapter=True`)."""
+    if getattr(audio_config, "add_adapter", False):
+        return audio_config.output_hidden_size
+    return audio_config.hidden_size
+
+
 def audio_token_lengths(config: DeepTalkAudioConfig, feature_lengths: torch.Tensor) -> torch.Tensor:
     """Number of `<|audio|>` positions each audio fills: its encoder frames stacked by `stack_factor` (a partly
     filled last stack still makes a position)."""
@@ -86,7 +94,9 @@ class DeepTalkSpeechConnector(nn.Module):
     def __init__(self, config: DeepTalkAudioConfig):
         super().__init__()
         self.stack_factor = config.stack_factor
-        self.linear_1 = nn.Linear(config.stack_factor * config.audio_config.hidden_size, config.connector_hidden_size)
+        self.linear_1 = nn.Linear(
+            config.stack_factor * audio_frame_width(config.audio_config), config.connector_hidden_size
+        )
         self.act = ACT2FN[config.connector_hidden_act]
         self.linear_2 = nn.Linear(config.connector_hidden_size, config.text_config.hidden_size)
 
@@ -368,6 +378,15 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             }
         input_ids, kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kwargs)
         return input_ids, kwargs | features
+
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs) -> tuple:
+        """Every generation suppresses the placeholder: a `suppress_tokens=` of the caller's adds to it rather than
+        replaces it (a generated placeholder has no audio to fill it)."""
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        suppressed = generation_config.suppress_tokens or []
+        if self.config.audio_token_id not in suppressed:
+            generation_config.suppress_tokens = [*suppressed, self.config.audio_token_id]
+        return generation_config, model_kwargs
 
     def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
         """The LLM's step inputs (its `modality_ids` handling included); transformers passes `input_features` and

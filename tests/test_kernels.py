@@ -446,6 +446,36 @@ def test_decode_path_needs_no_sort(monkeypatch):
         assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+@pytest.mark.parametrize("grad", [False, True])  # the decode path (no autograd, few pairs) and the grouped one
+def test_ids_outside_the_experts_are_skipped_on_both_paths(grad):
+    """docs/kernels.md: an expert id outside [0, E) skips its slot, as `grouped_mm` does; a negative one too."""
+    case = dict(
+        num_tokens=1, hidden=16, inter=16, num_experts=8, top_k=2, num_used=8, sentinel_rate=0.0,
+        layout="contiguous", trainable="none", seed=5,
+    )  # fmt: skip
+    inputs, _ = build_case(case, torch.float32, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    index[0] = torch.tensor([3, -1])
+    assert fused_moe_module.use_decode_path(1, 2, 8)
+    skipped = index.clone()
+    skipped[0, 1] = 8
+    expected = K.moe_experts_reference(*upcast((x, gate_up, down, skipped, weights)))
+    with torch.set_grad_enabled(grad):
+        out = K.fused_moe_experts(x, gate_up, down, index, weights.requires_grad_(grad))
+    assert_close(out, expected, TOLERANCE[torch.float32], "a negative id")
+
+
+def test_weights_of_another_dtype_are_refused():
+    case = dict(
+        num_tokens=4, hidden=16, inter=16, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.0,
+        layout="contiguous", trainable="none", seed=6,
+    )  # fmt: skip
+    (x, gate_up, down, index, weights), _ = build_case(case, torch.float32, DEVICE)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="gate_up_proj is torch.float64"):
+            K.fused_moe_experts(x.double(), gate_up.double(), down.double(), index, weights.double())
+
+
 def test_decode_path_returns_the_hidden_states_dtype():
     """The per-pair kernels compute in the weights' dtype (fp16 weights, or fp16 autocast over fp32 weights) and,
     as the grouped path and eager's experts, return fp32 for fp32 hidden states."""

@@ -180,6 +180,12 @@ def fused_moe_experts(
         # Like `F.linear` in the eager experts: products in the autocast dtype, gradients back to the weights' dtype.
         dtype = torch.get_autocast_dtype(device_type)
         gate_up_proj, down_proj = gate_up_proj.to(dtype), down_proj.to(dtype)
+    for name, weight in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # e.g. float64: no tl.dot for it
+            raise TypeError(
+                f"fused_moe_experts computes in float32, float16 or bfloat16, but {name} is {weight.dtype}: use the "
+                "eager experts backend"
+            )
     x = hidden_states.to(gate_up_proj.dtype)
     tensors = (hidden_states, gate_up_proj, down_proj, top_k_weights)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -363,7 +363,7 @@ def _gate_up_decode_kernel(
     """One pair per program row: act[p, n] = silu(gate) * up as matrix-vector products (sentinel pairs skipped)."""
     pair = tl.program_id(0)
     expert = tl.load(index_ptr + pair)
-    if expert >= NUM_EXPERTS:
+    if (expert < 0) | (expert >= NUM_EXPERTS):  # ids outside [0, E) are skipped, as on the grouped path
         return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -405,7 +405,7 @@ def _down_decode_kernel(
     for slot in range(TOP_K):
         pair = token * TOP_K + slot
         expert = tl.load(index_ptr + pair)
-        if expert < NUM_EXPERTS:
+        if (expert >= 0) & (expert < NUM_EXPERTS):
             a_ptrs = act_ptr + pair.to(tl.int64) * K + ks
             w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[:, None] * stride_wn + ks[None, :] * stride_wk
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)

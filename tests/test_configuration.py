@@ -45,6 +45,8 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(num_attention_heads=0), "num_attention_heads"),
         (dict(head_dim=3), "head_dim=3 must be even"),
         (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+        (dict(intermediate_size=-4), "{'intermediate_size': -4}"),  # the dense layer's MLP (mlp_only_layers=[1])
+        (dict(intermediate_size=0), "{'intermediate_size': 0}"),
         (dict(sliding_window=1), "sliding_window=1"),
         (dict(sliding_window=0), "sliding_window=0"),
         (dict(clip_qkv=float("nan")), "clip_qkv"),

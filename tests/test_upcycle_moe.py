@@ -261,13 +261,18 @@ def test_source_variants_import_as_the_source(kind):
         assert max_diff(model(ids).logits[..., :VOCAB], source(ids).logits) > 1e-3
 
 
-def test_router_loss_coefficient_is_carried():
-    """Each family's `router_aux_loss_coef` is carried into the config (not replaced by the DeepTalk default)."""
+def test_router_settings_are_carried():
+    """Each family's `router_aux_loss_coef` and `output_router_logits` are carried into the config (not replaced by
+    the DeepTalk defaults): with the latter, evaluation returns the router logits and adds the balancing loss."""
     for kind in FAMILIES:
         source = source_model(kind)
         source.config.router_aux_loss_coef = 0.037
-        config = upcycle_moe(source).config
-        assert config.router_aux_loss_coef == 0.037, kind
+        source.config.output_router_logits = True
+        model = upcycle_moe(source).eval()
+        assert model.config.router_aux_loss_coef == 0.037 and model.config.output_router_logits, kind
+        ids = torch.randint(0, VOCAB, (1, 6))
+        with torch.no_grad():
+            assert model(ids, labels=ids).router_logits, kind
 
 
 def test_olmoe_clipping_is_exercised():

@@ -285,6 +285,8 @@ class DeepTalkConfig(PreTrainedConfig):
             "num_key_value_heads": self.num_key_value_heads,
             "moe_intermediate_size": self.moe_intermediate_size,
         }
+        if self.mlp_only_layers:  # the dense layers' MLP width
+            sizes["intermediate_size"] = self.intermediate_size
         if mla:
             sizes |= {"kv_lora_rank": self.kv_lora_rank, "v_head_dim": self.v_head_dim}
             sizes |= {

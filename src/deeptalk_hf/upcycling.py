@@ -131,6 +131,7 @@ def _common_fields(source: PretrainedConfig, speech_vocab_size: int, dtype: torc
         rms_norm_eps=source.rms_norm_eps,
         use_cache=source.use_cache,
         tie_word_embeddings=source.tie_word_embeddings,
+        output_router_logits=_declared(source, "output_router_logits") or False,  # MoE sources: eval outputs and loss
         rope_parameters=copy.deepcopy(source.rope_parameters),
         attention_dropout=source.attention_dropout,
         pad_token_id=source.pad_token_id,

@@ -342,7 +342,7 @@ def main() -> None:
     )
     parser.add_argument("--question-seconds", type=float, default=2.0, help="length of the spoken question")
     parser.add_argument("--text-tokens", type=int, default=13, help="text tokens in the answer (0 for none)")
-    parser.add_argument("--units", type=int, default=7 * 8, help="speech units in the answer")
+    parser.add_argument("--units", type=int, default=7 * 8, help="speech units in the answer (whole frames of 7)")
     parser.add_argument("--audio-chunk-frames", type=int, default=2, help="codec frames per streamed audio chunk")
     parser.add_argument("--decode-steps", type=int, default=20, help="decode steps timed alone (their median)")
     parser.add_argument(
@@ -360,6 +360,8 @@ def main() -> None:
     args = parser.parse_args()
 
     processor, model, codec = build(args)
+    if args.units < 1 or args.units % codec.units_per_frame:  # both modes answer in whole codec frames
+        parser.error(f"--units must be a positive multiple of {codec.units_per_frame} (whole SNAC frames)")
     modes = {args.policy: partial(run_once, args, processor, model, codec)}
     if args.parallel:
         parallel_model = new_parallel_model(args, processor, codec)

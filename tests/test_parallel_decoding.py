@@ -441,12 +441,76 @@ def test_the_text_stream_ends_at_the_end_ids_of_the_argument_or_the_generation_c
         (dict(num_return_sequences=2, do_sample=True), "num_return_sequences > 1"),
         (dict(cache_implementation="static"), "cache_implementation='static'"),
         (dict(modality_ids=torch.zeros(4, 5, dtype=torch.long)), "modality_ids"),
+        (dict(min_new_tokens=2), "min_new_tokens / min_length"),
+        (dict(min_length=8), "min_new_tokens / min_length"),
     ],
 )
 def test_options_that_would_split_an_items_streams_are_refused_by_name(options, named):
     model = DeepTalkForCausalLM(parallel_config()).eval()
     with pytest.raises(ValueError, match=f"does not support {named}"):
         model.generate(text_query(model.config, batch=1), max_new_tokens=3, **options)
+
+
+def test_a_static_cache_object_is_refused_by_name():
+    from transformers import StaticCache
+
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    with pytest.raises(ValueError, match="does not support a StaticCache"):
+        model.generate(text_query(model.config, batch=1), max_new_tokens=3, cache=cache)
+
+
+def test_free_audio_rows_emit_only_codes_and_their_end():
+    """Audio specials need not follow the codes: an id between the codes and the specials is neither, and reading the
+    codes back would drop it and shift the later frames, so the pattern never lets an audio stream emit it."""
+    config = parallel_config(
+        initializer_range=0.3, audio_pad_token_id=20, audio_bos_token_id=21, audio_eos_token_id=22
+    )
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(config).eval()
+    query = torch.cat([torch.randint(3, 60, (2, 1, 5)), torch.full((2, 3, 5), 20)], dim=1)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        audio = model.generate(query, max_new_tokens=12, do_sample=True)[:, 1:, 5:]
+        assert ((audio < 10) | (audio >= 20)).all() and (audio < 10).any()
+
+
+def test_speech_answer_may_be_given_per_item():
+    """A batch mixing speech and text-only answers: each item is what it gives alone with its own setting."""
+    torch.manual_seed(5)
+    model = DeepTalkForCausalLM(parallel_config(initializer_range=0.3)).eval()
+    query = text_query(model.config)
+    options = dict(max_new_tokens=10, do_sample=False)
+    mixed = model.generate(query, speech_answer=[True, False], **options)
+    for item, speech in enumerate((True, False)):
+        alone = model.generate(query[item : item + 1], speech_answer=speech, **options)
+        assert torch.equal(mixed[item, :, : alone.shape[-1]], alone[0])
+        assert (
+            mixed[item, :, alone.shape[-1] :] == torch.tensor([0, *[model.config.audio_pad_token_id] * 3])[:, None]
+        ).all()
+    assert (mixed[1, 1:] == model.config.audio_pad_token_id).all()
+    for bad in ([True], torch.tensor([1, 0]), [[True, False]]):
+        with pytest.raises(ValueError, match=r"speech_answer must be a bool or one bool per item \(2 items\)"):
+            model.generate(query, speech_answer=bad, **options)
+    with pytest.raises(ValueError, match="needs speech_answer=True for every item"):
+        model.generate(query, speech_answer=[True, False], batch_parallel=True, **options)
+
+
+def test_a_batch_parallel_turns_cache_continues_the_conversation():
+    """The cache that batch parallel decoding returns is the returned sequences' (one row per item): the next turn
+    from it, with or without batch parallel decoding, is the next turn recomputed."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(parallel_config(initializer_range=0.3)).eval()
+    options = dict(max_new_tokens=8, do_sample=False)
+    first = model.generate(text_query(model.config), batch_parallel=True, return_dict_in_generate=True, **options)
+    assert first.cache.layers[0].keys.shape[0] == 2
+    following = torch.cat([first.sequences, text_query(model.config, length=3)], dim=-1)
+    for batch_parallel in (True, False):
+        recomputed = model.generate(following, batch_parallel=batch_parallel, **options)
+        cache = copy.deepcopy(first.cache)
+        assert torch.equal(
+            model.generate(following, cache=cache, batch_parallel=batch_parallel, **options), recomputed
+        )
 
 
 def test_a_generation_config_may_be_passed_positionally_as_in_transformers():

@@ -150,10 +150,11 @@ class DelayPatternLogitsProcessor(_ParallelStreamsRule, LogitsProcessor):
         forced = torch.where(audio_pad, config.audio_pad_token_id, forced)
         forced = torch.where(is_audio & speech & (step == delay - 1), config.audio_bos_token_id, forced)
 
-        scores = scores.clone()
-        free_audio = is_audio & (forced < 0)
-        for special in (config.audio_pad_token_id, config.audio_bos_token_id):
-            scores[free_audio, special] = -float("inf")
+        # A free audio row emits a code or its end code: any other id (pad, begin, or one between the codes and the
+        # specials) would be dropped when reading the codes back, shifting the later frames.
+        vocab = torch.arange(scores.shape[-1], device=device)
+        not_code = (vocab >= config.audio_codebook_size) & (vocab != config.audio_eos_token_id)
+        scores = scores.masked_fill((is_audio & (forced < 0))[:, None] & not_code, -float("inf"))
         rows = (forced >= 0).nonzero().squeeze(-1)
         scores[rows] = -float("inf")
         scores[rows, forced[rows]] = 0.0

@@ -1283,7 +1283,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         streams, `inputs` is `[batch, 1 + S, seq]` in the delayed layout and so is the result (`revert_delay_pattern`
         / `audio_codes_per_stream` read the codes back).
 
-        speech_answer (`bool`, defaults to `True`):
+        speech_answer (`bool` or one `bool` per item, defaults to `True`):
             Parallel streams only: answer in speech (audio streams follow the delay pattern and generation stops when
             every audio stream has ended) or in text only (audio streams emit pad; stops at the text end).
         batch_parallel (`bool`, defaults to `False`):
@@ -1300,10 +1300,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
 
         setting = generation_config or self.generation_config
         cache_implementation = kwargs.get("cache_implementation", setting.cache_implementation)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         refused = {
             "num_beams > 1": (kwargs.get("num_beams") or setting.num_beams or 1) > 1,
             "num_return_sequences > 1": (kwargs.get("num_return_sequences") or setting.num_return_sequences or 1) > 1,
             f"cache_implementation={cache_implementation!r}": cache_implementation not in (None, "dynamic"),
+            f"a {type(cache).__name__}": cache is not None and type(cache) is not DynamicCache,
+            # transformers enforces them through the end ids, which here are per stream (the text's can be a code)
+            "min_new_tokens / min_length": bool(kwargs.get("min_new_tokens", setting.min_new_tokens))
+            or bool(kwargs.get("min_length", setting.min_length)),
             "inputs_embeds": "inputs_embeds" in kwargs,
             "modality_ids (the streams decide each position's modality)": "modality_ids" in kwargs,
             "an assistant model": kwargs.get("assistant_model") is not None,
@@ -1337,11 +1342,24 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
             padding = (input_ids[:, 0] == pad_token_id) & (input_ids[:, 1:] == config.audio_pad_token_id).all(1)
             attention_mask = (~padding).long()
-        speech_answer = True if speech_answer is None else bool(speech_answer)
-        speech = torch.full((batch,), speech_answer, dtype=torch.bool)
+        speech = torch.as_tensor(True if speech_answer is None else speech_answer)
+        if speech.dim() == 0:  # one truth value for every item
+            speech = torch.full((batch,), bool(speech))
+        if speech.dtype != torch.bool or tuple(speech.shape) != (batch,):
+            raise ValueError(
+                f"speech_answer must be a bool or one bool per item ({batch} items), got {speech_answer!r}"
+            )
+        speech = speech.cpu().clone()
         if batch_parallel:
-            if not speech_answer:
-                raise ValueError("batch_parallel=True drives a speech answer; it needs speech_answer=True")
+            if not speech.all():
+                raise ValueError(
+                    "batch_parallel=True drives speech answers; it needs speech_answer=True for every item"
+                )
+            if cache is not None and cache.get_seq_length():  # a previous turn's: its copies continue the same history
+                rows = next(layer.keys.shape[0] for layer in cache.layers if layer.is_initialized)
+                if rows != batch:
+                    raise ValueError(f"the cache holds {rows} rows but the batch has {batch} items")
+                cache.reorder_cache(torch.arange(batch).repeat(2))
             input_ids = torch.cat([input_ids, input_ids])
             attention_mask = torch.cat([attention_mask, attention_mask])
             speech = torch.cat([speech, torch.zeros_like(speech)])
@@ -1361,6 +1379,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         sequences = sequences.view(-1, streams, sequences.shape[-1])
         if batch_parallel:
             sequences = torch.cat([sequences[batch:, :1], sequences[:batch, 1:]], dim=1)
+            # The cache of the returned sequences is the speech answers' (their text stream read the copies' text);
+            # the copies' rows never saw the answers' audio.
+            for returned in {id(c): c for c in (cache, getattr(output, "cache", None)) if c is not None}.values():
+                returned.batch_select_indices(torch.arange(batch))
         if isinstance(output, torch.Tensor):
             return sequences
         output.sequences = sequences

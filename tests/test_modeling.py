@@ -101,6 +101,15 @@ def test_qwen3_moe_checkpoint_loads_without_a_config_and_other_layouts_are_refus
     input_ids = torch.randint(0, 97, (2, 12))
     with torch.no_grad():
         assert (source(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
+    # A `layer_types` in its config.json (e.g. copied from a dense Qwen3's) is saved but ignored by Qwen3-MoE, whose
+    # window covers every layer: read alike.
+    layer_types = ["full_attention", "sliding_attention", "full_attention"]
+    windowed = Qwen3MoeConfig(**QWEN_FIELDS, use_sliding_window=True, sliding_window=4, layer_types=layer_types)
+    source = Qwen3MoeForCausalLM(windowed).eval()
+    source.save_pretrained(tmp_path / "windowed")
+    model = DeepTalkForCausalLM.from_pretrained(tmp_path / "windowed").eval()
+    with torch.no_grad():
+        assert (source(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="lacks .* tensors.*upcycle_checkpoint"):
         DeepTalkForCausalLM.from_pretrained(tmp_path / "qwen3_moe", speech_attention=True)
     dense = tmp_path / "llama"

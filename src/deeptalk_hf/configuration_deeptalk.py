@@ -189,7 +189,9 @@ class DeepTalkConfig(PreTrainedConfig):
         kwargs.pop("qk_head_dim", None)  # derived (a property)
         # A source checkpoint's type (a Qwen3-MoE config read into this class): the model is a DeepTalk model, and its
         # checkpoint conversion (experts fused on load) is registered under "deeptalk".
-        kwargs.pop("model_type", None)
+        if kwargs.pop("model_type", None) == "qwen3_moe":  # whose model ignores a saved `layer_types`: a window
+            self.layer_types = None  # covers every layer
+
         if self.kv_lora_rank is not None:  # MLA: RoPE covers the rope part of each head (as in DeepSeek's configs)
             self.head_dim = self.qk_rope_head_dim
         elif self.head_dim is None and self.num_attention_heads > 0:  # 0 heads: refused by `validate_deeptalk`

@@ -319,6 +319,13 @@ def test_modality_ids_other_than_0_and_1_are_refused_except_on_padding():
     assert torch.equal(model.generate(input_ids, modality_ids=padded, **kwargs), generated)
     with pytest.raises(ValueError, match=r"got \[2\]"):
         model.generate(input_ids, modality_ids=torch.tensor([[0, 2, 1], [0, 0, 0]]), **kwargs)
+    # with the static cache the model gets a prepared mask, but generate checked the prompt's padding as given
+    static = model.generate(input_ids, modality_ids=padded, cache_implementation="static", **kwargs)
+    assert torch.equal(static, generated)
+    with pytest.raises(ValueError, match=r"got \[2\]"):
+        model.generate(input_ids, modality_ids=padded + 2 * (padded == 0), cache_implementation="static", **kwargs)
+    with pytest.raises(ValueError, match=r"modality_ids has shape \(1, 3\) but the input has \(2, 3\)"):
+        model(input_ids, attention_mask=attention_mask, modality_ids=padded[:1])
 
 
 @pytest.mark.parametrize("grad", [True, False])  # without autograd a one-modality batch reads only its own table

@@ -189,6 +189,9 @@ def test_truncation_padding_to_a_multiple_is_checked_as_by_the_tokenizer():
             PROCESSOR(text=texts, **options)
         options["max_length"] = 6
         assert PROCESSOR(text=texts, **options)["input_ids"] == PROCESSOR.tokenizer(texts, **options)["input_ids"]
+        del options["max_length"]  # truncation to a tokenizer without a length limit: none, as the tokenizer does
+        if padding is True:
+            assert PROCESSOR(text=texts, **options)["input_ids"] == PROCESSOR.tokenizer(texts, **options)["input_ids"]
 
 
 @pytest.mark.parametrize("return_tensors", ["pt", "np"])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import utils as hub_utils
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from .modality import (
@@ -450,10 +450,14 @@ def profile_main(argv: list[str] | None = None) -> int:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as error:  # AssertionError: a torch built without CUDA
             raise ValueError(f"--device {device} cannot be used: {error}") from error
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=args.dtype or "auto").to(device)
-        except (OSError, ValueError, KeyError) as error:
-            raise CheckpointError(f"cannot load {args.model}: {error}") from error
+
+        def load_model(dtype: str) -> PreTrainedModel:
+            try:
+                return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+            except (OSError, ValueError, KeyError) as error:
+                raise CheckpointError(f"cannot load {args.model}: {error}") from error
+
+        model = load_model(args.dtype or "auto").to(device)
         if not isinstance(model, DeepTalkForCausalLM):
             raise CheckpointError(
                 f"{args.model} is a {type(model).__name__}; profile a DeepTalk model (upcycle or import it first)"
@@ -500,10 +504,8 @@ def profile_main(argv: list[str] | None = None) -> int:
                 raise DataError(
                     f"{args.data} has no {' and no '.join(missing)} tokens; assigning needs both modalities"
                 )
-            if (
-                args.dtype is not None
-            ):  # profiled in another dtype: split the weights as stored, which save as they are
-                model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+            if args.dtype is not None:  # profiled in another dtype: split the stored weights, which save as they are
+                model = load_model("auto")
             chosen = assign_modality_experts(
                 model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed
             )

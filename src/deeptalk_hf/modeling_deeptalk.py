@@ -65,6 +65,7 @@ def check_prompt_modality_ids(input_ids: torch.Tensor, model_kwargs: dict) -> No
     have grown since)."""
     if (modality_ids := model_kwargs.get("modality_ids")) is None:
         return
+    check_modality_ids_values(modality_ids, model_kwargs.get("attention_mask"))
     prompt = model_kwargs.get("inputs_embeds")
     if prompt is not None:
         check_modality_ids_shape(modality_ids, prompt.shape[:2])
@@ -81,13 +82,17 @@ def check_prompt_modality_ids(input_ids: torch.Tensor, model_kwargs: dict) -> No
 
 def check_modality_ids_values(modality_ids: torch.Tensor | None, attention_mask: torch.Tensor | dict | None) -> None:
     """Any value but 0 and 1 would route as text, silently; padding (0 in a 2D `attention_mask`, whose last columns
-    are the input's) may hold anything. Checked eagerly only: a host sync."""
-    if modality_ids is None or torch.compiler.is_compiling():
+    are the input's) may hold anything. Checked eagerly, on integer ids of a known shape (a host sync): booleans are
+    0 and 1 (what `generate` passes at each step, having checked the prompt's), and where the mask is prepared (a
+    per-layer dict, 4D) the padding is not known."""
+    if modality_ids is None or modality_ids.dtype == torch.bool or torch.compiler.is_compiling():
         return
     wrong = (modality_ids != 0) & (modality_ids != 1)
-    mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None  # not a prepared per-layer dict
-    if mask is not None and mask.dim() == 2 and mask.shape[1] >= wrong.shape[-1]:
-        wrong = wrong & mask[:, mask.shape[1] - wrong.shape[-1] :].to(wrong.device).bool()
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            return
+        if attention_mask.shape[0] == wrong.shape[0] and attention_mask.shape[1] >= wrong.shape[-1]:
+            wrong = wrong & attention_mask[:, attention_mask.shape[1] - wrong.shape[-1] :].to(wrong.device).bool()
     if wrong.any():
         raise ValueError(
             f"modality_ids must be 0 (text) or 1 (speech) where attention_mask is not 0, got "
@@ -840,7 +845,6 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         config = self.config  # each attribute read costs ~1 us: read each once per forward
         routing = config.modality_routing
         check_modality_routing(routing)  # it may be switched on a built model
-        check_modality_ids_values(modality_ids, attention_mask)
         if use_cache and cache is None:
             cache = DynamicCache(config=config)
         modality_split = None
@@ -858,6 +862,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             modality_split = ModalitySplit(
                 speech_positions(config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device)
             )
+            check_modality_ids_values(modality_ids, attention_mask)  # (its shape checked by `speech_positions`)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -1210,7 +1215,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             if loss is not None and labels is not None:  # (the loss comes from the labels)
                 router_loss = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
                 share = 1.0 if audio_logits is not None else accumulation_share(labels, kwargs)
-                loss = loss + share * router_loss.to(loss.device)
+                loss = loss + torch.as_tensor(share, device=loss.device) * router_loss.to(loss.device)
 
         if flattened:
             width = max(logits.shape[-1], audio_logits.shape[-1])
@@ -1252,14 +1257,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             return model_inputs
         cache = model_inputs.get("cache")
         past = cache.get_seq_length() if cache is not None else 0
+        # As booleans (1 is speech; padding may hold anything): `generate` checked the prompt's values once.
         if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids of its uncached positions
-            model_inputs["modality_ids"] = modality_ids[:, past : past + model_inputs["inputs_embeds"].shape[1]]
+            model_inputs["modality_ids"] = modality_ids[:, past : past + model_inputs["inputs_embeds"].shape[1]] == 1
             return model_inputs
         covered = min(modality_ids.shape[1] - past, step_ids.shape[1])
         if covered <= 0:  # past the prompt's modality ids, the model reads the same modality from the ids themselves
             return model_inputs
-        step_modality = (step_ids >= self.config.speech_token_start).to(modality_ids.dtype)
-        step_modality[:, :covered] = modality_ids[:, past : past + covered]
+        step_modality = step_ids >= self.config.speech_token_start
+        step_modality[:, :covered] = modality_ids[:, past : past + covered] == 1
         model_inputs["modality_ids"] = step_modality
         return model_inputs
 

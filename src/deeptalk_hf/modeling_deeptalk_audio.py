@@ -339,10 +339,10 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.language_model.model.embed(input_ids)
             inputs_embeds = self._merge_audio(input_ids, inputs_embeds, input_features, input_features_mask, cache)
-        check_modality_ids_values(modality_ids, attention_mask)
         is_speech = speech_positions(
             self.config.text_config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device
         )
+        check_modality_ids_values(modality_ids, attention_mask)
         if input_ids is not None:
             is_speech = is_speech | (input_ids == self.config.audio_token_id).to(is_speech.device)
         return self.language_model(
@@ -353,7 +353,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
-            modality_ids=is_speech.long(),
+            modality_ids=is_speech,  # booleans: checked above
             **kwargs,
         )
 

@@ -24,7 +24,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.generation import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokenizerBase
 
 from .audio_codecs import has_integer_dtype
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
@@ -574,7 +574,9 @@ class DeepTalkProcessor(ProcessorMixin):
         if truncating:
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             multiple = text_kwargs.get("pad_to_multiple_of")
-            if multiple and text_kwargs.get("padding") not in (None, False, "do_not_pad") and limit % multiple:
+            bounded = max_length is not None or limit <= LARGE_INTEGER  # else the tokenizer does not truncate at all
+            padding = text_kwargs.get("padding") not in (None, False, "do_not_pad")
+            if multiple and padding and bounded and limit % multiple:
                 # the tokenizer's own check, which its `pad` below cannot make: it no longer sees `max_length`
                 raise ValueError(
                     f"Truncation and padding are both activated but truncation length ({limit}) is not a multiple of "

@@ -334,10 +334,11 @@ def test_ids_outside_the_vocabulary_are_refused_by_name(bad, grad):
     model = DeepTalkForCausalLM(tiny_config())  # 64 text ids, 16 speech ids
     with torch.set_grad_enabled(grad):
         for input_ids in ([[3, bad, 70]], [[bad]], [[70, bad]]):
-            with pytest.raises(
-                ValueError, match=r"input_ids range from .* outside the vocabulary \[0, 80\) \(text ids below 64"
-            ):
-                model(torch.tensor(input_ids))
+            for call in (model, model.model.embed):  # `embed` builds a user's `inputs_embeds`
+                with pytest.raises(
+                    ValueError, match=r"input_ids range from .* outside the vocabulary \[0, 80\) \(text ids below 64"
+                ):
+                    call(torch.tensor(input_ids))
 
 
 class Collect(BaseStreamer):

@@ -789,9 +789,19 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             # Pad adds nothing, so a text position (all audio streams pad) is exactly the single-stream model's.
             audio = audio.masked_fill((audio_ids == config.audio_pad_token_id).unsqueeze(-1), 0.0).sum(dim=1)
             return self.embed(input_ids[:, 0]) + audio
-        if not config.speech_vocab_size:
+        try:
+            return self._lookup(input_ids, split)
+        except IndexError as error:  # torch's message names no table and no range (CPU; CUDA asserts instead)
+            raise ValueError(
+                f"input_ids range from {input_ids.min().item()} to {input_ids.max().item()}, outside the vocabulary "
+                f"[0, {config.vocab_size}) (text ids below {config.speech_token_start}, speech ids from it)"
+            ) from error
+
+    def _lookup(self, input_ids: torch.Tensor, split: ModalitySplit | None) -> torch.Tensor:
+        """`embed` of 2D ids."""
+        if not self.config.speech_vocab_size:
             return self.embed_tokens(input_ids)
-        start = config.speech_token_start
+        start = self.config.speech_token_start
         if split is not None:
             num_speech = split.speech_rows.numel()
             if num_speech == 0:
@@ -850,14 +860,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         modality_split = None
         if inputs_embeds is None:
             modality_split = self._ids_split(input_ids, modality_ids, routing)
-            try:
-                inputs_embeds = self.embed(input_ids, modality_split)
-            except IndexError as error:  # torch's message names no table and no range (CPU; CUDA asserts instead)
-                ids = input_ids if input_ids.dim() == 2 else input_ids[:, 0]  # audio streams are checked in `embed`
-                raise ValueError(
-                    f"input_ids range from {ids.min().item()} to {ids.max().item()}, outside the vocabulary "
-                    f"[0, {config.vocab_size}) (text ids below {config.speech_token_start}, speech ids from it)"
-                ) from error
+            inputs_embeds = self.embed(input_ids, modality_split)
         if modality_split is None:
             modality_split = ModalitySplit(
                 speech_positions(config, input_ids, modality_ids, inputs_embeds.shape[:2], inputs_embeds.device)

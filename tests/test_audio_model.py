@@ -35,6 +35,7 @@ from deeptalk_hf import (
     audio_token_lengths,
     expand_audio_placeholders,
     extract_audio_features,
+    lora_config_for_stage,
     set_training_stage,
 )
 
@@ -625,6 +626,35 @@ W2V_BERT = dict(
     conv_depthwise_kernel_size=7,
     mask_time_prob=0.0,
 )
+
+
+@pytest.mark.parametrize(
+    "encoder_config", [WavLMConfig(**CONV_ENCODER), Wav2Vec2BertConfig(**W2V_BERT)], ids=["wavlm", "w2v-bert"]
+)
+def test_align_lora_on_the_top_encoder_layer_adapts_only_what_trains(encoder_config):
+    """WavLM's attention hands its projections' weights to `F.multi_head_attention_forward` (a LoRA wrapper would never
+    run) and w2v-bert's depthwise convolution is grouped (PEFT refuses a rank its groups do not divide): both are left
+    out; every adapter that remains gets a gradient."""
+    from peft import get_peft_model
+
+    config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
+    model = DeepTalkForConditionalGeneration(config)
+    lora = lora_config_for_stage(model, "align", also=model.audio_encoder_top_layers(1), r=8)
+    assert not any(".attention." in t or "depthwise" in t for t in lora.target_modules), lora.target_modules
+    assert any("intermediate_dense" in t for t in lora.target_modules)  # the top layer's feed-forward is adapted
+    adapted = get_peft_model(model, lora)
+    if isinstance(encoder_config, Wav2Vec2BertConfig):
+        extractor = SeamlessM4TFeatureExtractor(
+            feature_size=80, sampling_rate=SAMPLING_RATE, return_attention_mask=True
+        )
+    else:
+        extractor = Wav2Vec2FeatureExtractor(
+            sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True
+        )
+    batch = audio_batch(config, extractor, [[BOS, config.audio_token_id, 5]], [tone(300, 0.25)])
+    adapted(**batch, labels=batch["input_ids"]).loss.backward()
+    factors = {name: p.grad for name, p in adapted.named_parameters() if "lora_" in name}
+    assert factors and all(grad is not None for grad in factors.values())
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,9 @@ NEW_SPEECH_MODULES = (
     "speech_connector",
 )
 TIED_SPEECH_MODULES = ("speech_embed_tokens", "speech_lm_head")  # tied to each other under `tie_word_embeddings`
+# Modules whose projections' weights they pass to `F.multi_head_attention_forward` themselves: a LoRA wrapper's
+# forward would never run (its factors would not train, and merging would change the model).
+_WEIGHTS_READ_DIRECTLY = ("WavLMAttention",)
 
 
 def _shortest_suffixes(chosen: set[str], universe: Iterable[str]) -> list[str]:
@@ -88,9 +91,17 @@ def lora_config_for_stage(
                 modules_to_save.add(".".join(path[: new + 1]))
             continue
         module = modules[module_name]
+        parent = modules[module_name.rpartition(".")[0]]
         if isinstance(module, DeepTalkExperts):
             target_parameters.add(name)
-        elif isinstance(module, (nn.Linear, nn.Conv1d)) and param_name == "weight" and module is not output_embeddings:
+        elif (
+            isinstance(module, (nn.Linear, nn.Conv1d))
+            and param_name == "weight"
+            and module is not output_embeddings
+            and type(parent).__name__ not in _WEIGHTS_READ_DIRECTLY
+            and getattr(module, "groups", 1)
+            == 1  # PEFT needs a grouped (depthwise) convolution's rank divisible by it
+        ):
             target_modules.add(module_name)
     adapted = target_parameters | {f"{module}.weight" for module in target_modules}
     if also and not any(fnmatchcase(name, pattern) for name in adapted for pattern in also):

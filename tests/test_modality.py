@@ -574,6 +574,10 @@ def test_joint_align_and_also(tmp_path_factory):
         set_training_stage(model, "listen")
     with pytest.raises(ValueError, match="matches no parameter"):
         set_training_stage(model, "text", also=("*.attention.*",))
+    # A tied tensor may be named by any of its names: a tied head is the embeddings.
+    tied = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
+    assert "model.embed_tokens.weight" in set_training_stage(tied, "text", also=("lm_head.weight",))
+    assert tied.lm_head.weight.requires_grad
     # One pattern passed as a string is named as such, not read as one pattern per character ("*" would match all).
     with pytest.raises(TypeError, match=r"also='\*\.self_attn\.\*' is one string.*also=\('\*\.self_attn\.\*',\)"):
         set_training_stage(model, "speech", also="*.self_attn.*")

@@ -566,10 +566,14 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
         "joint": lambda name: "audio_encoder" not in name,
         "align": lambda name: "speech_connector" in name,
     }
+    # `also` may name a tied tensor by any of its names (a tied `lm_head.weight` is listed as the embeddings').
+    canonical = {id(param): name for name, param in model.named_parameters()}
+    aliases = [(alias, canonical[id(param)]) for alias, param in model.named_parameters(remove_duplicate=False)]
     for pattern in also:
-        if not any(fnmatchcase(name, pattern) for name in names):
+        if not any(fnmatchcase(alias, pattern) for alias, _ in aliases):
             raise ValueError(f"also pattern {pattern!r} matches no parameter of the model")
-    trainable = [name for name in names if rules[stage](name) or any(fnmatchcase(name, pattern) for pattern in also)]
+    by_also = {name for alias, name in aliases if any(fnmatchcase(alias, pattern) for pattern in also)}
+    trainable = [name for name in names if rules[stage](name) or name in by_also]
     if not trainable:
         reason = {
             "speech": "it has no speech tensors (speech vocabulary, experts or attention): add them first, e.g. with "

@@ -222,15 +222,24 @@ def spoken_question(args) -> list[dict]:
 
 def stream_answer(model, streamer, start: float, prepared: float, **generate_kwargs) -> dict[str, float]:
     """Run `generate` in a thread and time the streamer's first event of each kind, all from `start`."""
-    generation = threading.Thread(
-        target=model.generate, kwargs=dict(streamer=streamer, do_sample=False, **generate_kwargs)
-    )
+    failures: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            model.generate(streamer=streamer, do_sample=False, **generate_kwargs)
+        except BaseException as error:  # raised here below, not left to the thread (the stream would wait for it)
+            failures.append(error)
+            streamer.end()
+
+    generation = threading.Thread(target=generate)
     generation.start()
     firsts: dict[str, float] = {}
     for event in streamer:
         kind = {TextDelta: "first_text_s", SpeechChunk: "first_unit_s", AudioChunk: "first_audio_s"}[type(event)]
         firsts.setdefault(kind, time.perf_counter() - start)
     generation.join()
+    if failures:
+        raise failures[0]
     timings = {"prepare_s": prepared - start, **firsts, "answer_total_s": time.perf_counter() - start}
     if "first_audio_s" in firsts:  # the generation side alone: codec encoding of the question dominates `prepare_s`
         timings["prompt_to_first_audio_s"] = firsts["first_audio_s"] - timings["prepare_s"]
@@ -359,6 +368,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    if min(args.runs, args.decode_steps) < 1:
+        parser.error("--runs and --decode-steps must be at least 1")
     processor, model, codec = build(args)
     if args.units < 1 or args.units % codec.units_per_frame:  # both modes answer in whole codec frames
         parser.error(f"--units must be a positive multiple of {codec.units_per_frame} (whole SNAC frames)")

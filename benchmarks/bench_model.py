@@ -9,6 +9,7 @@ the same inputs. The goal is DeepTalk >= 0.95x Qwen3-MoE: modality routing shoul
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -30,7 +31,7 @@ def build(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
         moe_intermediate_size=args.expert_size,
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(1, args.hidden // 256),
+        num_key_value_heads=math.gcd(args.hidden // 64, max(1, args.hidden // 256)),  # a divisor of the heads
         head_dim=64,
         num_experts_per_tok=args.top_k,
         norm_topk_prob=True,
@@ -107,6 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.hidden < 64 or args.hidden % 64:
         parser.error(f"--hidden {args.hidden} must be a positive multiple of 64 (attention heads of 64)")
+    if not 1 <= args.top_k <= args.experts:
+        parser.error(f"--top-k {args.top_k} must be in [1, --experts {args.experts}] (DeepTalk routes within a group)")
+    if min(args.repeats, args.decode_tokens) < 1:
+        parser.error("--repeats and --decode-tokens must be at least 1")
 
     models = build(args)
     input_ids = mixed_batch(args)

@@ -117,7 +117,7 @@ def run(args) -> list[dict]:
     free = torch.cuda.mem_get_info()[0] if HAS_CUDA else None
     for shape in (args.shapes if HAS_CUDA else None) or list(shapes):
         hidden, inter, experts, top_k = shapes[shape]
-        for tokens in args.tokens or (TOKENS if HAS_CUDA else CPU_TOKENS):
+        for tokens in args.tokens:
             torch.manual_seed(0)
             module, x, index, weights = make_problem(hidden, inter, experts, top_k, tokens, dtype, device)
             module.config._experts_implementation = "grouped_mm"
@@ -128,6 +128,7 @@ def run(args) -> list[dict]:
             scale = expected.abs().max().item()
             flops = 6 * hidden * inter * tokens * top_k
             for mode in args.modes:
+                group = len(results)  # this problem's rows, printed once all are timed (the ratios need them all)
                 for backend in args.backends:
                     row = dict(shape=shape, tokens=tokens, mode=mode, backend=backend, ms=None, tflops=None, note="")
                     if backend == "batched_mm" and free is not None:
@@ -147,6 +148,7 @@ def run(args) -> list[dict]:
                     results.append(row)
                     if HAS_CUDA:
                         torch.cuda.empty_cache()
+                for row in results[group:]:
                     print(format_row(row, results), flush=True)
             del module, x, index, weights
     return results
@@ -199,13 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--shapes",
-        nargs="*",
+        nargs="+",
         choices=list(SHAPES),
         help="subset of the model shapes (CUDA; the CPU smoke run has one)",
     )
-    parser.add_argument("--tokens", nargs="*", type=int, help=f"token counts (default {TOKENS})")
-    parser.add_argument("--backends", nargs="*", default=BACKENDS, choices=BACKENDS, help="experts backends to time")
-    parser.add_argument("--modes", nargs="*", default=MODES, choices=MODES, help="forward, forward+backward or both")
+    parser.add_argument(
+        "--tokens", nargs="+", type=int, help=f"token counts (default {TOKENS} on CUDA, {CPU_TOKENS} on CPU)"
+    )
+    parser.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS, help="experts backends to time")
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="forward, forward+backward or both")
     parser.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms (CUDA)")
     parser.add_argument("--iters", type=int, default=100, help="measurement time per measurement, ms (CUDA)")
@@ -217,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if HAS_CUDA else "fp32")  # the interpreter's bf16 products are not faithful
+    args.tokens = args.tokens or (TOKENS if HAS_CUDA else CPU_TOKENS)  # recorded with the results
+    if min(args.tokens) < 1:
+        parser.error("--tokens must be positive")
     if not HAS_CUDA:
         print(
             "No CUDA device: running a tiny smoke configuration on CPU (deeptalk_triton under the Triton interpreter)."

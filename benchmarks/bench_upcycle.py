@@ -87,8 +87,10 @@ def run(step: str, source: Path, destination: Path | None = None, options: dict 
         shutil.rmtree(destination)
     os.sync()  # flush earlier steps' dirty pages, so no step pays for another's writeback
     command = [sys.executable, __file__, "--child", step, str(source), str(destination), json.dumps(options or {})]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:  # its own error, not only its exit status
+        raise RuntimeError(f"step {step!r} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def shard_sizes(path: Path) -> list[int]:
@@ -126,12 +128,17 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_upcycle_"))
     source = workdir / ("dense" if args.size == "qwen2-0.5b" else f"dense_{args.size}")
     try:
-        if not source.exists():
+        complete = source / ".created"  # a folder left by an interrupted creation is made anew
+        if not complete.exists():
+            shutil.rmtree(source, ignore_errors=True)
             run("create", source, options={"size": args.size})
+            complete.touch()
         input_shards = shard_sizes(source)
         results = {"import": run("import", source)}
         steps = {"transformers load+save": ("baseline", None)} | {name: ("upcycle", o) for name, o in CASES.items()}

@@ -37,6 +37,7 @@ draws (c2, c3) through the same stages. docs/forgetting.md explains the design a
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -1017,8 +1018,8 @@ def _default_name(settings: Settings, base: Settings) -> str:
             name += f"_text{value:g}"
         elif isinstance(value, bool):  # the flags are off by default
             name += f"_{setting.name}"
-        elif isinstance(value, tuple):  # glob patterns: their count keeps the name a plain file name
-            name += f"_{setting.name}{len(value)}"
+        elif isinstance(value, tuple):  # glob patterns: a digest of them keeps the name a plain file name
+            name += f"_{setting.name}-{hashlib.sha256(chr(0).join(value).encode()).hexdigest()[:8]}"
         else:
             name += f"_{setting.name}{value:g}" if isinstance(value, float) else f"_{setting.name}{value}"
     return name + (f"_seed{settings.seed}" if settings.seed else "")
@@ -1108,6 +1109,18 @@ def main(argv: Iterable[str] | None = None) -> None:
     for flag in ("speech_attention", "split_study"):
         if getattr(args, flag):
             settings = replace(settings, **{flag: True})
+    # Checked before the pre-training, which takes long.
+    replay = round(settings.joint_text_fraction * settings.batch_size)
+    if not (0 <= settings.joint_text_fraction and replay < settings.batch_size):
+        parser.error(
+            f"--joint-text-fraction {settings.joint_text_fraction} must leave TTS samples in each joint batch of "
+            f"{settings.batch_size} (a share in [0, 1) that rounds below the whole batch)"
+        )
+    if not 0 <= settings.num_speech_experts < settings.num_experts:
+        parser.error(
+            f"--num-speech-experts {settings.num_speech_experts} must be in [0, {settings.num_experts}) (the experts "
+            "per layer)"
+        )
     name = args.name or _default_name(settings, base)
     results = run(settings, args.out, name)
     print(table(results))

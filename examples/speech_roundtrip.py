@@ -45,6 +45,7 @@ def read_wav(path: Path) -> tuple[torch.Tensor, int]:
 
 def write_wav(path: Path, waveform: torch.Tensor, rate: int) -> None:
     pcm = (waveform.clamp(-1, 1) * 32767).round().to(torch.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with wave.open(str(path), "wb") as file:
         file.setnchannels(1)
         file.setsampwidth(2)

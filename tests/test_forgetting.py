@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -109,7 +110,10 @@ def test_speech_attention_option_gives_only_the_split_arms_speech_attention(forg
         assert speech["text_tensors"] == 0 and not arms[name]["text_tensors_changed_in_speech_phase"]
         assert arms[name]["after_split"] == plain[name]["after_split"]  # the copies change nothing at the split
     ablation = forgetting.replace(forgetting.FAST, speech_attention=True, speech_also=("*.self_attn.*",), seed=2)
-    assert forgetting._default_name(ablation, forgetting.FAST) == "forgetting_fast_speech_also1_speech_attention_seed2"
+    name = forgetting._default_name(ablation, forgetting.FAST)
+    assert re.fullmatch(r"forgetting_fast_speech_also-[0-9a-f]{8}_speech_attention_seed2", name), name
+    other = forgetting.replace(ablation, speech_also=("*.mlp.*",))  # as many patterns, other ones: another file
+    assert forgetting._default_name(other, forgetting.FAST) != name
 
 
 def test_adaptive_strategy_random_split_moves_as_many_experts(forgetting):

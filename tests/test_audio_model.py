@@ -628,6 +628,13 @@ W2V_BERT = dict(
 )
 
 
+def encoder_extractor(encoder_config):
+    """The feature extractor of a tiny wav2vec2-family or w2v-bert encoder."""
+    if isinstance(encoder_config, Wav2Vec2BertConfig):
+        return SeamlessM4TFeatureExtractor(feature_size=80, sampling_rate=SAMPLING_RATE, return_attention_mask=True)
+    return Wav2Vec2FeatureExtractor(sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True)
+
+
 @pytest.mark.parametrize(
     "encoder_config", [WavLMConfig(**CONV_ENCODER), Wav2Vec2BertConfig(**W2V_BERT)], ids=["wavlm", "w2v-bert"]
 )
@@ -643,14 +650,7 @@ def test_align_lora_on_the_top_encoder_layer_adapts_only_what_trains(encoder_con
     assert not any(".attention." in t or "depthwise" in t for t in lora.target_modules), lora.target_modules
     assert any("intermediate_dense" in t for t in lora.target_modules)  # the top layer's feed-forward is adapted
     adapted = get_peft_model(model, lora)
-    if isinstance(encoder_config, Wav2Vec2BertConfig):
-        extractor = SeamlessM4TFeatureExtractor(
-            feature_size=80, sampling_rate=SAMPLING_RATE, return_attention_mask=True
-        )
-    else:
-        extractor = Wav2Vec2FeatureExtractor(
-            sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True
-        )
+    extractor = encoder_extractor(encoder_config)
     batch = audio_batch(config, extractor, [[BOS, config.audio_token_id, 5]], [tone(300, 0.25)])
     adapted(**batch, labels=batch["input_ids"]).loss.backward()
     factors = {name: p.grad for name, p in adapted.named_parameters() if "lora_" in name}
@@ -675,14 +675,7 @@ def test_encoders_documented_batch_invariant_give_each_items_logits(encoder_conf
     torch.manual_seed(0)
     config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
     model = DeepTalkForConditionalGeneration(config).eval()
-    if isinstance(encoder_config, Wav2Vec2BertConfig):
-        extractor = SeamlessM4TFeatureExtractor(
-            feature_size=80, sampling_rate=SAMPLING_RATE, return_attention_mask=True
-        )
-    else:
-        extractor = Wav2Vec2FeatureExtractor(
-            sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True
-        )
+    extractor = encoder_extractor(encoder_config)
     audios = [tone(300, 1900 / SAMPLING_RATE), tone(600, 0.25)]
     texts = [[BOS, config.audio_token_id, 5], [BOS, config.audio_token_id, 6]]
     batch = audio_batch(config, extractor, texts, audios)

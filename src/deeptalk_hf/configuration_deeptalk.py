@@ -191,7 +191,6 @@ class DeepTalkConfig(PreTrainedConfig):
         # checkpoint conversion (experts fused on load) is registered under "deeptalk".
         if kwargs.pop("model_type", None) == "qwen3_moe":  # whose model ignores a saved `layer_types`: a window
             self.layer_types = None  # covers every layer
-
         if self.kv_lora_rank is not None:  # MLA: RoPE covers the rope part of each head (as in DeepSeek's configs)
             self.head_dim = self.qk_rope_head_dim
         elif self.head_dim is None and self.num_attention_heads > 0:  # 0 heads: refused by `validate_deeptalk`

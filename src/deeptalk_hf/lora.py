@@ -94,13 +94,13 @@ def lora_config_for_stage(
         parent = modules[module_name.rpartition(".")[0]]
         if isinstance(module, DeepTalkExperts):
             target_parameters.add(name)
+        # A grouped (depthwise) convolution is left out: PEFT needs a rank divisible by its groups.
         elif (
             isinstance(module, (nn.Linear, nn.Conv1d))
             and param_name == "weight"
             and module is not output_embeddings
             and type(parent).__name__ not in _WEIGHTS_READ_DIRECTLY
-            and getattr(module, "groups", 1)
-            == 1  # PEFT needs a grouped (depthwise) convolution's rank divisible by it
+            and getattr(module, "groups", 1) == 1
         ):
             target_modules.add(module_name)
     adapted = target_parameters | {f"{module}.weight" for module in target_modules}

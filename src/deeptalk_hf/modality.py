@@ -557,7 +557,9 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
             "the model already holds PEFT adapters: stages select tensors by name, which would reach the base weights "
             "inside them; call merge_and_unload() before the next stage"
         )
-    names = [name for name, _ in model.named_parameters()]
+    # Each tensor once, by its first name; `also` may name a tied one by any (a tied `lm_head.weight` is the embeddings').
+    canonical = {id(param): name for name, param in model.named_parameters()}
+    names = list(canonical.values())
     if stage == "align" and not any("audio_encoder" in name for name in names):
         raise ValueError("stage 'align' trains the speech connector of an audio encoder, but this model has none")
     rules = {
@@ -566,8 +568,6 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
         "joint": lambda name: "audio_encoder" not in name,
         "align": lambda name: "speech_connector" in name,
     }
-    # `also` may name a tied tensor by any of its names (a tied `lm_head.weight` is listed as the embeddings').
-    canonical = {id(param): name for name, param in model.named_parameters()}
     aliases = [(alias, canonical[id(param)]) for alias, param in model.named_parameters(remove_duplicate=False)]
     for pattern in also:
         if not any(fnmatchcase(alias, pattern) for alias, _ in aliases):

@@ -1358,7 +1358,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"speech_answer must be a bool or one bool per item ({batch} items), got {speech_answer!r}"
             )
-        speech = speech.cpu().clone()
+        speech = speech.cpu()
         if batch_parallel:
             if not speech.all():
                 raise ValueError(
@@ -1390,7 +1390,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             sequences = torch.cat([sequences[batch:, :1], sequences[:batch, 1:]], dim=1)
             # The cache of the returned sequences is the speech answers' (their text stream read the copies' text);
             # the copies' rows never saw the answers' audio.
-            for returned in {id(c): c for c in (cache, getattr(output, "cache", None)) if c is not None}.values():
+            returned = cache if isinstance(output, torch.Tensor) else output.cache  # (a given cache is returned)
+            if returned is not None:
                 returned.batch_select_indices(torch.arange(batch))
         if isinstance(output, torch.Tensor):
             return sequences

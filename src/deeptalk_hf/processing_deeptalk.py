@@ -308,6 +308,13 @@ def _is_waveform(value: Any) -> bool:
     return isinstance(value, (torch.Tensor, np.ndarray))
 
 
+def _integer_ids(values: Any, error: str) -> list[int]:
+    """`values` (a list, tuple, 1-D tensor or array of integers; maybe empty) as a list of ints, else `error`."""
+    if len(values) and not _is_unit_segment(values):
+        raise ValueError(error)
+    return values.tolist() if isinstance(values, (torch.Tensor, np.ndarray)) else [int(v) for v in values]
+
+
 def _describe(value: Any) -> str:
     """A value's type, with its shape or length, for error messages."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
@@ -666,9 +673,7 @@ class DeepTalkProcessor(ProcessorMixin):
     def _checked_units(self, units: Any, where: str) -> list[int]:
         if len(units) == 0:
             raise ValueError(f"speech_units{where} is empty: a speech segment needs at least one unit")
-        if not _is_unit_segment(units):
-            raise ValueError(f"speech_units{where} must hold integer unit ids")
-        units = units.tolist() if isinstance(units, (torch.Tensor, np.ndarray)) else [int(u) for u in units]
+        units = _integer_ids(units, f"speech_units{where} must hold integer unit ids")
         low, high = min(units), max(units)
         if low < 0 or high >= self.num_speech_units:
             bad = next(u for u in units if not 0 <= u < self.num_speech_units)
@@ -764,16 +769,14 @@ class DeepTalkProcessor(ProcessorMixin):
         interleave = self.interleave if interleave is None else interleave
         ratio = tuple(self.text_speech_ratio if ratio is None else ratio)
         self._check_policy(interleave, ratio)
-        if isinstance(text_ids, (torch.Tensor, np.ndarray)):
-            if text_ids.ndim != 1 or (len(text_ids) and not has_integer_dtype(text_ids)):
-                raise ValueError(f"text_ids must be 1-D integer ids, got {_describe(text_ids)} of {text_ids.dtype}")
-            text_ids = text_ids.tolist()
-        elif not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in text_ids):
-            raise ValueError(f"text_ids must be integer ids, got {_describe(text_ids)}")
+        text_ids = _integer_ids(
+            text_ids,
+            f"text_ids must be integer ids (a list, or 1-D integer ids in a tensor), got {_describe(text_ids)}",
+        )
         outside = [t for t in text_ids if not 0 <= t < self.speech_token_start]
         if outside:
             raise ValueError(f"text_ids has {outside[0]}, not a text id (text ids are [0, {self.speech_token_start}))")
-        return self._interleave([int(t) for t in text_ids], self._checked_units(units, ""), interleave, ratio)
+        return self._interleave(text_ids, self._checked_units(units, ""), interleave, ratio)
 
     def _interleave(self, text_ids: list[int], units: list[int], interleave: str, ratio: tuple[int, int]) -> list[int]:
         """`interleave_ids` on arguments already checked (`__call__` checks them once per call)."""
@@ -888,7 +891,8 @@ class DeepTalkProcessor(ProcessorMixin):
     def apply_chat_template(self, conversation: Any, *args: Any, **kwargs: Any) -> Any:
         """transformers' `apply_chat_template`. With `continue_final_message=True`, a final message that ends in a
         speech block is continued inside that segment: the prompt ends with its units, without `<|end_of_speech|>`, so
-        the model goes on speaking (transformers continues a message's last text block only)."""
+        the model goes on speaking (transformers continues a message's last text block only). Image and video blocks are
+        refused (the template would drop them)."""
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
         for i, messages in enumerate(conversations):

@@ -541,10 +541,13 @@ def _weight_map(index: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shard_files(source: Path) -> list[Path]:
+def _shard_files(source: Path) -> tuple[list[Path], dict[str, Path] | None]:
+    """The weight files, and with an index the file it names for each tensor."""
     index = source / SAFE_WEIGHTS_INDEX_NAME
+    owners = None
     if index.is_file():
-        files = [source / name for name in dict.fromkeys(_weight_map(index).values())]
+        owners = {name: source / file for name, file in _weight_map(index).items()}
+        files = list(dict.fromkeys(owners.values()))
     elif (source / SAFE_WEIGHTS_NAME).is_file():
         files = [source / SAFE_WEIGHTS_NAME]
     else:
@@ -554,7 +557,7 @@ def _shard_files(source: Path) -> list[Path]:
     missing = [str(f.name) for f in files if not f.is_file()]
     if missing:
         raise CheckpointError(f"{source} lacks the shard files {missing} listed in its index")
-    return files
+    return files, owners
 
 
 def _read_config(source: Path) -> PretrainedConfig:
@@ -573,10 +576,9 @@ class _SourceCheckpoint:
         self.config = _read_config(source)
         # Names, shapes and dtypes from the headers, as meta tensors (nothing is read yet). With an index, each tensor
         # is read from the shard it names, as transformers reads it (a shard may hold a stale copy of another's).
-        index = source / SAFE_WEIGHTS_INDEX_NAME
-        owners = {name: source / file for name, file in _weight_map(index).items()} if index.is_file() else None
+        files, owners = _shard_files(source)
         self.layout: dict[Path, dict[str, torch.Tensor]] = {}
-        for file in _shard_files(source):
+        for file in files:
             with self._open(file) as handle:
                 self.layout[file] = {}
                 for name in handle.keys():
@@ -588,7 +590,7 @@ class _SourceCheckpoint:
         if owners is not None:
             absent = sorted(set(owners) - {name for tensors in self.layout.values() for name in tensors})
             if absent:
-                raise CheckpointError(f"{index} lists tensors that their shards lack: {absent[:5]}")
+                raise CheckpointError(f"{source}'s index lists tensors that their shards lack: {absent[:5]}")
         if self.config.dtype is None:  # a config.json without a dtype: the weights', as transformers' "auto" reads it
             self.config.dtype = next((t.dtype for _, t in self.shapes() if t.dtype in _FLOAT_DTYPES), None)
 

@@ -96,6 +96,12 @@ def test_bench_latency_writes_every_mode(tmp_path):
     assert all(m["first_audio_s"] > 0 for m in record["parallel"]["median_of_runs"].values())
 
 
+def test_bench_latency_refuses_units_that_are_not_whole_frames():
+    script = [sys.executable, str(BENCHMARKS / "bench_latency.py"), "--units", "8"]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 2 and "--units must be a positive multiple of 7" in done.stderr
+
+
 def test_bench_moe_kernels_ratio_is_also_against_the_fastest_baseline(monkeypatch):
     """Where `eager` beats `grouped_mm` and `batched_mm` (Mixtral's few large experts come close on an H200), the table
     still gives deeptalk_triton's ratio to the strongest baseline of the run, not only to weaker ones."""

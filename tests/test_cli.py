@@ -349,6 +349,25 @@ def test_profile_in_another_dtype_saves_the_split_in_the_stored_one(deeptalk_che
         assert tensor.dtype == torch.float32 and torch.equal(tensor, reference), name
 
 
+def test_profile_in_another_dtype_reports_a_failed_second_load(deeptalk_checkpoint, tmp_path, monkeypatch, capsys):
+    """The stored weights are loaded again to be split: a failure there is the same source error, nothing written."""
+    data, split = write_data(tmp_path / "data.jsonl"), tmp_path / "split"
+    load = AutoModelForCausalLM.from_pretrained
+    dtypes = []
+
+    def failing_second_load(*args, dtype, **kwargs):
+        dtypes.append(dtype)
+        if len(dtypes) == 2:
+            raise OSError("disk gone")
+        return load(*args, dtype=dtype, **kwargs)
+
+    monkeypatch.setattr(cli.AutoModelForCausalLM, "from_pretrained", failing_second_load)
+    arguments = [str(deeptalk_checkpoint), str(data), "--quiet", "--assign-to", str(split), "--dtype", "bfloat16"]
+    assert profile_main([*arguments, "--num-speech-experts", "2"]) == EXIT_SOURCE
+    assert dtypes == ["bfloat16", "auto"] and "disk gone" in capsys.readouterr().err
+    assert not split.exists()
+
+
 def test_profile_reads_and_counts_the_same_lines(deeptalk_checkpoint, tmp_path, monkeypatch, capsys):
     """The reader and the progress bar's total agree on a BOM, whitespace-only lines and any line ending."""
     totals = []

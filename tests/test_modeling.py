@@ -580,6 +580,10 @@ def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert torch.equal(DeepTalkForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+    base = model.model  # the base model (AutoModel) keeps the blocks apart too
+    with pytest.raises(ValueError, match="72 text ids, then 16 speech ids"):
+        base.resize_token_embeddings(96)
+    assert base.resize_token_embeddings(88) is base.get_input_embeddings() and base.config.vocab_size == 88
 
 
 @pytest.mark.parametrize("tie", [False, True])

@@ -724,6 +724,28 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             requested_experts = "eager"
         return super().get_correct_experts_implementation(requested_experts)
 
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """transformers' resize of the text vocabulary, for a model without a speech block.
+
+        With one, the vocabulary is the text ids then the speech ids, and a tokenizer appends new tokens after the
+        speech units, where no text row can be: a call that would change the size is refused (pointing to
+        `resize_speech_vocab`); `resize_token_embeddings(len(tokenizer))` with a matching tokenizer changes nothing.
+        """
+        config = self.config
+        if config.speech_vocab_size and (new_num_tokens not in (None, config.vocab_size) or pad_to_multiple_of):
+            raise ValueError(
+                f"resize_token_embeddings({new_num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): this model's "
+                f"{config.vocab_size} ids are {config.speech_token_start} text ids, then {config.speech_vocab_size} "
+                "speech ids, and new tokenizer tokens land after the speech units, where no text row can be. Size the "
+                "speech block with resize_speech_vocab; add text tokens to the text model before its speech "
+                "vocabulary (resize_token_embeddings with speech_vocab_size=0, then resize_speech_vocab)"
+            )
+        if config.speech_vocab_size:
+            return self.get_input_embeddings()
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -1033,28 +1055,6 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
 
         model.forward = forward
         return model
-
-    def resize_token_embeddings(
-        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
-    ) -> nn.Embedding:
-        """transformers' resize of the text vocabulary, for a model without a speech block.
-
-        With one, the vocabulary is the text ids then the speech ids, and a tokenizer appends new tokens after the
-        speech units, where no text row can be: a call that would change the size is refused (pointing to
-        `resize_speech_vocab`); `resize_token_embeddings(len(tokenizer))` with a matching tokenizer changes nothing.
-        """
-        config = self.config
-        if config.speech_vocab_size and (new_num_tokens not in (None, config.vocab_size) or pad_to_multiple_of):
-            raise ValueError(
-                f"resize_token_embeddings({new_num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): this model's "
-                f"{config.vocab_size} ids are {config.speech_token_start} text ids, then {config.speech_vocab_size} "
-                "speech ids, and new tokenizer tokens land after the speech units, where no text row can be. Size the "
-                "speech block with resize_speech_vocab; add text tokens to the text model before its speech "
-                "vocabulary (resize_token_embeddings with speech_vocab_size=0, then resize_speech_vocab)"
-            )
-        if config.speech_vocab_size:
-            return self.get_input_embeddings()
-        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
 
     def resize_speech_vocab(self, speech_vocab_size: int) -> None:
         """Give the speech block `speech_vocab_size` ids; the text block and the kept speech rows are untouched.

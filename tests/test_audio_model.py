@@ -253,6 +253,13 @@ def test_invalid_config_raises_naming_the_field(overrides, message):
         DeepTalkAudioConfig(**fields)
 
 
+def test_load_time_override_is_checked(tmp_path):
+    whisper_audio_config().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="stack_factor=0"):
+        AutoConfig.from_pretrained(tmp_path, stack_factor=0)
+    assert AutoConfig.from_pretrained(tmp_path, stack_factor=2).stack_factor == 2
+
+
 def test_config_defaults_and_dict_round_trip():
     config = whisper_audio_config()
     assert config.audio_token_id == config.text_config.speech_token_start - 1  # the last text-block id

@@ -145,6 +145,24 @@ def test_expert_order_records_the_source_positions():
     assert tiny_config(speech_expert_ids=[[4, 5, 6], [4, 5, 6]]).expert_order(0) is None
 
 
+def test_load_time_overrides_are_checked_and_derive_fields(tmp_path):
+    """`from_pretrained(path, field=value)` builds the config with the value: the constructor's checks name a bad one
+    and derived fields follow (transformers sets overrides after construction, past both)."""
+    tiny_config().save_pretrained(tmp_path)
+    for override in ({"speech_vocab_size": 100}, {"num_experts_per_tok": 0}):
+        with pytest.raises(ValueError, match="{}={}".format(*next(iter(override.items())))):
+            AutoConfig.from_pretrained(tmp_path, **override)
+    streams, unused = AutoConfig.from_pretrained(tmp_path, num_audio_streams=2, other=1, return_unused_kwargs=True)
+    codes = streams.audio_codebook_size
+    assert (streams.audio_pad_token_id, streams.audio_eos_token_id, streams.audio_stream_delays) == (
+        codes,
+        codes + 2,
+        [1, 2],
+    )
+    assert unused == {"other": 1}
+    assert AutoConfig.from_pretrained(tmp_path, num_local_experts=6).num_experts == 6  # an alias names its field
+
+
 def test_auto_config_round_trip(tmp_path):
     config = tiny_config(num_speech_experts=[1, 2], modality_routing="none")
     config.save_pretrained(tmp_path)

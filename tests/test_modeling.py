@@ -363,6 +363,9 @@ def test_cached_generation_equals_uncached_and_streams(attn):
     cached = model.generate(input_ids, use_cache=True, streamer=streamer, **kwargs)
     assert torch.equal(cached, model.generate(input_ids, use_cache=False, **kwargs))
     assert torch.equal(model.generate(input_ids, cache_implementation="static", **kwargs), cached)
+    # router logits asked for (a config saved after MoE training): the static cache's per-layer masks are no padding
+    routed = model.generate(input_ids, cache_implementation="static", output_router_logits=True, **kwargs)
+    assert torch.equal(routed, cached)
     assert streamer.ended
     assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks]), cached[0])
 

@@ -1,5 +1,6 @@
 """DeepTalk configuration: a Qwen3-MoE-style config with modality experts and a speech vocabulary block."""
 
+import dataclasses
 import math
 
 from huggingface_hub.dataclasses import strict
@@ -25,8 +26,25 @@ QK_NORM_TYPES = ("head", "full")
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+class ChecksOverrides:
+    """Builds a config loaded with keyword overrides (`from_pretrained(path, num_experts_per_tok=0)`) from the saved
+    fields and the overrides together. transformers sets the overrides on the built config, past `__post_init__`: a
+    bad value then went unchecked until `save_pretrained` refused it (or failed in the model with a torch error), and
+    fields derived from it (audio ids, `head_dim`, ...) kept the saved values."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        aliases = getattr(cls, "attribute_map", {})
+        own = {field.name for field in dataclasses.fields(cls)} - {
+            field.name for field in dataclasses.fields(PreTrainedConfig)
+        }
+        own -= set(getattr(cls, "sub_configs_defaults", {}))  # a sub-config's dict updates it: transformers' way
+        overrides = {aliases.get(key, key): kwargs.pop(key) for key in list(kwargs) if aliases.get(key, key) in own}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
+
+
 @strict
-class DeepTalkConfig(PreTrainedConfig):
+class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     r"""
     Configuration of a DeepTalk speech-text Mixture-of-Experts LLM.
 
@@ -440,7 +458,7 @@ class DeepTalkConfig(PreTrainedConfig):
 
 
 @strict
-class DeepTalkAudioConfig(PreTrainedConfig):
+class DeepTalkAudioConfig(ChecksOverrides, PreTrainedConfig):
     r"""
     Configuration of `DeepTalkForConditionalGeneration`: an audio encoder and a speech connector in front of a DeepTalk
     LLM, so the LLM hears audio (as Qwen2-Audio or GLM-ASR do).

@@ -967,7 +967,7 @@ def modality_router_losses(
     (non-padding) tokens. Returns `(aux_loss, z_loss)`.
     """
     device = router_logits[0].device
-    if attention_mask is None or attention_mask.dim() != 2:  # a 4D mask says nothing about padding here
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:  # 4D or per-layer masks: no padding
         valid = torch.ones(is_speech.numel(), device=device)
     else:  # with a cache the mask also covers the cached positions
         valid = attention_mask[:, -is_speech.shape[1] :].to(device).float().reshape(-1)

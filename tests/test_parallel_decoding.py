@@ -443,6 +443,8 @@ def test_the_text_stream_ends_at_the_end_ids_of_the_argument_or_the_generation_c
         (dict(modality_ids=torch.zeros(4, 5, dtype=torch.long)), "modality_ids"),
         (dict(min_new_tokens=2), "min_new_tokens / min_length"),
         (dict(min_length=8), "min_new_tokens / min_length"),
+        (dict(prompt_lookup_num_tokens=2), r"assisted decoding \("),
+        (dict(assistant_early_exit=1), r"assisted decoding \("),
     ],
 )
 def test_options_that_would_split_an_items_streams_are_refused_by_name(options, named):

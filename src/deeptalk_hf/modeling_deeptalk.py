@@ -1320,7 +1320,12 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             or bool(kwargs.get("min_length", setting.min_length)),
             "inputs_embeds": "inputs_embeds" in kwargs,
             "modality_ids (the streams decide each position's modality)": "modality_ids" in kwargs,
-            "an assistant model": kwargs.get("assistant_model") is not None,
+            "assisted decoding (an assistant model, prompt lookup, early exit)": kwargs.get("assistant_model")
+            is not None
+            or any(
+                kwargs.get(name, getattr(setting, name))
+                for name in ("prompt_lookup_num_tokens", "assistant_early_exit")
+            ),
         }
         if any(refused.values()):
             raise ValueError(

@@ -793,12 +793,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_reentrant_checkpointing_warns_that_the_router_losses_lose_their_gradient(reentrant, caplog):
+@pytest.mark.parametrize(
+    "options, reentrant", [({"use_reentrant": False}, False), ({"use_reentrant": True}, True), ({}, True)]
+)
+def test_reentrant_checkpointing_warns_that_the_router_losses_lose_their_gradient(options, reentrant, caplog):
+    """Options without `use_reentrant` (PEFT's `prepare_model_for_kbit_training` passes `{}`) get torch's reentrant
+    default; no options at all get transformers' non-reentrant one (the test above)."""
     config = tiny_config(router_aux_loss_coef=1e-2, router_z_loss_coef=1e-3)
     model = DeepTalkForCausalLM(config).train()
     with caplog.at_level("WARNING", logger="deeptalk_hf.modeling_deeptalk"):
-        model.activation_checkpointing_enable({"use_reentrant": reentrant})
+        model.activation_checkpointing_enable(options)
     data = torch.randint(0, config.vocab_size, (2, 8))
     out = model(data, labels=data)
     assert out.aux_loss.requires_grad is out.z_loss.requires_grad is not reentrant  # what the warning is about

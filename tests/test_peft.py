@@ -22,6 +22,8 @@ from transformers.integrations.peft import MIN_PEFT_VERSION
 from deeptalk_hf import (
     DeepTalkForCausalLM,
     DeepTalkForConditionalGeneration,
+    add_speech_attention,
+    move_speech_experts,
     lora_config_for_stage,
     set_training_stage,
     training_stage_parameters,
@@ -200,6 +202,31 @@ def test_stage_config_options_and_errors():
     with pytest.raises(ValueError, match="already holds PEFT adapters"):
         set_training_stage(peft_model, "speech")
     assert frozen == {name for name, param in peft_model.named_parameters() if not param.requires_grad}
+
+
+def test_what_would_reach_past_or_copy_adapters_is_refused():
+    """Speech attention copies the text projections (a copied LoRA layer is saved, then dropped on loading, as its
+    config does not name it); moving experts regroups the base tensors under the adapters."""
+    peft_model = get_peft_model(DeepTalkForCausalLM(tiny_config()), LoraConfig(r=2, target_modules=["q_proj"]))
+    for change in (add_speech_attention, lambda model: move_speech_experts(model, [[0], [1]])):
+        with pytest.raises(ValueError, match="already holds PEFT adapters"):
+            change(peft_model)
+    assert not peft_model.config.speech_attention
+
+
+@pytest.mark.parametrize("indices", [[5], {"model.speech_embed_tokens": [2, 3]}])
+def test_trainable_tokens_on_a_tied_speech_table_are_refused(indices):
+    """PEFT ties trainable tokens to the text table only, by name suffix: on a tied model `speech_lm_head` trained
+    with the text table's row 5 (`"lm_head"` names it too), or not with its own table's new rows, and merging gave
+    another model than the adapter's."""
+    model = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
+    with pytest.raises(ValueError, match="trainable tokens on speech_.* tie_word_embeddings"):
+        peft_model(torch.tensor([[5, 6, 70]]))
+    untied = DeepTalkForCausalLM(tiny_config())  # rows of either table, by their full names
+    indices = {"model.embed_tokens": [5], "model.speech_embed_tokens": [2, 3]}
+    peft_model = get_peft_model(untied, LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
+    peft_model(torch.tensor([[5, 6, 70]]))
 
 
 def test_frozen_new_speech_modules_get_no_lora_either_and_the_model_is_a_causal_lm():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import ModulesToSaveWrapper
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .audio_codecs import has_integer_dtype
@@ -474,6 +474,7 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     measure other than the load. Indices are in source order, so it also re-splits an already split model; with
     `modality_routing="none"` the model computes what it did before, up to float rounding.
     """
+    check_no_adapters(model, "moving experts regroups the base tensors under any adapter on them")
     config = model.config
     layers = config.moe_layers
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
@@ -504,6 +505,13 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     config.validate_deeptalk()
 
 
+def check_no_adapters(model: nn.Module, why: str) -> None:
+    """A `ValueError` for a model holding PEFT adapters (LoRA and co, `modules_to_save`, trainable tokens), which the
+    caller would reach past or copy (`why`)."""
+    if any(isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for module in model.modules()):
+        raise ValueError(f"the model already holds PEFT adapters: {why}; call merge_and_unload() first")
+
+
 def add_speech_attention(model: nn.Module) -> None:
     """Give every attention layer speech projections (`config.speech_attention`), copies of its text ones.
 
@@ -522,6 +530,8 @@ def add_speech_attention(model: nn.Module) -> None:
 def speech_attention_layers(model: nn.Module) -> list[DeepTalkAttention]:
     """The attention layers `add_speech_attention` would extend; a `ValueError` if it cannot (no standard attention,
     or speech attention already there), so callers can check before expensive work."""
+    # A copied PEFT layer would be an adapter its config does not name: saved, then dropped on loading.
+    check_no_adapters(model, "the speech projections are copies of the text ones, adapters included")
     layers = [module for module in model.modules() if isinstance(module, DeepTalkAttention)]
     if not layers:
         raise ValueError(
@@ -550,13 +560,9 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
         raise ValueError(f"stage={stage!r} is unknown; expected one of {TRAINING_STAGES}")
     if isinstance(also, str):  # a string is a sequence too: each character would be a pattern
         raise TypeError(f"also={also!r} is one string; pass a sequence of patterns, e.g. also=({also!r},)")
-    if any(isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)) for module in model.modules()):
-        # Names would select the frozen base tensors inside PEFT's wrappers (and PEFT allows one set of experts
-        # tensors across adapters): stages take turns, merging in between.
-        raise ValueError(
-            "the model already holds PEFT adapters: stages select tensors by name, which would reach the base weights "
-            "inside them; call merge_and_unload() before the next stage"
-        )
+    # Names would select the frozen base tensors inside PEFT's wrappers (and PEFT allows one set of experts tensors
+    # across adapters): stages take turns, merging in between.
+    check_no_adapters(model, "stages select tensors by name, which would reach the base weights inside them")
     # Each tensor once, by its first name; `also` may name a tied one by any (a tied `lm_head.weight` is the embeddings').
     canonical = {id(param): name for name, param in model.named_parameters()}
     names = list(canonical.values())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from peft.utils import TrainableTokensWrapper
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -651,7 +652,12 @@ def warn_if_checkpointing_stops_balancing(
     without autograd, so the router logits behind the router losses carry no gradient (as in transformers' own MoE
     models). For every model that checkpoints DeepTalk layers (the audio model's language model too)."""
     losses = config.router_aux_loss_coef or config.router_z_loss_coef
-    if losses and config.moe_layers and (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+    # None gets transformers' use_reentrant=False; a dict without the key gets torch's default, reentrant (PEFT's
+    # prepare_model_for_kbit_training passes {}).
+    reentrant = activation_checkpointing_kwargs is not None and activation_checkpointing_kwargs.get(
+        "use_reentrant", True
+    )
+    if losses and config.moe_layers and reentrant:
         logger.warning(
             "activation checkpointing with use_reentrant=True: the router losses (aux_loss, z_loss) get no "
             "gradient, so load balancing stops; use the default use_reentrant=False"
@@ -1100,9 +1106,32 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary: `[lm_head(h) ; speech_lm_head(h)]`."""
         logits = self.lm_head(hidden_states)
-        if self.config.speech_vocab_size:
+        config = self.config
+        if config.speech_vocab_size:
+            if config.tie_word_embeddings:
+                self._check_tied_speech_tokens()
             logits = torch.cat([logits, self.speech_lm_head(hidden_states)], dim=-1)
         return logits
+
+    def _check_tied_speech_tokens(self) -> None:
+        """PEFT's trainable tokens tie an output head to the text table only, and pick modules by name suffix: on a
+        tied model `speech_lm_head` then trains with the text table's rows (`"lm_head"` names it too) or apart from
+        its own table's, and merging gives another model than the adapter's. Refused at the first forward."""
+        wrapped = [
+            name
+            for name, module in (
+                ("speech_lm_head", self.speech_lm_head),
+                ("speech_embed_tokens", self.model.speech_embed_tokens),
+            )
+            if isinstance(module, TrainableTokensWrapper)
+        ]
+        if wrapped:
+            raise ValueError(
+                f"PEFT trainable tokens on {', '.join(wrapped)} of a model with tie_word_embeddings: PEFT ties them to "
+                "the text table only and picks modules by name suffix ('lm_head' also names speech_lm_head), so the "
+                "tied speech head would not train with its own table's rows and merging would give another model. "
+                "Use an untied model, or train whole tables (set_training_stage)"
+            )
 
     def _stream_loss(self, logits: torch.Tensor, audio_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The `stream_loss_weights`-weighted mean of each stream's mean loss, over the streams that have labels (a

@@ -709,11 +709,33 @@ def tiny_experts_call():
 
 def test_cpu_without_interpreter_points_to_grouped_mm(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(K, "_INTERPRETING_AT_TRITON_IMPORT", False)  # a process started without the interpreter
     experts, *args = tiny_experts_call()
     with pytest.raises(RuntimeError, match="grouped_mm"):
         K.deeptalk_triton_experts_forward(experts, *args)
     with pytest.raises(RuntimeError, match="grouped_mm"):  # the functional form too (not Triton's driver error)
         K.fused_moe_experts(args[0], experts.gate_up_proj, experts.down_proj, *args[1:])
+
+
+def test_interpreter_mode_changed_after_triton_was_imported_is_named(monkeypatch):
+    """Triton reads TRITON_INTERPRET when imported; set later (a notebook cell), Triton failed inside a kernel."""
+    experts, *args = tiny_experts_call()
+    for imported_with, now in ((True, "0"), (False, "1")):
+        monkeypatch.setattr(K, "_INTERPRETING_AT_TRITON_IMPORT", imported_with)
+        monkeypatch.setenv("TRITON_INTERPRET", now)
+        with pytest.raises(RuntimeError, match="when Triton was imported.*before starting Python"):
+            K.deeptalk_triton_experts_forward(experts, *args)
+
+
+def test_bf16_under_the_interpreter_is_refused():
+    """The interpreter's bf16 `tl.dot` is wrong (logits off by ~1 on a tiny model, silently): refused by name, as
+    fp16 autocast is not."""
+    experts, x, index, weights = tiny_experts_call()
+    bf16 = [t.bfloat16() for t in (x, experts.gate_up_proj, experts.down_proj)]
+    with pytest.raises(TypeError, match="interpreter computes bfloat16 dots wrongly"):
+        K.fused_moe_experts(bf16[0], *bf16[1:], index, weights.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bfloat16 dots"):
+        K.fused_moe_experts(x, experts.gate_up_proj, experts.down_proj, index, weights)
 
 
 def test_missing_triton_points_to_grouped_mm(monkeypatch):

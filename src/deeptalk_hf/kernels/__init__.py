@@ -9,6 +9,7 @@ SiLU). This module imports without Triton; the kernels load on first use.
 
 import importlib.util
 import os
+import sys
 
 import torch
 from torch import nn
@@ -28,6 +29,24 @@ def is_triton_available() -> bool:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+# Triton reads TRITON_INTERPRET when it is imported (for its own `@jit` library functions): the mode then, where
+# Triton came before this module (transformers imports it); None: it comes with the kernels, reading the mode then.
+_INTERPRETING_AT_TRITON_IMPORT = _interpreting() if "triton" in sys.modules else None
+
+
+def _check_interpreter_mode() -> bool:
+    """Whether the kernels run in Triton's interpreter; a clear error where TRITON_INTERPRET changed after Triton was
+    imported (Triton then fails inside a kernel)."""
+    interpreting = _interpreting()
+    if _INTERPRETING_AT_TRITON_IMPORT is not None and interpreting != _INTERPRETING_AT_TRITON_IMPORT:
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {'on' if interpreting else 'off'} now but was "
+            f"{'on' if _INTERPRETING_AT_TRITON_IMPORT else 'off'} when Triton was imported, which is when Triton reads "
+            "it: set it before starting Python (before `import deeptalk_hf` or transformers)"
+        )
+    return interpreting
 
 
 def _unsupported_features(experts: nn.Module) -> list[str]:
@@ -91,7 +110,7 @@ def fused_moe_experts(
             "experts_implementation='deeptalk_triton' needs Triton (`pip install triton`, Linux only); "
             "use experts_implementation='grouped_mm' instead."
         )
-    if hidden_states.device.type != "cuda" and not _interpreting():
+    if hidden_states.device.type != "cuda" and not _check_interpreter_mode():
         raise RuntimeError(
             f"experts_implementation='deeptalk_triton' runs on CUDA tensors, got {hidden_states.device.type}: move "
             "the model to a GPU, or call `model.set_experts_implementation('grouped_mm')` (or pass "

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import triton_moe
+from . import _interpreting, triton_moe
 from .routing import sort_by_expert
 
 
@@ -186,6 +186,11 @@ def fused_moe_experts(
                 f"fused_moe_experts computes in float32, float16 or bfloat16, but {name} is {weight.dtype}: use the "
                 "eager experts backend"
             )
+    if gate_up_proj.dtype == torch.bfloat16 and _interpreting():
+        raise TypeError(
+            "Triton's interpreter computes bfloat16 dots wrongly (a known Triton limit): run the kernels in bfloat16 on "
+            "a GPU, and test them under TRITON_INTERPRET=1 in float32 or float16"
+        )
     x = hidden_states.to(gate_up_proj.dtype)
     tensors = (hidden_states, gate_up_proj, down_proj, top_k_weights)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

@@ -23,8 +23,8 @@ from deeptalk_hf import (
     DeepTalkForCausalLM,
     DeepTalkForConditionalGeneration,
     add_speech_attention,
-    move_speech_experts,
     lora_config_for_stage,
+    move_speech_experts,
     set_training_stage,
     training_stage_parameters,
 )

@@ -10,13 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
-from deeptalk_hf import DeepTalkForCausalLM, lora_config_for_stage, set_training_stage
+from deeptalk_hf import (
+    DeepTalkForCausalLM,
+    DeepTalkForConditionalGeneration,
+    lora_config_for_stage,
+    set_training_stage,
+)
 
 from .conftest import tiny_config
+from .test_audio_model import whisper_audio_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +42,7 @@ def examples(config, count: int = 8, length: int = 10) -> list[dict[str, torch.T
     return rows
 
 
-def trainer_for(model, data, tmp_path, steps: int, accumulation: int = 1) -> Trainer:
+def trainer_for(model, data, tmp_path, steps: int, accumulation: int = 1, **options) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=steps,
@@ -50,6 +57,7 @@ def trainer_for(model, data, tmp_path, steps: int, accumulation: int = 1) -> Tra
         use_cpu=True,
         disable_tqdm=True,
         seed=0,
+        **options,
     )
     return Trainer(model=model, args=args, train_dataset=data)
 
@@ -128,6 +136,25 @@ def test_trainer_optimises_the_router_losses_and_respects_the_stage(lora, tmp_pa
             assert not torch.equal(param, before[name]), name
         else:
             assert torch.equal(param, before[name]), name
+
+
+@pytest.mark.parametrize("audio", [False, True])
+def test_label_smoothing_scores_the_next_token(audio, tmp_path):
+    """`Trainer` smooths over shifted labels only for causal LMs it knows by name: DeepTalk's scored each position
+    against its own token. Reference: torch's smoothed cross-entropy of the next token (step 1 logs the first loss)."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()) if audio else DeepTalkForCausalLM(tiny_config())
+    model.train()
+    data = examples(model.config.get_text_config())
+    for row in data if audio else ():  # text and speech units only (labels are the same tensor)
+        row["input_ids"].masked_fill_(row["input_ids"] == model.config.audio_token_id, 3)
+    batch = {key: torch.stack([row[key] for row in data]) for key in ("input_ids", "modality_ids")}
+    with torch.no_grad():
+        logits = model(**batch).logits
+    ids = batch["input_ids"]
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), label_smoothing=0.1)
+    trainer = trainer_for(model, data, tmp_path, steps=1, label_smoothing_factor=0.1)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_gradient_accumulation_keeps_the_router_losses_weight(tmp_path):

@@ -10,6 +10,7 @@ transformers does for Qwen3-MoE, and the `"deeptalk_triton"` experts implementat
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMultimodalLM, AutoProcessor
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .audio_codecs import AudioCodec, MimiCodec, SnacCodec, resample
 from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
@@ -66,6 +67,13 @@ def _register() -> None:
     AutoConfig.register(DeepTalkConfig.model_type, DeepTalkConfig, exist_ok=True)
     AutoModel.register(DeepTalkConfig, DeepTalkModel, exist_ok=True)
     AutoModelForCausalLM.register(DeepTalkConfig, DeepTalkForCausalLM, exist_ok=True)
+    # `Trainer` shifts the labels for label smoothing only for the causal LMs it finds by class name in this table
+    # (`register` does not add them): unlisted, the smoothed loss scored each position against its own token.
+    for config_class, model_class in (
+        (DeepTalkConfig, DeepTalkForCausalLM),
+        (DeepTalkAudioConfig, DeepTalkForConditionalGeneration),
+    ):
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(config_class.model_type, model_class.__name__)
     AutoProcessor.register(DeepTalkConfig, DeepTalkProcessor, exist_ok=True)
     AutoConfig.register(DeepTalkAudioConfig.model_type, DeepTalkAudioConfig, exist_ok=True)
     AutoModelForMultimodalLM.register(DeepTalkAudioConfig, DeepTalkForConditionalGeneration, exist_ok=True)

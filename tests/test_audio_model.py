@@ -258,6 +258,13 @@ def test_load_time_override_is_checked(tmp_path):
     with pytest.raises(ValueError, match="stack_factor=0"):
         AutoConfig.from_pretrained(tmp_path, stack_factor=0)
     assert AutoConfig.from_pretrained(tmp_path, stack_factor=2).stack_factor == 2
+    # a text_config dict updates the saved LLM config, and the composite's checks see the result
+    assert (
+        AutoConfig.from_pretrained(tmp_path, text_config={"num_experts_per_tok": 1}).text_config.num_experts_per_tok
+        == 1
+    )
+    with pytest.raises(ValueError, match="num_audio_streams=1"):
+        AutoConfig.from_pretrained(tmp_path, text_config={"num_audio_streams": 1})
 
 
 def test_config_defaults_and_dict_round_trip():

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from transformers import AutoConfig, Qwen3MoeConfig
 
@@ -161,6 +163,11 @@ def test_load_time_overrides_are_checked_and_derive_fields(tmp_path):
     )
     assert unused == {"other": 1}
     assert AutoConfig.from_pretrained(tmp_path, num_local_experts=6).num_experts == 6  # an alias names its field
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["n_routed_experts"] = saved.pop("num_experts")  # a config.json that spells the field by an alias
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    for name in ("num_experts", "n_routed_experts"):
+        assert AutoConfig.from_pretrained(tmp_path, **{name: 6}).num_experts == 6
 
 
 def test_auto_config_round_trip(tmp_path):

@@ -736,6 +736,8 @@ def test_bf16_under_the_interpreter_is_refused():
         K.fused_moe_experts(bf16[0], *bf16[1:], index, weights.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="bfloat16 dots"):
         K.fused_moe_experts(x, experts.gate_up_proj, experts.down_proj, index, weights)
+    with pytest.raises(TypeError, match="bfloat16 dots"):  # either weight
+        K.fused_moe_experts(x, experts.gate_up_proj, bf16[2], index, weights)
 
 
 def test_missing_triton_points_to_grouped_mm(monkeypatch):

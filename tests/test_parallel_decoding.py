@@ -445,6 +445,7 @@ def test_the_text_stream_ends_at_the_end_ids_of_the_argument_or_the_generation_c
         (dict(min_length=8), "min_new_tokens / min_length"),
         (dict(prompt_lookup_num_tokens=2), r"assisted decoding \("),
         (dict(assistant_early_exit=1), r"assisted decoding \("),
+        (dict(assistant_early_exit=0), r"assisted decoding \("),  # transformers assists on any value set
     ],
 )
 def test_options_that_would_split_an_items_streams_are_refused_by_name(options, named):

@@ -214,19 +214,48 @@ def test_what_would_reach_past_or_copy_adapters_is_refused():
     assert not peft_model.config.speech_attention
 
 
-@pytest.mark.parametrize("indices", [[5], {"model.speech_embed_tokens": [2, 3]}])
-def test_trainable_tokens_on_a_tied_speech_table_are_refused(indices):
-    """PEFT ties trainable tokens to the text table only, by name suffix: on a tied model `speech_lm_head` trained
-    with the text table's row 5 (`"lm_head"` names it too), or not with its own table's new rows, and merging gave
-    another model than the adapter's."""
-    model = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
+@pytest.mark.parametrize(
+    "audio, indices, pair",
+    [
+        (False, [5], "speech_embed_tokens / speech_lm_head"),  # "lm_head" names speech_lm_head too
+        (False, {"model.speech_embed_tokens": [2, 3]}, "speech_embed_tokens / speech_lm_head"),
+        (True, [5], "embed_tokens / lm_head"),  # the composite's config does not say its LLM is tied
+    ],
+)
+def test_trainable_tokens_that_leave_a_tied_head_apart_are_refused(audio, indices, pair):
+    """PEFT ties trainable tokens' heads to the text table only, where the model's own config says it is tied, and
+    picks modules by name suffix: a tied head trained apart from its table's rows (or with the other table's), and
+    merging gave another model than the adapter's."""
+    tied = tiny_config(tie_word_embeddings=True)
+    model = (
+        DeepTalkForConditionalGeneration(whisper_audio_config(text_config=tied))
+        if audio
+        else DeepTalkForCausalLM(tied)
+    )
     peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
-    with pytest.raises(ValueError, match="trainable tokens on speech_.* tie_word_embeddings"):
-        peft_model(torch.tensor([[5, 6, 70]]))
-    untied = DeepTalkForCausalLM(tiny_config())  # rows of either table, by their full names
-    indices = {"model.embed_tokens": [5], "model.speech_embed_tokens": [2, 3]}
-    peft_model = get_peft_model(untied, LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
-    peft_model(torch.tensor([[5, 6, 70]]))
+    with pytest.raises(ValueError, match=f"tie_word_embeddings leave the tied pair {pair} apart"):
+        peft_model(input_ids=torch.tensor([[5, 6, 70]]))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trainable_tokens_that_keep_the_heads_with_their_tables_train_and_merge(tied):
+    """Untied, rows of either table by their full names; tied without a speech block, the text rows (PEFT ties the
+    head): the adapter trains, and its merge computes what it did."""
+    config = tiny_config(tie_word_embeddings=True, speech_vocab_size=0) if tied else tiny_config()
+    indices = [5] if tied else {"model.embed_tokens": [5], "model.speech_embed_tokens": [2, 3]}
+    peft_model = get_peft_model(
+        DeepTalkForCausalLM(config), LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices)
+    )
+    ids = torch.tensor([[5, 6, config.vocab_size - 14]])
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        peft_model(ids, labels=ids).loss.backward()
+        optimizer.step()
+    peft_model.eval()
+    with torch.no_grad():
+        adapted = peft_model(ids).logits
+        torch.testing.assert_close(peft_model.merge_and_unload()(ids).logits, adapted)
 
 
 def test_frozen_new_speech_modules_get_no_lora_either_and_the_model_is_a_causal_lm():

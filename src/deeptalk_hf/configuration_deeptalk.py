@@ -38,9 +38,17 @@ class ChecksOverrides:
         own = {field.name for field in dataclasses.fields(cls)} - {
             field.name for field in dataclasses.fields(PreTrainedConfig)
         }
-        own -= set(getattr(cls, "sub_configs_defaults", {}))  # a sub-config's dict updates it: transformers' way
         overrides = {aliases.get(key, key): kwargs.pop(key) for key in list(kwargs) if aliases.get(key, key) in own}
-        return super().from_dict({**config_dict, **overrides}, **kwargs)
+        for key in getattr(cls, "sub_configs_defaults", {}):  # a dict updates the saved sub-config (transformers' way)
+            saved = config_dict.get(key)
+            if isinstance(overrides.get(key), dict) and saved is not None:
+                overrides[key] = {
+                    **(saved.to_dict() if isinstance(saved, PreTrainedConfig) else saved),
+                    **overrides[key],
+                }
+        # A saved alias of an overridden field goes: the constructor would apply it after the field.
+        kept = {key: value for key, value in config_dict.items() if aliases.get(key, key) not in overrides}
+        return super().from_dict({**kept, **overrides}, **kwargs)
 
 
 @strict

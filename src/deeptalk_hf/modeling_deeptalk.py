@@ -1107,30 +1107,37 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         """Logits over the whole vocabulary: `[lm_head(h) ; speech_lm_head(h)]`."""
         logits = self.lm_head(hidden_states)
         config = self.config
+        if config.tie_word_embeddings:
+            self._check_tied_tokens()
         if config.speech_vocab_size:
-            if config.tie_word_embeddings:
-                self._check_tied_speech_tokens()
             logits = torch.cat([logits, self.speech_lm_head(hidden_states)], dim=-1)
         return logits
 
-    def _check_tied_speech_tokens(self) -> None:
-        """PEFT's trainable tokens tie an output head to the text table only, and pick modules by name suffix: on a
-        tied model `speech_lm_head` then trains with the text table's rows (`"lm_head"` names it too) or apart from
-        its own table's, and merging gives another model than the adapter's. Refused at the first forward."""
-        wrapped = [
+    def _check_tied_tokens(self) -> None:
+        """PEFT's trainable tokens on a tied model: PEFT ties a head to the text table only (and only where the model's
+        own config says it is tied, which the audio model's does not), and picks modules by name suffix (`"lm_head"`
+        also names `speech_lm_head`). A head that does not train with its table's rows makes the adapter and its merge
+        different models: refused at the first forward, naming the pair."""
+        pairs = [("embed_tokens / lm_head", self.model.embed_tokens, self.lm_head)]
+        if self.config.speech_vocab_size:
+            pairs.append(("speech_embed_tokens / speech_lm_head", self.model.speech_embed_tokens, self.speech_lm_head))
+        broken = [
             name
-            for name, module in (
-                ("speech_lm_head", self.speech_lm_head),
-                ("speech_embed_tokens", self.model.speech_embed_tokens),
+            for name, table, head in pairs
+            if (isinstance(table, TrainableTokensWrapper) or isinstance(head, TrainableTokensWrapper))
+            and not (
+                isinstance(table, TrainableTokensWrapper)
+                and isinstance(head, TrainableTokensWrapper)
+                and head.token_adapter.tied_adapter is table.token_adapter
             )
-            if isinstance(module, TrainableTokensWrapper)
         ]
-        if wrapped:
+        if broken:
             raise ValueError(
-                f"PEFT trainable tokens on {', '.join(wrapped)} of a model with tie_word_embeddings: PEFT ties them to "
-                "the text table only and picks modules by name suffix ('lm_head' also names speech_lm_head), so the "
-                "tied speech head would not train with its own table's rows and merging would give another model. "
-                "Use an untied model, or train whole tables (set_training_stage)"
+                f"PEFT trainable tokens on a model with tie_word_embeddings leave the tied pair {', '.join(broken)} "
+                "apart: PEFT ties a head to the text table only (where the model's own config says it is tied) and "
+                "picks modules by name suffix ('lm_head' also names speech_lm_head), so the head would not train with "
+                "its table's rows and merging would give another model. Use an untied model, or train whole tables "
+                "(set_training_stage)"
             )
 
     def _stream_loss(self, logits: torch.Tensor, audio_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -1349,11 +1356,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             or bool(kwargs.get("min_length", setting.min_length)),
             "inputs_embeds": "inputs_embeds" in kwargs,
             "modality_ids (the streams decide each position's modality)": "modality_ids" in kwargs,
-            "assisted decoding (an assistant model, prompt lookup, early exit)": kwargs.get("assistant_model")
-            is not None
-            or any(
-                kwargs.get(name, getattr(setting, name))
-                for name in ("prompt_lookup_num_tokens", "assistant_early_exit")
+            "assisted decoding (an assistant model, prompt lookup, early exit)": any(
+                kwargs.get(name, getattr(setting, name, None)) is not None
+                for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
             ),
         }
         if any(refused.values()):

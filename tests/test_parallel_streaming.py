@@ -281,5 +281,9 @@ def test_streamer_checks_its_layout():
     streamer = DeepTalkParallelStreamer(PROCESSOR, SNAC, CONFIG, batch_parallel=True)
     with pytest.raises(ValueError, match="expected 16 rows"):
         streamer.put(torch.zeros(8, 3, dtype=torch.long))
+    # two items generated without batch parallel decoding have as many rows: the second is no copy of the first
+    two_items = PROCESSOR.parallel_prompt([TYPED, SPOKEN], CONFIG, audio=[None, QUESTION], sampling_rate=16000)
+    with pytest.raises(ValueError, match="these rows are two items"):
+        streamer.put(two_items["input_ids"].flatten(0, 1))
     with pytest.raises(ValueError, match="num_audio_streams=7"):
         DeepTalkParallelStreamer(PROCESSOR, MIMI, CONFIG)

@@ -204,10 +204,10 @@ def test_streamed_text_is_not_rewritten_by_a_tokenizer_clean_up():
 def test_streamer_refuses_batches_and_bad_chunking():
     streamer = DeepTalkStreamer(PROCESSOR, skip_prompt=False, timeout=5)
     streamer.put(torch.tensor([[WORD_IDS[2], BEGIN, START + 1]]))  # a call that fails midway
-    with pytest.raises(ValueError, match="batch size 1"):
+    with pytest.raises(ValueError, match="streams one sequence, got 2 rows"):
         streamer.put(torch.zeros(2, 3, dtype=torch.long))
     events = [next(streamer), next(streamer)]
-    with pytest.raises(ValueError, match="batch size 1"):  # the consumer (another thread) gets it too, not a hang
+    with pytest.raises(ValueError, match="got 2 rows"):  # the consumer (another thread) gets it too, not a hang
         next(streamer)
     assert events == [TextDelta(WORDS[2]), SpeechChunk(0, [1])]
     ids = [WORD_IDS[1], BEGIN, START + 2]  # and the streamer serves the next call as a fresh one would
@@ -215,6 +215,49 @@ def test_streamer_refuses_batches_and_bad_chunking():
     assert stream(streamer, [WORD_IDS[0]], ids, []) == stream(fresh, [WORD_IDS[0]], ids, [])
     with pytest.raises(ValueError, match="audio_chunk_frames=0"):
         DeepTalkStreamer(PROCESSOR, audio_chunk_frames=0)
+    with pytest.raises(ValueError, match="the codec makes 128 distinct units but the tokenizer has 8"):
+        DeepTalkStreamer(tiny_processor(8), MIMI)  # as the logits processor says, not a misplaced unit mid-generation
+
+
+def test_an_error_at_the_end_reaches_the_consumer_and_resets_the_streamer():
+    """The last pending frames are decoded in `end`: a failure there (a unit of another level) reaches the consumer
+    as a failure in `put` does, instead of leaving it waiting, and the next call starts fresh."""
+    streamer = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=2, timeout=5)
+    wrong = START + 3 * MIMI.codebook_size  # a last-level unit where a frame's first unit belongs
+    streamer.put(torch.tensor([[WORD_IDS[0]]]))
+    streamer.put(torch.tensor([BEGIN] + [wrong] * MIMI.units_per_frame))  # one frame: pending until the end
+    with pytest.raises(ValueError, match="not a level-0 unit"):
+        streamer.end()
+    with pytest.raises(ValueError, match="not a level-0 unit"):
+        list(streamer)
+    ids = [WORD_IDS[1], BEGIN, START + 2]
+    fresh = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=2)
+    assert stream(streamer, [WORD_IDS[0]], ids, []) == stream(fresh, [WORD_IDS[0]], ids, [])
+
+
+def test_an_answer_continuing_the_prompts_speech_voices_the_frames_it_completes():
+    """`continue_final_message` with a prompt ending inside a speech segment, mid-frame: the answer's units complete
+    the prompt's frame, and with full context the audio is the decode of the segment's frames from the first one the
+    prompt did not finish (before: the answer's units were decoded as a frame of their own and failed). A marker
+    before any answer unit ends the continuation."""
+    generator = torch.Generator().manual_seed(1)
+    codes = [
+        torch.randint(0, MIMI.codebook_size, (4 * MIMI.frame_levels.count(level),), generator=generator)
+        for level in range(MIMI.num_codebooks)
+    ]
+    units = MIMI.to_units(codes).tolist()
+    split = MIMI.units_per_frame + 2  # the prompt holds one whole frame and half of the next
+    prompt = [WORD_IDS[0], BEGIN] + [START + u for u in units[:split]]
+    answer = [START + u for u in units[split:]] + [END]
+    streamer = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=1, context_frames=8)
+    events = stream(streamer, prompt, answer, [1, 5])
+    assert sum((e.units for e in events if isinstance(e, SpeechChunk)), []) == units[split:]
+    waveform = torch.cat([e.waveform for e in events if isinstance(e, AudioChunk)])
+    full = MIMI.decode(MIMI.from_units(units))[MIMI.samples_per_frame :]
+    assert waveform.shape == full.shape and (waveform - full).abs().max() <= 1e-5
+    restart = [END, BEGIN] + [START + u for u in units[: MIMI.units_per_frame]]  # the prompt's segment left unfinished
+    events = stream(streamer, prompt, restart, [])
+    assert sum(e.waveform.shape[0] for e in events if isinstance(e, AudioChunk)) == MIMI.samples_per_frame
 
 
 # ---- the logits processor ----------------------------------------------------------------------------------------

@@ -1103,6 +1103,10 @@ class DeepTalkStreamer(BaseStreamer):
                 "clean_up_tokenization_spaces=True rewrites text already streamed (' ,' becomes ','): the streamer "
                 "decodes without it"
             )
+        if codec is not None and not isinstance(
+            self, DeepTalkParallelStreamer
+        ):  # that one checks the config's streams
+            processor._check_codec_units(codec)
         self.processor, self.codec = processor, codec
         self.skip_prompt, self.timeout = skip_prompt, timeout
         self.audio_chunk_frames, self.context_frames = audio_chunk_frames, context_frames
@@ -1116,25 +1120,42 @@ class DeepTalkStreamer(BaseStreamer):
         self._seen_prompt = False
         self._text_length = 0  # characters of text already sent
         self._voiced_frames: dict[int, int] = {}  # per segment, frames already sent as audio
+        # The units of a skipped prompt's open speech segment (`continue_final_message`), which the answer's first
+        # segment continues unless a marker comes first: its frames start in the prompt.
+        self._continued: list[int] = []
 
-    def put(self, value: torch.Tensor) -> None:
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run `step`; an error also goes to the consumer, which would otherwise wait forever in another thread, and
+        resets the streamer for the next call."""
         try:
-            self._put(value)
-        except Exception as error:  # also to the consumer, which would otherwise wait forever in another thread
+            step()
+        except Exception as error:
             self._reset()
             self.queue.put(error, timeout=self.timeout)
             raise
 
+    def put(self, value: torch.Tensor) -> None:
+        self._guarded(lambda: self._put(value))
+
     def _put(self, value: torch.Tensor) -> None:
         if value.dim() > 1 and value.shape[0] > 1:
-            raise ValueError("DeepTalkStreamer streams one sequence; generate with batch size 1")
+            raise ValueError(
+                f"DeepTalkStreamer streams one sequence, got {value.shape[0]} rows (batch size x num_return_sequences "
+                "or num_beams; a parallel-stream model's rows are its streams: use DeepTalkParallelStreamer)"
+            )
         if self.skip_prompt and not self._seen_prompt:
             self._seen_prompt = True
+            prompt = _SpeechSplitter(self.processor.speech_token_start, self.processor.num_speech_units)
+            for token in value.reshape(-1).tolist():
+                prompt.push(token)
+            self._continued = prompt.segments[-1] if prompt.is_open else []
             return
         self._seen_prompt = True
         splitter, units, segment = self._splitter, [], None
         for token in value.reshape(-1).tolist():
             kind = splitter.push(token)
+            if self._continued and kind in ("begin", "end") and len(splitter.segments) == (kind == "begin"):
+                self._continued = []  # the prompt's segment closed, or a new one opened, before any answer unit
             if kind == "unit":
                 segment = len(splitter.segments) - 1
                 units.append(splitter.segments[-1][-1])
@@ -1148,8 +1169,11 @@ class DeepTalkStreamer(BaseStreamer):
         self._send_units(segment, units)
 
     def end(self) -> None:
-        self._send_text(final=True)
-        self._finish_segments(keep_open=False)
+        def flush() -> None:
+            self._send_text(final=True)
+            self._finish_segments(keep_open=False)
+
+        self._guarded(flush)
         self._reset()
         self.queue.put(None, timeout=self.timeout)
 
@@ -1191,7 +1215,9 @@ class DeepTalkStreamer(BaseStreamer):
             return
         per_frame = codec.units_per_frame
         units = self._splitter.segments[segment]
-        done, ready = self._voiced_frames.setdefault(segment, 0), len(units) // per_frame
+        prompt = self._continued if segment == 0 else []
+        units = prompt + units
+        done, ready = self._voiced_frames.setdefault(segment, len(prompt) // per_frame), len(units) // per_frame
         if ready == done or (ready - done < self.audio_chunk_frames and not final):
             return
         first = max(0, done - self.context_frames)
@@ -1249,6 +1275,12 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
                 f" got {value.shape[0]}: generate one item, with batch_parallel as given to the streamer"
             )
         if not self._seen_prompt:
+            half = self.rows // 2
+            if self.text_row and not torch.equal(value[:half], value[half:]):  # `generate` duplicates the item
+                raise ValueError(
+                    "batch_parallel=True streams one item and its text-only copy, whose prompts are the same: these "
+                    "rows are two items (generate one item, with batch_parallel as given to the streamer)"
+                )
             self._seen_prompt = True
             return
         streams, answer = self.config.num_audio_streams + 1, self._splitter.segments[0]

@@ -89,6 +89,10 @@ def test_resample_refuses_what_it_would_get_wrong():
     # Coprime rates would need a 4800-phase kernel of gigabytes: refused by name, before any memory is taken.
     with pytest.raises(ValueError, match="4001 -> 4800 Hz reduces to 4800/4001"):
         resample(torch.zeros(400), 4001, 4800)
+    # zeros=0 gave NaNs, a rolloff above 1 an aliased signal of twice the amplitude
+    for options in (dict(zeros=0), dict(zeros=-3), dict(zeros=2.5), dict(rolloff=0.0), dict(rolloff=2.0)):
+        with pytest.raises(ValueError, match="zeros=.* must be a positive integer and rolloff=.* in \\(0, 1\\]"):
+            resample(torch.zeros(100), 16000, 24000, **options)
 
 
 # ---- unit layouts ------------------------------------------------------------------------------------------------

@@ -152,6 +152,16 @@ def test_interleave_ids_checks_policy_ratio_and_units():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             PROCESSOR.interleave_ids(text_ids, **({"units": [1, 2]} | arguments))
+    # a call's None is the processor's own policy, as in interleave_ids; a ratio that is no pair is named
+    expected = PROCESSOR(text="hello world", speech_units=[1, 2])["input_ids"]
+    for none in ("interleave", "text_speech_ratio"):
+        assert PROCESSOR(text="hello world", speech_units=[1, 2], **{none: None})["input_ids"] == expected
+    for call in (
+        lambda: PROCESSOR(text="hello world", speech_units=[1, 2], text_speech_ratio=2),
+        lambda: DeepTalkProcessor(PROCESSOR.tokenizer, text_speech_ratio=None),
+    ):
+        with pytest.raises(ValueError, match="must be two positive integers"):
+            call()
 
 
 def test_interleave_ids_takes_tensors_and_arrays_and_refuses_non_text_ids():
@@ -313,6 +323,17 @@ def test_tokens_the_tokenizer_adds_stay_at_the_ends_for_every_policy(text, units
     """The policies lay out the text's own ids: a BOS stays first and an EOS last, never inside the speech."""
     options = dict(speech_units=units, interleave=policy, text_speech_ratio=ratio)
     bos, eos = WRAPPING.tokenizer.bos_token_id, WRAPPING.tokenizer.eos_token_id
+    bare = WRAPPING(text=text, add_special_tokens=False, **options)["input_ids"][0]
+    assert WRAPPING(text=text, **options)["input_ids"][0] == [bos, *bare, eos]
+
+
+@pytest.mark.parametrize("text", ["<s>", "<s><s>", "</s>"])
+@pytest.mark.parametrize("policy", INTERLEAVE_POLICIES)
+def test_a_text_made_of_added_tokens_keeps_the_tokenizers_at_the_ends(text, policy):
+    """The text's own ids are BOS/EOS tokens too: the tokenizer's own additions are still told apart (the first
+    matching place was taken, which put the speech before the real BOS)."""
+    bos, eos = WRAPPING.tokenizer.bos_token_id, WRAPPING.tokenizer.eos_token_id
+    options = dict(speech_units=[0, 1], interleave=policy)
     bare = WRAPPING(text=text, add_special_tokens=False, **options)["input_ids"][0]
     assert WRAPPING(text=text, **options)["input_ids"][0] == [bos, *bare, eos]
 

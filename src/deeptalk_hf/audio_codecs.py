@@ -114,6 +114,9 @@ def resample(
     if not all(map(_is_hertz, rates)):
         raise ValueError(f"sampling rates must be positive integers (Hz), got {rates}")
     orig_sampling_rate, new_sampling_rate = map(int, rates)
+    if not (isinstance(zeros, Integral) and not isinstance(zeros, bool) and zeros > 0) or not 0 < rolloff <= 1:
+        # zeros=0 gave NaNs, a rolloff above 1 a cutoff above Nyquist (aliasing, doubled amplitude)
+        raise ValueError(f"zeros={zeros!r} must be a positive integer and rolloff={rolloff!r} in (0, 1]")
     if not isinstance(waveform, torch.Tensor) or not waveform.is_floating_point():
         kind = waveform.dtype if isinstance(waveform, torch.Tensor) else type(waveform).__name__
         raise ValueError(f"resample takes a floating-point torch tensor, got {kind}")

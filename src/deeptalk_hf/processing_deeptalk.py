@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from queue import Queue
@@ -422,20 +422,21 @@ class DeepTalkProcessor(ProcessorMixin):
                 f"(for a DeepTalk model: num_units=config.speech_vocab_size - {len(SPEECH_MARKERS)} markers, "
                 "text_vocab_size=config.speech_token_start)"
             )
-        self._check_policy(interleave, text_speech_ratio)
+        ratio = self._check_policy(interleave, text_speech_ratio)
         self.speech_tokens = block
         # plain ints: `save_pretrained` writes them as JSON, which has no numpy integers
-        self.interleave, self.text_speech_ratio = interleave, tuple(map(int, text_speech_ratio))
+        self.interleave, self.text_speech_ratio = interleave, tuple(map(int, ratio))
         self.codec = codec
 
     @staticmethod
-    def _check_policy(interleave: str, ratio: Sequence[int]) -> None:
+    def _check_policy(interleave: str, ratio: Sequence[int]) -> tuple[int, int]:
+        """The policy checked; returns the ratio as a tuple."""
         if interleave not in INTERLEAVE_POLICIES:
             raise ValueError(f"interleave={interleave!r} is unknown; expected one of {INTERLEAVE_POLICIES}")
-        if len(ratio) != 2 or not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in ratio):
-            raise ValueError(
-                f"text_speech_ratio={tuple(ratio)} must be two positive integers (text tokens, speech units)"
-            )
+        pair = tuple(ratio) if isinstance(ratio, Iterable) else ()
+        if len(pair) != 2 or not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in pair):
+            raise ValueError(f"text_speech_ratio={ratio!r} must be two positive integers (text tokens, speech units)")
+        return pair
 
     @property
     def speech_token_start(self) -> int:
@@ -509,8 +510,10 @@ class DeepTalkProcessor(ProcessorMixin):
         merged = self._merge_kwargs(
             DeepTalkProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
-        interleave, ratio = merged["interleave"], tuple(merged["text_speech_ratio"])
-        self._check_policy(interleave, ratio)
+        # None: the processor's own, as in `interleave_ids`
+        interleave = self.interleave if merged["interleave"] is None else merged["interleave"]
+        ratio = self.text_speech_ratio if merged["text_speech_ratio"] is None else merged["text_speech_ratio"]
+        ratio = self._check_policy(interleave, ratio)
         text_kwargs = merged["text_kwargs"]
         unsupported = sorted(k for k, v in text_kwargs.items() if k not in _SUPPORTED_TEXT_KWARGS and v)
         if unsupported:
@@ -753,11 +756,13 @@ class DeepTalkProcessor(ProcessorMixin):
         extra = len(ids) - len(own)
         if extra <= 0:
             return 0, 0
-        if not own:  # nothing to find them around: split them as the tokenizer does around a text
-            probe, probe_own = (self.tokenizer("a", add_special_tokens=add)["input_ids"] for add in (True, False))
-            split = _surrounding(probe, probe_own) if probe_own else None
-            if split is not None and sum(split) == extra:
-                return split
+        # Split them as the tokenizer does around a text: finding `own` inside `ids` alone misplaces them where the
+        # text's own ids are added tokens too (a text "<s>"), and finds nothing for an empty text.
+        probe, probe_own = (self.tokenizer("a", add_special_tokens=add)["input_ids"] for add in (True, False))
+        split = _surrounding(probe, probe_own) if probe_own else None
+        if split is not None and sum(split) == extra and ids[split[0] : len(ids) - split[1]] == own:
+            return split
+        if not own:
             before = int(ids[0] == self.tokenizer.bos_token_id)
             return before, extra - before
         return _surrounding(ids, own) or (0, 0)
@@ -767,8 +772,7 @@ class DeepTalkProcessor(ProcessorMixin):
     ) -> list[int]:
         """Lay out a transcript's ids and its speech units (unit indices) by an interleaving policy."""
         interleave = self.interleave if interleave is None else interleave
-        ratio = tuple(self.text_speech_ratio if ratio is None else ratio)
-        self._check_policy(interleave, ratio)
+        ratio = self._check_policy(interleave, self.text_speech_ratio if ratio is None else ratio)
         text_ids = _integer_ids(
             text_ids,
             f"text_ids must be integer ids (a list, or 1-D integer ids in a tensor), got {_describe(text_ids)}",

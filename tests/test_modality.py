@@ -18,6 +18,7 @@ import deeptalk_hf  # noqa: F401  (registers the Auto classes)
 from deeptalk_hf import (
     DeepTalkConfig,
     DeepTalkForCausalLM,
+    DeepTalkForConditionalGeneration,
     ModalityLoad,
     assign_modality_experts,
     move_speech_experts,
@@ -101,8 +102,11 @@ def logits(model, input_ids, routing):
 def test_profile_counts_add_up(model):
     batches = [mixed_batch(0), mixed_batch(1)]
     model.train()
+    model.model.layers[0].eval()  # a module in another mode than the model keeps it too
+    modes = {name: module.training for name, module in model.named_modules()}
     load = profile_modality_load(model, batches)
-    assert model.training and model.config.modality_routing == "hard"  # both restored
+    assert model.config.modality_routing == "hard"  # restored, as every module's mode
+    assert modes == {name: module.training for name, module in model.named_modules()}
     valid = sum(b["attention_mask"].sum() for b in batches)
     speech = sum(((b["input_ids"] >= TEXT_VOCAB) & b["attention_mask"].bool()).sum() for b in batches)
     assert load.speech_tokens == speech and load.text_tokens == valid - speech
@@ -209,7 +213,8 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
     assert again.layers == load.layers and again.speech_tokens == load.speech_tokens
     for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(load, name), getattr(again, name), strict=True))
-    assert again.to_dict() == load.to_dict()
+    assert again.to_dict() == load.to_dict() and again == load  # `==` compares the tensors (it raised)
+    assert again != profile_modality_load(model, [mixed_batch(0)]) and again != load.to_dict()
     (tmp_path / "other.json").write_text('{"layers": []}')
     with pytest.raises(ValueError, match="not a DeepTalk modality load"):
         ModalityLoad.load(tmp_path / "other.json")
@@ -230,6 +235,7 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
         ({"top_k": 0}, "top_k=0 must be an integer >= 1"),
         ({"speech_tokens": -5}, "speech_tokens=-5 must be an integer >= 0"),
         ({"extra": 1}, "unknown fields extra"),
+        ({"speech_counts": [[1, None] * 3, [1] * 6]}, "speech_counts must hold numbers per layer and expert"),
     ]:
         (tmp_path / "bad.json").write_text(json.dumps(saved | change))
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -452,6 +458,26 @@ def test_move_speech_experts_errors(model):
         assert moved.config.to_dict() == model.config.to_dict()
         assert moved.state_dict().keys() == model.state_dict().keys()
         assert all(torch.equal(tensor, model.state_dict()[name]) for name, tensor in moved.state_dict().items())
+
+
+def test_an_audio_models_experts_move_in_its_language_model():
+    """`assign_modality_experts` / `move_speech_experts` take the audio model (its LLM's experts move, the shared
+    config records it); profiling asks for the LLM by name (it measures id batches; it failed on a missing field)."""
+    from .test_audio_model import whisper_audio_config
+
+    audio = DeepTalkForConditionalGeneration(whisper_audio_config())
+    llm = copy.deepcopy(audio.language_model)
+    start = audio.config.text_config.speech_token_start
+    batches = [{"input_ids": torch.tensor([[3, 4, 5, start, start + 1, start + 2]])}]
+    with pytest.raises(ValueError, match="pass the audio model's language_model"):
+        profile_modality_load(audio, batches)
+    load = profile_modality_load(audio.language_model, batches)
+    assert assign_modality_experts(audio, load, num_speech_experts=1) == assign_modality_experts(
+        llm, load, num_speech_experts=1
+    )
+    assert audio.config.text_config.speech_expert_ids == llm.config.speech_expert_ids
+    for name, tensor in llm.state_dict().items():
+        assert torch.equal(tensor, audio.language_model.state_dict()[name]), name
 
 
 def assert_same_logits(actual, expected):

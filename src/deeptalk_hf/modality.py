@@ -51,7 +51,7 @@ def _integer(value: object) -> int:
     return operator.index(value)
 
 
-@dataclass
+@dataclass(eq=False)  # the generated `==` compares lists of tensors, which raises: see `__eq__`
 class ModalityLoad:
     """How a model routed speech and text tokens, per MoE layer and expert.
 
@@ -88,10 +88,13 @@ class ModalityLoad:
         for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
             counts = name.endswith("counts")
             # Masses in float64 from the start: a list of floats (what `load` reads) would pass through float32.
-            values = [
-                torch.as_tensor(v, dtype=None if counts else torch.float64).cpu().reshape(-1)
-                for v in getattr(self, name)
-            ]
+            try:
+                values = [
+                    torch.as_tensor(v, dtype=None if counts else torch.float64).cpu().reshape(-1)
+                    for v in getattr(self, name)
+                ]
+            except (TypeError, ValueError, RuntimeError) as error:  # e.g. a null in a file: "could not infer dtype"
+                raise ValueError(f"ModalityLoad.{name} must hold numbers per layer and expert ({error})") from error
             if counts and any(v.numel() and not has_integer_dtype(v) for v in values):
                 raise ValueError(
                     f"ModalityLoad.{name} must hold whole assignment counts (integers, not fractions or booleans)"
@@ -141,6 +144,10 @@ class ModalityLoad:
         text_total = max(sum(text), 1)  # as `_shares` divides
         exact = [s * (text_total - t) for s, t in zip(speech, text, strict=True)]
         return sorted(range(len(exact)), key=lambda expert: (-exact[expert], expert))
+
+    def __eq__(self, other: object) -> bool:
+        """Same layers, counts and masses, exactly (a `save`/`load` round trip is equal)."""
+        return isinstance(other, ModalityLoad) and self.to_dict() == other.to_dict()
 
     def to_dict(self) -> dict:
         data = {"format": _LOAD_FORMAT, "version": _LOAD_VERSION}
@@ -223,6 +230,11 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     positions restart at each packed sequence, which then attends to itself only). The model runs in eval mode with
     `modality_routing="none"`; both are restored afterwards.
     """
+    if isinstance(getattr(model, "language_model", None), DeepTalkForCausalLM):
+        raise ValueError(
+            "profile_modality_load measures a DeepTalk LLM on id batches: pass the audio model's language_model "
+            "(audio features are not taken)"
+        )
     config = model.config
     if config.num_audio_streams:
         raise ValueError(
@@ -237,7 +249,7 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     counts = {modality: [torch.zeros(n, dtype=torch.int64) for n in sizes] for modality in ("speech", "text")}
     mass = {modality: [torch.zeros(n, dtype=torch.float64) for n in sizes] for modality in ("speech", "text")}
     tokens = {"speech": 0, "text": 0}
-    routing, training = config.modality_routing, model.training
+    routing, training = config.modality_routing, {module: module.training for module in model.modules()}
     config.modality_routing = "none"
     model.eval()
     try:
@@ -262,7 +274,8 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
                     mass[modality][i] += probs[selected].sum(0).double().cpu()
     finally:
         config.modality_routing = routing
-        model.train(training)
+        for module, mode in training.items():  # each module's own (`model.train(mode)` would set them all alike)
+            module.training = mode
     return ModalityLoad(
         layers=layers,
         top_k=config.num_experts_per_tok,
@@ -436,6 +449,7 @@ def assign_modality_experts(
     model: the load and the ids are in source order). New parameters keep the `requires_grad` of the group they come
     from.
     """
+    model = _language_model(model)
     config = model.config
     if strategy not in ASSIGNMENT_STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is unknown; expected one of {ASSIGNMENT_STRATEGIES}")
@@ -475,6 +489,7 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     `modality_routing="none"` the model computes what it did before, up to float rounding.
     """
     check_no_adapters(model, "moving experts regroups the base tensors under any adapter on them")
+    model = _language_model(model)
     config = model.config
     layers = config.moe_layers
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
@@ -503,6 +518,12 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     config.num_speech_experts = [len(ids) for ids in chosen]
     config.speech_expert_ids = chosen
     config.validate_deeptalk()
+
+
+def _language_model(model: nn.Module) -> nn.Module:
+    """The DeepTalk LLM whose experts move: the model, or an audio model's language model (which shares its config)."""
+    language_model = getattr(model, "language_model", None)
+    return language_model if isinstance(language_model, DeepTalkForCausalLM) else model
 
 
 def check_no_adapters(model: nn.Module, why: str) -> None:

@@ -685,6 +685,27 @@ def test_save_and_load_round_trip(tmp_path):
     assert loaded(**sample)["input_ids"] == processor(**sample)["input_ids"]
 
 
+def test_the_saved_template_refuses_speech_through_the_tokenizer_alone(tmp_path):
+    """The tokenizer loads the saved template too (transformers' text-generation pipeline renders chats with it), but
+    only the processor puts units behind `<|speech|>`: through the tokenizer a speech block raises (its units were
+    lost, the placeholder's text tokenized, and generation went on); text chats render as through the processor."""
+    from jinja2.exceptions import TemplateError
+    from transformers import AutoTokenizer
+
+    tiny_processor(NUM_UNITS).save_pretrained(tmp_path)
+    tokenizer, processor = AutoTokenizer.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)
+    speech = [{"role": "user", "content": [{"type": "speech", "units": [1, 2, 3]}]}]
+    with pytest.raises(TemplateError, match="a speech block needs DeepTalkProcessor.apply_chat_template"):
+        tokenizer.apply_chat_template(speech, add_generation_prompt=True)
+    ids = processor.apply_chat_template(speech, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ][0]
+    assert processor.decode(ids).speech_units == [[1, 2, 3]]
+    text = [{"role": "user", "content": "hello world"}]
+    rendered = processor.apply_chat_template(text, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(text, add_generation_prompt=True, tokenize=False) == rendered
+
+
 def test_numpy_integer_ratio_saves_and_loads(tmp_path):
     """The ratio accepts numpy integers (a config read with numpy): it is kept as ints, so it can be written as JSON."""
     processor = tiny_processor(NUM_UNITS, interleave="interleaved", text_speech_ratio=np.array([2, 3]))

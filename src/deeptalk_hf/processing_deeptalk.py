@@ -50,14 +50,24 @@ def _chat_template(audio_placeholder: str) -> str:
     """ChatML turns (the Qwen family DeepTalk models start from). Speech blocks become `<|speech|>` placeholders, audio
     blocks `audio_placeholder`; `speech_answer=True` opens a speech segment after the assistant header so the model
     answers in speech. An assistant turn's content and `<|im_end|>` sit in `{% generation %}` markers, from which
-    `apply_chat_template(..., return_assistant_tokens_mask=True)` masks the answers (e.g. TRL's assistant-only loss)."""
+    `apply_chat_template(..., return_assistant_tokens_mask=True)` masks the answers (e.g. TRL's assistant-only loss).
+
+    Only the processor fills `<|speech|>` with units: rendered by the tokenizer alone (which loads the saved template
+    too, e.g. in transformers' text-generation pipeline) a block that becomes one raises, rather than leaving the
+    placeholder's text in the prompt without its units."""
+    needs_processor = (
+        "{%- if not _deeptalk_processor -%}{{ raise_exception('a ' + block['type'] + ' block needs "
+        "DeepTalkProcessor.apply_chat_template, which puts its speech units in the prompt; the tokenizer alone cannot') "
+        "}}{%- endif -%}"
+    )
+    audio_check = needs_processor if audio_placeholder == SPEECH_PLACEHOLDER else ""
     return (
         "{%- macro content(message) -%}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for block in message['content'] -%}"
         "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
-        "{%- elif block['type'] == 'speech' -%}{{ '<|speech|>' }}"
-        f"{{%- elif block['type'] == 'audio' -%}}{{{{ '{audio_placeholder}' }}}}"
+        f"{{%- elif block['type'] == 'speech' -%}}{needs_processor}{{{{ '<|speech|>' }}}}"
+        f"{{%- elif block['type'] == 'audio' -%}}{audio_check}{{{{ '{audio_placeholder}' }}}}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{%- endmacro -%}"
         "{%- for message in messages -%}"
@@ -911,7 +921,7 @@ class DeepTalkProcessor(ProcessorMixin):
         if kwargs.get("continue_final_message"):
             opened = [self._open_final_speech(messages, i) for i, messages in enumerate(conversations)]
             conversation = opened if batched else opened[0]
-        return super().apply_chat_template(conversation, *args, **kwargs)
+        return super().apply_chat_template(conversation, *args, _deeptalk_processor=True, **kwargs)
 
     def _open_final_speech(self, messages: Any, i: int) -> Any:
         """`messages` with a final speech block (or, with a codec, audio block) written out as the text of its open

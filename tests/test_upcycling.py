@@ -560,6 +560,46 @@ def test_each_tensor_is_read_from_the_shard_its_index_names(tmp_path):
         assert max_diff(load_checked(tmp_path / "moe")(ids).logits, dense(ids).logits) < 1e-5
 
 
+@pytest.mark.parametrize("single_last", [True, False])
+def test_a_folder_holding_a_single_file_and_an_index_converts_what_transformers_loads(single_last, tmp_path):
+    """transformers' `save_pretrained` leaves the other layout's files of an earlier save, and `from_pretrained` reads
+    the single `model.safetensors` where both are there: conversion reads the same (it preferred the index, refusing
+    the folder or converting other weights than the dense model's)."""
+    source, sizes = tmp_path / "dense", ["20KB", "1GB"] if single_last else ["1GB", "20KB"]
+    for seed, size in enumerate(sizes):  # the second save leaves the first's other layout
+        save_dense(dense_model("llama", seed=seed), source, max_shard_size=size)
+    assert {"model.safetensors", "model.safetensors.index.json"} <= {p.name for p in source.iterdir()}
+    loaded = AutoModelForCausalLM.from_pretrained(source)
+    moe = upcycle_dense(source, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(moe(ids).logits, loaded(ids).logits) < 1e-5
+
+
+def test_an_unreadable_generation_config_falls_back_to_the_model_configs(tmp_path, caplog):
+    """As transformers loads such a folder (it failed after every shard was written, as an unexpected error)."""
+    dense = dense_model("llama")
+    source = save_dense(dense, tmp_path / "dense")
+    (source / "generation_config.json").write_text("{not json")
+    with caplog.at_level("WARNING", logger="deeptalk_hf.upcycling"):
+        upcycle_checkpoint(
+            source, tmp_path / "moe", num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False
+        )
+    assert "generation_config.json is unreadable" in caplog.text
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(load_checked(tmp_path / "moe")(ids).logits, dense(ids).logits) < 1e-5
+
+
+def test_a_float64_model_runs_on_the_eager_experts():
+    """No grouped matmul takes float64: an upcycled float64 model failed at its first forward."""
+    dense = dense_model("llama").double()
+    moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype="float64")
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(moe(ids).logits, dense(ids).logits) < 1e-12
+
+
 def test_failure_while_writing_leaves_no_output(tmp_path, monkeypatch):
     source = save_dense(dense_model("llama"), tmp_path / "dense")
     destination = tmp_path / "moe"

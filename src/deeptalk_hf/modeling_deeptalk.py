@@ -724,7 +724,9 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
         transformers' default `grouped_mm`, or `eager` where torch's grouped matmul would refuse the expert strides
         (it wants multiples of 16 bytes: 8 elements cover every dtype)."""
         config = self.config
-        if requested_experts is None and triton_is_default(config.hidden_act):
+        if requested_experts is None and config.dtype in (torch.float64, "float64"):  # no grouped matmul or kernel
+            requested_experts = "eager"
+        elif requested_experts is None and triton_is_default(config.hidden_act):
             requested_experts = EXPERTS_IMPLEMENTATION
         elif requested_experts is None and (config.moe_intermediate_size % 8 or config.hidden_size % 8):
             requested_experts = "eager"

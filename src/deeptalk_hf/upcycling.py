@@ -37,10 +37,12 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict, str_to_torch_dtype
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .configuration_deeptalk import DeepTalkConfig
 from .modeling_deeptalk import DeepTalkForCausalLM
+
+logger = logging.get_logger(__name__)
 
 # What differs between the supported dense families, in DeepTalk's terms (everything else maps field by field).
 SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
@@ -545,11 +547,12 @@ def _shard_files(source: Path) -> tuple[list[Path], dict[str, Path] | None]:
     """The weight files, and with an index the file it names for each tensor."""
     index = source / SAFE_WEIGHTS_INDEX_NAME
     owners = None
-    if index.is_file():
+    # The single file first, as transformers reads a folder that holds both (a save over another leaves the old one).
+    if (source / SAFE_WEIGHTS_NAME).is_file():
+        files = [source / SAFE_WEIGHTS_NAME]
+    elif index.is_file():
         owners = {name: source / file for name, file in _weight_map(index).items()}
         files = list(dict.fromkeys(owners.values()))
-    elif (source / SAFE_WEIGHTS_NAME).is_file():
-        files = [source / SAFE_WEIGHTS_NAME]
     else:
         raise CheckpointError(
             f"{source} has no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} (only safetensors checkpoints are read)"
@@ -620,8 +623,14 @@ class _SourceCheckpoint:
         return None  # each tensor keeps its own unless a dtype is asked for
 
     def generation_config(self, config: DeepTalkConfig) -> GenerationConfig:
+        """The source's, as transformers loads it: from the model config where the file is missing or unreadable."""
         if (self.source / "generation_config.json").is_file():
-            return GenerationConfig.from_pretrained(self.source)
+            try:
+                return GenerationConfig.from_pretrained(self.source)
+            except (OSError, ValueError) as error:
+                logger.warning(
+                    f"{self.source}/generation_config.json is unreadable ({error}); using the model config's"
+                )
         return GenerationConfig.from_model_config(config)
 
 

@@ -106,11 +106,15 @@ def test_build_delay_pattern_rejects_codes_out_of_range():
 
 
 @pytest.mark.parametrize("streams", [2, 4])
-def test_revert_delay_pattern_refuses_another_stream_count(streams):
-    """It indexed streams by the config's delays: too few gave an IndexError, extra ones were dropped silently."""
+@pytest.mark.parametrize("read", [revert_delay_pattern, audio_codes_per_stream])
+def test_reading_the_streams_back_refuses_another_stream_count(streams, read):
+    """Streams are read with the config's delays: too few gave an IndexError (or were read silently), extra ones were
+    dropped, or read as audio (the text stream left in); a `[S, frames]` tensor is named too."""
     config = parallel_config()
     with pytest.raises(ValueError, match=f"streams have {streams} streams but the config has 3"):
-        revert_delay_pattern(torch.full((1, streams, 8), config.audio_pad_token_id), config)
+        read(torch.full((1, streams, 8), config.audio_pad_token_id), config)
+    with pytest.raises(ValueError, match=r"streams must be a tensor \[batch, 3 streams, length\], got \(3, 8\)"):
+        read(torch.full((3, 8), config.audio_pad_token_id), config)
 
 
 def test_without_parallel_fields_there_are_no_stream_weights():
@@ -283,18 +287,23 @@ def test_returned_scores_are_per_flattened_row(batch_parallel):
     assert torch.equal(picks, out.sequences[:, :, 5:])
 
 
-def test_a_speech_prompt_with_a_padded_text_stream_is_not_padding():
-    """Without an attention mask, a position is padding only where the text stream and every audio stream pad: a
-    speech query (text pad beside audio codes, some streams still in their delay) attends to all its positions."""
+@pytest.mark.parametrize("delays", [[1, 2, 4], [2, 3, 4]])
+def test_a_speech_prompt_with_a_padded_text_stream_is_not_padding(delays):
+    """Without an attention mask, a position is padding only where the text stream and every audio stream pad before
+    the prompt begins: a speech query (text pad beside audio codes, some streams still in their delay, and with every
+    delay above 1 a first audio column of pads only, after the text) attends to all its positions."""
     torch.manual_seed(0)
-    model = DeepTalkForCausalLM(parallel_config(initializer_range=0.3)).eval()
+    model = DeepTalkForCausalLM(parallel_config(initializer_range=0.3, audio_stream_delays=delays)).eval()
     config = model.config
     audio = build_delay_pattern(torch.randint(0, config.audio_codebook_size, (2, 3, 3)), config)
-    text = torch.full((2, 1, audio.shape[-1]), config.pad_token_id)
-    query = torch.cat([text, audio], dim=1)
+    spoken = torch.cat([torch.full((2, 1, audio.shape[-1]), config.pad_token_id), audio], dim=1)
+    query = torch.cat([text_query(config, length=3), spoken], dim=-1)
     options = dict(max_new_tokens=6, do_sample=False)
     expected = model.generate(query, attention_mask=torch.ones(2, query.shape[-1], dtype=torch.long), **options)
     assert torch.equal(model.generate(query, **options), expected)
+    padded = torch.cat([text_query(config, length=2).fill_(config.pad_token_id), query], dim=-1)
+    padded[:, 1:, :2] = config.audio_pad_token_id  # two columns of left padding, masked as such
+    assert torch.equal(model.generate(padded, **options)[:, :, 2:], expected)
 
 
 def test_stream_losses_are_weighted_means_of_each_stream():
@@ -446,6 +455,9 @@ def test_the_text_stream_ends_at_the_end_ids_of_the_argument_or_the_generation_c
         (dict(prompt_lookup_num_tokens=2), r"assisted decoding \("),
         (dict(assistant_early_exit=1), r"assisted decoding \("),
         (dict(assistant_early_exit=0), r"assisted decoding \("),  # transformers assists on any value set
+        # end-id options: the text's end id would be forced on, or read from, the audio rows too
+        (dict(forced_eos_token_id=1), "forced_eos_token_id / exponential_decay_length_penalty"),
+        (dict(exponential_decay_length_penalty=(2, 1.5)), "forced_eos_token_id / exponential_decay_length_penalty"),
     ],
 )
 def test_options_that_would_split_an_items_streams_are_refused_by_name(options, named):

@@ -16,7 +16,11 @@ from .configuration_deeptalk import DeepTalkConfig
 
 
 def _check_stream_count(name: str, tensor: torch.Tensor, config: DeepTalkConfig) -> None:
-    """Stream s is read with the config's delay s: another count would pair streams with the wrong delays."""
+    """Stream s is read with the config's delay s: another count would pair streams with the wrong delays (the text
+    stream left in, `out[:, :, prompt:]` for `out[:, 1:, prompt:]`, would be read as audio)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name} must be a tensor [batch, {config.num_audio_streams} streams, length], got {shape}")
     if tensor.shape[1] != config.num_audio_streams:
         raise ValueError(f"{name} have {tensor.shape[1]} streams but the config has {config.num_audio_streams}")
 
@@ -52,6 +56,7 @@ def audio_codes_per_stream(streams: torch.LongTensor, config: DeepTalkConfig) ->
 
     Returns one list per batch item with one 1D tensor per stream; streams of an item may differ in length when
     generation stopped early."""
+    _check_stream_count("streams", streams, config)
     result = []
     for item in streams:
         per_stream = []

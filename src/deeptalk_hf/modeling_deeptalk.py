@@ -1327,8 +1327,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         **kwargs,
     ):
         r"""transformers' `generate` (its first four parameters by position, the rest by keyword); with parallel audio
-        streams, `inputs` is `[batch, 1 + S, seq]` in the delayed layout and so is the result (`revert_delay_pattern`
-        / `audio_codes_per_stream` read the codes back).
+        streams, `inputs` is `[batch, 1 + S, seq]` in the delayed layout and so is the result (`audio_codes_per_stream`
+        reads the codes back, or `processor.decode_parallel` the text and frames; `revert_delay_pattern` takes whole
+        patterns only, not answers that end at different steps or are cut by `max_new_tokens`).
 
         speech_answer (`bool` or one `bool` per item, defaults to `True`):
             Parallel streams only: answer in speech (audio streams follow the delay pattern and generation stops when
@@ -1356,6 +1357,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             # transformers enforces them through the end ids, which here are per stream (the text's can be a code)
             "min_new_tokens / min_length": bool(kwargs.get("min_new_tokens", setting.min_new_tokens))
             or bool(kwargs.get("min_length", setting.min_length)),
+            "forced_eos_token_id / exponential_decay_length_penalty": any(
+                kwargs.get(name, getattr(setting, name)) is not None
+                for name in ("forced_eos_token_id", "exponential_decay_length_penalty")
+            ),
             "inputs_embeds": "inputs_embeds" in kwargs,
             "modality_ids (the streams decide each position's modality)": "modality_ids" in kwargs,
             "assisted decoding (an assistant model, prompt lookup, early exit)": any(
@@ -1391,7 +1396,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
             padding = (input_ids[:, 0] == pad_token_id) & (input_ids[:, 1:] == config.audio_pad_token_id).all(1)
-            attention_mask = (~padding).long()
+            # Left padding only: an all-pad column inside a prompt (an audio stream's delay, an answer's text ended
+            # while its audio had not begun, an end id that is also the pad) is part of it, as the cache saw it.
+            attention_mask = (~padding.long().cumprod(-1).bool()).long()
         speech = torch.as_tensor(True if speech_answer is None else speech_answer)
         if speech.dim() == 0:  # one truth value for every item
             speech = torch.full((batch,), bool(speech))

@@ -59,7 +59,7 @@ def make_checkpoints(root: Path) -> tuple[Path, Path]:
 
 
 def batch_for(model, extractor, texts, audios, padding_side: str) -> dict[str, torch.Tensor]:
-    """Features, expanded placeholders and padding: what `DeepTalkProcessor(audio=...)` will do."""
+    """Features, expanded placeholders and padding: what `DeepTalkAudioProcessor` does."""
     features = extract_audio_features(audios, SAMPLING_RATE, extractor, model.config)
     expanded = expand_audio_placeholders(texts, features["num_audio_tokens"], model.config)
     width = max(len(ids) for ids in expanded["input_ids"])

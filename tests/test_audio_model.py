@@ -234,8 +234,16 @@ def test_bad_audio_input_raises_naming_the_problem():
     swapped = dict(
         pair, input_features=pair["input_features"].flip(0), input_features_mask=pair["input_features_mask"].flip(0)
     )
-    with pytest.raises(ValueError, match="audio 0 .* would fill placeholders of rows 0 and 1"):
+    with pytest.raises(ValueError, match=r"runs \(reading order\) hold \[\d+, \d+\] positions"):
         model(**swapped)
+    # ... or within one row: runs of 3 and 2 placeholders, audios of 2 then 3 positions (it was accepted)
+    row = audio_batch(config, extractor, [[BOS, audio_id, 5, audio_id]], [tone(440, 0.5), tone(440, 0.25)])
+    flipped = {key: value.flip(0) for key, value in features_of(row).items()}
+    with pytest.raises(ValueError, match="give the audios in the order of their placeholder runs"):
+        model(input_ids=row["input_ids"], **flipped)
+    model(input_ids=row["input_ids"], **features_of(row))  # in order: accepted
+    with pytest.raises(ValueError, match="input_features must be 3-D"):  # one audio without its batch dimension
+        model(input_ids=row["input_ids"], input_features=row["input_features"][0])
 
 
 @pytest.mark.parametrize(
@@ -669,6 +677,26 @@ def test_align_lora_on_the_top_encoder_layer_adapts_only_what_trains(encoder_con
     adapted(**batch, labels=batch["input_ids"]).loss.backward()
     factors = {name: p.grad for name, p in adapted.named_parameters() if "lora_" in name}
     assert factors and all(grad is not None for grad in factors.values())
+
+
+def test_w2v_bert_top_layer_trains_under_reentrant_checkpointing_and_short_audio_is_named():
+    """w2v-bert exposes no input embedding for transformers' hook, so under a reentrant checkpoint its trainable top
+    layer got no gradient (silently: the connector still trained); and its fbank extractor failed on short audio with
+    numpy's errors."""
+    config = DeepTalkAudioConfig(
+        audio_config=Wav2Vec2BertConfig(**W2V_BERT), text_config=tiny_config(), stack_factor=5
+    )
+    model = DeepTalkForConditionalGeneration(config).train()
+    extractor = encoder_extractor(config.audio_config)
+    batch = audio_batch(config, extractor, [[BOS, config.audio_token_id, 5]], [tone(300, 0.25)])
+    set_training_stage(model, "align", also=model.audio_encoder_top_layers(1))
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    missing = [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None]
+    assert not missing, missing
+    for samples in (1, 100):
+        with pytest.raises(ValueError, match=f"audio 0 \\({samples} samples\\) is too short"):
+            extract_audio_features([np.full(samples, 0.1, np.float32)], SAMPLING_RATE, extractor, config)
 
 
 @pytest.mark.parametrize(

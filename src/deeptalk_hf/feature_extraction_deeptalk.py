@@ -58,13 +58,19 @@ def extract_audio_features(
                 "split it into several audios"
             )
         waveforms.append(waveform)
-    features = feature_extractor(
-        waveforms,
-        sampling_rate=sampling_rate,
-        padding="max_length" if window is not None else "longest",
-        return_attention_mask=True,
-        return_tensors="pt",
-    )
+    options = dict(sampling_rate=sampling_rate, return_attention_mask=True, return_tensors="pt")
+    try:
+        features = feature_extractor(waveforms, padding="max_length" if window is not None else "longest", **options)
+    except ValueError as error:  # an fbank extractor (w2v-bert's) fails on an audio shorter than its window
+        for index, waveform in enumerate(waveforms):
+            try:
+                feature_extractor([waveform], **options)
+            except ValueError:
+                raise ValueError(
+                    f"audio {index} ({waveform.size} samples) is too short for the feature extractor "
+                    f"({type(feature_extractor).__name__}: {error})"
+                ) from error
+        raise
     mask = features["attention_mask"]
     num_audio_tokens = audio_token_lengths(config, mask.sum(-1))
     if (num_audio_tokens < 1).any():  # its placeholder would silently vanish from the text

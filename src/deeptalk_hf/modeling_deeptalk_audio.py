@@ -246,6 +246,12 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         get the mask as `attention_mask`).
         """
         input_features = input_features.to(self.audio_encoder.device, self.audio_encoder.dtype)
+        encoder = self.audio_encoder
+        if encoder.is_gradient_checkpointing and torch.is_grad_enabled() and not input_features.requires_grad:
+            # A reentrant checkpoint passes gradients only to inputs that need them: an encoder without an input
+            # embedding for transformers' hook (w2v-bert) would give its trainable layers none, silently.
+            if any(param.requires_grad for param in encoder.parameters()):
+                input_features = input_features.detach().requires_grad_()
         feature_lengths = _feature_lengths(input_features, input_features_mask)
         if input_features_mask is not None:
             input_features_mask = input_features_mask.to(input_features.device)
@@ -279,6 +285,16 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
                     "generation does not support audio inputs)"
                 )
             return inputs_embeds
+        # Waveform encoders (wav2vec2 family) take `[audios, samples]`, spectrogram ones `[audios, bins, frames]`.
+        dims = 2 if self.audio_encoder.main_input_name == "input_values" else 3
+        if input_features.dim() != dims or (input_features_mask is not None and input_features_mask.dim() != 2):
+            mask = (
+                "" if input_features_mask is None else f" and input_features_mask {tuple(input_features_mask.shape)}"
+            )
+            raise ValueError(
+                f"input_features must be {dims}-D, a batch of audios as the feature extractor returns it "
+                f"(input_features_mask [audios, frames]); got {tuple(input_features.shape)}{mask}"
+            )
         if input_features_mask is not None and input_features_mask.shape[0] != input_features.shape[0]:
             raise ValueError(
                 f"input_features has {input_features.shape[0]} audios but input_features_mask "
@@ -290,14 +306,14 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 f"input_ids has {num_placeholders} audio placeholders (audio_token_id={self.config.audio_token_id}) but "
                 f"the {len(lengths)} audios fill {int(lengths.sum())} positions ({lengths.tolist()} each)"
             )
-        first, last = _rows_of_audios(input_ids, self.config.audio_token_id, lengths)
-        split = (first != last) & (lengths.cpu() > 0)
-        if split.any():
-            audio = int(split.nonzero()[0])
+        # Every run of placeholders (a row's end ends one) must end where an audio ends: otherwise an audio would be
+        # split over two runs (audios given in another order than their runs, or over two rows).
+        runs = _placeholder_runs(input_ids, self.config.audio_token_id)
+        if not torch.isin(runs.cumsum(0), lengths.cpu().cumsum(0)).all():
             raise ValueError(
-                f"audio {audio} ({int(lengths[audio])} positions) would fill placeholders of rows {int(first[audio])} "
-                f"and {int(last[audio])}: give the audios in the order of their placeholder runs, each run as long as "
-                "its audio (audio_token_lengths)"
+                f"the placeholder runs (reading order) hold {runs.tolist()} positions, which the audios' "
+                f"{lengths.tolist()} positions do not fill run by run: give the audios in the order of their "
+                "placeholder runs, each run as long as its audios (audio_token_lengths)"
             )
         valid = torch.arange(embeds.shape[1]) < lengths[:, None]
         audio = embeds[valid.to(embeds.device)].to(inputs_embeds.device, inputs_embeds.dtype)
@@ -402,6 +418,14 @@ def _rows_of_audios(
     ends = lengths.cpu().cumsum(0)
     first = torch.searchsorted(placeholders, ends - lengths.cpu(), right=True)
     return first, torch.searchsorted(placeholders, ends - 1, right=True)
+
+
+def _placeholder_runs(input_ids: torch.Tensor, audio_token_id: int) -> torch.Tensor:
+    """The lengths of the runs of placeholders, in reading order (on CPU); a row's end ends a run."""
+    is_audio = (input_ids == audio_token_id).cpu()
+    run_ends = is_audio & ~torch.cat([is_audio[:, 1:], torch.zeros_like(is_audio[:, :1])], dim=1)
+    ends = is_audio.flatten().cumsum(0)[run_ends.flatten()]
+    return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
 def _feature_lengths(input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> torch.Tensor:

@@ -520,10 +520,10 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     config.validate_deeptalk()
 
 
-def _language_model(model: nn.Module) -> nn.Module:
+def _language_model(model: nn.Module) -> DeepTalkForCausalLM:
     """The DeepTalk LLM whose experts move: the model, or an audio model's language model (which shares its config)."""
     language_model = getattr(model, "language_model", None)
-    return language_model if isinstance(language_model, DeepTalkForCausalLM) else model
+    return language_model if isinstance(language_model, DeepTalkForCausalLM) else model  # type: ignore[return-value]
 
 
 def check_no_adapters(model: nn.Module, why: str) -> None:

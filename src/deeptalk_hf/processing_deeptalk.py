@@ -522,8 +522,8 @@ class DeepTalkProcessor(ProcessorMixin):
         )
         # None: the processor's own, as in `interleave_ids`
         interleave = self.interleave if merged["interleave"] is None else merged["interleave"]
-        ratio = self.text_speech_ratio if merged["text_speech_ratio"] is None else merged["text_speech_ratio"]
-        ratio = self._check_policy(interleave, ratio)
+        given = merged["text_speech_ratio"]
+        ratio = self._check_policy(interleave, self.text_speech_ratio if given is None else given)
         text_kwargs = merged["text_kwargs"]
         unsupported = sorted(k for k, v in text_kwargs.items() if k not in _SUPPORTED_TEXT_KWARGS and v)
         if unsupported:

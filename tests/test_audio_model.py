@@ -2,6 +2,7 @@
 DeepTalk LLM. Masks and placeholder counts, bad input, cached generation, modality isolation under hard routing,
 composition from checkpoints and save/load, the "align" stage, and learning to transcribe synthetic tones."""
 
+import json
 import os
 import subprocess
 import sys
@@ -273,6 +274,10 @@ def test_load_time_override_is_checked(tmp_path):
     )
     with pytest.raises(ValueError, match="num_audio_streams=1"):
         AutoConfig.from_pretrained(tmp_path, text_config={"num_audio_streams": 1})
+    saved = json.loads((tmp_path / "config.json").read_text())  # the LLM's field spelled by an alias
+    saved["text_config"]["n_routed_experts"] = saved["text_config"].pop("num_experts")
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AutoConfig.from_pretrained(tmp_path, text_config={"num_experts": 6}).text_config.num_experts == 6
 
 
 def test_config_defaults_and_dict_round_trip():

@@ -706,6 +706,21 @@ def test_the_saved_template_refuses_speech_through_the_tokenizer_alone(tmp_path)
     assert tokenizer.apply_chat_template(text, add_generation_prompt=True, tokenize=False) == rendered
 
 
+def test_a_custom_template_gets_no_flag_it_does_not_read(caplog):
+    """The processor's flag goes only to templates that read it: transformers hands any other keyword to `__call__`
+    and warns (on every call with a custom or previously saved template)."""
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}]{% for b in m['content'] %}{% if b['type'] == 'text' %}{{ b['text'] }}"
+        "{% else %}<|speech|>{% endif %}{% endfor %}\n{% endfor %}"
+    )
+    conversation = [{"role": "user", "content": [{"type": "speech", "units": [7, 8]}, {"type": "text", "text": "hi"}]}]
+    with caplog.at_level("WARNING"):
+        assert PROCESSOR.apply_chat_template(conversation, chat_template=template).strip() == "[user]<|speech|>hi"
+        ids = PROCESSOR.apply_chat_template(conversation, chat_template=template, tokenize=True, return_dict=True)
+    assert PROCESSOR.decode(ids["input_ids"][0]).speech_units == [[7, 8]]
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
+
+
 def test_numpy_integer_ratio_saves_and_loads(tmp_path):
     """The ratio accepts numpy integers (a config read with numpy): it is kept as ints, so it can be written as JSON."""
     processor = tiny_processor(NUM_UNITS, interleave="interleaved", text_speech_ratio=np.array([2, 3]))

@@ -429,12 +429,16 @@ def test_streaming_checkpoint_is_the_dense_model(kind, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("sharded", [True, False])
-def test_a_hub_source_downloads_only_the_weights_its_index_names(sharded, tmp_path, monkeypatch):
+@pytest.mark.parametrize("layout", ["sharded", "single", "both"])
+def test_a_hub_source_downloads_only_the_weights_its_index_names(layout, tmp_path, monkeypatch):
     """Mistral's repositories also hold `consolidated.safetensors` (the same weights again): only the configs,
-    tokenizer files and the files of the index (or `model.safetensors`) are fetched, both from one commit."""
+    tokenizer files and `model.safetensors` (or, without it, the files of the index) are fetched, from one commit. A
+    repository holding both a single file and an index (a sharded save over a single one) converts the single file,
+    as transformers loads it (the index's shards were converted)."""
     dense = dense_model("mistral")
-    repo = save_dense(dense, tmp_path / "repo", max_shard_size="40KB" if sharded else "10MB")
+    repo = save_dense(dense, tmp_path / "repo", max_shard_size="40KB" if layout == "sharded" else "10MB")
+    if layout == "both":
+        save_dense(dense_model("mistral", seed=5), repo, max_shard_size="40KB")  # other weights, in shards
     (repo / "consolidated.safetensors").write_bytes(b"not needed")
     calls = []
 
@@ -449,12 +453,15 @@ def test_a_hub_source_downloads_only_the_weights_its_index_names(sharded, tmp_pa
     monkeypatch.setattr("deeptalk_hf.upcycling.snapshot_download", snapshot_download)
     options = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, progress=False)
     upcycle_checkpoint("mistralai/tiny", tmp_path / "moe", revision="main", **options)
-    assert calls == [("mistralai/tiny", "main"), ("mistralai/tiny", "0123abcd")]
+    second = [("mistralai/tiny", "0123abcd")] if layout == "sharded" else []
+    assert calls == [("mistralai/tiny", "main"), *second]
     downloaded = set(os.listdir(tmp_path / "cache" / "0123abcd"))
-    assert downloaded == set(os.listdir(repo)) - {"consolidated.safetensors"}
+    shards = {name for name in os.listdir(repo) if name.startswith("model-")} if layout == "both" else set()
+    assert downloaded == set(os.listdir(repo)) - {"consolidated.safetensors"} - shards
+    loaded = AutoModelForCausalLM.from_pretrained(repo)  # what transformers reads from the repository
     with torch.no_grad():
         ids = text_ids()
-        assert max_diff(load_checked(tmp_path / "moe")(ids).logits, dense(ids).logits) <= 1e-5
+        assert max_diff(load_checked(tmp_path / "moe")(ids).logits, loaded(ids).logits) <= 1e-5
 
 
 def test_streaming_equals_in_memory_with_every_option(tmp_path):

@@ -39,16 +39,19 @@ class ChecksOverrides:
             field.name for field in dataclasses.fields(PreTrainedConfig)
         }
         overrides = {aliases.get(key, key): kwargs.pop(key) for key in list(kwargs) if aliases.get(key, key) in own}
-        for key in getattr(cls, "sub_configs_defaults", {}):  # a dict updates the saved sub-config (transformers' way)
+        for key, spec in getattr(cls, "sub_configs_defaults", {}).items():  # a dict updates the saved sub-config
             saved = config_dict.get(key)
             if isinstance(overrides.get(key), dict) and saved is not None:
-                overrides[key] = {
-                    **(saved.to_dict() if isinstance(saved, PreTrainedConfig) else saved),
-                    **overrides[key],
-                }
-        # A saved alias of an overridden field goes: the constructor would apply it after the field.
-        kept = {key: value for key, value in config_dict.items() if aliases.get(key, key) not in overrides}
-        return super().from_dict({**kept, **overrides}, **kwargs)
+                saved = saved.to_dict() if isinstance(saved, PreTrainedConfig) else saved
+                overrides[key] = _merged(saved, overrides[key], getattr(spec.config_class, "attribute_map", {}))
+        return super().from_dict(_merged(config_dict, overrides, aliases), **kwargs)
+
+
+def _merged(saved: dict, overrides: dict, aliases: dict[str, str]) -> dict:
+    """`saved` updated by `overrides`, less the saved aliases of overridden fields (the constructor would apply an
+    alias after its field)."""
+    given = {aliases.get(key, key) for key in overrides}
+    return {**{key: value for key, value in saved.items() if aliases.get(key, key) not in given}, **overrides}
 
 
 @strict

@@ -46,6 +46,9 @@ TEXT_PAD_TOKEN = "<|text_pad_{}|>"
 INTERLEAVE_POLICIES = ("speech_only", "text_then_speech", "interleaved")
 
 
+_TEMPLATE_FLAG = "_deeptalk_processor"
+
+
 def _chat_template(audio_placeholder: str) -> str:
     """ChatML turns (the Qwen family DeepTalk models start from). Speech blocks become `<|speech|>` placeholders, audio
     blocks `audio_placeholder`; `speech_answer=True` opens a speech segment after the assistant header so the model
@@ -56,7 +59,7 @@ def _chat_template(audio_placeholder: str) -> str:
     too, e.g. in transformers' text-generation pipeline) a block that becomes one raises, rather than leaving the
     placeholder's text in the prompt without its units."""
     needs_processor = (
-        "{%- if not _deeptalk_processor -%}{{ raise_exception('a ' + block['type'] + ' block needs "
+        f"{{%- if not {_TEMPLATE_FLAG} -%}}{{{{ raise_exception('a ' + block['type'] + ' block needs "
         "DeepTalkProcessor.apply_chat_template, which puts its speech units in the prompt; the tokenizer alone cannot') "
         "}}{%- endif -%}"
     )
@@ -921,7 +924,12 @@ class DeepTalkProcessor(ProcessorMixin):
         if kwargs.get("continue_final_message"):
             opened = [self._open_final_speech(messages, i) for i, messages in enumerate(conversations)]
             conversation = opened if batched else opened[0]
-        return super().apply_chat_template(conversation, *args, _deeptalk_processor=True, **kwargs)
+        # The flag that lets the default template render speech blocks (the tokenizer alone must not); passed only to
+        # a template that reads it, as transformers hands any other keyword to `__call__`, with warnings.
+        template = kwargs.get("chat_template", args[0] if args else None) or self.chat_template
+        if _TEMPLATE_FLAG in str(template):  # a template, or a dict of named ones
+            kwargs[_TEMPLATE_FLAG] = True
+        return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _open_final_speech(self, messages: Any, i: int) -> Any:
         """`messages` with a final speech block (or, with a codec, audio block) written out as the text of its open

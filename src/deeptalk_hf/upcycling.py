@@ -503,12 +503,14 @@ def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory or a hub model id")
-    folder = _download(str(model_path), revision, _SNAPSHOT_PATTERNS)
-    # Then only the weight files the index names (or the single file), from the same commit (the snapshot folder's
-    # name): a repository may hold other safetensors beside them (Mistral's `consolidated.safetensors`, the same
-    # weights again).
+    # The single weights file where there is one (transformers reads it first, beside an index too); else only the
+    # files the index names, from the same commit (the snapshot folder's name): a repository may hold other
+    # safetensors beside them (Mistral's `consolidated.safetensors`, the same weights again).
+    folder = _download(str(model_path), revision, [*_SNAPSHOT_PATTERNS, SAFE_WEIGHTS_NAME])
     index = folder / SAFE_WEIGHTS_INDEX_NAME
-    weights = sorted(set(_weight_map(index).values())) if index.is_file() else [SAFE_WEIGHTS_NAME]
+    if (folder / SAFE_WEIGHTS_NAME).is_file() or not index.is_file():
+        return folder
+    weights = sorted(set(_weight_map(index).values()))
     return _download(str(model_path), folder.name, _SNAPSHOT_PATTERNS + weights)
 
 

@@ -1125,16 +1125,18 @@ class DeepTalkStreamer(BaseStreamer):
                 "clean_up_tokenization_spaces=True rewrites text already streamed (' ,' becomes ','): the streamer "
                 "decodes without it"
             )
-        if codec is not None and not isinstance(
-            self, DeepTalkParallelStreamer
-        ):  # that one checks the config's streams
-            processor._check_codec_units(codec)
-        self.processor, self.codec = processor, codec
+        self.processor, self.codec = processor, self._checked_codec(processor, codec)
         self.skip_prompt, self.timeout = skip_prompt, timeout
         self.audio_chunk_frames, self.context_frames = audio_chunk_frames, context_frames
         self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs, "clean_up_tokenization_spaces": False}
         self.queue: Queue = Queue()
         self._reset()
+
+    def _checked_codec(self, processor: DeepTalkProcessor, codec: AudioCodec | None) -> AudioCodec | None:
+        """`codec`, if its units are the tokenizer's (as `SpeechUnitsLogitsProcessor` checks), not found mid-stream."""
+        if codec is not None:
+            processor._check_codec_units(codec)
+        return codec
 
     def _reset(self) -> None:
         """The state of one `generate` call; `end` resets it, so one streamer can serve call after call."""
@@ -1238,7 +1240,8 @@ class DeepTalkStreamer(BaseStreamer):
         per_frame = codec.units_per_frame
         units = self._splitter.segments[segment]
         prompt = self._continued if segment == 0 else []
-        units = prompt + units
+        if prompt:  # a copy only where the answer continues the prompt's segment
+            units = prompt + units
         done, ready = self._voiced_frames.setdefault(segment, len(prompt) // per_frame), len(units) // per_frame
         if ready == done or (ready - done < self.audio_chunk_frames and not final):
             return
@@ -1273,10 +1276,10 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
         timeout: float | None = None,
         **decode_kwargs: Any,
     ):
-        self.config = config  # before `__init__`'s `_reset`, which reads it
+        self.config = config  # before `__init__`'s `_reset` and `_checked_codec`, which read it
         super().__init__(
             processor,
-            processor._stream_codec(codec, config),
+            codec,
             audio_chunk_frames=audio_chunk_frames,
             context_frames=context_frames,
             timeout=timeout,
@@ -1284,6 +1287,10 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
         )
         self.rows = (2 if batch_parallel else 1) * (config.num_audio_streams + 1)
         self.text_row = self.rows - config.num_audio_streams - 1  # the text-only copy's text stream, if any
+
+    def _checked_codec(self, processor: DeepTalkProcessor, codec: AudioCodec | None) -> AudioCodec:
+        """`codec`, if its frames are the config's audio streams (the text vocabulary needs no units here)."""
+        return processor._stream_codec(codec, self.config)
 
     def _reset(self) -> None:
         super()._reset()

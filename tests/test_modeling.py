@@ -457,6 +457,47 @@ def test_generate_modality_ids_may_cover_a_prefix_and_work_with_an_assistant():
     assert torch.equal(model.generate(prompt, modality_ids=flipped, assistant_model=assistant, **options), expected)
 
 
+def test_generate_with_a_text_draft_model_and_modality_ids():
+    """transformers hands the assistant every model kwarg; a plain text LM as draft takes no `modality_ids`, and the
+    verified answer is the one without an assistant."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3)).eval()
+    config = model.config
+    draft = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=config.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        )
+    ).eval()
+    prompt = torch.randint(3, config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    flipped = (prompt < config.speech_token_start).long()
+    options = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(prompt, modality_ids=flipped, **options)
+    assert not torch.equal(expected, model.generate(prompt, **options))
+    assert torch.equal(model.generate(prompt, modality_ids=flipped, assistant_model=draft, **options), expected)
+
+
+def test_generate_from_ids_and_their_embeddings_routes_by_the_ids():
+    """Given both, transformers feeds the model only the embeddings at the first step; the ids' modality goes with
+    them, as for the ids alone (also from a cached prefix, where it passes only the uncached embeddings)."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3)).eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    options = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(prompt, **options)
+    embeds = model.model.embed(prompt)
+    assert not torch.equal(model.generate(inputs_embeds=embeds, **options), expected[:, 10:])  # all text
+    assert torch.equal(model.generate(input_ids=prompt, inputs_embeds=embeds, **options), expected)
+    with torch.no_grad():
+        cache = model(prompt[:, :6], use_cache=True).cache
+    assert torch.equal(model.generate(input_ids=prompt, inputs_embeds=embeds, cache=cache, **options), expected)
+
+
 def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_positions():
     """Continuing from a cache (e.g. the next turn of a dialogue), the positions still to compute take their
     `modality_ids` from their own place in the prompt, not from its start."""

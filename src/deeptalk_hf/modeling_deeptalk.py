@@ -1294,10 +1294,17 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             half = streams.shape[0] // 2
             streams[:half, 0] = streams[half:, 0]
             model_inputs["input_ids"] = step_ids = streams.flatten(0, 1)
-        if modality_ids is None:
-            return model_inputs
         cache = model_inputs.get("cache")
         past = cache.get_seq_length() if cache is not None else 0
+        if modality_ids is None:
+            embeds = model_inputs.get("inputs_embeds")
+            # First step from `inputs_embeds` given beside the prompt's ids: transformers passes only the embeddings,
+            # so the ids' modality goes with them (embeddings alone come with `[batch, 0]` ids and stay text).
+            if step_ids is None and embeds is not None and input_ids.shape[1] >= past + embeds.shape[1]:
+                model_inputs["modality_ids"] = (
+                    input_ids[:, past : past + embeds.shape[1]] >= self.config.speech_token_start
+                )
+            return model_inputs
         # As booleans (1 is speech; padding may hold anything): `generate` checked the prompt's values once.
         if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids of its uncached positions
             model_inputs["modality_ids"] = modality_ids[:, past : past + model_inputs["inputs_embeds"].shape[1]] == 1
@@ -1309,6 +1316,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         step_modality[:, :covered] = modality_ids[:, past : past + covered] == 1
         model_inputs["modality_ids"] = step_modality
         return model_inputs
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """transformers hands the assistant every model kwarg: a draft model without `modality_ids` (a text LM)
+        proposes from the ids alone; this model verifies with them."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        draft = getattr(generator, "assistant_model", None)
+        if draft is not None and "modality_ids" not in inspect.signature(draft.forward).parameters:
+            generator.assistant_kwargs.pop("modality_ids", None)
+        return generator
 
     def _expand_inputs_for_generation(self, *args, input_ids: torch.LongTensor | None = None, **kwargs):
         check_prompt_modality_ids(input_ids, kwargs)

@@ -110,7 +110,11 @@ def dense_parameters(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temp dir)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="a new or empty folder for the checkpoints, kept for reruns (default: a temp dir)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="runs per step; the fastest is reported (default: 5)")
     parser.add_argument(
         "--output",
@@ -132,6 +136,12 @@ def main() -> None:
         parser.error("--repeats must be at least 1")
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_upcycle_"))
+    # The script replaces the checkpoints it writes there: never a folder of the user's that has other files.
+    marker = workdir / ".bench_upcycle"
+    if workdir.is_dir() and any(workdir.iterdir()) and not marker.exists():
+        parser.error(f"--workdir {workdir} holds other files; name a new or empty folder (or one this script made)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     source = workdir / ("dense" if args.size == "qwen2-0.5b" else f"dense_{args.size}")
     try:
         complete = source / ".created"  # a folder left by an interrupted creation is made anew

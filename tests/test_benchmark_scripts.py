@@ -86,6 +86,16 @@ def test_bench_upcycle_writes_its_ratios(tmp_path):
         assert result["output_bytes"] > 0
 
 
+def test_bench_upcycle_refuses_a_workdir_of_the_users(tmp_path):
+    """It replaces the `dense*`/`out*` folders it writes: a folder with other files was not made by it."""
+    (tmp_path / "out0").mkdir()
+    (tmp_path / "out0" / "notes.txt").write_text("mine")
+    command = [sys.executable, str(BENCHMARKS / "bench_upcycle.py"), "--size", "tiny", "--workdir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 2 and "holds other files" in done.stderr
+    assert (tmp_path / "out0" / "notes.txt").read_text() == "mine"
+
+
 def test_bench_latency_writes_every_mode(tmp_path):
     arguments = ["--question-seconds", "0.2", "--units", "7", "--text-tokens", "1", "--audio-chunk-frames", "1"]
     run("bench_latency.py", *arguments, "--runs", "1", "--decode-steps", "1", "--parallel", "--out", str(tmp_path))

@@ -407,6 +407,11 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     dense_model("llama").save_pretrained(llama)
     assert profile_main([str(llama), str(data), "--quiet"]) == EXIT_SOURCE
     assert "LlamaForCausalLM" in capsys.readouterr().err
+    truncated = tmp_path / "truncated"
+    shutil.copytree(deeptalk_checkpoint, truncated)
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:5000])
+    assert profile_main([str(truncated), str(data), "--quiet"]) == EXIT_SOURCE
+    assert f"cannot load {truncated}" in capsys.readouterr().err
     (tmp_path / "taken.json").write_text("{}")
     assert profile_main([model, str(data), "-o", str(tmp_path / "taken.json"), "--quiet"]) == EXIT_EXISTS
     assert (tmp_path / "taken.json").read_text() == "{}"
@@ -427,6 +432,9 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     arguments = [str(holder / "model"), str(data), "-o", str(weights), "--overwrite", "--quiet"]
     assert profile_main(arguments) == EXIT_USAGE
     assert "inside the model" in capsys.readouterr().err
+    arguments = [str(holder / "model"), str(data), "--assign-to", str(weights), "--num-speech-experts", "1"]
+    assert profile_main([*arguments, "--overwrite", "--quiet"]) == EXIT_USAGE
+    assert "is part of the source" in capsys.readouterr().err
     AutoModelForCausalLM.from_pretrained(holder / "model")  # intact
     # --assign-to replacing the data file or a folder holding it; -o/--plot inside --assign-to (replaced at the end).
     (tmp_path / "keep.txt").write_text("user file")
@@ -444,6 +452,14 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
         == EXIT_USAGE
     )
     assert "name two files" in capsys.readouterr().err
+    # An image path without a known suffix (matplotlib would write `a.png` past the checks) or under a file.
+    (tmp_path / "a.png").write_text("earlier plot")
+    for plot in ("a", "a.xyz"):
+        assert profile_main([model, str(data), "--plot", str(tmp_path / plot), "--quiet"]) == EXIT_USAGE
+        assert "name an image file ending in one of" in capsys.readouterr().err
+    assert (tmp_path / "a.png").read_text() == "earlier plot"
+    assert profile_main([model, str(data), "-o", str(tmp_path / "keep.txt" / "load.json"), "--quiet"]) == EXIT_USAGE
+    assert "keep.txt is a file, not a directory" in capsys.readouterr().err
     # Data of one modality: the load is written (its folder created), the assignment refused as unusable data.
     text_only, load, split = tmp_path / "text.jsonl", tmp_path / "new" / "load.json", tmp_path / "split"
     text_only.write_text('{"input_ids": [3, 4, 5]}\n')

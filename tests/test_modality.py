@@ -206,6 +206,9 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
     load.save(tmp_path / "profiles" / "load.json")  # a folder that does not exist yet
     load.save(tmp_path / "profiles" / "load.json")  # and over an existing file
     assert [path.name for path in (tmp_path / "profiles").iterdir()] == ["load.json"]  # no partial file left
+    with pytest.raises(IsADirectoryError):  # a failed save leaves nothing behind either
+        load.save(tmp_path / "profiles")
+    assert [path.name for path in tmp_path.iterdir()] == ["profiles"]
     written = json.loads((tmp_path / "profiles" / "load.json").read_text())
     assert (written["format"], written["version"]) == ("deeptalk-modality-load", 1)
     assert written["speech_counts"] == [counts.tolist() for counts in load.speech_counts]
@@ -301,6 +304,12 @@ def test_plot_writes_a_png(model, tmp_path):
     assert (tmp_path / "load.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="covers no MoE layer"):
         ModalityLoad([], 1, [], [], [], [], 0, 0).plot(tmp_path / "none.png")
+    load.plot(tmp_path / "load.SVG")  # the suffix names the format, in either case
+    assert b"<svg" in (tmp_path / "load.SVG").read_bytes()[:500]
+    for name in ("load", "load.xyz"):  # matplotlib would write `load.png` for the first
+        with pytest.raises(ValueError, match=r"name an image file ending in one of .*\.png"):
+            load.plot(tmp_path / name)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["load.SVG", "load.png"]
 
 
 # Assignment

@@ -28,7 +28,15 @@ from transformers import (
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense
 from deeptalk_hf.modeling_deeptalk import topk_routing
-from deeptalk_hf.upcycling import CheckpointError, _Converter, deeptalk_config_from_dense, deeptalk_config_from_moe
+from deeptalk_hf.upcycling import (
+    CheckpointError,
+    _Converter,
+    _umask,
+    atomic_output_dir,
+    atomic_output_file,
+    deeptalk_config_from_dense,
+    deeptalk_config_from_moe,
+)
 
 VOCAB = 64
 SEQ = 20  # longer than Mistral's window and than the llama3 scaling's original context
@@ -651,11 +659,44 @@ def test_destination_rules(tmp_path):
         with pytest.raises(ValueError, match="is or holds the source"):
             upcycle_checkpoint(source, holder, overwrite=True, **options)
         assert "model.safetensors.index.json" in os.listdir(source)
+    # Nor an existing part of it (a file or folder inside the source).
+    with pytest.raises(ValueError, match="is part of the source"):
+        upcycle_checkpoint(source, source / "model.safetensors.index.json", overwrite=True, **options)
+    assert (source / "model.safetensors.index.json").is_file()
     with pytest.raises(CheckpointError, match="neither a local directory"):
         upcycle_dense(str(tmp_path / "nowhere"), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
     (tmp_path / "a_file").write_text("mine")
     with pytest.raises(ValueError, match="a_file is a file, not a directory"):
         upcycle_checkpoint(source, tmp_path / "a_file" / "moe", overwrite=True, **options)
+
+
+def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "notes.txt").write_text("mine")
+    replace = os.replace
+
+    def refuse_the_first_move(source, target):
+        monkeypatch.setattr("deeptalk_hf.upcycling.os.replace", replace)
+        raise PermissionError(13, "Permission denied", str(source))
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.os.replace", refuse_the_first_move)
+    with pytest.raises(PermissionError), atomic_output_dir(destination, overwrite=True) as staging:
+        (staging / "config.json").write_text("{}")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(destination) == ["notes.txt"]
+
+
+def test_atomic_output_file_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "load.json"
+    target.write_text("old")
+    with pytest.raises(OSError, match="No space"), atomic_output_file(target) as partial:
+        partial.write_text("half")
+        raise OSError("No space left on device")
+    assert os.listdir(tmp_path) == ["load.json"] and target.read_text() == "old"
+    with atomic_output_file(target) as partial:
+        partial.write_text("new")
+    assert os.listdir(tmp_path) == ["load.json"] and target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
 def test_a_destination_created_during_the_run_is_never_replaced_unasked(tmp_path, monkeypatch):

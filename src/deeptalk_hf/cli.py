@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import utils as hub_utils
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
@@ -347,7 +348,12 @@ def profile_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", metavar="MODEL", help="DeepTalk checkpoint directory or hub model id")
     parser.add_argument("data", metavar="DATA", help="JSON Lines file of token ids (format below)")
     parser.add_argument("--output", "-o", metavar="JSON", help="write the ModalityLoad as JSON")
-    parser.add_argument("--plot", metavar="PNG", help="write per-layer heatmaps of the load (needs deeptalk-hf[plot])")
+    parser.add_argument(
+        "--plot",
+        metavar="IMAGE",
+        help="write per-layer heatmaps of the load, in the format its suffix names (.png, .svg, .pdf, ...; needs "
+        "deeptalk-hf[plot])",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     parser.add_argument(
         "--max-length", type=int, default=None, help="cut sequences to this many ids (default: no cut)"
@@ -413,14 +419,13 @@ def _check_load_files(args: argparse.Namespace, source: Path) -> None:
         raise ValueError(f"-o and --plot both name {args.output}; name two files")
     # The model folder written at the end would replace (or, when new, refuse) a folder holding the file.
     folders = [source.resolve(), *([Path(args.assign_to).resolve()] if args.assign_to else [])]
+    if args.plot:
+        ModalityLoad.plot_format(args.plot)
     for path in filter(None, (args.output, args.plot)):
         target = Path(path).resolve()
-        if target.is_dir() or target == Path(args.data).resolve() or any(f in target.parents for f in folders):
-            raise ValueError(
-                f"{path} is a directory, the data file, or inside the model or --assign-to; name a new file to write"
-            )
-        if target.exists() and not args.overwrite:
-            raise FileExistsError(f"{path} already exists (pass --overwrite to replace it)")
+        if target.is_dir() or any(f in target.parents for f in folders):
+            raise ValueError(f"{path} is a directory, or inside the model or --assign-to; name a new file to write")
+        check_output_dir(target, overwrite=args.overwrite, inputs=[args.data])
 
 
 def profile_main(argv: list[str] | None = None) -> int:
@@ -454,7 +459,7 @@ def profile_main(argv: list[str] | None = None) -> int:
         def load_model(dtype: str) -> PreTrainedModel:
             try:
                 return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-            except (OSError, ValueError, KeyError) as error:
+            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
                 raise CheckpointError(f"cannot load {args.model}: {error}") from error
 
         model = load_model(args.dtype or "auto").to(device)

@@ -35,6 +35,7 @@ from .modeling_deeptalk import (
     correction_bias,
     speech_positions,
 )
+from .upcycling import atomic_output_file
 
 TRAINING_STAGES = ("align", "speech", "text", "joint")
 ASSIGNMENT_STRATEGIES = ("paper", "adaptive", "random")
@@ -158,12 +159,9 @@ class ModalityLoad:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the load as JSON (through a temporary file, so an existing file is never left half-written)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        partial = f"{path}.partial"
-        with open(partial, "w", encoding="utf-8") as file:
+        with atomic_output_file(path) as partial, open(partial, "w", encoding="utf-8") as file:
             json.dump(self.to_dict(), file, indent=1)
             file.write("\n")
-        os.replace(partial, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModalityLoad":
@@ -195,12 +193,24 @@ class ModalityLoad:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{path}: {error}") from error
 
-    def plot(self, path: str | os.PathLike) -> None:
-        """Heatmaps (layers × experts) of ρA, ρT and ρA·(1−ρT) into an image file (needs the `plot` extra)."""
+    @staticmethod
+    def plot_format(path: str | os.PathLike) -> str:
+        """The image format `plot` writes to `path`, from its suffix (matplotlib would add one to a path without)."""
         try:
             from matplotlib.figure import Figure
         except ImportError:
             raise ImportError("plotting a modality load needs matplotlib: pip install 'deeptalk-hf[plot]'") from None
+        supported = Figure().canvas.get_supported_filetypes()
+        suffix = Path(path).suffix.lower().removeprefix(".")
+        if suffix not in supported:
+            raise ValueError(f"{path}: name an image file ending in one of .{', .'.join(sorted(supported))}")
+        return suffix
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Heatmaps (layers × experts) of ρA, ρT and ρA·(1−ρT) into an image file (needs the `plot` extra)."""
+        image_format = self.plot_format(path)
+        from matplotlib.figure import Figure
+
         if not self.layers:
             raise ValueError("the load covers no MoE layer: there is nothing to plot")
         width = max(self.num_experts)
@@ -216,8 +226,8 @@ class ModalityLoad:
             axes.set_ylabel("layer")
             axes.set_yticks(range(len(self.layers)), labels=[str(layer) for layer in self.layers])
             figure.colorbar(image, ax=axes)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path)
+        with atomic_output_file(path) as partial:
+            figure.savefig(partial, format=image_format)
 
 
 @torch.no_grad()

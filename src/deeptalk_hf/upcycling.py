@@ -821,6 +821,22 @@ def _umask() -> int:
     return mask
 
 
+@contextmanager
+def atomic_output_file(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `destination` that replaces it only once written: on any error it is removed and
+    an existing `destination` is untouched."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
+    os.close(handle)
+    try:
+        yield Path(partial)
+        os.chmod(partial, 0o666 & ~_umask())
+        os.replace(partial, destination)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
 def check_output_dir(
     destination: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
 ) -> None:
@@ -829,6 +845,8 @@ def check_output_dir(
     for source in map(Path, inputs):
         if destination in (source.resolve(), *source.resolve().parents):
             raise ValueError(f"destination {destination} is or holds the source {source}; write the output elsewhere")
+        if destination.exists() and source.resolve() in destination.parents:
+            raise ValueError(f"destination {destination} is part of the source {source}; write the output elsewhere")
     blocking = next((parent for parent in destination.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"destination {destination} cannot be created: {blocking} is a file, not a directory")
@@ -858,7 +876,11 @@ def atomic_output_dir(
             raise FileExistsError(f"{destination} was created while the output was written; nothing was replaced")
         if destination.exists():
             previous = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
-            os.replace(destination, previous / destination.name)
+            try:
+                os.replace(destination, previous / destination.name)
+            except BaseException:
+                previous.rmdir()
+                raise
             try:
                 os.replace(staging, destination)
             except BaseException:  # put the user's directory back (if even that fails, it stays in `previous`)
@@ -1003,6 +1025,7 @@ __all__ = [
     "CheckpointError",
     "MoeFamily",
     "atomic_output_dir",
+    "atomic_output_file",
     "check_output_dir",
     "deeptalk_config_from_dense",
     "deeptalk_config_from_moe",

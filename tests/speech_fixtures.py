@@ -7,7 +7,7 @@ from importlib.util import find_spec
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
@@ -25,18 +25,27 @@ needs_snac = pytest.mark.skipif(not HAVE_SNAC, reason="needs the snac package: p
 TEXT_VOCAB_SIZE = 48  # the text model's rows, padded beyond the tokenizer (as real checkpoints are)
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose decode joins words by single spaces, so word sequences round-trip exactly."""
+def tiny_tokenizer(wrap: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer whose decode joins words by single spaces, so word sequences round-trip exactly.
+    `wrap`: it wraps every text in `<s> ... </s>`, as Llama- and DeepSeek-style tokenizers add a BOS (and Llama's
+    `add_eos_token=True`, T5's or BERT's an end token)."""
     backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece()
     trainer = trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "<|im_start|>", "<|im_end|>"])
     backend.train_from_iterator(SENTENCES, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    if wrap:
+        tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+        bos, eos = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
+        tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
+    return tokenizer
 
 
-def tiny_processor(num_units: int = 64, **kwargs) -> DeepTalkProcessor:
-    tokenizer = tiny_tokenizer()
+def tiny_processor(num_units: int = 64, wrap: bool = False, **kwargs) -> DeepTalkProcessor:
+    tokenizer = tiny_tokenizer(wrap)
     add_speech_tokens(tokenizer, num_units, text_vocab_size=TEXT_VOCAB_SIZE)
     return DeepTalkProcessor(tokenizer, **kwargs)
 

@@ -102,6 +102,19 @@ def test_parallel_prompt_lays_out_text_and_a_spoken_question():
     assert torch.equal(typed, ids[1:, :, padding:].expand(2, -1, -1))
 
 
+def test_parallel_prompt_tokenizes_a_rendered_chat_as_apply_chat_template():
+    """With a tokenizer that adds `<s> ... </s>`: one BOS (none added before a template's own) and no end token
+    after the prompt, which the answer continues."""
+    chat = [{"role": "user", "content": "hello how are you"}]
+    for template in (PROCESSOR.chat_template, "{{ bos_token }}" + PROCESSOR.chat_template):
+        processor = tiny_processor(1, wrap=True, codec=SNAC, chat_template=template)
+        expected = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
+        rendered = processor.apply_chat_template(chat, add_generation_prompt=True)
+        ids = processor.parallel_prompt(rendered, CONFIG)["input_ids"][0, 0].tolist()
+        assert ids == expected["input_ids"][0] and ids.count(processor.tokenizer.bos_token_id) == 1
+        assert processor.tokenizer.eos_token_id not in ids
+
+
 def test_parallel_helpers_check_their_inputs():
     with pytest.raises(ValueError, match="one <\\|speech\\|> placeholder per waveform"):
         PROCESSOR.parallel_prompt(SPOKEN, CONFIG)

@@ -303,19 +303,7 @@ def test_text_and_units_round_trip_for_every_policy(text, units, policy, ratio):
     assert modality == [int(i in block) for i in ids]
 
 
-def processor_adding_bos_and_eos() -> DeepTalkProcessor:
-    """A tokenizer that wraps every text in `<s> ... </s>`, as Llama- and DeepSeek-style tokenizers add a BOS."""
-    tokenizer = tiny_tokenizer()
-    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
-    bos, eos = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
-    )
-    add_speech_tokens(tokenizer, NUM_UNITS, text_vocab_size=TEXT_VOCAB_SIZE)
-    return DeepTalkProcessor(tokenizer)
-
-
-WRAPPING = processor_adding_bos_and_eos()
+WRAPPING = tiny_processor(NUM_UNITS, wrap=True)
 
 
 @given(text=texts, units=segments, policy=st.sampled_from(INTERLEAVE_POLICIES), ratio=ratios)
@@ -650,6 +638,41 @@ def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():
         encoded = PROCESSOR.apply_chat_template(text_only, add_generation_prompt=True, tokenize=True, return_dict=True)
         rendered = PROCESSOR.apply_chat_template(text_only, add_generation_prompt=True)
         assert encoded["input_ids"] == PROCESSOR(text=rendered)["input_ids"]
+
+
+def test_a_prompt_for_generation_ends_where_the_template_leaves_it():
+    """A tokenizer that appends an end token must not close a prompt the model continues: it keeps its BOS and ends
+    at `<|begin_of_speech|>` or the continued units; a whole chat keeps the end token (transformers' processors add
+    the tokenizer's special tokens to a rendered chat)."""
+    bos, eos, start = WRAPPING.tokenizer.bos_token_id, WRAPPING.tokenizer.eos_token_id, WRAPPING.speech_token_start
+    options = dict(tokenize=True, return_dict=True)
+    chat = [{"role": "user", "content": "hello"}]
+    for speech_answer in (False, True):
+        ids = WRAPPING.apply_chat_template(chat, add_generation_prompt=True, speech_answer=speech_answer, **options)
+        rendered = WRAPPING.apply_chat_template(chat, add_generation_prompt=True, speech_answer=speech_answer)
+        assert ids["input_ids"][0] == WRAPPING(text=rendered)["input_ids"][0][:-1]
+        assert ids["input_ids"][0][0] == bos and eos not in ids["input_ids"][0]
+        assert ids["modality_ids"][0] == [int(i >= start) for i in ids["input_ids"][0]]
+    assert ids["input_ids"][0][-1] == WRAPPING.begin_of_speech_id
+    chat.append({"role": "assistant", "content": [{"type": "speech", "units": [1, 2, 3]}]})
+    ids = WRAPPING.apply_chat_template(chat, continue_final_message=True, **options)["input_ids"][0]
+    assert ids[0] == bos and ids[-4:] == [WRAPPING.begin_of_speech_id, start + 1, start + 2, start + 3]
+    assert WRAPPING.apply_chat_template(chat, **options)["input_ids"][0][-1] == eos
+
+
+def test_a_tokenizer_that_splits_the_speech_markers_is_refused():
+    """`split_special_tokens=True` breaks `<|begin_of_speech|>` into pieces: an opened answer or a continued segment
+    would silently be text."""
+    processor = tiny_processor(NUM_UNITS)
+    processor.tokenizer.split_special_tokens = True
+    chat = [{"role": "user", "content": "hello"}]
+    with pytest.raises(ValueError, match="did not keep <\\|begin_of_speech\\|> as one token in text\\[0\\]"):
+        processor.apply_chat_template(chat, add_generation_prompt=True, speech_answer=True, tokenize=True)
+    chat.append({"role": "assistant", "content": [{"type": "speech", "units": [1, 2]}]})
+    with pytest.raises(ValueError, match="split_special_tokens=True"):
+        processor.apply_chat_template(chat, continue_final_message=True, tokenize=True)
+    with pytest.raises(ValueError, match="split_special_tokens=True"):
+        processor(text="hello <|speech|>", speech_units=[1, 2])
 
 
 @pytest.mark.parametrize("kind", ["image", "video"])

@@ -116,6 +116,7 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
 # The flag `apply_chat_template` hands `__call__` beside the conversations' speech segments: each must fill a
 # placeholder of the rendered template; unlike `speech_units=` beside a plain text, none is a transcript to lay out.
 _FROM_CONVERSATION = "_speech_from_conversation"
+_OPEN_END = "_speech_prompt_left_open"  # a chat prompt for generation: no tokens the tokenizer appends (an EOS)
 
 
 def _speech_block(tokenizer: PreTrainedTokenizerBase) -> range | None:
@@ -517,6 +518,7 @@ class DeepTalkProcessor(ProcessorMixin):
             `offset_mapping` / `text_replacement_offsets` when asked for.
         """
         from_conversation = kwargs.pop(_FROM_CONVERSATION, False)
+        open_end = kwargs.pop(_OPEN_END, False)
         for unused in ("images", "videos"):  # as transformers' processors take them
             if kwargs.pop(unused, None) is not None:
                 raise ValueError(f"{type(self).__name__} takes no {unused}")
@@ -564,7 +566,11 @@ class DeepTalkProcessor(ProcessorMixin):
             add_special_tokens=text_kwargs.get("add_special_tokens", True),
             return_offsets_mapping=offsets_wanted,
         )
-        encoded = encoding["input_ids"]
+        encoded = [
+            self._checked_markers(i, text, ids) for i, (text, ids) in enumerate(zip(tokenized, encoding["input_ids"]))
+        ]
+        if open_end:
+            encoded = [self._without_appended(ids, text) for ids, text in zip(encoded, tokenized, strict=True)]
         filled = [
             self._with_speech(i, sample_text, ids, segments, interleave, ratio, from_conversation)
             for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True))
@@ -738,8 +744,6 @@ class DeepTalkProcessor(ProcessorMixin):
         pattern = f"{re.escape(SPEECH_PLACEHOLDER)}|{re.escape(BEGIN_OF_SPEECH)}"
         markers = [m.group() == SPEECH_PLACEHOLDER for m in re.finditer(pattern, text)]
         begin, start = self.begin_of_speech_id, self.speech_token_start
-        if ids.count(begin) != len(markers):
-            raise ValueError(f"the tokenizer did not keep {BEGIN_OF_SPEECH} as one token in {text!r}")
         from_placeholder, pending = iter(markers), iter(segments)
         out: list[int] = []
         origin: list[int] = []
@@ -750,6 +754,19 @@ class DeepTalkProcessor(ProcessorMixin):
                 out.append(self.end_of_speech_id)
             origin.extend([index] * (len(out) - len(origin)))
         return out, origin
+
+    def _checked_markers(self, i: int, text: str, ids: list[int]) -> list[int]:
+        """`ids`, the tokenization of `text`, once each speech marker in it came out as one token."""
+        if ids.count(self.begin_of_speech_id) != text.count(BEGIN_OF_SPEECH):
+            raise ValueError(
+                f"the tokenizer did not keep {BEGIN_OF_SPEECH} as one token in text[{i}] (a tokenizer with "
+                "split_special_tokens=True splits it)"
+            )
+        return ids
+
+    def _without_appended(self, ids: list[int], text: str) -> list[int]:
+        """`ids` without the tokens the tokenizer appended after `text` (an EOS): a prompt the model continues."""
+        return ids[: len(ids) - self._added_special_tokens(ids, text)[1]]
 
     def _kept_positions(self, length: int, specials: tuple[int, int], limit: int) -> range | list[int]:
         """Positions of a row that truncation to `limit` keeps: as the tokenizer truncates, the special tokens it
@@ -839,7 +856,8 @@ class DeepTalkProcessor(ProcessorMixin):
         r"""A prompt for parallel-stream generation (`config.num_audio_streams` > 0): `input_ids` `[batch, 1 + S, seq]`
         (left-padded) and `attention_mask` `[batch, seq]`.
 
-        Text ids (e.g. a rendered chat template) go to the text stream over audio pad. Each `<|speech|>` placeholder
+        Text ids (e.g. a rendered chat template, tokenized as `apply_chat_template` tokenizes a generation prompt) go
+        to the text stream over audio pad. Each `<|speech|>` placeholder
         takes the sample's next waveform from `audio` (as for `__call__`): the codec encodes it, `to_streams` gives one
         stream per frame position and `build_delay_pattern` delays them, over text pad. The answer's speech is not
         opened here: `generate(..., speech_answer=True)` does that in the audio streams.
@@ -848,7 +866,17 @@ class DeepTalkProcessor(ProcessorMixin):
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         samples = _per_sample(audio, len(texts), single, _is_waveform, "audio")
-        encoded = self.tokenizer([t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts])["input_ids"]
+        # As `apply_chat_template` tokenizes a rendered chat: no BOS before one the text has, nothing after the text.
+        tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
+        bos = self.tokenizer.bos_token
+        encoded = [
+            self._without_appended(ids, t)
+            for ids, t in zip(
+                self.tokenizer(tokenized, add_special_tokens=not (bos and tokenized[0].startswith(bos)))["input_ids"],
+                tokenized,
+                strict=True,
+            )
+        ]
         text_pad = config.pad_token_id if config.pad_token_id is not None else 0
         pad = torch.tensor([text_pad] + [config.audio_pad_token_id] * config.num_audio_streams)[:, None]
         rows = []
@@ -929,6 +957,8 @@ class DeepTalkProcessor(ProcessorMixin):
         template = kwargs.get("chat_template", args[0] if args else None) or self.chat_template
         if _TEMPLATE_FLAG in str(template):  # a template, or a dict of named ones
             kwargs[_TEMPLATE_FLAG] = True
+        if kwargs.get("add_generation_prompt") or kwargs.get("continue_final_message"):
+            kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), _OPEN_END: True}
         return super().apply_chat_template(conversation, *args, **kwargs)
 
     def _open_final_speech(self, messages: Any, i: int) -> Any:

@@ -599,6 +599,23 @@ def test_speech_then_text_stage_with_adamw(tmp_path_factory):
         assert torch.equal(after[name], final[name]) != (name in trainable), name
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_resizing_the_speech_vocab_keeps_the_stage(tie):
+    """New speech tables take the frozen/trainable setting of the ones they replace (of the text tables when there were
+    none), as transformers' `resize_token_embeddings` does: a stage keeps training exactly its tensors."""
+    for stage in ("speech", "text"):
+        model = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=tie))
+        trainable = set(set_training_stage(model, stage))
+        model.resize_speech_vocab(20)
+        assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable, stage
+    for frozen in (False, True):
+        model = DeepTalkForCausalLM(tiny_config(speech_vocab_size=0, tie_word_embeddings=tie))
+        model.requires_grad_(not frozen)
+        model.resize_speech_vocab(20)
+        assert model.model.speech_embed_tokens.weight.requires_grad is model.speech_lm_head.weight.requires_grad
+        assert model.speech_lm_head.weight.requires_grad is not frozen
+
+
 def test_joint_align_and_also(tmp_path_factory):
     model = make_model(tmp_path_factory)
     everything = {name for name, _ in model.named_parameters()}

@@ -657,6 +657,27 @@ def test_resize_speech_vocab_keeps_rows_ties_the_head_and_sizes_the_loss(tie):
     torch.testing.assert_close(out.loss.float(), expected)
 
 
+def test_training_under_a_float64_default_dtype():
+    """Gradient checks set the default dtype to float64; the router losses (float32, as the router probabilities) must
+    still add up, to the values a float32 default gives the same model."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 80, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    model = DeepTalkForCausalLM(tiny_config(router_z_loss_coef=0.01)).train()
+    model.set_experts_implementation("eager")
+    expected = [model(ids, labels=ids, **kwargs) for kwargs in ({}, {"attention_mask": mask})]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for kwargs, reference in zip(({}, {"attention_mask": mask}), expected, strict=True):
+            out = model(ids, labels=ids, **kwargs)
+            for name in ("loss", "aux_loss", "z_loss"):
+                torch.testing.assert_close(getattr(out, name), getattr(reference, name))
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_wrong_tensor_shape_fails_naming_it(tmp_path):
     model = DeepTalkForCausalLM(tiny_config())
     model.save_pretrained(tmp_path)

@@ -957,7 +957,7 @@ def accumulation_share(labels: torch.Tensor, loss_kwargs: dict) -> torch.Tensor 
         return 1.0
     counted = loss_kwargs.get("shift_labels")
     counted = labels[..., 1:] if counted is None else counted  # what Trainer counts
-    return counted.ne(-100).sum() / num_items
+    return counted.ne(-100).sum(dtype=torch.float32) / num_items  # not the default dtype (float64 in gradient checks)
 
 
 def modality_router_losses(
@@ -974,15 +974,16 @@ def modality_router_losses(
     router probability), the z-loss `mean(logsumexp(logits)**2)`; groups are weighted by their share of the
     (non-padding) tokens. Returns `(aux_loss, z_loss)`.
     """
-    device = router_logits[0].device
+    # float32 throughout, as the router probabilities are (whatever the default dtype: gradient checks set float64)
+    device, dtype = router_logits[0].device, torch.float32
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:  # 4D or per-layer masks: no padding
-        valid = torch.ones(is_speech.numel(), device=device)
+        valid = torch.ones(is_speech.numel(), device=device, dtype=dtype)
     else:  # with a cache the mask also covers the cached positions
-        valid = attention_mask[:, -is_speech.shape[1] :].to(device).float().reshape(-1)
+        valid = attention_mask[:, -is_speech.shape[1] :].to(device=device, dtype=dtype).reshape(-1)
     is_speech = is_speech.reshape(-1).to(device)
     total = valid.sum().clamp(min=1.0)
-    aux_loss = torch.zeros((), device=device)
-    z_loss = torch.zeros((), device=device)
+    aux_loss = torch.zeros((), device=device, dtype=dtype)
+    z_loss = torch.zeros((), device=device, dtype=dtype)
     for layer_idx, logits in zip(config.moe_layers, router_logits):
         num_text, num_speech = config.layer_experts(layer_idx)
         logits = logits.float()
@@ -997,7 +998,7 @@ def modality_router_losses(
             num_experts = group_logits.shape[-1]
             probs = router_probs(group_logits, config.scoring_func)
             picks = probs.topk(min(config.num_experts_per_tok, num_experts), dim=-1).indices
-            assignments = torch.zeros(num_experts, device=device).index_add_(
+            assignments = torch.zeros(num_experts, device=device, dtype=dtype).index_add_(
                 0, picks.reshape(-1), weight.repeat_interleave(picks.shape[-1])
             )
             denominator = weight.sum().clamp(min=1.0)
@@ -1096,11 +1097,19 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         config.speech_vocab_size = speech_vocab_size
         self.vocab_size = config.vocab_size
         if speech_vocab_size:
-            self.model.speech_embed_tokens = nn.Embedding.from_pretrained(resized(embed, old_embed), freeze=False)
+            # A frozen table stays frozen (a training stage's choice), as in transformers' `resize_token_embeddings`;
+            # new speech tables follow the text tables.
+            embed_before = old_embed if old_embed is not None else embed
+            head_before = old_head if old_head is not None else self.lm_head.weight
+            embed_rows = resized(embed, old_embed)
+            self.model.speech_embed_tokens = nn.Embedding.from_pretrained(
+                embed_rows, freeze=not embed_before.requires_grad
+            )
             self.speech_lm_head = nn.Linear(config.hidden_size, speech_vocab_size, bias=False)
             self.speech_lm_head.to(device=embed.device, dtype=embed.dtype)
             with torch.no_grad():
                 self.speech_lm_head.weight.copy_(resized(self.lm_head.weight, old_head))
+            self.speech_lm_head.weight.requires_grad_(head_before.requires_grad)
             self._tied_weights_keys["speech_lm_head.weight"] = "model.speech_embed_tokens.weight"
             if config.tie_word_embeddings:
                 self.speech_lm_head.weight = self.model.speech_embed_tokens.weight
@@ -1256,7 +1265,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             if loss is not None and labels is not None:  # (the loss comes from the labels)
                 router_loss = config.router_aux_loss_coef * aux_loss + config.router_z_loss_coef * z_loss
                 share = 1.0 if audio_logits is not None else accumulation_share(labels, kwargs)
-                loss = loss + torch.as_tensor(share, device=loss.device) * router_loss.to(loss.device)
+                loss = loss + torch.as_tensor(share, device=loss.device, dtype=loss.dtype) * router_loss.to(
+                    loss.device
+                )
 
         if flattened:
             width = max(logits.shape[-1], audio_logits.shape[-1])

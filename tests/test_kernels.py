@@ -709,7 +709,7 @@ def tiny_experts_call():
 
 def test_cpu_without_interpreter_points_to_grouped_mm(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(K, "_INTERPRETING_AT_TRITON_IMPORT", False)  # a process started without the interpreter
+    monkeypatch.setattr(K, "_triton_interpreting", lambda: False)  # a process started without the interpreter
     experts, *args = tiny_experts_call()
     with pytest.raises(RuntimeError, match="grouped_mm"):
         K.deeptalk_triton_experts_forward(experts, *args)
@@ -721,10 +721,24 @@ def test_interpreter_mode_changed_after_triton_was_imported_is_named(monkeypatch
     """Triton reads TRITON_INTERPRET when imported; set later (a notebook cell), Triton failed inside a kernel."""
     experts, *args = tiny_experts_call()
     for imported_with, now in ((True, "0"), (False, "1")):
-        monkeypatch.setattr(K, "_INTERPRETING_AT_TRITON_IMPORT", imported_with)
+        monkeypatch.setattr(K, "_triton_interpreting", lambda: imported_with)  # noqa: B023 (called in the loop)
         monkeypatch.setenv("TRITON_INTERPRET", now)
         with pytest.raises(RuntimeError, match="when Triton was imported.*before starting Python"):
             K.deeptalk_triton_experts_forward(experts, *args)
+    # The mode Triton itself took, whoever imported it first (here PEFT, before deeptalk_hf), in a fresh process.
+    script = """if True:
+        import os, peft, torch
+        os.environ["TRITON_INTERPRET"] = "1"
+        from deeptalk_hf.kernels import fused_moe_experts
+        try:
+            fused_moe_experts(torch.randn(2, 8), torch.randn(2, 16, 8), torch.randn(2, 8, 8),
+                              torch.tensor([[0], [1]]), torch.ones(2, 1))
+        except RuntimeError as error:
+            print(error)
+    """
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300)
+    assert "TRITON_INTERPRET is on now but was off when Triton was imported" in done.stdout, done.stderr[-2000:]
 
 
 def test_bf16_under_the_interpreter_is_refused():

@@ -9,7 +9,6 @@ SiLU). This module imports without Triton; the kernels load on first use.
 
 import importlib.util
 import os
-import sys
 
 import torch
 from torch import nn
@@ -31,20 +30,24 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-# Triton reads TRITON_INTERPRET when it is imported (for its own `@jit` library functions): the mode then, where
-# Triton came before this module (transformers imports it); None: it comes with the kernels, reading the mode then.
-_INTERPRETING_AT_TRITON_IMPORT = _interpreting() if "triton" in sys.modules else None
+def _triton_interpreting() -> bool:
+    """The mode Triton runs in: it reads TRITON_INTERPRET when it is imported (by whoever imports it first:
+    transformers, PEFT, torch's compiler or these kernels), making its own `@jit` library functions interpreted or not."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.sigmoid, InterpretedFunction)
 
 
 def _check_interpreter_mode() -> bool:
     """Whether the kernels run in Triton's interpreter; a clear error where TRITON_INTERPRET changed after Triton was
     imported (Triton then fails inside a kernel)."""
-    interpreting = _interpreting()
-    if _INTERPRETING_AT_TRITON_IMPORT is not None and interpreting != _INTERPRETING_AT_TRITON_IMPORT:
+    interpreting, imported_with = _interpreting(), _triton_interpreting()
+    if interpreting != imported_with:
         raise RuntimeError(
-            f"TRITON_INTERPRET is {'on' if interpreting else 'off'} now but was "
-            f"{'on' if _INTERPRETING_AT_TRITON_IMPORT else 'off'} when Triton was imported, which is when Triton reads "
-            "it: set it before starting Python (before `import deeptalk_hf` or transformers)"
+            f"TRITON_INTERPRET is {'on' if interpreting else 'off'} now but was {'on' if imported_with else 'off'} "
+            "when Triton was imported, which is when Triton reads it: set it before starting Python (before importing "
+            "deeptalk_hf, transformers or PEFT)"
         )
     return interpreting
 

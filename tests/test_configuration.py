@@ -105,6 +105,10 @@ def test_per_layer_expert_counts_follow_moe_layers():
     config = tiny_config(num_hidden_layers=4, mlp_only_layers=[0], num_experts=[2, 3, 4], num_speech_experts=[0, 1, 2])
     assert config.moe_layers == [1, 2, 3]
     assert [config.layer_experts(i) for i in config.moe_layers] == [(2, 0), (3, 1), (4, 2)]
+    for layer in (0, 4):  # a dense layer, one past the last: no experts (an order `None` would read as the identity)
+        for method in (config.layer_experts, config.expert_order):
+            with pytest.raises(ValueError, match=rf"layer {layer} is not an MoE layer \(moe_layers: \[1, 2, 3\]\)"):
+                method(layer)
 
 
 def test_sparse_step_and_first_dense_fold_into_mlp_only_layers():

@@ -448,9 +448,16 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
         dense = set(self.mlp_only_layers or [])
         return [i for i in range(self.num_hidden_layers) if i not in dense]
 
+    def _moe_position(self, layer_idx: int) -> int:
+        """Where MoE layer `layer_idx` is among `moe_layers` (the per-MoE-layer lists' index)."""
+        moe_layers = self.moe_layers
+        if layer_idx not in moe_layers:
+            raise ValueError(f"layer {layer_idx} is not an MoE layer (moe_layers: {moe_layers})")
+        return moe_layers.index(layer_idx)
+
     def layer_experts(self, layer_idx: int) -> tuple[int, int]:
         """`(num_text_experts, num_speech_experts)` of MoE layer `layer_idx`."""
-        position = self.moe_layers.index(layer_idx)
+        position = self._moe_position(layer_idx)
 
         def pick(value):
             return value[position] if isinstance(value, list) else value
@@ -459,10 +466,10 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
 
     def expert_order(self, layer_idx: int) -> list[int] | None:
         """Source-MoE index of each expert in `[experts; speech_experts]` order, or `None` if it is the identity."""
+        num_text, num_speech = self.layer_experts(layer_idx)
         if self.speech_expert_ids is None:
             return None
-        num_text, num_speech = self.layer_experts(layer_idx)
-        speech = self.speech_expert_ids[self.moe_layers.index(layer_idx)]
+        speech = self.speech_expert_ids[self._moe_position(layer_idx)]
         taken = set(speech)
         order = [i for i in range(num_text + num_speech) if i not in taken] + list(speech)
         return None if order == list(range(num_text + num_speech)) else order

@@ -578,7 +578,7 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
     """Names of the parameters that training stage `stage` trains, plus those matching `also`; the model is unchanged.
 
     The one definition of the stages: `set_training_stage` (full training) and `lora_config_for_stage` (LoRA) both
-    read it, so a stage means the same tensors either way.
+    read it, so a stage names the same tensors either way (LoRA adapts the linear and experts tensors among them).
 
     - `"speech"`: every speech tensor (name contains `speech`) except the audio encoder;
     - `"text"`: the text experts and the text router only (`mlp.experts`, `mlp.gate`);

@@ -665,6 +665,9 @@ def warn_if_checkpointing_stops_balancing(
 
 
 class DeepTalkPreTrainedModel(PreTrainedModel):
+    """What the DeepTalk models share: weight initialisation, checks after loading, the experts backend choice,
+    activation checkpointing and the guard on `resize_token_embeddings` (the speech block follows the text ids)."""
+
     config: DeepTalkConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
@@ -767,6 +770,10 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
 
 
 class DeepTalkModel(DeepTalkPreTrainedModel):
+    """The DeepTalk decoder without heads: text and speech embedding tables, decoder layers whose MoE blocks route
+    text tokens to the text experts and speech tokens to the speech experts (`modality_ids`, or the id block), and
+    the final norm. Returns the last hidden states and the cache (and router logits when asked)."""
+
     def __init__(self, config: DeepTalkConfig):
         super().__init__(config)
         text_vocab = config.speech_token_start
@@ -1022,6 +1029,10 @@ class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
 
 class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
+    """DeepTalk speech-text language model: `DeepTalkModel` with a text head and a speech head whose logits are
+    concatenated over the whole vocabulary (text ids, then the speech block), the router losses added to the loss in
+    training, `generate` for interleaved answers and, with `num_audio_streams`, parallel audio streams."""
+
     _tp_plan = {"lm_head": "colwise_gather_output", "speech_lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 

@@ -248,6 +248,7 @@ def test_stereo_is_mixed_down_and_numpy_inputs_work():
         (torch.zeros(100), 16000.0, "sampling_rate=16000.0"),
         (torch.zeros(0), 16000, "the waveform is empty"),
         (torch.zeros(2, 0), 16000, "the waveform is empty"),
+        (torch.zeros(0, 100), 16000, "no channel"),
         (torch.zeros(100, dtype=torch.int16), 16000, "floating-point samples"),
         (torch.full((100,), float("nan")), 16000, "NaN or infinite"),
         (torch.zeros(1, 1, 100), 16000, "[samples] or [channels, samples]"),
@@ -275,6 +276,24 @@ def test_a_snac_with_local_attention_decodes_any_number_of_frames(vq_strides):
     for frames in (1, 2, 3):
         audio = codec.decode(codec.from_units(units[: frames * codec.units_per_frame]))
         assert audio.shape == (frames * codec.samples_per_frame,) and torch.isfinite(audio).all()
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_codes_and_audio_are_ordinary_tensors_and_the_codec_still_trains(name):
+    """Codes may be training labels and audio a loss target; the codec model itself (Mimi caches its codebook at the
+    first call) must still train after encoding: no inference-mode tensors anywhere."""
+    model, options = (tiny_mimi(), {"num_codebooks": MIMI.num_codebooks}) if name == "mimi" else (tiny_snac(), {})
+    codec = type(CODECS[name])(model, **options)
+    codes = codec.encode(0.1 * torch.randn(4000, generator=torch.Generator().manual_seed(0)), 16000)
+    audio = codec.decode(codes)
+    assert not any(t.is_inference() for t in (*codes, audio))
+    logits = torch.randn(codes[0].numel(), codec.codebook_size, requires_grad=True)
+    torch.nn.functional.cross_entropy(logits, codes[0]).backward()
+    audio.mul_(0.5)
+    waveform = 0.1 * torch.randn(1, 1, 4000)
+    decoded = model(waveform, num_quantizers=MIMI.num_codebooks).audio_values if name == "mimi" else model(waveform)[0]
+    decoded.sum().backward()
+    assert all(p.grad is not None for p in model.decoder.parameters())
 
 
 @pytest.mark.parametrize("name", BOTH)

@@ -201,6 +201,8 @@ class FlatUnitCodec:
                 f"the waveform has shape {tuple(waveform.shape)}: more channels than samples, so probably "
                 "[samples, channels] (as soundfile reads it); pass [channels, samples] (transpose it)"
             )
+        if waveform.dim() == 2 and waveform.shape[0] == 0:
+            raise ValueError(f"the waveform has shape {tuple(waveform.shape)}: no channel")
         if waveform.dim() == 2:
             waveform = waveform.mean(0)
         if waveform.dim() != 1:
@@ -212,7 +214,9 @@ class FlatUnitCodec:
         if not torch.isfinite(waveform).all():
             raise ValueError("the waveform has NaN or infinite samples")
         waveform = resample(waveform.float(), sampling_rate, self.sampling_rate).to(self.device, self.dtype)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: the codes may be labels, and Mimi caches its codebook at the first call (an
+        # inference tensor there would stop the codec itself from training later)
+        with torch.no_grad():
             return [codes.long() for codes in self._encode(waveform)]
 
     def decode(self, codes: list[torch.LongTensor]) -> torch.Tensor:
@@ -220,7 +224,7 @@ class FlatUnitCodec:
         levels, frames = self._checked_codes(codes)
         if not frames:
             raise ValueError("the codes hold no frame: nothing to decode")
-        with torch.inference_mode():
+        with torch.no_grad():
             return self._decode([c.to(self.device) for c in levels]).float()
 
     def _checked_codes(self, codes: list[torch.LongTensor]) -> tuple[list[torch.Tensor], int]:
@@ -257,7 +261,7 @@ class FlatUnitCodec:
         if units.numel() % self.units_per_frame:
             raise ValueError(f"{units.numel()} units are not whole frames of {self.units_per_frame} units")
         levels = units.div(self.codebook_size, rounding_mode="floor")
-        expected = torch.tensor(self.frame_levels).repeat(units.numel() // self.units_per_frame)
+        expected = torch.tensor(self.frame_levels, device=units.device).repeat(units.numel() // self.units_per_frame)
         wrong = ((units < 0) | (levels != expected)).nonzero()
         if wrong.numel():
             position = int(wrong[0])

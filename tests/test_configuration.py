@@ -1,9 +1,10 @@
 import json
+import re
 
 import pytest
 from transformers import AutoConfig, Qwen3MoeConfig
 
-from deeptalk_hf import DeepTalkConfig
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
 
 from .conftest import tiny_config
 
@@ -91,14 +92,26 @@ def test_a_config_broken_after_construction_is_not_saved(tmp_path):
     """`save_pretrained` runs the checks again: a checkpoint that would not load is never written."""
     from huggingface_hub.errors import StrictDataclassClassValidationError
 
-    from deeptalk_hf import DeepTalkForCausalLM
-
     for change in [{"num_speech_experts": [2, 2, 2]}, {"modality_routing": "Hard"}, {"decoder_sparse_step": 2}]:
         model = DeepTalkForCausalLM(tiny_config())
         model.config.update(change)
         with pytest.raises(StrictDataclassClassValidationError, match=next(iter(change))):
             model.save_pretrained(tmp_path / "model")
         assert not (tmp_path / "model").exists() or not any((tmp_path / "model").iterdir())
+
+
+def test_a_config_broken_after_construction_is_named_when_a_model_is_built():
+    """Attribute edits skip the config's checks (as in transformers); the model checks again instead of failing in
+    torch (an IndexError, a negative tensor dimension) or at its first forward."""
+    for change, field in (
+        ({"num_speech_experts": [2, 1, 1, 1]}, "num_speech_experts has 4 entries"),
+        ({"speech_vocab_size": 100}, "speech_vocab_size=100 does not fit"),
+        ({"num_experts": 0}, "num_experts=0"),
+    ):
+        config = tiny_config()
+        config.update(change)
+        with pytest.raises(ValueError, match=re.escape(field)):
+            DeepTalkForCausalLM(config)
 
 
 def test_per_layer_expert_counts_follow_moe_layers():

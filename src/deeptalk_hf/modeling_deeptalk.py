@@ -775,6 +775,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
     the final norm. Returns the last hidden states and the cache (and router logits when asked)."""
 
     def __init__(self, config: DeepTalkConfig):
+        config.validate_deeptalk()  # a config edited after construction: its fields' error, not a torch one
         super().__init__(config)
         text_vocab = config.speech_token_start
         self.padding_idx = (

@@ -450,6 +450,14 @@ def test_composed_from_checkpoints_saves_and_loads_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded.eval()(**batch).logits)
     assert loaded.generation_config.suppress_tokens == [model.config.audio_token_id]
+    # The encoder offloaded to disk (accelerate's hook loads its weights at each call): the same logits.
+    offloaded = AutoModelForMultimodalLM.from_pretrained(
+        tmp_path / "composite",
+        device_map={"audio_encoder": "disk", "speech_connector": "cpu", "language_model": "cpu"},
+        offload_folder=tmp_path / "offload",
+    )
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, offloaded.eval()(**batch).logits)
     # A tensor the composite has no place for is refused, a top-level `lm_head` too (only the LLM's base model
     # leaves a causal LM's heads out).
     weights = load_file(tmp_path / "composite" / "model.safetensors")

@@ -17,7 +17,7 @@ from .conftest import tiny_config
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-# Attention variants: per-head projections (with speech attention, so its plan entries are checked), DeepSeek's MLA
+# Variants: per-head projections (with speech attention, so its plan entries are checked), DeepSeek's MLA
 # with a low-rank query, OLMoE's q/k norm over the whole projection (the last two keep attention replicated).
 ATTENTION = {
     "heads": dict(speech_attention=True),
@@ -25,6 +25,9 @@ ATTENTION = {
         kv_lora_rank=16, q_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4
     ),
     "full_qk_norm": dict(qk_norm_type="full", clip_qkv=8.0),
+    # not attention: a tied speech head (its table sharded as the text one is) and a speech group smaller than top-k,
+    # whose sentinel slots the all-to-all expert dispatch cannot take
+    "tied_small_group": dict(tie_word_embeddings=True, num_experts_per_tok=3),
 }
 
 

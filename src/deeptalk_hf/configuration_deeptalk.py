@@ -107,6 +107,8 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     attribute_map = {"num_local_experts": "num_experts", "n_routed_experts": "num_experts"}
 
     base_model_tp_plan = {
+        # transformers shards `embed_tokens` so; the speech table likewise, which a tied `speech_lm_head` shares
+        "speech_embed_tokens": "embedding_rowwise",
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",

@@ -468,6 +468,18 @@ class DeepTalkSparseMoeBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_routing(logits, self.routing, self._bias(router), group_limited)
 
+    @staticmethod
+    def _run(
+        experts: nn.Module, count: int, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """`experts`, a group of `count` experts, on its slots. Sharded by expert parallelism it holds fewer, and
+        transformers' all-to-all dispatch takes real expert ids only: there the sentinel slots (`count`, weight 0) go
+        to expert 0 with weight 0."""
+        if experts.num_experts < count:
+            sentinel = indices >= count
+            indices, weights = indices.masked_fill(sentinel, 0), weights.masked_fill(sentinel, 0.0)
+        return experts(hidden, indices, weights)
+
     def _hard(
         self, hidden: torch.Tensor, split: ModalitySplit, output_router_logits: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -479,16 +491,16 @@ class DeepTalkSparseMoeBlock(nn.Module):
         modality's slots become sentinels (weight 0, skipped by the backends): same result, more routing work.
         """
         compiling = torch.compiler.is_compiling()
-        text_group = (self.gate, self.experts)
-        speech_group = (self.speech_gate, self.speech_experts)
+        text_group = (self.gate, self.experts, self.num_text_experts)
+        speech_group = (self.speech_gate, self.speech_experts, self.num_speech_experts)
         if not compiling and split.speech_rows.numel() in (0, hidden.shape[0]):  # one modality: no gather and scatter
             is_speech = bool(split.speech_rows.numel())
-            (router, experts), (other_router, other_experts) = (
+            (router, experts, count), (other_router, other_experts, _) = (
                 (speech_group, text_group) if is_speech else (text_group, speech_group)
             )
             logits = router(hidden)
             weights, indices = self._route(logits, router)
-            output = experts(hidden, indices, weights)
+            output = self._run(experts, count, hidden, indices, weights)
             if torch.is_grad_enabled():
                 output = output + self._on_no_tokens(hidden, other_router, other_experts)
             if not output_router_logits:
@@ -499,23 +511,23 @@ class DeepTalkSparseMoeBlock(nn.Module):
         router_logits = torch.cat([text_logits, speech_logits], dim=-1)
         if compiling:
             output = torch.zeros_like(hidden)
-            for keep, logits, (router, experts) in (
+            for keep, logits, (router, experts, count) in (
                 (~split.is_speech, text_logits, text_group),
                 (split.is_speech, speech_logits, speech_group),
             ):
                 weights, indices = self._route(logits, router)
                 drop = ~keep.unsqueeze(-1)
-                output = output + experts(
-                    hidden, indices.masked_fill(drop, experts.num_experts), weights.masked_fill(drop, 0.0)
+                output = output + self._run(
+                    experts, count, hidden, indices.masked_fill(drop, count), weights.masked_fill(drop, 0.0)
                 )
             return output, router_logits
         output = torch.empty_like(hidden)
-        for rows, logits, (router, experts) in (
+        for rows, logits, (router, experts, count) in (
             (split.text_rows, text_logits, text_group),
             (split.speech_rows, speech_logits, speech_group),
         ):
             weights, indices = self._route(logits[rows], router)
-            output.index_copy_(0, rows, experts(hidden[rows], indices, weights))
+            output.index_copy_(0, rows, self._run(experts, count, hidden[rows], indices, weights))
         return output, router_logits
 
     def _on_no_tokens(self, hidden: torch.Tensor, router: nn.Module, experts: nn.Module) -> torch.Tensor:
@@ -559,8 +571,12 @@ class DeepTalkSparseMoeBlock(nn.Module):
             indices = torch.cat([position, position.new_tensor([position.numel()])])[indices]
         is_text = indices < num_text
         is_speech = ~is_text & (indices < num_text + self.num_speech_experts)
-        text_out = self.experts(hidden, torch.where(is_text, indices, num_text), weights.masked_fill(~is_text, 0.0))
-        speech_out = self.speech_experts(
+        text_out = self._run(
+            self.experts, num_text, hidden, torch.where(is_text, indices, num_text), weights.masked_fill(~is_text, 0.0)
+        )
+        speech_out = self._run(
+            self.speech_experts,
+            self.num_speech_experts,
             hidden,
             torch.where(is_speech, indices - num_text, self.num_speech_experts),
             weights.masked_fill(~is_speech, 0.0),
@@ -580,7 +596,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         if not self.num_speech_experts:
             router_logits = self.gate(hidden)
             weights, indices = self._route(router_logits, self.gate, group_limited=True)
-            output = self.experts(hidden, indices, weights)
+            output = self._run(self.experts, self.num_text_experts, hidden, indices, weights)
         elif self.config.modality_routing == "none":
             router_logits = torch.cat([self.gate(hidden), self.speech_gate(hidden)], dim=-1)
             output = self._joint(hidden, router_logits)

@@ -245,8 +245,10 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         on how much the others pad it (Whisper ignores the mask and always encodes its fixed window; other encoders
         get the mask as `attention_mask`).
         """
-        input_features = input_features.to(self.audio_encoder.device, self.audio_encoder.dtype)
         encoder = self.audio_encoder
+        # An encoder offloaded to disk has meta weights until accelerate's hook loads them: its device is the hook's.
+        device = input_features.device if encoder.device.type == "meta" else encoder.device
+        input_features = input_features.to(device, encoder.dtype)
         if encoder.is_gradient_checkpointing and torch.is_grad_enabled() and not input_features.requires_grad:
             # A reentrant checkpoint passes gradients only to inputs that need them: an encoder without an input
             # embedding for transformers' hook (w2v-bert) would give its trainable layers none, silently.

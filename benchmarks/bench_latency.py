@@ -30,7 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from run_info import versions
+from run_info import check_output, versions
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
 
@@ -370,6 +370,9 @@ def main() -> None:
 
     if min(args.runs, args.decode_steps) < 1:
         parser.error("--runs and --decode-steps must be at least 1")
+    if not args.question_seconds > 0 or args.text_tokens < 0:
+        parser.error("--question-seconds must be positive and --text-tokens at least 0")
+    check_output(parser, "--out", args.out, folder=True)
     processor, model, codec = build(args)
     if args.units < 1 or args.units % codec.units_per_frame:  # both modes answer in whole codec frames
         parser.error(f"--units must be a positive multiple of {codec.units_per_frame} (whole SNAC frames)")

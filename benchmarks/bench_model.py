@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from run_info import versions
+from run_info import check_output, versions
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
@@ -112,6 +112,9 @@ def main() -> None:
         parser.error(f"--top-k {args.top_k} must be in [1, --experts {args.experts}] (DeepTalk routes within a group)")
     if min(args.repeats, args.decode_tokens) < 1:
         parser.error("--repeats and --decode-tokens must be at least 1")
+    if min(args.layers, args.batch) < 1 or args.seq_len < 32 or args.vocab < 8:
+        parser.error("--layers and --batch must be at least 1, --seq-len 32 (the decode prompt), --vocab 8")
+    check_output(parser, "--out", args.out, folder=False)
 
     models = build(args)
     input_ids = mixed_batch(args)

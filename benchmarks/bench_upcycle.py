@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run_info import versions
+from run_info import check_output, versions
 
 SHARD = "500MB"
 DENSE = dict(
@@ -134,6 +134,7 @@ def main() -> None:
         return
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    check_output(parser, "--output", args.output, folder=False)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_upcycle_"))
     # The script replaces the checkpoints it writes there: never a folder of the user's that has other files.

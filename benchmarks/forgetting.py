@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from run_info import check_output
 
 from deeptalk_hf import (
     DeepTalkConfig,
@@ -1085,6 +1086,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         (args.out / f"{name}.md").write_text(markdown)
         print(markdown)
         return
+    check_output(parser, "--out", args.out, folder=True)  # before the pre-training, which takes long
+    if args.text_steps is not None and args.text_steps < 0:
+        parser.error(f"--text-steps must be at least 0, got {args.text_steps}")
     for option in ("lr", "speech_lr_scale"):
         if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")

@@ -25,7 +25,7 @@ from bench_moe_kernels import (
     make_step,
     slug,
 )
-from run_info import versions
+from run_info import check_output, versions
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=16384, help="tokens T (CUDA; without it 64)")
     parser.add_argument(
         "--backends",
-        nargs="*",
+        nargs="+",
         default=["grouped_mm", "deeptalk_triton"],
         choices=BACKENDS,
         help="experts backends to profile",
     )
     parser.add_argument(
-        "--modes", nargs="*", default=["fwd+bwd"], choices=MODES, help="forward and/or forward+backward"
+        "--modes", nargs="+", default=["fwd+bwd"], choices=MODES, help="forward and/or forward+backward"
     )
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per backend and mode")
     parser.add_argument("--rows", type=int, default=12, help="kernels listed per table")
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
         help="folder for moe_profile_<device>_<shape>_<T>.txt (default: benchmarks/results)",
     )
     args = parser.parse_args(argv)
+    if min(args.steps, args.tokens, args.rows) < 1:
+        parser.error("--steps, --tokens and --rows must be at least 1")
+    check_output(parser, "--out", args.out, folder=True)
     if HAS_CUDA:
         device, dtype, tokens, shape = "cuda", DTYPES["bf16"], args.tokens, SHAPES[args.shape]
         activity, key = ProfilerActivity.CUDA, "self_cuda_time_total"

@@ -72,7 +72,7 @@ def run_stage(model, stage: str, train_data, eval_data, args: argparse.Namespace
         max_steps=args.steps,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=64,
-        learning_rate=args.lr or (2e-2 if args.lora else 5e-3),  # LoRA takes larger steps
+        learning_rate=(2e-2 if args.lora else 5e-3) if args.lr is None else args.lr,  # LoRA takes larger steps
         weight_decay=0.01,  # freezing is exact all the same: frozen tensors have no gradient, so AdamW skips them
         lr_scheduler_type="constant",
         logging_strategy="no",
@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per stage")
     parser.add_argument("--lr", type=float, default=None, help="defaults to 5e-3, or 2e-2 with --lora")
     args = parser.parse_args()
+    if args.steps < 1 or (args.lr is not None and args.lr < 0):
+        parser.error("--steps must be at least 1 and --lr at least 0")
 
     torch.manual_seed(0)
     config = DeepTalkConfig(

@@ -57,7 +57,7 @@ def test_profile_moe_kernels_writes_one_table_per_backend_and_mode(tmp_path):
 def test_bench_model_writes_its_ratios(tmp_path):
     out = tmp_path / "model.json"
     arguments = ["--hidden", "64", "--expert-size", "32", "--experts", "2", "--layers", "1", "--vocab", "256"]
-    run("bench_model.py", *arguments, "--seq-len", "16", "--decode-tokens", "2", "--repeats", "1", "--out", str(out))
+    run("bench_model.py", *arguments, "--seq-len", "32", "--decode-tokens", "2", "--repeats", "1", "--out", str(out))
     record = json.loads(out.read_text())
     assert set(record["ratio_deeptalk_over_qwen3_moe"]) == {"train_tokens_per_s", "decode_tokens_per_s"}
     assert record["args"]["out"] == str(out)
@@ -84,6 +84,28 @@ def test_bench_upcycle_writes_its_ratios(tmp_path):
         result = record["results"][case]
         assert result["time_vs_baseline"] > 0 and result["rss_vs_largest_output_plus_input_shard"] > 0
         assert result["output_bytes"] > 0
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_run(tmp_path):
+    """A run of minutes (forgetting: eleven) must not end by failing to write its results."""
+    (tmp_path / "a_file").write_text("")
+    for script, option in (("forgetting.py", "--out"), ("bench_model.py", "--out"), ("bench_upcycle.py", "--output")):
+        target = tmp_path / "a_file" / "results"
+        done = subprocess.run(
+            [sys.executable, str(BENCHMARKS / script), option, str(target)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 2 and "a_file is a file, not a folder" in done.stderr, (script, done.stderr[-500:])
+
+
+def test_bench_moe_kernels_times_only_the_backends_asked_for(tmp_path):
+    """bf16 under the interpreter is refused by deeptalk_triton: left out, it must not run (it ran for its deviation)."""
+    arguments = ["--tokens", "4", "--dtype", "bf16", "--backends", "grouped_mm", "eager", "--modes", "fwd"]
+    run("bench_moe_kernels.py", *arguments, "--out", str(tmp_path))
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert {row["backend"] for row in record["results"]} == {"grouped_mm", "eager"}
 
 
 def test_bench_upcycle_refuses_a_workdir_of_the_users(tmp_path):

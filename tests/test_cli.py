@@ -418,9 +418,14 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         profile_main([model, str(data), "--strategy", "adaptive", "--num-speech-experts", "2", "--assign-to", "x"])
     assert exit_info.value.code == EXIT_USAGE
-    with pytest.raises(SystemExit) as exit_info:
-        profile_main([model, str(data), "--speech-attention"])
-    assert exit_info.value.code == EXIT_USAGE
+    for option in (["--speech-attention"], ["--num-speech-experts", "2"], ["--strategy", "random"], ["--seed", "1"]):
+        with pytest.raises(SystemExit) as exit_info:  # they shape the saved split, which only --assign-to writes
+            profile_main([model, str(data), *option])
+        assert exit_info.value.code == EXIT_USAGE
+        assert "--assign-to" in capsys.readouterr().err
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    assert profile_main([model, str(tmp_path / "blank.jsonl"), "--quiet"]) == EXIT_SOURCE
+    assert "holds no token to profile" in capsys.readouterr().err
     # Outputs that would destroy an input are refused before profiling: the data file, a folder holding the model.
     assert profile_main([model, str(data), "-o", str(data), "--overwrite", "--quiet"]) == EXIT_USAGE
     holder = tmp_path / "models"

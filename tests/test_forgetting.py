@@ -18,7 +18,11 @@ def forgetting():
     spec = importlib.util.spec_from_file_location("forgetting_benchmark", ROOT / "benchmarks" / "forgetting.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # its helpers' module, as when run as a script
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     yield module
     sys.modules.pop(spec.name, None)
 

@@ -386,7 +386,7 @@ def profile_parser() -> argparse.ArgumentParser:
         help="speech experts per MoE layer, one count or one per MoE layer (default: the model's current counts; "
         "required for a model without speech experts, such as an imported MoE)",
     )
-    assign.add_argument("--seed", type=int, default=0, help="seed of --strategy random (default: 0)")
+    assign.add_argument("--seed", type=int, help="seed of --strategy random (default: 0)")
     assign.add_argument(
         "--speech-attention",
         action="store_true",
@@ -439,6 +439,11 @@ def profile_main(argv: list[str] | None = None) -> int:
         parser.error("--strategy adaptive chooses the counts itself; drop --num-speech-experts")
     if args.speech_attention and not args.assign_to:
         parser.error("--speech-attention changes the saved model: it needs --assign-to DIR")
+    chooses = counts is not None or args.strategy != "paper" or args.seed is not None
+    if chooses and not args.assign_to:
+        parser.error(
+            "--num-speech-experts, --strategy and --seed choose the experts to move: they need --assign-to DIR"
+        )
 
     def action():
         if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -495,6 +500,8 @@ def profile_main(argv: list[str] | None = None) -> int:
                     bar.update(len(batch["input_ids"]))
 
             load = profile_modality_load(model, counted())
+        if not load.speech_tokens + load.text_tokens:
+            raise DataError(f"{args.data} holds no token to profile")
         # The measured load first: it is what took long, and it stays useful if the assignment below fails.
         if args.output:
             load.save(args.output)
@@ -512,7 +519,7 @@ def profile_main(argv: list[str] | None = None) -> int:
             if args.dtype is not None:  # profiled in another dtype: split the stored weights, which save as they are
                 model = load_model("auto")
             chosen = assign_modality_experts(
-                model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed
+                model, load, num_speech_experts=number, strategy=args.strategy, seed=args.seed or 0
             )
             if args.speech_attention:
                 add_speech_attention(model)

@@ -249,7 +249,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         # An encoder offloaded to disk has meta weights until accelerate's hook loads them: its device is the hook's.
         device = input_features.device if encoder.device.type == "meta" else encoder.device
         input_features = input_features.to(device, encoder.dtype)
-        if encoder.is_gradient_checkpointing and torch.is_grad_enabled() and not input_features.requires_grad:
+        if encoder.is_activation_checkpointing and torch.is_grad_enabled() and not input_features.requires_grad:
             # A reentrant checkpoint passes gradients only to inputs that need them: an encoder without an input
             # embedding for transformers' hook (w2v-bert) would give its trainable layers none, silently.
             if any(param.requires_grad for param in encoder.parameters()):

@@ -517,9 +517,12 @@ class DeepTalkSparseMoeBlock(nn.Module):
             ):
                 weights, indices = self._route(logits, router)
                 drop = ~keep.unsqueeze(-1)
-                output = output + self._run(
+                group_output = self._run(
                     experts, count, hidden, indices.masked_fill(drop, count), weights.masked_fill(drop, 0.0)
                 )
+                # Zeroed, not only weighted 0: a backend that runs a sentinel slot on a real expert (`batched_mm`)
+                # would turn a non-finite output of the other group into NaN (inf * 0).
+                output = output + torch.where(keep.unsqueeze(-1), group_output, 0.0)
             return output, router_logits
         output = torch.empty_like(hidden)
         for rows, logits, (router, experts, count) in (

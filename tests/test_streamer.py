@@ -266,20 +266,22 @@ def test_an_answer_continuing_the_prompts_speech_voices_the_frames_it_completes(
 def test_logits_processor_asks_for_the_level_of_each_frame_position():
     processor = SpeechUnitsLogitsProcessor(PROCESSOR, MIMI)
     size, width = MIMI.codebook_size, len(PROCESSOR.tokenizer)
-    scores = torch.zeros(4, width)
+    scores = torch.zeros(5, width)
     rows = [
-        [WORD_IDS[0], WORD_IDS[1]],  # outside any segment: untouched
+        [WORD_IDS[0], WORD_IDS[1]],  # outside any segment: a unit would open one, so it must be a frame's first
         [WORD_IDS[0], BEGIN],  # start of a segment: level 0 or the end marker
         [BEGIN, START + 0, START + size + 1, START + 2 * size],  # fourth position: level 3
-        [BEGIN, START + 1, END],  # closed: untouched
+        [BEGIN, START + 1, END],  # closed: as outside
+        [BEGIN, START + 1, END, START + 2],  # a unit after the end opened a segment (as `decode` reads it): level 1
     ]
     width_in = max(map(len, rows))
     input_ids = torch.tensor([[WORD_IDS[2]] * (width_in - len(r)) + r for r in rows])
     out = processor(input_ids, scores.clone())
     allowed = [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in out]
-    assert allowed[0] == allowed[3] == set(range(width))
+    assert allowed[0] == allowed[3] == set(range(width)) - set(range(START + size, START + PROCESSOR.num_speech_units))
     assert allowed[1] == set(range(START, START + size)) | {END}
     assert allowed[2] == set(range(START + 3 * size, START + 4 * size))
+    assert allowed[4] == set(range(START + size, START + 2 * size))
     with_text = SpeechUnitsLogitsProcessor(PROCESSOR, MIMI, allow_text=True)(input_ids, scores.clone())
     assert set(torch.isfinite(with_text[2]).nonzero().flatten().tolist()) == allowed[2] | set(range(START))
 

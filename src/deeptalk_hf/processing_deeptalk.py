@@ -1358,10 +1358,11 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
 
 
 class SpeechUnitsLogitsProcessor(LogitsProcessor):
-    """Keeps generated speech decodable by `codec`: inside a `<|begin_of_speech|>` segment the next unit must have
-    the codebook level that the codec's frame layout puts at that position, and `<|end_of_speech|>` may only close
-    whole frames. Text stays allowed inside segments only with `allow_text=True` (interleaved answers).
-    Outside segments nothing changes. Useful for models in training and for random-weight pipelines."""
+    """Keeps generated speech decodable by `codec`: inside a segment the next unit must have the codebook level that
+    the codec's frame layout puts at that position, and `<|end_of_speech|>` may only close whole frames. Text stays
+    allowed inside segments only with `allow_text=True` (interleaved answers). Segments are read as `decode` reads
+    them: `<|begin_of_speech|>` opens one, and so does a unit outside any (which must then be a frame's first);
+    nothing else changes outside segments. Useful for models in training and for random-weight pipelines."""
 
     def __init__(self, processor: DeepTalkProcessor, codec: AudioCodec, *, allow_text: bool = False):
         processor._check_codec_units(codec)
@@ -1375,16 +1376,20 @@ class SpeechUnitsLogitsProcessor(LogitsProcessor):
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         is_marker = (input_ids == self.begin) | (input_ids == self.end)
         last_marker = torch.where(is_marker, positions, -1).max(dim=1).values
-        inside = (last_marker >= 0) & (input_ids.gather(1, last_marker.clamp(min=0)[:, None])[:, 0] == self.begin)
+        opened = (last_marker >= 0) & (input_ids.gather(1, last_marker.clamp(min=0)[:, None])[:, 0] == self.begin)
         is_unit = (input_ids >= self.start) & (input_ids < self.start + self.num_units)
         count = (is_unit & (positions > last_marker[:, None])).sum(1)
+        inside = opened | (count > 0)  # a unit after the last end (or before any marker) opened a segment
         low = self.start + self.levels.to(input_ids.device)[count % len(self.levels)] * self.codebook_size
         vocab = torch.arange(scores.shape[-1], device=scores.device)
-        allowed = (vocab >= low[:, None]) & (vocab < low[:, None] + self.codebook_size)
-        allowed |= (vocab == self.end) & (count % len(self.levels) == 0)[:, None]
+        right_unit = (vocab >= low[:, None]) & (vocab < low[:, None] + self.codebook_size)
+        allowed = right_unit | (vocab == self.end) & (count % len(self.levels) == 0)[:, None]
         if self.allow_text:
             allowed |= vocab < self.start
-        return scores.masked_fill(inside[:, None] & ~allowed, -float("inf"))
+        # Outside a segment only units are constrained: one would open a segment, so it must be a frame's first.
+        any_unit = (vocab >= self.start) & (vocab < self.start + self.num_units)
+        refused = torch.where(inside[:, None], ~allowed, any_unit & ~right_unit)
+        return scores.masked_fill(refused, -float("inf"))
 
 
 __all__ = [

@@ -441,6 +441,9 @@ def test_the_text_stream_ends_at_the_end_ids_of_the_argument_or_the_generation_c
     assert stopped[0, 0, query.shape[-1] :].tolist() == free[: step + 1]
     model.generation_config.eos_token_id = [config.eos_token_id, free[step]]
     assert torch.equal(model.generate(query, **options), stopped)
+    # A given `GenerationConfig` takes the model's end ids where it sets none, as transformers fills it.
+    given = GenerationConfig(max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(query, given, speech_answer=False), stopped)
 
 
 @pytest.mark.parametrize(
@@ -458,12 +461,23 @@ def test_the_text_stream_ends_at_the_end_ids_of_the_argument_or_the_generation_c
         # end-id options: the text's end id would be forced on, or read from, the audio rows too
         (dict(forced_eos_token_id=1), "forced_eos_token_id / exponential_decay_length_penalty"),
         (dict(exponential_decay_length_penalty=(2, 1.5)), "forced_eos_token_id / exponential_decay_length_penalty"),
+        (dict(stop_strings=["hello"]), "stop_strings"),  # only the text row spells it: the item never stopped
     ],
 )
 def test_options_that_would_split_an_items_streams_are_refused_by_name(options, named):
+    """Given as keywords, in a `GenerationConfig`, or in the model's own generation config (from which transformers
+    fills a given config's unset fields), as transformers would run them."""
     model = DeepTalkForCausalLM(parallel_config()).eval()
+    query = text_query(model.config, batch=1)
     with pytest.raises(ValueError, match=f"does not support {named}"):
-        model.generate(text_query(model.config, batch=1), max_new_tokens=3, **options)
+        model.generate(query, max_new_tokens=3, **options)
+    generation_options = {k: v for k, v in options.items() if k != "modality_ids"}
+    if generation_options:
+        with pytest.raises(ValueError, match=f"does not support {named}"):
+            model.generate(query, GenerationConfig(max_new_tokens=3, **generation_options))
+        model.generation_config.update(**generation_options)
+        with pytest.raises(ValueError, match=f"does not support {named}"):
+            model.generate(query, GenerationConfig(max_new_tokens=3))
 
 
 def test_a_static_cache_object_is_refused_by_name():

@@ -1404,27 +1404,27 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             return super().generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)
         from .generation_deeptalk import DelayPatternLogitsProcessor, ParallelStreamsStoppingCriteria
 
-        setting = generation_config or self.generation_config
-        cache_implementation = kwargs.get("cache_implementation", setting.cache_implementation)
+        # What transformers will run: the given config (or the model's) filled from the model's, then the kwargs.
+        setting, _ = self._prepare_generation_config(generation_config, **kwargs)
+        cache_implementation = setting.cache_implementation
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         refused = {
-            "num_beams > 1": (kwargs.get("num_beams") or setting.num_beams or 1) > 1,
-            "num_return_sequences > 1": (kwargs.get("num_return_sequences") or setting.num_return_sequences or 1) > 1,
+            "num_beams > 1": (setting.num_beams or 1) > 1,
+            "num_return_sequences > 1": (setting.num_return_sequences or 1) > 1,
             f"cache_implementation={cache_implementation!r}": cache_implementation not in (None, "dynamic"),
             f"a {type(cache).__name__}": cache is not None and type(cache) is not DynamicCache,
             # transformers enforces them through the end ids, which here are per stream (the text's can be a code)
-            "min_new_tokens / min_length": bool(kwargs.get("min_new_tokens", setting.min_new_tokens))
-            or bool(kwargs.get("min_length", setting.min_length)),
-            "forced_eos_token_id / exponential_decay_length_penalty": any(
-                kwargs.get(name, getattr(setting, name)) is not None
-                for name in ("forced_eos_token_id", "exponential_decay_length_penalty")
-            ),
+            "min_new_tokens / min_length": bool(setting.min_new_tokens) or bool(setting.min_length),
+            "forced_eos_token_id / exponential_decay_length_penalty": setting.forced_eos_token_id is not None
+            or setting.exponential_decay_length_penalty is not None,
+            # transformers' stop-string criterion stops rows one by one, and only the text row spells the string
+            "stop_strings": setting.stop_strings is not None,
             "inputs_embeds": "inputs_embeds" in kwargs,
             "modality_ids (the streams decide each position's modality)": "modality_ids" in kwargs,
-            "assisted decoding (an assistant model, prompt lookup, early exit)": any(
-                kwargs.get(name, getattr(setting, name, None)) is not None
-                for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-            ),
+            "assisted decoding (an assistant model, prompt lookup, early exit)": kwargs.get("assistant_model")
+            is not None
+            or setting.prompt_lookup_num_tokens is not None
+            or setting.assistant_early_exit is not None,
         }
         if any(refused.values()):
             raise ValueError(
@@ -1448,9 +1448,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 f"pad_token_id={given}: parallel-stream generation pads with the config's pad_token_id "
                 f"({pad_token_id}), as the processor lays prompts out; set it there"
             )
-        eos_token_id = kwargs.pop("eos_token_id", None)
-        if eos_token_id is None:
-            eos_token_id = setting.eos_token_id if setting.eos_token_id is not None else config.eos_token_id
+        kwargs.pop("eos_token_id", None)  # in `setting`
+        eos_token_id = setting.eos_token_id if setting.eos_token_id is not None else config.eos_token_id
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
             padding = (input_ids[:, 0] == pad_token_id) & (input_ids[:, 1:] == config.audio_pad_token_id).all(1)

@@ -470,15 +470,27 @@ class DeepTalkSparseMoeBlock(nn.Module):
 
     @staticmethod
     def _run(
-        experts: nn.Module, count: int, hidden: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+        experts: nn.Module,
+        count: int,
+        hidden: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        sentinels: bool = False,
     ) -> torch.Tensor:
-        """`experts`, a group of `count` experts, on its slots. Sharded by expert parallelism it holds fewer, and
-        transformers' all-to-all dispatch takes real expert ids only: there the sentinel slots (`count`, weight 0) go
-        to expert 0 with weight 0."""
-        if experts.num_experts < count:
-            sentinel = indices >= count
-            indices, weights = indices.masked_fill(sentinel, 0), weights.masked_fill(sentinel, 0.0)
-        return experts(hidden, indices, weights)
+        """`experts`, a group of `count` experts, on its slots. Sentinel slots (`count`, weight 0: a group smaller than
+        top-k, or `sentinels`, where other groups' slots were masked) are not skipped everywhere: `batched_mm` runs
+        one on the group's last expert (an inf output times 0 is NaN) and expert parallelism's all-to-all dispatch
+        takes real ids only. So they point at an expert the token uses anyway, with weight 0, and a token with no
+        expert here keeps the sentinel (or, under expert parallelism, expert 0) and gets exact zeros."""
+        if not sentinels and indices.shape[-1] <= count:
+            return experts(hidden, indices, weights)
+        is_sentinel = indices >= count
+        own = torch.where(is_sentinel, count, indices).min(-1, keepdim=True).values
+        has_own = own < count
+        if experts.num_experts < count:  # sharded by expert parallelism
+            own = own.masked_fill(~has_own, 0)
+        output = experts(hidden, torch.where(is_sentinel, own, indices), weights.masked_fill(is_sentinel, 0.0))
+        return torch.where(has_own, output, 0.0)
 
     def _hard(
         self, hidden: torch.Tensor, split: ModalitySplit, output_router_logits: bool
@@ -517,12 +529,14 @@ class DeepTalkSparseMoeBlock(nn.Module):
             ):
                 weights, indices = self._route(logits, router)
                 drop = ~keep.unsqueeze(-1)
-                group_output = self._run(
-                    experts, count, hidden, indices.masked_fill(drop, count), weights.masked_fill(drop, 0.0)
+                output = output + self._run(
+                    experts,
+                    count,
+                    hidden,
+                    indices.masked_fill(drop, count),
+                    weights.masked_fill(drop, 0.0),
+                    sentinels=True,
                 )
-                # Zeroed, not only weighted 0: a backend that runs a sentinel slot on a real expert (`batched_mm`)
-                # would turn a non-finite output of the other group into NaN (inf * 0).
-                output = output + torch.where(keep.unsqueeze(-1), group_output, 0.0)
             return output, router_logits
         output = torch.empty_like(hidden)
         for rows, logits, (router, experts, count) in (
@@ -575,7 +589,12 @@ class DeepTalkSparseMoeBlock(nn.Module):
         is_text = indices < num_text
         is_speech = ~is_text & (indices < num_text + self.num_speech_experts)
         text_out = self._run(
-            self.experts, num_text, hidden, torch.where(is_text, indices, num_text), weights.masked_fill(~is_text, 0.0)
+            self.experts,
+            num_text,
+            hidden,
+            torch.where(is_text, indices, num_text),
+            weights.masked_fill(~is_text, 0.0),
+            sentinels=True,
         )
         speech_out = self._run(
             self.speech_experts,
@@ -583,6 +602,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
             hidden,
             torch.where(is_speech, indices - num_text, self.num_speech_experts),
             weights.masked_fill(~is_speech, 0.0),
+            sentinels=True,
         )
         return text_out + speech_out
 

@@ -277,6 +277,21 @@ def test_end_to_end_streaming_equals_the_final_decode(text, batch_parallel, chun
     assert voiced == frames and decoded.waveform.shape == (frames * SNAC.samples_per_frame,)
 
 
+def test_the_text_pad_after_the_text_ended_decodes_no_text():
+    """While the audio goes on, the ended text stream emits its pad each step: re-decoding the text for it made the
+    streamer's cost per step grow with the answer."""
+    streamer = DeepTalkParallelStreamer(PROCESSOR, SNAC, CONFIG)
+    decodes = []
+    send_text = streamer._send_text
+    streamer._send_text = lambda final: (decodes.append(final), send_text(final))
+    audio_pad = [CONFIG.audio_pad_token_id] * CONFIG.num_audio_streams
+    streamer.put(torch.tensor([CONFIG.pad_token_id, *audio_pad])[:, None])  # the prompt
+    word = PROCESSOR.tokenizer.convert_tokens_to_ids("hello")
+    for text in (word, EOS, *[CONFIG.pad_token_id] * 20):
+        streamer.put(torch.tensor([text, *audio_pad])[:, None])
+    assert decodes == [False, False]
+
+
 def test_a_streamer_serves_one_generate_call_after_another():
     inputs = PROCESSOR.parallel_prompt(SPOKEN, CONFIG, audio=QUESTION, sampling_rate=16000)
 

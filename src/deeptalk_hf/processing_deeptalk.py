@@ -1343,11 +1343,14 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
             self._seen_prompt = True
             return
         streams, answer = self.config.num_audio_streams + 1, self._splitter.segments[0]
+        text_pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         for step in value.reshape(self.rows, -1).T.cpu():
-            text_ids = self.processor._text_ids([int(step[self.text_row])])
+            token = int(step[self.text_row])
+            text_ids = self.processor._text_ids([token])
             if text_ids:
                 self._splitter.text_ids += text_ids
-                self._send_text(final=False)
+                if token != text_pad:  # what the text stream emits once it ended: no new text (re-decoding cost grew)
+                    self._send_text(final=False)
             self._audio.push(step[1:streams].tolist())
             done, frames = len(answer) // self.codec.units_per_frame, min(map(len, self._audio.codes))
             if frames > done:  # every stream has its code of these frames

@@ -124,6 +124,10 @@ def test_parallel_helpers_check_their_inputs():
         PROCESSOR.decode_parallel(torch.zeros(1, 5, 3, dtype=torch.long), streams_config(MIMI))
     with pytest.raises(ValueError, match="give the processor"):
         tiny_processor(1).parallel_prompt(TYPED, CONFIG)
+    splitting = tiny_processor(1, codec=SNAC)
+    splitting.tokenizer.split_special_tokens = True  # the placeholder's marker in pieces: named as such
+    with pytest.raises(ValueError, match="split_special_tokens=True"):
+        splitting.parallel_prompt(SPOKEN, CONFIG, audio=QUESTION, sampling_rate=16000)
 
 
 def test_decode_parallel_takes_text_only_from_the_text_block():

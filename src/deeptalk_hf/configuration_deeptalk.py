@@ -277,7 +277,7 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
         if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(_ATTENTION_LAYER_TYPES):
             raise ValueError(
                 f"layer_types={self.layer_types} must have num_hidden_layers={self.num_hidden_layers} entries from "
-                f"{_ATTENTION_LAYER_TYPES}"
+                f"{_ATTENTION_LAYER_TYPES} (num_hidden_layers changed after the config was built? set layer_types too)"
             )
         if "sliding_attention" in self.layer_types and self.sliding_window is None:
             raise ValueError("layer_types has 'sliding_attention' layers but sliding_window is None")

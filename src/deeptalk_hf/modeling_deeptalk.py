@@ -182,7 +182,7 @@ def topk_routing(
     Scoring is softmax or sigmoid (`settings.scoring_func`); DeepSeek-V3's score-correction `bias` shifts the choice
     but not the weights; with `group_limited` (a router that sees all of a layer's experts) DeepSeek's group-limited
     top-k keeps the `topk_group` best of `n_group` groups first. A group smaller than top-k uses all its experts: the
-    spare slots carry the sentinel index `E` (the group size) with weight 0, which every experts backend skips.
+    spare slots carry the sentinel index `E` (the group size) with weight 0 (see `DeepTalkSparseMoeBlock._run`).
     Returns `(weights, indices)`.
     """
     num_experts = logits.shape[-1]
@@ -340,8 +340,8 @@ class DeepTalkExperts(Qwen3MoeExperts):
     """Experts as fused 3D tensors (`gate_up_proj` `[E, 2I, H]`, `down_proj` `[E, H, I]`), Qwen3-MoE's eager math.
 
     The expert count is per module (text and speech groups differ, and may differ per layer). DeepTalk routing emits
-    sentinel slots (groups smaller than top-k, routing "none", compiled hard routing), which the experts backends skip
-    on their sentinel-safe path.
+    sentinel slots (groups smaller than top-k, routing "none", compiled hard routing), which the block turns into
+    weight-0 slots on the token's own experts (`DeepTalkSparseMoeBlock._run`).
     """
 
     def __init__(self, config: DeepTalkConfig, num_experts: int):
@@ -500,7 +500,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         autograd the other group runs on no tokens, so that every trainable tensor gets a gradient.
 
         Under `torch.compile` shapes must not depend on data, so both groups see every token and the other
-        modality's slots become sentinels (weight 0, skipped by the backends): same result, more routing work.
+        modality's slots become sentinels (see `_run`; their rows come out exactly 0): same result, more routing work.
         """
         compiling = torch.compiler.is_compiling()
         text_group = (self.gate, self.experts, self.num_text_experts)

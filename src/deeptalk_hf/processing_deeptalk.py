@@ -870,11 +870,15 @@ class DeepTalkProcessor(ProcessorMixin):
         tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
         bos = self.tokenizer.bos_token
         encoded = [
-            self._without_appended(ids, t)
-            for ids, t in zip(
-                self.tokenizer(tokenized, add_special_tokens=not (bos and tokenized[0].startswith(bos)))["input_ids"],
-                tokenized,
-                strict=True,
+            self._without_appended(self._checked_markers(i, t, ids), t)
+            for i, (ids, t) in enumerate(
+                zip(
+                    self.tokenizer(tokenized, add_special_tokens=not (bos and tokenized[0].startswith(bos)))[
+                        "input_ids"
+                    ],
+                    tokenized,
+                    strict=True,
+                )
             )
         ]
         text_pad = config.pad_token_id if config.pad_token_id is not None else 0

@@ -185,6 +185,9 @@ def test_load_time_overrides_are_checked_and_derive_fields(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     for name in ("num_experts", "n_routed_experts"):
         assert AutoConfig.from_pretrained(tmp_path, **{name: 6}).num_experts == 6
+    # Qwen/DeepSeek's layout keys, read at construction only, fold into the layout as they do when given to it.
+    for override, dense in (({"decoder_sparse_step": 2}, [0, 1, 2]), ({"first_k_dense_replace": 1}, [0, 1])):
+        assert AutoConfig.from_pretrained(tmp_path, **override).mlp_only_layers == dense  # with the saved [1]
 
 
 def test_auto_config_round_trip(tmp_path):
@@ -203,3 +206,8 @@ def test_mla_head_dim_is_the_rope_part():
     assert DeepTalkConfig(**config.to_dict()).qk_head_dim == 12
     # DeepSeek's config.json stores the derived width too: read, not refused (it is a property here).
     assert DeepTalkConfig(**config.to_dict() | {"qk_head_dim": 12}).qk_head_dim == 12
+    # Switched to MLA after construction (head_dim not derived): named, not a shape error in the rotary embedding.
+    edited = tiny_config()
+    edited.kv_lora_rank, edited.qk_nope_head_dim, edited.qk_rope_head_dim, edited.v_head_dim = 8, 4, 4, 8
+    with pytest.raises(ValueError, match="head_dim=8 must equal qk_rope_head_dim=4"):
+        DeepTalkForCausalLM(edited)

@@ -38,6 +38,7 @@ class ChecksOverrides:
         own = {field.name for field in dataclasses.fields(cls)} - {
             field.name for field in dataclasses.fields(PreTrainedConfig)
         }
+        own |= set(getattr(cls, "construction_kwargs", ()))  # read by `__post_init__`, folded into fields
         overrides = {aliases.get(key, key): kwargs.pop(key) for key in list(kwargs) if aliases.get(key, key) in own}
         for key, spec in getattr(cls, "sub_configs_defaults", {}).items():  # a dict updates the saved sub-config
             saved = config_dict.get(key)
@@ -104,6 +105,7 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
 
     model_type = "deeptalk"
     keys_to_ignore_at_inference = ["cache"]
+    construction_kwargs = ("decoder_sparse_step", "first_k_dense_replace", "use_sliding_window")
     attribute_map = {"num_local_experts": "num_experts", "n_routed_experts": "num_experts"}
 
     base_model_tp_plan = {
@@ -253,11 +255,7 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     def validate_deeptalk(self) -> None:
         """Checks that fail with a `ValueError` naming the field and the offending values; a `@strict` class
         validator, so `save_pretrained` (through `validate`) refuses a config broken after construction too."""
-        folded = [
-            name
-            for name in ("decoder_sparse_step", "first_k_dense_replace", "use_sliding_window")
-            if name in self.__dict__
-        ]
+        folded = [name for name in self.construction_kwargs if name in self.__dict__]
         if folded:
             raise ValueError(
                 f"{folded} are read when the config is built (folded into mlp_only_layers / sliding_window): set "
@@ -337,6 +335,11 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads} (each key/value head serves a group of query heads)"
+            )
+        if mla and self.head_dim != self.qk_rope_head_dim:
+            raise ValueError(
+                f"head_dim={self.head_dim} must equal qk_rope_head_dim={self.qk_rope_head_dim} with multi-head latent "
+                "attention (kv_lora_rank is set): rotary embeddings cover the rope part of each head"
             )
         if mla and (self.clip_qkv is not None or self.qkv_bias):
             raise ValueError(

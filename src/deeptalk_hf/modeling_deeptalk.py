@@ -340,8 +340,8 @@ class DeepTalkExperts(Qwen3MoeExperts):
     """Experts as fused 3D tensors (`gate_up_proj` `[E, 2I, H]`, `down_proj` `[E, H, I]`), Qwen3-MoE's eager math.
 
     The expert count is per module (text and speech groups differ, and may differ per layer). DeepTalk routing emits
-    sentinel slots (groups smaller than top-k, routing "none", compiled hard routing), which the block turns into
-    weight-0 slots on the token's own experts (`DeepTalkSparseMoeBlock._run`).
+    sentinel slots (groups smaller than top-k, routing "none", compiled hard routing), which the backends skip on their
+    sentinel-safe path (`DeepTalkSparseMoeBlock._run` handles those that do not).
     """
 
     def __init__(self, config: DeepTalkConfig, num_experts: int):
@@ -478,19 +478,19 @@ class DeepTalkSparseMoeBlock(nn.Module):
         sentinels: bool = False,
     ) -> torch.Tensor:
         """`experts`, a group of `count` experts, on its slots. Sentinel slots (`count`, weight 0: a group smaller than
-        top-k, or `sentinels`, where other groups' slots were masked) are not skipped everywhere: `batched_mm` runs
-        one on the group's last expert (an inf output times 0 is NaN) and expert parallelism's all-to-all dispatch
-        takes real ids only. So they point at an expert the token uses anyway, with weight 0, and a token with no
-        expert here keeps the sentinel (or, under expert parallelism, expert 0) and gets exact zeros."""
+        top-k, or `sentinels`, where other groups' slots were masked) are skipped by eager, grouped_mm and the Triton
+        kernels, but `batched_mm` runs one on the group's last expert (an inf output times 0 is NaN) and expert
+        parallelism's all-to-all dispatch takes real ids only: there they point at an expert the token uses anyway,
+        with weight 0 (or expert 0 for a token without any). A token with no expert in the group gets exact zeros."""
         if not sentinels and indices.shape[-1] <= count:
             return experts(hidden, indices, weights)
         is_sentinel = indices >= count
         own = torch.where(is_sentinel, count, indices).min(-1, keepdim=True).values
         has_own = own < count
-        if experts.num_experts < count:  # sharded by expert parallelism
-            own = own.masked_fill(~has_own, 0)
-        output = experts(hidden, torch.where(is_sentinel, own, indices), weights.masked_fill(is_sentinel, 0.0))
-        return torch.where(has_own, output, 0.0)
+        sharded = experts.num_experts < count
+        if sharded or getattr(getattr(experts, "config", None), "_experts_implementation", None) == "batched_mm":
+            indices = torch.where(is_sentinel, own.masked_fill(~has_own, 0) if sharded else own, indices)
+        return torch.where(has_own, experts(hidden, indices, weights.masked_fill(is_sentinel, 0.0)), 0.0)
 
     def _hard(
         self, hidden: torch.Tensor, split: ModalitySplit, output_router_logits: bool

@@ -567,7 +567,8 @@ class DeepTalkProcessor(ProcessorMixin):
             return_offsets_mapping=offsets_wanted,
         )
         encoded = [
-            self._checked_markers(i, text, ids) for i, (text, ids) in enumerate(zip(tokenized, encoding["input_ids"]))
+            self._checked_markers(i, text, ids)
+            for i, (text, ids) in enumerate(zip(tokenized, encoding["input_ids"], strict=True))
         ]
         if open_end:
             encoded = [self._without_appended(ids, text) for ids, text in zip(encoded, tokenized, strict=True)]
@@ -869,17 +870,10 @@ class DeepTalkProcessor(ProcessorMixin):
         # As `apply_chat_template` tokenizes a rendered chat: no BOS before one the text has, nothing after the text.
         tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
         bos = self.tokenizer.bos_token
+        tokens = self.tokenizer(tokenized, add_special_tokens=not (bos and tokenized[0].startswith(bos)))["input_ids"]
         encoded = [
-            self._without_appended(self._checked_markers(i, t, ids), t)
-            for i, (ids, t) in enumerate(
-                zip(
-                    self.tokenizer(tokenized, add_special_tokens=not (bos and tokenized[0].startswith(bos)))[
-                        "input_ids"
-                    ],
-                    tokenized,
-                    strict=True,
-                )
-            )
+            self._without_appended(self._checked_markers(i, t, row), t)
+            for i, (row, t) in enumerate(zip(tokens, tokenized, strict=True))
         ]
         text_pad = config.pad_token_id if config.pad_token_id is not None else 0
         pad = torch.tensor([text_pad] + [config.audio_pad_token_id] * config.num_audio_streams)[:, None]

@@ -1356,20 +1356,17 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             half = streams.shape[0] // 2
             streams[:half, 0] = streams[half:, 0]
             model_inputs["input_ids"] = step_ids = streams.flatten(0, 1)
+        if modality_ids is None and step_ids is not None:  # the model reads each id's modality itself
+            return model_inputs
         cache = model_inputs.get("cache")
         past = cache.get_seq_length() if cache is not None else 0
-        if modality_ids is None:
-            embeds = model_inputs.get("inputs_embeds")
-            # First step from `inputs_embeds` given beside the prompt's ids: transformers passes only the embeddings,
-            # so the ids' modality goes with them (embeddings alone come with `[batch, 0]` ids and stay text).
-            if step_ids is None and embeds is not None and input_ids.shape[1] >= past + embeds.shape[1]:
-                model_inputs["modality_ids"] = (
-                    input_ids[:, past : past + embeds.shape[1]] >= self.config.speech_token_start
-                )
-            return model_inputs
-        # As booleans (1 is speech; padding may hold anything): `generate` checked the prompt's values once.
-        if step_ids is None:  # first step from `inputs_embeds`: the prompt's modality ids of its uncached positions
-            model_inputs["modality_ids"] = modality_ids[:, past : past + model_inputs["inputs_embeds"].shape[1]] == 1
+        if step_ids is None:  # first step from `inputs_embeds`: the modality of its uncached positions
+            positions = slice(past, past + model_inputs["inputs_embeds"].shape[1])
+            if modality_ids is not None:  # as booleans (padding may hold anything): `generate` checked the values
+                model_inputs["modality_ids"] = modality_ids[:, positions] == 1
+            elif input_ids.shape[1] >= positions.stop:  # transformers passes only the embeddings of ids given beside
+                ids = input_ids[:, positions]  # them (embeddings alone come with `[batch, 0]` ids: all text)
+                model_inputs["modality_ids"] = speech_positions(self.config, ids, None, ids.shape, ids.device)
             return model_inputs
         covered = min(modality_ids.shape[1] - past, step_ids.shape[1])
         if covered <= 0:  # past the prompt's modality ids, the model reads the same modality from the ids themselves

@@ -155,6 +155,7 @@ def test_every_tuned_tile_gives_reference_results(kernel, tile, monkeypatch):
         dict(num_tokens=7, num_experts=5, top_k=8, num_used=5, sentinel_rate=0.0),  # k > E: spare sentinel slots
         dict(num_tokens=20, num_experts=8, top_k=2, num_used=1, sentinel_rate=0.0),  # one hot expert, 7 idle
         dict(num_tokens=6, num_experts=3, top_k=2, num_used=3, sentinel_rate=1.0),  # only sentinels
+        dict(num_tokens=3, num_experts=9, top_k=2, num_used=9, sentinel_rate=0.25),  # fewer pairs than experts
     ],
 )
 def test_edge_cases_match_reference(case):
@@ -315,7 +316,7 @@ def test_kernels_write_only_the_rows_of_their_experts():
     """A row tile writes only its expert's sorted rows: on a GPU a write past them races with the next expert's tile.
     The interpreter runs the tiles in order, so there the next tile overwrites such a write and only one past the
     last expert shows. Deterministic mode fills new buffers with NaN: the sentinel pairs' rows, past `offsets[E]`,
-    of the per-row buffers (activation, kept pre-activation, its gradient) must stay NaN."""
+    of the per-row buffers (activation, kept pre-activation, its gradient, the weighted activation) must stay NaN."""
     case = dict(
         num_tokens=13, hidden=40, inter=40, num_experts=4, top_k=3, num_used=4, sentinel_rate=0.3,
         layout="contiguous", trainable="none", seed=5,
@@ -328,10 +329,11 @@ def test_kernels_write_only_the_rows_of_their_experts():
         written = {"act": act[:end].clone(), "gate_up": kept[:end].clone()}
         unwritten = {"act": act[end:].clone(), "gate_up": kept[end:].clone()}
         kept[end:] = 0.0  # finite, so that a backward tile reading past its rows would write finite values there
-        grad_gate_up, _ = triton_moe.down_backward(
-            grad_out, down, kept, weights.reshape(-1), sorted_pairs, offsets, case["top_k"], True, True
+        grad_gate_up, _, weighted_act = triton_moe.down_backward(
+            grad_out, down, kept, weights.reshape(-1), sorted_pairs, offsets, case["top_k"], True, True, True
         )
     written["grad_gate_up"], unwritten["grad_gate_up"] = grad_gate_up[:end], grad_gate_up[end:]
+    written["weighted_act"], unwritten["weighted_act"] = weighted_act[:end], weighted_act[end:]
     assert 0 < end < sorted_pairs.numel()
     for name in written:
         assert written[name].isfinite().all() and unwritten[name].isnan().all(), name

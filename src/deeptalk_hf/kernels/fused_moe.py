@@ -63,24 +63,30 @@ def _backward_impl(
     need_routing: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(grad_x, grad_gate_up_proj, grad_down_proj, grad_routing [P])`, each empty when not needed."""
-    meta = (routing, sorted_pairs, offsets, top_k)
+    meta = (sorted_pairs, offsets, top_k)
     grad_x, grad_gate_up_proj, grad_down_proj, grad_routing = (x.new_empty(0) for _ in range(4))
-    if need_down:
-        grad_down_proj = triton_moe.expert_grad(
-            grad_out, gate_up, down_proj.shape, down_proj.dtype, *meta,
-            left_by_token=True, right_by_token=False, right_swiglu=True,
+    if need_x or need_gate_up or need_routing or need_down:
+        grad_gu, grad_w, weighted_act = triton_moe.down_backward(
+            grad_out, down_proj, gate_up, routing, *meta,
+            grad_gate_up=need_x or need_gate_up, grad_routing=need_routing, weighted_act=need_down,
         )  # fmt: skip
-    if need_x or need_gate_up or need_routing:
-        grad_gu, grad_w = triton_moe.down_backward(
-            grad_out, down_proj, gate_up, *meta, grad_gate_up=need_x or need_gate_up, grad_routing=need_routing
-        )
+        if need_down:
+            grad_down_proj = triton_moe.expert_grad(
+                grad_out,
+                weighted_act,
+                down_proj.shape,
+                down_proj.dtype,
+                *meta,
+                left_by_token=True,
+                right_by_token=False,
+            )
+            del weighted_act  # [P, I]: freed before the next weight gradient
         if need_routing:
             grad_routing = grad_w.to(routing.dtype)
         if need_gate_up:
             grad_gate_up_proj = triton_moe.expert_grad(
-                grad_gu, x, gate_up_proj.shape, gate_up_proj.dtype, *meta,
-                left_by_token=False, right_by_token=True, right_swiglu=False,
-            )  # fmt: skip
+                grad_gu, x, gate_up_proj.shape, gate_up_proj.dtype, *meta, left_by_token=False, right_by_token=True
+            )
         if need_x:
             up_strides = (gate_up_proj.stride(0), gate_up_proj.stride(1), gate_up_proj.stride(2))  # [2I, H]
             grad_x = triton_moe.scatter_to_tokens(
@@ -123,8 +129,9 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
     """SwiGLU experts over the grouped Triton kernels; gradients for hidden states, both weights and routing weights.
 
     Saved for backward: the inputs (already alive), the routing metadata and the pre-activation `gate_up` `[P, 2I]`.
-    The activation `silu(gate) * up` is recomputed from it in the backward kernels, an elementwise cost that spares
-    keeping a second `[P, I]` buffer.
+    The activation `silu(gate) * up` is recomputed from it in the down projection's backward kernel (an elementwise
+    cost that spares keeping a second `[P, I]` buffer between forward and backward), which writes it weighted by the
+    routing weights for the down projection's gradient: a transient `[P, I]` buffer, freed before the next gradient.
     """
 
     @staticmethod

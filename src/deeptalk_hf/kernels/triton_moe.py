@@ -10,10 +10,14 @@ Forward (grouped):
   `_scatter_kernel`      out[t] += w[p] * act[s] @ Wd[e]^T                  weighting and the return to token order
                          fused: fp32 atomic adds into `[T, H]`, no `[P, H]` buffer.
 Backward:
-  `_down_backward_kernel` g[s] = dout[t] @ Wd[e]; dw[p] = <g[s], act[s]>; grad_gate_up[s] = SwiGLU'(w[p] * g[s]),
-                         with `act` recomputed from the saved `gate_up` (cheaper than saving it).
+  `_down_backward_kernel` g[s] = dout[t] @ Wd[e]; dw[p] = <g[s], act[s]>; grad_gate_up[s] = SwiGLU'(w[p] * g[s]);
+                         `act` is recomputed from the saved `gate_up` (cheaper than saving it) and, for the down
+                         projection's gradient, written once as `w[p] * act[s]`.
   `_scatter_kernel`      dx[t] += grad_gate_up[s] @ Wgu[e]                   (the same kernel as the down projection)
-  `_expert_grad_kernel`  dWd[e] = sum_s (w[p] dout[t])^T act[s],  dWgu[e] = sum_s grad_gate_up[s]^T x[t]
+  `_expert_grad_kernel`  dWd[e] = sum_s dout[t]^T (w[p] act[s]),  dWgu[e] = sum_s grad_gate_up[s]^T x[t]: plain
+                         products of stored rows (token rows gathered in the loads), so the loads pipeline; the
+                         activation recomputed and scaled inside this loop made it the slowest kernel (3.0 of 11.7 ms
+                         at Qwen3-30B-A3B, T = 16384, on an H200).
 Decode (tiny `T`, no autograd): `_gate_up_decode_kernel` and `_down_decode_kernel` work per pair / per token with
 matrix-vector products straight from `top_k_index`, so they need no sort, no fp32 buffer and no atomics.
 
@@ -239,19 +243,21 @@ def _scatter_kernel(
 )
 @triton.jit
 def _down_backward_kernel(
-    grad_out_ptr, w_ptr, gate_up_ptr, routing_ptr, grad_gate_up_ptr, grad_routing_ptr, sorted_pairs_ptr, offsets_ptr,
+    grad_out_ptr, w_ptr, gate_up_ptr, routing_ptr, grad_gate_up_ptr, grad_routing_ptr, weighted_act_ptr,
+    sorted_pairs_ptr, offsets_ptr,
     N, K, ROWS_BUCKET,
     stride_dt, stride_dk,
     stride_we, stride_wk, stride_wn,
-    stride_gm, stride_ggm, stride_gr,
+    stride_gm, stride_ggm, stride_gr, stride_am,
     TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_POW2: tl.constexpr,
-    GRAD_GATE_UP: tl.constexpr, GRAD_ROUTING: tl.constexpr, PER_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GRAD_GATE_UP: tl.constexpr, GRAD_ROUTING: tl.constexpr, WEIGHTED_ACT: tl.constexpr, PER_BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """g = dout[t] @ down[e] over `N = I` columns (`K = H`), then the routing-weight and SwiGLU gradients.
 
     dw[p] += sum_n g * act (fp32 atomics across column blocks, or with `PER_BLOCK` a store into column `block_n` of a
-    `[P, stride_gr]` buffer); grad_gate_up[s] = (dgate, dup) of `w[p] * g`.
+    `[P, stride_gr]` buffer); grad_gate_up[s] = (dgate, dup) of `w[p] * g`; with `WEIGHTED_ACT` also
+    weighted_act[s] = w[p] * act[s] (the product `g` is skipped when nothing else needs it).
     """
     tile, block_n = _grouped_program(N, BLOCK_N)
     expert, first_row, end_row = _expert_tile(offsets_ptr, tile, NUM_EXPERTS, E_POW2, BLOCK_M)
@@ -267,13 +273,14 @@ def _down_backward_kernel(
     d_ptrs = grad_out_ptr + tokens[:, None] * stride_dt + ks[None, :] * stride_dk
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
     grad_act = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_mask = ks < K - k
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        d = tl.load(d_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(w.dtype)
-        grad_act = tl.dot(d, w, grad_act, input_precision=PRECISION)
-        d_ptrs += BLOCK_K * stride_dk
-        w_ptrs += BLOCK_K * stride_wk
+    if GRAD_GATE_UP or GRAD_ROUTING:
+        for k in range(0, K, BLOCK_K):
+            k_mask = ks < K - k
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            d = tl.load(d_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(w.dtype)
+            grad_act = tl.dot(d, w, grad_act, input_precision=PRECISION)
+            d_ptrs += BLOCK_K * stride_dk
+            w_ptrs += BLOCK_K * stride_wk
     mask = row_mask[:, None] & col_mask[None, :]
     rows = rows.to(tl.int64)
     gate_up_ptrs = gate_up_ptr + rows[:, None] * stride_gm + cols[None, :]
@@ -281,6 +288,10 @@ def _down_backward_kernel(
     up = tl.load(gate_up_ptrs + N, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
     silu = gate * sig
+    routing = tl.load(routing_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    if WEIGHTED_ACT:
+        act_ptrs = weighted_act_ptr + rows[:, None] * stride_am + cols[None, :]
+        tl.store(act_ptrs, (routing * silu * up).to(weighted_act_ptr.dtype.element_ty), mask=mask)
     if GRAD_ROUTING:
         partial = tl.sum(grad_act * silu * up, axis=1)
         if PER_BLOCK:
@@ -288,7 +299,7 @@ def _down_backward_kernel(
         else:
             tl.atomic_add(grad_routing_ptr + pairs, partial, mask=row_mask, sem="relaxed")
     if GRAD_GATE_UP:
-        grad_act *= tl.load(routing_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        grad_act *= routing
         grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
         out_ptrs = grad_gate_up_ptr + rows[:, None] * stride_ggm + cols[None, :]
         tl.store(out_ptrs, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
@@ -298,19 +309,18 @@ def _down_backward_kernel(
 @_autotune(_EXPERT_GRAD_CONFIGS, key=["M", "N", "NUM_EXPERTS", "ROWS_BUCKET"])
 @triton.jit
 def _expert_grad_kernel(
-    l_ptr, r_ptr, c_ptr, routing_ptr, sorted_pairs_ptr, offsets_ptr,
+    l_ptr, r_ptr, c_ptr, sorted_pairs_ptr, offsets_ptr,
     M, N, ROWS_BUCKET,
     stride_lm, stride_lc,
     stride_rm, stride_rc,
     stride_ce, stride_cm, stride_cn,
     TOP_K: tl.constexpr, NUM_EXPERTS: tl.constexpr,
-    L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, R_SWIGLU: tl.constexpr, PRECISION: tl.constexpr,
+    L_BY_TOKEN: tl.constexpr, R_BY_TOKEN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """C[e] = sum over expert e's sorted rows s of L[s]^T R[s] (`[M, N]`), written whole (zeros for idle experts).
 
-    `L_BY_TOKEN`: L's rows are token rows `t` scaled by the routing weight `w[p]` (the down projection's output
-    gradient); `R_BY_TOKEN`: R's rows are token rows; `R_SWIGLU`: R is `silu(gate) * up` of a `[P, 2N]` buffer.
+    `L_BY_TOKEN` / `R_BY_TOKEN`: that operand's rows are token rows `t`, gathered, instead of sorted rows `s`.
     """
     expert = tl.program_id(1)
     pid = tl.program_id(0)
@@ -332,19 +342,13 @@ def _expert_grad_kernel(
             l_ptr + l_rows[:, None] * stride_lm + cols_m[None, :] * stride_lc,
             mask=row_mask[:, None] & m_mask[None, :],
             other=0.0,
-        )
-        if L_BY_TOKEN:
-            left = left.to(tl.float32) * tl.load(routing_ptr + pairs, mask=row_mask, other=0.0).to(tl.float32)[:, None]
-        left = left.to(c_ptr.dtype.element_ty)
+        ).to(c_ptr.dtype.element_ty)
         r_rows = tokens if R_BY_TOKEN else rows.to(tl.int64)
-        r_ptrs = r_ptr + r_rows[:, None] * stride_rm + cols_n[None, :] * stride_rc
-        r_mask = row_mask[:, None] & n_mask[None, :]
-        if R_SWIGLU:
-            gate = tl.load(r_ptrs, mask=r_mask, other=0.0).to(tl.float32)
-            up = tl.load(r_ptrs + N * stride_rc, mask=r_mask, other=0.0).to(tl.float32)
-            right = gate * tl.sigmoid(gate) * up
-        else:
-            right = tl.load(r_ptrs, mask=r_mask, other=0.0)
+        right = tl.load(
+            r_ptr + r_rows[:, None] * stride_rm + cols_n[None, :] * stride_rc,
+            mask=row_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
         acc = tl.dot(tl.trans(left), right.to(left.dtype), acc, input_precision=PRECISION)
     c_ptrs = c_ptr + expert.to(tl.int64) * stride_ce + cols_m[:, None] * stride_cm + cols_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -514,26 +518,33 @@ def down_backward(
     top_k: int,
     grad_gate_up: bool,
     grad_routing: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """`(grad_gate_up [P, 2I] or None, grad_routing fp32 [P] or None)`."""
+    weighted_act: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """`(grad_gate_up [P, 2I], grad_routing fp32 [P], weighted_act [P, I])`, each None unless asked for."""
     num_experts, hidden, inter = down_proj.shape
     num_pairs = sorted_pairs.numel()
     grad_gu = torch.empty_like(gate_up) if grad_gate_up else gate_up
+    act = gate_up.new_empty(num_pairs, inter) if weighted_act else gate_up
     per_block = torch.are_deterministic_algorithms_enabled()
     # Deterministic: one partial per column block of the narrowest configured tile, summed below.
     blocks = triton.cdiv(inter, min(c.kwargs["BLOCK_N"] for c in _GROUPED_CONFIGS)) if per_block else 1
     grad_w = torch.zeros(num_pairs, blocks, device=gate_up.device, dtype=torch.float32)
     if num_pairs:
         _down_backward_kernel[_grouped_grid(num_pairs, num_experts, inter)](
-            grad_out, down_proj, gate_up, routing_weights, grad_gu, grad_w, sorted_pairs, offsets,
+            grad_out, down_proj, gate_up, routing_weights, grad_gu, grad_w, act, sorted_pairs, offsets,
             inter, hidden, **_grouped_meta(top_k, num_experts, num_pairs),
             stride_dt=grad_out.stride(0), stride_dk=grad_out.stride(1),
             stride_we=down_proj.stride(0), stride_wk=down_proj.stride(1), stride_wn=down_proj.stride(2),
             stride_gm=gate_up.stride(0), stride_ggm=grad_gu.stride(0), stride_gr=grad_w.stride(0),
-            GRAD_GATE_UP=grad_gate_up, GRAD_ROUTING=grad_routing, PER_BLOCK=per_block,
+            stride_am=act.stride(0),
+            GRAD_GATE_UP=grad_gate_up, GRAD_ROUTING=grad_routing, WEIGHTED_ACT=weighted_act, PER_BLOCK=per_block,
             PRECISION=_precision(down_proj.dtype),
         )  # fmt: skip
-    return (grad_gu if grad_gate_up else None), (grad_w.sum(1) if grad_routing else None)
+    return (
+        grad_gu if grad_gate_up else None,
+        grad_w.sum(1) if grad_routing else None,
+        act if weighted_act else None,
+    )
 
 
 def expert_grad(
@@ -541,13 +552,11 @@ def expert_grad(
     right: torch.Tensor,
     out_shape: torch.Size,
     dtype: torch.dtype,
-    routing_weights: torch.Tensor,
     sorted_pairs: torch.Tensor,
     offsets: torch.Tensor,
     top_k: int,
     left_by_token: bool,
     right_by_token: bool,
-    right_swiglu: bool,
 ) -> torch.Tensor:
     """`[E, M, N]` per-expert sums of outer products of sorted rows (see `_expert_grad_kernel`)."""
     num_experts, m, n = out_shape
@@ -558,13 +567,13 @@ def expert_grad(
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), num_experts
 
     _expert_grad_kernel[grid](
-        left, right, grad, routing_weights, sorted_pairs, offsets,
+        left, right, grad, sorted_pairs, offsets,
         m, n, rows_bucket(num_pairs, num_experts),
         stride_lm=left.stride(0), stride_lc=left.stride(1),
         stride_rm=right.stride(0), stride_rc=right.stride(1),
         stride_ce=grad.stride(0), stride_cm=grad.stride(1), stride_cn=grad.stride(2),
         TOP_K=top_k, NUM_EXPERTS=num_experts,
-        L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, R_SWIGLU=right_swiglu, PRECISION=_precision(dtype),
+        L_BY_TOKEN=left_by_token, R_BY_TOKEN=right_by_token, PRECISION=_precision(dtype),
     )  # fmt: skip
     return grad
 

@@ -21,9 +21,14 @@ from .routing import sort_by_expert
 EXPERTS_IMPLEMENTATION = "deeptalk_triton"
 
 
+# Looked up once: `torch.compile` refuses to trace `importlib.util.find_spec` (torch 2.11 fails a fullgraph compile of
+# any model running these kernels on it), and whether Triton is installed does not change while Python runs.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def is_triton_available() -> bool:
     """Whether Triton can be imported (it is a Linux-only dependency)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_FOUND
 
 
 def _interpreting() -> bool:

@@ -773,6 +773,18 @@ def test_bf16_under_the_interpreter_is_refused():
         K.fused_moe_experts(x, experts.gate_up_proj, bf16[2], index, weights)
 
 
+def test_bf16_refusal_follows_the_mode_the_kernels_were_built_in(monkeypatch):
+    """The interpreter also runs CUDA tensors (through host copies), where the device check that reads
+    TRITON_INTERPRET is skipped: the bf16 refusal must follow the kernels' own mode, not the device or the variable."""
+    if not fused_moe_module._INTERPRETED:
+        pytest.skip("the kernels are compiled in this session")
+    monkeypatch.delenv("TRITON_INTERPRET")  # as a CUDA call sees it: nothing else reads the variable on its way
+    experts, x, index, weights = tiny_experts_call()
+    bf16 = [t.bfloat16() for t in (x, experts.gate_up_proj, experts.down_proj, weights)]
+    with pytest.raises(TypeError, match="bfloat16 dots"):
+        fused_moe_module.fused_moe_experts(*bf16[:3], index, bf16[3])
+
+
 def test_missing_triton_points_to_grouped_mm(monkeypatch):
     monkeypatch.setattr(K, "is_triton_available", lambda: False)
     experts, *args = tiny_experts_call()

@@ -760,6 +760,17 @@ def test_interpreter_mode_changed_after_triton_was_imported_is_named(monkeypatch
     assert "TRITON_INTERPRET is on now but was off when Triton was imported" in done.stdout, done.stderr[-2000:]
 
 
+def test_interpreter_older_than_triton_3_7_is_named(monkeypatch):
+    """Triton 3.5/3.6 (pinned by torch 2.9-2.11) interpret these kernels wrongly-typed ('only 0-dimensional arrays can be
+    converted to Python scalars' from inside a kernel): refused by name before any kernel runs."""
+    if not K._check_interpreter_mode():
+        pytest.skip("the kernels are compiled in this session")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    experts, *args = tiny_experts_call()
+    with pytest.raises(RuntimeError, match="from Triton 3.7 on, found 3.6.0.*grouped_mm"):
+        K.deeptalk_triton_experts_forward(experts, *args)
+
+
 def test_bf16_under_the_interpreter_is_refused():
     """The interpreter's bf16 `tl.dot` is wrong (logits off by ~1 on a tiny model, silently): refused by name, as
     fp16 autocast is not."""

@@ -54,6 +54,16 @@ def _check_interpreter_mode() -> bool:
             "when Triton was imported, which is when Triton reads it: set it before starting Python (before importing "
             "deeptalk_hf, transformers or PEFT)"
         )
+    if interpreting:
+        import triton
+        from packaging.version import Version
+
+        if Version(triton.__version__).release < (3, 7):
+            raise RuntimeError(
+                f"Triton's interpreter (TRITON_INTERPRET=1) runs these kernels from Triton 3.7 on, found "
+                f"{triton.__version__} (older interpreters fail on loops bounded by runtime integers): upgrade Triton, "
+                "or use experts_implementation='grouped_mm' on CPU"
+            )
     return interpreting
 
 

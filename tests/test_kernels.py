@@ -787,7 +787,7 @@ def test_bf16_under_the_interpreter_is_refused():
 def test_bf16_refusal_follows_the_mode_the_kernels_were_built_in(monkeypatch):
     """The interpreter also runs CUDA tensors (through host copies), where the device check that reads
     TRITON_INTERPRET is skipped: the bf16 refusal must follow the kernels' own mode, not the device or the variable."""
-    if not fused_moe_module._INTERPRETED:
+    if not triton_moe._INTERPRET:
         pytest.skip("the kernels are compiled in this session")
     monkeypatch.delenv("TRITON_INTERPRET")  # as a CUDA call sees it: nothing else reads the variable on its way
     experts, x, index, weights = tiny_experts_call()

@@ -2,12 +2,8 @@
 
 import torch
 
-from . import _triton_interpreting, triton_moe
+from . import triton_moe
 from .routing import sort_by_expert
-
-# The mode the kernels were built in: Triton fixes it when first imported, whatever the device of a later call (its
-# interpreter also runs CUDA tensors, through host copies). A constant, so compiled graphs read no environment.
-_INTERPRETED = _triton_interpreting()
 
 
 def use_decode_path(num_tokens: int, top_k: int, num_experts: int) -> bool:
@@ -197,7 +193,8 @@ def fused_moe_experts(
                 f"fused_moe_experts computes in float32, float16 or bfloat16, but {name} is {weight.dtype}: use the "
                 "eager experts backend"
             )
-    if torch.bfloat16 in (gate_up_proj.dtype, down_proj.dtype) and _INTERPRETED:
+    # The kernels' build mode, a constant: compiled graphs read no environment.
+    if torch.bfloat16 in (gate_up_proj.dtype, down_proj.dtype) and triton_moe._INTERPRET:
         raise TypeError(
             "Triton's interpreter computes bfloat16 dots wrongly (a known Triton limit): run the kernels in bfloat16 on "
             "a GPU, and test them under TRITON_INTERPRET=1 in float32 or float16"

@@ -34,7 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = triton.knobs.runtime.interpret
+from . import _triton_interpreting
+
+# The mode these kernels are built in: Triton fixes it when first imported, whatever TRITON_INTERPRET says now and
+# whatever the device of a later call (its interpreter also runs CUDA tensors, through host copies).
+_INTERPRET = _triton_interpreting()
 
 
 def _configs(names: tuple[str, ...], tuned: list[tuple[int, ...]], interpret: tuple[int, ...]) -> list[triton.Config]:

@@ -8,6 +8,7 @@ dot is not faithful).
 
 import contextlib
 import importlib.util
+import inspect
 import itertools
 import os
 import subprocess
@@ -655,6 +656,19 @@ def test_autotuning_runs_do_not_add_up(kernel, monkeypatch):
     )  # fmt: skip
     check_against_reference(case, torch.float32)
     assert kernel.cache and all(config.kwargs["BLOCK_N"] == tiles[-1][1] for config in kernel.cache.values())
+
+
+@pytest.mark.parametrize(
+    "kernel", ["_gate_up_kernel", "_scatter_kernel", "_down_backward_kernel", "_expert_grad_kernel"]
+)
+def test_autotuning_key_names_every_variant_flag(kernel):
+    """A flag that picks a kernel's variant (which outputs it writes, atomics or stores, which operand is gathered)
+    changes its best tile, so it must be in the key: else the rare down-only backward reuses the full one's tile."""
+    kernel = getattr(triton_moe, kernel)
+    shape_fixed = {"TOP_K", "NUM_EXPERTS", "E_POW2", "PRECISION", *triton_moe._MNK}  # PRECISION follows the dtype key
+    params = inspect.signature(kernel.fn.fn).parameters.values()  # the Python function, compiled or interpreted
+    flags = {param.name for param in params if param.annotation is triton.language.constexpr} - shape_fixed
+    assert flags and flags <= set(kernel.keys)
 
 
 def test_fp32_products_follow_torch_matmul_precision():

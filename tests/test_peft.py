@@ -15,6 +15,7 @@ from peft import (
     get_peft_model,
 )
 from peft.tuners.lora import LoraLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.integrations.peft import MIN_PEFT_VERSION
@@ -25,6 +26,7 @@ from deeptalk_hf import (
     add_speech_attention,
     lora_config_for_stage,
     move_speech_experts,
+    profile_modality_load,
     set_training_stage,
     training_stage_parameters,
 )
@@ -212,6 +214,44 @@ def test_what_would_reach_past_or_copy_adapters_is_refused():
         with pytest.raises(ValueError, match="already holds PEFT adapters"):
             change(peft_model)
     assert not peft_model.config.speech_attention
+
+
+def test_resizing_speech_tables_under_adapters_is_refused_and_other_adapters_resize():
+    """A resize replaces the speech tables: wrappers on them (`modules_to_save`, LoRA, trainable tokens) would be
+    dropped, their trained copies becoming base weights and the saved adapter naming tables it no longer holds."""
+    model = DeepTalkForCausalLM(tiny_config())
+    speech_vocab = model.config.speech_vocab_size
+    peft_model = get_peft_model(model, lora_config_for_stage(model, "speech", r=2))
+    assert isinstance(model.speech_lm_head, ModulesToSaveWrapper)
+    with pytest.raises(ValueError, match="already holds PEFT adapters: resizing"):
+        model.resize_speech_vocab(speech_vocab + 4)
+    assert model.config.speech_vocab_size == speech_vocab and isinstance(model.speech_lm_head, ModulesToSaveWrapper)
+    assert peft_model.speech_lm_head is model.speech_lm_head
+
+    model = DeepTalkForCausalLM(tiny_config())
+    get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    model.resize_speech_vocab(speech_vocab + 4)
+    assert model.speech_lm_head.out_features == model.config.speech_vocab_size == speech_vocab + 4
+
+
+def test_profiling_a_peft_model_measures_the_adapted_model():
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config())
+    peft_model = get_peft_model(model, lora_config_for_stage(model, "joint", r=2))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # nonzero adapters, so the adapted routing differs from the base one
+            nn.init.normal_(param, std=0.5)
+    batches = [{"input_ids": mixed_batch(model.config)}]
+    profiled = profile_modality_load(peft_model, batches)
+    with peft_model.disable_adapter():
+        base = profile_modality_load(peft_model, batches)
+    merged = profile_modality_load(peft_model.merge_and_unload(), batches)
+    for field in ("speech_counts", "text_counts"):
+        assert torch.equal(torch.stack(getattr(profiled, field)), torch.stack(getattr(merged, field)))
+    assert not torch.equal(torch.stack(profiled.speech_counts), torch.stack(base.speech_counts))
+    for field in ("speech_mass", "text_mass"):  # float32 routing, merged weights round differently
+        torch.testing.assert_close(getattr(profiled, field), getattr(merged, field), rtol=1e-5, atol=1e-5)
+    assert profiled.speech_tokens == profiled.text_tokens == batches[0]["input_ids"].numel() // 2
 
 
 @pytest.mark.parametrize(

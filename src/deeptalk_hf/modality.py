@@ -20,8 +20,7 @@ from numbers import Number
 from pathlib import Path
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import AuxiliaryTrainingWrapper
+from peft import PeftModel
 from torch import nn
 
 from .audio_codecs import has_integer_dtype
@@ -32,6 +31,7 @@ from .modeling_deeptalk import (
     DeepTalkForCausalLM,
     DeepTalkSparseMoeBlock,
     DeepTalkTopKRouter,
+    check_no_adapters,
     correction_bias,
     speech_positions,
 )
@@ -240,6 +240,8 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     positions restart at each packed sequence, which then attends to itself only). The model runs in eval mode with
     `modality_routing="none"`; both are restored afterwards.
     """
+    if isinstance(model, PeftModel):  # its adapters stay active: the load of the adapted model
+        model = model.get_base_model()
     if isinstance(getattr(model, "language_model", None), DeepTalkForCausalLM):
         raise ValueError(
             "profile_modality_load measures a DeepTalk LLM on id batches: pass the audio model's language_model "
@@ -534,13 +536,6 @@ def _language_model(model: nn.Module) -> DeepTalkForCausalLM:
     """The DeepTalk LLM whose experts move: the model, or an audio model's language model (which shares its config)."""
     language_model = getattr(model, "language_model", None)
     return language_model if isinstance(language_model, DeepTalkForCausalLM) else model  # type: ignore[return-value]
-
-
-def check_no_adapters(model: nn.Module, why: str) -> None:
-    """A `ValueError` for a model holding PEFT adapters (LoRA and co, `modules_to_save`, trainable tokens), which the
-    caller would reach past or copy (`why`)."""
-    if any(isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for module in model.modules()):
-        raise ValueError(f"the model already holds PEFT adapters: {why}; call merge_and_unload() first")
 
 
 def add_speech_attention(model: nn.Module) -> None:

@@ -16,7 +16,8 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from peft.utils import TrainableTokensWrapper
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper, TrainableTokensWrapper
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -99,6 +100,13 @@ def check_modality_ids_values(modality_ids: torch.Tensor | None, attention_mask:
             f"modality_ids must be 0 (text) or 1 (speech) where attention_mask is not 0, got "
             f"{modality_ids[wrong].unique().tolist()}"
         )
+
+
+def check_no_adapters(model: nn.Module, why: str) -> None:
+    """A `ValueError` for a model holding PEFT adapters (LoRA and co, `modules_to_save`, trainable tokens), which the
+    caller would reach past or copy (`why`)."""
+    if any(isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) for module in model.modules()):
+        raise ValueError(f"the model already holds PEFT adapters: {why}; call merge_and_unload() first")
 
 
 def speech_positions(
@@ -1128,6 +1136,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         old = config.speech_vocab_size
         if speech_vocab_size == old:
             return
+        tables = [self.model.embed_tokens, self.lm_head]
+        if old:
+            tables += [self.model.speech_embed_tokens, self.speech_lm_head]
+        check_no_adapters(nn.ModuleList(tables), "resizing replaces the speech tables and reads the text ones")
 
         def resized(text_weight: torch.Tensor, speech_weight: torch.Tensor | None) -> torch.Tensor:
             rows = text_weight.new_empty(speech_vocab_size, text_weight.shape[1])

@@ -112,6 +112,13 @@ def test_decode_takes_generates_one_row_batch_and_refuses_more():
     assert PROCESSOR.decode(torch.tensor([ids])) == PROCESSOR.decode([ids]) == expected
     with pytest.raises(ValueError, match="decode takes one sequence, got 2: use batch_decode"):
         PROCESSOR.decode(torch.tensor([ids, ids]))
+    assert PROCESSOR.batch_decode(torch.tensor([ids, ids])) == PROCESSOR.batch_decode([ids, torch.tensor(ids)])
+    # A parallel-stream answer `[batch, 1 + S, steps]` (here S = 2) is named, as a tensor or as lists, in either call.
+    parallel = torch.tensor([[ids] * 3])
+    for answer in (parallel, parallel.tolist(), [parallel[0]]):
+        for decode in (PROCESSOR.decode, PROCESSOR.batch_decode):
+            with pytest.raises(ValueError, match=r"a parallel-stream answer .* decode_parallel\(answer, config\)"):
+                decode(answer)
 
 
 def test_decode_takes_one_id_as_the_tokenizer_does():

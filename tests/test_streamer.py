@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from deeptalk_hf import (
     AudioChunk,
@@ -183,6 +185,44 @@ def test_end_flushes_a_cut_segment_and_held_back_text():
     events = stream(DeepTalkStreamer(processor), [ids[0]], ids, [])
     assert "".join(e.text for e in events) == processor.decode(ids, skip_special_tokens=True).text
     assert events[-1].text.endswith("\ufffd")
+
+
+def byte_fallback_processor() -> DeepTalkProcessor:
+    """A sentencepiece-style tokenizer (Llama 2, Mistral, Gemma): characters outside its vocabulary are spelled in
+    `<0xNN>` byte tokens, which its decoder joins run by run."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}, "\u2581hi": 259}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>")
+    add_speech_tokens(tokenizer, 4)
+    return DeepTalkProcessor(tokenizer)
+
+
+BYTE_FALLBACK = byte_fallback_processor()
+
+
+@given(
+    pieces=st.lists(
+        st.one_of(st.text(max_size=3), st.binary(min_size=1, max_size=3), st.just(b"\xf0\x9f")), max_size=8
+    ),
+    cuts=st.lists(st.integers(0, 100), max_size=10),
+)
+@example(pieces=["\U0001f600", b"\xf0\x9f"], cuts=[])  # cut inside a character after one spelled in bytes
+def test_byte_fallback_runs_are_streamed_once_settled(pieces, cuts):
+    """A run of byte tokens that is not valid UTF-8 as a whole decodes to U+FFFD for every byte, a whole character
+    earlier in the run included: the streamer waits for the run to end, so sent text is never taken back."""
+    ids = []
+    for piece in pieces:
+        if isinstance(piece, str):
+            ids += [259] + [3 + byte for byte in piece.encode()]  # "▁hi", then the text in byte tokens
+        else:
+            ids += [3 + byte for byte in piece]
+    events = stream(DeepTalkStreamer(BYTE_FALLBACK), [1], ids, cuts)
+    expected = BYTE_FALLBACK.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).text
+    assert "".join(e.text for e in events) == expected
 
 
 def test_streamed_text_is_not_rewritten_by_a_tokenizer_clean_up():

@@ -229,6 +229,18 @@ class SpeechTextOutput:
     speech_units: list[list[int]] = field(default_factory=list)
 
 
+def _check_not_parallel(ids: Any, caller: str) -> None:
+    """A `ValueError` for ids of three dimensions, read along their first items: a parallel-stream answer."""
+    dims = 0
+    while isinstance(ids, (list, tuple)) and ids:
+        dims, ids = dims + 1, ids[0]
+    if dims + getattr(ids, "ndim", 0) > 2:
+        raise ValueError(
+            f"{caller} takes ids of one or two dimensions; a parallel-stream answer `[batch, 1 + S, steps]` decodes "
+            "with decode_parallel(answer, config)"
+        )
+
+
 class _SpeechSplitter:
     """Sorts ids one at a time into text ids and speech segments (shared by `decode` and the streamer).
 
@@ -832,6 +844,7 @@ class DeepTalkProcessor(ProcessorMixin):
 
     def decode(self, token_ids: Any, **kwargs: Any) -> SpeechTextOutput:
         """Text (through the tokenizer's `decode`, with `kwargs`) and the speech segments' units of one sequence."""
+        _check_not_parallel(token_ids, "decode")
         if isinstance(token_ids, (torch.Tensor, np.ndarray)):
             if token_ids.reshape(-1).shape[0] and not has_integer_dtype(token_ids):  # an empty row may be float
                 raise ValueError(f"decode takes integer ids, got a {type(token_ids).__name__} of {token_ids.dtype}")
@@ -849,6 +862,7 @@ class DeepTalkProcessor(ProcessorMixin):
 
     def batch_decode(self, sequences: Any, **kwargs: Any) -> list[SpeechTextOutput]:
         """`decode` for each sequence of a batch."""
+        _check_not_parallel(sequences, "batch_decode")
         return [self.decode(sequence, **kwargs) for sequence in sequences]
 
     def parallel_prompt(
@@ -1157,6 +1171,11 @@ class DeepTalkStreamer(BaseStreamer):
         self.skip_prompt, self.timeout = skip_prompt, timeout
         self.audio_chunk_frames, self.context_frames = audio_chunk_frames, context_frames
         self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs, "clean_up_tokenization_spaces": False}
+        # Byte-fallback tokens (`<0xF0>`, sentencepiece vocabularies): their decoder joins a whole run of them, so a
+        # run is not settled until another token follows (an invalid run turns every byte in it into U+FFFD).
+        tokenizer = processor.tokenizer
+        byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
+        self._byte_ids = {i for i in byte_ids if i is not None and i != tokenizer.unk_token_id}
         self.queue: Queue = Queue()
         self._reset()
 
@@ -1241,7 +1260,11 @@ class DeepTalkStreamer(BaseStreamer):
         return event
 
     def _send_text(self, final: bool) -> None:
-        text = self.processor.tokenizer.decode(self._splitter.text_ids, **self.decode_kwargs)
+        ids = self._splitter.text_ids
+        settled = len(ids)
+        while not final and settled and ids[settled - 1] in self._byte_ids:
+            settled -= 1
+        text = self.processor.tokenizer.decode(ids[:settled], **self.decode_kwargs)
         if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return
         if len(text) > self._text_length:

@@ -758,6 +758,10 @@ def test_interpreter_mode_changed_after_triton_was_imported_is_named(monkeypatch
         monkeypatch.setenv("TRITON_INTERPRET", now)
         with pytest.raises(RuntimeError, match="when Triton was imported.*before starting Python"):
             K.deeptalk_triton_experts_forward(experts, *args)
+    monkeypatch.setattr(K, "_triton_interpreting", lambda: True)
+    for spelling in ("y", "Yes", "ON"):  # the variable is read as Triton reads it
+        monkeypatch.setenv("TRITON_INTERPRET", spelling)
+        assert K.deeptalk_triton_experts_forward(experts, *args).shape == args[0].shape
     # The mode Triton itself took, whoever imported it first (here PEFT, before deeptalk_hf), in a fresh process.
     script = """if True:
         import os, peft, torch

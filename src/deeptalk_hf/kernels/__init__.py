@@ -8,7 +8,6 @@ SiLU). This module imports without Triton; the kernels load on first use.
 """
 
 import importlib.util
-import os
 
 import torch
 from torch import nn
@@ -31,10 +30,6 @@ def is_triton_available() -> bool:
     return _TRITON_FOUND
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _triton_interpreting() -> bool:
     """The mode Triton runs in: it reads TRITON_INTERPRET when it is imported (by whoever imports it first:
     transformers, PEFT, torch's compiler or these kernels), making its own `@jit` library functions interpreted or not."""
@@ -47,7 +42,9 @@ def _triton_interpreting() -> bool:
 def _check_interpreter_mode() -> bool:
     """Whether the kernels run in Triton's interpreter; a clear error where TRITON_INTERPRET changed after Triton was
     imported (Triton then fails inside a kernel)."""
-    interpreting, imported_with = _interpreting(), _triton_interpreting()
+    from triton import knobs
+
+    interpreting, imported_with = knobs.runtime.interpret, _triton_interpreting()  # Triton's parse of the variable now
     if interpreting != imported_with:
         raise RuntimeError(
             f"TRITON_INTERPRET is {'on' if interpreting else 'off'} now but was {'on' if imported_with else 'off'} "

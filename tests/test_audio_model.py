@@ -24,6 +24,7 @@ from transformers import (
     WavLMConfig,
     WhisperConfig,
     WhisperFeatureExtractor,
+    WhisperForAudioClassification,
     WhisperForConditionalGeneration,
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -205,6 +206,9 @@ def test_bad_audio_input_raises_naming_the_problem():
         extract_audio_features([tone(440, 1.25)], SAMPLING_RATE, extractor, config)
     with pytest.raises(ValueError, match="no audio"):
         extract_audio_features([], SAMPLING_RATE, extractor, config)
+    eighty_bins = WhisperFeatureExtractor(sampling_rate=SAMPLING_RATE, chunk_length=1)  # the default 80 mel bins
+    with pytest.raises(ValueError, match="makes 80 mel bins but the audio encoder takes 16 \\(num_mel_bins\\)"):
+        extract_audio_features([tone(440, 0.2)], SAMPLING_RATE, eighty_bins, config)
     with pytest.raises(ValueError, match="has 2 audio placeholders.*but 1 audios"):
         expand_audio_placeholders([[BOS, audio_id, audio_id]], [3], config)
 
@@ -520,6 +524,25 @@ def test_only_encoders_whose_frames_can_be_counted_are_taken():
     ]:
         with pytest.raises(ValueError, match=message):
             audio_token_lengths(whisper_audio_config(audio_config=audio_config), torch.tensor([1600]))
+
+
+def test_from_parts_loads_whisper_checkpoints_without_a_decoder(tmp_path):
+    """A saved encoder alone (`model.audio_encoder.save_pretrained`) and an encoder-only fine-tune (audio
+    classification) give their encoder; only the encoder's weights must all be there."""
+    whisper = WhisperForAudioClassification(WhisperConfig(**WHISPER))
+    whisper.encoder.save_pretrained(tmp_path / "encoder")
+    whisper.save_pretrained(tmp_path / "classifier")
+    llm = DeepTalkForCausalLM(tiny_config())
+    for folder in ("encoder", "classifier"):
+        model = DeepTalkForConditionalGeneration.from_parts(tmp_path / folder, llm, stack_factor=5)
+        assert isinstance(model.audio_encoder, WhisperEncoder)
+        for name, tensor in whisper.encoder.state_dict().items():
+            assert torch.equal(model.audio_encoder.state_dict()[name], tensor), (folder, name)
+    weights = load_file(tmp_path / "classifier" / "model.safetensors")
+    del weights["encoder.conv1.weight"]
+    save_file(weights, tmp_path / "classifier" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"under encoder\.: missing \['encoder.conv1.weight'\]"):
+        DeepTalkForConditionalGeneration.from_parts(tmp_path / "classifier", llm, stack_factor=5)
 
 
 def test_from_parts_refuses_an_encoder_of_another_class():

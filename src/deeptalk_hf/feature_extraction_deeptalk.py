@@ -27,13 +27,19 @@ def extract_audio_features(
 
     A feature extractor with a fixed window (Whisper's `n_samples`) pads every audio to it, as its encoder requires,
     and refuses longer audio instead of cutting it; others pad to the longest audio. Raises `ValueError` for a
-    sampling rate other than the extractor's, integer or non-finite samples, an empty or multi-channel audio, or no
-    audio at all.
+    sampling rate other than the extractor's, a mel-bin count other than the encoder's, integer or non-finite samples,
+    an empty or multi-channel audio, or no audio at all.
     """
     if sampling_rate != feature_extractor.sampling_rate:
         raise ValueError(
             f"audio sampled at {sampling_rate} Hz but the feature extractor expects "
             f"{feature_extractor.sampling_rate} Hz; resample it first"
+        )
+    mel_bins = getattr(config.audio_config, "num_mel_bins", None)  # a log-mel encoder (Whisper) takes its own count
+    if mel_bins is not None and getattr(feature_extractor, "feature_size", mel_bins) != mel_bins:
+        raise ValueError(
+            f"the feature extractor makes {feature_extractor.feature_size} mel bins but the audio encoder takes "
+            f"{mel_bins} (num_mel_bins): use the encoder checkpoint's own feature extractor"
         )
     if not len(audios):
         raise ValueError("no audio given")

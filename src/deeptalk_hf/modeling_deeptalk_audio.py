@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationConfig, PreTrainedConfig
+from transformers import AutoConfig, AutoModel, GenerationConfig, PreTrainedConfig
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
@@ -151,7 +151,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         `DeepTalkAudioConfig` (`audio_token_id`, `stack_factor`, ...). The parts are used as they are (no copy).
         """
         if not isinstance(audio_encoder, PreTrainedModel):
-            audio_encoder = _load_complete(AutoModel, audio_encoder)
+            audio_encoder = _load_audio_encoder(audio_encoder)
         if audio_encoder.config.is_encoder_decoder:
             audio_encoder = audio_encoder.get_encoder()
         if not isinstance(language_model, PreTrainedModel):
@@ -437,15 +437,28 @@ def _feature_lengths(input_features: torch.Tensor, input_features_mask: torch.Te
     return input_features_mask.sum(-1).cpu()
 
 
-def _load_complete(model_class: type, path: str | os.PathLike) -> PreTrainedModel:
-    """`from_pretrained` that refuses a checkpoint leaving weights missing (they would silently stay random)."""
+def _load_complete(model_class: type, path: str | os.PathLike, kept: str = "") -> PreTrainedModel:
+    """`from_pretrained` that refuses a checkpoint leaving weights missing (they would silently stay random); only
+    those under the prefix `kept` count, where the rest of the model is dropped."""
     model, info = model_class.from_pretrained(path, output_loading_info=True)
-    if info["missing_keys"] or info["mismatched_keys"]:
+    missing = sorted(key for key in info["missing_keys"] if key.startswith(kept))
+    mismatched = sorted(key for key, *_ in info["mismatched_keys"] if key.startswith(kept))
+    if missing or mismatched:
         raise ValueError(
-            f"{path} does not hold every weight of {type(model).__name__}: missing {sorted(info['missing_keys'])}, "
-            f"wrong shape {sorted(k for k, *_ in info['mismatched_keys'])}"
+            f"{path} does not hold every weight of {type(model).__name__}{f' under {kept}' if kept else ''}: "
+            f"missing {missing}, wrong shape {mismatched}"
         )
     return model
+
+
+def _load_audio_encoder(path: str | os.PathLike) -> PreTrainedModel:
+    """The audio model of a checkpoint: a saved Whisper encoder alone (`model.audio_encoder.save_pretrained`), or
+    `AutoModel`'s model, of which an encoder-decoder keeps its encoder (a Whisper fine-tune without a decoder, such as
+    `WhisperForAudioClassification`, then loads too)."""
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == "whisper" and WhisperEncoder.__name__ in (config.architectures or []):
+        return _load_complete(WhisperEncoder, path)
+    return _load_complete(AutoModel, path, kept="encoder." if config.is_encoder_decoder else "")
 
 
 __all__ = ["DeepTalkForConditionalGeneration", "DeepTalkSpeechConnector", "audio_frame_lengths", "audio_token_lengths"]

@@ -22,6 +22,7 @@ import deeptalk_hf  # noqa: F401  (registers the Auto classes)
 from deeptalk_hf import (
     DeepTalkConfig,
     DeepTalkForCausalLM,
+    DeepTalkForConditionalGeneration,
     ModalityLoad,
     assign_modality_experts,
     cli,
@@ -43,6 +44,8 @@ from deeptalk_hf.upcycling import atomic_output_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_upcycling import ARCHITECTURES, dense_model, max_diff, save_dense, text_ids  # noqa: E402
+
+from .test_audio_model import whisper_audio_config  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 TEXT_VOCAB, SPEECH_VOCAB = 64, 16
@@ -387,6 +390,9 @@ def test_profile_reads_and_counts_the_same_lines(deeptalk_checkpoint, tmp_path, 
 def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     data = write_data(tmp_path / "data.jsonl")
     model = str(deeptalk_checkpoint)
+    DeepTalkForConditionalGeneration(whisper_audio_config()).save_pretrained(tmp_path / "audio")
+    assert profile_main([str(tmp_path / "audio"), str(data), "--quiet"]) == EXIT_SOURCE
+    assert "is a DeepTalk audio model; the command profiles DeepTalk LLM checkpoints" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input_ids": [1, 2]}\n{"input_ids": [1, 2\n')
     assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE
@@ -451,7 +457,13 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     arguments = [model, str(data), "--assign-to", str(tmp_path / "out"), "--num-speech-experts", "1"]
     arguments += ["-o", str(tmp_path / "out" / "load.json")]
     assert profile_main([*arguments, "--quiet"]) == EXIT_USAGE
-    assert "inside the model or --assign-to" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert "inside the model or --assign-to folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # The load or heatmap at the --assign-to path itself: the model folder would replace it (or be refused) at the end.
+    for option, name in (("-o", "out"), ("--plot", "out.png")):
+        arguments = [model, str(data), "--assign-to", str(tmp_path / name), "--num-speech-experts", "1"]
+        assert profile_main([*arguments, option, str(tmp_path / name), "--overwrite", "--quiet"]) == EXIT_USAGE
+        assert "or that folder itself" in capsys.readouterr().err and not (tmp_path / name).exists()
     assert (
         profile_main([model, str(data), "-o", str(tmp_path / "a"), "--plot", str(tmp_path / "a"), "--quiet"])
         == EXIT_USAGE

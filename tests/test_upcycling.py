@@ -10,6 +10,7 @@ import torch
 from huggingface_hub import utils as hf_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -239,6 +240,20 @@ def test_invalid_options_are_refused(options, message):
     arguments = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2) | options
     with pytest.raises(ValueError, match=message):
         upcycle_dense(dense_model("llama"), **arguments)
+
+
+def test_a_peft_model_source_is_refused_naming_the_merge():
+    """Upcycling reads the base weights: adapters would be lost (wrapped or injected), a PeftModel is not a path."""
+    peft_model = get_peft_model(dense_model("llama"), LoraConfig(target_modules=["q_proj", "gate_proj"], r=2))
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    with pytest.raises(TypeError, match="the source is a PeftModel: .*merge_and_unload"):
+        upcycle_dense(peft_model, **options)
+    with pytest.raises(ValueError, match="already holds PEFT adapters: upcycling would copy the base weights"):
+        upcycle_dense(peft_model.get_base_model(), **options)
+    merged = peft_model.merge_and_unload()
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(upcycle_dense(merged, **options)(ids).logits, merged(ids).logits)
 
 
 def test_unsupported_architectures_are_refused():

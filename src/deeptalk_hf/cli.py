@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from .configuration_deeptalk import DeepTalkAudioConfig
 from .modality import (
     ASSIGNMENT_STRATEGIES,
     ModalityLoad,
@@ -423,8 +424,11 @@ def _check_load_files(args: argparse.Namespace, source: Path) -> None:
         ModalityLoad.plot_format(args.plot)
     for path in filter(None, (args.output, args.plot)):
         target = Path(path).resolve()
-        if target.is_dir() or any(f in target.parents for f in folders):
-            raise ValueError(f"{path} is a directory, or inside the model or --assign-to; name a new file to write")
+        if target.is_dir() or any(f == target or f in target.parents for f in folders):
+            raise ValueError(
+                f"{path} is a directory, inside the model or --assign-to folder, or that folder itself; name a new "
+                "file to write"
+            )
         check_output_dir(target, overwrite=args.overwrite, inputs=[args.data])
 
 
@@ -460,6 +464,12 @@ def profile_main(argv: list[str] | None = None) -> int:
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as error:  # AssertionError: a torch built without CUDA
             raise ValueError(f"--device {device} cannot be used: {error}") from error
+
+        if isinstance(_read_config(source), DeepTalkAudioConfig):
+            raise CheckpointError(
+                f"{args.model} is a DeepTalk audio model; the command profiles DeepTalk LLM checkpoints (in Python: "
+                "profile_modality_load(model.language_model, batches), then assign_modality_experts(model, load, ...))"
+            )
 
         def load_model(dtype: str) -> PreTrainedModel:
             try:

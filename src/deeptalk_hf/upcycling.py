@@ -40,7 +40,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict, str
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .configuration_deeptalk import DeepTalkConfig
-from .modeling_deeptalk import DeepTalkForCausalLM
+from .modeling_deeptalk import DeepTalkForCausalLM, check_no_adapters
 
 logger = logging.get_logger(__name__)
 
@@ -660,7 +660,14 @@ class _SourceModel:
 
 def _open_source(model_or_path: PreTrainedModel | str | os.PathLike, revision: str | None):
     if isinstance(model_or_path, PreTrainedModel):
+        check_no_adapters(model_or_path, "upcycling would copy the base weights without them")
         return _SourceModel(model_or_path)
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        wrapper = hasattr(model_or_path, "merge_and_unload")  # a PeftModel, which wraps a transformers model
+        raise TypeError(
+            f"the source is a {type(model_or_path).__name__}: pass a transformers model or a checkpoint path"
+            + ("; call merge_and_unload() first" if wrapper else "")
+        )
     return _SourceCheckpoint(_resolve_source(model_or_path, revision))
 
 

@@ -762,6 +762,9 @@ def test_interpreter_mode_changed_after_triton_was_imported_is_named(monkeypatch
     for spelling in ("y", "Yes", "ON"):  # the variable is read as Triton reads it
         monkeypatch.setenv("TRITON_INTERPRET", spelling)
         assert K.deeptalk_triton_experts_forward(experts, *args).shape == args[0].shape
+    for spelling in ("1", "true", "TRUE", "on", "yes", "y", "Y", "t", "2", "0", "no", "n", "off", "", " 1"):
+        monkeypatch.setenv("TRITON_INTERPRET", spelling)
+        assert K._interpreting() == triton.knobs.runtime.interpret, spelling
     # The mode Triton itself took, whoever imported it first (here PEFT, before deeptalk_hf), in a fresh process.
     script = """if True:
         import os, peft, torch

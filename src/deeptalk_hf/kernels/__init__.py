@@ -8,6 +8,7 @@ SiLU). This module imports without Triton; the kernels load on first use.
 """
 
 import importlib.util
+import os
 
 import torch
 from torch import nn
@@ -30,6 +31,11 @@ def is_triton_available() -> bool:
     return _TRITON_FOUND
 
 
+def _interpreting() -> bool:
+    """TRITON_INTERPRET now, read as Triton reads it (its `getenv_bool`, a C++ function compiled code cannot trace)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
 def _triton_interpreting() -> bool:
     """The mode Triton runs in: it reads TRITON_INTERPRET when it is imported (by whoever imports it first:
     transformers, PEFT, torch's compiler or these kernels), making its own `@jit` library functions interpreted or not."""
@@ -42,9 +48,7 @@ def _triton_interpreting() -> bool:
 def _check_interpreter_mode() -> bool:
     """Whether the kernels run in Triton's interpreter; a clear error where TRITON_INTERPRET changed after Triton was
     imported (Triton then fails inside a kernel)."""
-    from triton import knobs
-
-    interpreting, imported_with = knobs.runtime.interpret, _triton_interpreting()  # Triton's parse of the variable now
+    interpreting, imported_with = _interpreting(), _triton_interpreting()
     if interpreting != imported_with:
         raise RuntimeError(
             f"TRITON_INTERPRET is {'on' if interpreting else 'off'} now but was {'on' if imported_with else 'off'} "

@@ -805,6 +805,23 @@ def test_modality_losses_match_hand_computed_values():
     assert z.item() == pytest.approx(expected_z / 3, rel=1e-5)
 
 
+def test_router_losses_count_the_experts_the_routing_picks_among_tied_scores():
+    """A zero router (an upcycled model's start) ties every score; routing then picks experts 0..k-1. With
+    uniform probabilities d aux / d logit[t, j] = (f_j - k/E) / T in closed form, f_j the share of tokens picking j."""
+    config = tiny_config(num_speech_experts=0, num_experts=4, num_experts_per_tok=2)
+    tokens = 6
+    zero = torch.zeros(tokens, 4, requires_grad=True)
+    aux, _ = modality_router_losses((zero,), torch.zeros(1, tokens, dtype=torch.bool), config)
+    aux.backward()
+    picked = torch.tensor([1.0, 1.0, 0.0, 0.0])  # every token picks experts 0 and 1
+    torch.testing.assert_close(zero.grad, ((picked - 2 / 4) / tokens).expand(tokens, 4))
+    # Some rows tied, some not: the value against the tie-stable hand reference.
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]])
+    aux, z = modality_router_losses((logits,), torch.zeros(1, 3, dtype=torch.bool), config)
+    expected_aux, expected_z = reference_group_losses(logits, range(3), 2)
+    assert aux.item() == pytest.approx(expected_aux, rel=1e-6) and z.item() == pytest.approx(expected_z, rel=1e-6)
+
+
 def test_the_loss_adds_each_router_loss_with_its_own_coefficient():
     """`loss` is the language-model cross entropy (plain torch) + router_aux_loss_coef * aux_loss +
     router_z_loss_coef * z_loss."""

@@ -1052,7 +1052,9 @@ def modality_router_losses(
         for weight, group_logits in groups:
             num_experts = group_logits.shape[-1]
             probs = router_probs(group_logits, config.scoring_func)
-            picks = probs.topk(min(config.num_experts_per_tok, num_experts), dim=-1).indices
+            # Tie-stable, as the routing picks (torch's topk is not: a zero router's loss would push other experts).
+            top_k = min(config.num_experts_per_tok, num_experts)
+            picks = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
             assignments = torch.zeros(num_experts, device=device, dtype=dtype).index_add_(
                 0, picks.reshape(-1), weight.repeat_interleave(picks.shape[-1])
             )

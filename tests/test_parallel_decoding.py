@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from transformers import DataCollatorWithFlattening
 from transformers.generation import GenerationConfig, LogitsProcessor
 
@@ -17,6 +18,7 @@ from deeptalk_hf.generation_deeptalk import (
     build_delay_pattern,
     revert_delay_pattern,
 )
+from deeptalk_hf.modeling_deeptalk import speech_positions
 
 from .conftest import tiny_config
 
@@ -334,6 +336,31 @@ def test_stream_losses_are_weighted_means_of_each_stream():
     assert not model.accepts_loss_kwargs and DeepTalkForCausalLM(tiny_config()).accepts_loss_kwargs
     with pytest.raises(ValueError, match=r"labels has shape \(2, 9\)"):
         model(ids, labels=ids[:, 0])
+    # Embeddings in place of the ids (`model.model.embed`), with the ids' modality: the same loss.
+    modality_ids = speech_positions(config, ids, None, ids.shape[::2], ids.device).long()
+    embedded = model(inputs_embeds=model.model.embed(ids), modality_ids=modality_ids, labels=ids)
+    torch.testing.assert_close(embedded.loss, out.loss)
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 9\); the streams need .* = \(2, 4, 9\)"):
+        model(inputs_embeds=model.model.embed(ids), modality_ids=modality_ids, labels=ids[:, 0])
+
+
+def test_streams_asked_for_at_load_time_are_added_as_new_tables(tmp_path):
+    """A checkpoint without parallel streams (an upcycled model) loaded with `num_audio_streams`: the stream tables
+    are new and initialised like the model's, and a text query's text logits are the single-stream model's."""
+    source = DeepTalkForCausalLM(tiny_config()).eval()
+    source.save_pretrained(tmp_path)
+    model = DeepTalkForCausalLM.from_pretrained(tmp_path, num_audio_streams=3, audio_codebook_size=10).eval()
+    for table in (model.model.speech_stream_embed.weight, model.speech_stream_heads.weight):
+        assert abs(table.std().item() - model.config.initializer_range) < 0.1 * model.config.initializer_range
+    query = text_query(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(model(query).logits, source(query[:, 0]).logits, rtol=0, atol=0)
+    # Other missing tensors are still refused, naming them.
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="the checkpoint lacks .*model.norm.weight"):
+        DeepTalkForCausalLM.from_pretrained(tmp_path, num_audio_streams=3, audio_codebook_size=10)
 
 
 def test_torch_compile_fullgraph_trains_like_eager_mode():
@@ -411,10 +438,16 @@ def test_audio_positions_route_as_speech():
     assert not torch.equal(changed[:, 3:], out.logits[:, 3:])
 
 
-def test_wrong_stream_count_is_refused():
+def test_wrong_stream_count_no_prompt_or_a_mask_of_another_shape_is_refused():
     model = DeepTalkForCausalLM(parallel_config())
     with pytest.raises(ValueError, match=r"parallel-stream generation takes input_ids of shape \[batch, 4, seq\]"):
         model.generate(torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"takes input_ids of shape \[batch, 4, seq\] .*, got None"):
+        model.generate(max_new_tokens=2)
+    query = text_query(model.config)  # 2 items of 5 positions
+    for mask in (torch.ones(8, 5), torch.ones(2, 4), torch.ones(2, 4, 5)):  # per stream, short, per-stream 3D
+        with pytest.raises(ValueError, match=r"attention_mask must be \[batch, seq\] = \(2, 5\)"):
+            model.generate(query, attention_mask=mask.long(), max_new_tokens=2)
 
 
 def test_the_configs_pad_id_may_be_passed_another_is_refused():

@@ -339,6 +339,7 @@ class DeepTalkMLAttention(DeepseekV3Attention):
 
 # The output heads of `DeepTalkForCausalLM`, beside its base model.
 _OUTPUT_HEADS = ("lm_head", "speech_lm_head", "speech_stream_heads")
+_NEW_STREAM_TABLES = ("speech_stream_embed", "speech_stream_heads")  # what `num_audio_streams` adds to a model
 # One expert's tensor as `save_pretrained` writes it, relative to its experts module.
 _SAVED_EXPERT = re.compile(r"(\d+)\.(gate|up|down)_proj\.weight")
 
@@ -742,8 +743,11 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             )
             raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
-        if loading_info.missing_keys:  # they would stay random: a checkpoint of another layout, or a config override
-            missing = sorted(loading_info.missing_keys)
+        missing = sorted(loading_info.missing_keys)
+        if missing and all(key.split(".")[-2] in _NEW_STREAM_TABLES for key in missing):
+            # A checkpoint without parallel streams, loaded with `num_audio_streams` set: new tables, as asked.
+            logger.warning(f"parallel audio streams added: {', '.join(missing)} are new (initialised), train them")
+        elif missing:  # they would stay random: a checkpoint of another layout, or a config override
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} tensors this DeepTalk config needs ({', '.join(missing[:4])}"
                 f"{', ...' if len(missing) > 4 else ''}). A dense or other MoE checkpoint is converted with "
@@ -1317,9 +1321,14 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             if audio_logits is None:
                 loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             else:
-                labels = labels.reshape(input_ids.shape) if flattened else labels
-                if labels.shape != input_ids.shape:
-                    raise ValueError(f"labels has shape {tuple(labels.shape)}; input_ids {tuple(input_ids.shape)}")
+                # `[batch, 1 + S, seq]`, also for embeddings given in place of the ids (`model.model.embed(ids)`).
+                batch_size, length = outputs.last_hidden_state.shape[:2]
+                expected = (batch_size, streams, length)
+                labels = labels.reshape(expected) if flattened else labels
+                if tuple(labels.shape) != expected:
+                    raise ValueError(
+                        f"labels has shape {tuple(labels.shape)}; the streams need [batch, 1 + S, seq] = {expected}"
+                    )
                 loss = self._stream_loss(logits, audio_logits, labels)
 
         aux_loss = z_loss = None
@@ -1462,11 +1471,12 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 "parallel-stream generation keeps each item's streams together as consecutive rows and does not "
                 f"support {', '.join(name for name, given in refused.items() if given)}"
             )
-        input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         streams = config.num_audio_streams + 1
-        if input_ids.dim() != 3 or input_ids.shape[1] != streams:
+        if input_ids is None or input_ids.dim() != 3 or input_ids.shape[1] != streams:
             raise ValueError(
-                f"parallel-stream generation takes input_ids of shape [batch, {streams}, seq], got {tuple(input_ids.shape)}"
+                f"parallel-stream generation takes input_ids of shape [batch, {streams}, seq] (a prompt: "
+                f"processor.parallel_prompt), got {None if input_ids is None else tuple(input_ids.shape)}"
             )
         batch, _, prompt_length = input_ids.shape
         # The text stream pads with the config's pad id, as the processor lays prompts out; it ends at the end ids
@@ -1482,6 +1492,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         kwargs.pop("eos_token_id", None)  # in `setting`
         eos_token_id = setting.eos_token_id if setting.eos_token_id is not None else config.eos_token_id
         attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, prompt_length):
+            raise ValueError(
+                f"attention_mask must be [batch, seq] = {(batch, prompt_length)} (one row per item, for all its "
+                f"streams), got {tuple(attention_mask.shape)}"
+            )
         if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
             padding = (input_ids[:, 0] == pad_token_id) & (input_ids[:, 1:] == config.audio_pad_token_id).all(1)
             # Left padding only: an all-pad column inside a prompt (an audio stream's delay, an answer's text ended

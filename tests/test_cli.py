@@ -459,7 +459,11 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert profile_main([*arguments, "--quiet"]) == EXIT_USAGE
     assert "inside the model or --assign-to folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    # The load or heatmap at the --assign-to path itself: the model folder would replace it (or be refused) at the end.
+    # The load or heatmap at the --assign-to path itself, or above it: the model folder would replace it (or be
+    # refused, or fail under a file) at the end.
+    arguments = [model, str(data), "--assign-to", str(tmp_path / "load.json" / "model"), "--num-speech-experts", "1"]
+    assert profile_main([*arguments, "-o", str(tmp_path / "load.json"), "--quiet"]) == EXIT_USAGE
+    assert "or above it" in capsys.readouterr().err and not (tmp_path / "load.json").exists()
     for option, name in (("-o", "out"), ("--plot", "out.png")):
         arguments = [model, str(data), "--assign-to", str(tmp_path / name), "--num-speech-experts", "1"]
         assert profile_main([*arguments, option, str(tmp_path / name), "--overwrite", "--quiet"]) == EXIT_USAGE

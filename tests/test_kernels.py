@@ -665,7 +665,7 @@ def test_autotuning_key_names_every_variant_flag(kernel):
     """A flag that picks a kernel's variant (which outputs it writes, atomics or stores, which operand is gathered)
     changes its best tile, so it must be in the key: else the rare down-only backward reuses the full one's tile."""
     kernel = getattr(triton_moe, kernel)
-    shape_fixed = {"TOP_K", "NUM_EXPERTS", "E_POW2", "PRECISION", *triton_moe._MNK}  # PRECISION follows the dtype key
+    shape_fixed = {"TOP_K", "NUM_EXPERTS", "E_POW2", *triton_moe._MNK}  # PRECISION: fp32's follows torch's setting
     params = inspect.signature(kernel.fn.fn).parameters.values()  # the Python function, compiled or interpreted
     flags = {param.name for param in params if param.annotation is triton.language.constexpr} - shape_fixed
     assert flags and flags <= set(kernel.keys)
@@ -761,7 +761,7 @@ def test_interpreter_mode_changed_after_triton_was_imported_is_named(monkeypatch
     monkeypatch.setattr(K, "_triton_interpreting", lambda: True)
     for spelling in ("y", "Yes", "ON"):  # the variable is read as Triton reads it
         monkeypatch.setenv("TRITON_INTERPRET", spelling)
-        assert K.deeptalk_triton_experts_forward(experts, *args).shape == args[0].shape
+        assert K._check_interpreter_mode() is True
     for spelling in ("1", "true", "TRUE", "on", "yes", "y", "Y", "t", "2", "0", "no", "n", "off", "", " 1"):
         monkeypatch.setenv("TRITON_INTERPRET", spelling)
         assert K._interpreting() == triton.knobs.runtime.interpret, spelling

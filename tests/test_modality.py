@@ -633,6 +633,13 @@ def test_joint_align_and_also(tmp_path_factory):
     # One pattern passed as a string is named as such, not read as one pattern per character ("*" would match all).
     with pytest.raises(TypeError, match=r"also='\*\.self_attn\.\*' is one string.*also=\('\*\.self_attn\.\*',\)"):
         set_training_stage(model, "speech", also="*.self_attn.*")
+    # Patterns from a generator are read once: the same tensors as from a list (the check used them up before).
+    patterns = [f"model.layers.{layer}.self_attn.q_proj.*" for layer in range(model.config.num_hidden_layers)]
+    listed = set_training_stage(model, "speech", also=patterns)
+    assert set_training_stage(model, "speech", also=(pattern for pattern in patterns)) == listed
+    assert any("self_attn.q_proj" in name for name in listed)
+    with pytest.raises(TypeError, match="also=None must be a sequence of glob patterns"):
+        set_training_stage(model, "speech", also=None)
     # A model without speech tensors (an imported MoE before assignment) or without MoE layers: the call says why.
     bare = DeepTalkForCausalLM(tiny_config(speech_vocab_size=0, num_speech_experts=0))
     with pytest.raises(ValueError, match="stage 'speech' leaves nothing.*no speech tensors.*resize_speech_vocab"):

@@ -361,6 +361,17 @@ def test_streams_asked_for_at_load_time_are_added_as_new_tables(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="the checkpoint lacks .*model.norm.weight"):
         DeepTalkForCausalLM.from_pretrained(tmp_path, num_audio_streams=3, audio_codebook_size=10)
+    # A checkpoint saved with streams that lost its tables (one or both) is corrupt, not a request for new ones.
+    DeepTalkForCausalLM(parallel_config()).save_pretrained(tmp_path / "parallel")
+    weights = load_file(tmp_path / "parallel" / "model.safetensors")
+    for lost in (["speech_stream_heads.weight"], ["speech_stream_heads.weight", "model.speech_stream_embed.weight"]):
+        save_file(
+            {key: value for key, value in weights.items() if key not in lost},
+            tmp_path / "parallel" / "model.safetensors",
+            metadata={"format": "pt"},
+        )
+        with pytest.raises(ValueError, match="the checkpoint lacks .*speech_stream_heads.weight"):
+            DeepTalkForCausalLM.from_pretrained(tmp_path / "parallel")
 
 
 def test_torch_compile_fullgraph_trains_like_eager_mode():

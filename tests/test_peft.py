@@ -181,6 +181,8 @@ def test_stage_config_options_and_errors():
     model = DeepTalkForCausalLM(lora_model_config())
     with_attention = lora_config_for_stage(model, "speech", also=("*.self_attn.*",))
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "speech_gate"} <= set(with_attention.target_modules)
+    from_generator = lora_config_for_stage(model, "speech", also=(pattern for pattern in ["*.self_attn.*"]))
+    assert from_generator.target_modules == with_attention.target_modules
     assert lora_config_for_stage(model, "speech", train_new_speech_modules=False).modules_to_save is None
     with pytest.raises(ValueError, match="reaches no linear layer, convolution or experts tensor"):
         lora_config_for_stage(model, "text", also=("*norm*",))

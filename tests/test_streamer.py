@@ -196,7 +196,7 @@ def byte_fallback_processor() -> DeepTalkProcessor:
     backend.decoder = decoders.Sequence(
         [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     add_speech_tokens(tokenizer, 4)
     return DeepTalkProcessor(tokenizer)
 
@@ -206,17 +206,24 @@ BYTE_FALLBACK = byte_fallback_processor()
 
 @given(
     pieces=st.lists(
-        st.one_of(st.text(max_size=3), st.binary(min_size=1, max_size=3), st.just(b"\xf0\x9f")), max_size=8
+        st.one_of(
+            st.text(max_size=3), st.binary(min_size=1, max_size=3), st.just(b"\xf0\x9f"), st.sampled_from([1, 2])
+        ),
+        max_size=8,
     ),
     cuts=st.lists(st.integers(0, 100), max_size=10),
 )
 @example(pieces=["\U0001f600", b"\xf0\x9f"], cuts=[])  # cut inside a character after one spelled in bytes
+@example(pieces=["\u20ac", 1, b"\x80", "x"], cuts=list(range(12)))  # a skipped <s> inside a run joins its two sides
 def test_byte_fallback_runs_are_streamed_once_settled(pieces, cuts):
     """A run of byte tokens that is not valid UTF-8 as a whole decodes to U+FFFD for every byte, a whole character
-    earlier in the run included: the streamer waits for the run to end, so sent text is never taken back."""
+    earlier in the run included (special tokens the decode skips join the runs on their sides): the streamer waits
+    for the run to end, so sent text is never taken back."""
     ids = []
     for piece in pieces:
-        if isinstance(piece, str):
+        if isinstance(piece, int):  # <s> or </s>
+            ids.append(piece)
+        elif isinstance(piece, str):
             ids += [259] + [3 + byte for byte in piece.encode()]  # "▁hi", then the text in byte tokens
         else:
             ids += [3 + byte for byte in piece]

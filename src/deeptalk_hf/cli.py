@@ -424,10 +424,10 @@ def _check_load_files(args: argparse.Namespace, source: Path) -> None:
         ModalityLoad.plot_format(args.plot)
     for path in filter(None, (args.output, args.plot)):
         target = Path(path).resolve()
-        if target.is_dir() or any(f == target or f in target.parents for f in folders):
+        if target.is_dir() or any(f == target or f in target.parents or target in f.parents for f in folders):
             raise ValueError(
-                f"{path} is a directory, inside the model or --assign-to folder, or that folder itself; name a new "
-                "file to write"
+                f"{path} is a directory, inside the model or --assign-to folder, or that folder itself or above it; "
+                "name a new file to write"
             )
         check_output_dir(target, overwrite=args.overwrite, inputs=[args.data])
 

@@ -18,7 +18,7 @@ from fnmatch import fnmatchcase
 from peft import LoraConfig
 from torch import nn
 
-from .modality import training_stage_parameters
+from .modality import also_patterns, training_stage_parameters
 from .modeling_deeptalk import DeepTalkExperts
 
 NEW_SPEECH_MODULES = (
@@ -78,6 +78,7 @@ def lora_config_for_stage(
     connector frozen (a model whose speech vocabulary is already trained). Other keywords (`r`, `lora_alpha`, ...) go
     to `LoraConfig`; PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default).
     """
+    also = also_patterns(also)
     stage_names = training_stage_parameters(model, stage, also=also)
     modules = dict(model.named_modules())
     output_embeddings = model.get_output_embeddings()

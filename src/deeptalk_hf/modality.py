@@ -569,6 +569,15 @@ def speech_attention_layers(model: nn.Module) -> list[DeepTalkAttention]:
     return layers
 
 
+def also_patterns(also: Iterable[str]) -> tuple[str, ...]:
+    """`also` as a tuple, read once (a generator would be used up by the first pass over it)."""
+    if isinstance(also, str):  # a string is a sequence too: each character would be a pattern
+        raise TypeError(f"also={also!r} is one string; pass a sequence of patterns, e.g. also=({also!r},)")
+    if not isinstance(also, Iterable):
+        raise TypeError(f"also={also!r} must be a sequence of glob patterns over parameter names")
+    return tuple(also)
+
+
 def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:
     """Names of the parameters that training stage `stage` trains, plus those matching `also`; the model is unchanged.
 
@@ -584,8 +593,7 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
     """
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage={stage!r} is unknown; expected one of {TRAINING_STAGES}")
-    if isinstance(also, str):  # a string is a sequence too: each character would be a pattern
-        raise TypeError(f"also={also!r} is one string; pass a sequence of patterns, e.g. also=({also!r},)")
+    also = also_patterns(also)
     # Names would select the frozen base tensors inside PEFT's wrappers (and PEFT allows one set of experts tensors
     # across adapters): stages take turns, merging in between.
     check_no_adapters(model, "stages select tensors by name, which would reach the base weights inside them")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper, TrainableTokensWrapper
 from torch import nn
+from transformers import PretrainedConfig
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -712,6 +713,18 @@ def warn_if_checkpointing_stops_balancing(
         )
 
 
+def _saved_audio_streams(load_config) -> int | None:
+    """`num_audio_streams` in the loaded checkpoint's own config.json (its LLM's for the audio model), before any
+    load-time override; None where it cannot be read."""
+    try:
+        saved, _ = PretrainedConfig.get_config_dict(
+            load_config.pretrained_model_name_or_path, **(load_config.download_kwargs or {})
+        )
+    except (OSError, ValueError, TypeError):
+        return None
+    return saved.get("text_config", saved).get("num_audio_streams", 0)
+
+
 class DeepTalkPreTrainedModel(PreTrainedModel):
     """What the DeepTalk models share: weight initialisation, checks after loading, the experts backend choice,
     activation checkpointing and the guard on `resize_token_embeddings` (the speech block follows the text ids)."""
@@ -744,7 +757,8 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
         missing = sorted(loading_info.missing_keys)
-        if missing and all(key.split(".")[-2] in _NEW_STREAM_TABLES for key in missing):
+        stream_tables = sorted(key for key in model.state_dict() if key.split(".")[-2] in _NEW_STREAM_TABLES)
+        if missing and missing == stream_tables and not _saved_audio_streams(load_config):
             # A checkpoint without parallel streams, loaded with `num_audio_streams` set: new tables, as asked.
             logger.warning(f"parallel audio streams added: {', '.join(missing)} are new (initialised), train them")
         elif missing:  # they would stay random: a checkpoint of another layout, or a config override
@@ -1056,9 +1070,11 @@ def modality_router_losses(
         for weight, group_logits in groups:
             num_experts = group_logits.shape[-1]
             probs = router_probs(group_logits, config.scoring_func)
-            # Tie-stable, as the routing picks (torch's topk is not: a zero router's loss would push other experts).
+            # Tie-stable on the scores the routing sorts (torch's topk is not: a zero router's loss would push other
+            # experts; sigmoid scores over their sum could round two scores into a tie the routing does not see).
             top_k = min(config.num_experts_per_tok, num_experts)
-            picks = torch.sort(probs, dim=-1, descending=True, stable=True).indices[..., :top_k]
+            ranked = probs if config.scoring_func == "softmax" else group_logits.sigmoid()
+            picks = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :top_k]
             assignments = torch.zeros(num_experts, device=device, dtype=dtype).index_add_(
                 0, picks.reshape(-1), weight.repeat_interleave(picks.shape[-1])
             )

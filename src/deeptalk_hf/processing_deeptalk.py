@@ -1173,9 +1173,12 @@ class DeepTalkStreamer(BaseStreamer):
         self.decode_kwargs = {"skip_special_tokens": True, **decode_kwargs, "clean_up_tokenization_spaces": False}
         # Byte-fallback tokens (`<0xF0>`, sentencepiece vocabularies): their decoder joins a whole run of them, so a
         # run is not settled until another token follows (an invalid run turns every byte in it into U+FFFD).
+        # Special tokens the decode skips join the runs on their two sides, so they are held back with them.
         tokenizer = processor.tokenizer
         byte_ids = tokenizer.convert_tokens_to_ids([f"<0x{byte:02X}>" for byte in range(256)])
-        self._byte_ids = {i for i in byte_ids if i is not None and i != tokenizer.unk_token_id}
+        self._held_ids = {i for i in byte_ids if i is not None and i != tokenizer.unk_token_id}
+        if self._held_ids and self.decode_kwargs["skip_special_tokens"]:
+            self._held_ids |= set(tokenizer.all_special_ids)
         self.queue: Queue = Queue()
         self._reset()
 
@@ -1262,7 +1265,7 @@ class DeepTalkStreamer(BaseStreamer):
     def _send_text(self, final: bool) -> None:
         ids = self._splitter.text_ids
         settled = len(ids)
-        while not final and settled and ids[settled - 1] in self._byte_ids:
+        while not final and settled and ids[settled - 1] in self._held_ids:
             settled -= 1
         text = self.processor.tokenizer.decode(ids[:settled], **self.decode_kwargs)
         if not final and text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest

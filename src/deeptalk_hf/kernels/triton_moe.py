@@ -140,7 +140,7 @@ def _expert_tile(offsets_ptr, tile, NUM_EXPERTS: tl.constexpr, E_POW2: tl.conste
 
 @_autotune(
     _GROUPED_CONFIGS,
-    key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET", "STORE_GATE_UP"],
+    key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET", "STORE_GATE_UP", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_by_rows},
 )
 @triton.jit
@@ -192,7 +192,7 @@ def _gate_up_kernel(
 
 @_autotune(
     _SCATTER_CONFIGS,
-    key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET", "WEIGHTED", "PER_PAIR"],
+    key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET", "WEIGHTED", "PER_PAIR", "PRECISION"],
     prune_configs_by={"early_config_prune": _prune_by_rows},
     reset_to_zero=["out_ptr"],
 )
@@ -241,7 +241,17 @@ def _scatter_kernel(
 
 @_autotune(
     _GROUPED_CONFIGS,
-    key=["N", "K", "NUM_EXPERTS", "ROWS_BUCKET", "GRAD_GATE_UP", "GRAD_ROUTING", "WEIGHTED_ACT", "PER_BLOCK"],
+    key=[
+        "N",
+        "K",
+        "NUM_EXPERTS",
+        "ROWS_BUCKET",
+        "GRAD_GATE_UP",
+        "GRAD_ROUTING",
+        "WEIGHTED_ACT",
+        "PER_BLOCK",
+        "PRECISION",
+    ],
     prune_configs_by={"early_config_prune": _prune_by_rows},
     reset_to_zero=["grad_routing_ptr"],
 )
@@ -310,7 +320,7 @@ def _down_backward_kernel(
         tl.store(out_ptrs + N, (grad_act * silu).to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
 
 
-@_autotune(_EXPERT_GRAD_CONFIGS, key=["M", "N", "NUM_EXPERTS", "ROWS_BUCKET", "L_BY_TOKEN", "R_BY_TOKEN"])
+@_autotune(_EXPERT_GRAD_CONFIGS, key=["M", "N", "NUM_EXPERTS", "ROWS_BUCKET", "L_BY_TOKEN", "R_BY_TOKEN", "PRECISION"])
 @triton.jit
 def _expert_grad_kernel(
     l_ptr, r_ptr, c_ptr, sorted_pairs_ptr, offsets_ptr,

@@ -368,8 +368,8 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    if min(args.runs, args.decode_steps) < 1:
-        parser.error("--runs and --decode-steps must be at least 1")
+    if min(args.runs, args.decode_steps, args.audio_chunk_frames) < 1 or args.num_layers < 0:
+        parser.error("--runs, --decode-steps and --audio-chunk-frames must be at least 1, --num-layers at least 0")
     if not args.question_seconds > 0 or args.text_tokens < 0:
         parser.error("--question-seconds must be positive and --text-tokens at least 0")
     check_output(parser, "--out", args.out, folder=True)

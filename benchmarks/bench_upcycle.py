@@ -139,6 +139,8 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_upcycle_"))
     # The script replaces the checkpoints it writes there: never a folder of the user's that has other files.
     marker = workdir / ".bench_upcycle"
+    if workdir.exists() and not workdir.is_dir():
+        parser.error(f"--workdir {workdir} is a file; name a new or empty folder")
     if workdir.is_dir() and any(workdir.iterdir()) and not marker.exists():
         parser.error(f"--workdir {workdir} holds other files; name a new or empty folder (or one this script made)")
     workdir.mkdir(parents=True, exist_ok=True)

@@ -422,9 +422,9 @@ def build_corpus(settings: Settings) -> Corpus:
 
 
 # -------------------------------------------------------------------------------------------------------- models
-def pretrain_config(settings: Settings, text_vocab: int, dense: bool) -> DeepTalkConfig:
+def pretrain_config(settings: Settings, text_vocab: int, dense: bool, **overrides) -> DeepTalkConfig:
     """A text-only LM; the dense one has every layer in `mlp_only_layers` and an MLP as wide as top_k experts."""
-    return DeepTalkConfig(
+    fields = dict(
         vocab_size=text_vocab,
         hidden_size=settings.hidden_size,
         intermediate_size=settings.top_k * settings.expert_size + settings.shared_expert_size,
@@ -444,6 +444,7 @@ def pretrain_config(settings: Settings, text_vocab: int, dense: bool) -> DeepTal
         bos_token_id=BOS,
         eos_token_id=PERIOD,
     )
+    return DeepTalkConfig(**{**fields, **overrides})
 
 
 def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -1029,7 +1030,7 @@ def _default_name(settings: Settings, base: Settings) -> str:
 def main(argv: Iterable[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fast", action="store_true", help="tiny sizes and few steps (the tests' mode)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the language, the data and every model (>= 0)")
     parser.add_argument("--joint-text-fraction", type=float, help="share of text-corpus windows in joint batches")
     parser.add_argument("--text-steps", type=int, help="updates of the text phase between speech and joint")
     parser.add_argument(
@@ -1064,7 +1065,12 @@ def main(argv: Iterable[str] | None = None) -> None:
     )
     parser.add_argument("--name", help="result file stem (default: from the options)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings depend on it)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="folder of the result files (NAME.json, .md, .png)",
+    )
     args = parser.parse_args(argv)
     if args.collect:
         runs = []
@@ -1089,6 +1095,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     check_output(parser, "--out", args.out, folder=True)  # before the pre-training, which takes long
     if args.text_steps is not None and args.text_steps < 0:
         parser.error(f"--text-steps must be at least 0, got {args.text_steps}")
+    for option in ("seed", "threads"):
+        if getattr(args, option) < (0 if option == "seed" else 1):
+            parser.error(f"--{option} must be at least {0 if option == 'seed' else 1}, got {getattr(args, option)}")
     for option in ("lr", "speech_lr_scale"):
         if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")
@@ -1125,6 +1134,30 @@ def main(argv: Iterable[str] | None = None) -> None:
             f"--num-speech-experts {settings.num_speech_experts} must be in [0, {settings.num_experts}) (the experts "
             "per layer)"
         )
+    if not 1 <= settings.top_k <= settings.num_experts - settings.num_speech_experts:
+        parser.error(
+            f"--top-k {settings.top_k} must be in [1, {settings.num_experts - settings.num_speech_experts}] (at most "
+            "the text experts a split arm keeps)"
+        )
+    # The patterns must match the split arms' model, checked on a skeleton of it (no weights).
+    with torch.device("meta"):
+        split = settings.num_speech_experts
+        skeleton = DeepTalkForCausalLM(
+            pretrain_config(
+                settings,
+                64,
+                dense=False,
+                num_experts=settings.num_experts - split,
+                num_speech_experts=split,
+                speech_vocab_size=8,
+            )
+        )
+        if settings.speech_attention:
+            add_speech_attention(skeleton)
+    try:
+        training_stage_parameters(skeleton, "speech", also=settings.speech_also)
+    except ValueError as error:
+        parser.error(f"--speech-also: {error}")
     name = args.name or _default_name(settings, base)
     results = run(settings, args.out, name)
     print(table(results))

@@ -116,6 +116,17 @@ def test_bench_upcycle_refuses_a_workdir_of_the_users(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 2 and "holds other files" in done.stderr
     assert (tmp_path / "out0" / "notes.txt").read_text() == "mine"
+    (tmp_path / "a_file").write_text("mine")
+    command[-1] = str(tmp_path / "a_file")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 2 and "is a file; name a new or empty folder" in done.stderr
+    # bench_latency's counts are usage errors too, before any model is built.
+    for option, value in (("--audio-chunk-frames", "0"), ("--num-layers", "-1")):
+        command = [sys.executable, str(BENCHMARKS / "bench_latency.py"), option, value, "--out", str(tmp_path)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        assert (
+            done.returncode == 2 and "--audio-chunk-frames must be at least 1, --num-layers at least 0" in done.stderr
+        )
 
 
 def test_bench_latency_writes_every_mode(tmp_path):
@@ -151,7 +162,14 @@ def test_bench_moe_kernels_ratio_is_also_against_the_fastest_baseline(monkeypatc
 
 @pytest.mark.parametrize(
     "script",
-    ["bench_model.py", "bench_moe_kernels.py", "profile_moe_kernels.py", "bench_upcycle.py", "bench_latency.py"],
+    [
+        "bench_model.py",
+        "bench_moe_kernels.py",
+        "profile_moe_kernels.py",
+        "bench_upcycle.py",
+        "bench_latency.py",
+        "forgetting.py",
+    ],
 )
 def test_help_describes_every_option(script):
     """`--help` says what each option does (what `--out` is, a file or a folder; what `--repeats` reports), not only

@@ -189,6 +189,26 @@ def test_command_line_refuses_a_rate_that_is_not_positive(forgetting, tmp_path, 
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--speech-also", "typo*"], "--speech-also: also pattern 'typo\\*' matches no parameter"),
+        (["--seed", "-1"], "--seed must be at least 0"),
+        (["--threads", "0"], "--threads must be at least 1"),
+        (["--top-k", "3"], "--top-k 3 must be in \\[1, 2\\]"),  # fast mode: 2 of its 4 experts stay text
+    ],
+)
+def test_command_line_refuses_options_that_would_fail_after_pretraining(
+    forgetting, tmp_path, capsys, options, message
+):
+    """Checked before the pre-training (minutes): a pattern matching none of the split arms' tensors, a negative seed,
+    no thread, a top-k the text group cannot fill."""
+    with pytest.raises(SystemExit):
+        forgetting.main(["--fast", *options, "--out", str(tmp_path)])
+    assert re.search(message, capsys.readouterr().err)
+    assert not list(tmp_path.iterdir())
+
+
 def _run_record(lr: float, points: dict[str, tuple[float, float]]) -> dict:
     """A minimal results record: per arm (final speech loss, final text change %)."""
     return {

@@ -758,7 +758,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
         missing = sorted(loading_info.missing_keys)
         stream_tables = sorted(key for key in model.state_dict() if key.split(".")[-2] in _NEW_STREAM_TABLES)
-        if missing and missing == stream_tables and not _saved_audio_streams(load_config):
+        if missing and missing == stream_tables and _saved_audio_streams(load_config) == 0:
             # A checkpoint without parallel streams, loaded with `num_audio_streams` set: new tables, as asked.
             logger.warning(f"parallel audio streams added: {', '.join(missing)} are new (initialised), train them")
         elif missing:  # they would stay random: a checkpoint of another layout, or a config override

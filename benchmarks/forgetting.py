@@ -1095,9 +1095,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     check_output(parser, "--out", args.out, folder=True)  # before the pre-training, which takes long
     if args.text_steps is not None and args.text_steps < 0:
         parser.error(f"--text-steps must be at least 0, got {args.text_steps}")
-    for option in ("seed", "threads"):
-        if getattr(args, option) < (0 if option == "seed" else 1):
-            parser.error(f"--{option} must be at least {0 if option == 'seed' else 1}, got {getattr(args, option)}")
+    if args.seed < 0:
+        parser.error(f"--seed must be at least 0, got {args.seed}")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     for option in ("lr", "speech_lr_scale"):
         if getattr(args, option) is not None and not getattr(args, option) > 0:
             parser.error(f"--{option.replace('_', '-')} must be positive, got {getattr(args, option)}")

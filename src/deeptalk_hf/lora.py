@@ -12,7 +12,7 @@ only decides *how* each of them is adapted:
 """
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
 from peft import LoraConfig
@@ -59,7 +59,7 @@ def lora_config_for_stage(
     model: nn.Module,
     stage: str,
     *,
-    also: Sequence[str] = (),
+    also: Iterable[str] = (),
     train_new_speech_modules: bool = True,
     **lora_kwargs,
 ) -> LoraConfig:

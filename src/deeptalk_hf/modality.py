@@ -578,7 +578,7 @@ def also_patterns(also: Iterable[str]) -> tuple[str, ...]:
     return tuple(also)
 
 
-def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:
+def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[str] = ()) -> list[str]:
     """Names of the parameters that training stage `stage` trains, plus those matching `also`; the model is unchanged.
 
     The one definition of the stages: `set_training_stage` (full training) and `lora_config_for_stage` (LoRA) both
@@ -626,7 +626,7 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Sequence[st
     return trainable
 
 
-def set_training_stage(model: nn.Module, stage: str, *, also: Sequence[str] = ()) -> list[str]:
+def set_training_stage(model: nn.Module, stage: str, *, also: Iterable[str] = ()) -> list[str]:
     """Make exactly one training stage's tensors trainable (whole tensors, so it is exact with any optimizer).
 
     The stages and `also` are those of `training_stage_parameters`. Frozen tensors lose any stale `.grad`, so an

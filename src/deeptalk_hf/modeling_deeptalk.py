@@ -713,16 +713,19 @@ def warn_if_checkpointing_stops_balancing(
         )
 
 
-def _saved_audio_streams(load_config) -> int | None:
-    """`num_audio_streams` in the loaded checkpoint's own config.json (its LLM's for the audio model), before any
-    load-time override; None where it cannot be read."""
+def _adds_stream_tables(model: nn.Module, missing: list[str], load_config) -> bool:
+    """Whether the missing tensors are exactly the parallel-stream tables of a checkpoint saved without streams (its
+    own config.json, its LLM's for the audio model, read before any load-time override): streams asked for at load."""
+    if any(key.split(".")[-2] not in _NEW_STREAM_TABLES for key in missing):
+        return False
+    tables = sorted(name for name, _ in model.named_parameters() if name.split(".")[-2] in _NEW_STREAM_TABLES)
     try:
         saved, _ = PretrainedConfig.get_config_dict(
             load_config.pretrained_model_name_or_path, **(load_config.download_kwargs or {})
         )
-    except (OSError, ValueError, TypeError):
-        return None
-    return saved.get("text_config", saved).get("num_audio_streams", 0)
+    except (OSError, ValueError, TypeError):  # unreadable: no exception to the refusal
+        return False
+    return missing == tables and saved.get("text_config", saved).get("num_audio_streams", 0) == 0
 
 
 class DeepTalkPreTrainedModel(PreTrainedModel):
@@ -757,8 +760,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
         missing = sorted(loading_info.missing_keys)
-        stream_tables = sorted(key for key in model.state_dict() if key.split(".")[-2] in _NEW_STREAM_TABLES)
-        if missing and missing == stream_tables and _saved_audio_streams(load_config) == 0:
+        if missing and _adds_stream_tables(model, missing, load_config):
             # A checkpoint without parallel streams, loaded with `num_audio_streams` set: new tables, as asked.
             logger.warning(f"parallel audio streams added: {', '.join(missing)} are new (initialised), train them")
         elif missing:  # they would stay random: a checkpoint of another layout, or a config override

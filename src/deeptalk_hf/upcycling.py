@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
+from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
@@ -663,10 +664,9 @@ def _open_source(model_or_path: PreTrainedModel | str | os.PathLike, revision: s
         check_no_adapters(model_or_path, "upcycling would copy the base weights without them")
         return _SourceModel(model_or_path)
     if not isinstance(model_or_path, (str, os.PathLike)):
-        wrapper = hasattr(model_or_path, "merge_and_unload")  # a PeftModel, which wraps a transformers model
         raise TypeError(
             f"the source is a {type(model_or_path).__name__}: pass a transformers model or a checkpoint path"
-            + ("; call merge_and_unload() first" if wrapper else "")
+            + ("; call merge_and_unload() first" if isinstance(model_or_path, PeftModel) else "")
         )
     return _SourceCheckpoint(_resolve_source(model_or_path, revision))
 

@@ -129,6 +129,17 @@ def test_sparse_step_and_first_dense_fold_into_mlp_only_layers():
     assert config.mlp_only_layers == [0, 2, 4, 5]
     assert not hasattr(config, "decoder_sparse_step") and not hasattr(config, "first_k_dense_replace")
     assert DeepTalkConfig(**config.to_dict()).mlp_only_layers == config.mlp_only_layers
+    # None is the default, as in Qwen/DeepSeek configs.
+    assert (
+        tiny_config(decoder_sparse_step=None, first_k_dense_replace=None).mlp_only_layers
+        == tiny_config().mlp_only_layers
+    )
+    # 0 and -1 read as "every layer is MoE" and -2 as 2 (Qwen2/3-MoE itself divides by the step).
+    for field, value in (("decoder_sparse_step", 0), ("decoder_sparse_step", -2), ("decoder_sparse_step", 1.5)):
+        with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} must be an integer >= 1")):
+            tiny_config(**{field: value})
+    with pytest.raises(ValueError, match=re.escape("first_k_dense_replace=-1 must be an integer >= 0")):
+        tiny_config(first_k_dense_replace=-1)
 
 
 def test_qwen3_moe_fields_build_an_equivalent_config():

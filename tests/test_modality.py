@@ -12,13 +12,14 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from transformers import AutoModelForCausalLM, DataCollatorWithFlattening
+from transformers import AutoModel, AutoModelForCausalLM, DataCollatorWithFlattening
 
 import deeptalk_hf  # noqa: F401  (registers the Auto classes)
 from deeptalk_hf import (
     DeepTalkConfig,
     DeepTalkForCausalLM,
     DeepTalkForConditionalGeneration,
+    DeepTalkModel,
     ModalityLoad,
     assign_modality_experts,
     move_speech_experts,
@@ -487,6 +488,25 @@ def test_an_audio_models_experts_move_in_its_language_model():
     assert audio.config.text_config.speech_expert_ids == llm.config.speech_expert_ids
     for name, tensor in llm.state_dict().items():
         assert torch.equal(tensor, audio.language_model.state_dict()[name]), name
+
+
+def test_the_base_model_that_automodel_loads_is_profiled_and_split(model, tmp_path):
+    """`AutoModel.from_pretrained` gives a `DeepTalkModel`: it profiles as its causal-LM wrapper does and its experts
+    move to the same tensors (both were an AttributeError on the missing `.model`)."""
+    model.save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert type(base) is DeepTalkModel
+    batches = [mixed_batch(seed) for seed in range(2)]
+    expected, load = profile_modality_load(model, batches), profile_modality_load(base, batches)
+    assert load.to_dict() == expected.to_dict()
+    causal = copy.deepcopy(model)
+    assert assign_modality_experts(base, load, num_speech_experts=2) == assign_modality_experts(
+        causal, expected, num_speech_experts=2
+    )
+    for field in ("num_experts", "num_speech_experts", "speech_expert_ids"):
+        assert getattr(base.config, field) == getattr(causal.config, field)
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(tensor, causal.model.state_dict()[name]), name
 
 
 def assert_same_logits(actual, expected):

@@ -55,6 +55,15 @@ def _merged(saved: dict, overrides: dict, aliases: dict[str, str]) -> dict:
     return {**{key: value for key, value in saved.items() if aliases.get(key, key) not in given}, **overrides}
 
 
+def _layout_count(kwargs: dict, name: str, default: int) -> int:
+    """A Qwen/DeepSeek layout key from `kwargs` (None: `default`), refused unless an integer >= `default`."""
+    value = kwargs.pop(name, None)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < default:
+        raise ValueError(f"{name}={value!r} must be an integer >= {default}")
+    return value
+
+
 @strict
 class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     r"""
@@ -211,8 +220,8 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         # Folded into `mlp_only_layers` (Qwen2/3-MoE `decoder_sparse_step`, DeepSeek `first_k_dense_replace`).
-        sparse_step = kwargs.pop("decoder_sparse_step", 1) or 1
-        first_dense = kwargs.pop("first_k_dense_replace", 0) or 0
+        sparse_step = _layout_count(kwargs, "decoder_sparse_step", 1)  # every step-th layer is MoE
+        first_dense = _layout_count(kwargs, "first_k_dense_replace", 0)  # the first layers are dense
         # Qwen-style switch: a window given with `use_sliding_window=False` is not used.
         if not kwargs.pop("use_sliding_window", True):
             self.sliding_window = None

@@ -29,6 +29,7 @@ from .modeling_deeptalk import (
     DeepTalkAttention,
     DeepTalkExperts,
     DeepTalkForCausalLM,
+    DeepTalkModel,
     DeepTalkSparseMoeBlock,
     DeepTalkTopKRouter,
     check_no_adapters,
@@ -231,8 +232,9 @@ class ModalityLoad:
 
 
 @torch.no_grad()
-def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]) -> ModalityLoad:
-    """Measure how `model` routes speech and text tokens, with modality routing off.
+def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: Iterable[Mapping]) -> ModalityLoad:
+    """Measure how `model` (a DeepTalk LLM, or the `DeepTalkModel` that `AutoModel` loads) routes speech and text
+    tokens, with modality routing off.
 
     `batches` yields dicts with `input_ids` (`[batch, seq]` or `[seq]`, tensors or lists) and optionally
     `modality_ids` (1 marks speech; otherwise the id block decides), `attention_mask` (0 marks padding, which is
@@ -256,7 +258,7 @@ def profile_modality_load(model: DeepTalkForCausalLM, batches: Iterable[Mapping]
     if isinstance(batches, Mapping):
         raise ValueError("batches must be an iterable of batch dicts: wrap a single batch in a list")
     layers = config.moe_layers
-    blocks = [model.model.layers[layer].mlp for layer in layers]
+    blocks = [_decoder_layers(model)[layer].mlp for layer in layers]
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
     counts = {modality: [torch.zeros(n, dtype=torch.int64) for n in sizes] for modality in ("speech", "text")}
     mass = {modality: [torch.zeros(n, dtype=torch.float64) for n in sizes] for modality in ("speech", "text")}
@@ -525,7 +527,7 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
         chosen.append(ids)
     # Every layer's current order is read from the config before the config records the new one.
     for layer, ids in zip(layers, chosen, strict=True):
-        _regroup(model.model.layers[layer].mlp, ids)
+        _regroup(_decoder_layers(model)[layer].mlp, ids)
     config.num_experts = [size - len(ids) for size, ids in zip(sizes, chosen, strict=True)]
     config.num_speech_experts = [len(ids) for ids in chosen]
     config.speech_expert_ids = chosen
@@ -536,6 +538,15 @@ def _language_model(model: nn.Module) -> DeepTalkForCausalLM:
     """The DeepTalk LLM whose experts move: the model, or an audio model's language model (which shares its config)."""
     language_model = getattr(model, "language_model", None)
     return language_model if isinstance(language_model, DeepTalkForCausalLM) else model  # type: ignore[return-value]
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a `DeepTalkForCausalLM` or of the `DeepTalkModel` that `AutoModel` loads."""
+    if isinstance(model, DeepTalkForCausalLM):
+        return model.model.layers
+    if isinstance(model, DeepTalkModel):
+        return model.layers
+    raise ValueError(f"expected a DeepTalk model (DeepTalkForCausalLM or DeepTalkModel), got {type(model).__name__}")
 
 
 def add_speech_attention(model: nn.Module) -> None:

@@ -2,6 +2,7 @@
 into SNAC codes and audio, and DeepTalkParallelStreamer (events equal the final decode and come as soon as frames
 complete), end to end with and without batch parallel decoding."""
 
+import copy
 import threading
 
 import pytest
@@ -201,6 +202,48 @@ def test_generated_streams_decode_into_valid_snac_codes():
         special = {i for i, token in PROCESSOR.tokenizer.added_tokens_decoder.items() if token.special}
         words = [t for t in answer[item, 0].tolist() if t < CONFIG.speech_token_start and t not in special]
         assert decoded.text.split() == PROCESSOR.tokenizer.convert_ids_to_tokens(words)
+
+
+class TextEndsAt(LogitsProcessor):
+    """Ends the text stream (`EOS`) at generated step `step`."""
+
+    def __init__(self, step: int, prompt_length: int):
+        self.step, self.prompt_length = step, prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_length == self.step:
+            scores = scores.clone()
+            scores[:: CONFIG.num_audio_streams + 1, EOS] = 1e4
+        return scores
+
+
+def test_without_a_pad_id_the_text_stream_pads_with_its_end_id():
+    """`pad_token_id=None` (DeepTalkConfig's default, and an upcycled Qwen's): the text stream pads with the first end
+    id, as transformers' `generate` falls back, so `skip_special_tokens` drops the padding. It was id 0, which
+    `decode_parallel` and the streamer kept as text: "!" in GPT-2's and Qwen's vocabularies."""
+    model = copy.deepcopy(MODEL)
+    config = model.config
+    config.pad_token_id = None
+    short = PROCESSOR.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    batch = PROCESSOR.parallel_prompt([TYPED, short], config)
+    assert batch["attention_mask"][1, 0] == 0 and batch["input_ids"][1, 0, 0] == EOS  # left padding
+    prompt_length, end = batch["input_ids"].shape[-1], 6
+    out = model.generate(
+        **batch,
+        max_new_tokens=12,
+        do_sample=False,
+        speech_answer=[True, False],
+        logits_processor=[AudioEndsAfter(2, prompt_length), TextEndsAt(end, prompt_length)],
+    )
+    answer = out[:, :, prompt_length:]
+    speech_end = max(d + 2 for d in config.audio_stream_delays) + 1  # the step after the last audio end code
+    for item, text_end in enumerate((min(end, speech_end), end)):
+        assert (answer[item, 0, text_end:] == EOS).all() and (answer[item, 0, :text_end] != EOS).all()
+        expected = PROCESSOR.tokenizer.decode(answer[item, 0, :text_end], skip_special_tokens=True)
+        assert PROCESSOR.decode_parallel(answer, config)[item].text == expected
+    config.eos_token_id = None
+    with pytest.raises(ValueError, match=r"parallel streams need pad_token_id \(or eos_token_id\) in the config"):
+        PROCESSOR.parallel_prompt(TYPED, config)
 
 
 # ---- streaming ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,23 @@ def _check_stream_count(name: str, tensor: torch.Tensor, config: DeepTalkConfig)
         raise ValueError(f"{name} have {tensor.shape[1]} streams but the config has {config.num_audio_streams}")
 
 
+def text_pad_token_id(config: DeepTalkConfig) -> int:
+    """The text stream's pad (a prompt's left padding, and every step after the text ends): `pad_token_id`, else the
+    first text end id, as transformers' `generate` falls back, so that `skip_special_tokens` drops it from the answer
+    (a fixed id such as 0 is an ordinary token in most vocabularies)."""
+    if config.pad_token_id is not None:
+        return config.pad_token_id
+    eos = config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise ValueError(
+            "parallel streams need pad_token_id (or eos_token_id) in the config: the text stream pads with it once "
+            "it ends"
+        )
+    return eos
+
+
 def build_delay_pattern(codes: torch.LongTensor, config: DeepTalkConfig) -> torch.LongTensor:
     """Aligned codes `[batch, S, frames]` -> delayed audio streams `[batch, S, frames + max_delay + 1]`."""
     _check_stream_count("codes", codes, config)
@@ -135,7 +152,7 @@ class DelayPatternLogitsProcessor(_ParallelStreamsRule, LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         config = self.config
-        text_pad = config.pad_token_id if config.pad_token_id is not None else 0
+        text_pad = text_pad_token_id(config)
         streams = config.num_audio_streams + 1
         generated = input_ids[:, self.prompt_length :]
         step = generated.shape[1]
@@ -189,4 +206,5 @@ __all__ = [
     "audio_codes_per_stream",
     "build_delay_pattern",
     "revert_delay_pattern",
+    "text_pad_token_id",
 ]

@@ -1460,7 +1460,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             if speech_answer is not None or batch_parallel:
                 raise ValueError("speech_answer and batch_parallel are for models with parallel audio streams")
             return super().generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)
-        from .generation_deeptalk import DelayPatternLogitsProcessor, ParallelStreamsStoppingCriteria
+        from .generation_deeptalk import (
+            DelayPatternLogitsProcessor,
+            ParallelStreamsStoppingCriteria,
+            text_pad_token_id,
+        )
 
         # What transformers will run: the given config (or the model's) filled from the model's, then the kwargs.
         setting, _ = self._prepare_generation_config(generation_config, **kwargs)
@@ -1500,7 +1504,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         # The text stream pads with the config's pad id, as the processor lays prompts out; it ends at the end ids
         # transformers would use (argument, then generation config, then model config), which the pattern and the
         # stopping criteria read: transformers' own end check would stop an item at an audio code of the same id.
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+        pad_token_id = text_pad_token_id(config)
         given = kwargs.pop("pad_token_id", None)
         if given is not None and given != pad_token_id:
             raise ValueError(

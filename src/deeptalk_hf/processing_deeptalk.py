@@ -28,7 +28,7 @@ from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokeni
 
 from .audio_codecs import has_integer_dtype
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
-from .generation_deeptalk import AudioStreamReader, audio_codes_per_stream, build_delay_pattern
+from .generation_deeptalk import AudioStreamReader, audio_codes_per_stream, build_delay_pattern, text_pad_token_id
 
 if TYPE_CHECKING:
     from .audio_codecs import AudioCodec
@@ -889,7 +889,7 @@ class DeepTalkProcessor(ProcessorMixin):
             self._without_appended(self._checked_markers(i, t, row), t)
             for i, (row, t) in enumerate(zip(tokens, tokenized, strict=True))
         ]
-        text_pad = config.pad_token_id if config.pad_token_id is not None else 0
+        text_pad = text_pad_token_id(config)
         pad = torch.tensor([text_pad] + [config.audio_pad_token_id] * config.num_audio_streams)[:, None]
         rows = []
         for i, (sample_text, ids, waveforms) in enumerate(zip(texts, encoded, samples, strict=True)):
@@ -1367,7 +1367,7 @@ class DeepTalkParallelStreamer(DeepTalkStreamer):
             self._seen_prompt = True
             return
         streams, answer = self.config.num_audio_streams + 1, self._splitter.segments[0]
-        text_pad = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        text_pad = text_pad_token_id(self.config)
         for step in value.reshape(self.rows, -1).T.cpu():
             token = int(step[self.text_row])
             text_ids = self.processor._text_ids([token])

@@ -107,13 +107,21 @@ def test_parallel_prompt_tokenizes_a_rendered_chat_as_apply_chat_template():
     """With a tokenizer that adds `<s> ... </s>`: one BOS (none added before a template's own) and no end token
     after the prompt, which the answer continues."""
     chat = [{"role": "user", "content": "hello how are you"}]
-    for template in (PROCESSOR.chat_template, "{{ bos_token }}" + PROCESSOR.chat_template):
+    templates = (PROCESSOR.chat_template, "{{ bos_token }}" + PROCESSOR.chat_template)
+    for template in templates:
         processor = tiny_processor(1, wrap=True, codec=SNAC, chat_template=template)
         expected = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True)
         rendered = processor.apply_chat_template(chat, add_generation_prompt=True)
         ids = processor.parallel_prompt(rendered, CONFIG)["input_ids"][0, 0].tolist()
         assert ids == expected["input_ids"][0] and ids.count(processor.tokenizer.bos_token_id) == 1
         assert processor.tokenizer.eos_token_id not in ids
+    # In a batch each text is read by its own start (the first text's decided for all: a BOS lost or doubled).
+    texts = [processor.apply_chat_template(chat, add_generation_prompt=True, chat_template=t) for t in templates]
+    for batch in (texts, texts[::-1]):
+        prompt = processor.parallel_prompt(batch, CONFIG)
+        for item, text in enumerate(batch):
+            alone = processor.parallel_prompt(text, CONFIG)["input_ids"][0, 0].tolist()
+            assert prompt["input_ids"][item, 0][prompt["attention_mask"][item].bool()].tolist() == alone
 
 
 def test_parallel_helpers_check_their_inputs():

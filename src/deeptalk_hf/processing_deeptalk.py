@@ -884,7 +884,9 @@ class DeepTalkProcessor(ProcessorMixin):
         # As `apply_chat_template` tokenizes a rendered chat: no BOS before one the text has, nothing after the text.
         tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
         bos = self.tokenizer.bos_token
-        tokens = self.tokenizer(tokenized, add_special_tokens=not (bos and tokenized[0].startswith(bos)))["input_ids"]
+        tokens = [  # each text by its own start (a batch mixing both would gain or lose a BOS)
+            self.tokenizer(t, add_special_tokens=not (bos and t.startswith(bos)))["input_ids"] for t in tokenized
+        ]
         encoded = [
             self._without_appended(self._checked_markers(i, t, row), t)
             for i, (row, t) in enumerate(zip(tokens, tokenized, strict=True))

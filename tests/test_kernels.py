@@ -314,6 +314,31 @@ def test_no_read_outside_the_inputs():
             assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_the_decode_path_never_reads_a_sentinel_pairs_expert():
+    """A sentinel id E (a group smaller than top-k) names no expert: the gate/up decode kernel must skip its pair, not
+    read `gate_up_proj[E]`, one expert past the tensor (the down kernel skipping it too hid such a read). The weights
+    sit in a buffer whose row E is finite, and under deterministic mode the new activation buffer is NaN-filled: the
+    sentinel pair's row must stay NaN."""
+    num_experts, inter, hidden = 2, 16, 16
+    buffer = torch.full((num_experts + 1, 2 * inter, hidden), 7.0, device=DEVICE)
+    gate_up = buffer[:num_experts].normal_()
+    down = torch.randn(num_experts, hidden, inter, device=DEVICE)
+    x, index = torch.randn(1, hidden, device=DEVICE), torch.tensor([[1, num_experts]], device=DEVICE)
+    weights = torch.tensor([[0.6, 0.4]], device=DEVICE)
+    launch, captured = triton_moe._down_decode_kernel, {}
+
+    class Capture:  # the down kernel's launcher, recording the activation buffer it reads
+        def __getitem__(self, grid):
+            return lambda act, *args, **kwargs: (captured.setdefault("act", act), launch[grid](act, *args, **kwargs))
+
+    with deterministic_algorithms(True), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_moe, "_down_decode_kernel", Capture())
+        out = triton_moe.decode_forward(x, gate_up, down, index, weights, torch.float32)
+    assert captured["act"][1].isnan().all() and not captured["act"][0].isnan().any()
+    expected = K.moe_experts_reference(x, gate_up, down, index, weights)
+    assert_close(out, expected, TOLERANCE[torch.float32], "decode output")
+
+
 def test_kernels_write_only_the_rows_of_their_experts():
     """A row tile writes only its expert's sorted rows: on a GPU a write past them races with the next expert's tile.
     The interpreter runs the tiles in order, so there the next tile overwrites such a write and only one past the

@@ -837,6 +837,26 @@ def test_the_loss_adds_each_router_loss_with_its_own_coefficient():
     assert out.aux_loss > 0 and out.z_loss > 0
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_router_logits_are_text_then_speech_columns_for_any_batch(grad):
+    """`router_logits[i]` is `[gate(h) ; speech_gate(h)]` for every token, whichever path the block takes: a batch of
+    one modality scores the other router apart, and swapped columns there would balance the wrong group."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    start, vocab = model.config.speech_token_start, model.config.vocab_size
+    inputs = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.mlp.register_forward_pre_hook(lambda module, args, i=i: inputs.__setitem__(i, args[0]))
+    text = torch.randint(3, start, (2, 6))
+    speech = torch.randint(start, vocab, (2, 6))
+    for input_ids in (text, speech, torch.cat([text, speech], dim=1)):
+        with torch.set_grad_enabled(grad):
+            out = model(input_ids, output_router_logits=True)
+        for logits, layer in zip(out.router_logits, model.config.moe_layers, strict=True):
+            mlp, hidden = model.model.layers[layer].mlp, inputs[layer].reshape(-1, model.config.hidden_size)
+            expected = torch.cat([mlp.gate(hidden), mlp.speech_gate(hidden)], dim=-1)
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+
+
 def test_router_losses_follow_modality_ids():
     """With `inputs_embeds` the router losses split the tokens by `modality_ids`, as the routing does: the same
     losses as the ids that `modality_ids` describes."""

@@ -134,6 +134,20 @@ def test_text_positions_of_a_parallel_model_equal_the_single_stream_model():
         assert torch.equal(parallel(query).logits, single(query[:, 0]).logits)
 
 
+def test_each_stream_reads_its_own_rows_of_the_shared_table():
+    """Stream s's code c embeds as row `(s - 1) * audio_stream_vocab_size + c` of the shared table, added to the text
+    embedding (pad adds nothing): without the offset every stream would read stream 1's rows, and the model could not
+    tell the codebook levels apart."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    config, decoder = model.config, model.model
+    text, table = decoder.embed_tokens.weight, decoder.speech_stream_embed.weight
+    ids = torch.tensor([[5, 3, config.audio_pad_token_id, 7]])[..., None]  # text 5; stream 1: code 3; stream 3: code 7
+    expected = text[5] + table[3] + table[2 * config.audio_stream_vocab_size + 7]
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.embed(ids)[0, 0], expected, rtol=0, atol=1e-6)
+
+
 def test_parallel_generation_follows_the_pattern_and_cache_changes_nothing():
     torch.manual_seed(3)
     model = DeepTalkForCausalLM(parallel_config()).eval()

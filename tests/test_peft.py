@@ -326,6 +326,9 @@ def test_align_stage_config_on_the_audio_model():
     assert lora_config_for_stage(tied, "align", also=tied.audio_encoder_top_layers(1)).modules_to_save == [
         "speech_connector"
     ]  # the connector is not tied to anything
+    # The speech tables are: the tie is the text config's (the composite config's own field is None).
+    with pytest.raises(ValueError, match="language_model.model.speech_embed_tokens: the speech embeddings and output"):
+        lora_config_for_stage(tied, "speech")
     joint = get_peft_model(model, lora_config_for_stage(model, "joint"))
     adapted = adapted_parameters(joint)
     assert any(name.startswith("language_model.model.layers.") for name in adapted)

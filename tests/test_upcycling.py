@@ -299,6 +299,10 @@ def test_noise_and_drop_upcycling():
     relative = (gate - plain_gate).std() / dense.model.layers[0].mlp.gate_proj.weight.std()
     assert 0.005 < relative < 0.02
     assert not torch.equal(gate[0], gate[2])  # copies of the same part now differ
+    # Seeded per (layer, group, expert): text expert 0 and speech expert 0, copies of the same part, differ too.
+    assert torch.equal(expert_weights(plain)[0][0], expert_weights(plain, group="speech_experts")[0][0])
+    for model in (dropped, noisy):
+        assert not torch.equal(expert_weights(model)[0][0], expert_weights(model, group="speech_experts")[0][0])
     for model in (dropped, noisy):  # routers stay zero and attention untouched
         assert not model.model.layers[0].mlp.gate.weight.any()
         assert torch.equal(

@@ -204,6 +204,10 @@ def test_bad_audio_input_raises_naming_the_problem():
         extract_audio_features([np.zeros((2, 100))], SAMPLING_RATE, extractor, config)
     with pytest.raises(ValueError, match="audio 0 has 20000 samples.*window of 16000"):
         extract_audio_features([tone(440, 1.25)], SAMPLING_RATE, extractor, config)
+    whole = extract_audio_features([tone(440, 1.0)], SAMPLING_RATE, extractor, config)  # exactly one window fits
+    assert whole["num_audio_tokens"].tolist() == [10]
+    with pytest.raises(ValueError, match="audio 0 has 16001 samples.*window of 16000"):
+        extract_audio_features([np.zeros(16001, np.float32)], SAMPLING_RATE, extractor, config)
     with pytest.raises(ValueError, match="no audio"):
         extract_audio_features([], SAMPLING_RATE, extractor, config)
     eighty_bins = WhisperFeatureExtractor(sampling_rate=SAMPLING_RATE, chunk_length=1)  # the default 80 mel bins
@@ -505,7 +509,10 @@ def test_a_float32_encoder_beside_a_bf16_llm_saves_as_the_llms_dtype(tmp_path):
     `from_pretrained` (one dtype for the whole model) reloads the LLM as it was rather than widened to float32."""
     whisper = WhisperForConditionalGeneration(WhisperConfig(**WHISPER))
     llm = DeepTalkForCausalLM(tiny_config()).to(torch.bfloat16)
+    llm.generation_config.suppress_tokens = [5]
     model = DeepTalkForConditionalGeneration.from_parts(whisper, llm, stack_factor=5)
+    # The LLM's own suppressed ids stay, beside the audio placeholder (which must never be generated).
+    assert model.generation_config.suppress_tokens == sorted([5, model.config.audio_token_id])
     assert model.audio_encoder.dtype == torch.float32 and model.dtype == torch.bfloat16
     assert model.speech_connector.linear_1.weight.dtype == torch.bfloat16  # the new connector is made in it
     model.save_pretrained(tmp_path)

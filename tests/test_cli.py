@@ -255,6 +255,15 @@ def test_read_jsonl_batches(tmp_path):
     assert first["input_ids"][1, :9].tolist() == rows[1]["input_ids"][:9]
 
 
+@pytest.mark.parametrize("ids", ["[3, 80]", "[-1, 3]", "[3, 2.0]"])
+def test_read_jsonl_batches_refuses_ids_outside_the_vocabulary(tmp_path, ids):
+    """An id equal to the vocabulary size is the first outside it: corrupt data by line, not an embedding error."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f'{{"input_ids": {ids}}}\n')
+    with pytest.raises(cli.DataError, match="bad.jsonl:1: "):
+        list(read_jsonl_batches(bad, batch_size=1, vocab_size=80, speech_token_start=TEXT_VOCAB))
+
+
 @pytest.mark.parametrize("modality", ["[[0], [1]]", '[0, {"a": 1}]', "[0, 2]", "[0, 1.0]", "[true, 0]"])
 def test_read_jsonl_batches_refuses_modality_ids_that_are_not_0_or_1(tmp_path, modality):
     """Nested, float and boolean values are corrupt data (exit code 3), not a crash or a silent cast."""

@@ -140,6 +140,10 @@ def test_sparse_step_and_first_dense_fold_into_mlp_only_layers():
             tiny_config(**{field: value})
     with pytest.raises(ValueError, match=re.escape("first_k_dense_replace=-1 must be an integer >= 0")):
         tiny_config(first_k_dense_replace=-1)
+    # As in DeepSeek, a count of at least the layer count makes every layer dense.
+    for count in (3, 5):
+        config = tiny_config(num_hidden_layers=3, mlp_only_layers=[], first_k_dense_replace=count)
+        assert config.mlp_only_layers == [0, 1, 2] and config.moe_layers == []
 
 
 def test_qwen3_moe_fields_build_an_equivalent_config():
@@ -163,6 +167,10 @@ def test_qwen3_moe_fields_build_an_equivalent_config():
     assert config.sliding_window is None and config.layer_types == ["full_attention"] * 2
     assert config.rope_parameters["rope_type"] == "yarn"
     assert config.num_speech_experts == 0 and config.use_qk_norm
+    # Qwen3MoeModel ignores a saved `layer_types` (its window covers every layer): read with its model_type, so is it.
+    windowed = Qwen3MoeConfig(num_hidden_layers=2, use_sliding_window=True, sliding_window=4).to_dict()
+    config = DeepTalkConfig(**{**windowed, "layer_types": ["full_attention"] * 2})
+    assert config.layer_types == ["sliding_attention"] * 2 and config.sliding_window == 4
 
 
 def test_expert_order_records_the_source_positions():

@@ -17,6 +17,7 @@ from deeptalk_hf.generation_deeptalk import (
     audio_codes_per_stream,
     build_delay_pattern,
     revert_delay_pattern,
+    text_pad_token_id,
 )
 from deeptalk_hf.modeling_deeptalk import speech_positions
 
@@ -253,6 +254,13 @@ def test_the_text_of_a_speech_answer_runs_until_its_last_audio_stream_ends():
     assert out.shape[-1] == 5 + 8  # the last stream ends at step 7
     assert out[0, 3, -1] == config.audio_eos_token_id
     assert out[0, 0, 5:].tolist() == [config.audio_eos_token_id] * 8
+    # A text that ends first (its end id at step 0) ends the text alone: the speech goes on to its last stream's end.
+    end_text = AudioEndsAt(5, [0, 1, 2, 7], config)
+    out = model.generate(
+        query, max_new_tokens=12, do_sample=False, eos_token_id=config.audio_eos_token_id, logits_processor=[end_text]
+    )
+    assert out.shape[-1] == 5 + 8 and out[0, 3, -1] == config.audio_eos_token_id
+    assert out[0, 0, 5:].tolist() == [config.audio_eos_token_id] + [config.pad_token_id] * 7
 
 
 def test_batch_parallel_text_equals_text_only_generation():
@@ -473,6 +481,15 @@ def test_wrong_stream_count_no_prompt_or_a_mask_of_another_shape_is_refused():
     for mask in (torch.ones(8, 5), torch.ones(2, 4), torch.ones(2, 4, 5)):  # per stream, short, per-stream 3D
         with pytest.raises(ValueError, match=r"attention_mask must be \[batch, seq\] = \(2, 5\)"):
             model.generate(query, attention_mask=mask.long(), max_new_tokens=2)
+
+
+def test_without_a_pad_id_the_text_pad_is_the_first_end_id():
+    """transformers' fallback: `eos_token_id[0]`, for the pattern, the prompt's padding and `generate`'s check."""
+    config = parallel_config(pad_token_id=None, eos_token_id=[7, 1])
+    assert text_pad_token_id(config) == 7 and text_pad_token_id(parallel_config(pad_token_id=2)) == 2
+    model = DeepTalkForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"pad_token_id=1: parallel-stream generation pads with the config's .*\(7\)"):
+        model.generate(text_query(config, batch=1), max_new_tokens=2, pad_token_id=1)
 
 
 def test_the_configs_pad_id_may_be_passed_another_is_refused():

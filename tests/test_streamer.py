@@ -232,6 +232,32 @@ def test_byte_fallback_runs_are_streamed_once_settled(pieces, cuts):
     assert "".join(e.text for e in events) == expected
 
 
+def byte_level_processor() -> DeepTalkProcessor:
+    """A byte-level BPE tokenizer (GPT-2, Qwen) without merges: every UTF-8 byte is a token of its own, so a character
+    of 2 to 4 bytes spans as many tokens and decodes to U+FFFD until its last byte."""
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    add_speech_tokens(tokenizer, 4)
+    return DeepTalkProcessor(tokenizer)
+
+
+BYTE_LEVEL = byte_level_processor()
+
+
+@given(text=st.text(max_size=6), cut_off=st.integers(0, 3), cuts=st.lists(st.integers(0, 100), max_size=10))
+@example(text="h\u00e9llo", cut_off=0, cuts=list(range(8)))
+def test_byte_level_characters_are_streamed_once_whole(text, cut_off, cuts):
+    """A character split over tokens is sent once its last byte came (the text of an answer cut inside one ends in
+    U+FFFD, as its decode does): the joined deltas are the decode, with no U+FFFD sent in between."""
+    ids = BYTE_LEVEL.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = ids[: len(ids) - cut_off] if cut_off < len(ids) else ids
+    events = stream(DeepTalkStreamer(BYTE_LEVEL), ids[:1], ids, cuts)
+    assert "".join(e.text for e in events) == BYTE_LEVEL.decode(ids, skip_special_tokens=True).text
+
+
 def test_streamed_text_is_not_rewritten_by_a_tokenizer_clean_up():
     """A clean-up (`" ' "` becomes `"'"`) rewrites text already sent, so the streamer decodes without it."""
     tokenizer = tiny_tokenizer()

@@ -517,6 +517,20 @@ def test_streaming_equals_in_memory_with_every_option(tmp_path):
         assert torch.equal(streamed[name], from_memory[name]), name
 
 
+def test_streaming_tensors_of_any_byte_size_keep_their_own_bytes(tmp_path):
+    """Tensors whose sizes are not multiples of 64 bytes (hidden 20: 80-byte norms) share one shard buffer at aligned
+    offsets: rounding an offset down would overlap the next tensor (the test models' sizes above are all aligned)."""
+    config = LlamaConfig(**{**COMMON, "hidden_size": 20, "intermediate_size": 30, "head_dim": 10})
+    dense = randomize(LlamaForCausalLM(config))
+    options = dict(num_text_experts=2, num_speech_experts=1, num_experts_per_tok=1)
+    upcycle_checkpoint(save_dense(dense, tmp_path / "dense"), tmp_path / "moe", progress=False, **options)
+    streamed = load_checked(tmp_path / "moe").state_dict()
+    expected = upcycle_dense(dense, **options).state_dict()
+    assert streamed.keys() == expected.keys()
+    for name in streamed:
+        assert torch.equal(streamed[name], expected[name]), name
+
+
 def test_upcycled_model_saves_and_reloads(tmp_path):
     """Round trip of the in-memory result through save_pretrained / from_pretrained (buffers, meta device)."""
     moe = upcycle_dense(dense_model("llama"), num_text_experts=2, num_speech_experts=2, num_experts_per_tok=2)

@@ -134,7 +134,7 @@ def test_sparse_step_and_first_dense_fold_into_mlp_only_layers():
         tiny_config(decoder_sparse_step=None, first_k_dense_replace=None).mlp_only_layers
         == tiny_config().mlp_only_layers
     )
-    # 0 and -1 read as "every layer is MoE" and -2 as 2 (Qwen2/3-MoE itself divides by the step).
+    # Refused (0 and -1 used to read as "every layer is MoE", -2 as 2; Qwen2/3-MoE itself divides by the step).
     for field, value in (("decoder_sparse_step", 0), ("decoder_sparse_step", -2), ("decoder_sparse_step", 1.5)):
         with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} must be an integer >= 1")):
             tiny_config(**{field: value})

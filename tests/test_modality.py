@@ -499,6 +499,7 @@ def test_the_base_model_that_automodel_loads_is_profiled_and_split(model, tmp_pa
     batches = [mixed_batch(seed) for seed in range(2)]
     expected, load = profile_modality_load(model, batches), profile_modality_load(base, batches)
     assert load.to_dict() == expected.to_dict()
+    assert profile_modality_load(torch.compile(base, backend="eager"), batches).to_dict() == expected.to_dict()
     causal = copy.deepcopy(model)
     assert assign_modality_experts(base, load, num_speech_experts=2) == assign_modality_experts(
         causal, expected, num_speech_experts=2

@@ -490,6 +490,17 @@ def test_without_a_pad_id_the_text_pad_is_the_first_end_id():
     model = DeepTalkForCausalLM(config).eval()
     with pytest.raises(ValueError, match=r"pad_token_id=1: parallel-stream generation pads with the config's .*\(7\)"):
         model.generate(text_query(config, batch=1), max_new_tokens=2, pad_token_id=1)
+    # A pad that is an end id may open a prompt (BOS = EOS, as in GPT-2's vocabulary): without a mask nothing is read
+    # as padding (it masked the BOS).
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(
+        parallel_config(pad_token_id=None, eos_token_id=2, bos_token_id=2, initializer_range=0.3)
+    ).eval()
+    query = text_query(model.config, batch=1)
+    query[0, 0, 0] = 2
+    options = dict(max_new_tokens=4, do_sample=False, speech_answer=False)
+    expected = model.generate(query, attention_mask=torch.ones(1, query.shape[-1], dtype=torch.long), **options)
+    assert torch.equal(model.generate(query, **options), expected)
 
 
 def test_the_configs_pad_id_may_be_passed_another_is_refused():

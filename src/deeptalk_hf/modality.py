@@ -541,7 +541,9 @@ def _language_model(model: nn.Module) -> DeepTalkForCausalLM:
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a `DeepTalkForCausalLM` or of the `DeepTalkModel` that `AutoModel` loads."""
+    """The decoder layers of a `DeepTalkForCausalLM` or of the `DeepTalkModel` that `AutoModel` loads (either may be
+    `torch.compile`'d)."""
+    model = getattr(model, "_orig_mod", model)
     if isinstance(model, DeepTalkForCausalLM):
         return model.model.layers
     if isinstance(model, DeepTalkModel):

@@ -1522,7 +1522,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if attention_mask is None:  # transformers would read it from the text row alone, masking audio over text pad
             padding = (input_ids[:, 0] == pad_token_id) & (input_ids[:, 1:] == config.audio_pad_token_id).all(1)
             # Left padding only: an all-pad column inside a prompt (an audio stream's delay, an answer's text ended
-            # while its audio had not begun, an end id that is also the pad) is part of it, as the cache saw it.
+            # while its audio had not begun, an end id that is also the pad) is part of it, as the cache saw it. A pad
+            # that is an end id (the fallback without pad_token_id) may open a prompt (BOS = EOS in GPT-2's
+            # vocabulary): as transformers does then, nothing is read as padding.
+            if pad_token_id in torch.as_tensor(eos_token_id if eos_token_id is not None else []).reshape(-1).tolist():
+                padding = torch.zeros_like(padding)
             attention_mask = (~padding.long().cumprod(-1).bool()).long()
         speech = torch.as_tensor(True if speech_answer is None else speech_answer)
         if speech.dim() == 0:  # one truth value for every item

@@ -336,6 +336,8 @@ def test_codecs_load_from_a_folder(tmp_path):
 def test_mimi_codebook_count_is_checked():
     with pytest.raises(ValueError, match=r"num_codebooks=9 must be in \[1, 8\]"):
         MimiCodec(MIMI.model, num_codebooks=9)
+    with pytest.raises(ValueError, match=r"num_codebooks=0 must be in \[1, 8\]"):
+        MimiCodec(MIMI.model, num_codebooks=0)
 
 
 # ---- the processor's audio= path ---------------------------------------------------------------------------------

@@ -145,11 +145,17 @@ def test_sigterm_unwinds_and_removes_a_half_written_output(tmp_path):
             (staging / "shard.safetensors").write_bytes(b"0" * 1024)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit) as exit_info:
-        _run("deeptalk-upcycle", action)
-    assert exit_info.value.code == 128 + signal.SIGTERM
-    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is previous
+    def sentinel(signum, frame):  # the host's own handler, which the command must put back
+        raise AssertionError("the command's handler should have run")
+
+    previous = signal.signal(signal.SIGTERM, sentinel)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            _run("deeptalk-upcycle", action)
+        assert exit_info.value.code == 128 + signal.SIGTERM
+        assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is sentinel
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # From another thread (a job runner, a notebook) it runs, without the handler Python allows the main thread only.
     results = []
     worker = threading.Thread(target=lambda: results.append(_run("deeptalk-upcycle", lambda: None)))
@@ -497,6 +503,14 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert profile_main([*arguments, "--num-speech-experts", "1"]) == EXIT_SOURCE
     assert "has no speech tokens" in capsys.readouterr().err and not split.exists()
     assert ModalityLoad.load(load).text_tokens > 0
+    speech_only = tmp_path / "speech.jsonl"
+    speech_only.write_text(f'{{"input_ids": [{TEXT_VOCAB}, {TEXT_VOCAB + 1}]}}\n')
+    speech_arguments = [model, str(speech_only), "--assign-to", str(split), "--num-speech-experts", "1", "--quiet"]
+    assert profile_main(speech_arguments) == EXIT_SOURCE
+    assert "has no text tokens" in capsys.readouterr().err and not split.exists()
+    with pytest.raises(SystemExit) as exit_info:  # one batch of the whole file would not be a batch size
+        profile_main([model, str(data), "--batch-size", "0", "--quiet"])
+    assert exit_info.value.code == EXIT_USAGE
     # Refused before profiling: no count for a model without speech experts (the default would move none), a bad
     # device.
     load.unlink()

@@ -862,6 +862,10 @@ def test_unsupported_layouts_are_named():
     with pytest.raises(NotImplementedError, match=r"biases.*transposed.*interleaved.*_apply_gate`;") as error:
         K.deeptalk_triton_experts_forward(GptOssExperts(config), *args)
     assert "activation" not in str(error.value)  # its gate is custom: no act_fn to name
+    experts, *args = tiny_experts_call()
+    experts.has_post_expert_norm = True  # skipping the norm would be a silent wrong result
+    with pytest.raises(NotImplementedError, match=r"a post-expert norm \(has_post_expert_norm=True\)"):
+        K.deeptalk_triton_experts_forward(experts, *args)
 
 
 def test_package_imports_without_triton():

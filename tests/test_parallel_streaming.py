@@ -133,6 +133,11 @@ def test_parallel_helpers_check_their_inputs():
         PROCESSOR.decode_parallel(torch.zeros(1, 5, 3, dtype=torch.long), streams_config(MIMI))
     with pytest.raises(ValueError, match="give the processor"):
         tiny_processor(1).parallel_prompt(TYPED, CONFIG)
+    wider = DeepTalkConfig(num_audio_streams=SNAC.units_per_frame, audio_codebook_size=2 * SNAC.codebook_size)
+    for call in (lambda: PROCESSOR.parallel_prompt(TYPED, wider), lambda: PROCESSOR.decode_parallel(
+        torch.zeros(1, 8, 3, dtype=torch.long), wider)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"from a codebook of {SNAC.codebook_size}; the config has"):
+            call()
     splitting = tiny_processor(1, codec=SNAC)
     splitting.tokenizer.split_special_tokens = True  # the placeholder's marker in pieces: named as such
     with pytest.raises(ValueError, match="split_special_tokens=True"):

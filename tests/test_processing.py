@@ -14,7 +14,7 @@ from tokenizers import normalizers, processors
 from transformers import AutoProcessor
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
-from deeptalk_hf.processing_deeptalk import INTERLEAVE_POLICIES, SPEECH_MARKERS
+from deeptalk_hf.processing_deeptalk import INTERLEAVE_POLICIES, SPEECH_MARKERS, SPEECH_UNIT_TOKEN
 
 from .speech_fixtures import TEXT_VOCAB_SIZE, WORDS, tiny_model, tiny_processor, tiny_tokenizer
 
@@ -41,8 +41,27 @@ def test_speech_block_is_the_end_of_the_vocabulary_after_text_padding():
     assert tokenizer("hello world")["input_ids"] == tiny_tokenizer()("hello world")["input_ids"]
     # the same call again finds the block; a different one is refused
     assert add_speech_tokens(tokenizer, 10, text_vocab_size=TEXT_VOCAB_SIZE) == block
-    with pytest.raises(ValueError, match="already has a speech block"):
-        add_speech_tokens(tokenizer, 11)
+    for other in (dict(num_units=11), dict(num_units=10, text_vocab_size=block.stop)):
+        with pytest.raises(ValueError, match="already has a speech block"):
+            add_speech_tokens(tokenizer, **other)
+
+
+@pytest.mark.parametrize(
+    "layout, problem",
+    [
+        (["u0", "u1", "u2", "begin", "end", "stray", "pad"], "must follow the speech units contiguously"),
+        (["u0", "u1", "stray", "u2", "begin", "end", "pad"], "not contiguous from id"),
+    ],
+)
+def test_a_speech_block_laid_out_wrongly_is_refused(layout, problem):
+    """Tokens added by hand (or by another tool) with a gap: the unit and marker ids would not be the block's."""
+    tokenizer = tiny_tokenizer()
+    names = {f"u{i}": SPEECH_UNIT_TOKEN.format(i) for i in range(3)}
+    names.update(zip(("begin", "end", "pad"), SPEECH_MARKERS, strict=True), stray="<|other|>")
+    for name in layout:
+        tokenizer.add_tokens([names[name]], special_tokens=True)
+    with pytest.raises(ValueError, match=problem):
+        add_speech_tokens(tokenizer, 3)
 
 
 def test_add_speech_tokens_without_text_vocab_size_starts_at_the_tokenizer_end():

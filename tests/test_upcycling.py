@@ -719,6 +719,33 @@ def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch)
     assert os.listdir(tmp_path) == ["out"] and os.listdir(destination) == ["notes.txt"]
 
 
+def test_a_failed_final_move_puts_the_old_destination_back(tmp_path, monkeypatch):
+    """The old folder was moved aside; if moving the new one in then fails, the old one comes back, nothing beside it."""
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "notes.txt").write_text("mine")
+    replace, calls = os.replace, []
+
+    def refuse_the_second_move(source, target):
+        calls.append(target)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device", str(target))
+        return replace(source, target)
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.os.replace", refuse_the_second_move)
+    with pytest.raises(OSError, match="No space left"), atomic_output_dir(destination, overwrite=True) as staging:
+        (staging / "config.json").write_text("{}")
+    assert os.listdir(tmp_path) == ["out"] and os.listdir(destination) == ["notes.txt"]
+
+
+def test_an_index_whose_weight_map_is_not_names_to_files_is_refused(tmp_path):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": 1}}))
+    with pytest.raises(CheckpointError, match="its weight_map is not a name -> file map"):
+        upcycle_checkpoint(source, tmp_path / "moe", num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    assert not (tmp_path / "moe").exists()
+
+
 def test_atomic_output_file_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "load.json"
     target.write_text("old")

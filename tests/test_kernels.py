@@ -868,6 +868,15 @@ def test_unsupported_layouts_are_named():
         K.deeptalk_triton_experts_forward(experts, *args)
 
 
+def test_triton_is_the_default_for_silu_experts_on_cuda(monkeypatch):
+    """transformers spells SiLU "silu" or "swish"; other activations keep transformers' default."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(K, "is_triton_available", lambda: True)
+    assert K.triton_is_default("silu") and K.triton_is_default("swish") and not K.triton_is_default("gelu")
+    monkeypatch.setattr(K, "is_triton_available", lambda: False)
+    assert not K.triton_is_default("silu")
+
+
 def test_package_imports_without_triton():
     src = Path(deeptalk_hf.__file__).parents[1]
     code = (

@@ -575,17 +575,34 @@ CORRUPTIONS = ["truncated", "garbage-header", "missing-shard", "missing-tensor",
 CORRUPTIONS += ["index-not-an-object", "mlp-wider-than-config", "mlp-narrower-than-config"]
 
 
+# What each corruption is refused as, where the message is the check's own (not a later failure's).
+NAMED_PROBLEMS = {
+    "missing-shard": "lacks the shard files",
+    "missing-tensor": "index lists tensors that their shards lack",
+    "index-not-a-map": "is not a name -> file map",
+}
+
+
 @pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_corrupt_source_fails_cleanly(kind, tmp_path):
     source = save_dense(dense_model("llama"), tmp_path / "dense")
     corrupt(kind, source)
     destination = tmp_path / "out" / "moe"
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match=NAMED_PROBLEMS.get(kind, "")):
         upcycle_checkpoint(source, destination, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
     assert not destination.exists()
     assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
     with pytest.raises(CheckpointError):
         upcycle_dense(source, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+
+
+def test_a_file_given_as_the_source_is_named(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="model.safetensors is a file; expected a checkpoint directory"):
+        upcycle_checkpoint(
+            tmp_path / "model.safetensors", tmp_path / "moe", num_text_experts=2, num_speech_experts=0,
+            num_experts_per_tok=1,
+        )  # fmt: skip
 
 
 def test_each_tensor_is_read_from_the_shard_its_index_names(tmp_path):

@@ -258,7 +258,8 @@ def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: I
     if isinstance(batches, Mapping):
         raise ValueError("batches must be an iterable of batch dicts: wrap a single batch in a list")
     layers = config.moe_layers
-    blocks = [_decoder_layers(model)[layer].mlp for layer in layers]
+    decoder_layers = model.get_decoder().layers  # also the `DeepTalkModel` that `AutoModel` loads, or compiled
+    blocks = [decoder_layers[layer].mlp for layer in layers]
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
     counts = {modality: [torch.zeros(n, dtype=torch.int64) for n in sizes] for modality in ("speech", "text")}
     mass = {modality: [torch.zeros(n, dtype=torch.float64) for n in sizes] for modality in ("speech", "text")}
@@ -526,8 +527,9 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
             )
         chosen.append(ids)
     # Every layer's current order is read from the config before the config records the new one.
+    decoder_layers = model.get_decoder().layers
     for layer, ids in zip(layers, chosen, strict=True):
-        _regroup(_decoder_layers(model)[layer].mlp, ids)
+        _regroup(decoder_layers[layer].mlp, ids)
     config.num_experts = [size - len(ids) for size, ids in zip(sizes, chosen, strict=True)]
     config.num_speech_experts = [len(ids) for ids in chosen]
     config.speech_expert_ids = chosen
@@ -538,17 +540,6 @@ def _language_model(model: nn.Module) -> DeepTalkForCausalLM:
     """The DeepTalk LLM whose experts move: the model, or an audio model's language model (which shares its config)."""
     language_model = getattr(model, "language_model", None)
     return language_model if isinstance(language_model, DeepTalkForCausalLM) else model  # type: ignore[return-value]
-
-
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a `DeepTalkForCausalLM` or of the `DeepTalkModel` that `AutoModel` loads (either may be
-    `torch.compile`'d)."""
-    model = getattr(model, "_orig_mod", model)
-    if isinstance(model, DeepTalkForCausalLM):
-        return model.model.layers
-    if isinstance(model, DeepTalkModel):
-        return model.layers
-    raise ValueError(f"expected a DeepTalk model (DeepTalkForCausalLM or DeepTalkModel), got {type(model).__name__}")
 
 
 def add_speech_attention(model: nn.Module) -> None:

@@ -1525,7 +1525,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             # while its audio had not begun, an end id that is also the pad) is part of it, as the cache saw it. A pad
             # that is an end id (the fallback without pad_token_id) may open a prompt (BOS = EOS in GPT-2's
             # vocabulary): as transformers does then, nothing is read as padding.
-            if pad_token_id in torch.as_tensor(eos_token_id if eos_token_id is not None else []).reshape(-1).tolist():
+            if eos_token_id is not None and pad_token_id in torch.tensor(eos_token_id):
                 padding = torch.zeros_like(padding)
             attention_mask = (~padding.long().cumprod(-1).bool()).long()
         speech = torch.as_tensor(True if speech_answer is None else speech_answer)

@@ -72,8 +72,11 @@ def test_add_speech_tokens_without_text_vocab_size_starts_at_the_tokenizer_end()
 
 def test_add_speech_tokens_rejects_a_text_model_smaller_than_the_tokenizer():
     tokenizer = tiny_tokenizer()
-    with pytest.raises(ValueError, match="more than text_vocab_size=3"):
-        add_speech_tokens(tokenizer, 5, text_vocab_size=3)
+    size = len(tokenizer)
+    for smaller in (3, size - 1):  # refused before the tokenizer changes
+        with pytest.raises(ValueError, match=f"has {size} tokens, more than text_vocab_size={smaller}"):
+            add_speech_tokens(tokenizer, 5, text_vocab_size=smaller)
+        assert len(tokenizer) == size
     with pytest.raises(ValueError, match="num_units=0"):
         add_speech_tokens(tokenizer, 0)
 

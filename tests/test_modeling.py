@@ -520,6 +520,20 @@ def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_posi
     assert torch.equal(
         model.generate(prompt, modality_ids=modality_ids, cache=copy.deepcopy(cache), **options), expected
     )
+    # Only the new ids with a mask over the whole sequence (transformers' other way to continue): modality_ids is
+    # aligned with the mask, as transformers aligns its per-position inputs; chunked prefill too.
+    new_ids, mask = prompt[:, 6:], torch.ones(1, 10, dtype=torch.long)
+    for chunk in (None, 3):
+        got = model.generate(
+            new_ids, modality_ids=modality_ids, attention_mask=mask, cache=copy.deepcopy(cache),
+            prefill_chunk_size=chunk, **options,
+        )  # fmt: skip
+        assert torch.equal(got[:, 4:], expected[:, 10:])
+    # modality_ids for the new ids alone would cover cached positions only, and be ignored: refused
+    with pytest.raises(ValueError, match="covers 4 positions, all of them among the 6 cached ones"):
+        model.generate(new_ids, modality_ids=modality_ids[:, 6:], attention_mask=mask, cache=cache, **options)
+    with pytest.raises(ValueError, match="the attention_mask's 10: new ids after 6 cached positions"):
+        model.generate(new_ids, modality_ids=torch.zeros(1, 11, dtype=torch.long), attention_mask=mask, cache=cache)
     # the same from embeddings (transformers passes the uncached ones only)
     embeds = model.model.embed(prompt)
     from_embeds = model.generate(inputs_embeds=embeds, modality_ids=modality_ids, cache=cache, **options)

@@ -60,26 +60,41 @@ def check_modality_ids_shape(modality_ids: torch.Tensor, shape: tuple[int, ...])
         raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(shape)}")
 
 
-def check_prompt_modality_ids(input_ids: torch.Tensor, model_kwargs: dict) -> None:
+def check_prompt_modality_ids(input_ids: torch.Tensor | None, model_kwargs: dict) -> None:
     """`generate` would broadcast a prompt's `modality_ids` of another shape over the batch, or cut it, silently.
+    Called with `generate`'s own arguments (transformers later drops an all-ones mask, which tells the two ways of
+    continuing from a cache apart).
 
     With `input_ids`, `modality_ids` may cover their first positions only: the rest take their modality from their
     ids, as generated tokens do (assisted generation hands the assistant the prompt's `modality_ids` with ids that
-    have grown since)."""
+    have grown since). Continuing from a cache with only the new ids (transformers reads that from an
+    `attention_mask` longer than them), `modality_ids` is aligned with the mask, cached positions first, and must
+    reach at least one new id: one that covers cached positions only would be ignored."""
     if (modality_ids := model_kwargs.get("modality_ids")) is None:
         return
-    check_modality_ids_values(modality_ids, model_kwargs.get("attention_mask"))
+    mask = model_kwargs.get("attention_mask")
+    check_modality_ids_values(modality_ids, mask)
     prompt = model_kwargs.get("inputs_embeds")
-    if prompt is not None:
-        check_modality_ids_shape(modality_ids, prompt.shape[:2])
-    elif (
-        modality_ids.dim() != 2
-        or modality_ids.shape[0] != input_ids.shape[0]
-        or modality_ids.shape[1] > input_ids.shape[-1]
-    ):
+    if prompt is not None or input_ids is None:  # no ids: the prompt is embeddings, or a BOS generate adds
+        check_modality_ids_shape(modality_ids, prompt.shape[:2] if prompt is not None else (modality_ids.shape[0], 1))
+        return
+    cache = model_kwargs.get("cache")
+    past = cache.get_seq_length() if cache is not None else 0
+    length = input_ids.shape[-1]
+    new_only = past > 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > length
+    if new_only:
+        length = mask.shape[1]
+    if modality_ids.dim() != 2 or modality_ids.shape[0] != input_ids.shape[0] or modality_ids.shape[1] > length:
         raise ValueError(
             f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(input_ids.shape)}: it must "
             "have the prompt's batch size and cover at most its length"
+            + (f" (here the attention_mask's {length}: new ids after {past} cached positions)" if new_only else "")
+        )
+    if new_only and modality_ids.shape[1] <= past:
+        raise ValueError(
+            f"modality_ids covers {modality_ids.shape[1]} positions, all of them among the {past} cached ones: "
+            "continuing from a cache with only the new ids, modality_ids is aligned with the attention_mask (the "
+            "whole sequence, cached positions first)"
         )
 
 
@@ -1426,10 +1441,6 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             generator.assistant_kwargs.pop("modality_ids", None)
         return generator
 
-    def _expand_inputs_for_generation(self, *args, input_ids: torch.LongTensor | None = None, **kwargs):
-        check_prompt_modality_ids(input_ids, kwargs)
-        return super()._expand_inputs_for_generation(*args, input_ids=input_ids, **kwargs)
-
     @torch.no_grad()
     def generate(
         self,
@@ -1459,6 +1470,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if not config.num_audio_streams:
             if speech_answer is not None or batch_parallel:
                 raise ValueError("speech_answer and batch_parallel are for models with parallel audio streams")
+            check_prompt_modality_ids(inputs if inputs is not None else kwargs.get("input_ids"), kwargs)
             return super().generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)
         from .generation_deeptalk import (
             DelayPatternLogitsProcessor,

@@ -375,6 +375,12 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
+    @torch.no_grad()
+    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' `generate`, with a prompt's `modality_ids` checked against the prompt first."""
+        check_prompt_modality_ids(inputs if inputs is not None else kwargs.get("input_ids"), kwargs)
+        return super().generate(inputs, *args, **kwargs)
+
     def _expand_inputs_for_generation(
         self,
         expand_size: int = 1,
@@ -385,7 +391,6 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """For beams and `num_return_sequences`: each sequence's audios are repeated with it. transformers repeats
         every tensor row by row, but `input_features` has a row per audio, so a copy of a sequence with two audios
         would hear one of them twice."""
-        check_prompt_modality_ids(input_ids, kwargs)
         features = {key: kwargs.pop(key, None) for key in ("input_features", "input_features_mask")}
         if expand_size > 1 and input_ids is not None and features["input_features"] is not None:
             lengths = audio_token_lengths(self.config, _feature_lengths(*features.values()))

@@ -636,8 +636,9 @@ def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path
     with torch.no_grad():
         assert torch.equal(model(ids).logits[..., :64], before)
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    assert model.resize_token_embeddings(88) is model.get_input_embeddings()
-    for size, multiple in ((96, None), (80, None), (88, 64)):
+    for size, multiple in ((88, None), (None, None), (88, 8), (None, 11), (81, 11)):  # sizes that stay 88
+        assert model.resize_token_embeddings(size, pad_to_multiple_of=multiple) is model.get_input_embeddings()
+    for size, multiple in ((96, None), (80, None), (88, 64), (None, 64)):
         with pytest.raises(ValueError, match="72 text ids, then 16 speech ids.*resize_speech_vocab"):
             model.resize_token_embeddings(size, pad_to_multiple_of=multiple)
     assert model.config.vocab_size == 88

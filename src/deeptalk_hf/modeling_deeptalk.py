@@ -827,7 +827,10 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
         `resize_speech_vocab`); `resize_token_embeddings(len(tokenizer))` with a matching tokenizer changes nothing.
         """
         config = self.config
-        if config.speech_vocab_size and (new_num_tokens not in (None, config.vocab_size) or pad_to_multiple_of):
+        size = config.vocab_size if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of:  # as transformers rounds it
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        if config.speech_vocab_size and size != config.vocab_size:
             raise ValueError(
                 f"resize_token_embeddings({new_num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): this model's "
                 f"{config.vocab_size} ids are {config.speech_token_start} text ids, then {config.speech_vocab_size} "

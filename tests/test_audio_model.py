@@ -2,6 +2,7 @@
 DeepTalk LLM. Masks and placeholder counts, bad input, cached generation, modality isolation under hard routing,
 composition from checkpoints and save/load, the "align" stage, and learning to transcribe synthetic tones."""
 
+import copy
 import json
 import os
 import subprocess
@@ -316,6 +317,30 @@ def test_cached_generation_equals_uncached_from_audio_and_text(cache_implementat
     uncached = model.generate(**batch, use_cache=False, **kwargs)
     assert cached.shape == (2, batch["input_ids"].shape[1] + 10)
     assert torch.equal(cached, uncached)
+
+
+def test_a_second_turn_from_the_first_turns_cache_takes_the_new_audios_only():
+    """The next turn of a dialogue continues from the cache: only the uncached ids are read, so only their audios are
+    given (as transformers' own multimodal models take them); all of them is refused, saying so."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    audio_id = config.audio_token_id
+    kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    first = audio_batch(config, whisper_features(), [[BOS, audio_id, SEP]], [tone(300, 0.4)])
+    turn = model.generate(**first, return_dict_in_generate=True, **kwargs)
+    history = turn.sequences[0, first["input_ids"].shape[1] :].tolist()
+    both = audio_batch(
+        config,
+        whisper_features(),
+        [[BOS, audio_id, SEP] + history + [7, audio_id, SEP]],
+        [tone(300, 0.4), tone(900, 0.3)],
+    )
+    assert torch.equal(both["input_ids"][:, : turn.sequences.shape[1]], turn.sequences)
+    expected = model.generate(**both, **kwargs)
+    new = {key: both[key][1:] for key in ("input_features", "input_features_mask")}
+    assert torch.equal(model.generate(**(both | new), cache=copy.deepcopy(turn.cache), **kwargs), expected)
+    with pytest.raises(ValueError, match="positions cached, only the uncached ids are read: give the audios of those"):
+        model.generate(**both, cache=turn.cache, **kwargs)
 
 
 def test_a_cache_passed_by_its_old_name_past_key_values_is_used():

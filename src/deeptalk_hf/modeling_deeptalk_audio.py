@@ -304,9 +304,15 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             )
         embeds, lengths = self.get_audio_features(input_features, input_features_mask)
         if num_placeholders != int(lengths.sum()):
+            past = cache.get_seq_length() if cache is not None else 0
             raise ValueError(
                 f"input_ids has {num_placeholders} audio placeholders (audio_token_id={self.config.audio_token_id}) but "
                 f"the {len(lengths)} audios fill {int(lengths.sum())} positions ({lengths.tolist()} each)"
+                + (
+                    f"; with {past} positions cached, only the uncached ids are read: give the audios of those alone"
+                    if past
+                    else ""
+                )
             )
         # Every run of placeholders (a row's end ends one) must end where an audio ends: otherwise an audio would be
         # split over two runs (audios given in another order than their runs, or over two rows).

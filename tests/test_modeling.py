@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModel,
@@ -27,7 +28,6 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, DeepTalkModel, upcycle_moe
 from deeptalk_hf.modeling_deeptalk import (
     DeepTalkExperts,
-    DeepTalkSparseMoeBlock,
     ModalitySplit,
     RoutingSettings,
     modality_router_losses,
@@ -704,29 +704,34 @@ def test_training_under_a_float64_default_dtype():
 def test_sentinel_slots_never_reach_an_output(backend):
     """Sentinel slots (index 2 in a group of 2): backends that skip them give the experts' own result, bit for bit;
     `batched_mm` runs them on the group's last expert, whose inf times weight 0 made the tokens that never chose it
-    NaN. A token with no expert in the group (masked, as under compile) gets zeros."""
+    NaN. A token with no expert in the group (masked, as under compile) gets zeros. Also with LoRA on the experts (a
+    PEFT wrapper, which has no `config` to read the backend from)."""
     config = tiny_config(experts_implementation=backend, modality_routing="none")  # sentinels: the safe path
+    model = DeepTalkForCausalLM(config).eval()
+    mlp = model.model.layers[0].mlp
     experts = DeepTalkExperts(config, 2)
     torch.nn.init.normal_(experts.gate_up_proj, std=0.3)
     torch.nn.init.normal_(experts.down_proj, std=0.3)
     hidden = torch.randn(3, config.hidden_size)
     indices, weights = torch.tensor([[0, 2], [0, 2], [2, 2]]), torch.tensor([[0.7, 0.0], [0.4, 0.0], [0.0, 0.0]])
-    output = DeepTalkSparseMoeBlock._run(experts, 2, hidden, indices, weights, sentinels=True)
+    output = mlp._run(experts, 2, hidden, indices, weights, sentinels=True)
     if backend != "batched_mm":
         assert torch.equal(output, experts(hidden, indices, weights))
     assert torch.equal(output[2], torch.zeros(config.hidden_size))
     with torch.no_grad():
         experts.down_proj[1].fill_(float("inf"))  # the expert no token chose
-    assert torch.equal(DeepTalkSparseMoeBlock._run(experts, 2, hidden, indices, weights, sentinels=True), output)
+    assert torch.equal(mlp._run(experts, 2, hidden, indices, weights, sentinels=True), output)
     # Through a block with routing "none" (as profiling runs it): tokens that never chose the inf expert stay finite.
-    model = DeepTalkForCausalLM(tiny_config(experts_implementation=backend, modality_routing="none")).eval()
-    mlp = model.model.layers[0].mlp
     with torch.no_grad():
         mlp.speech_experts.down_proj[-1].fill_(float("inf"))
         states = torch.randn(1, 12, config.hidden_size)
         _, _, picks = mlp.route_all(torch.cat([mlp.gate(states[0]), mlp.speech_gate(states[0])], -1))
         untouched = ~(picks == mlp.num_text_experts + mlp.num_speech_experts - 1).any(-1)
         assert untouched.any() and mlp(states)[0][0][untouched].isfinite().all()
+        # a zero-initialised LoRA on the experts changes nothing
+        get_peft_model(model, LoraConfig(r=2, target_parameters=["mlp.speech_experts.down_proj"]))
+        assert type(mlp.speech_experts).__name__ == "ParamWrapper"
+        assert mlp(states)[0][0][untouched].isfinite().all()
 
 
 def test_wrong_tensor_shape_fails_naming_it(tmp_path):

@@ -493,8 +493,8 @@ class DeepTalkSparseMoeBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_routing(logits, self.routing, self._bias(router), group_limited)
 
-    @staticmethod
     def _run(
+        self,
         experts: nn.Module,
         count: int,
         hidden: torch.Tensor,
@@ -506,14 +506,15 @@ class DeepTalkSparseMoeBlock(nn.Module):
         top-k, or `sentinels`, where other groups' slots were masked) are skipped by eager, grouped_mm and the Triton
         kernels, but `batched_mm` runs one on the group's last expert (an inf output times 0 is NaN) and expert
         parallelism's all-to-all dispatch takes real ids only: there they point at an expert the token uses anyway,
-        with weight 0 (or expert 0 for a token without any). A token with no expert in the group gets exact zeros."""
+        with weight 0 (or expert 0 for a token without any). A token with no expert in the group gets exact zeros.
+        (The backend is read from the block's config, which its experts share: a PEFT wrapper of them has none.)"""
         if not sentinels and indices.shape[-1] <= count:
             return experts(hidden, indices, weights)
         is_sentinel = indices >= count
         own = torch.where(is_sentinel, count, indices).min(-1, keepdim=True).values
         has_own = own < count
         sharded = experts.num_experts < count
-        if sharded or getattr(getattr(experts, "config", None), "_experts_implementation", None) == "batched_mm":
+        if sharded or self.config._experts_implementation == "batched_mm":
             indices = torch.where(is_sentinel, own.masked_fill(~has_own, 0) if sharded else own, indices)
         return torch.where(has_own, experts(hidden, indices, weights.masked_fill(is_sentinel, 0.0)), 0.0)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
-from tokenizers import normalizers, processors
-from transformers import AutoProcessor
+from tokenizers import Tokenizer, models, normalizers, processors
+from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
 from deeptalk_hf.processing_deeptalk import INTERLEAVE_POLICIES, SPEECH_MARKERS, SPEECH_UNIT_TOKEN
@@ -68,6 +68,16 @@ def test_add_speech_tokens_without_text_vocab_size_starts_at_the_tokenizer_end()
     tokenizer = tiny_tokenizer()
     size = len(tokenizer)
     assert add_speech_tokens(tokenizer, 5) == range(size, size + 8)
+
+
+def test_add_speech_tokens_refuses_a_vocabulary_with_gaps_in_its_ids():
+    """New tokens get ids from len(tokenizer) on: with a gap in the ids they would take a token's id ("c" here)."""
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "c": 9}, unk_token="[UNK]"))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    for text_vocab_size in (None, 12):
+        with pytest.raises(ValueError, match="has 4 tokens but ids up to 9"):
+            add_speech_tokens(tokenizer, 4, text_vocab_size=text_vocab_size)
+        assert len(tokenizer) == 4
 
 
 def test_add_speech_tokens_rejects_a_text_model_smaller_than_the_tokenizer():

@@ -164,14 +164,19 @@ def add_speech_tokens(
                 f"it does not match num_units={num_units}, text_vocab_size={text_vocab_size}"
             )
         return existing
-    start = len(tokenizer)
+    start, vocab = len(tokenizer), tokenizer.get_vocab()
+    if max(vocab.values(), default=-1) + 1 != start:  # new tokens would take ids that tokens already have
+        raise ValueError(
+            f"the tokenizer's ids have gaps: it has {start} tokens but ids up to {max(vocab.values())}; the speech "
+            "block's ids would be ids its tokens already have"
+        )
     if text_vocab_size is not None:
         if text_vocab_size < start:
             raise ValueError(f"the tokenizer has {start} tokens, more than text_vocab_size={text_vocab_size}")
         start = text_vocab_size
     names = [TEXT_PAD_TOKEN.format(i) for i in range(len(tokenizer), start)]
     names += [SPEECH_UNIT_TOKEN.format(i) for i in range(num_units)] + list(SPEECH_MARKERS)
-    taken = sorted(set(names) & set(tokenizer.get_vocab()))
+    taken = sorted(set(names) & set(vocab))
     if taken:  # checked first: the tokenizer is left as it was
         raise ValueError(
             f"the tokenizer already has {len(taken)} of the speech block's tokens ({', '.join(taken[:3])}) without a "

@@ -427,7 +427,7 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     llama = tmp_path / "llama"
     dense_model("llama").save_pretrained(llama)
     assert profile_main([str(llama), str(data), "--quiet"]) == EXIT_SOURCE
-    assert "LlamaForCausalLM" in capsys.readouterr().err
+    assert "is a llama model; profile a DeepTalk model" in capsys.readouterr().err
     truncated = tmp_path / "truncated"
     shutil.copytree(deeptalk_checkpoint, truncated)
     (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:5000])
@@ -517,8 +517,9 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert profile_main(arguments) == EXIT_USAGE
     error = capsys.readouterr().err
     assert "no speech experts yet" in error and "--num-speech-experts" in error and not load.exists()
-    assert profile_main([*arguments, "--num-speech-experts", "1", "--device", "bogus"]) == EXIT_USAGE
-    assert "--device bogus cannot be used" in capsys.readouterr().err and not load.exists()
+    for device in ("bogus", "meta"):  # meta tensors hold no values
+        assert profile_main([*arguments, "--num-speech-experts", "1", "--device", device]) == EXIT_USAGE
+        assert f"--device {device} cannot be used" in capsys.readouterr().err and not load.exists()
     if importlib.util.find_spec("matplotlib") is None:
         assert profile_main([model, str(data), "--plot", str(tmp_path / "p.png"), "--quiet"]) == EXIT_USAGE
         assert "deeptalk-hf[plot]" in capsys.readouterr().err

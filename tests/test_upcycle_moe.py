@@ -47,7 +47,7 @@ from deeptalk_hf import (
 from deeptalk_hf.cli import EXIT_OK, EXIT_SOURCE, EXIT_USAGE, upcycle_main, upcycle_parser
 from deeptalk_hf.upcycling import MOE_ARCHITECTURES, CheckpointError
 
-from .test_upcycling import corrupt, leftovers, load_checked, save_dense
+from .test_upcycling import corrupt, fake_hub, leftovers, load_checked, save_dense
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 64  # save_dense's tokenizer has 64 words
@@ -282,6 +282,20 @@ def test_olmoe_clipping_is_exercised():
     model.config.clip_qkv = None
     with torch.no_grad():
         assert max_diff(model(text_ids()).logits, source(text_ids()).logits) > 1e-3
+
+
+def test_a_hub_moe_source_is_checked_before_its_weights_are_downloaded(tmp_path, monkeypatch):
+    """A dense-only option on an MoE source fails on the configs alone, not after a download of many GB."""
+    source_model("qwen3_moe").save_pretrained(tmp_path / "repo")
+    calls = fake_hub(tmp_path / "repo", tmp_path / "cache", monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        upcycle_main(["org/moe", str(tmp_path / "out"), "--num-text-experts", "2", "--quiet"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert calls == [("org/moe", None, False)] and not (tmp_path / "out").exists()
+    assert upcycle_main(["org/moe", str(tmp_path / "out"), "--quiet"]) == EXIT_OK
+    # the command reads the configs, then the import reads them again (from the hub cache) and the weights, all from
+    # the commit the command's configs came from
+    assert calls[1:] == [("org/moe", None, False), ("org/moe", "0123abcd", False), ("org/moe", "0123abcd", True)]
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -456,6 +457,43 @@ def test_streaming_checkpoint_is_the_dense_model(kind, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def fake_hub(repo: Path, cache: Path, monkeypatch) -> list[tuple[str, str | None, bool]]:
+    """`snapshot_download` from the folder `repo`; each call is recorded as (id, revision, weights asked for)."""
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, any(pattern.endswith(".safetensors") for pattern in allow_patterns)))
+        snapshot = cache / "0123abcd"  # the hub cache's snapshot folder is named by its commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in hf_utils.filter_repo_objects(os.listdir(repo), allow_patterns=allow_patterns):
+            shutil.copyfile(repo / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.snapshot_download", snapshot_download)
+    return calls
+
+
+def test_a_hub_source_is_checked_before_its_weights_are_downloaded(tmp_path, monkeypatch, capsys):
+    """A wrong option or an unsupported model fails on the configs alone, not after a download of many GB."""
+    repo = save_dense(dense_model("llama"), tmp_path / "repo")
+    calls = fake_hub(repo, tmp_path / "cache", monkeypatch)
+    with pytest.raises(ValueError, match="granularity=5"):
+        upcycle_checkpoint("org/llama", tmp_path / "moe", num_text_experts=2, num_speech_experts=0,
+                           num_experts_per_tok=1, granularity=5)  # fmt: skip
+    from deeptalk_hf.cli import EXIT_SOURCE, EXIT_USAGE, upcycle_main
+
+    base = ["org/llama", str(tmp_path / "out"), "--quiet"]
+    with pytest.raises(SystemExit) as exit_info:  # --num-text-experts and --top-k missing
+        upcycle_main(base)
+    assert exit_info.value.code == EXIT_USAGE
+    assert upcycle_main([*base, "--num-text-experts", "2", "--top-k", "1", "--granularity", "5"]) == EXIT_USAGE
+    (repo / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert upcycle_main([*base, "--num-text-experts", "2", "--top-k", "1"]) == EXIT_SOURCE
+    assert "'gpt2'" in capsys.readouterr().err
+    assert calls and not any(weights for *_, weights in calls)
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("layout", ["sharded", "single", "both"])
 def test_a_hub_source_downloads_only_the_weights_its_index_names(layout, tmp_path, monkeypatch):
     """Mistral's repositories also hold `consolidated.safetensors` (the same weights again): only the configs,
@@ -467,21 +505,12 @@ def test_a_hub_source_downloads_only_the_weights_its_index_names(layout, tmp_pat
     if layout == "both":
         save_dense(dense_model("mistral", seed=5), repo, max_shard_size="40KB")  # other weights, in shards
     (repo / "consolidated.safetensors").write_bytes(b"not needed")
-    calls = []
-
-    def snapshot_download(repo_id, revision=None, allow_patterns=None):
-        calls.append((repo_id, revision))
-        snapshot = tmp_path / "cache" / "0123abcd"  # the hub cache's snapshot folder is named by its commit
-        snapshot.mkdir(parents=True, exist_ok=True)
-        for name in hf_utils.filter_repo_objects(os.listdir(repo), allow_patterns=allow_patterns):
-            shutil.copyfile(repo / name, snapshot / name)
-        return str(snapshot)
-
-    monkeypatch.setattr("deeptalk_hf.upcycling.snapshot_download", snapshot_download)
+    calls = fake_hub(repo, tmp_path / "cache", monkeypatch)
     options = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, progress=False)
     upcycle_checkpoint("mistralai/tiny", tmp_path / "moe", revision="main", **options)
-    second = [("mistralai/tiny", "0123abcd")] if layout == "sharded" else []
-    assert calls == [("mistralai/tiny", "main"), *second]
+    shards = [("mistralai/tiny", "0123abcd", True)] if layout == "sharded" else []
+    # the configs first (the options are checked before any weights come), then the weights from their commit
+    assert calls == [("mistralai/tiny", "main", False), ("mistralai/tiny", "0123abcd", True), *shards]
     downloaded = set(os.listdir(tmp_path / "cache" / "0123abcd"))
     shards = {name for name in os.listdir(repo) if name.startswith("model-")} if layout == "both" else set()
     assert downloaded == set(os.listdir(repo)) - {"consolidated.safetensors"} - shards

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from .configuration_deeptalk import DeepTalkAudioConfig
+from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
 from .modality import (
     ASSIGNMENT_STRATEGIES,
     ModalityLoad,
@@ -34,7 +34,6 @@ from .modality import (
     speech_attention_layers,
     speech_expert_counts,
 )
-from .modeling_deeptalk import DeepTalkForCausalLM
 from .upcycling import (
     MOE_ARCHITECTURES,
     SUPPORTED_ARCHITECTURES,
@@ -43,6 +42,7 @@ from .upcycling import (
     _copy_tokenizer,
     _read_config,
     _resolve_source,
+    _resolve_weights,
     atomic_output_dir,
     check_output_dir,
     upcycle_checkpoint,
@@ -232,8 +232,10 @@ def upcycle_main(argv: list[str] | None = None) -> int:
 
     def action():
         check_output_dir(args.destination, overwrite=args.overwrite)  # before a hub download
-        source = _resolve_source(args.source, args.revision)
-        config = _read_config(source)
+        configs = _resolve_source(args.source, args.revision, weights=False)  # the weights once the options are right
+        config = _read_config(configs)
+        # A hub source's weights from the commit its config came from (the snapshot folder's name).
+        revision = None if Path(args.source).is_dir() else configs.name
         _check_architecture(config, {*SUPPORTED_ARCHITECTURES, *MOE_ARCHITECTURES}, "dense or MoE")
         kind = config.model_type
         output = dict(
@@ -249,13 +251,15 @@ def upcycle_main(argv: list[str] | None = None) -> int:
                     f"{', '.join(flags[name] for name in dense_options)}: SRC is a {kind} MoE, imported with its own "
                     "experts; these options apply to dense sources only"
                 )
-            upcycle_moe_checkpoint(source, args.destination, **output)
+            upcycle_moe_checkpoint(args.source, args.destination, revision=revision, **output)
             print(f"wrote DeepTalk checkpoint {args.destination} (imported {kind}; no speech experts yet)")
             return
         missing = [flags[name] for name in _DENSE_REQUIRED if name not in dense_options]
         if missing:
             parser.error(f"SRC is a dense {kind} model: upcycling it needs {' and '.join(missing)}")
-        upcycle_checkpoint(source, args.destination, **{"num_speech_experts": 0, **dense_options}, **output)
+        upcycle_checkpoint(
+            args.source, args.destination, revision=revision, **{"num_speech_experts": 0, **dense_options}, **output
+        )
         print(f"wrote DeepTalk checkpoint {args.destination}")
 
     with _progress_bars(enabled=not args.quiet):
@@ -454,22 +458,36 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise ValueError("--plot needs matplotlib: pip install 'deeptalk-hf[plot]'")
         if not Path(args.data).is_file():
             raise DataError(f"data file {args.data} does not exist")
-        source = _resolve_source(args.model, None)
-        inputs = [source, Path(args.data)]
-        _check_load_files(args, source)
+        configs = _resolve_source(args.model, None, weights=False)  # a hub id's weights once the rest is checked
+        inputs = [configs, Path(args.data)]
+        _check_load_files(args, configs)
         if args.assign_to:
             check_output_dir(args.assign_to, overwrite=args.overwrite, inputs=inputs)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
+            if torch.device(device).type == "meta":
+                raise RuntimeError("a meta tensor holds no values to run on")
             torch.empty(0, device=device)
         except (RuntimeError, AssertionError) as error:  # AssertionError: a torch built without CUDA
             raise ValueError(f"--device {device} cannot be used: {error}") from error
 
-        if isinstance(_read_config(source), DeepTalkAudioConfig):
+        config = _read_config(configs)
+        if isinstance(config, DeepTalkAudioConfig):
             raise CheckpointError(
                 f"{args.model} is a DeepTalk audio model; the command profiles DeepTalk LLM checkpoints (in Python: "
                 "profile_modality_load(model.language_model, batches), then assign_modality_experts(model, load, ...))"
             )
+        if not isinstance(config, DeepTalkConfig):
+            raise CheckpointError(
+                f"{args.model} is a {config.model_type} model; profile a DeepTalk model (upcycle or import it first)"
+            )
+        number = counts[0] if counts and len(counts) == 1 else counts  # one count for every MoE layer
+        if args.assign_to and args.strategy != "adaptive":
+            try:  # checked before the weights are read and profiled, which can take long
+                speech_expert_counts(config, number)
+            except ValueError as error:  # the library's message names the argument; the user types the option
+                raise ValueError(f"--num-speech-experts: {error}") from error
+        source = _resolve_weights(args.model, configs)
 
         def load_model(dtype: str) -> PreTrainedModel:
             try:
@@ -478,17 +496,6 @@ def profile_main(argv: list[str] | None = None) -> int:
                 raise CheckpointError(f"cannot load {args.model}: {error}") from error
 
         model = load_model(args.dtype or "auto").to(device)
-        if not isinstance(model, DeepTalkForCausalLM):
-            raise CheckpointError(
-                f"{args.model} is a {type(model).__name__}; profile a DeepTalk model (upcycle or import it first)"
-            )
-        config = model.config
-        number = counts[0] if counts and len(counts) == 1 else counts  # one count for every MoE layer
-        if args.assign_to and args.strategy != "adaptive":
-            try:  # checked before profiling, which can take long
-                speech_expert_counts(config, number)
-            except ValueError as error:  # the library's message names the argument; the user types the option
-                raise ValueError(f"--num-speech-experts: {error}") from error
         if args.speech_attention:
             try:  # checked before profiling, which can take long
                 speech_attention_layers(model)

@@ -16,6 +16,7 @@ to disk shard by shard, atomically, without ever holding the source and the resu
 """
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -497,18 +498,28 @@ class _Upcycler(_Converter):
         return result.to(weight.dtype)
 
 
-def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path:
-    """A local checkpoint directory, or a hub id downloaded (safetensors, configs and tokenizer files only)."""
+def _resolve_source(model_path: str | os.PathLike, revision: str | None, weights: bool = True) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (safetensors, configs and tokenizer files only). With
+    `weights=False`, a hub id's configs and tokenizer files alone, so that a wrong option or an unsupported model fails
+    before a long download; `_resolve_weights` fetches the rest."""
     path = Path(model_path)
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory or a hub model id")
-    # The single weights file where there is one (transformers reads it first, beside an index too); else only the
-    # files the index names, from the same commit (the snapshot folder's name): a repository may hold other
-    # safetensors beside them (Mistral's `consolidated.safetensors`, the same weights again).
-    folder = _download(str(model_path), revision, [*_SNAPSHOT_PATTERNS, SAFE_WEIGHTS_NAME])
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    folder = _download(str(model_path), revision, _SNAPSHOT_PATTERNS)
+    return _resolve_weights(model_path, folder) if weights else folder
+
+
+def _resolve_weights(model_path: str | os.PathLike, configs: Path) -> Path:
+    """The whole source whose configs `_resolve_source(..., weights=False)` gave: a hub id's weights come from the
+    same commit (the snapshot folder's name). The single weights file where there is one (transformers reads it
+    first, beside an index too); else only the files the index names: a repository may hold other safetensors beside
+    them (Mistral's `consolidated.safetensors`, the same weights again)."""
+    if Path(model_path).is_dir():
+        return configs
+    index = configs / SAFE_WEIGHTS_INDEX_NAME
+    folder = _download(str(model_path), configs.name, [*_SNAPSHOT_PATTERNS, SAFE_WEIGHTS_NAME])
     if (folder / SAFE_WEIGHTS_NAME).is_file() or not index.is_file():
         return folder
     weights = sorted(set(_weight_map(index).values()))
@@ -901,6 +912,18 @@ def atomic_output_dir(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _checked_then_opened(
+    source: str | os.PathLike, revision: str | None, converter: Callable[[PretrainedConfig], _Converter]
+) -> tuple[_SourceCheckpoint, _Converter]:
+    """The source checkpoint and its `converter(config)`, built first from the configs alone: the options and the
+    model type are checked before a hub id's weights are downloaded, then the converter is built again from the
+    config the weights complete (a config.json without a dtype takes theirs)."""
+    configs = _resolve_source(source, revision, weights=False)
+    converter(_read_config(configs))
+    checkpoint = _SourceCheckpoint(_resolve_weights(source, configs))
+    return checkpoint, converter(checkpoint.config)
+
+
 def _write_checkpoint(
     checkpoint: _SourceCheckpoint,
     converter: _Converter,
@@ -975,21 +998,24 @@ def upcycle_checkpoint(
     config and tokenizer are written into a temporary directory renamed to `destination` at the end, so a failure
     (corrupt or truncated source included) leaves no output. Returns `destination`.
     """
-    checkpoint = _SourceCheckpoint(_resolve_source(source, revision))
     dtype = _as_dtype(dtype)
-    upcycler = _dense_upcycler(
-        checkpoint.config,
-        dtype,
-        num_text_experts=num_text_experts,
-        num_speech_experts=num_speech_experts,
-        num_experts_per_tok=num_experts_per_tok,
-        granularity=granularity,
-        num_shared_experts=num_shared_experts,
-        speech_vocab_size=speech_vocab_size,
-        mlp_only_layers=mlp_only_layers,
-        init_noise=init_noise,
-        drop_fraction=drop_fraction,
-        seed=seed,
+    checkpoint, upcycler = _checked_then_opened(
+        source,
+        revision,
+        functools.partial(
+            _dense_upcycler,
+            dtype=dtype,
+            num_text_experts=num_text_experts,
+            num_speech_experts=num_speech_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            granularity=granularity,
+            num_shared_experts=num_shared_experts,
+            speech_vocab_size=speech_vocab_size,
+            mlp_only_layers=mlp_only_layers,
+            init_noise=init_noise,
+            drop_fraction=drop_fraction,
+            seed=seed,
+        ),
     )
     return _write_checkpoint(
         checkpoint, upcycler, destination, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress
@@ -1013,12 +1039,16 @@ def upcycle_moe_checkpoint(
     output shard written when complete, everything in a temporary directory renamed to `destination` at the end (a
     failure leaves no output). Returns `destination`.
     """
-    checkpoint = _SourceCheckpoint(_resolve_source(source, revision))
     dtype = _as_dtype(dtype)
-    config = deeptalk_config_from_moe(checkpoint.config, speech_vocab_size=speech_vocab_size, dtype=dtype)
+
+    def importer(source_config: PretrainedConfig) -> _Converter:
+        config = deeptalk_config_from_moe(source_config, speech_vocab_size=speech_vocab_size, dtype=dtype)
+        return _moe_converter(source_config, config, dtype)
+
+    checkpoint, converter = _checked_then_opened(source, revision, importer)
     return _write_checkpoint(
         checkpoint,
-        _moe_converter(checkpoint.config, config, dtype),
+        converter,
         destination,
         max_shard_size=max_shard_size,
         overwrite=overwrite,

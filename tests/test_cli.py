@@ -27,6 +27,7 @@ from deeptalk_hf import (
     assign_modality_experts,
     cli,
     profile_modality_load,
+    upcycle_checkpoint,
 )
 from deeptalk_hf.cli import (
     EXIT_EXISTS,
@@ -109,11 +110,30 @@ def test_upcycle_exit_codes(tmp_path, capsys):
     assert exit_info.value.code == EXIT_USAGE
     assert upcycle_main([str(source), str(destination), *base, "--granularity", "5"]) == EXIT_USAGE
     assert "granularity=5" in capsys.readouterr().err
+    for size in ("0KB", "-5KB", "5XB"):  # sizes as transformers reads them, positive
+        with pytest.raises(SystemExit) as exit_info:
+            upcycle_main([str(source), str(destination), *base, "--max-shard-size", size])
+        assert exit_info.value.code == EXIT_USAGE and "argument --max-shard-size" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="max_shard_size=0 must be a positive size"):
+        upcycle_checkpoint(source, destination, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1,
+                           max_shard_size=0)  # fmt: skip
+    assert not destination.exists()
+    layouts = {}
+    for size in ("60000", "60KB", "40960", "40KiB"):  # a number of bytes, as the Python API takes it, or with a unit
+        assert upcycle_main([str(source), str(destination), *base, "--max-shard-size", size]) == EXIT_OK
+        layouts[size] = json.loads((destination / "model.safetensors.index.json").read_text())["weight_map"]
+        shutil.rmtree(destination)
+    assert layouts["60000"] == layouts["60KB"] != layouts["40960"] == layouts["40KiB"]
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32)).save_pretrained(gpt2)
     assert upcycle_main([str(gpt2), str(destination), *base]) == EXIT_SOURCE
     assert "'gpt2'" in capsys.readouterr().err
     assert upcycle_main([str(tmp_path / "nowhere"), str(destination), *base]) == EXIT_SOURCE
+    (tmp_path / "weights_only").mkdir()
+    for weights in source.glob("model*.safetensors*"):
+        shutil.copy(weights, tmp_path / "weights_only")
+    assert upcycle_main([str(tmp_path / "weights_only"), str(destination), *base]) == EXIT_SOURCE
+    assert "weights_only has no config.json" in capsys.readouterr().err
     assert not destination.exists()
     assert upcycle_main([str(source), str(destination), *base]) == EXIT_OK
     assert upcycle_main([str(source), str(destination), *base]) == EXIT_EXISTS

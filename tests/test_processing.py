@@ -572,6 +572,9 @@ def test_continuing_a_final_message_that_ends_in_speech_leaves_its_segment_open(
     conversation[-1]["content"] = [{"type": "speech", "units": [NUM_UNITS]}]
     with pytest.raises(ValueError, match=f"final speech block has unit {NUM_UNITS}"):
         PROCESSOR.apply_chat_template(conversation, continue_final_message=True)
+    conversation[-1]["content"] = [{"type": "speech", "text": "hi"}]
+    with pytest.raises(ValueError, match=r'block needs its "units" \(got the keys \['):
+        PROCESSOR.apply_chat_template(conversation, tokenize=True)
 
 
 def answer_positions(ids: list[int], attention: list[int]) -> list[int]:

@@ -43,6 +43,7 @@ from .upcycling import (
     _read_config,
     _resolve_source,
     _resolve_weights,
+    _shard_bytes,
     atomic_output_dir,
     check_output_dir,
     upcycle_checkpoint,
@@ -69,6 +70,13 @@ def _int_list(text: str) -> list[int]:
         return [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _shard_size(text: str) -> int:
+    try:
+        return _shard_bytes(int(text) if text.isdigit() else text)  # a plain number of bytes, as the Python API takes
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _fail(prog: str, code: int, error: BaseException | str) -> int:
@@ -210,7 +218,10 @@ def upcycle_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--dtype", choices=_DTYPES, default=None, help="weights dtype (default: the source's)")
     output.add_argument(
-        "--max-shard-size", default="5GB", help="largest output safetensors shard, e.g. 500MB (default: 5GB)"
+        "--max-shard-size",
+        type=_shard_size,
+        default="5GB",
+        help="largest output safetensors shard, e.g. 500MB, 2GiB or a number of bytes (default: 5GB)",
     )
     output.add_argument("--revision", default=None, help="hub revision when SRC is a hub id")
     output.add_argument(

@@ -103,6 +103,10 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
             content = message.get("content")
             for block in [] if isinstance(content, str) or not content else content:
                 if block["type"] == "speech":
+                    if "units" not in block:
+                        raise ValueError(
+                            f'a {{"type": "speech"}} block needs its "units" (got the keys {list(block)})'
+                        )
                     blocks.append(("speech", block["units"]))
                 elif block["type"] == "audio" and "audio" in block:
                     blocks.append(("audio", (block["audio"], block.get("sampling_rate"))))

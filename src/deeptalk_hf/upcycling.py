@@ -40,6 +40,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrai
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict, str_to_torch_dtype
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
+from transformers.utils.hub import convert_file_size_to_int
 
 from .configuration_deeptalk import DeepTalkConfig
 from .modeling_deeptalk import DeepTalkForCausalLM, check_no_adapters
@@ -579,6 +580,8 @@ def _shard_files(source: Path) -> tuple[list[Path], dict[str, Path] | None]:
 
 def _read_config(source: Path) -> PretrainedConfig:
     """The config of a checkpoint directory (what `deeptalk-upcycle` reads to tell a dense source from an MoE)."""
+    if not (source / "config.json").is_file():  # transformers would say "Unrecognized model" of it
+        raise CheckpointError(f"{source} has no config.json: is it a transformers checkpoint?")
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:
@@ -912,6 +915,17 @@ def atomic_output_dir(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _shard_bytes(max_shard_size: int | str) -> int:
+    """`max_shard_size` in bytes, read as transformers' `save_pretrained` reads it (an int, "5GB", "500MiB")."""
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"max_shard_size={max_shard_size!r}: {error}") from None
+    if size < 1:
+        raise ValueError(f"max_shard_size={max_shard_size!r} must be a positive size")
+    return size
+
+
 def _checked_then_opened(
     source: str | os.PathLike, revision: str | None, converter: Callable[[PretrainedConfig], _Converter]
 ) -> tuple[_SourceCheckpoint, _Converter]:
@@ -998,7 +1012,7 @@ def upcycle_checkpoint(
     config and tokenizer are written into a temporary directory renamed to `destination` at the end, so a failure
     (corrupt or truncated source included) leaves no output. Returns `destination`.
     """
-    dtype = _as_dtype(dtype)
+    dtype, max_shard_size = _as_dtype(dtype), _shard_bytes(max_shard_size)
     checkpoint, upcycler = _checked_then_opened(
         source,
         revision,
@@ -1039,7 +1053,7 @@ def upcycle_moe_checkpoint(
     output shard written when complete, everything in a temporary directory renamed to `destination` at the end (a
     failure leaves no output). Returns `destination`.
     """
-    dtype = _as_dtype(dtype)
+    dtype, max_shard_size = _as_dtype(dtype), _shard_bytes(max_shard_size)
 
     def importer(source_config: PretrainedConfig) -> _Converter:
         config = deeptalk_config_from_moe(source_config, speech_vocab_size=speech_vocab_size, dtype=dtype)

@@ -129,13 +129,19 @@ def test_upcycle_exit_codes(tmp_path, capsys):
     assert upcycle_main([str(gpt2), str(destination), *base]) == EXIT_SOURCE
     assert "'gpt2'" in capsys.readouterr().err
     assert upcycle_main([str(tmp_path / "nowhere"), str(destination), *base]) == EXIT_SOURCE
+    unknown = tmp_path / "unknown"
+    shutil.copytree(source, unknown)
+    (unknown / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
+    assert upcycle_main([str(unknown), str(destination), *base]) == EXIT_SOURCE
     (tmp_path / "weights_only").mkdir()
     for weights in source.glob("model*.safetensors*"):
         shutil.copy(weights, tmp_path / "weights_only")
     assert upcycle_main([str(tmp_path / "weights_only"), str(destination), *base]) == EXIT_SOURCE
     assert "weights_only has no config.json" in capsys.readouterr().err
     assert not destination.exists()
+    capsys.readouterr()
     assert upcycle_main([str(source), str(destination), *base]) == EXIT_OK
+    assert "Converting" not in capsys.readouterr().err  # --quiet
     assert upcycle_main([str(source), str(destination), *base]) == EXIT_EXISTS
     assert "--overwrite" in capsys.readouterr().err
     assert upcycle_main([str(source), str(destination), *base, "--overwrite", "--dtype", "bfloat16"]) == EXIT_OK
@@ -281,11 +287,12 @@ def test_read_jsonl_batches(tmp_path):
     assert first["input_ids"][1, :9].tolist() == rows[1]["input_ids"][:9]
 
 
-@pytest.mark.parametrize("ids", ["[3, 80]", "[-1, 3]", "[3, 2.0]"])
+@pytest.mark.parametrize("ids", ["[3, 80]", "[-1, 3]", "[3, 2.0]", "[true, 3]", "[]"])
 def test_read_jsonl_batches_refuses_ids_outside_the_vocabulary(tmp_path, ids):
-    """An id equal to the vocabulary size is the first outside it: corrupt data by line, not an embedding error."""
+    """An id equal to the vocabulary size is the first outside it: corrupt data by line, not an embedding error; a
+    boolean is not id 1, and an empty row is not a row."""
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(f'{{"input_ids": {ids}}}\n')
+    bad.write_text(f'{{"input_ids": {ids}}}\n{{"input_ids": [1, 2]}}\n')
     with pytest.raises(cli.DataError, match="bad.jsonl:1: "):
         list(read_jsonl_batches(bad, batch_size=1, vocab_size=80, speech_token_start=TEXT_VOCAB))
 
@@ -297,6 +304,54 @@ def test_read_jsonl_batches_refuses_modality_ids_that_are_not_0_or_1(tmp_path, m
     bad.write_text(f'{{"input_ids": [1, 2], "modality_ids": {modality}}}\n')
     with pytest.raises(cli.DataError, match="bad.jsonl:1: modality_ids must be 0/1 values"):
         list(read_jsonl_batches(bad, batch_size=1, vocab_size=80, speech_token_start=TEXT_VOCAB))
+
+
+def test_small_cli_helpers():
+    """A trailing comma in a list option is harmless; a host's disabled transformers bars stay disabled."""
+    assert cli._int_list("2,3,") == [2, 3]
+    hf_logging.disable_progress_bar()
+    try:
+        with cli._progress_bars(enabled=True):
+            pass
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_profile_checks_its_outputs_before_profiling_and_counts_what_it_reads(
+    deeptalk_checkpoint, tmp_path, capsys, monkeypatch
+):
+    """An existing -o folder or --assign-to folder is refused before the (long) profiling, nothing written; the
+    progress bar counts every sequence read; --max-length 0 is refused."""
+    data, split, load = write_data(tmp_path / "data.jsonl"), tmp_path / "split", tmp_path / "load.json"
+    model = str(deeptalk_checkpoint)
+    (tmp_path / "results").mkdir()
+    assert profile_main([model, str(data), "-o", str(tmp_path / "results"), "--overwrite", "--quiet"]) == EXIT_USAGE
+    assert "is a directory" in capsys.readouterr().err
+    split.mkdir()
+    arguments = [model, str(data), "-o", str(load), "--assign-to", str(split), "--num-speech-experts", "1", "--quiet"]
+    assert profile_main(arguments) == EXIT_EXISTS and not load.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        profile_main([model, str(data), "--max-length", "0"])
+    assert exit_info.value.code == EXIT_USAGE
+    bars, bar = [], cli.tqdm
+    monkeypatch.setattr(cli, "tqdm", lambda *args, **kwargs: bars.append(bar(*args, **kwargs)) or bars[-1])
+    assert profile_main([model, str(data), "--batch-size", "3"]) == EXIT_OK  # not --quiet: a disabled bar counts none
+    lines = sum(1 for line in data.read_text().split("\n") if line)
+    assert [(bar.n, bar.total) for bar in bars] == [(lines, lines)]
+
+
+def test_profile_seed_chooses_the_random_split(deeptalk_checkpoint, tmp_path):
+    data, split, load = write_data(tmp_path / "data.jsonl"), tmp_path / "split", tmp_path / "load.json"
+    arguments = [str(deeptalk_checkpoint), str(data), "-o", str(load), "--assign-to", str(split), "--quiet"]
+    assert profile_main([*arguments, "--strategy", "random", "--seed", "3", "--num-speech-experts", "2"]) == EXIT_OK
+    chosen = {}
+    for seed in (3, 0):
+        model = AutoModelForCausalLM.from_pretrained(deeptalk_checkpoint)
+        assign_modality_experts(model, ModalityLoad.load(load), num_speech_experts=2, strategy="random", seed=seed)
+        chosen[seed] = model.config.speech_expert_ids
+    assert chosen[3] != chosen[0]  # the seed matters here
+    assert AutoModelForCausalLM.from_pretrained(split).config.speech_expert_ids == chosen[3]
 
 
 def test_profile_cli(deeptalk_checkpoint, tmp_path, capsys):

@@ -439,9 +439,12 @@ def test_generate_refuses_modality_ids_of_another_shape_than_the_prompt():
     """transformers would broadcast a one-row `modality_ids` over the batch, or silently cut it."""
     model = DeepTalkForCausalLM(tiny_config()).eval()
     prompt = torch.randint(3, model.config.speech_token_start, (2, 6))
-    for shape in [(2, 7), (1, 6), (6,)]:
+    for shape in [(2, 7), (1, 6), (6,), (2,), (2, 6, 1)]:
         with pytest.raises(ValueError, match=rf"modality_ids has shape \({', '.join(map(str, shape))},?\) but the"):
             model.generate(prompt, modality_ids=torch.ones(shape, dtype=torch.long), max_new_tokens=2)
+    # no prompt: generate starts from a BOS, one position
+    with pytest.raises(ValueError, match=r"modality_ids has shape \(1, 3\) but the input has \(1, 1\)"):
+        DeepTalkForCausalLM(tiny_config(bos_token_id=1)).generate(modality_ids=torch.ones(1, 3, dtype=torch.long))
     embeds = model.get_input_embeddings()(prompt)
     with pytest.raises(ValueError, match="modality_ids has shape"):
         model.generate(inputs_embeds=embeds, modality_ids=torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
@@ -530,8 +533,9 @@ def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_posi
         )  # fmt: skip
         assert torch.equal(got[:, 4:], expected[:, 10:])
     # modality_ids for the new ids alone would cover cached positions only, and be ignored: refused
-    with pytest.raises(ValueError, match="covers 4 positions, all of them among the 6 cached ones"):
-        model.generate(new_ids, modality_ids=modality_ids[:, 6:], attention_mask=mask, cache=cache, **options)
+    for covered in (modality_ids[:, 6:], modality_ids[:, :6]):  # short of the new ids, or ending where they start
+        with pytest.raises(ValueError, match=f"covers {covered.shape[1]} positions, all of them among the 6 cached"):
+            model.generate(new_ids, modality_ids=covered, attention_mask=mask, cache=cache, **options)
     with pytest.raises(ValueError, match="the attention_mask's 10: new ids after 6 cached positions"):
         model.generate(new_ids, modality_ids=torch.zeros(1, 11, dtype=torch.long), attention_mask=mask, cache=cache)
     # the same from embeddings (transformers passes the uncached ones only)

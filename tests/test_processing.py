@@ -51,6 +51,7 @@ def test_speech_block_is_the_end_of_the_vocabulary_after_text_padding():
     [
         (["u0", "u1", "u2", "begin", "end", "stray", "pad"], "must follow the speech units contiguously"),
         (["u0", "u1", "stray", "u2", "begin", "end", "pad"], "not contiguous from id"),
+        (["u0", "u1", "stray", "begin", "end", "pad"], "not contiguous from id"),  # the last unit is checked too
     ],
 )
 def test_a_speech_block_laid_out_wrongly_is_refused(layout, problem):
@@ -78,6 +79,13 @@ def test_add_speech_tokens_refuses_a_vocabulary_with_gaps_in_its_ids():
         with pytest.raises(ValueError, match="has 4 tokens but ids up to 9"):
             add_speech_tokens(tokenizer, 4, text_vocab_size=text_vocab_size)
         assert len(tokenizer) == 4
+
+
+def test_add_speech_tokens_with_text_vocab_size_equal_to_the_tokenizer_pads_nothing():
+    tokenizer = tiny_tokenizer()
+    size = len(tokenizer)
+    assert add_speech_tokens(tokenizer, 4, text_vocab_size=size) == range(size, size + 7)
+    assert len(tokenizer) == size + 7
 
 
 def test_add_speech_tokens_rejects_a_text_model_smaller_than_the_tokenizer():
@@ -572,6 +580,8 @@ def test_continuing_a_final_message_that_ends_in_speech_leaves_its_segment_open(
     conversation[-1]["content"] = [{"type": "speech", "units": [NUM_UNITS]}]
     with pytest.raises(ValueError, match=f"final speech block has unit {NUM_UNITS}"):
         PROCESSOR.apply_chat_template(conversation, continue_final_message=True)
+    conversation[-1]["content"] = None  # e.g. an assistant turn that only calls a tool
+    assert PROCESSOR.apply_chat_template(conversation, tokenize=True)
     conversation[-1]["content"] = [{"type": "speech", "text": "hi"}]
     with pytest.raises(ValueError, match=r'block needs its "units" \(got the keys \['):
         PROCESSOR.apply_chat_template(conversation, tokenize=True)

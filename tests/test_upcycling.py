@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from huggingface_hub import utils as hf_utils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -36,6 +38,7 @@ from deeptalk_hf.upcycling import (
     _umask,
     atomic_output_dir,
     atomic_output_file,
+    check_output_dir,
     deeptalk_config_from_dense,
     deeptalk_config_from_moe,
 )
@@ -803,6 +806,48 @@ def test_atomic_output_file_keeps_the_old_file_on_failure(tmp_path):
         partial.write_text("new")
     assert os.listdir(tmp_path) == ["load.json"] and target.read_text() == "new"
     assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def test_atomic_output_dir_creates_parents_follows_the_umask_and_may_sit_inside_an_input(tmp_path):
+    """A folder from mkdtemp is 0700: the output must follow the umask as `mkdir` would (shared clusters); a new
+    folder inside an input (a source checkpoint) is allowed, only one that holds it or is it is refused."""
+    with atomic_output_dir(tmp_path / "runs" / "exp1" / "out") as staging:
+        (staging / "weights").write_text("x")
+    out = tmp_path / "runs" / "exp1" / "out"
+    assert (out / "weights").is_file() and stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()
+    (tmp_path / "source").mkdir()
+    check_output_dir(tmp_path / "source" / "moe", inputs=[tmp_path / "source"])
+    with pytest.raises(ValueError):
+        check_output_dir(tmp_path, inputs=[tmp_path / "source"])
+
+
+def test_streamed_shards_say_their_format_and_the_index_counts_the_parameters(tmp_path):
+    """The safetensors "format": "pt" tag (loaders such as transformers 4 require it) and the index's
+    total_parameters, as transformers' own save_pretrained writes them."""
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False)
+    out = upcycle_checkpoint(source, tmp_path / "moe", max_shard_size="40KB", **options)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    total = 0
+    for shard in set(index["weight_map"].values()):
+        with safe_open(out / shard, framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}
+            total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    assert index["metadata"]["total_parameters"] == total
+    with pytest.raises(ValueError, match="max_shard_size=2000000000.0"):  # a float: before any reading
+        upcycle_checkpoint(tmp_path / "nowhere", tmp_path / "other", max_shard_size=2e9, **options)
+    (source / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
+    with pytest.raises(CheckpointError, match="cannot read the config"):
+        upcycle_checkpoint(source, tmp_path / "other", **options)
+
+
+def test_upcycle_dense_and_moe_in_memory_from_a_hub_id(tmp_path, monkeypatch):
+    repo = save_dense(dense_model("llama"), tmp_path / "repo")
+    fake_hub(repo, tmp_path / "cache", monkeypatch)
+    model = upcycle_dense("org/llama", num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    ids = text_ids()
+    with torch.no_grad():
+        assert max_diff(model(ids).logits, AutoModelForCausalLM.from_pretrained(repo)(ids).logits) <= 1e-5
 
 
 def test_a_destination_created_during_the_run_is_never_replaced_unasked(tmp_path, monkeypatch):

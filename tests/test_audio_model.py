@@ -790,6 +790,12 @@ def test_encoders_documented_batch_invariant_give_each_items_logits(encoder_conf
     texts = [[BOS, config.audio_token_id, 5], [BOS, config.audio_token_id, 6]]
     batch = audio_batch(config, extractor, texts, audios)
     batch_logits_are_its_items(model, extractor, texts, audios, batch)
+    # One audio cut to its valid frames: without a mask every frame is valid (w2v-bert's are axis 1, not the last)
+    alone = audio_batch(config, extractor, texts[1:], audios[1:])
+    valid = int(alone["input_features_mask"].sum())
+    unpadded = dict(alone, input_features=alone["input_features"][:, :valid], input_features_mask=None)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**unpadded).logits, model(**alone).logits)
 
 
 @pytest.fixture

@@ -254,7 +254,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             # embedding for transformers' hook (w2v-bert) would give its trainable layers none, silently.
             if any(param.requires_grad for param in encoder.parameters()):
                 input_features = input_features.detach().requires_grad_()
-        feature_lengths = _feature_lengths(input_features, input_features_mask)
+        feature_lengths = _feature_lengths(self.config.audio_config, input_features, input_features_mask)
         if input_features_mask is not None:
             input_features_mask = input_features_mask.to(input_features.device)
         frames = self.audio_encoder(input_features, attention_mask=input_features_mask).last_hidden_state
@@ -399,7 +399,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         would hear one of them twice."""
         features = {key: kwargs.pop(key, None) for key in ("input_features", "input_features_mask")}
         if expand_size > 1 and input_ids is not None and features["input_features"] is not None:
-            lengths = audio_token_lengths(self.config, _feature_lengths(*features.values()))
+            lengths = audio_token_lengths(self.config, _feature_lengths(self.config.audio_config, *features.values()))
             rows, _ = _rows_of_audios(input_ids, self.config.audio_token_id, lengths)
             order = torch.cat([(rows == row).nonzero().flatten().repeat(expand_size) for row in range(len(input_ids))])
             features = {
@@ -441,10 +441,16 @@ def _placeholder_runs(input_ids: torch.Tensor, audio_token_id: int) -> torch.Ten
     return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
-def _feature_lengths(input_features: torch.Tensor, input_features_mask: torch.Tensor | None) -> torch.Tensor:
-    """Valid feature frames of each audio (on CPU): the mask's count, or the whole padded length without one."""
+def _feature_lengths(
+    audio_config: PreTrainedConfig, input_features: torch.Tensor, input_features_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Valid feature frames of each audio (on CPU): the mask's count, or the whole padded length without one, which
+    is the last axis of waveforms and of Whisper's `[audios, mel bins, frames]`, axis 1 of w2v-bert's `[audios, frames,
+    features]`."""
     if input_features_mask is None:
-        return torch.full((input_features.shape[0],), input_features.shape[-1])
+        bins_first = input_features.shape[1] == getattr(audio_config, "num_mel_bins", None)
+        axis = 1 if input_features.dim() == 3 and not bins_first else -1
+        return torch.full((input_features.shape[0],), input_features.shape[axis])
     return input_features_mask.sum(-1).cpu()
 
 

@@ -254,6 +254,14 @@ def test_bad_audio_input_raises_naming_the_problem():
     model(input_ids=row["input_ids"], **features_of(row))  # in order: accepted
     with pytest.raises(ValueError, match="input_features must be 3-D"):  # one audio without its batch dimension
         model(input_ids=row["input_ids"], input_features=row["input_features"][0])
+    # A mask padded on the left would have the encoder read padding as the audio; one with no valid frame would fill
+    # no placeholder and drop out.
+    with pytest.raises(ValueError, match="must mark each audio's first frames"):
+        model(**dict(pair, input_features_mask=pair["input_features_mask"].flip(-1)))
+    empty = dict(pair, input_ids=pair["input_ids"][:1], input_features_mask=pair["input_features_mask"].clone())
+    empty["input_features_mask"][1] = 0
+    with pytest.raises(ValueError, match="audio 1 \\(0 valid features\\) is too short for the encoder to make a"):
+        model(**empty)
 
 
 @pytest.mark.parametrize(
@@ -263,6 +271,16 @@ def test_bad_audio_input_raises_naming_the_problem():
         (dict(stack_factor=0), "stack_factor=0"),
         (dict(text_config=tiny_config(num_audio_streams=2)), "num_audio_streams=2"),
         (dict(text_config=WhisperConfig(**WHISPER)), "text_config must be a DeepTalkConfig"),
+        # the placeholder on padding would read padding as audio; on an end id, generate would never end
+        (dict(audio_token_id=0), "audio_token_id=0 is the LLM's pad_token_id"),
+        (dict(audio_token_id=1), "audio_token_id=1 is the LLM's eos_token_id"),
+        (dict(text_config=tiny_config(eos_token_id=[1, 7]), audio_token_id=7), "audio_token_id=7 is the LLM's eos"),
+        (dict(audio_token_id=2), "audio_token_id=2 is the LLM's bos_token_id"),
+        # transformers counts an adapter's frames right for its default kernel and stride only
+        (
+            dict(audio_config=Wav2Vec2Config(add_adapter=True, adapter_kernel_size=5, adapter_stride=3)),
+            "adapter_kernel_size=5, adapter_stride=3",
+        ),
     ],
 )
 def test_invalid_config_raises_naming_the_field(overrides, message):
@@ -958,6 +976,8 @@ def test_audio_processor_refuses_bad_audio():
         processor(text="hello <|audio|>", audio=tone(300, 0.3), sampling_rate=8000)
     with pytest.raises(ValueError, match="2 audio placeholders"):
         processor(text="<|audio|> <|audio|>", audio=tone(300, 0.3), sampling_rate=SAMPLING_RATE)
+    with pytest.raises(ValueError, match=r"text\[1\] has an audio placeholder \(audio_token_id=\d+\) but no audio="):
+        processor(text=["hello", "hello <|audio|>"])
     for bad, message in ((np.full(1600, np.nan, np.float32), "NaN"), (np.full(1600, 2000, np.int16), "int16")):
         with pytest.raises(ValueError, match=f"audio 0 .*{message}"):
             processor(text="hello <|audio|>", audio=bad, sampling_rate=SAMPLING_RATE)

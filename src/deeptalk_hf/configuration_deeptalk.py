@@ -532,8 +532,20 @@ class DeepTalkAudioConfig(ChecksOverrides, PreTrainedConfig):
             raise ValueError(
                 f"audio_token_id={self.audio_token_id} is outside the LLM's vocabulary [0, {text.vocab_size})"
             )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # padding would read as audio, an end never come
+            ids = getattr(text, name)
+            if self.audio_token_id in (ids if isinstance(ids, list) else [ids]):
+                raise ValueError(
+                    f"audio_token_id={self.audio_token_id} is the LLM's {name}; give the placeholder its own id"
+                )
         if self.stack_factor < 1:
             raise ValueError(f"stack_factor={self.stack_factor} must be at least 1")
+        audio = self.audio_config
+        if getattr(audio, "add_adapter", False) and (audio.adapter_kernel_size, audio.adapter_stride) != (3, 2):
+            raise ValueError(  # transformers' frame counts of adapters assume these: others miscount the positions
+                f"the {audio.model_type} encoder's adapter has adapter_kernel_size={audio.adapter_kernel_size}, "
+                f"adapter_stride={audio.adapter_stride}; transformers counts its frames right for 3 and 2 only"
+            )
         if text.num_audio_streams:
             raise ValueError(
                 f"text_config has num_audio_streams={text.num_audio_streams}: audio input is not supported together "

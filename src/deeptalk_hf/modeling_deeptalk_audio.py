@@ -255,8 +255,21 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             if any(param.requires_grad for param in encoder.parameters()):
                 input_features = input_features.detach().requires_grad_()
         feature_lengths = _feature_lengths(self.config.audio_config, input_features, input_features_mask)
+        positions = audio_token_lengths(self.config, feature_lengths)
+        if (positions < 1).any():  # it would fill no placeholder, and drop out unnoticed
+            short = int((positions < 1).nonzero()[0])
+            raise ValueError(
+                f"audio {short} ({int(feature_lengths[short])} valid features) is too short for the encoder to make a "
+                "frame"
+            )
         if input_features_mask is not None:
             input_features_mask = input_features_mask.to(input_features.device)
+            first = torch.arange(input_features_mask.shape[-1]) < feature_lengths[:, None]
+            if not torch.equal(input_features_mask.bool(), first.to(input_features.device)):
+                raise ValueError(
+                    "input_features_mask must mark each audio's first frames (padding on the right); a feature "
+                    "extractor with padding_side='left' pads the other way"
+                )
         frames = self.audio_encoder(input_features, attention_mask=input_features_mask).last_hidden_state
         frame_lengths = audio_frame_lengths(self.config.audio_config, feature_lengths).to(frames.device)
         valid = torch.arange(frames.shape[1], device=frames.device) < frame_lengths[:, None]
@@ -266,7 +279,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         if not dtype.is_floating_point or dtype.itemsize < 2:
             dtype = self.get_input_embeddings().weight.dtype
         embeds = self.speech_connector(frames.to(dtype))
-        return embeds, audio_token_lengths(self.config, feature_lengths)
+        return embeds, positions
 
     def _merge_audio(
         self,

@@ -605,6 +605,12 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         origins = [origin or [] for _, origin in filled]  # per id, the tokenizer token it comes from
         modality_rows = [[int(token >= self.speech_token_start) for token in row] for row in rows]
+        if audio_features is None and isinstance(self, DeepTalkAudioProcessor):  # the model would fail on it later
+            audio_id = self.audio_model_config.audio_token_id
+            if unheard := [i for i, row in enumerate(rows) if audio_id in row]:
+                raise ValueError(
+                    f"text[{unheard[0]}] has an audio placeholder (audio_token_id={audio_id}) but no audio= was given"
+                )
         if audio_features is not None:  # the audio-encoder path: one <|audio|> becomes the audio's positions
             expanded = expand_audio_placeholders(
                 rows,

@@ -25,10 +25,15 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(num_speech_experts=[2, -1]), "num_speech_experts"),
         (dict(modality_routing="soft"), "modality_routing"),
         (dict(mlp_only_layers=[5]), "mlp_only_layers"),
+        (dict(mlp_only_layers=[3]), "mlp_only_layers"),  # one past the last of 3 layers
+        (dict(decoder_sparse_step=True), "decoder_sparse_step"),  # not read as 1
+        (dict(first_k_dense_replace=True), "first_k_dense_replace"),
+        (dict(layer_types=["full_attention", "sliding_attention", "full_attention"]), "sliding_window is None"),
         (dict(num_experts_per_tok=0), "num_experts_per_tok"),
         (dict(layer_types=["full_attention"]), "layer_types"),
         (dict(speech_expert_ids=[[0, 1, 9], [0, 1, 2]]), "speech_expert_ids"),
         (dict(speech_expert_ids=[[0, 1, 7], [0, 1, 2]]), "speech_expert_ids"),  # 7 experts: index 7 is one past
+        (dict(speech_expert_ids=[[0], [0, 1, 2]]), r"speech_expert_ids\[0\]=\[0\] must list 3"),
         (dict(scoring_func="relu"), "scoring_func"),
         (dict(topk_method="noaux_tc"), "n_group"),
         (dict(topk_method="noaux_tc", n_group=3, topk_group=1, num_speech_experts=0), "n_group=3"),
@@ -42,6 +47,14 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(num_audio_streams=2, stream_loss_weights=[0.0, 0.0, 0.0]), "stream_loss_weights"),
         (dict(num_audio_streams=2, stream_loss_weights=[1.0, -1.0, 0.0]), "stream_loss_weights"),
         (dict(num_audio_streams=2, stream_loss_weights=[1.0, float("inf"), 0.0]), "stream_loss_weights"),
+        (dict(num_audio_streams=2, stream_loss_weights=[1.0, -0.5, 1.0]), "stream_loss_weights"),  # a positive sum
+        (dict(num_audio_streams=2, stream_loss_weights=[1.0, 1.0]), "needs 3 entries"),
+        (dict(num_audio_streams=2, stream_loss_weights=[1.0] * 4), "needs 3 entries"),
+        (dict(num_audio_streams=-1), "num_audio_streams=-1 must be >= 0"),
+        (
+            dict(num_audio_streams=2, audio_pad_token_id=10, audio_bos_token_id=11, audio_eos_token_id=10),
+            "must be distinct",  # a padded stream would read as ended
+        ),
         # Accepted before, then a shape error in forward, NaN logits, or a wrong cached generation:
         (dict(num_key_value_heads=3), "multiple of num_key_value_heads=3"),
         (dict(num_key_value_heads=8), "multiple of num_key_value_heads=8"),

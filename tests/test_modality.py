@@ -351,6 +351,10 @@ def test_paper_rule_on_hand_made_loads(tmp_path_factory):
     assert _choose_speech_experts(shared, 0, 2, "paper", generator) == [0, 3]
     leaning = hand_made_load([[4, 3, 2, 1]], [[1, 1, 1, 7]])
     assert _choose_speech_experts(leaning, 0, None, "adaptive", generator) == [0, 1, 2]  # all but one text expert
+    # A modality without tokens has zero shares (not NaN), and with no text the paper's rule ranks by speech alone.
+    silent = hand_made_load([[0, 0, 0, 0]], [[1, 2, 3, 4]])
+    assert torch.equal(silent.rho_speech[0], torch.zeros(4, dtype=torch.float64)) and silent.scores[0].isfinite().all()
+    assert hand_made_load([[1, 5, 3, 0]], [[0, 0, 0, 0]]).ranked(0) == [1, 2, 0, 3]
     drawn = _choose_speech_experts(load, 0, 2, "random", torch.Generator().manual_seed(7))
     assert drawn == _choose_speech_experts(load, 0, 2, "random", torch.Generator().manual_seed(7)) and len(drawn) == 2
 
@@ -381,6 +385,9 @@ def test_assignment_errors(model):
         assign_modality_experts(model, load, num_speech_experts=6)
     with pytest.raises(ValueError, match="at least one text expert"):  # checked before profiling, as the CLI does
         speech_expert_counts(model.config, [1, 6])
+    for counts in ([1], [1, 1, 1]):  # one count per MoE layer
+        with pytest.raises(ValueError, match="for each of the 2 MoE layers"):
+            speech_expert_counts(model.config, counts)
     with pytest.raises(ValueError, match="profile this model"):
         assign_modality_experts(model, hand_made_load([[1, 1]], [[1, 1]]), num_speech_experts=1)
     other_layers = hand_made_load([[1] * 6] * 2, [[1] * 6] * 2, layers=(0, 1))  # the right sizes, other layers
@@ -410,6 +417,14 @@ def test_assignment_errors(model):
     expected = assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=2)
     for count in (np.int64(2), torch.tensor(2), np.array(2), [np.int32(2), torch.tensor(2)], torch.tensor([2, 2])):
         assert assign_modality_experts(copy.deepcopy(model), load, num_speech_experts=count) == expected
+
+
+def test_adaptive_needs_two_experts_in_every_layer():
+    """One speech and one text expert at least: a layer of one expert cannot be split (it got no speech expert)."""
+    model = DeepTalkForCausalLM(tiny_config(num_experts=[1, 4], num_speech_experts=0))
+    load = hand_made_load([[3], [4, 3, 2, 1]], [[3], [1, 1, 1, 7]])
+    with pytest.raises(ValueError, match="adaptive' needs at least 2 experts"):
+        assign_modality_experts(model, load, strategy="adaptive")
 
 
 def test_a_model_without_speech_experts_needs_a_count(tmp_path_factory):

@@ -279,7 +279,7 @@ def test_bad_audio_input_raises_naming_the_problem():
         # transformers counts an adapter's frames right for its default kernel and stride only
         (
             dict(audio_config=Wav2Vec2Config(add_adapter=True, adapter_kernel_size=5, adapter_stride=3)),
-            "adapter_kernel_size=5, adapter_stride=3",
+            "miscounts the frames of a wav2vec2 adapter with adapter_kernel_size=5, adapter_stride=3",
         ),
     ],
 )
@@ -287,6 +287,20 @@ def test_invalid_config_raises_naming_the_field(overrides, message):
     fields = dict(audio_config=WhisperConfig(**WHISPER), text_config=tiny_config()) | overrides
     with pytest.raises(ValueError, match=message):
         DeepTalkAudioConfig(**fields)
+
+
+def test_adapters_whose_frames_transformers_counts_right_are_taken():
+    """wav2vec2's adapter pads by 1 (counted right for kernel 3, any stride); w2v-bert's by stride // 2."""
+    for audio_config in (
+        Wav2Vec2Config(add_adapter=True, adapter_kernel_size=3, adapter_stride=3),
+        Wav2Vec2BertConfig(add_adapter=True, adapter_kernel_size=3, adapter_stride=3),
+    ):
+        DeepTalkAudioConfig(audio_config=audio_config, text_config=tiny_config())
+    with pytest.raises(ValueError, match="wav2vec2-bert adapter with adapter_kernel_size=3, adapter_stride=1"):
+        DeepTalkAudioConfig(
+            audio_config=Wav2Vec2BertConfig(add_adapter=True, adapter_kernel_size=3, adapter_stride=1),
+            text_config=tiny_config(),
+        )
 
 
 def test_load_time_override_is_checked(tmp_path):

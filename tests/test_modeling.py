@@ -532,10 +532,12 @@ def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_posi
             prefill_chunk_size=chunk, **options,
         )  # fmt: skip
         assert torch.equal(got[:, 4:], expected[:, 10:])
-    # modality_ids for the new ids alone would cover cached positions only, and be ignored: refused
+    # modality_ids for the new ids alone would cover cached positions only, and be ignored: refused (the cache
+    # under its old name too)
     for covered in (modality_ids[:, 6:], modality_ids[:, :6]):  # short of the new ids, or ending where they start
-        with pytest.raises(ValueError, match=f"covers {covered.shape[1]} positions, all of them among the 6 cached"):
-            model.generate(new_ids, modality_ids=covered, attention_mask=mask, cache=cache, **options)
+        for name in ("cache", "past_key_values"):
+            with pytest.raises(ValueError, match=f"covers {covered.shape[1]} positions, all of them among the 6"):
+                model.generate(new_ids, modality_ids=covered, attention_mask=mask, **{name: cache}, **options)
     with pytest.raises(ValueError, match="the attention_mask's 10: new ids after 6 cached positions"):
         model.generate(new_ids, modality_ids=torch.zeros(1, 11, dtype=torch.long), attention_mask=mask, cache=cache)
     # the same from embeddings (transformers passes the uncached ones only)

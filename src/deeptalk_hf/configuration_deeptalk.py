@@ -541,11 +541,14 @@ class DeepTalkAudioConfig(ChecksOverrides, PreTrainedConfig):
         if self.stack_factor < 1:
             raise ValueError(f"stack_factor={self.stack_factor} must be at least 1")
         audio = self.audio_config
-        if getattr(audio, "add_adapter", False) and (audio.adapter_kernel_size, audio.adapter_stride) != (3, 2):
-            raise ValueError(  # transformers' frame counts of adapters assume these: others miscount the positions
-                f"the {audio.model_type} encoder's adapter has adapter_kernel_size={audio.adapter_kernel_size}, "
-                f"adapter_stride={audio.adapter_stride}; transformers counts its frames right for 3 and 2 only"
-            )
+        if getattr(audio, "add_adapter", False):  # transformers' frame count of an adapter holds for some shapes only
+            kernel, stride = audio.adapter_kernel_size, audio.adapter_stride
+            miscounted = kernel // 2 != stride // 2 if audio.model_type == "wav2vec2-bert" else kernel != 3
+            if miscounted:
+                raise ValueError(
+                    f"transformers miscounts the frames of a {audio.model_type} adapter with adapter_kernel_size="
+                    f"{kernel}, adapter_stride={stride}, so the audio positions would be wrong"
+                )
         if text.num_audio_streams:
             raise ValueError(
                 f"text_config has num_audio_streams={text.num_audio_streams}: audio input is not supported together "

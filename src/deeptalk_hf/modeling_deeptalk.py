@@ -78,9 +78,7 @@ def check_prompt_modality_ids(input_ids: torch.Tensor | None, model_kwargs: dict
     if prompt is not None or input_ids is None:  # no ids: the prompt is embeddings, or a BOS generate adds
         check_modality_ids_shape(modality_ids, prompt.shape[:2] if prompt is not None else (modality_ids.shape[0], 1))
         return
-    cache = next(
-        (model_kwargs[name] for name in ("cache", "past_key_values") if model_kwargs.get(name) is not None), None
-    )
+    cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))  # as the parallel-stream path reads it
     past = cache.get_seq_length() if cache is not None else 0
     length = input_ids.shape[-1]
     new_only = past > 0 and isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] > length

@@ -129,7 +129,7 @@ TUNED_TILES = [
         ("_scatter_kernel", triton_moe.SCATTER_TILES),
         ("_expert_grad_kernel", triton_moe.EXPERT_GRAD_TILES),
     )
-    for tile in tiles
+    for tile in dict.fromkeys(tile[:3] for tile in tiles)  # block sizes; stages and warps are GPU-only
 ]
 
 

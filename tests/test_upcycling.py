@@ -30,7 +30,7 @@ from transformers import (
     Qwen3MoeConfig,
 )
 
-from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense
+from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense, upcycle_moe
 from deeptalk_hf.modeling_deeptalk import topk_routing
 from deeptalk_hf.upcycling import (
     CheckpointError,
@@ -842,9 +842,19 @@ def test_streamed_shards_say_their_format_and_the_index_counts_the_parameters(tm
 
 
 def test_upcycle_dense_and_moe_in_memory_from_a_hub_id(tmp_path, monkeypatch):
+    """As the streaming functions: the options are checked on the configs before any weights are fetched, then the
+    weights come from the configs' commit."""
     repo = save_dense(dense_model("llama"), tmp_path / "repo")
-    fake_hub(repo, tmp_path / "cache", monkeypatch)
-    model = upcycle_dense("org/llama", num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    calls = fake_hub(repo, tmp_path / "cache", monkeypatch)
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    with pytest.raises(ValueError, match="granularity=5"):
+        upcycle_dense("org/llama", **options, granularity=5)
+    with pytest.raises(ValueError, match="llama"):  # a dense source given to the MoE import
+        upcycle_moe("org/llama")
+    assert calls and not any(weights for *_, weights in calls)
+    calls.clear()
+    model = upcycle_dense("org/llama", **options, revision="main")
+    assert calls[0] == ("org/llama", "main", False) and set(calls[1:]) == {("org/llama", "0123abcd", True)}
     ids = text_ids()
     with torch.no_grad():
         assert max_diff(model(ids).logits, AutoModelForCausalLM.from_pretrained(repo)(ids).logits) <= 1e-5

@@ -243,7 +243,7 @@ def upcycle_main(argv: list[str] | None = None) -> int:
 
     def action():
         check_output_dir(args.destination, overwrite=args.overwrite)  # before a hub download
-        configs = _resolve_source(args.source, args.revision, weights=False)  # the weights once the options are right
+        configs = _resolve_source(args.source, args.revision)  # the weights once the options are right
         config = _read_config(configs)
         # A hub source's weights from the commit its config came from (the snapshot folder's name).
         revision = None if Path(args.source).is_dir() else configs.name
@@ -469,7 +469,7 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise ValueError("--plot needs matplotlib: pip install 'deeptalk-hf[plot]'")
         if not Path(args.data).is_file():
             raise DataError(f"data file {args.data} does not exist")
-        configs = _resolve_source(args.model, None, weights=False)  # a hub id's weights once the rest is checked
+        configs = _resolve_source(args.model, None)  # a hub id's weights once the rest is checked
         inputs = [configs, Path(args.data)]
         _check_load_files(args, configs)
         if args.assign_to:

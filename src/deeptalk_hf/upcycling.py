@@ -413,6 +413,12 @@ def _moe_converter(source: PretrainedConfig, config: DeepTalkConfig, dtype: torc
     return _Converter(config=config, dtype=dtype, renames=family.renames, ignore=ignore, empty=empty)
 
 
+def _moe_importer(source: PretrainedConfig, dtype: torch.dtype | None, *, speech_vocab_size: int) -> _Converter:
+    """The converter of `upcycle_moe` and `upcycle_moe_checkpoint`."""
+    config = deeptalk_config_from_moe(source, speech_vocab_size=speech_vocab_size, dtype=dtype)
+    return _moe_converter(source, config, dtype)
+
+
 def _seeded(*key) -> torch.Generator:
     """A generator per (seed, layer, group, expert, ...), so any tensor can be converted alone and reproducibly."""
     digest = hashlib.sha256(repr(key).encode()).digest()
@@ -499,21 +505,19 @@ class _Upcycler(_Converter):
         return result.to(weight.dtype)
 
 
-def _resolve_source(model_path: str | os.PathLike, revision: str | None, weights: bool = True) -> Path:
-    """A local checkpoint directory, or a hub id downloaded (safetensors, configs and tokenizer files only). With
-    `weights=False`, a hub id's configs and tokenizer files alone, so that a wrong option or an unsupported model fails
-    before a long download; `_resolve_weights` fetches the rest."""
+def _resolve_source(model_path: str | os.PathLike, revision: str | None) -> Path:
+    """A local checkpoint directory, or a hub id's configs and tokenizer files alone (downloaded), so that a wrong
+    option or an unsupported model fails before a long download; `_resolve_weights` fetches the weights."""
     path = Path(model_path)
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; expected a checkpoint directory or a hub model id")
-    folder = _download(str(model_path), revision, _SNAPSHOT_PATTERNS)
-    return _resolve_weights(model_path, folder) if weights else folder
+    return _download(str(model_path), revision, _SNAPSHOT_PATTERNS)
 
 
 def _resolve_weights(model_path: str | os.PathLike, configs: Path) -> Path:
-    """The whole source whose configs `_resolve_source(..., weights=False)` gave: a hub id's weights come from the
+    """The whole source whose configs `_resolve_source` gave: a hub id's weights come from the
     same commit (the snapshot folder's name). The single weights file where there is one (transformers reads it
     first, beside an index too); else only the files the index names: a repository may hold other safetensors beside
     them (Mistral's `consolidated.safetensors`, the same weights again)."""
@@ -673,16 +677,24 @@ class _SourceModel:
         return copy.deepcopy(self.model.generation_config)
 
 
-def _open_source(model_or_path: PreTrainedModel | str | os.PathLike, revision: str | None):
+def _opened(
+    model_or_path: PreTrainedModel | str | os.PathLike,
+    revision: str | None,
+    dtype: torch.dtype | None,
+    converter: Callable[..., _Converter],
+) -> tuple[_SourceModel | _SourceCheckpoint, _Converter]:
+    """The in-memory paths' source and its `converter(config, dtype)`: a model's dtype is the default; a path or hub id
+    is checked on its configs before its weights are read or downloaded (`_checked_then_opened`)."""
     if isinstance(model_or_path, PreTrainedModel):
         check_no_adapters(model_or_path, "upcycling would copy the base weights without them")
-        return _SourceModel(model_or_path)
+        source = _SourceModel(model_or_path)
+        return source, converter(source.config, dtype or source.dtype)
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(
             f"the source is a {type(model_or_path).__name__}: pass a transformers model or a checkpoint path"
             + ("; call merge_and_unload() first" if isinstance(model_or_path, PeftModel) else "")
         )
-    return _SourceCheckpoint(_resolve_source(model_or_path, revision))
+    return _checked_then_opened(model_or_path, revision, functools.partial(converter, dtype=dtype))
 
 
 def _build_model(source: _SourceModel | _SourceCheckpoint, converter: _Converter) -> DeepTalkForCausalLM:
@@ -760,21 +772,23 @@ def upcycle_dense(
     With `init_noise=0` and `drop_fraction=0` the result computes the same logits as the dense model on text.
     For checkpoints that do not fit twice in memory use `upcycle_checkpoint` (disk to disk, shard by shard).
     """
-    source = _open_source(model_or_path, revision)
-    dtype = _as_dtype(dtype) or source.dtype
-    upcycler = _dense_upcycler(
-        source.config,
-        dtype,
-        num_text_experts=num_text_experts,
-        num_speech_experts=num_speech_experts,
-        num_experts_per_tok=num_experts_per_tok,
-        granularity=granularity,
-        num_shared_experts=num_shared_experts,
-        speech_vocab_size=speech_vocab_size,
-        mlp_only_layers=mlp_only_layers,
-        init_noise=init_noise,
-        drop_fraction=drop_fraction,
-        seed=seed,
+    source, upcycler = _opened(
+        model_or_path,
+        revision,
+        _as_dtype(dtype),
+        functools.partial(
+            _dense_upcycler,
+            num_text_experts=num_text_experts,
+            num_speech_experts=num_speech_experts,
+            num_experts_per_tok=num_experts_per_tok,
+            granularity=granularity,
+            num_shared_experts=num_shared_experts,
+            speech_vocab_size=speech_vocab_size,
+            mlp_only_layers=mlp_only_layers,
+            init_noise=init_noise,
+            drop_fraction=drop_fraction,
+            seed=seed,
+        ),
     )
     return _build_model(source, upcycler)
 
@@ -800,10 +814,13 @@ def upcycle_moe(
     text data, then `assign_modality_experts` (see docs/recipe.md). For checkpoints that do not fit twice in memory
     use `upcycle_moe_checkpoint` (disk to disk, shard by shard).
     """
-    source = _open_source(model_or_path, revision)
-    dtype = _as_dtype(dtype) or source.dtype
-    config = deeptalk_config_from_moe(source.config, speech_vocab_size=speech_vocab_size, dtype=dtype)
-    return _build_model(source, _moe_converter(source.config, config, dtype))
+    source, converter = _opened(
+        model_or_path,
+        revision,
+        _as_dtype(dtype),
+        functools.partial(_moe_importer, speech_vocab_size=speech_vocab_size),
+    )
+    return _build_model(source, converter)
 
 
 class _ShardBuffers:
@@ -932,7 +949,7 @@ def _checked_then_opened(
     """The source checkpoint and its `converter(config)`, built first from the configs alone: the options and the
     model type are checked before a hub id's weights are downloaded, then the converter is built again from the
     config the weights complete (a config.json without a dtype takes theirs)."""
-    configs = _resolve_source(source, revision, weights=False)
+    configs = _resolve_source(source, revision)
     converter(_read_config(configs))
     checkpoint = _SourceCheckpoint(_resolve_weights(source, configs))
     return checkpoint, converter(checkpoint.config)
@@ -1053,13 +1070,12 @@ def upcycle_moe_checkpoint(
     output shard written when complete, everything in a temporary directory renamed to `destination` at the end (a
     failure leaves no output). Returns `destination`.
     """
-    dtype, max_shard_size = _as_dtype(dtype), _shard_bytes(max_shard_size)
-
-    def importer(source_config: PretrainedConfig) -> _Converter:
-        config = deeptalk_config_from_moe(source_config, speech_vocab_size=speech_vocab_size, dtype=dtype)
-        return _moe_converter(source_config, config, dtype)
-
-    checkpoint, converter = _checked_then_opened(source, revision, importer)
+    max_shard_size = _shard_bytes(max_shard_size)
+    checkpoint, converter = _checked_then_opened(
+        source,
+        revision,
+        functools.partial(_moe_importer, dtype=_as_dtype(dtype), speech_vocab_size=speech_vocab_size),
+    )
     return _write_checkpoint(
         checkpoint,
         converter,

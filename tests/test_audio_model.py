@@ -21,6 +21,7 @@ from transformers import (
     SeamlessM4TFeatureExtractor,
     Wav2Vec2BertConfig,
     Wav2Vec2Config,
+    Wav2Vec2ConformerConfig,
     Wav2Vec2FeatureExtractor,
     WavLMConfig,
     WhisperConfig,
@@ -722,6 +723,33 @@ def test_any_audio_encoder_through_auto_model_wav2vec2(tmp_path):
         assert torch.equal(loaded.eval()(**batch).logits, logits)
 
 
+def test_frozen_encoder_layers_keep_their_batchnorm_statistics_and_skip_dropout():
+    """A conformer's convolution module holds BatchNorm: training the top layer only must leave the layer below it
+    bit-identical, buffers included (its running statistics would move in train mode), and without dropout."""
+    encoder_config = Wav2Vec2ConformerConfig(
+        **CONV_ENCODER, conv_depthwise_kernel_size=3, hidden_dropout=0.5, layerdrop=0.0
+    )
+    config = DeepTalkAudioConfig(audio_config=encoder_config, text_config=tiny_config(), stack_factor=5)
+    model = DeepTalkForConditionalGeneration(config).train()
+    set_training_stage(model, "align", also=model.audio_encoder_top_layers(1))
+    low, top = model.audio_encoder.encoder.layers
+    assert not low.training and not low.conv_module.batch_norm.training and top.conv_module.batch_norm.training
+    before = {n: t.clone() for n, t in model.audio_encoder.state_dict().items()}
+    extractor = Wav2Vec2FeatureExtractor(sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True)
+    batch = audio_batch(config, extractor, [[BOS, config.audio_token_id, 5]] * 2, [tone(300, 0.1), tone(600, 0.25)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+    after = model.audio_encoder.state_dict()
+    moved = {n for n, t in before.items() if not torch.equal(t, after[n])}
+    assert moved and all(n.startswith("encoder.layers.1.") for n in moved), sorted(moved)
+    assert "encoder.layers.1.conv_module.batch_norm.running_mean" in moved
+    set_training_stage(model, "align", also=model.audio_encoder_top_layers(2))  # now both layers train
+    assert low.training and low.conv_module.batch_norm.training
+
+
 @pytest.mark.parametrize("adapter_width", [16, 32])
 def test_an_adapter_of_another_width_feeds_the_connector(adapter_width):
     """With `add_adapter=True` the encoder's frames are `output_hidden_size` wide, which the connector must take."""
@@ -747,6 +775,7 @@ W2V_BERT = dict(
     feature_projection_input_dim=160,
     conv_depthwise_kernel_size=7,
     mask_time_prob=0.0,
+    layerdrop=0.0,  # in train mode a layer would be skipped at random (a trained layer's gradient with it)
 )
 
 

@@ -634,7 +634,7 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Iterable[str] = ()
     """Make exactly one training stage's tensors trainable (whole tensors, so it is exact with any optimizer).
 
     The stages and `also` are those of `training_stage_parameters`. Frozen tensors lose any stale `.grad`, so an
-    optimizer holding them leaves them untouched; a fully frozen audio encoder goes to eval mode. Returns the trainable
+    optimizer holding them leaves them untouched; the audio encoder's frozen parts go to eval mode. Returns the trainable
     names.
     """
     trainable = training_stage_parameters(model, stage, also=also)
@@ -643,7 +643,7 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Iterable[str] = ()
         param.requires_grad_(name in selected)
         if name not in selected:
             param.grad = None
-    if hasattr(model, "audio_encoder"):  # its encoder's mode follows whether it is frozen (see its `train`)
+    if hasattr(model, "audio_encoder"):  # its encoder's modes follow which parts are frozen (see its `train`)
         model.train(model.training)
     return trainable
 

@@ -189,11 +189,15 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return True
 
     def train(self, mode: bool = True) -> "DeepTalkForConditionalGeneration":
-        """A fully frozen audio encoder stays in eval mode (no dropout, normalisation statistics kept), so stages that
-        freeze it leave it bit-identical."""
+        """Frozen parts of the audio encoder (all of it, or the layers below those trained) stay in eval mode (no
+        dropout, normalisation statistics kept, e.g. a conformer's BatchNorm), so stages that freeze them leave them
+        bit-identical. A part is a module whose parameters are all frozen; parameter-free modules follow their parent."""
         super().train(mode)
-        if mode and not any(parameter.requires_grad for parameter in self.audio_encoder.parameters()):
-            self.audio_encoder.eval()
+        if mode:
+            for module in self.audio_encoder.modules():
+                parameters = list(module.parameters())
+                if parameters and not any(parameter.requires_grad for parameter in parameters):
+                    module.eval()
         return self
 
     def activation_checkpointing_enable(

@@ -32,6 +32,7 @@ from deeptalk_hf.modeling_deeptalk import (
     RoutingSettings,
     modality_router_losses,
     topk_routing,
+    warn_if_checkpointing_stops_balancing,
 )
 
 from .conftest import tiny_config
@@ -1115,3 +1116,124 @@ def test_default_backend_avoids_grouped_mm_on_unaligned_expert_strides():
     odd = DeepTalkForCausalLM(tiny_config(moe_intermediate_size=6))
     assert odd.config._experts_implementation == "eager"
     odd(torch.randint(0, 80, (2, 5)))  # grouped_mm would raise "strides should be multiple of 16 bytes"
+
+
+def test_generate_from_a_cache_with_the_whole_prompt_and_its_mask_takes_prefix_modality_ids():
+    """Continuing from a cache with the whole prompt (ids and mask of the same length), a `modality_ids` covering a
+    prefix is allowed as without a cache: only a mask longer than the ids means "new ids only"."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3)).eval()
+    prompt = torch.randint(3, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(1))
+    modality_ids = 1 - (prompt[:, :4] >= model.config.speech_token_start).long()
+    options = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    expected = model.generate(prompt, modality_ids=modality_ids, **options)
+    with torch.no_grad():
+        full_modality = torch.cat([modality_ids, (prompt[:, 4:6] >= model.config.speech_token_start).long()], 1)
+        cache = model(prompt[:, :6], modality_ids=full_modality, use_cache=True).cache
+    mask = torch.ones(1, 10, dtype=torch.long)
+    got = model.generate(prompt, modality_ids=modality_ids, attention_mask=mask, cache=cache, **options)
+    assert torch.equal(got, expected)
+
+
+def test_sigmoid_top_k_weights_stay_finite_when_every_score_underflows():
+    """Sigmoid scores of very negative router logits round to 0: the normalised top-k weights must stay finite (the
+    epsilon guard), not 0/0 = NaN that would poison the whole forward."""
+    config = tiny_config(scoring_func="sigmoid", norm_topk_prob=True)
+    logits = torch.tensor([[-200.0, -300.0, -250.0, -400.0], [1.0, 0.0, -1.0, 2.0]])
+    weights, indices = topk_routing(logits, RoutingSettings.from_config(config))
+    assert torch.isfinite(weights).all()
+    assert indices[0].tolist() == [0, 1] and weights[0].tolist() == [0.0, 0.0]  # all scores 0: a tie
+    torch.testing.assert_close(weights[1].sum(), torch.tensor(1.0))
+
+
+def test_low_precision_routing_scores_in_float32_like_transformers():
+    """Router scores are computed and normalised in float32 whatever the logits' dtype (as transformers' MoE routers
+    do) and only the final weights are cast: bfloat16 logits give exactly the float32 routing, rounded once."""
+    settings = RoutingSettings.from_config(tiny_config(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True))
+    logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    weights, indices = topk_routing(logits, settings)
+    ref_weights, ref_indices = topk_routing(logits.float(), settings)
+    assert weights.dtype == torch.bfloat16
+    assert torch.equal(indices, ref_indices)
+    assert torch.equal(weights, ref_weights.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_dropout_applies_in_training_only(attn):
+    """`attention_dropout` is a training regulariser: an eval model is deterministic, a training one is not."""
+    config = tiny_config(attention_dropout=0.5, attn_implementation=attn)
+    model = DeepTalkForCausalLM(config).eval()
+    ids = torch.randint(3, config.vocab_size, (2, 9))
+    with torch.no_grad():
+        first, second = model(ids).logits, model(ids).logits
+        assert torch.equal(first, second)
+        model.train()
+        assert not torch.equal(model(ids).logits, first)
+
+
+def test_reentrant_checkpointing_warns_with_a_z_loss_alone(caplog):
+    """The z-loss loses its gradient under reentrant checkpointing as the balancing loss does: the warning also
+    fires where only `router_z_loss_coef` is set."""
+    for aux, z, warned in [(0.0, 1e-3, True), (0.0, 0.0, False)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="deeptalk_hf.modeling_deeptalk"):
+            warn_if_checkpointing_stops_balancing(tiny_config(router_aux_loss_coef=aux, router_z_loss_coef=z), {})
+        assert ("get no gradient" in caplog.text) is warned
+
+
+def test_a_sparse_block_called_without_a_split_routes_every_token_as_text():
+    """`DeepTalkSparseMoeBlock(hidden)` without a modality split treats every token as text, as documented."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        out, logits = block(hidden)
+        text, text_logits = block(hidden, ModalitySplit(torch.zeros(2, 5, dtype=torch.bool)))
+        speech, _ = block(hidden, ModalitySplit(torch.ones(2, 5, dtype=torch.bool)))
+    assert torch.equal(out, text) and torch.equal(logits, text_logits)
+    assert not torch.equal(out, speech)
+
+
+def test_ignore_mismatched_sizes_loads_a_checkpoint_of_other_shapes(tmp_path):
+    """transformers' `ignore_mismatched_sizes=True` re-initialises tensors of another shape instead of refusing."""
+    DeepTalkForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    config = tiny_config(moe_intermediate_size=24)
+    with pytest.raises(ValueError, match="wrong shape"):
+        DeepTalkForCausalLM.from_pretrained(tmp_path, config=config)
+    model, info = DeepTalkForCausalLM.from_pretrained(
+        tmp_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    assert info["mismatched_keys"] and model.model.layers[0].mlp.experts.down_proj.shape[-1] == 24
+
+
+def test_a_zero_router_over_many_experts_picks_the_lowest_experts():
+    """Tie-stable top-k also for a large expert group (128, as Qwen3-30B-A3B): torch's unstable CPU sort reorders
+    ties from 128 columns on, which would route an upcycled model's zero router to arbitrary experts."""
+    settings = RoutingSettings.from_config(tiny_config(num_experts=128, num_experts_per_tok=8))
+    weights, indices = topk_routing(torch.zeros(16, 128), settings)
+    assert torch.equal(indices, torch.arange(8).expand(16, 8))
+    torch.testing.assert_close(weights, torch.full((16, 8), 1 / 8))
+
+
+def test_shrinking_the_speech_block_keeps_its_first_rows():
+    """`resize_speech_vocab` to fewer ids keeps the kept speech rows (embedding and head), as growing does."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    embed = model.model.speech_embed_tokens.weight.detach().clone()
+    head = model.speech_lm_head.weight.detach().clone()
+    model.resize_speech_vocab(10)
+    assert model.config.vocab_size == model.config.speech_token_start + 10
+    assert torch.equal(model.model.speech_embed_tokens.weight, embed[:10])
+    assert torch.equal(model.speech_lm_head.weight, head[:10])
+
+
+def test_training_with_a_z_loss_alone_adds_it_without_asking_for_router_logits():
+    """In training the router losses are computed whenever a coefficient is set: a z-loss alone
+    (`router_aux_loss_coef=0`) must not stop silently because router logits were not requested."""
+    config = tiny_config(router_aux_loss_coef=0.0, router_z_loss_coef=0.01)
+    model = DeepTalkForCausalLM(config).train()
+    data = torch.randint(0, config.vocab_size, (2, 8))
+    out = model(data, labels=data)
+    assert out.z_loss is not None and out.z_loss > 0
+    logits = out.logits[:, :-1].reshape(-1, config.vocab_size)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, data[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, cross_entropy + 0.01 * out.z_loss)

@@ -666,3 +666,32 @@ def test_profiling_the_modality_load_is_refused_by_name():
     model = DeepTalkForCausalLM(parallel_config())
     with pytest.raises(ValueError, match="num_audio_streams=3 parallel streams, which it does not support"):
         profile_modality_load(model, [{"input_ids": text_query(model.config)}])
+
+
+def test_parallel_streams_route_the_first_speech_block_id_of_the_text_stream_as_speech():
+    """With parallel streams a text-stream id routes as speech from `speech_token_start` on, as in a single-stream
+    model: the block's boundary ids on both sides."""
+    config = parallel_config()
+    ids = text_query(config, batch=1, length=4)
+    ids[0, 0, 1] = config.speech_token_start
+    ids[0, 0, 2] = config.speech_token_start - 1
+    got = speech_positions(config, ids, None, (1, 4), ids.device)
+    assert got.tolist() == [[False, True, False, False]]
+    assert torch.equal(got, speech_positions(config, ids[:, 0], None, (1, 4), ids.device))
+
+
+def test_a_left_padded_batch_of_parallel_prompts_generates_like_each_prompt_alone():
+    """Each item's attention_mask row goes to all of its own stream rows: a left-padded batch of prompts of
+    different lengths answers each as alone."""
+    torch.manual_seed(0)
+    config = parallel_config(initializer_range=0.3)
+    model = DeepTalkForCausalLM(config).eval()
+    short, long = text_query(config, batch=1, length=3), text_query(config, batch=1, length=6)
+    padded = short.new_full((1, config.num_audio_streams + 1, 3), config.audio_pad_token_id)
+    padded[:, 0] = config.pad_token_id
+    batch = torch.cat([torch.cat([padded, short], dim=2), long])
+    options = dict(max_new_tokens=6, do_sample=False, speech_answer=False)
+    together = model.generate(batch, **options)
+    for row, prompt in ((together[1:], long), (together[:1, :, 3:], short)):
+        alone = model.generate(prompt, **options)
+        assert torch.equal(row[..., : alone.shape[-1]], alone)  # (an item that ended pads while the batch goes on)

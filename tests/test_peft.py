@@ -457,3 +457,14 @@ def test_transformers_adapter_methods_need_the_peft_version_transformers_asks_fo
         model.save_pretrained(tmp_path, selected_adapters=["b"])
         fresh.load_adapter(tmp_path)
         assert torch.equal(fresh(input_ids).logits, outputs["b"])
+
+
+def test_trainable_tokens_on_both_tied_tables_are_refused_where_a_head_follows_the_other_table():
+    """Rows of both tables of a tied model: PEFT ties both heads (`lm_head` names `speech_lm_head` too) to the text
+    table's adapter, so `speech_lm_head` is wrapped but follows the wrong table: refused as well, not only where one
+    side is unwrapped."""
+    indices = {"model.embed_tokens": [5], "model.speech_embed_tokens": [2, 3]}
+    model = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
+    peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
+    with pytest.raises(ValueError, match="leave the tied pair speech_embed_tokens / speech_lm_head apart"):
+        peft_model(input_ids=torch.tensor([[5, 6, 70]]))

@@ -310,3 +310,14 @@ def test_stagewise_example_runs_the_three_stages(mode):
     for stage, task in (("speech", "speech"), ("text", "text"), ("joint", "speech")):
         before, after = losses_of(stage, task, output)
         assert after < before, (stage, task, output)
+
+
+def test_loading_an_expert_given_again_one_by_one_leaves_the_callers_tensors_alone():
+    """`model.load_state_dict(other.state_dict() | {one expert})`: the fused tensor of the dict (the other model's
+    own storage) is copied before the expert is written into it, so the other model does not change."""
+    source = DeepTalkForCausalLM(tiny_config())
+    before = source.model.layers[0].mlp.experts.down_proj.detach().clone()
+    model = DeepTalkForCausalLM(tiny_config())
+    model.load_state_dict(source.state_dict() | {"model.layers.0.mlp.experts.1.down_proj.weight": torch.ones(32, 16)})
+    assert torch.equal(model.model.layers[0].mlp.experts.down_proj[1], torch.ones(32, 16))
+    assert torch.equal(source.model.layers[0].mlp.experts.down_proj, before)

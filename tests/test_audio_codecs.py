@@ -408,3 +408,13 @@ def test_the_codec_is_not_saved_with_the_processor_but_can_be_passed_back(tmp_pa
     waveform = 0.1 * torch.randn(3000, generator=torch.Generator().manual_seed(3))
     sample = {"text": "hello <|speech|>", "audio": waveform, "sampling_rate": 24000}
     assert loaded(**sample)["input_ids"] == processor(**sample)["input_ids"]
+
+
+def test_resampling_to_the_same_rate_returns_the_waveform_unchanged():
+    """Audio already at the codec's rate is encoded as given: the low-pass (rolloff 0.95 of Nyquist) must not run
+    when the rates are equal, or every same-rate input would lose its top band."""
+    from deeptalk_hf.audio_codecs import resample
+
+    torch.manual_seed(0)
+    waveform = torch.randn(2, 400)
+    assert torch.equal(resample(waveform, 24000, 24000), waveform)

@@ -103,9 +103,14 @@ def test_the_step_by_step_reader_reads_what_the_whole_answer_gives(data):
 
 
 def test_build_delay_pattern_rejects_codes_out_of_range():
+    """Past the codebook, or negative (a -1 or labels' -100 left in would be laid into the streams as a code)."""
     config = parallel_config()
     with pytest.raises(ValueError, match="audio codes"):
         build_delay_pattern(torch.full((1, 3, 2), 10), config)
+    codes = torch.zeros((1, 3, 2), dtype=torch.long)
+    codes[0, 1, 1] = -1
+    with pytest.raises(ValueError, match="audio codes"):
+        build_delay_pattern(codes, config)
 
 
 @pytest.mark.parametrize("streams", [2, 4])

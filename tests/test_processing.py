@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
+from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer, models, normalizers, processors
 from transformers import AutoProcessor, PreTrainedTokenizerFast
 
@@ -764,7 +765,6 @@ def test_the_saved_template_refuses_speech_through_the_tokenizer_alone(tmp_path)
     """The tokenizer loads the saved template too (transformers' text-generation pipeline renders chats with it), but
     only the processor puts units behind `<|speech|>`: through the tokenizer a speech block raises (its units were
     lost, the placeholder's text tokenized, and generation went on); text chats render as through the processor."""
-    from jinja2.exceptions import TemplateError
     from transformers import AutoTokenizer
 
     tiny_processor(NUM_UNITS).save_pretrained(tmp_path)
@@ -843,3 +843,71 @@ def test_numpy_integer_ratio_saves_and_loads(tmp_path):
 def test_bad_input_raises_a_value_error_naming_the_problem(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         PROCESSOR(**kwargs)
+
+
+def test_chat_template_renders_chatml_with_a_newline_after_each_turn():
+    """The default template is ChatML as the Qwen models were trained on it: each turn ends `<|im_end|>\\n`. The
+    word-level test tokenizer drops whitespace, so the rendered text (what a real BPE tokenizer sees) is checked."""
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]
+    rendered = PROCESSOR.apply_chat_template(chat, add_generation_prompt=True)
+    assert rendered == (
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\nworld<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_the_default_template_refuses_an_audio_block_through_the_tokenizer_alone():
+    """With the codec path's template an audio block becomes `<|speech|>`, which only the processor fills with the
+    codec's units: rendered by the tokenizer alone (e.g. a text-generation pipeline) it raises, as a speech block does,
+    instead of leaving the placeholder's text in the prompt without the audio."""
+    chat = [{"role": "user", "content": [{"type": "audio", "path": "question.wav"}]}]
+    with pytest.raises(TemplateError, match="a audio block needs DeepTalkProcessor.apply_chat_template"):
+        PROCESSOR.tokenizer.apply_chat_template(chat, chat_template=PROCESSOR.chat_template, tokenize=False)
+
+
+def test_a_unit_after_a_closed_segment_opens_a_new_segment():
+    """`<|end_of_speech|>` closes a segment: a unit after it (no begin marker) starts the next segment rather than
+    being appended to the closed one, in `decode` as in the streamer."""
+    p = PROCESSOR
+    unit = lambda u: p.speech_token_start + u  # noqa: E731
+    ids = [p.begin_of_speech_id, unit(1), unit(2), p.end_of_speech_id, unit(3), unit(4)]
+    assert p.decode(ids).speech_units == [[1, 2], [3, 4]]
+    ids = [p.begin_of_speech_id, unit(1), p.end_of_speech_id, unit(5), p.end_of_speech_id, unit(6)]
+    assert p.decode(ids).speech_units == [[1], [5], [6]]
+
+
+def bos_only_processor(**kwargs) -> DeepTalkProcessor:
+    """A Llama-style tokenizer that adds a BOS only (no EOS)."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bos)]
+    )
+    add_speech_tokens(tokenizer, 64, text_vocab_size=TEXT_VOCAB_SIZE)
+    return DeepTalkProcessor(tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("interleave", ["speech_only", "interleaved"])
+def test_a_bos_only_tokenizer_keeps_its_bos_first_under_every_layout(interleave):
+    """A tokenizer that adds only a BOS (Llama's default): the BOS stays the sequence's first id and is not laid out
+    as a transcript token (speech_only would drop it, interleaved would count it in the first text chunk)."""
+    processor = bos_only_processor(interleave=interleave, text_speech_ratio=(1, 2))
+    bos = processor.tokenizer.bos_token_id
+    text_ids = processor.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    ids = processor(text="hello world", speech_units=[1, 2, 3])["input_ids"][0]
+    assert ids == [bos] + processor.interleave_ids(text_ids, [1, 2, 3])
+
+
+def test_the_default_layout_is_text_then_speech_and_interleaving_is_glm4_voices_13_to_26():
+    """The documented defaults: a transcript goes `text <bos> units <eos>`, and `"interleaved"` takes 13 text tokens
+    per 26 units (GLM-4-Voice), which trained checkpoints depend on."""
+    p = PROCESSOR
+    assert (p.interleave, p.text_speech_ratio) == ("text_then_speech", (13, 26))
+    text = " ".join(["hello", "world"] * 10)  # 20 text tokens
+    units = list(range(30))
+    text_ids = p.tokenizer(text, add_special_tokens=False)["input_ids"]
+    speech = [p.speech_token_start + u for u in units]
+    begin, end = p.begin_of_speech_id, p.end_of_speech_id
+    assert p(text=text, speech_units=units)["input_ids"][0] == text_ids + [begin, *speech, end]
+    interleaved = p(text=text, speech_units=units, interleave="interleaved")["input_ids"][0]
+    assert interleaved == text_ids[:13] + [begin] + speech[:26] + text_ids[13:] + speech[26:] + [end]

@@ -433,3 +433,14 @@ def test_speech_roundtrip_example_without_snac_says_what_to_install(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "pip install 'deeptalk-hf[audio]'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "answer.wav").exists()
+
+
+def test_a_codec_with_one_unit_more_than_the_tokenizer_is_refused():
+    """A codec unit beyond the tokenizer's last speech unit would become `<|begin_of_speech|>`'s id: a codec making
+    `num_speech_units + 1` distinct units is refused (the boundary; exactly `num_speech_units` is taken)."""
+    from types import SimpleNamespace
+
+    units = PROCESSOR.num_speech_units
+    DeepTalkStreamer(PROCESSOR, SimpleNamespace(num_units=units))
+    with pytest.raises(ValueError, match=f"the codec makes {units + 1} distinct units"):
+        DeepTalkStreamer(PROCESSOR, SimpleNamespace(num_units=units + 1))

@@ -193,11 +193,14 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         dropout, normalisation statistics kept, e.g. a conformer's BatchNorm), so stages that freeze them leave them
         bit-identical. A part is a module whose parameters are all frozen; parameter-free modules follow their parent."""
         super().train(mode)
-        if mode:
-            for module in self.audio_encoder.modules():
-                parameters = list(module.parameters())
-                if parameters and not any(parameter.requires_grad for parameter in parameters):
-                    module.eval()
+        pending = [self.audio_encoder] if mode else []
+        while pending:  # top down, so each frozen part is scanned once (transformers' Trainer calls this every step)
+            module = pending.pop()
+            parameters = list(module.parameters())
+            if parameters and not any(parameter.requires_grad for parameter in parameters):
+                module.eval()
+            else:
+                pending.extend(module.children())
         return self
 
     def activation_checkpointing_enable(

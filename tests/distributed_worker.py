@@ -16,6 +16,9 @@ LAYOUTS = {
     "tp": dict(tp_size=2),
     "tp+ep": dict(tp_size=2, ep_size=2),
     "fsdp+ep": dict(fsdp_size=2, ep_size=2),
+    # transformers' all-to-all dispatch has data-dependent token counts, so dynamo breaks the graph inside the MoE
+    # block (`fullgraph=True` fails there) and the block's eager path runs: the compiled step must still match.
+    "tp+ep compiled": dict(tp_size=2, ep_size=2),
 }
 
 
@@ -60,7 +63,8 @@ def main(path: Path) -> None:
     input_ids = reference["input_ids"]
     for layout, options in LAYOUTS.items():
         model = DeepTalkForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(**options)).train()
-        outputs = model(input_ids, labels=input_ids)
+        forward = torch.compile(model, backend="eager") if layout.endswith("compiled") else model
+        outputs = forward(input_ids, labels=input_ids)
         outputs.loss.backward()
         torch.testing.assert_close(full(outputs.logits), reference["logits"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(outputs.loss.detach(), reference["loss"], rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The config's tensor- and expert-parallel plans on two CPU processes (gloo): a training step of a tiny DeepTalk model
-under TP, TP+EP and FSDP+EP gives the single-process logits, loss and gradients, for each kind of attention."""
+under TP, TP+EP (eager and compiled) and FSDP+EP gives the single-process logits, loss and gradients, for each kind of
+attention."""
 
 import os
 import subprocess
@@ -63,7 +64,7 @@ def test_parallel_plans_match_one_process(attention, tmp_path):
     torch.save(reference, tmp_path / "reference.pt")
     result = run_workers(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
-    for layout in ("tp", "tp+ep", "fsdp+ep"):
+    for layout in ("tp", "tp+ep", "fsdp+ep", "tp+ep compiled"):
         assert result.stdout.count(f"{layout}: ok") == 2, result.stdout
 
 

@@ -18,6 +18,7 @@ from transformers import (
     AutoModelForMultimodalLM,
     DataCollatorWithFlattening,
     HubertConfig,
+    PreTrainedConfig,
     SeamlessM4TFeatureExtractor,
     Wav2Vec2BertConfig,
     Wav2Vec2Config,
@@ -255,6 +256,8 @@ def test_bad_audio_input_raises_naming_the_problem():
     model(input_ids=row["input_ids"], **features_of(row))  # in order: accepted
     with pytest.raises(ValueError, match="input_features must be 3-D"):  # one audio without its batch dimension
         model(input_ids=row["input_ids"], input_features=row["input_features"][0])
+    with pytest.raises(ValueError, match=r"input_features must be 3-D.*input_features_mask \(1, 2, \d+\)"):
+        model(**dict(row, input_features_mask=row["input_features_mask"][None]))  # a mask with a batch dim too many
     # A mask padded on the left would have the encoder read padding as the audio; one with no valid frame would fill
     # no placeholder and drop out.
     with pytest.raises(ValueError, match="must mark each audio's first frames"):
@@ -410,7 +413,7 @@ def test_the_placeholder_stays_suppressed_when_the_caller_suppresses_other_token
     model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
     audio_id = model.config.audio_token_id
     with torch.no_grad():
-        model.language_model.lm_head.weight[audio_id] = 50.0  # a model that prefers the placeholder
+        model.language_model.lm_head.weight[[audio_id, 5]] = 50.0  # a model that prefers the placeholder and 5
     batch = audio_batch(model.config, whisper_features(), [[BOS, audio_id, SEP]], [tone(300, 0.3)])
     options = dict(
         max_new_tokens=3, do_sample=False, pad_token_id=PAD, output_scores=True, return_dict_in_generate=True
@@ -418,6 +421,7 @@ def test_the_placeholder_stays_suppressed_when_the_caller_suppresses_other_token
     for suppressed in ([5], [audio_id, 5], None):
         out = model.generate(**batch, suppress_tokens=suppressed, **options)
         assert all(scores[0, audio_id] == -float("inf") for scores in out.scores), suppressed
+        assert all((scores[0, 5] == -float("inf")) == (suppressed is not None) for scores in out.scores), suppressed
         assert audio_id not in out.sequences[0, batch["input_ids"].shape[1] :].tolist()
     assert model.generation_config.suppress_tokens == [audio_id]  # the model's own config is left as it was
 
@@ -442,6 +446,8 @@ def test_text_only_input_is_the_language_model():
     with pytest.raises(ValueError, match="resize_speech_vocab"):
         model.resize_token_embeddings(model.config.text_config.vocab_size + 8)
     assert model.resize_token_embeddings(model.config.text_config.vocab_size) is model.get_input_embeddings()
+    model.train()(input_ids, labels=input_ids).loss.backward()  # a text-only batch trains the embeddings too
+    assert model.get_input_embeddings().weight.grad[input_ids.unique()].abs().sum(-1).gt(0).all()
 
 
 def is_speech_side(name: str) -> bool:
@@ -539,6 +545,7 @@ def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):
     llm = DeepTalkForCausalLM(tiny_config()).to(torch.bfloat16).eval()
     llm.generation_config.update(eos_token_id=[1, 7], do_sample=True, temperature=0.6)
     model = DeepTalkForConditionalGeneration.from_parts(whisper, llm, stack_factor=5).eval()
+    assert llm.generation_config.suppress_tokens is None  # the composite suppresses the placeholder in its own copy
     batch = audio_batch(model.config, whisper_features(), [[BOS, model.config.audio_token_id, SEP]], [tone(700, 0.6)])
     with torch.no_grad():
         assert model(**batch).logits.dtype == torch.bfloat16
@@ -562,6 +569,32 @@ def test_float32_features_are_cast_to_a_bf16_encoders_dtype():
         assert torch.equal(logits, model(**dict(batch, input_features=batch["input_features"].bfloat16())).logits)
 
 
+class Float8Linear(torch.nn.Linear):
+    """A linear layer storing its weight in float8 and computing in its input's dtype, as weight-only quantisers do."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+
+def test_a_float8_connector_reads_frames_in_the_llms_dtype():
+    """A connector whose stored weight is 8-bit gets the frames in the LLM's dtype, not in float8 (which would lose
+    almost all of their precision, and which activations such as GELU do not take)."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
+    batch = audio_batch(model.config, whisper_features(), [[BOS, model.config.audio_token_id, SEP]], [tone(440, 0.25)])
+    features = (batch["input_features"], batch["input_features_mask"])
+    linear = model.speech_connector.linear_1
+    with torch.no_grad():
+        linear.weight.copy_(linear.weight.to(torch.float8_e4m3fn))  # values float8 can hold, so both runs agree
+        expected, _ = model.get_audio_features(*features)
+        quantised = Float8Linear(linear.in_features, linear.out_features)
+        quantised.load_state_dict(linear.state_dict())
+        quantised.weight.data = quantised.weight.data.to(torch.float8_e4m3fn)
+        model.speech_connector.linear_1 = quantised
+        embeds, _ = model.get_audio_features(*features)
+    assert embeds.dtype == torch.float32
+    torch.testing.assert_close(embeds, expected)
+
+
 def test_a_float32_encoder_beside_a_bf16_llm_saves_as_the_llms_dtype(tmp_path):
     """The composite's dtype is its LLM's, not its first parameter's (the encoder's): saving records it, and
     `from_pretrained` (one dtype for the whole model) reloads the LLM as it was rather than widened to float32."""
@@ -580,12 +613,20 @@ def test_a_float32_encoder_beside_a_bf16_llm_saves_as_the_llms_dtype(tmp_path):
         assert torch.equal(tensor, llm.state_dict()[name]), name
 
 
+class UnregisteredEncoderConfig(PreTrainedConfig):
+    """An encoder config transformers' AutoModel does not know (e.g. remote code that was never registered)."""
+
+    model_type = "unregistered_audio_encoder"
+
+
 def test_only_encoders_whose_frames_can_be_counted_are_taken():
-    from transformers import Qwen2AudioEncoderConfig, Speech2TextConfig
+    from transformers import BertConfig, Qwen2AudioEncoderConfig, Speech2TextConfig
 
     for audio_config, message in [
         (Speech2TextConfig(), "speech_to_text config is not an audio encoder DeepTalk can use"),
         (Qwen2AudioEncoderConfig(), "qwen2_audio_encoder audio encoder counts its frames in a way"),
+        (UnregisteredEncoderConfig(), "unregistered_audio_encoder config is not an audio encoder DeepTalk can use"),
+        (BertConfig(), "bert audio encoder does not say how many frames"),
     ]:
         with pytest.raises(ValueError, match=message):
             audio_token_lengths(whisper_audio_config(audio_config=audio_config), torch.tensor([1600]))
@@ -734,6 +775,9 @@ def test_frozen_encoder_layers_keep_their_batchnorm_statistics_and_skip_dropout(
     set_training_stage(model, "align", also=model.audio_encoder_top_layers(1))
     low, top = model.audio_encoder.encoder.layers
     assert not low.training and not low.conv_module.batch_norm.training and top.conv_module.batch_norm.training
+    assert not any(module.training for module in low.modules())
+    dropouts = [module for module in top.modules() if isinstance(module, torch.nn.Dropout)]
+    assert dropouts and all(module.training for module in dropouts)  # parameter-free: they follow the trained layer
     before = {n: t.clone() for n, t in model.audio_encoder.state_dict().items()}
     extractor = Wav2Vec2FeatureExtractor(sampling_rate=SAMPLING_RATE, do_normalize=True, return_attention_mask=True)
     batch = audio_batch(config, extractor, [[BOS, config.audio_token_id, 5]] * 2, [tone(300, 0.1), tone(600, 0.25)])

@@ -384,10 +384,13 @@ def test_autocast_computes_in_the_autocast_dtype():
     names = ("output", "hidden", "gate_up", "down", "routing")
     for name, grad, ref in zip(names, [out, *grads], [ref_out, *ref_grads], strict=True):
         assert_close(grad, ref, TOLERANCE[torch.float16], name)
-    # The grouped kernels see the hidden states rounded to fp16 too, bit for bit.
-    x, *rest = inputs
-    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.float16):
-        assert torch.equal(K.fused_moe_experts(*inputs), K.fused_moe_experts(x.half().float(), *rest))
+    # The grouped kernels see the hidden states rounded to fp16 too, bit for bit, and both weights in fp16.
+    x, gate_up, down, *routing = inputs
+    with torch.no_grad():
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            autocast = K.fused_moe_experts(*inputs)
+            assert torch.equal(autocast, K.fused_moe_experts(x.half().float(), gate_up, down, *routing))
+        assert torch.equal(autocast, K.fused_moe_experts(x, gate_up.half(), down.half(), *routing))
     # Without the cast the products would be fp32: much closer to the fp32 reference than fp16 rounding allows.
     exact = K.moe_experts_reference(*upcast(inputs))
     assert (out.double() - exact).abs().max() > 1e-5 * exact.abs().max()
@@ -517,14 +520,17 @@ def test_decode_path_returns_the_hidden_states_dtype():
     assert fused_moe_module.use_decode_path(1, 2, 8)
     rounded = [a.half().double() if a.is_floating_point() else a for a in inputs]
     expected = K.moe_experts_reference(*rounded)
-    out = K.fused_moe_experts(x, gate_up.half(), down.half(), index, weights)
-    assert out.dtype == torch.float32
-    assert_close(out, expected, TOLERANCE[torch.float16], "fp16 weights")
+    fp16_weights = K.fused_moe_experts(x, gate_up.half(), down.half(), index, weights)
+    assert fp16_weights.dtype == torch.float32
+    assert_close(fp16_weights, expected, TOLERANCE[torch.float16], "fp16 weights")
     # The kernels see the hidden states rounded to the weights' dtype, as `F.linear` does: bit for bit the same.
-    assert torch.equal(out, K.fused_moe_experts(x.half().float(), gate_up.half(), down.half(), index, weights))
-    with torch.autocast(DEVICE.type, dtype=torch.float16):
+    assert torch.equal(
+        fp16_weights, K.fused_moe_experts(x.half().float(), gate_up.half(), down.half(), index, weights)
+    )
+    with torch.autocast(DEVICE.type, dtype=torch.float16):  # both weights cast to fp16: the same again
         out = K.fused_moe_experts(*inputs)
         assert torch.equal(out, K.fused_moe_experts(x.half().float(), gate_up, down, index, weights))
+    assert torch.equal(out, fp16_weights)
     assert out.dtype == torch.float32
     assert_close(out, expected, TOLERANCE[torch.float16], "fp16 autocast")
 
@@ -615,16 +621,21 @@ def test_calls_make_no_import_system_lookup(monkeypatch):
     assert_close(K.fused_moe_experts(*inputs), K.moe_experts_reference(*upcast(inputs)), 1e-4, "output")
 
 
-def test_custom_ops_fake_kernels_match_the_real_ones():
+@pytest.mark.parametrize("variant", ["fp32", "fp16", "transposed", "hidden_differs_from_inter"])
+def test_custom_ops_fake_kernels_match_the_real_ones(variant):
     """`torch.library.opcheck`: each op's schema holds and its fake kernel gives the real outputs' shapes, dtypes and
-    strides (what compiled graphs are built from). opcheck's eager-vs-AOT comparison is left out: the kept
-    pre-activation buffer's rows past `offsets[E]` (sentinel pairs) are never written, nor read by the backward, so
-    two runs differ there (uninitialised memory) while every row the backward reads is equal."""
+    strides (what compiled graphs are built from), also in fp16 (outputs and gradients in their inputs' dtypes; the
+    decode op's fp32 output beside fp16 weights), for transposed weights (their gradients are new contiguous
+    tensors) and for H != I. opcheck's eager-vs-AOT comparison is left out: the kept pre-activation buffer's rows past
+    `offsets[E]` (sentinel pairs) are never written, nor read by the backward, so two runs differ there
+    (uninitialised memory) while every row the backward reads is equal."""
     case = dict(
-        num_tokens=6, hidden=16, inter=16, num_experts=3, top_k=2, num_used=3, sentinel_rate=0.2,
-        layout="contiguous", trainable="none", seed=8,
+        num_tokens=6, hidden=16, inter=24 if variant == "hidden_differs_from_inter" else 16, num_experts=3, top_k=2,
+        num_used=3, sentinel_rate=0.2, layout="transposed" if variant == "transposed" else "contiguous",
+        trainable="none", seed=8,
     )  # fmt: skip
-    (x, gate_up, down, index, weights), grad_out = build_case(case, torch.float32, DEVICE)
+    dtype = torch.float16 if variant == "fp16" else torch.float32
+    (x, gate_up, down, index, weights), grad_out = build_case(case, dtype, DEVICE)
     routing = weights.reshape(-1)
     checks = dict(test_utils=("test_schema", "test_faketensor"))
     for keep in (True, False):
@@ -637,6 +648,18 @@ def test_custom_ops_fake_kernels_match_the_real_ones():
         torch.library.opcheck(torch.ops.deeptalk_hf.moe_experts_backward, (*backward_args, *needs), **checks)
     decode_args = (x[:1], gate_up, down, index[:1], weights[:1], torch.float32)
     torch.library.opcheck(torch.ops.deeptalk_hf.moe_experts_decode, decode_args, **checks)
+
+
+def test_a_model_with_swish_experts_runs_on_the_kernels():
+    """transformers spells SiLU "swish" too (`ACT2FN` gives `nn.SiLU` for it, `SiLUActivation` for "silu"): a model
+    the backend is the default for, so it must run on the kernels and match eager."""
+    config = tiny_config(hidden_act="swish", experts_implementation="eager")
+    model = DeepTalkForCausalLM(config).to(DEVICE).eval()
+    input_ids = torch.randint(0, config.vocab_size, (1, 6), device=DEVICE)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        model.set_experts_implementation("deeptalk_triton")
+        assert_close(model(input_ids).logits, expected, 1e-4, "swish logits")
 
 
 def test_deeptalk_model_fullgraph_compile():
@@ -773,6 +796,11 @@ def test_cpu_without_interpreter_points_to_grouped_mm(monkeypatch):
         K.deeptalk_triton_experts_forward(experts, *args)
     with pytest.raises(RuntimeError, match="grouped_mm"):  # the functional form too (not Triton's driver error)
         K.fused_moe_experts(args[0], experts.gate_up_proj, experts.down_proj, *args[1:])
+    # Any device but CUDA (here `meta`; xpu or mps alike) gets the same error.
+    x, gate_up, down = (torch.empty(shape, device="meta") for shape in ((3, 16), (2, 32, 16), (2, 16, 16)))
+    index, weights = torch.zeros(3, 1, dtype=torch.long, device="meta"), torch.ones(3, 1, device="meta")
+    with pytest.raises(RuntimeError, match="runs on CUDA tensors, got meta.*grouped_mm"):
+        K.fused_moe_experts(x, gate_up, down, index, weights)
 
 
 def test_interpreter_mode_changed_after_triton_was_imported_is_named(monkeypatch):

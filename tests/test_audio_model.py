@@ -649,6 +649,10 @@ def test_from_parts_loads_whisper_checkpoints_without_a_decoder(tmp_path):
     save_file(weights, tmp_path / "classifier" / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"under encoder\.: missing \['encoder.conv1.weight'\]"):
         DeepTalkForConditionalGeneration.from_parts(tmp_path / "classifier", llm, stack_factor=5)
+    weights["encoder.conv1.weight"] = whisper.encoder.conv1.weight.detach()[:, :-1].clone()  # a wrong shape
+    save_file(weights, tmp_path / "classifier" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # refused by from_pretrained itself
+        DeepTalkForConditionalGeneration.from_parts(tmp_path / "classifier", llm, stack_factor=5)
 
 
 def test_from_parts_refuses_an_encoder_of_another_class():

@@ -421,7 +421,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         features = {key: kwargs.pop(key, None) for key in ("input_features", "input_features_mask")}
         if expand_size > 1 and input_ids is not None and features["input_features"] is not None:
             lengths = audio_token_lengths(self.config, _feature_lengths(self.config.audio_config, *features.values()))
-            rows, _ = _rows_of_audios(input_ids, self.config.audio_token_id, lengths)
+            rows = _rows_of_audios(input_ids, self.config.audio_token_id, lengths)
             order = torch.cat([(rows == row).nonzero().flatten().repeat(expand_size) for row in range(len(input_ids))])
             features = {
                 key: None if value is None else value[order.to(value.device)] for key, value in features.items()
@@ -444,14 +444,11 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return self.language_model.prepare_inputs_for_generation(*args, **kwargs)
 
 
-def _rows_of_audios(
-    input_ids: torch.Tensor, audio_token_id: int, lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of each audio's first and last position: the audios fill the placeholders in order, row after row."""
+def _rows_of_audios(input_ids: torch.Tensor, audio_token_id: int, lengths: torch.Tensor) -> torch.Tensor:
+    """The row of each audio's first position: the audios fill the placeholders in order, row after row."""
     placeholders = (input_ids == audio_token_id).sum(-1).cpu().cumsum(0)
-    ends = lengths.cpu().cumsum(0)
-    first = torch.searchsorted(placeholders, ends - lengths.cpu(), right=True)
-    return first, torch.searchsorted(placeholders, ends - 1, right=True)
+    starts = lengths.cpu().cumsum(0) - lengths.cpu()
+    return torch.searchsorted(placeholders, starts, right=True)
 
 
 def _placeholder_runs(input_ids: torch.Tensor, audio_token_id: int) -> torch.Tensor:
@@ -477,14 +474,13 @@ def _feature_lengths(
 
 def _load_complete(model_class: type, path: str | os.PathLike, kept: str = "") -> PreTrainedModel:
     """`from_pretrained` that refuses a checkpoint leaving weights missing (they would silently stay random); only
-    those under the prefix `kept` count, where the rest of the model is dropped."""
+    those under the prefix `kept` count, where the rest of the model is dropped. (A weight of the wrong shape
+    `from_pretrained` refuses itself.)"""
     model, info = model_class.from_pretrained(path, output_loading_info=True)
-    missing = sorted(key for key in info["missing_keys"] if key.startswith(kept))
-    mismatched = sorted(key for key, *_ in info["mismatched_keys"] if key.startswith(kept))
-    if missing or mismatched:
+    if missing := sorted(key for key in info["missing_keys"] if key.startswith(kept)):
         raise ValueError(
             f"{path} does not hold every weight of {type(model).__name__}{f' under {kept}' if kept else ''}: "
-            f"missing {missing}, wrong shape {mismatched}"
+            f"missing {missing}"
         )
     return model
 

@@ -192,7 +192,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         """Frozen parts of the audio encoder (all of it, or the layers below those trained) stay in eval mode (no
         dropout, normalisation statistics kept, e.g. a conformer's BatchNorm), so stages that freeze them leave them
         bit-identical. A part is a module whose parameters are all frozen; parameter-free modules follow their parent,
-        so a partly trained encoder's own input dropout, LayerDrop and SpecAugment stay on (docs/speech_input.md)."""
+        so a partly trained encoder's own input dropout, LayerDrop and (wav2vec2 family) SpecAugment stay on."""
         super().train(mode)
         pending = [self.audio_encoder] if mode else []
         while pending:  # top down, so each frozen part is scanned once (transformers' Trainer calls this every step)

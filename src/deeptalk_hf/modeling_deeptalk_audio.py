@@ -447,8 +447,8 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
 def _rows_of_audios(input_ids: torch.Tensor, audio_token_id: int, lengths: torch.Tensor) -> torch.Tensor:
     """The row of each audio's first position: the audios fill the placeholders in order, row after row."""
     placeholders = (input_ids == audio_token_id).sum(-1).cpu().cumsum(0)
-    starts = lengths.cpu().cumsum(0) - lengths.cpu()
-    return torch.searchsorted(placeholders, starts, right=True)
+    lengths = lengths.cpu()
+    return torch.searchsorted(placeholders, lengths.cumsum(0) - lengths, right=True)
 
 
 def _placeholder_runs(input_ids: torch.Tensor, audio_token_id: int) -> torch.Tensor:

@@ -28,9 +28,11 @@ from deeptalk_hf import (
     cli,
     profile_modality_load,
     upcycle_checkpoint,
+    upcycle_dense,
 )
 from deeptalk_hf.cli import (
     EXIT_EXISTS,
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_SOURCE,
     EXIT_USAGE,
@@ -44,7 +46,7 @@ from deeptalk_hf.cli import (
 from deeptalk_hf.upcycling import atomic_output_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_upcycling import ARCHITECTURES, dense_model, max_diff, save_dense, text_ids  # noqa: E402
+from test_upcycling import ARCHITECTURES, dense_model, fake_hub, max_diff, save_dense, text_ids  # noqa: E402
 
 from .test_audio_model import whisper_audio_config  # noqa: E402
 
@@ -101,6 +103,54 @@ def test_cli_upcycled_checkpoint_is_the_dense_model(kind, granularity, tmp_path)
     )
 
 
+def test_cli_every_dense_option_reaches_the_upcycling(tmp_path):
+    """Each option off its default gives what `upcycle_dense` gives with it (a dropped option would fall back to the
+    function's default silently), and another seed gives other weights."""
+    dense = dense_model("mistral")
+    source = save_dense(dense, tmp_path / "dense")
+    arguments = [str(source), str(tmp_path / "moe"), "--num-text-experts", "4", "--num-speech-experts", "2"]
+    arguments += ["--top-k", "2", "--granularity", "3", "--shared-experts", "1", "--mlp-only-layers", "1"]
+    arguments += ["--init-noise", "0.01", "--drop-fraction", "0.25", "--seed", "5", "--speech-vocab-size", "8"]
+    assert upcycle_main([*arguments, "--quiet"]) == EXIT_OK
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").state_dict()
+    options = dict(num_text_experts=4, num_speech_experts=2, num_experts_per_tok=2, granularity=3,
+                   num_shared_experts=1, mlp_only_layers=[1], init_noise=0.01, drop_fraction=0.25,
+                   speech_vocab_size=8)  # fmt: skip
+    expected = upcycle_dense(dense, seed=5, **options).state_dict()
+    assert streamed.keys() == expected.keys()
+    for name in streamed:
+        assert torch.equal(streamed[name], expected[name]), name
+    other_seed = upcycle_dense(dense, seed=0, **options).state_dict()
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(streamed[name], other_seed[name])
+
+
+def test_cli_unexpected_error_exits_1_with_its_traceback(tmp_path, monkeypatch, capsys):
+    """A failure that is not a usage or source error (a full disk, a bug) is not reported as bad arguments (2)."""
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("deeptalk_hf.cli.upcycle_checkpoint", disk_full)
+    arguments = [str(source), str(tmp_path / "moe"), "--num-text-experts", "2", "--top-k", "1", "--quiet"]
+    assert upcycle_main(arguments) == EXIT_FAILURE
+    error = capsys.readouterr().err
+    assert "Traceback" in error and "OSError: [Errno 28] No space left on device" in error
+
+
+def test_cli_hub_source_converts_the_commit_it_checked(tmp_path, monkeypatch):
+    """The weights and configs come from the snapshot whose config was checked, not from the branch asked for, which
+    may have moved on since."""
+    repo = save_dense(dense_model("llama"), tmp_path / "repo")
+    calls = fake_hub(repo, tmp_path / "cache", monkeypatch)
+    arguments = ["org/dense", str(tmp_path / "moe"), "--num-text-experts", "2", "--top-k", "1", "--revision", "main"]
+    assert upcycle_main([*arguments, "--quiet"]) == EXIT_OK
+    revisions = [revision for _, revision, _ in calls]
+    assert revisions[0] == "main" and set(revisions[1:]) == {"0123abcd"}, calls
+    assert (tmp_path / "moe" / "config.json").is_file()
+
+
 def test_upcycle_exit_codes(tmp_path, capsys):
     source = save_dense(dense_model("llama"), tmp_path / "dense")
     destination = tmp_path / "moe"
@@ -108,6 +158,9 @@ def test_upcycle_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # argparse: a required option is missing
         upcycle_main([str(source), str(destination)])
     assert exit_info.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as exit_info:  # --top-k alone missing: named
+        upcycle_main([str(source), str(destination), "--num-text-experts", "2", "--quiet"])
+    assert exit_info.value.code == EXIT_USAGE and "--top-k" in capsys.readouterr().err
     assert upcycle_main([str(source), str(destination), *base, "--granularity", "5"]) == EXIT_USAGE
     assert "granularity=5" in capsys.readouterr().err
     for size in ("0KB", "-5KB", "5XB"):  # sizes as transformers reads them, positive
@@ -592,7 +645,9 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert profile_main(arguments) == EXIT_USAGE
     error = capsys.readouterr().err
     assert "no speech experts yet" in error and "--num-speech-experts" in error and not load.exists()
-    for device in ("bogus", "meta"):  # meta tensors hold no values
+    # Meta tensors hold no values; a torch built without CUDA asserts, and one without a device's module (hpu) fails
+    # to import it.
+    for device in ("bogus", "meta", "hpu", *(() if torch.cuda.is_available() else ("cuda",))):
         assert profile_main([*arguments, "--num-speech-experts", "1", "--device", device]) == EXIT_USAGE
         assert f"--device {device} cannot be used" in capsys.readouterr().err and not load.exists()
     if importlib.util.find_spec("matplotlib") is None:

@@ -479,7 +479,8 @@ def profile_main(argv: list[str] | None = None) -> int:
             if torch.device(device).type == "meta":
                 raise RuntimeError("a meta tensor holds no values to run on")
             torch.empty(0, device=device)
-        except (RuntimeError, AssertionError) as error:  # AssertionError: a torch built without CUDA
+        # AssertionError: a torch built without CUDA; ImportError: a device type whose torch module is absent (hpu)
+        except (RuntimeError, AssertionError, ImportError) as error:
             raise ValueError(f"--device {device} cannot be used: {error}") from error
 
         config = _read_config(configs)

@@ -14,8 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -28,9 +30,17 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
-from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, upcycle_checkpoint, upcycle_dense, upcycle_moe
+from deeptalk_hf import (
+    DeepTalkConfig,
+    DeepTalkForCausalLM,
+    upcycle_checkpoint,
+    upcycle_dense,
+    upcycle_moe,
+    upcycle_moe_checkpoint,
+)
 from deeptalk_hf.modeling_deeptalk import topk_routing
 from deeptalk_hf.upcycling import (
     CheckpointError,
@@ -158,6 +168,35 @@ def test_architecture_details_are_carried():
         for field, value in fields.items():
             assert getattr(config, field) == value, (kind, field)
         assert config.rms_norm_eps == 1e-5 and config.norm_topk_prob and config.vocab_size == VOCAB
+
+
+def test_fields_off_their_defaults_are_carried():
+    """The common fields, each off its default (a field left out would fall back to DeepTalk's default unseen at the
+    defaults the other tests use); a non-SiLU activation is also used: the logits stay the dense model's."""
+    fields = dict(max_position_embeddings=96, use_cache=False, attention_dropout=0.25, initializer_range=0.05)
+    torch.manual_seed(0)
+    dense = randomize(LlamaForCausalLM(LlamaConfig(**(COMMON | fields), hidden_act="gelu_pytorch_tanh")))
+    moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    for name, value in (fields | {"hidden_act": "gelu_pytorch_tanh"}).items():
+        assert getattr(moe.config, name) == value, name
+    with torch.no_grad():
+        assert max_diff(moe(text_ids()).logits, dense(text_ids()).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_full_attention_below_max_window_layers_is_kept(kind):
+    """Qwen2/Qwen3 with `max_window_layers`: full attention in the lower layers, the window above."""
+    config_class, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[
+        kind
+    ]
+    config = config_class(**COMMON, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    torch.manual_seed(0)
+    dense = randomize(model_class(config))
+    moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    assert moe.config.layer_types == config.layer_types
+    with torch.no_grad():  # SEQ = 20 positions, beyond the window
+        assert max_diff(moe(text_ids()).logits, dense(text_ids()).logits) <= 1e-5
 
 
 def test_fields_a_family_does_not_declare_are_not_read():
@@ -314,6 +353,30 @@ def test_noise_and_drop_upcycling():
         )
 
 
+def test_noise_and_dropped_channels_are_seeded_per_layer():
+    """Two layers holding the same dense MLP get different noise and different re-initialised channels."""
+    dense = dense_model("llama")
+    with torch.no_grad():
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(dense.model.layers[1].mlp, name).weight.copy_(getattr(dense.model.layers[0].mlp, name).weight)
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    plain = upcycle_dense(dense, **options)
+    for option in (dict(init_noise=0.01), dict(drop_fraction=0.5)):
+        model = upcycle_dense(dense, seed=3, **options, **option)
+        changes = [expert_weights(model, layer)[0] - expert_weights(plain, layer)[0] for layer in (0, 1)]
+        assert changes[0].any() and not torch.equal(changes[0], changes[1]), option
+
+
+def test_drop_fraction_rounds_to_the_nearest_channel_count():
+    """r = 0.15 of an expert's 24 channels is 3.6: 4 channels re-initialised, in each expert."""
+    dense = dense_model("llama")
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=2, granularity=2)
+    plain = upcycle_dense(dense, **options)
+    dropped = upcycle_dense(dense, drop_fraction=0.15, **options)
+    changed = (expert_weights(dropped)[2] != expert_weights(plain)[2]).any(dim=1)  # down_proj [E, H, I]: channels
+    assert changed.sum(-1).tolist() == [4, 4]
+
+
 def test_drop_upcycling_draws_from_each_dense_matrix_statistics():
     """Re-initialised channels follow a normal distribution with the mean and std of the dense matrix they replace."""
     dense = dense_model("llama")
@@ -380,11 +443,41 @@ def test_dtype_and_independence_from_the_source():
     with torch.no_grad():
         fp32.model.embed_tokens.weight.add_(1.0)
     assert not torch.equal(fp32.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+    config = deeptalk_config_from_dense(dense.config, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    config.rope_parameters["factor"] = 8.0  # e.g. extending the context before training: the source keeps its own
+    assert dense.config.rope_parameters["factor"] == 4.0
     for wrong in ["float33", "int8", torch.float8_e4m3fn]:  # a checkpoint in an integer or float8 dtype would not load
         with pytest.raises(ValueError, match="is not a weights dtype"):
             upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype=wrong)
     with pytest.raises(ValueError, match="init_noise=inf must be finite and >= 0"):
         upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, init_noise=math.inf)
+
+
+def test_in_memory_upcycling_keeps_the_model_dtype_and_generation_config():
+    """A model cast after it was built (its config may still name another dtype) and its own generation settings."""
+    dense = dense_model("llama").to(torch.bfloat16)
+    dense.generation_config = GenerationConfig(max_new_tokens=7, temperature=0.3, do_sample=True, top_k=5)
+    moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    assert moe.dtype == torch.bfloat16 and moe.config.dtype == torch.bfloat16
+    generation = moe.generation_config
+    assert (generation.max_new_tokens, generation.temperature, generation.do_sample, generation.top_k) == (
+        7,
+        0.3,
+        True,
+        5,
+    )
+
+
+def test_speech_rows_in_another_dtype_are_those_of_resize_speech_vocab():
+    """The mean of the text rows is taken after the cast, as `resize_speech_vocab` takes it: the same rows, bit for
+    bit, whichever way the speech block is added."""
+    dense = dense_model("llama")
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype="bfloat16")
+    moe = upcycle_dense(dense, speech_vocab_size=4, **options)
+    reference = upcycle_dense(dense, **options)
+    reference.resize_speech_vocab(4)
+    assert torch.equal(moe.model.speech_embed_tokens.weight, reference.model.speech_embed_tokens.weight)
+    assert torch.equal(moe.speech_lm_head.weight, reference.speech_lm_head.weight)
 
 
 def test_bf16_upcycling_is_bit_exact_where_nothing_is_rounded_apart(tmp_path):
@@ -561,6 +654,59 @@ def test_streaming_tensors_of_any_byte_size_keep_their_own_bytes(tmp_path):
     assert streamed.keys() == expected.keys()
     for name in streamed:
         assert torch.equal(streamed[name], expected[name]), name
+    # Mixed dtypes: 63 x 21 fp16 embedding values (2,646 bytes) beside fp32 tensors, which need aligned offsets.
+    mixed = dict(vocab_size=63, hidden_size=21, num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=True)
+    dense = randomize(LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), **mixed, "head_dim": 8})))
+    dense.model.embed_tokens.half()
+    upcycle_checkpoint(save_dense(dense, tmp_path / "mixed"), tmp_path / "mixed_moe", progress=False, **options)
+    assert stored_dtypes(tmp_path / "mixed_moe")["model.embed_tokens.weight"] == "F16"
+    streamed = load_checked(tmp_path / "mixed_moe").state_dict()
+    for name, tensor in upcycle_dense(tmp_path / "mixed", **options).state_dict().items():
+        assert torch.equal(streamed[name].float(), tensor.float()), name
+
+
+def stored_dtypes(folder: Path) -> dict[str, str]:
+    """Each tensor's dtype as the shards store it (loading would hide a wrong one: `from_pretrained` casts)."""
+    dtypes = {}
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as handle:
+            dtypes |= {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+    return dtypes
+
+
+def test_streamed_tensors_are_stored_in_the_asked_or_source_dtype(tmp_path):
+    """Every stored tensor (copies, speech rows, zero routers, imported experts) in the dtype asked for; without one,
+    perturbed experts of a bf16 source stay bf16, equal to the in-memory result."""
+    dense = dense_model("llama")
+    source = save_dense(dense, tmp_path / "dense")
+    options = dict(num_text_experts=2, num_speech_experts=2, num_experts_per_tok=1, progress=False)
+    upcycle_checkpoint(source, tmp_path / "bf16", speech_vocab_size=4, dtype="bfloat16", **options)
+    dtypes = stored_dtypes(tmp_path / "bf16")
+    assert "model.layers.0.mlp.gate.weight" in dtypes and "model.speech_embed_tokens.weight" in dtypes
+    assert set(dtypes.values()) == {"BF16"}
+    torch.manual_seed(0)
+    moe_source = Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, moe_intermediate_size=16, num_experts=4, head_dim=8))
+    randomize(moe_source).save_pretrained(tmp_path / "moe_source")
+    upcycle_moe_checkpoint(tmp_path / "moe_source", tmp_path / "imported", dtype="bfloat16", progress=False)
+    assert set(stored_dtypes(tmp_path / "imported").values()) == {"BF16"}
+
+    save_dense(dense.to(torch.bfloat16), tmp_path / "dense_bf16")
+    perturbed = dict(options, init_noise=0.01, drop_fraction=0.25)
+    upcycle_checkpoint(tmp_path / "dense_bf16", tmp_path / "noisy", **perturbed)
+    assert set(stored_dtypes(tmp_path / "noisy").values()) == {"BF16"}
+    streamed = load_checked(tmp_path / "noisy").state_dict()
+    del perturbed["progress"]
+    for name, tensor in upcycle_dense(tmp_path / "dense_bf16", **perturbed).state_dict().items():
+        assert torch.equal(streamed[name], tensor), name
+
+
+def test_a_single_shard_output_has_no_index(tmp_path):
+    """As `save_pretrained` writes it: `model.safetensors` alone."""
+    source = save_dense(dense_model("llama"), tmp_path / "dense", max_shard_size="5GB")
+    upcycle_checkpoint(source, tmp_path / "moe", num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1,
+                       progress=False)  # fmt: skip
+    files = set(os.listdir(tmp_path / "moe"))
+    assert "model.safetensors" in files and "model.safetensors.index.json" not in files
 
 
 def test_upcycled_model_saves_and_reloads(tmp_path):
@@ -626,6 +772,32 @@ def test_corrupt_source_fails_cleanly(kind, tmp_path):
     assert not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == []
     with pytest.raises(CheckpointError):
         upcycle_dense(source, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+
+
+def _rewrite_single_file(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_single_file_checkpoint_missing_a_tensor_or_with_a_wrong_shape_is_refused(tmp_path):
+    """Without an index to compare with, the tensors themselves are checked against the config before anything is
+    written (a missing norm would otherwise be left out, a wrong-shaped one streamed as it is)."""
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    cases = {
+        r"missing \(1\): model\.norm\.weight": lambda tensors: tensors.pop("model.norm.weight"),
+        r"shape \(1\): model\.norm\.weight: \(33,\) vs \(32,\)": lambda tensors: tensors.update(
+            {"model.norm.weight": torch.ones(COMMON["hidden_size"] + 1)}
+        ),
+    }
+    for i, (message, edit) in enumerate(cases.items()):
+        source = save_dense(dense_model("llama"), tmp_path / f"dense{i}", max_shard_size="5GB")
+        _rewrite_single_file(source, edit)
+        with pytest.raises(CheckpointError, match=message):
+            upcycle_checkpoint(source, tmp_path / "moe", progress=False, **options)
+        assert not (tmp_path / "moe").exists()
+        with pytest.raises(CheckpointError, match=message):
+            upcycle_dense(source, **options)
 
 
 def test_a_file_given_as_the_source_is_named(tmp_path):

@@ -368,13 +368,14 @@ def test_noise_and_dropped_channels_are_seeded_per_layer():
 
 
 def test_drop_fraction_rounds_to_the_nearest_channel_count():
-    """r = 0.15 of an expert's 24 channels is 3.6: 4 channels re-initialised, in each expert."""
+    """r times an expert's 24 channels, rounded: 3.6 -> 4 and 2.4 -> 2 channels re-initialised, in each expert."""
     dense = dense_model("llama")
     options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=2, granularity=2)
     plain = upcycle_dense(dense, **options)
-    dropped = upcycle_dense(dense, drop_fraction=0.15, **options)
-    changed = (expert_weights(dropped)[2] != expert_weights(plain)[2]).any(dim=1)  # down_proj [E, H, I]: channels
-    assert changed.sum(-1).tolist() == [4, 4]
+    for fraction, channels in ((0.15, 4), (0.1, 2)):
+        dropped = upcycle_dense(dense, drop_fraction=fraction, **options)
+        changed = (expert_weights(dropped)[2] != expert_weights(plain)[2]).any(dim=1)  # down_proj [E, H, I]
+        assert changed.sum(-1).tolist() == [channels, channels], fraction
 
 
 def test_drop_upcycling_draws_from_each_dense_matrix_statistics():
@@ -455,7 +456,9 @@ def test_dtype_and_independence_from_the_source():
 
 def test_in_memory_upcycling_keeps_the_model_dtype_and_generation_config():
     """A model cast after it was built (its config may still name another dtype) and its own generation settings."""
-    dense = dense_model("llama").to(torch.bfloat16)
+    dense = dense_model("llama")
+    dense.config.dtype = torch.float32  # as `from_pretrained` leaves it
+    dense = dense.to(torch.bfloat16)
     dense.generation_config = GenerationConfig(max_new_tokens=7, temperature=0.3, do_sample=True, top_k=5)
     moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
     assert moe.dtype == torch.bfloat16 and moe.config.dtype == torch.bfloat16

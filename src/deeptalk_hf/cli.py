@@ -481,7 +481,9 @@ def profile_main(argv: list[str] | None = None) -> int:
             torch.empty(0, device=device)
         # AssertionError: a torch built without CUDA; ImportError: a device type whose torch module is absent (hpu)
         except (RuntimeError, AssertionError, ImportError) as error:
-            raise ValueError(f"--device {device} cannot be used: {error}") from error
+            # The first line: for a backend this build lacks (mps, xla) torch appends its whole dispatch table.
+            reason = str(error).partition("\n")[0]
+            raise ValueError(f"--device {device} cannot be used: {reason}") from error
 
         config = _read_config(configs)
         if isinstance(config, DeepTalkAudioConfig):

@@ -722,6 +722,13 @@ def test_upcycled_model_saves_and_reloads(tmp_path):
         assert torch.equal(reloaded(ids).logits, moe(ids).logits)
 
 
+def rewrite_shard(shard: Path, edit) -> None:
+    """`edit` the shard's tensors (a dict, in place) and write them back."""
+    tensors = load_file(shard)
+    edit(tensors)
+    save_file(tensors, shard, metadata={"format": "pt"})
+
+
 def corrupt(kind: str, source):
     shards = sorted(f for f in os.listdir(source) if f.endswith(".safetensors"))
     victim = source / shards[-1]
@@ -733,11 +740,7 @@ def corrupt(kind: str, source):
     elif kind == "missing-shard":
         victim.unlink()
     elif kind == "missing-tensor":
-        from safetensors.torch import load_file, save_file
-
-        tensors = load_file(victim)
-        tensors.pop(sorted(tensors)[0])
-        save_file(tensors, victim, metadata={"format": "pt"})
+        rewrite_shard(victim, lambda tensors: tensors.pop(sorted(tensors)[0]))
     elif kind == "no-weights":
         for shard in shards:
             (source / shard).unlink()
@@ -777,12 +780,6 @@ def test_corrupt_source_fails_cleanly(kind, tmp_path):
         upcycle_dense(source, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
 
 
-def _rewrite_single_file(folder: Path, edit) -> None:
-    tensors = load_file(folder / "model.safetensors")
-    edit(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-
-
 def test_a_single_file_checkpoint_missing_a_tensor_or_with_a_wrong_shape_is_refused(tmp_path):
     """Without an index to compare with, the tensors themselves are checked against the config before anything is
     written (a missing norm would otherwise be left out, a wrong-shaped one streamed as it is)."""
@@ -795,7 +792,7 @@ def test_a_single_file_checkpoint_missing_a_tensor_or_with_a_wrong_shape_is_refu
     }
     for i, (message, edit) in enumerate(cases.items()):
         source = save_dense(dense_model("llama"), tmp_path / f"dense{i}", max_shard_size="5GB")
-        _rewrite_single_file(source, edit)
+        rewrite_shard(source / "model.safetensors", edit)
         with pytest.raises(CheckpointError, match=message):
             upcycle_checkpoint(source, tmp_path / "moe", progress=False, **options)
         assert not (tmp_path / "moe").exists()

@@ -785,15 +785,16 @@ def test_aux_loss_matches_transformers_for_a_single_moe_layer():
     torch.testing.assert_close(out.aux_loss, expected)
 
 
-def reference_group_losses(logits, tokens, top_k):
+def reference_group_losses(logits, tokens, top_k, scoring_func="softmax"):
     """Plain-Python load-balancing and z-loss terms of one expert group over the listed tokens."""
     num_experts = logits.shape[1]
     counts = [0.0] * num_experts
     prob_sums = [0.0] * num_experts
     z = 0.0
     for t in tokens:
-        probs = torch.softmax(logits[t].double(), -1).tolist()
-        ranked = sorted(range(num_experts), key=lambda e: (-probs[e], e))[: min(top_k, num_experts)]
+        scores = torch.softmax(logits[t].double(), -1) if scoring_func == "softmax" else logits[t].double().sigmoid()
+        probs = (scores / scores.sum()).tolist()
+        ranked = sorted(range(num_experts), key=lambda e: (-scores[e].item(), e))[: min(top_k, num_experts)]
         for e in ranked:
             counts[e] += 1
         for e in range(num_experts):
@@ -804,8 +805,16 @@ def reference_group_losses(logits, tokens, top_k):
     return aux, z / n
 
 
-def test_modality_losses_match_hand_computed_values():
-    config = tiny_config(num_hidden_layers=3, mlp_only_layers=[], num_experts=[3, 2, 4], num_speech_experts=[2, 0, 1])
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+def test_modality_losses_match_hand_computed_values(scoring_func):
+    """Layers of one shape are computed together (layers 0 and 3, 1 and 4 here), so shapes repeat."""
+    config = tiny_config(
+        num_hidden_layers=5,
+        mlp_only_layers=[],
+        num_experts=[3, 2, 4, 3, 2],
+        num_speech_experts=[2, 0, 1, 2, 0],
+        scoring_func=scoring_func,
+    )
     torch.manual_seed(1)
     is_speech = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
     attention_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
@@ -825,11 +834,11 @@ def test_modality_losses_match_hand_computed_values():
         else:
             groups = [(logits, valid)]
         for group_logits, tokens in groups:
-            group_aux, group_z = reference_group_losses(group_logits, tokens, config.num_experts_per_tok)
+            group_aux, group_z = reference_group_losses(group_logits, tokens, config.num_experts_per_tok, scoring_func)
             expected_aux += len(tokens) / len(valid) * group_aux
             expected_z += len(tokens) / len(valid) * group_z
-    assert aux.item() == pytest.approx(expected_aux / 3, rel=1e-5)
-    assert z.item() == pytest.approx(expected_z / 3, rel=1e-5)
+    assert aux.item() == pytest.approx(expected_aux / 5, rel=1e-5)
+    assert z.item() == pytest.approx(expected_z / 5, rel=1e-5)
 
 
 def test_router_losses_count_the_experts_the_routing_picks_among_tied_scores():

@@ -12,6 +12,8 @@ from peft import (
     PeftModel,
     PeftModelForCausalLM,
     PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
     get_peft_model,
 )
 from peft.tuners.lora import LoraLayer
@@ -391,6 +393,27 @@ def test_prefix_tuning_reaches_the_attention_and_trains():
     assert not torch.allclose(out.logits.detach(), plain)
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.prompt_encoder.parameters())
+
+
+def test_prompt_tuning_works_without_a_speech_block_and_fails_as_documented_with_one():
+    """Prompt tuning prepends its virtual token embeddings to the text table's rows: the same as the model on those
+    embeddings. With a speech block PEFT finds no table of `vocab_size` rows and fails (docs/lora.md names the error)."""
+    model = DeepTalkForCausalLM(tiny_config(speech_vocab_size=0)).eval()
+    input_ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    with torch.no_grad():
+        prompts = peft_model.get_prompt(batch_size=2)
+        expected = model(inputs_embeds=torch.cat([prompts, model.get_input_embeddings()(input_ids)], dim=1)).logits
+        torch.testing.assert_close(peft_model(input_ids=input_ids).logits, expected)
+    peft_model(input_ids=input_ids, labels=input_ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.prompt_encoder.parameters())
+    for prompt_config in (
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, encoder_hidden_size=16),
+    ):
+        speech_model = get_peft_model(DeepTalkForCausalLM(tiny_config()), prompt_config)
+        with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+            speech_model(input_ids=input_ids)
 
 
 def perturbed_stage_adapter(base_dir, stage: str, adapter_dir) -> torch.Tensor:

@@ -461,8 +461,8 @@ def assign_modality_experts(
     move between `experts`/`gate` and `speech_experts`/`speech_gate`, and `config.num_experts`,
     `config.num_speech_experts` and `config.speech_expert_ids` record the new split, so with
     `modality_routing="none"` the model computes what it did before, up to float rounding (also on an already split
-    model: the load and the ids are in source order). New parameters keep the `requires_grad` of the group they come
-    from.
+    model: the load and the ids are in source order). Each group's rebuilt tensors keep that group's `requires_grad` (a
+    new speech group takes the text group's): a moved expert takes the flag of the group it joins.
     """
     model = _language_model(model)
     config = model.config

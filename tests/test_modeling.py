@@ -707,6 +707,23 @@ def test_training_under_a_float64_default_dtype():
         torch.set_default_dtype(default)
 
 
+def test_a_model_built_under_a_float64_default_dtype_runs_on_the_eager_experts():
+    """Weights built in float64 (no `config.dtype`) get the eager experts: torch's grouped matmul refuses float64.
+    Its logits are the float32 model's (same weights) up to float32 rounding."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        wide = DeepTalkForCausalLM(tiny_config()).eval()
+    finally:
+        torch.set_default_dtype(default)
+    assert wide.config._experts_implementation == "eager" and model.config._experts_implementation == "grouped_mm"
+    wide.load_state_dict({name: tensor.double() for name, tensor in model.state_dict().items()})
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(wide(ids).logits.float(), model(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["eager", "grouped_mm", "batched_mm"])
 def test_sentinel_slots_never_reach_an_output(backend):
     """Sentinel slots (index 2 in a group of 2): backends that skip them give the experts' own result, bit for bit;

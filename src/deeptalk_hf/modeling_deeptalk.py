@@ -810,7 +810,11 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
         transformers' default `grouped_mm`, or `eager` where torch's grouped matmul would refuse the expert strides
         (it wants multiples of 16 bytes: 8 elements cover every dtype)."""
         config = self.config
-        if requested_experts is None and config.dtype in (torch.float64, "float64"):  # no grouped matmul or kernel
+        # float64 weights: from the config's dtype, or the default dtype the weights are built in (no grouped matmul
+        # or kernel takes float64)
+        if requested_experts is None and (
+            config.dtype in (torch.float64, "float64") or torch.get_default_dtype() == torch.float64
+        ):
             requested_experts = "eager"
         elif requested_experts is None and triton_is_default(config.hidden_act):
             requested_experts = EXPERTS_IMPLEMENTATION

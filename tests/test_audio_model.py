@@ -20,6 +20,8 @@ from transformers import (
     HubertConfig,
     PreTrainedConfig,
     SeamlessM4TFeatureExtractor,
+    Trainer,
+    TrainingArguments,
     Wav2Vec2BertConfig,
     Wav2Vec2Config,
     Wav2Vec2ConformerConfig,
@@ -188,6 +190,23 @@ def test_a_padding_free_batch_with_its_audios_gives_each_items_logits():
     logits = model(**packed, **features, use_cache=False).logits[0]
     for item, item_logits in zip(items, logits.split([item["input_ids"].shape[1] for item in items]), strict=True):
         torch.testing.assert_close(item_logits, model(**item, use_cache=False).logits[0])
+
+
+def test_trainer_packed_batches_of_the_audio_model_are_the_padded_batch(tmp_path):
+    """`Trainer` turns the cache off on the model's own config, the composite one here; the LLM must take that, or its
+    training forward makes a cache and transformers' masks then let the packed sequences attend to each other."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config())
+    rows = [[BOS, 5, 9, 6], [BOS, 7, 8, 9, 10, 11, 4], [BOS, 12, 13]]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithFlattening())
+    model.train()
+    packed = trainer.compute_loss(model, DataCollatorWithFlattening()([{"input_ids": row} for row in rows]))
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(row) for row in rows], batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(row), dtype=torch.long) for row in rows], batch_first=True)
+    padded = trainer.compute_loss(
+        model, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    )
+    torch.testing.assert_close(packed, padded)
 
 
 def features_of(batch: dict) -> dict:

@@ -24,6 +24,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
 
 from .configuration_deeptalk import DeepTalkAudioConfig
 from .modeling_deeptalk import (
@@ -349,6 +350,7 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return inputs_embeds.masked_scatter(is_audio.unsqueeze(-1).to(inputs_embeds.device), audio)
 
     @can_return_tuple
+    @merge_with_config_defaults  # `use_cache` of this config (set by `Trainer`), or else the LLM's own default
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,

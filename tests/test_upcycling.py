@@ -431,8 +431,18 @@ def test_speech_vocabulary(kind):
         logits = moe(ids).logits
         assert logits.shape[-1] == VOCAB + 10
         assert max_diff(logits[..., :VOCAB], dense(ids).logits) <= 1e-5
+        # Untrained speech ids score the text logits' mean (docs/upcycling.md): never above the best text id.
+        assert (
+            max_diff(logits[..., VOCAB:], logits[..., :VOCAB].mean(-1, keepdim=True).expand_as(logits[..., VOCAB:]))
+            <= 1e-5
+        )
         speech = torch.cat([ids[:, :4], torch.full((2, 3), VOCAB + 1)], dim=1)
         assert torch.isfinite(moe(speech).logits).all()
+    prompt = ids[:, :6]
+    assert torch.equal(
+        moe.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+        dense.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0),
+    )
 
 
 def test_dtype_and_independence_from_the_source():

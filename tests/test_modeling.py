@@ -125,6 +125,14 @@ def test_qwen3_moe_checkpoint_loads_without_a_config_and_other_layouts_are_refus
                                  num_hidden_layers=1, num_attention_heads=4)).save_pretrained(dense)  # fmt: skip
     with pytest.raises(ValueError, match="mlp.experts"):
         DeepTalkForCausalLM.from_pretrained(dense)
+    # Only the heads missing: a base model's checkpoint, or tied embeddings read untied; the upcycling hint would mislead.
+    DeepTalkForCausalLM(tiny_config()).model.save_pretrained(tmp_path / "base")
+    DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True)).save_pretrained(tmp_path / "tied")
+    for folder, overrides in (("base", {}), ("tied", {"tie_word_embeddings": False})):
+        with pytest.raises(
+            ValueError, match=r"lacks 2 tensors .*\(lm_head.weight, speech_lm_head.weight\)\. Only output heads"
+        ):
+            DeepTalkForCausalLM.from_pretrained(tmp_path / folder, **overrides)
 
 
 def test_qwen2_moe_shared_expert_gate_and_qkv_bias_match(tmp_path):
@@ -686,6 +694,20 @@ def test_resize_speech_vocab_keeps_rows_ties_the_head_and_sizes_the_loss(tie):
     torch.testing.assert_close(out.loss.float(), expected)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_resize_speech_vocab_updates_transformers_map_of_tied_weights(tie):
+    """transformers computes `all_tied_weights_keys` once when the model is built and ties by it in `init_weights` (and
+    device maps): after a resize it must be a model of the new size's, or the speech head is tied to a table that
+    is gone (or left untied)."""
+    model = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=tie))
+    for size in (0, 8):
+        model.resize_speech_vocab(size)
+        built = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=tie, vocab_size=64 + size, speech_vocab_size=size))
+        assert model.all_tied_weights_keys == built.all_tied_weights_keys
+        model.init_weights()
+    assert (model.speech_lm_head.weight is model.model.speech_embed_tokens.weight) is tie
+
+
 def test_training_under_a_float64_default_dtype():
     """Gradient checks set the default dtype to float64; the router losses (float32, as the router probabilities) must
     still add up, to the values a float32 default gives the same model."""
@@ -1097,6 +1119,22 @@ def test_deepseek_mla_group_limited_routing_matches(version):
         assert (source(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
     kwargs = dict(max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(input_ids))
     assert torch.equal(source.generate(input_ids, **kwargs), model.generate(input_ids, **kwargs))
+
+
+def test_offloading_works_but_deepseek_v3_routing_refuses_offloaded_buffers():
+    """accelerate's offloading puts a module's tensors in place for its own forward only; DeepSeek-V3 routing reads the
+    routers' correction biases after their forward, so their buffers may not be offloaded: refused by name."""
+    from accelerate import cpu_offload
+
+    _, model = deepseek_pair("v3")
+    input_ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        offloaded = cpu_offload(copy.deepcopy(model), execution_device=torch.device("cpu"))
+        torch.testing.assert_close(offloaded(input_ids).logits, expected, rtol=0, atol=1e-6)
+        with_buffers = cpu_offload(copy.deepcopy(model), execution_device=torch.device("cpu"), offload_buffers=True)
+        with pytest.raises(ValueError, match="e_score_correction_bias.*meta device.*offload_buffers=False"):
+            with_buffers(input_ids)
 
 
 def move_to_speech_group(model: DeepTalkForCausalLM, speech_ids: list[int]) -> DeepTalkForCausalLM:

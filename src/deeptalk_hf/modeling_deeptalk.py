@@ -486,7 +486,16 @@ class DeepTalkSparseMoeBlock(nn.Module):
 
     def _bias(self, router: nn.Module) -> torch.Tensor | None:
         # Only DeepSeek-V3's routers hold a bias; looking for a PEFT wrapper's `base_layer` costs ~2.5 us otherwise.
-        return correction_bias(router) if self.routing.topk_method == "noaux_tc" else None
+        if self.routing.topk_method != "noaux_tc":
+            return None
+        bias = correction_bias(router)
+        if bias.is_meta:  # read after the router's forward, where accelerate's buffer offloading has put it back
+            raise ValueError(
+                f"layer {self.layer_idx}'s router score-correction bias (e_score_correction_bias) is on the meta "
+                "device: DeepSeek-V3 routing reads it outside the router's forward, so its buffers cannot be offloaded; "
+                "load with offload_buffers=False (the default)"
+            )
+        return bias
 
     def _route(
         self, logits: torch.Tensor, router: nn.Module, group_limited: bool = False
@@ -780,11 +789,20 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             # A checkpoint without parallel streams, loaded with `num_audio_streams` set: new tables, as asked.
             logger.warning(f"parallel audio streams added: {', '.join(missing)} are new (initialised), train them")
         elif missing:  # they would stay random: a checkpoint of another layout, or a config override
+            if all(key.split(".")[0] in _OUTPUT_HEADS for key in missing):
+                hint = (
+                    "Only output heads are missing: a checkpoint of the base model (load it with AutoModel), or one "
+                    "saved with tied embeddings and loaded with tie_word_embeddings=False (load it tied)"
+                )
+            else:
+                hint = (
+                    "A dense or other MoE checkpoint is converted with upcycle_checkpoint / upcycle_moe_checkpoint "
+                    "(deeptalk-upcycle); speech attention is added with add_speech_attention, the speech vocabulary "
+                    "with resize_speech_vocab"
+                )
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} tensors this DeepTalk config needs ({', '.join(missing[:4])}"
-                f"{', ...' if len(missing) > 4 else ''}). A dense or other MoE checkpoint is converted with "
-                "upcycle_checkpoint / upcycle_moe_checkpoint (deeptalk-upcycle); speech attention is added with "
-                "add_speech_attention, the speech vocabulary with resize_speech_vocab"
+                f"{', ...' if len(missing) > 4 else ''}). {hint}"
             )
         unexpected = sorted(loading_info.unexpected_keys)
         if isinstance(model, DeepTalkModel):  # the base model of a causal LM's checkpoint: the heads are not its
@@ -1228,6 +1246,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             self._tied_weights_keys["speech_lm_head.weight"] = "model.speech_embed_tokens.weight"
             if config.tie_word_embeddings:
                 self.speech_lm_head.weight = self.model.speech_embed_tokens.weight
+        # transformers' map of tied parameters, computed once in `post_init` (read by `init_weights`, device maps).
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=False)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits over the whole vocabulary: `[lm_head(h) ; speech_lm_head(h)]`."""

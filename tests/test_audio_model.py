@@ -18,6 +18,8 @@ from transformers import (
     AutoModelForMultimodalLM,
     DataCollatorWithFlattening,
     HubertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
     PreTrainedConfig,
     SeamlessM4TFeatureExtractor,
     Trainer,
@@ -549,12 +551,40 @@ def test_composed_from_checkpoints_saves_and_loads_identically(tmp_path):
     )
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, offloaded.eval()(**batch).logits)
+    # Its device is the LLM's (ids go there; the first parameter is the offloaded encoder's, on the meta device).
+    assert offloaded.device == torch.device("cpu")
+    assert offloaded.generate(max_new_tokens=2, do_sample=False).shape == (1, 3)  # from a BOS it makes there
     # A tensor the composite has no place for is refused, a top-level `lm_head` too (only the LLM's base model
     # leaves a causal LM's heads out).
     weights = load_file(tmp_path / "composite" / "model.safetensors")
     save_file(weights | {"lm_head.weight": torch.zeros(2, 2)}, tmp_path / "composite" / "model.safetensors")
     with pytest.raises(ValueError, match="no place for .*lm_head.weight"):
         AutoModelForMultimodalLM.from_pretrained(tmp_path / "composite")
+
+
+def test_generation_entries_of_the_language_model_work_on_the_composite():
+    """What transformers reaches through the composite: a prompt given as embeddings (accepted only where
+    `prepare_inputs_for_generation` names `inputs_embeds`), a text LM as draft beside `modality_ids`, the output
+    embeddings; self-speculative early exit looks for layers the composite does not expose and is refused by name."""
+    torch.manual_seed(0)
+    model = DeepTalkForConditionalGeneration(whisper_audio_config()).eval()
+    llm = model.language_model
+    start = llm.config.speech_token_start
+    ids = torch.tensor([[BOS, 4, 5, start, start + 1, 6, 7]])
+    modality_ids = (ids >= start).long()  # as the processors give them
+    greedy = dict(max_new_tokens=5, do_sample=False)
+    expected = model.generate(ids, **greedy)
+    embeds = llm.model.embed(ids)
+    assert torch.equal(model.generate(inputs_embeds=embeds, modality_ids=modality_ids, **greedy), expected[:, 7:])
+    draft = LlamaForCausalLM(
+        LlamaConfig(vocab_size=80, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).eval()
+    assert torch.equal(model.generate(ids, modality_ids=modality_ids, assistant_model=draft, **greedy), expected)
+    with pytest.raises(ValueError, match="assistant_early_exit .* model.language_model"):
+        model.generate(ids, assistant_early_exit=1, **greedy)
+    head = torch.nn.Linear(32, 64, bias=False)
+    model.set_output_embeddings(head)
+    assert llm.lm_head is head and model.get_output_embeddings() is head
 
 
 def test_parts_of_another_dtype_and_the_llms_generation_settings(tmp_path):

@@ -398,7 +398,7 @@ def test_prefix_tuning_reaches_the_attention_and_trains():
 def test_prompt_tuning_works_without_a_speech_block_and_fails_as_documented_with_one():
     """Prompt tuning prepends its virtual token embeddings to the text table's rows: the same as the model on those
     embeddings; P-tuning trains its prompt encoder. With a speech block PEFT finds no table of `vocab_size` rows and
-    both fail (docs/lora.md names the error)."""
+    both fail (docs/lora.md names the error), as they do on the audio model without one (PEFT reads its encoder)."""
     model = DeepTalkForCausalLM(tiny_config(speech_vocab_size=0)).eval()
     input_ids = torch.randint(3, model.config.vocab_size, (2, 5))
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
@@ -412,10 +412,11 @@ def test_prompt_tuning_works_without_a_speech_block_and_fails_as_documented_with
     encoder_model = get_peft_model(DeepTalkForCausalLM(tiny_config(speech_vocab_size=0)), p_tuning)
     encoder_model(input_ids=input_ids, labels=input_ids).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder_model.prompt_encoder.parameters())
+    audio_model = whisper_audio_config(text_config=tiny_config(speech_vocab_size=0))
     for prompt_config in (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), p_tuning):
-        speech_model = get_peft_model(DeepTalkForCausalLM(tiny_config()), prompt_config)
-        with pytest.raises(TypeError, match="'NoneType' object is not callable"):
-            speech_model(input_ids=input_ids)
+        for failing in (DeepTalkForCausalLM(tiny_config()), DeepTalkForConditionalGeneration(audio_model)):
+            with pytest.raises(TypeError, match="'NoneType' object is not callable"):
+                get_peft_model(failing, prompt_config)(input_ids=input_ids)
 
 
 def perturbed_stage_adapter(base_dir, stage: str, adapter_dir) -> torch.Tensor:

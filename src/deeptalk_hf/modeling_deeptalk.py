@@ -1133,6 +1133,15 @@ def modality_router_losses(
     return aux_loss / len(router_logits), z_loss / len(router_logits)
 
 
+def without_modality_ids_for_text_drafts(generator: object) -> object:
+    """transformers hands the assistant every model kwarg: a draft model without `modality_ids` (a text LM)
+    proposes from the ids alone; the DeepTalk model verifies with them."""
+    draft = getattr(generator, "assistant_model", None)
+    if draft is not None and "modality_ids" not in inspect.signature(draft.forward).parameters:
+        generator.assistant_kwargs.pop("modality_ids", None)
+    return generator
+
+
 @dataclass
 class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     r"""
@@ -1466,13 +1475,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         return model_inputs
 
     def _get_candidate_generator(self, *args, **kwargs):
-        """transformers hands the assistant every model kwarg: a draft model without `modality_ids` (a text LM)
-        proposes from the ids alone; this model verifies with them."""
-        generator = super()._get_candidate_generator(*args, **kwargs)
-        draft = getattr(generator, "assistant_model", None)
-        if draft is not None and "modality_ids" not in inspect.signature(draft.forward).parameters:
-            generator.assistant_kwargs.pop("modality_ids", None)
-        return generator
+        return without_modality_ids_for_text_drafts(super()._get_candidate_generator(*args, **kwargs))
 
     @torch.no_grad()
     def generate(

@@ -35,6 +35,7 @@ from .modeling_deeptalk import (
     check_prompt_modality_ids,
     speech_positions,
     warn_if_checkpointing_stops_balancing,
+    without_modality_ids_for_text_drafts,
 )
 
 # Where audio encoders keep their transformer layers: Whisper / Qwen2-Audio / GLM-ASR, and the wav2vec2 family.
@@ -184,6 +185,12 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         LLM; generation sizes its caches with it."""
         return self.language_model.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """The language model's device, where ids and generated tokens go (not the encoder's, which may be offloaded
+        to disk, on the meta device)."""
+        return self.language_model.device
+
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
         """Its experts are the language model's (transformers reads this from the module's source, which has none)."""
@@ -221,6 +228,9 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
 
     def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
         """The LLM's `resize_token_embeddings` (which keeps its text and speech blocks apart)."""
@@ -440,10 +450,26 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
             generation_config.suppress_tokens = [*suppressed, self.config.audio_token_id]
         return generation_config, model_kwargs
 
-    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.LongTensor, *args, inputs_embeds: torch.Tensor | None = None, **kwargs
+    ) -> dict:
         """The LLM's step inputs (its `modality_ids` handling included); transformers passes `input_features` and
-        `input_features_mask` at prefill only when a cache is used."""
-        return self.language_model.prepare_inputs_for_generation(*args, **kwargs)
+        `input_features_mask` at prefill only when a cache is used. (`inputs_embeds` is named so that `generate`
+        accepts a prompt given as embeddings.)"""
+        return self.language_model.prepare_inputs_for_generation(
+            input_ids, *args, inputs_embeds=inputs_embeds, **kwargs
+        )
+
+    def _get_candidate_generator(self, generation_config: GenerationConfig, *args, **kwargs):
+        if generation_config.assistant_early_exit is not None:  # transformers would look for layers on this model
+            raise ValueError(
+                "assistant_early_exit drafts with the first layers of a language model's own stack, which this "
+                "composite model does not expose: generate with model.language_model for a text prompt, or give an "
+                "assistant_model"
+            )
+        return without_modality_ids_for_text_drafts(
+            super()._get_candidate_generator(generation_config, *args, **kwargs)
+        )
 
 
 def _rows_of_audios(input_ids: torch.Tensor, audio_token_id: int, lengths: torch.Tensor) -> torch.Tensor:

@@ -418,3 +418,23 @@ def test_resampling_to_the_same_rate_returns_the_waveform_unchanged():
     torch.manual_seed(0)
     waveform = torch.randn(2, 400)
     assert torch.equal(resample(waveform, 24000, 24000), waveform)
+
+
+def test_audio_files_in_a_chat_are_loaded_at_the_codecs_rate(monkeypatch):
+    """transformers loads chat audio at 16 kHz by default (its rate without a feature extractor): a 24 kHz codec would
+    get audio without its top band, and a file continued as the final block (loaded at the codec's rate) other units.
+    A file may also come as transformers' chat format gives it, in `"audio"`; a given `sampling_rate` wins."""
+    import transformers.audio_utils
+
+    asked = []
+
+    def load_audio(source: str, sampling_rate: int = 16000, **_) -> np.ndarray:
+        asked.append((source, sampling_rate))
+        return np.sin(np.arange(sampling_rate // 10, dtype=np.float32))
+
+    monkeypatch.setattr(transformers.audio_utils, "load_audio", load_audio)
+    processor = tiny_processor(MIMI.num_units, codec=MIMI)
+    for block in ({"type": "audio", "path": "q.wav"}, {"type": "audio", "audio": "q.wav"}):
+        processor.apply_chat_template([{"role": "user", "content": [block]}], tokenize=True)
+    processor.apply_chat_template([{"role": "user", "content": [block]}], tokenize=True, sampling_rate=16000)
+    assert asked == [("q.wav", 24000), ("q.wav", 24000), ("q.wav", 16000)]

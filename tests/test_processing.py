@@ -1,9 +1,11 @@
 """DeepTalkProcessor: speech vocabulary layout, text+units → ids → text+units for every policy, batching, the chat
 template, saving, and the errors bad input must raise."""
 
+import copy
 import math
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -728,12 +730,55 @@ def test_a_tokenizer_that_splits_the_speech_markers_is_refused():
         processor(text="hello <|speech|>", speech_units=[1, 2])
 
 
+@dataclass
+class Message:  # transformers 5 takes message objects (dataclasses, pydantic models) beside dicts
+    role: str
+    content: list
+
+
 @pytest.mark.parametrize("kind", ["image", "video"])
 def test_image_and_video_blocks_are_refused_not_dropped(kind):
-    conversation = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": kind, "url": "x"}]}]
-    for tokenize in (False, True):
-        with pytest.raises(ValueError, match=f"conversation 0 has an {kind} block"):
-            PROCESSOR.apply_chat_template(conversation, tokenize=tokenize)
+    """Checked as transformers reads the conversation: OpenAI `image_url` blocks and message objects too."""
+    blocks = [{"type": "text", "text": "hello"}, {"type": kind, "url": "x"}]
+    openai_image = [{"type": "text", "text": "hello"}, {"type": "image_url", "image_url": {"url": "x"}}]
+    conversations = [[{"role": "user", "content": blocks}], [Message("user", blocks)]]
+    conversations += [[{"role": "user", "content": openai_image}]] if kind == "image" else []
+    for conversation in conversations:
+        for tokenize in (False, True):
+            with pytest.raises(ValueError, match=f"conversation 0 has an {kind} block"):
+                PROCESSOR.apply_chat_template(conversation, tokenize=tokenize)
+
+
+def test_what_the_default_template_cannot_render_is_refused_not_dropped():
+    hello = {"type": "text", "text": "hello"}
+    for block in (
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+        {"type": "speach", "units": [1]},
+    ):
+        with pytest.raises(TemplateError, match=f"renders text, speech and audio blocks, not {block['type']} blocks"):
+            PROCESSOR.apply_chat_template([{"role": "user", "content": [hello, block]}])
+    user = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    for extra in ({"tools": [tool]}, {"documents": [{"title": "a", "text": "b"}]}):
+        with pytest.raises(TemplateError, match="renders no tools or documents"):
+            PROCESSOR.apply_chat_template(user, **extra)
+    call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f"}}]}
+    with pytest.raises(TemplateError, match="renders no tool calls"):
+        PROCESSOR.apply_chat_template([*user, call])
+
+
+def test_named_templates_and_message_objects_render_speech_turns():
+    """A template chosen by name is the processor's own (the flag that lets it render speech is read from it), and a
+    final speech block of a message object is continued as a dict's is."""
+    processor = copy.copy(PROCESSOR)
+    processor.chat_template = {"default": PROCESSOR.chat_template, "other": PROCESSOR.chat_template}
+    speech = [{"type": "text", "text": "hello"}, {"type": "speech", "units": [1, 2]}]
+    expected = PROCESSOR.apply_chat_template([{"role": "user", "content": speech}], tokenize=True)
+    for name in ("default", "other"):
+        assert processor.apply_chat_template([Message("user", speech)], chat_template=name, tokenize=True) == expected
+    opened = PROCESSOR.apply_chat_template([{"role": "assistant", "content": speech}], continue_final_message=True)
+    assert PROCESSOR.apply_chat_template([Message("assistant", speech)], continue_final_message=True) == opened
+    assert opened.endswith("<|begin_of_speech|><|speech_1|><|speech_2|>")
 
 
 def test_a_chat_template_without_speech_placeholders_is_refused():

@@ -57,7 +57,8 @@ def _chat_template(audio_placeholder: str) -> str:
 
     Only the processor fills `<|speech|>` with units: rendered by the tokenizer alone (which loads the saved template
     too, e.g. in transformers' text-generation pipeline) a block that becomes one raises, rather than leaving the
-    placeholder's text in the prompt without its units."""
+    placeholder's text in the prompt without its units. What it cannot render (other blocks, tools, documents, tool
+    calls) raises too, rather than leaving it out of the prompt."""
     needs_processor = (
         f"{{%- if not {_TEMPLATE_FLAG} -%}}{{{{ raise_exception('a ' + block['type'] + ' block needs "
         "DeepTalkProcessor.apply_chat_template, which puts its speech units in the prompt; the tokenizer alone cannot') "
@@ -71,9 +72,15 @@ def _chat_template(audio_placeholder: str) -> str:
         "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
         f"{{%- elif block['type'] == 'speech' -%}}{needs_processor}{{{{ '<|speech|>' }}}}"
         f"{{%- elif block['type'] == 'audio' -%}}{audio_check}{{{{ '{audio_placeholder}' }}}}"
+        "{%- else -%}{{ raise_exception('the DeepTalk chat template renders text, speech and audio blocks, not ' "
+        "+ block['type'] + ' blocks') }}"
         "{%- endif -%}{%- endfor -%}{%- endif -%}"
         "{%- endmacro -%}"
+        "{%- if tools or documents -%}{{ raise_exception('the DeepTalk chat template renders no tools or documents: "
+        "pass a chat_template that does') }}{%- endif -%}"
         "{%- for message in messages -%}"
+        "{%- if message['tool_calls'] -%}{{ raise_exception('the DeepTalk chat template renders no tool calls: pass "
+        "a chat_template that does') }}{%- endif -%}"
         "{{ '<|im_start|>' + message['role'] + '\n' }}"
         "{%- if message['role'] == 'assistant' -%}"
         "{%- generation -%}{{ content(message) + '<|im_end|>' }}{%- endgeneration -%}"
@@ -93,7 +100,7 @@ AUDIO_CHAT_TEMPLATE = _chat_template(AUDIO_PLACEHOLDER)
 def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) -> list[list[tuple[str, Any]]]:
     """Per conversation, its speech and audio blocks in order: `("speech", units)` for `{"type": "speech", "units":
     [...]}`, `("audio", (waveform, sampling_rate))` for `{"type": "audio", ...}` (an `"audio"` array with its
-    `"sampling_rate"`, or a `"path"`/`"url"` loaded at `audio_loading_params`' rate)."""
+    `"sampling_rate"`, or a file, `"path"`/`"url"`/`"audio"`, loaded at `audio_loading_params`' rate)."""
     from transformers.audio_utils import load_audio
 
     batch = []
@@ -108,10 +115,11 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
                             f'a {{"type": "speech"}} block needs its "units" (got the keys {list(block)})'
                         )
                     blocks.append(("speech", block["units"]))
-                elif block["type"] == "audio" and "audio" in block:
+                elif block["type"] == "audio" and not isinstance(block.get("audio", ""), str):
                     blocks.append(("audio", (block["audio"], block.get("sampling_rate"))))
-                elif block["type"] == "audio":
-                    waveform = load_audio(block.get("path", block.get("url")), **audio_loading_params)
+                elif block["type"] == "audio":  # a file: "path", "url", or (transformers' chat format) "audio"
+                    source = block.get("path", block.get("url", block.get("audio")))
+                    waveform = load_audio(source, **audio_loading_params)
                     blocks.append(("audio", (waveform, audio_loading_params["sampling_rate"])))
         batch.append(blocks)
     return batch
@@ -967,8 +975,11 @@ class DeepTalkProcessor(ProcessorMixin):
         speech block is continued inside that segment: the prompt ends with its units, without `<|end_of_speech|>`, so
         the model goes on speaking (transformers continues a message's last text block only). Image and video blocks are
         refused (the template would drop them)."""
-        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
-        conversations = conversation if batched else [conversation]
+        # As transformers will read them (message objects as dicts, OpenAI image blocks as image blocks), checked so.
+        conversations, batched = (
+            self._normalize_conversations(conversation) if conversation else ([conversation], False)
+        )
+        conversation = conversations if batched else conversations[0]
         for i, messages in enumerate(conversations):
             for message in messages:
                 content = message.get("content") if isinstance(message, dict) else None
@@ -983,8 +994,7 @@ class DeepTalkProcessor(ProcessorMixin):
             conversation = opened if batched else opened[0]
         # The flag that lets the default template render speech blocks (the tokenizer alone must not); passed only to
         # a template that reads it, as transformers hands any other keyword to `__call__`, with warnings.
-        template = kwargs.get("chat_template", args[0] if args else None) or self.chat_template
-        if _TEMPLATE_FLAG in str(template):  # a template, or a dict of named ones
+        if _TEMPLATE_FLAG in self._resolve_chat_template(kwargs.get("chat_template", args[0] if args else None)):
             kwargs[_TEMPLATE_FLAG] = True
         if kwargs.get("add_generation_prompt") or kwargs.get("continue_final_message"):
             kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), _OPEN_END: True}
@@ -1013,6 +1023,15 @@ class DeepTalkProcessor(ProcessorMixin):
             return messages
         text = BEGIN_OF_SPEECH + "".join(SPEECH_UNIT_TOKEN.format(unit) for unit in units)
         return [*messages[:-1], {**messages[-1], "content": [*content[:-1], {"type": "text", "text": text}]}]
+
+    def _resolve_audio_loading_params(self, processor_kwargs: dict) -> dict:
+        """transformers' choice, except that audio files become units at the codec's rate unless a rate is given (its
+        default, without a feature extractor, is 16 kHz)."""
+        params = super()._resolve_audio_loading_params(processor_kwargs)
+        given = processor_kwargs.get("sampling_rate", processor_kwargs.get("audio_kwargs", {}).get("sampling_rate"))
+        if self.audio_becomes_units and self.codec is not None and given is None:
+            params["sampling_rate"] = self.codec.sampling_rate
+        return params
 
     def _multimodal_inputs_from_conversations(
         self, conversations: list[list[dict]], audio_loading_params: dict, load_audio_from_video: bool = False

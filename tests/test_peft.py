@@ -379,6 +379,29 @@ def test_speech_stage_lora_leaves_the_text_model_bit_identical(merge, tmp_path):
             assert torch.equal(reloaded(mixed_batch(config)).logits, trained(mixed_batch(config)).logits)
 
 
+def test_mixed_adapter_batches_with_lora_on_speech_attention_give_each_row_its_adapter():
+    """PEFT's `adapter_names` maps a layer's input rows to adapters: the speech projections must see the batch's rows,
+    not the gathered speech positions (whose count may equal the batch size: then no error, the wrong adapters)."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(speech_attention=True)).eval()
+    targets = ["speech_q_proj", "speech_v_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False), "x")
+    peft_model.add_adapter("y", LoraConfig(r=2, target_modules=targets, init_lora_weights=False))
+    peft_model.eval()
+    start = model.config.speech_token_start
+    for ids in ([[5, start + 1, start + 2], [6, 7, 8]], [[5, start + 1, start + 2], [6, start + 3, 8]]):
+        ids = torch.tensor(ids)
+        with torch.no_grad():
+            alone = []
+            for name in ("x", "y"):
+                peft_model.set_adapter(name)
+                alone.append(peft_model(ids).logits)
+            mixed = peft_model(ids, adapter_names=["x", "y"]).logits
+        assert (alone[0][0] - alone[1][0]).abs().max() > 0.01  # the adapters differ on the speech row
+        torch.testing.assert_close(mixed[0], alone[0][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(mixed[1], alone[1][1], rtol=0, atol=1e-6)
+
+
 def test_prefix_tuning_reaches_the_attention_and_trains():
     """PEFT's prefix tuning hands its virtual keys and values over as `past_key_values`."""
     model = DeepTalkForCausalLM(tiny_config()).eval()

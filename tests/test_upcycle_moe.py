@@ -185,6 +185,7 @@ def test_imported_model_is_the_source_in_memory_and_streamed(family, tmp_path):
     kind, source = family
     model = upcycle_moe(source)
     assert isinstance(model, DeepTalkForCausalLM) and model.config.num_speech_experts == 0
+    assert model.name_or_path == ""  # no hub repo, as for a model built from a config
     assert_same_model(model, source)
     if not kind.startswith("deepseek"):  # DeepSeek: another RoPE rounding (V2) and top-k order (V2, V3)
         with torch.no_grad():

@@ -450,6 +450,7 @@ def test_dtype_and_independence_from_the_source():
     moe = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, dtype="bfloat16")
     assert moe.dtype == torch.bfloat16 and moe.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
     assert not hasattr(moe.model.layers[0].mlp, "speech_experts")
+    assert moe.name_or_path == moe.config.name_or_path == ""  # no hub repo (PEFT records it as the adapter's base)
     fp32 = upcycle_dense(dense, num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
     with torch.no_grad():
         fp32.model.embed_tokens.weight.add_(1.0)

@@ -287,7 +287,13 @@ class DeepTalkAttention(nn.Module):
         if speech_index is None:
             return out
         speech = getattr(self, f"speech_{name}")
-        if isinstance(speech_index, torch.Tensor):  # a mask (under torch.compile): the speech copy on every row too
+        # A mask (under torch.compile), or hooks that read the batch's rows (PEFT's per-row adapters, `adapter_names`):
+        # the speech copy runs on every row too.
+        if isinstance(speech_index, torch.Tensor) or speech._forward_pre_hooks:
+            if not isinstance(speech_index, torch.Tensor):
+                speech_index = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device).index_put_(
+                    speech_index, torch.tensor(True, device=out.device)
+                )
             return torch.where(speech_index.view(*speech_index.shape, *[1] * (out.dim() - 2)), speech(states), out)
         return out.index_put(speech_index, speech(states[speech_index]))
 

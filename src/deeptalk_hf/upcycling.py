@@ -703,6 +703,8 @@ def _build_model(source: _SourceModel | _SourceCheckpoint, converter: _Converter
     converted = {out: result for name, tensor in source.tensors() for out, result in converter.convert(name, tensor)}
     config = converter.config
     model = DeepTalkForCausalLM.from_pretrained(None, config=config, state_dict=converted, dtype=config.dtype)
+    # No hub repo, as for a model built from a config (`None` would read as the repo "None", e.g. in PEFT adapters).
+    model.name_or_path = model.config.name_or_path = ""
     model.generation_config = source.generation_config(model.config)
     return model
 

@@ -21,6 +21,7 @@ from deeptalk_hf import (
     DeepTalkForConditionalGeneration,
     DeepTalkModel,
     ModalityLoad,
+    add_speech_attention,
     assign_modality_experts,
     move_speech_experts,
     profile_modality_load,
@@ -728,3 +729,30 @@ def test_assignment_on_deepseek_routing_keeps_the_source_function(version):
         bias = model.model.layers[1].mlp.speech_gate.e_score_correction_bias
         expected = source.model.layers[1].mlp.gate.e_score_correction_bias[moved[0]]
         assert torch.equal(bias, expected)
+
+
+def test_data_parallel_wrappers_are_profiled_through_and_refused_for_changes(model):
+    """(Distributed)DataParallel keeps the parameters and trainable set it was built with: profiling reads through it,
+    what changes them is refused by name (torch's own error came steps later, about unused parameters)."""
+    wrapped = nn.DataParallel(model)  # no GPU: a plain wrapper, the same attributes as DistributedDataParallel's
+    batches = [mixed_batch(0)]
+    through, bare = profile_modality_load(wrapped, batches), profile_modality_load(model, batches)
+    assert all(map(torch.equal, through.speech_counts + through.text_counts, bare.speech_counts + bare.text_counts))
+    for change in (
+        lambda: move_speech_experts(wrapped, [[0]] * len(model.config.moe_layers)),
+        lambda: set_training_stage(wrapped, "speech"),
+        lambda: add_speech_attention(wrapped),
+    ):
+        with pytest.raises(ValueError, match="on a DataParallel.*bare model"):
+            change()
+
+
+def test_moving_offloaded_experts_is_refused(tmp_path_factory):
+    """accelerate's offloading leaves meta placeholders in the model: regrouped, the experts would hold no weights."""
+    offloaded = make_model(tmp_path_factory)
+    layer = offloaded.config.moe_layers[-1]
+    offloaded.model.layers[layer].mlp.experts.to("meta")
+    before = copy.deepcopy(offloaded.config.to_dict())
+    with pytest.raises(ValueError, match=rf"MoE layers \[{layer}\] are offloaded.*without offloading"):
+        move_speech_experts(offloaded, [[0]] * len(offloaded.config.moe_layers))
+    assert offloaded.config.to_dict() == before  # nothing moved

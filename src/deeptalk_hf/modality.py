@@ -242,6 +242,8 @@ def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: I
     positions restart at each packed sequence, which then attends to itself only). The model runs in eval mode with
     `modality_routing="none"`; both are restored afterwards.
     """
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):  # profiling only reads the model
+        model = model.module
     if isinstance(model, PeftModel):  # its adapters stay active: the load of the adapted model
         model = model.get_base_model()
     if isinstance(getattr(model, "language_model", None), DeepTalkForCausalLM):
@@ -504,6 +506,7 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     `modality_routing="none"` the model computes what it did before, up to float rounding.
     """
     check_no_adapters(model, "moving experts regroups the base tensors under any adapter on them")
+    _check_not_data_parallel(model, "moving experts")
     model = _language_model(model)
     config = model.config
     layers = config.moe_layers
@@ -528,12 +531,28 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
         chosen.append(ids)
     # Every layer's current order is read from the config before the config records the new one.
     decoder_layers = model.get_decoder().layers
+    offloaded = [layer for layer in layers if any(t.is_meta for t in decoder_layers[layer].mlp.state_dict().values())]
+    if offloaded:  # placeholders of accelerate's offloading: the regrouped experts would hold no weights
+        raise ValueError(
+            f"the experts of MoE layers {offloaded} are offloaded (on the meta device, as a device_map with cpu or disk "
+            "offload leaves them): load the model without offloading to move experts"
+        )
     for layer, ids in zip(layers, chosen, strict=True):
         _regroup(decoder_layers[layer].mlp, ids)
     config.num_experts = [size - len(ids) for size, ids in zip(sizes, chosen, strict=True)]
     config.num_speech_experts = [len(ids) for ids in chosen]
     config.speech_expert_ids = chosen
     config.validate_deeptalk()
+
+
+def _check_not_data_parallel(model: nn.Module, what: str) -> None:
+    """(Distributed)DataParallel records the parameters it reduces, and which train, when it is built: changing them
+    under it breaks its next steps, so `what` is done on the bare model, which is then wrapped again."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise ValueError(
+            f"{what} on a {type(model).__name__}, which keeps the parameters and trainable set it was built with: do it "
+            "on the bare model (.module), then wrap that in a new one"
+        )
 
 
 def _language_model(model: nn.Module) -> DeepTalkForCausalLM:
@@ -551,6 +570,7 @@ def add_speech_attention(model: nn.Module) -> None:
     learns to attend without changing text attention. The copies keep the `requires_grad` of the tensors they copy;
     saved checkpoints record the setting in the config.
     """
+    _check_not_data_parallel(model, "add_speech_attention")
     layers = speech_attention_layers(model)
     for attention in layers:
         attention.add_speech_projections()
@@ -637,6 +657,7 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Iterable[str] = ()
     optimizer holding them leaves them untouched; the audio encoder's frozen parts go to eval mode. Returns the trainable
     names.
     """
+    _check_not_data_parallel(model, "set_training_stage")
     trainable = training_stage_parameters(model, stage, also=also)
     selected = set(trainable)
     for name, param in model.named_parameters():

@@ -209,6 +209,9 @@ def test_trainer_packed_batches_of_the_audio_model_are_the_padded_batch(tmp_path
         model, {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     )
     torch.testing.assert_close(packed, padded)
+    ids = torch.tensor([rows[0]])
+    model.config.use_cache = False
+    assert model(ids, None, None, None, None, None, None, None, True).cache is not None  # a positional use_cache wins
 
 
 def features_of(batch: dict) -> dict:

@@ -740,6 +740,7 @@ def test_data_parallel_wrappers_are_profiled_through_and_refused_for_changes(mod
     assert all(map(torch.equal, through.speech_counts + through.text_counts, bare.speech_counts + bare.text_counts))
     for change in (
         lambda: move_speech_experts(wrapped, [[0]] * len(model.config.moe_layers)),
+        lambda: assign_modality_experts(wrapped, through, num_speech_experts=1),
         lambda: set_training_stage(wrapped, "speech"),
         lambda: add_speech_attention(wrapped),
     ):

@@ -466,6 +466,7 @@ def assign_modality_experts(
     model: the load and the ids are in source order). Each group's rebuilt tensors keep that group's `requires_grad` (a
     new speech group takes the text group's): a moved expert takes the flag of the group it joins.
     """
+    _check_not_data_parallel(model, "moving experts")
     model = _language_model(model)
     config = model.config
     if strategy not in ASSIGNMENT_STRATEGIES:

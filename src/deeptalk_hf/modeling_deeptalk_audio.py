@@ -24,7 +24,6 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.generic import merge_with_config_defaults
 
 from .configuration_deeptalk import DeepTalkAudioConfig
 from .modeling_deeptalk import (
@@ -360,7 +359,6 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         return inputs_embeds.masked_scatter(is_audio.unsqueeze(-1).to(inputs_embeds.device), audio)
 
     @can_return_tuple
-    @merge_with_config_defaults  # `use_cache` of this config (set by `Trainer`), or else the LLM's own default
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -391,6 +389,8 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor`, *optional*):
             As for `DeepTalkForCausalLM`; use -100 on the prompt and the audio positions.
         """
+        if use_cache is None:  # this config's (`Trainer` sets it), or else the LLM's own default
+            use_cache = getattr(self.config, "use_cache", None)
         if inputs_embeds is not None and input_features is not None:
             raise ValueError("input_features fill the placeholders of input_ids; they cannot go with inputs_embeds")
         if inputs_embeds is None:

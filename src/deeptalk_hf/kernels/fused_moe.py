@@ -153,8 +153,14 @@ class FusedMoEExpertsFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no second-order gradients: refused, not silently zero
     def backward(ctx, grad_out: torch.Tensor):
+        # No second-order gradients: refused, not silently zero. (`once_differentiable` refuses only where `grad_out`
+        # has a graph, so a loss linear in the output, as a gradient penalty's, got first-order gradients alone.)
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            raise RuntimeError(
+                "deeptalk_triton has no second-order gradients (a backward with create_graph=True, e.g. a gradient "
+                "penalty): use experts_implementation='eager' or 'grouped_mm'"
+            )
         need_x, need_gate_up, need_down, _, need_routing, _ = ctx.needs_input_grad
         needs = (need_x, need_gate_up, need_down, need_routing)
         grads = _run(_backward_impl, grad_out, *ctx.saved_tensors, ctx.top_k, *needs)

@@ -44,11 +44,13 @@ from deeptalk_hf import (
     audio_token_lengths,
     expand_audio_placeholders,
     extract_audio_features,
+    fit_speech_vocab,
     lora_config_for_stage,
     set_training_stage,
 )
 
 from .conftest import tiny_config
+from .speech_fixtures import tiny_processor
 from .test_modeling import perturb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1145,3 +1147,31 @@ def test_audio_processor_refuses_bad_audio():
     )
     with pytest.raises(ValueError, match=r"truncating text\[0\] to 2 ids would cut 1 of its audio positions"):
         processor(text="<|audio|> hello", truncation=True, max_length=2, **kwargs)
+
+
+def test_resizing_the_speech_vocabulary_keeps_the_tie_map_and_round_trips(tmp_path):
+    """The composite's map of tied parameters (gathered from the parts when it is built, read by `init_weights`,
+    loading and device maps) follows a resize made through the composite or `fit_speech_vocab`."""
+    config = whisper_audio_config(text_config=tiny_config(tie_word_embeddings=True), audio_token_id=40)
+    model = DeepTalkForConditionalGeneration(config)
+    speech_tie = {"language_model.speech_lm_head.weight": "language_model.model.speech_embed_tokens.weight"}
+    assert speech_tie.items() <= model.all_tied_weights_keys.items()
+    model.resize_speech_vocab(0)
+    assert not speech_tie.keys() & model.all_tied_weights_keys.keys()
+    model.init_weights()  # read a map naming the removed speech head, and failed
+    processor = tiny_processor(8)
+    # A vocabulary without the placeholder's id would save a config that cannot be loaded: refused, nothing changed.
+    with pytest.raises(ValueError, match="leaves out audio_token_id=40"):
+        model.resize_token_embeddings(40)
+    assert model.get_input_embeddings().num_embeddings == model.config.text_config.vocab_size == 64
+    model.resize_token_embeddings(processor.speech_tokens.start)
+    fit_speech_vocab(model, processor.speech_tokens)
+    assert speech_tie.items() <= model.all_tied_weights_keys.items()
+    llm = model.language_model
+    assert llm.speech_lm_head.weight is llm.model.speech_embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    loaded = DeepTalkForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.language_model.speech_lm_head.weight is loaded.language_model.model.speech_embed_tokens.weight
+    ids = torch.tensor([[2, 5, processor.speech_tokens.start + 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, loaded(ids).logits)

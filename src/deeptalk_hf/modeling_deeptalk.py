@@ -846,6 +846,14 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             requested_experts = "eager"
         return super().get_correct_experts_implementation(requested_experts)
 
+    def resized_vocab_size(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None) -> int:
+        """The vocabulary size `resize_token_embeddings(new_num_tokens, pad_to_multiple_of)` asks for (as transformers
+        rounds it)."""
+        size = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        return size
+
     def resize_token_embeddings(
         self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
     ) -> nn.Embedding:
@@ -856,9 +864,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
         `resize_speech_vocab`); `resize_token_embeddings(len(tokenizer))` with a matching tokenizer changes nothing.
         """
         config = self.config
-        size = config.vocab_size if new_num_tokens is None else new_num_tokens
-        if pad_to_multiple_of:  # as transformers rounds it
-            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        size = self.resized_vocab_size(new_num_tokens, pad_to_multiple_of)
         if config.speech_vocab_size and size != config.vocab_size:
             raise ValueError(
                 f"resize_token_embeddings({new_num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): this model's "

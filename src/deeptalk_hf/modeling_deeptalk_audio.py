@@ -231,9 +231,28 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_output_embeddings(value)
 
-    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
-        """The LLM's `resize_token_embeddings` (which keeps its text and speech blocks apart)."""
-        return self.language_model.resize_token_embeddings(*args, **kwargs)
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """The LLM's `resize_token_embeddings` (which keeps its text and speech blocks apart), refused where it would
+        drop the audio placeholder's id."""
+        self._check_keeps_audio_token(self.language_model.resized_vocab_size(new_num_tokens, pad_to_multiple_of))
+        return self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    def resize_speech_vocab(self, speech_vocab_size: int) -> None:
+        """The LLM's `resize_speech_vocab`, then this model's map of tied parameters, which transformers gathers from
+        the parts once when the model is built (resize here, not on `language_model`, or the map misses the change)."""
+        self._check_keeps_audio_token(self.config.text_config.speech_token_start + speech_vocab_size)
+        self.language_model.resize_speech_vocab(speech_vocab_size)
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+
+    def _check_keeps_audio_token(self, vocab_size: int) -> None:
+        """A vocabulary without the placeholder's id makes a model (and a saved config) that cannot be built again."""
+        if self.config.audio_token_id >= vocab_size:
+            raise ValueError(
+                f"a vocabulary of {vocab_size} ids leaves out audio_token_id={self.config.audio_token_id}; keep the "
+                "placeholder's id in the vocabulary (or set config.audio_token_id to an id inside it first)"
+            )
 
     def audio_encoder_top_layers(self, num_layers: int) -> list[str]:
         """Parameter names of the audio encoder's top `num_layers` transformer layers (its final norm excluded).

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .audio_codecs import AudioCodec
     from .configuration_deeptalk import DeepTalkAudioConfig, DeepTalkConfig
     from .modeling_deeptalk import DeepTalkForCausalLM
+    from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration
 
 SPEECH_UNIT_TOKEN = "<|speech_{}|>"
 BEGIN_OF_SPEECH = "<|begin_of_speech|>"
@@ -201,22 +202,23 @@ def add_speech_tokens(
     return block
 
 
-def fit_speech_vocab(model: DeepTalkForCausalLM, speech_tokens: range) -> None:
+def fit_speech_vocab(model: DeepTalkForCausalLM | DeepTalkForConditionalGeneration, speech_tokens: range) -> None:
     """Size `model`'s speech embedding and output rows to the speech block `speech_tokens` (`add_speech_tokens`'s
     result); new rows start at the mean of the text rows (`DeepTalkForCausalLM.resize_speech_vocab`).
 
     A block of another size is taken to end with the markers, as `add_speech_tokens` lays it out: their rows move to
     the new end with them, and the units keep theirs."""
-    start = model.config.speech_token_start
+    llm = getattr(model, "language_model", model)  # the audio model resizes through its own method (its tie map)
+    start = llm.config.speech_token_start
     if speech_tokens.start != start:
         raise ValueError(
             f"the speech block starts at id {speech_tokens.start} but the model's text vocabulary has {start} ids; "
             f"call add_speech_tokens(tokenizer, num_units, text_vocab_size={start})"
         )
-    old, new, markers = model.config.speech_vocab_size, len(speech_tokens), len(SPEECH_MARKERS)
+    old, new, markers = llm.config.speech_vocab_size, len(speech_tokens), len(SPEECH_MARKERS)
 
     def tables() -> list[torch.Tensor]:
-        return [model.model.speech_embed_tokens.weight, model.speech_lm_head.weight]
+        return [llm.model.speech_embed_tokens.weight, llm.speech_lm_head.weight]
 
     moved = [table[-markers:].detach().clone() for table in tables()] if markers <= old and old != new else None
     if moved is not None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer, models, normalizers, processors
 from transformers import AutoProcessor, PreTrainedTokenizerFast
+from transformers.tokenization_utils_base import TruncationStrategy
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkProcessor, add_speech_tokens, fit_speech_vocab
 from deeptalk_hf.processing_deeptalk import INTERLEAVE_POLICIES, SPEECH_MARKERS, SPEECH_UNIT_TOKEN
@@ -272,6 +273,18 @@ def test_max_length_alone_truncates_as_the_tokenizer_does():
         PROCESSOR(text="hello world hello", max_length=2)["input_ids"][0]
         == PROCESSOR.tokenizer("hello world hello", max_length=2)["input_ids"]
     )
+
+
+def test_truncation_strategies_are_the_tokenizers():
+    """Its strategy names truncate as the tokenizer does; a name it refuses and the pair-only strategy are refused
+    (they truncated as `True` does)."""
+    text = "hello world hello world"
+    for truncation in ("only_first", "longest_first", "do_not_truncate", TruncationStrategy.LONGEST_FIRST):
+        expected = PROCESSOR.tokenizer(text, truncation=truncation, max_length=2)["input_ids"]
+        assert PROCESSOR(text=text, truncation=truncation, max_length=2)["input_ids"][0] == expected
+    for truncation, message in [("longest", "not a valid TruncationStrategy"), ("only_second", "pairs")]:
+        with pytest.raises(ValueError, match=message):
+            PROCESSOR(text=text, truncation=truncation, max_length=2)
 
 
 def test_truncating_and_padding_to_the_longest_warns_as_little_as_the_tokenizer():
@@ -746,6 +759,22 @@ def test_image_and_video_blocks_are_refused_not_dropped(kind):
     for conversation in conversations:
         for tokenize in (False, True):
             with pytest.raises(ValueError, match=f"conversation 0 has an {kind} block"):
+                PROCESSOR.apply_chat_template(conversation, tokenize=tokenize)
+
+
+def test_malformed_messages_and_blocks_are_refused_naming_them():
+    """Not a template's `UndefinedError`, nor a `KeyError` from the speech-block scan when tokenizing."""
+    cases = [
+        ([{"role": "user", "content": [{"text": "hi"}]}], "content block 0 is not a dict with a 'type'"),
+        ([{"role": "user", "content": ["hi"]}], "content block 0 is not a dict with a 'type'"),
+        (
+            [{"role": "user", "content": "a"}, {"content": "hi"}],
+            "conversation 0, message 1 is not a dict with a 'role'",
+        ),
+    ]
+    for conversation, message in cases:
+        for tokenize in (False, True):
+            with pytest.raises(ValueError, match=message):
                 PROCESSOR.apply_chat_template(conversation, tokenize=tokenize)
 
 

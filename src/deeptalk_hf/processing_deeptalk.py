@@ -24,7 +24,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.generation import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
-from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokenizerBase, TruncationStrategy
 
 from .audio_codecs import has_integer_dtype
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
@@ -637,7 +637,14 @@ class DeepTalkProcessor(ProcessorMixin):
         truncation, max_length = text_kwargs.get("truncation"), text_kwargs.get("max_length")
         if truncation is None and max_length is not None and text_kwargs.get("padding", False) is False:
             truncation = True  # as the tokenizer: `max_length` alone truncates
-        truncating = truncation not in (None, False, "do_not_truncate")
+        if not isinstance(truncation, (bool, type(None))):  # a strategy: the tokenizer's names, checked as it does
+            truncation = TruncationStrategy(truncation)
+            if truncation is TruncationStrategy.ONLY_SECOND:
+                raise ValueError(
+                    f"truncation='only_second' truncates the second text of pairs: {type(self).__name__} "
+                    "takes single texts"
+                )
+        truncating = truncation not in (None, False, TruncationStrategy.DO_NOT_TRUNCATE)
         if truncating:
             limit = max_length if max_length is not None else self.tokenizer.model_max_length
             multiple = text_kwargs.get("pad_to_multiple_of")
@@ -983,10 +990,17 @@ class DeepTalkProcessor(ProcessorMixin):
         )
         conversation = conversations if batched else conversations[0]
         for i, messages in enumerate(conversations):
-            for message in messages:
-                content = message.get("content") if isinstance(message, dict) else None
-                for block in content if isinstance(content, (list, tuple)) else []:
-                    if isinstance(block, dict) and block.get("type") in ("image", "video"):  # the template drops them
+            for j, message in enumerate(messages):
+                if not isinstance(message, dict) or "role" not in message:  # else a template's or a KeyError
+                    raise ValueError(f"conversation {i}, message {j} is not a dict with a 'role': {message!r:.80}")
+                content = message.get("content")
+                for k, block in enumerate(content if isinstance(content, (list, tuple)) else []):
+                    if not isinstance(block, dict) or "type" not in block:
+                        raise ValueError(
+                            f"conversation {i}, message {j}: content block {k} is not a dict with a 'type' (e.g. "
+                            f'{{"type": "text", "text": ...}}): {block!r:.80}'
+                        )
+                    if block["type"] in ("image", "video"):  # the template drops them
                         raise ValueError(
                             f"conversation {i} has an {block['type']} block: DeepTalk processors take text, speech "
                             "and audio blocks"

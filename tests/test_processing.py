@@ -778,6 +778,13 @@ def test_malformed_messages_and_blocks_are_refused_naming_them():
                 PROCESSOR.apply_chat_template(conversation, tokenize=tokenize)
 
 
+def test_sanitizing_control_tokens_is_refused_not_ignored():
+    """Ignored, a user's `<|speech_3|>` would still become a speech id, against what the caller asked for."""
+    conversation = [{"role": "user", "content": "hello <|speech_3|>"}]
+    with pytest.raises(ValueError, match="does not support.*sanitize_control_tokens"):
+        PROCESSOR.apply_chat_template(conversation, tokenize=True, sanitize_control_tokens=True)
+
+
 def test_what_the_default_template_cannot_render_is_refused_not_dropped():
     hello = {"type": "text", "text": "hello"}
     for block in (

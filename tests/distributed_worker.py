@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from transformers.distributed import DistributedConfig
 
-from deeptalk_hf import DeepTalkForCausalLM
+from deeptalk_hf import DeepTalkForCausalLM, set_training_stage
 
 LAYOUTS = {
     "tp": dict(tp_size=2),
@@ -49,6 +49,11 @@ def data_parallel(path: Path, reference: dict) -> None:
         parallel(input_ids, labels=input_ids).loss.backward()
     for name, param in model.named_parameters():  # averaged over the ranks
         torch.testing.assert_close(param.grad, reference["grads"][name], rtol=1e-4, atol=1e-6, msg=name)
+    try:  # it keeps the trainable set it was built with: a stage change under it is refused
+        set_training_stage(parallel, "speech")
+        raise AssertionError("set_training_stage on a DistributedDataParallel was not refused")
+    except ValueError as error:
+        assert "on a DistributedDataParallel" in str(error), error
     # No destroy_process_group, as for the other layouts: in one CI run it hung after both ranks had printed ok.
     print("ddp: ok", flush=True)
 

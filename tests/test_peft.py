@@ -2,6 +2,8 @@
 experts backend (`deeptalk_triton` under Triton's interpreter on CPU), merging, adapter save/load, and the stage
 helper's configs, which must adapt exactly what `set_training_stage` would train."""
 
+import copy
+
 import peft
 import pytest
 import torch
@@ -18,8 +20,9 @@ from peft import (
 )
 from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
+from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.integrations.peft import MIN_PEFT_VERSION
 
 from deeptalk_hf import (
@@ -31,6 +34,7 @@ from deeptalk_hf import (
     profile_modality_load,
     set_training_stage,
     training_stage_parameters,
+    upcycle_moe,
 )
 from deeptalk_hf.lora import NEW_SPEECH_MODULES
 
@@ -517,3 +521,60 @@ def test_trainable_tokens_on_both_tied_tables_are_refused_where_a_head_follows_t
     peft_model = get_peft_model(model, LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices))
     with pytest.raises(ValueError, match="leave the tied pair speech_embed_tokens / speech_lm_head apart"):
         peft_model(input_ids=torch.tensor([[5, 6, 70]]))
+
+
+def test_a_transformers_4_expert_adapter_applies_once_resaved_through_the_source_model(tmp_path):
+    """docs/lora.md: an adapter in transformers 4's per-expert layout (`mlp.experts.{j}.gate_proj`, ...) loads on an
+    imported MoE without its experts (PEFT converts it for the model types it knows only); loaded on the source model
+    and saved again, it gives the source's adapted logits. Reference: each expert's update `B A alpha / r` by hand."""
+    source_config = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+    )
+    source = Qwen3MoeForCausalLM(source_config).eval()
+    upcycled = upcycle_moe(source).eval()
+    rank, alpha, inner = 2, 4, source_config.moe_intermediate_size
+    # With attention in it, as adapters usually have (on DeepTalk, the expert names alone match nothing: an error).
+    targets = ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets).save_pretrained(tmp_path / "v4")
+    weights, reference = {}, copy.deepcopy(source)
+    for layer in range(source_config.num_hidden_layers):
+        prefix = f"base_model.model.model.layers.{layer}.self_attn.q_proj"  # no update: the experts' alone is tested
+        weights |= {f"{prefix}.lora_A.weight": torch.randn(rank, 32), f"{prefix}.lora_B.weight": torch.zeros(32, rank)}
+        experts = reference.model.layers[layer].mlp.experts
+        for expert in range(source_config.num_experts):
+            for projection, (fan_in, fan_out) in {
+                "gate_proj": (32, inner),
+                "up_proj": (32, inner),
+                "down_proj": (inner, 32),
+            }.items():
+                prefix = f"base_model.model.model.layers.{layer}.mlp.experts.{expert}.{projection}"
+                a, b = torch.randn(rank, fan_in) * 0.3, torch.randn(fan_out, rank) * 0.3
+                weights |= {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
+                update = b @ a * alpha / rank
+                with torch.no_grad():
+                    if projection == "down_proj":
+                        experts.down_proj[expert] += update
+                    else:
+                        experts.gate_up_proj[
+                            expert, slice(inner) if projection == "gate_proj" else slice(inner, None)
+                        ] += update
+    save_file(weights, tmp_path / "v4" / "adapter_model.safetensors")
+    ids = torch.randint(3, 64, (2, 7))
+    with torch.no_grad():
+        expected, unadapted = reference(ids).logits, upcycled(ids).logits
+        assert not torch.allclose(expected, unadapted, atol=1e-2)
+        dropped = PeftModel.from_pretrained(copy.deepcopy(upcycled), tmp_path / "v4").eval()(ids).logits
+        torch.testing.assert_close(dropped, unadapted)
+        PeftModel.from_pretrained(copy.deepcopy(source), tmp_path / "v4").save_pretrained(tmp_path / "v5")
+        converted = PeftModel.from_pretrained(upcycled, tmp_path / "v5").eval()(ids).logits
+        torch.testing.assert_close(converted, expected, rtol=1e-5, atol=1e-5)

@@ -778,11 +778,36 @@ def test_malformed_messages_and_blocks_are_refused_naming_them():
                 PROCESSOR.apply_chat_template(conversation, tokenize=tokenize)
 
 
-def test_sanitizing_control_tokens_is_refused_not_ignored():
-    """Ignored, a user's `<|speech_3|>` would still become a speech id, against what the caller asked for."""
-    conversation = [{"role": "user", "content": "hello <|speech_3|>"}]
-    with pytest.raises(ValueError, match="does not support.*sanitize_control_tokens"):
-        PROCESSOR.apply_chat_template(conversation, tokenize=True, sanitize_control_tokens=True)
+@pytest.mark.parametrize("prompt", [False, True])
+def test_sanitized_control_tokens_of_user_text_are_text_and_speech_blocks_stay_speech(prompt):
+    """`sanitize_control_tokens=True`: the speech tokens a user's text spells are encoded as text (the tokenizer's
+    sanitized encoding of that text), the speech blocks' units are speech as without the text."""
+    typed = "say <|begin_of_speech|><|speech_3|><|end_of_speech|> hello"
+    speech = {"type": "speech", "units": [1, 2]}
+    options = dict(tokenize=True, return_dict=True, add_generation_prompt=prompt)
+
+    def chat(text):
+        conversation = [{"role": "user", "content": [{"type": "text", "text": text}, speech]}]
+        return PROCESSOR.apply_chat_template(conversation, sanitize_control_tokens=True, **options)
+
+    out, plain = chat(typed), chat("hello")
+    start = PROCESSOR.speech_token_start
+    speech_ids = [i for i in out["input_ids"][0] if i >= start]
+    assert speech_ids == [i for i in plain["input_ids"][0] if i >= start]
+    assert speech_ids == [PROCESSOR.begin_of_speech_id, start + 1, start + 2, PROCESSOR.end_of_speech_id]
+    assert out["modality_ids"][0] == [int(i >= start) for i in out["input_ids"][0]]
+    text_only = [{"role": "user", "content": typed}]
+    expected = PROCESSOR.tokenizer.apply_chat_template(
+        text_only, chat_template=PROCESSOR.chat_template, sanitize_control_tokens=True, **options
+    )
+    reference = PROCESSOR.apply_chat_template(text_only, sanitize_control_tokens=True, **options)
+    assert reference["input_ids"][0] == expected["input_ids"] and not any(reference["modality_ids"][0])
+    unsanitized = PROCESSOR.apply_chat_template(text_only, **options)["input_ids"][0]
+    assert start + 3 in unsanitized and start + 3 not in reference["input_ids"][0]  # what sanitizing changed
+    with pytest.raises(ValueError, match="2 <\\|speech\\|> placeholders but 1 speech segments"):
+        chat("<|speech|>")  # the placeholder is no token to mark: refused, not filled with the block's units
+    with pytest.raises(ValueError, match="gives no character offsets"):
+        PROCESSOR(text="hello", sanitize_control_tokens=True, return_offsets_mapping=True)
 
 
 def test_what_the_default_template_cannot_render_is_refused_not_dropped():

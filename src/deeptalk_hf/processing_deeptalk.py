@@ -23,7 +23,7 @@ from transformers.feature_extraction_sequence_utils import SequenceFeatureExtrac
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.generation import LogitsProcessor
 from transformers.generation.streamers import BaseStreamer
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.processing_utils import _MARKED_RE, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokenizerBase, TruncationStrategy
 
 from .audio_codecs import has_integer_dtype
@@ -200,6 +200,12 @@ def add_speech_tokens(
     if _speech_block(tokenizer) != block:
         raise ValueError(f"the speech tokens did not get the ids {block}; does the tokenizer have gaps in its ids?")
     return block
+
+
+def _written(text: str, encode: dict) -> str:
+    """`text` as the chat template wrote it: without the user's control tokens that `sanitize_control_tokens` marked
+    (encoded as text, they are no speech markers or placeholders)."""
+    return _MARKED_RE.sub("", text) if encode.get("sanitize_control_tokens") else text
 
 
 def fit_speech_vocab(model: DeepTalkForCausalLM | DeepTalkForConditionalGeneration, speech_tokens: range) -> None:
@@ -411,6 +417,7 @@ class DeepTalkProcessorKwargs(ProcessingKwargs, total=False):
 
 _SUPPORTED_TEXT_KWARGS = {
     "add_special_tokens",
+    "sanitize_control_tokens",
     "padding",
     "truncation",
     "max_length",
@@ -591,20 +598,27 @@ class DeepTalkProcessor(ProcessorMixin):
             for i, segments in enumerate(samples)
         ]
 
+        # `apply_chat_template(..., sanitize_control_tokens=True)` marked the control tokens of the user's strings: the
+        # tokenizer encodes them as text, and what the template wrote (its markers and placeholders) is read without
+        # them. Character offsets do not go with it (transformers' assistant masks do not either).
+        encode = {"sanitize_control_tokens": True} if text_kwargs.get("sanitize_control_tokens") else {}
+        if encode and (offsets_wanted or replacements_wanted):
+            raise ValueError("sanitize_control_tokens=True gives no character offsets (nor assistant masks)")
         tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
         encoding = self.tokenizer(
             tokenized,
             add_special_tokens=text_kwargs.get("add_special_tokens", True),
             return_offsets_mapping=offsets_wanted,
+            **encode,
         )
         encoded = [
-            self._checked_markers(i, text, ids)
+            self._checked_markers(i, _written(text, encode), ids)
             for i, (text, ids) in enumerate(zip(tokenized, encoding["input_ids"], strict=True))
         ]
         if open_end:
-            encoded = [self._without_appended(ids, text) for ids, text in zip(encoded, tokenized, strict=True)]
+            encoded = [self._without_appended(ids, text, encode) for ids, text in zip(encoded, tokenized, strict=True)]
         filled = [
-            self._with_speech(i, sample_text, ids, segments, interleave, ratio, from_conversation)
+            self._with_speech(i, sample_text, ids, segments, interleave, ratio, from_conversation, encode)
             for i, (sample_text, ids, segments) in enumerate(zip(texts, encoded, samples, strict=True))
         ]
         rows = [row for row, _ in filled]
@@ -657,7 +671,7 @@ class DeepTalkProcessor(ProcessorMixin):
                     f"pad_to_multiple_of ({multiple})."
                 )
             kept = [
-                self._kept_positions(len(row), self._added_special_tokens(ids, text), limit)
+                self._kept_positions(len(row), self._added_special_tokens(ids, text, encode), limit)
                 if len(row) > limit
                 else range(len(row))
                 for row, ids, text in zip(rows, encoded, tokenized, strict=True)
@@ -709,18 +723,20 @@ class DeepTalkProcessor(ProcessorMixin):
         interleave: str,
         ratio: tuple[int, int],
         from_conversation: bool,
+        encode: dict,
     ) -> tuple[list[int], list[int] | None]:
         """Text `i`'s ids (`ids`) with its speech: a segment per placeholder, or a transcript's one segment laid out by
         the interleaving policy between the tokens the tokenizer added at the ends (never for a conversation's
         segments, which a template without placeholders, such as a text model's own, would drop). Also returns, per
-        id, the index in `ids` of the token it comes from (`None` for a laid-out transcript)."""
+        id, the index in `ids` of the token it comes from (`None` for a laid-out transcript). `encode`: how `ids` were
+        encoded from `text` (`sanitize_control_tokens`)."""
         placeholders = text.count(SPEECH_PLACEHOLDER)
         if placeholders:
             if placeholders != len(segments):
                 raise ValueError(
                     f"text[{i}] has {placeholders} {SPEECH_PLACEHOLDER} placeholders but {len(segments)} speech segments"
                 )
-            return self._fill_placeholders(text, ids, segments)
+            return self._fill_placeholders(_written(text, encode), ids, segments)
         if from_conversation and segments:
             raise ValueError(
                 f"conversation {i} has {len(segments)} speech blocks but the chat template does not render speech "
@@ -733,7 +749,7 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         if not segments:
             return ids, list(range(len(ids)))
-        before, after = self._added_special_tokens(ids, text)
+        before, after = self._added_special_tokens(ids, text, encode)
         body = self._interleave(ids[before : len(ids) - after], segments[0], interleave, ratio)
         return ids[:before] + body + ids[len(ids) - after :], None
 
@@ -809,9 +825,9 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         return ids
 
-    def _without_appended(self, ids: list[int], text: str) -> list[int]:
+    def _without_appended(self, ids: list[int], text: str, encode: dict | None = None) -> list[int]:
         """`ids` without the tokens the tokenizer appended after `text` (an EOS): a prompt the model continues."""
-        return ids[: len(ids) - self._added_special_tokens(ids, text)[1]]
+        return ids[: len(ids) - self._added_special_tokens(ids, text, encode)[1]]
 
     def _kept_positions(self, length: int, specials: tuple[int, int], limit: int) -> range | list[int]:
         """Positions of a row that truncation to `limit` keeps: as the tokenizer truncates, the special tokens it
@@ -824,10 +840,11 @@ class DeepTalkProcessor(ProcessorMixin):
         kept = range(end - body, end) if self.tokenizer.truncation_side == "left" else range(start, start + body)
         return [*range(before), *kept, *range(end, length)]
 
-    def _added_special_tokens(self, ids: list[int], text: str) -> tuple[int, int]:
-        """How many of `ids`, the tokenizer's encoding of `text`, are tokens it added before and after the text's own
-        (a BOS, an EOS): they stay at the ends, and the interleaving policies lay out the text's own ids only."""
-        own = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _added_special_tokens(self, ids: list[int], text: str, encode: dict | None = None) -> tuple[int, int]:
+        """How many of `ids`, the tokenizer's encoding of `text` (with the options `encode`), are tokens it added before
+        and after the text's own (a BOS, an EOS): they stay at the ends, and the interleaving policies lay out the
+        text's own ids only."""
+        own = self.tokenizer(text, add_special_tokens=False, **(encode or {}))["input_ids"]
         extra = len(ids) - len(own)
         if extra <= 0:
             return 0, 0

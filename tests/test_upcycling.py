@@ -1095,3 +1095,103 @@ def test_what_transformers_reads_from_older_checkpoints_is_read_alike(tmp_path):
         "additional_chat_templates/tool_use.jinja",
     ):
         assert (destination / name).read_bytes() == (source / name).read_bytes()
+
+
+def untied_under_a_tied_config(path: Path, moe: bool = False) -> Path:
+    """A checkpoint whose config ties the head to the embeddings but whose `lm_head.weight` differs (a fine-tune that
+    untied them and left the config), which transformers loads untied."""
+    if moe:
+        source = Qwen3MoeForCausalLM(
+            Qwen3MoeConfig(**COMMON, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+        )
+    else:
+        source = Qwen2ForCausalLM(Qwen2Config(**COMMON))
+    randomize(source)
+    source.save_pretrained(path)
+    weights = load_file(path / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].flip(0).contiguous()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    return path
+
+
+def test_a_head_that_differs_from_tied_embeddings_is_converted_untied_as_transformers_loads_it(tmp_path, caplog):
+    """It was dropped for the embeddings (the config's word), giving another model without a word said."""
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    dense, moe = untied_under_a_tied_config(tmp_path / "dense"), untied_under_a_tied_config(tmp_path / "moe", moe=True)
+    ids = text_ids()
+    for path, results in [
+        (
+            dense,
+            lambda: [
+                upcycle_dense(dense, **options),
+                upcycle_dense(AutoModelForCausalLM.from_pretrained(dense), **options),
+                load_checked(upcycle_checkpoint(dense, tmp_path / "out", progress=False, **options)),
+            ],
+        ),
+        (
+            moe,
+            lambda: [
+                upcycle_moe(moe),
+                load_checked(upcycle_moe_checkpoint(moe, tmp_path / "out_moe", progress=False)),
+            ],
+        ),
+    ]:
+        source = AutoModelForCausalLM.from_pretrained(path).eval()
+        assert source.lm_head.weight is not source.model.embed_tokens.weight
+        with caplog.at_level("WARNING"):
+            upcycled = results()
+        assert "holds a different lm_head.weight: kept untied" in caplog.text
+        with torch.no_grad():
+            expected = source(ids).logits
+            for model in upcycled:
+                assert not model.config.tie_word_embeddings
+                assert max_diff(model.eval()(ids).logits, expected) < 1e-5
+
+
+def test_a_tied_checkpoint_holding_the_head_alone_or_a_base_models_names_converts_what_transformers_loads(tmp_path):
+    """`safetensors.torch.save_model` keeps a shared tensor's first name (`lm_head.weight`); a base model's checkpoint
+    has no `model.` prefix: transformers loads both as the causal LM (they were refused as missing tensors)."""
+    from safetensors.torch import save_model
+    from transformers import LlamaModel
+
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, speech_vocab_size=4)
+    tied = randomize(Qwen2ForCausalLM(Qwen2Config(**COMMON, tie_word_embeddings=True)))
+    (tmp_path / "head").mkdir()
+    tied.config.save_pretrained(tmp_path / "head")
+    save_model(tied, tmp_path / "head" / "model.safetensors", metadata={"format": "pt"})
+    with safe_open(tmp_path / "head" / "model.safetensors", "pt") as handle:
+        assert "lm_head.weight" in handle.keys() and "model.embed_tokens.weight" not in handle.keys()
+    randomize(LlamaModel(LlamaConfig(**COMMON, tie_word_embeddings=True))).save_pretrained(tmp_path / "base")
+    ids = text_ids()
+    for name in ("head", "base"):
+        source = (
+            load_checked(tmp_path / name)
+            if name == "head"
+            else AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        )
+        streamed = load_checked(
+            upcycle_checkpoint(tmp_path / name, tmp_path / f"{name}_out", progress=False, **options)
+        )
+        for model in (upcycle_dense(tmp_path / name, **options), streamed):
+            assert model.config.tie_word_embeddings
+            speech_rows = model.model.speech_embed_tokens.weight
+            torch.testing.assert_close(speech_rows, source.model.embed_tokens.weight.mean(0).expand_as(speech_rows))
+            with torch.no_grad():
+                assert max_diff(model.eval()(ids).logits[..., :VOCAB], source(ids).logits) < 1e-5
+    randomize(LlamaModel(LlamaConfig(**COMMON))).save_pretrained(tmp_path / "untied_base")
+    with pytest.raises(CheckpointError, match="missing \\(2\\): lm_head.weight, speech_lm_head.weight"):
+        upcycle_dense(tmp_path / "untied_base", **options)
+
+
+def test_a_state_dict_with_fused_experts_is_refused_naming_the_layout(tmp_path):
+    """A Qwen3-MoE saved by `safetensors.torch.save_model` holds transformers' fused experts, not the on-disk layout."""
+    from safetensors.torch import save_model
+
+    config = Qwen3MoeConfig(**COMMON, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    (tmp_path / "fused").mkdir()
+    config.save_pretrained(tmp_path / "fused")
+    save_model(Qwen3MoeForCausalLM(config), tmp_path / "fused" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="fused in-memory layout.*save_pretrained"):
+        upcycle_moe(tmp_path / "fused")

@@ -55,10 +55,9 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, bool]] = {
     "qwen3": {"qkv_bias": False, "use_qk_norm": True},
 }
 _DENSE_MLP = re.compile(r"model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight")
-_SPEECH_ROWS = {
-    "model.embed_tokens.weight": "model.speech_embed_tokens.weight",
-    "lm_head.weight": "speech_lm_head.weight",
-}
+_FUSED_EXPERTS = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+_EMBEDDINGS, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+_SPEECH_ROWS = {_EMBEDDINGS: "model.speech_embed_tokens.weight", _HEAD: "speech_lm_head.weight"}
 # Files of a hub snapshot that conversion reads besides the weights (configs, index, tokenizer files and their code;
 # no `.bin` weights, no images or docs).
 _SNAPSHOT_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenization_*.py"]
@@ -358,7 +357,7 @@ class _Converter:
             return
         for pattern, replacement in self.renames:
             name = re.sub(pattern, replacement, name)
-        if name == "lm_head.weight" and config.tie_word_embeddings:
+        if name == _HEAD and config.tie_word_embeddings:
             return  # tied to the embeddings, in DeepTalk as in the source
         unchanged = self.pass_through and tensor.is_contiguous() and self.dtype in (None, tensor.dtype)
         result = tensor if unchanged else self._fresh(name, tensor)
@@ -387,12 +386,20 @@ class _Converter:
             if planned[k].shape != expected[k].shape
         )
         if missing or unexpected or mismatched:
+            fused = any(_FUSED_EXPERTS.search(name) for name in unexpected)
             raise CheckpointError(
                 "the source checkpoint does not match its config: "
                 + "; ".join(
                     f"{what} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                     for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched))
                     if keys
+                )
+                + (
+                    " (its experts are in transformers' fused in-memory layout, as a state dict saved by "
+                    "safetensors' or accelerate's save_model holds them: save the model with save_pretrained, which "
+                    "writes them one by one)"
+                    if fused
+                    else ""
                 )
             )
         return planned
@@ -615,8 +622,53 @@ class _SourceCheckpoint:
             absent = sorted(set(owners) - {name for tensors in self.layout.values() for name in tensors})
             if absent:
                 raise CheckpointError(f"{source}'s index lists tensors that their shards lack: {absent[:5]}")
+        self.stored_names: dict[str, str] = {}  # a tensor read under another name than its file's
+        self._prefix_base_model()
+        self._tie_as_transformers()
         if self.config.dtype is None:  # a config.json without a dtype: the weights', as transformers' "auto" reads it
             self.config.dtype = next((t.dtype for _, t in self.shapes() if t.dtype in _FLOAT_DTYPES), None)
+
+    def _prefix_base_model(self) -> None:
+        """A base model's checkpoint (`LlamaModel.save_pretrained`: no `model.` in the names) is read as its causal LM's,
+        as transformers' `from_pretrained` reads it: the output head then is the tied embeddings, or missing."""
+        if any(name.startswith("model.") for tensors in self.layout.values() for name in tensors):
+            return
+        for file, tensors in self.layout.items():
+            renamed = {name if name.startswith("lm_head.") else f"model.{name}": name for name in tensors}
+            self.layout[file] = {new: tensors[old] for new, old in renamed.items()}
+            self.stored_names.update({new: old for new, old in renamed.items() if new != old})
+
+    def _tie_as_transformers(self) -> None:
+        """Read a tied config's output head as transformers' `from_pretrained` does: a file holding the shared matrix
+        only as `lm_head.weight` (`safetensors.torch.save_model` keeps a shared tensor's first name) gives the
+        embeddings; a head that differs from the embeddings (a fine-tune that untied them, its config left tied) stays
+        untied."""
+        if not self.config.tie_word_embeddings:
+            return
+        where = {name: file for file, tensors in self.layout.items() for name in tensors}
+        if _HEAD in where and _EMBEDDINGS not in where:
+            tensors = self.layout[where[_HEAD]]
+            tensors[_EMBEDDINGS] = tensors.pop(_HEAD)
+            self.stored_names[_EMBEDDINGS] = _HEAD
+        elif _HEAD in where and _EMBEDDINGS in where:
+
+            def read(name: str) -> torch.Tensor:
+                with self._open(where[name]) as handle:
+                    return self._get(handle, where[name], name)
+
+            head, embeddings = read(_HEAD), read(_EMBEDDINGS)
+            if head.shape != embeddings.shape or not torch.equal(head, embeddings):
+                logger.warning(
+                    f"{self.source}'s config ties the output head to the embeddings, but its checkpoint holds a "
+                    "different lm_head.weight: kept untied, as transformers loads it (tie_word_embeddings=False)"
+                )
+                self.config.tie_word_embeddings = False
+
+    def _get(self, handle, file: Path, name: str) -> torch.Tensor:
+        try:
+            return handle.get_tensor(self.stored_names.get(name, name))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read {name} from {file}: {error}") from error
 
     def _open(self, file: Path):
         try:
@@ -634,10 +686,7 @@ class _SourceCheckpoint:
         for file, tensors in self.layout.items():
             with self._open(file) as handle:
                 for name in tensors:
-                    try:
-                        yield name, handle.get_tensor(name)
-                    except (SafetensorError, OSError) as error:
-                        raise CheckpointError(f"cannot read {name} from {file}: {error}") from error
+                    yield name, self._get(handle, file, name)
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -662,6 +711,11 @@ class _SourceModel:
     def __init__(self, model: PreTrainedModel):
         self.model = model
         self.config = model.config
+        head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+        if self.config.tie_word_embeddings and head is not None and head.weight is not embeddings.weight:
+            # Loaded untied (a checkpoint whose head differs from its embeddings): converted as it computes.
+            self.config = copy.deepcopy(self.config)
+            self.config.tie_word_embeddings = False
         self.dtype = model.dtype
         self.state = revert_weight_conversion(model, model.state_dict())
 

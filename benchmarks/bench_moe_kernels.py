@@ -35,6 +35,7 @@ from transformers import Qwen3MoeConfig  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts  # noqa: E402
 
 import deeptalk_hf  # noqa: E402,F401  (registers "deeptalk_triton")
+from deeptalk_hf.upcycling import atomic_output_file  # noqa: E402
 
 # name: (hidden, moe_intermediate, experts, top_k)
 SHAPES = {
@@ -103,13 +104,28 @@ def make_step(module, x, index, weights, backend: str, mode: str) -> Callable[[]
     return step
 
 
+def deviation(module, x, index, weights, mode: str) -> float:
+    """`deeptalk_triton`'s largest deviation from `grouped_mm` over what `mode` computes (the output, or the four
+    gradients for one output gradient), each relative to that tensor's largest magnitude."""
+    computed = []
+    for backend in ("grouped_mm", "deeptalk_triton"):
+        torch.manual_seed(1)  # the same output gradient for both
+        out = make_step(module, x, index, weights, backend, mode)()
+        computed.append([out] if mode == "fwd" else list(out))
+    return max(
+        ((b.float() - a.float()).abs().max() / a.float().abs().max().clamp_min(1e-12)).item()
+        for a, b in zip(*computed, strict=True)
+    )
+
+
 def bench_one(module, x, index, weights, backend: str, mode: str, warmup: int, iters: int) -> float:
     step = make_step(module, x, index, weights, backend, mode)
     step()  # compile / autotune outside the timing
     return time_ms(step, warmup, iters)
 
 
-def run(args) -> list[dict]:
+def run(args, save: Callable[[list[dict], bool], None]) -> list[dict]:
+    """Every problem's rows; `save(results, complete)` writes them after each problem (a run cut short keeps them)."""
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     dtype = DTYPES[args.dtype]
     shapes = SHAPES if HAS_CUDA else CPU_SHAPES
@@ -120,14 +136,6 @@ def run(args) -> list[dict]:
         for tokens in args.tokens:
             torch.manual_seed(0)
             module, x, index, weights = make_problem(hidden, inter, experts, top_k, tokens, dtype, device)
-            error = scale = None
-            if "deeptalk_triton" in args.backends:  # its deviation from grouped_mm, noted in its rows
-                module.config._experts_implementation = "grouped_mm"
-                with torch.no_grad():
-                    expected = module(x, index, weights).float()
-                    module.config._experts_implementation = "deeptalk_triton"
-                    error = (module(x, index, weights).float() - expected).abs().max().item()
-                scale = expected.abs().max().item()
             flops = 6 * hidden * inter * tokens * top_k
             for mode in args.modes:
                 group = len(results)  # this problem's rows, printed once all are timed (the ratios need them all)
@@ -145,14 +153,16 @@ def run(args) -> list[dict]:
                         row["note"] = "out of memory"
                     else:
                         row.update(ms=ms, tflops=flops * (1 if mode == "fwd" else 3) / ms / 1e9)
-                    if backend == "deeptalk_triton":
-                        deviation = f"max deviation from grouped_mm: {error / max(scale, 1e-12):.1e} of max output"
-                        row["note"] = "; ".join(filter(None, (row["note"], deviation)))
+                    if backend == "deeptalk_triton" and row["ms"] is not None:
+                        what = "output" if mode == "fwd" else "gradient"
+                        checked = deviation(module, x, index, weights, mode)
+                        row["note"] = f"max deviation from grouped_mm: {checked:.1e} of the max {what}"
                     results.append(row)
                     if HAS_CUDA:
                         torch.cuda.empty_cache()
                 for row in results[group:]:
                     print(format_row(row, results), flush=True)
+                save(results, False)
             del module, x, index, weights
     return results
 
@@ -191,6 +201,12 @@ HEADER = (
 )
 
 
+def write(path: Path, text: str) -> None:
+    """The whole of `text`, or the file as it was: a run stopped while writing leaves no half a file."""
+    with atomic_output_file(path) as partial:
+        partial.write_text(text)
+
+
 def slug(text: str) -> str:
     """A file-name-safe, lower-case form of a device name."""
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
@@ -223,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         help="folder for moe_kernels_<device>_<dtype>.{json,md} (default: benchmarks/results)",
     )
     args = parser.parse_args(argv)
+    for option in ("shapes", "tokens", "backends", "modes"):  # a repeat would be ratioed against the first run's rows
+        if getattr(args, option):
+            setattr(args, option, list(dict.fromkeys(getattr(args, option))))
     args.dtype = args.dtype or ("bf16" if HAS_CUDA else "fp32")  # the interpreter's bf16 products are not faithful
     args.tokens = args.tokens or (TOKENS if HAS_CUDA else CPU_TOKENS)  # recorded with the results
     if min(args.tokens) < 1:
@@ -235,8 +254,6 @@ def main(argv: list[str] | None = None) -> None:
         )
     name = device_name()
     print(f"device: {name}, dtype: {args.dtype}, torch {torch.__version__}\n\n{HEADER}")
-    results = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"moe_kernels_{slug(name)}_{args.dtype}"
     meta = dict(
         device=name,
@@ -247,15 +264,21 @@ def main(argv: list[str] | None = None) -> None:
         versions=versions(),
         args={key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
     )
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta, results=results), indent=1))
-    table = "\n".join(format_row(row, results) for row in results)
-    stem.with_suffix(".md").write_text(
-        f"# MoE experts layer benchmark\n\n{name}, {args.dtype}, {meta['date']}; "
-        + ", ".join(f"{package} {number}" for package, number in meta["versions"].items())
-        + "\n\n"
-        "TFLOP/s count useful work only (6·H·I FLOPs per routed pair forward, 3x that forward+backward).\n\n"
-        f"{HEADER}\n{table}\n"
-    )
+
+    def save(results: list[dict], complete: bool) -> None:
+        table = "\n".join(format_row(row, results) for row in results)
+        cut = "" if complete else "**Incomplete: the run stopped before its last problem.**\n\n"
+        write(stem.with_suffix(".json"), json.dumps(dict(meta, complete=complete, results=results), indent=1))
+        write(
+            stem.with_suffix(".md"),
+            f"# MoE experts layer benchmark\n\n{name}, {args.dtype}, {meta['date']}; "
+            + ", ".join(f"{package} {number}" for package, number in meta["versions"].items())
+            + f"\n\n{cut}"
+            "TFLOP/s count useful work only (6·H·I FLOPs per routed pair forward, 3x that forward+backward).\n\n"
+            f"{HEADER}\n{table}\n",
+        )
+
+    save(run(args, save), True)
     print(f"\nwrote {stem}.json and {stem}.md")
 
 

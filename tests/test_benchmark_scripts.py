@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the deeptalk_triton backend needs Triton (Linux)")
@@ -26,21 +27,23 @@ def assert_records_its_run(record: dict) -> None:
 
 
 def test_bench_moe_kernels_writes_every_backend_and_mode(tmp_path):
-    run(
-        "bench_moe_kernels.py", "--tokens", "16", "--backends", "grouped_mm", "deeptalk_triton", "--out", str(tmp_path)
-    )
+    """A repeated option is run once (a repeat's ratios were against the first run's rows)."""
+    backends = ["grouped_mm", "deeptalk_triton", "grouped_mm"]
+    run("bench_moe_kernels.py", "--tokens", "16", "16", "--backends", *backends, "--out", str(tmp_path))
     (result,) = tmp_path.glob("moe_kernels_*_fp32.json")
     record = json.loads(result.read_text())
     assert_records_its_run(record)
-    assert record["args"]["tokens"] == [16]
+    assert record["args"]["tokens"] == [16] and record["args"]["backends"] == backends[:2] and record["complete"]
     rows = record["results"]
     assert {(r["backend"], r["mode"]) for r in rows} == {
         (backend, mode) for backend in ("grouped_mm", "deeptalk_triton") for mode in ("fwd", "fwd+bwd")
     }
     assert all(r["ms"] > 0 for r in rows)
-    # The triton rows carry their deviation from grouped_mm on the same problem (fp32 interpreter: tiny).
-    deviation = float(next(r for r in rows if r["backend"] == "deeptalk_triton")["note"].split(": ")[1].split()[0])
-    assert deviation < 1e-4
+    # The triton rows carry their deviation from grouped_mm on the same problem (fp32 interpreter: tiny), over the
+    # output forward and over the gradients forward+backward.
+    for mode, what in (("fwd", "output"), ("fwd+bwd", "gradient")):
+        note = next(r for r in rows if r["backend"] == "deeptalk_triton" and r["mode"] == mode)["note"]
+        assert float(note.split(": ")[1].split()[0]) < 1e-4 and note.endswith(f"of the max {what}")
     assert result.with_suffix(".md").read_text().count("| tiny | 16 |") == 4
 
 
@@ -143,6 +146,44 @@ def test_bench_latency_refuses_units_that_are_not_whole_frames():
     script = [sys.executable, str(BENCHMARKS / "bench_latency.py"), "--units", "8"]
     done = subprocess.run(script, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 2 and "--units must be a positive multiple of 7" in done.stderr
+
+
+def test_bench_moe_kernels_checks_the_gradients_it_times_and_keeps_a_cut_run(monkeypatch, tmp_path):
+    """A backward that doubles every gradient shows in the deviation (it checked the forward output alone); a run
+    stopped after its first problem leaves that problem's rows, marked incomplete (it left no file)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, grouped_mm_experts_forward
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bench_moe_kernels
+
+    class Doubled(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, x: x.view_as(x))
+        backward = staticmethod(lambda ctx, grad: 2 * grad)
+
+    def doubled_backward(module, x, *args, **kwargs):
+        return grouped_mm_experts_forward(module, Doubled.apply(x), *args, **kwargs)
+
+    monkeypatch.setitem(ALL_EXPERTS_FUNCTIONS._global_mapping, "deeptalk_triton", doubled_backward)
+    problem = bench_moe_kernels.make_problem(64, 32, 8, 2, 16, torch.float32, torch.device("cpu"))
+    assert bench_moe_kernels.deviation(*problem, "fwd") < 1e-6
+    assert bench_moe_kernels.deviation(*problem, "fwd+bwd") > 0.5  # the input gradient, doubled
+
+    timed = []
+
+    def bench_one(*args, **kwargs):
+        timed.append(args[0])
+        if len(timed) > 1:
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr(bench_moe_kernels, "bench_one", bench_one)
+    options = ["--tokens", "4", "8", "--backends", "grouped_mm", "--modes", "fwd", "--out", str(tmp_path)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_moe_kernels.main(options)
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert not record["complete"] and [row["tokens"] for row in record["results"]] == [4]
+    assert "Incomplete" in next(tmp_path.glob("*.md")).read_text()
+    assert not list(tmp_path.glob(".*"))  # no partial file left
 
 
 def test_bench_moe_kernels_ratio_is_also_against_the_fastest_baseline(monkeypatch):

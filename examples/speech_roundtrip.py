@@ -103,10 +103,12 @@ def main() -> None:
     parser.add_argument("--sentence", default="What is the weather like today in the city?")
     parser.add_argument("--model", help="a saved DeepTalk model and processor (random demo without it)")
     parser.add_argument("--codec", default="random", help="SNAC hub id or folder; 'random' for SNAC 24 kHz shapes")
-    parser.add_argument("--answer-seconds", type=float, default=2.0)
+    parser.add_argument("--answer-seconds", type=float, default=2.0, help="length of the spoken answer (> 0)")
     parser.add_argument("--out", type=Path, default=Path("answer.wav"))
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     args = parser.parse_args()
+    if not args.answer_seconds > 0:
+        parser.error(f"--answer-seconds must be positive, got {args.answer_seconds}")
 
     try:
         from snac import SNAC

@@ -433,6 +433,10 @@ def test_speech_roundtrip_example_without_snac_says_what_to_install(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "pip install 'deeptalk-hf[audio]'" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "answer.wav").exists()
+    # A length it cannot generate is a usage error naming the option (it failed inside generate).
+    command = [sys.executable, str(script), "--answer-seconds", "-1", "--out", str(tmp_path / "answer.wav")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--answer-seconds must be positive" in result.stderr, result.stderr
 
 
 def test_a_codec_with_one_unit_more_than_the_tokenizer_is_refused():

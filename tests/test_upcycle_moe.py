@@ -356,6 +356,38 @@ def test_speech_vocabulary_and_dtype(kind, tmp_path):
         assert torch.equal(streamed_state[name], tensor), name
 
 
+@pytest.mark.parametrize("kind", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_imports_in_bf16_route_as_transformers_bf16_models(kind, tmp_path):
+    """transformers' DeepSeek models keep their routers (and V3's correction bias) in float32 in half precision and
+    score in float32: the import does too (in bf16 it picked other experts than transformers' model for ~1% of
+    tokens with biases near 1, a bias 1.0017 read as 1.0)."""
+    source = source_model(kind)
+    if kind == "deepseek_v3":
+        with torch.no_grad():  # a trained V3's biases are O(1): their bf16 rounding moves choices
+            for layer in source.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.uniform_(0.98, 1.02)
+    source.save_pretrained(tmp_path / "fp32")
+    reference = type(source).from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
+    reference.save_pretrained(tmp_path / "bf16")
+    imported = upcycle_moe(tmp_path / "bf16").eval()
+    upcycle_moe_checkpoint(tmp_path / "bf16", tmp_path / "out", progress=False)
+    for model in (imported, load_checked(tmp_path / "out")):
+        assert model.dtype == torch.bfloat16 and model.config.router_dtype == "float32"
+        gate = model.model.layers[1].mlp.gate
+        assert gate.weight.dtype == torch.float32
+        assert kind == "deepseek_v2" or gate.e_score_correction_bias.dtype == torch.float32
+        hidden = torch.randn(4096, source.config.hidden_size, generator=torch.Generator().manual_seed(5))
+        hidden = hidden.to(torch.bfloat16)
+        block = model.model.layers[1].mlp
+        with torch.no_grad():
+            _, indices = block._route(block.gate(hidden), block.gate, group_limited=True)
+            expected = reference.model.layers[1].mlp.gate(hidden)[2]  # (logits, weights, indices)
+        assert torch.equal(indices.sort(-1).values, expected.sort(-1).values)
+    ids = text_ids()[:, :1]  # one position: no attention numerics, the layers' routing and experts alone
+    with torch.no_grad():
+        torch.testing.assert_close(imported(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
 def test_deepseek_v3_multi_token_prediction_layers_are_left_out(tmp_path):
     """DeepSeek-V3 checkpoints carry a multi-token-prediction layer after the decoder layers; transformers leaves it
     out of the causal LM, and so does the import. Any other stray tensor is still an error."""

@@ -100,6 +100,10 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
       `scoring_func` (softmax or sigmoid), `topk_method` (`"greedy"`, V2's `"group_limited_greedy"`, V3's `"noaux_tc"` with a per-expert score-correction bias),
       `n_group`/`topk_group` and `routed_scaling_factor`. Group-limited top-k applies where a router sees all of a
       layer's experts (routing "none", or a layer without speech experts); a split modality group uses plain top-k.
+    - `router_dtype`: `"float32"` computes router logits in float32 and keeps the router weights (`mlp.gate`,
+      `mlp.speech_gate`) in float32 when loaded in half precision, as transformers' DeepSeek-V2/V3 do (imports of
+      them set it); `None` computes them in the model's dtype, as Qwen-MoE and Mixtral do. V3's score-correction
+      bias is kept in float32 always.
 
     Parallel text-speech decoding (DeepTalk / Mini-Omni style) is on when `num_audio_streams` (S) > 0: inputs are
     `[batch, 1 + S, seq]` (stream 0 text), each audio stream has `audio_codebook_size` codes followed by its pad,
@@ -199,6 +203,7 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     topk_method: str = "greedy"
     n_group: int | None = None
     topk_group: int | None = None
+    router_dtype: str | None = None
     modality_routing: str = "hard"
     speech_expert_ids: list[list[int]] | None = None
     shared_expert_intermediate_size: int = 0
@@ -294,6 +299,8 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
             raise ValueError(f"clip_qkv={self.clip_qkv} must be positive and finite (or None for no clipping)")
         if not 0 < self.routed_scaling_factor < math.inf:
             raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be positive and finite")
+        if self.router_dtype not in (None, "float32"):
+            raise ValueError(f"router_dtype={self.router_dtype!r} must be None (the model's dtype) or 'float32'")
         if self.sliding_window is not None and self.sliding_window < 2:
             raise ValueError(
                 f"sliding_window={self.sliding_window} must be at least 2 (transformers' sliding-window cache gets a "

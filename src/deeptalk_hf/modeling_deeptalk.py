@@ -456,6 +456,14 @@ class DeepTalkTopKRouter(nn.Linear):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(num_experts) if config.topk_method == "noaux_tc" else None
         )
+        self.in_float32 = config.router_dtype == "float32"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Logits in the model's dtype, or (`router_dtype="float32"`) from float32 inputs and weight, as DeepSeek's
+        routers compute them: in bf16 they would pick other experts for some tokens."""
+        if self.in_float32:
+            return F.linear(hidden_states.float(), self.weight.float())
+        return super().forward(hidden_states)
 
 
 def correction_bias(router: nn.Module) -> torch.Tensor | None:
@@ -773,11 +781,19 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _can_compile_fullgraph = True
     _supports_attention_backend = True
+    # Loaded in half precision, DeepSeek-V3's score-correction bias stays float32, as in transformers' DeepSeek-V3 (a
+    # rounded bias picks other experts); so do the routers with `router_dtype="float32"` (see `post_init`).
+    _keep_in_fp32_modules_strict = ["e_score_correction_bias"]
     _can_record_outputs = {
         "router_logits": OutputRecorder(DeepTalkSparseMoeBlock, index=1),
         "hidden_states": DeepTalkDecoderLayer,
         "attentions": OutputRecorder((DeepTalkAttention, DeepTalkMLAttention), index=1),
     }
+
+    def post_init(self) -> None:
+        if self.config.router_dtype == "float32":
+            self._keep_in_fp32_modules_strict = [*self._keep_in_fp32_modules_strict, r"mlp\.(speech_)?gate\.weight"]
+        super().post_init()
 
     @staticmethod
     def _finalize_model_loading(model, load_config, loading_info):

@@ -286,11 +286,17 @@ MOE_ARCHITECTURES: dict[str, MoeFamily] = {
     "deepseek_v2": MoeFamily(
         fields={**_DEEPSEEK, "topk_method": lambda c: c.topk_method or "greedy"},
         # transformers' DeepSeek-V2 router never renormalises its top-k weights, whatever `norm_topk_prob` says.
-        fixed={"scoring_func": "softmax", "norm_topk_prob": False, "rope_interleave": True, "use_qk_norm": False},
+        fixed={
+            "scoring_func": "softmax",
+            "norm_topk_prob": False,
+            "rope_interleave": True,
+            "use_qk_norm": False,
+            "router_dtype": "float32",
+        },
     ),
     "deepseek_v3": MoeFamily(
         fields={**_DEEPSEEK, "norm_topk_prob": "norm_topk_prob", "rope_interleave": lambda c: bool(c.rope_interleave)},
-        fixed={"scoring_func": "sigmoid", "topk_method": "noaux_tc", "use_qk_norm": False},
+        fixed={"scoring_func": "sigmoid", "topk_method": "noaux_tc", "use_qk_norm": False, "router_dtype": "float32"},
         mtp_layers=True,
     ),
 }

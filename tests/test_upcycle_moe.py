@@ -187,7 +187,7 @@ def test_imported_model_is_the_source_in_memory_and_streamed(family, tmp_path):
     assert isinstance(model, DeepTalkForCausalLM) and model.config.num_speech_experts == 0
     assert model.name_or_path == ""  # no hub repo, as for a model built from a config
     assert_same_model(model, source)
-    if not kind.startswith("deepseek"):  # DeepSeek: another RoPE rounding (V2) and top-k order (V2, V3)
+    if not kind.startswith("deepseek"):  # DeepSeek: another top-k slot order, so another float sum order
         with torch.no_grad():
             assert torch.equal(model(text_ids()).logits[..., :VOCAB], source(text_ids()).logits)
 
@@ -383,7 +383,9 @@ def test_deepseek_imports_in_bf16_route_as_transformers_bf16_models(kind, tmp_pa
             _, indices = block._route(block.gate(hidden), block.gate, group_limited=True)
             expected = reference.model.layers[1].mlp.gate(hidden)[2]  # (logits, weights, indices)
         assert torch.equal(indices.sort(-1).values, expected.sort(-1).values)
-    ids = text_ids()[:, :1]  # one position: no attention numerics, the layers' routing and experts alone
+    # Whole sequences: V2's rotary (a float32 complex product) is V2's too, so nothing differs (bf16 logits moved by
+    # up to ~0.3 with V3's model-dtype rotary).
+    ids = text_ids()
     with torch.no_grad():
         torch.testing.assert_close(imported(ids).logits, reference(ids).logits, rtol=0, atol=0)
 

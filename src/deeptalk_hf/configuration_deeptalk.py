@@ -95,7 +95,9 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     - `use_qk_norm`: RMSNorm on queries and keys, per head (`qk_norm_type="head"`, Qwen3) or over the whole q/k
       projection before the head split (`"full"`, OLMoE); `clip_qkv` clamps queries, keys and values (OLMoE).
     - DeepSeek-V2/V3: multi-head latent attention when `kv_lora_rank` is set (`q_lora_rank`, `qk_nope_head_dim`,
-      `qk_rope_head_dim`, `v_head_dim`, `rope_interleave`; `head_dim` becomes `qk_rope_head_dim`, as in transformers'
+      `qk_rope_head_dim`, `v_head_dim`, `rope_interleave`, and `rope_complex` for DeepSeek-V2's rotary, a float32
+      complex product on interleaved pairs, where V3's rotates in the model dtype: V2 imports set it, so that in bf16
+      they compute as transformers' V2); `head_dim` becomes `qk_rope_head_dim`, as in transformers'
       DeepSeek configs, and `use_qk_norm`/`qk_norm_type` do not apply: MLA normalises its latents itself); router
       `scoring_func` (softmax or sigmoid), `topk_method` (`"greedy"`, V2's `"group_limited_greedy"`, V3's `"noaux_tc"` with a per-expert score-correction bias),
       `n_group`/`topk_group` and `routed_scaling_factor`. Group-limited top-k applies where a router sees all of a
@@ -193,6 +195,7 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
     rope_interleave: bool = True
+    rope_complex: bool = False
     mlp_only_layers: list[int] | None = None
     num_experts: int | list[int] = 8
     num_speech_experts: int | list[int] = 0
@@ -323,6 +326,10 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
             raise ValueError(
                 "kv_lora_rank is set (multi-head latent attention) but qk_nope_head_dim, qk_rope_head_dim or "
                 f"v_head_dim is missing: {self.qk_nope_head_dim}, {self.qk_rope_head_dim}, {self.v_head_dim}"
+            )
+        if self.rope_complex and self.kv_lora_rank is None:
+            raise ValueError(
+                "rope_complex=True is DeepSeek-V2's rotary of multi-head latent attention: set kv_lora_rank"
             )
         mla = self.kv_lora_rank is not None
         sizes = {

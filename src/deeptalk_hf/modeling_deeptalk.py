@@ -30,6 +30,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
 from transformers.models.qwen3_moe.modeling_qwen3_moe import (
     Qwen3MoeExperts,
@@ -357,6 +358,14 @@ class DeepTalkAttention(nn.Module):
 class DeepTalkMLAttention(DeepseekV3Attention):
     """Multi-head latent attention (DeepSeek-V2/V3) as transformers implements it; the KV cache holds the compressed
     latents. `config.rope_interleave` selects DeepSeek's interleaved rotary layout."""
+
+
+class DeepTalkMLAttentionComplexRope(DeepTalkMLAttention):
+    """DeepSeek-V2's multi-head latent attention (`config.rope_complex`): the same tensors, the rotary applied as
+    transformers' V2 applies it (a float32 complex product on interleaved pairs, from `DeepseekV2RotaryEmbedding`'s
+    position embeddings), so a V2 import computes as transformers' V2 in half precision too."""
+
+    forward = DeepseekV2Attention.forward
 
 
 # The output heads of `DeepTalkForCausalLM`, beside its base model.
@@ -688,7 +697,9 @@ class DeepTalkDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DeepTalkConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
-        attention_class = DeepTalkAttention if config.kv_lora_rank is None else DeepTalkMLAttention
+        attention_class = DeepTalkAttention
+        if config.kv_lora_rank is not None:
+            attention_class = DeepTalkMLAttentionComplexRope if config.rope_complex else DeepTalkMLAttention
         self.self_attn = attention_class(config, layer_idx)
         self.is_sparse = layer_idx not in config.mlp_only_layers
         if self.is_sparse:
@@ -928,7 +939,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             [DeepTalkDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
         self.norm = DeepTalkRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = DeepTalkRotaryEmbedding(config=config)
+        rotary = DeepseekV2RotaryEmbedding if config.rope_complex else DeepTalkRotaryEmbedding
+        self.rotary_emb = rotary(config=config)
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -292,6 +292,7 @@ MOE_ARCHITECTURES: dict[str, MoeFamily] = {
             "rope_interleave": True,
             "use_qk_norm": False,
             "router_dtype": "float32",
+            "rope_complex": True,
         },
     ),
     "deepseek_v3": MoeFamily(

@@ -196,6 +196,19 @@ def test_upcycle_exit_codes(tmp_path, capsys):
     shutil.copytree(source, unknown)
     (unknown / "config.json").write_text(json.dumps({"model_type": "not_a_model"}))
     assert upcycle_main([str(unknown), str(destination), *base]) == EXIT_SOURCE
+    # A config.json whose values transformers or the model refuses is a source that cannot be used (exit 3), not a
+    # traceback (exit 1) nor a checkpoint that cannot be loaded again.
+    config = json.loads((source / "config.json").read_text())
+    for edit, message in [
+        (None, "NoneType"),
+        ({"hidden_size": "abc"}, "hidden_size"),
+        ({"hidden_act": "nope"}, "hidden_act='nope'"),
+        ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1.0}}, "rope_type='bogus'"),
+        ({"dtype": "int8"}, "dtype=torch.int8 is not a weights dtype"),
+    ]:
+        (unknown / "config.json").write_text(json.dumps(None if edit is None else config | edit))
+        assert upcycle_main([str(unknown), str(destination), *base]) == EXIT_SOURCE, edit
+        assert message in capsys.readouterr().err
     (tmp_path / "weights_only").mkdir()
     for weights in source.glob("model*.safetensors*"):
         shutil.copy(weights, tmp_path / "weights_only")
@@ -562,6 +575,12 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     assert profile_main([model, str(bad), "--quiet"]) == EXIT_OK
     capsys.readouterr()
     assert profile_main([model, str(tmp_path / "none.jsonl"), "--quiet"]) == EXIT_SOURCE
+    assert "none.jsonl does not exist" in capsys.readouterr().err
+    assert profile_main([model, str(tmp_path), "--quiet"]) == EXIT_SOURCE  # it is read twice: a file, not a pipe
+    assert "is not a regular file" in capsys.readouterr().err
+    bad.write_text('{"input_ids": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    assert profile_main([model, str(bad), "--quiet"]) == EXIT_SOURCE  # not a RecursionError traceback
+    assert "bad.jsonl:1" in capsys.readouterr().err
     llama = tmp_path / "llama"
     dense_model("llama").save_pretrained(llama)
     assert profile_main([str(llama), str(data), "--quiet"]) == EXIT_SOURCE

@@ -915,10 +915,20 @@ def test_destination_rules(tmp_path):
     (destination / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="overwrite"):
         upcycle_checkpoint(source, destination, **options)
+    # Not a model folder: `overwrite` would delete what it holds (a user asking to "write into" it), so it is kept.
+    with pytest.raises(FileExistsError, match="holds files but no config.json"):
+        upcycle_checkpoint(source, destination, overwrite=True, **options)
     assert os.listdir(destination) == ["notes.txt"]
+    (destination / "notes.txt").unlink()
+    upcycle_checkpoint(source, destination, overwrite=True, **options)  # an empty folder, then a model folder
+    (destination / "notes.txt").write_text("mine")
     upcycle_checkpoint(source, destination, overwrite=True, **options)
     assert "config.json" in os.listdir(destination) and "notes.txt" not in os.listdir(destination)
     assert leftovers(tmp_path) == []
+    # A dangling symlink is a name that exists: refused unasked (the final rename failed after the whole run).
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="already exists"):
+        upcycle_checkpoint(source, tmp_path / "dangling", **options)
     # Neither the source nor a folder holding it (which --overwrite would delete) can be the destination.
     for holder in (source, tmp_path):
         with pytest.raises(ValueError, match="is or holds the source"):
@@ -938,7 +948,7 @@ def test_destination_rules(tmp_path):
 def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch):
     destination = tmp_path / "out"
     destination.mkdir()
-    (destination / "notes.txt").write_text("mine")
+    (destination / "config.json").write_text("mine")
     replace = os.replace
 
     def refuse_the_first_move(source, target):
@@ -948,14 +958,14 @@ def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch)
     monkeypatch.setattr("deeptalk_hf.upcycling.os.replace", refuse_the_first_move)
     with pytest.raises(PermissionError), atomic_output_dir(destination, overwrite=True) as staging:
         (staging / "config.json").write_text("{}")
-    assert os.listdir(tmp_path) == ["out"] and os.listdir(destination) == ["notes.txt"]
+    assert os.listdir(tmp_path) == ["out"] and (destination / "config.json").read_text() == "mine"
 
 
 def test_a_failed_final_move_puts_the_old_destination_back(tmp_path, monkeypatch):
     """The old folder was moved aside; if moving the new one in then fails, the old one comes back, nothing beside it."""
     destination = tmp_path / "out"
     destination.mkdir()
-    (destination / "notes.txt").write_text("mine")
+    (destination / "config.json").write_text("mine")
     replace, calls = os.replace, []
 
     def refuse_the_second_move(source, target):
@@ -967,7 +977,55 @@ def test_a_failed_final_move_puts_the_old_destination_back(tmp_path, monkeypatch
     monkeypatch.setattr("deeptalk_hf.upcycling.os.replace", refuse_the_second_move)
     with pytest.raises(OSError, match="No space left"), atomic_output_dir(destination, overwrite=True) as staging:
         (staging / "config.json").write_text("{}")
-    assert os.listdir(tmp_path) == ["out"] and os.listdir(destination) == ["notes.txt"]
+    assert os.listdir(tmp_path) == ["out"] and (destination / "config.json").read_text() == "mine"
+
+
+def test_destinations_that_could_not_be_written_are_refused_before_the_work(tmp_path, monkeypatch):
+    """A folder without write permission (read-only mount) and a mount point as the folder to replace failed after
+    the whole conversion (or download, or profiling)."""
+    real_access = os.access
+    monkeypatch.setattr(
+        "deeptalk_hf.upcycling.os.access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode)
+    )
+    with pytest.raises(ValueError, match=f"no permission to write in {tmp_path}$"):
+        check_output_dir(tmp_path / "new" / "deeper")
+    monkeypatch.undo()
+    (tmp_path / "volume").mkdir()
+    monkeypatch.setattr("deeptalk_hf.upcycling.os.path.ismount", lambda path: Path(path) == tmp_path / "volume")
+    with pytest.raises(ValueError, match="is a mount point"):
+        check_output_dir(tmp_path / "volume", overwrite=True)
+
+
+def test_a_replaced_folder_that_cannot_all_be_deleted_leaves_the_new_output_and_says_where(
+    tmp_path, monkeypatch, caplog
+):
+    """Once the new output is in place the work is done: what is left of the old one is named, not an error."""
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "config.json").write_text("old")
+    monkeypatch.setattr("deeptalk_hf.upcycling.shutil.rmtree", lambda path, ignore_errors=False: None)
+    with caplog.at_level("WARNING"), atomic_output_dir(destination, overwrite=True) as staging:
+        (staging / "config.json").write_text("new")
+    assert (destination / "config.json").read_text() == "new"
+    (old,) = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert f"they remain in {old}" in caplog.text and (old / "out" / "config.json").read_text() == "old"
+
+
+def test_output_files_follow_the_umask_and_a_file_created_meanwhile_is_kept(tmp_path):
+    """safetensors writes its files 0600: the weights of an output meant for a group stayed private. A file that
+    appears while an output file is written is kept unless `overwrite` (it was replaced silently)."""
+    previous = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "out") as staging:
+            save_file({"w": torch.zeros(2)}, staging / "model.safetensors")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out" / "model.safetensors").stat().st_mode) == 0o644
+    with pytest.raises(FileExistsError, match="created while the output was written"):
+        with atomic_output_file(tmp_path / "load.json", overwrite=False) as partial:
+            partial.write_text("ours")
+            (tmp_path / "load.json").write_text("theirs")
+    assert (tmp_path / "load.json").read_text() == "theirs" and leftovers(tmp_path) == []
 
 
 def test_an_index_whose_weight_map_is_not_names_to_files_is_refused(tmp_path):

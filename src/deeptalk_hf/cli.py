@@ -8,6 +8,7 @@ cannot be used (unsupported, missing, corrupt), 4 the output exists (pass --over
 import argparse
 import importlib.util
 import json
+import os
 import signal
 import sys
 import textwrap
@@ -228,7 +229,8 @@ def upcycle_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         default=False,
-        help="replace an existing DST (only once the new one is complete)",
+        help="replace an existing DST: a model folder, an empty folder or a file (only once the new one is complete; "
+        "a folder holding other files is refused)",
     )
     output.add_argument("--quiet", action="store_true", default=False, help="no progress bar")
     return parser
@@ -325,7 +327,7 @@ def read_jsonl_batches(
         try:
             row = json.loads(line)
             ids, modality = row["input_ids"], row.get("modality_ids")
-        except (ValueError, TypeError, KeyError, AttributeError) as error:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
             raise DataError(f"{path}:{number}: expected a JSON object with 'input_ids' ({error!r})") from error
         if not isinstance(ids, list) or not ids or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
             raise DataError(f"{path}:{number}: input_ids must be a non-empty list of ids in [0, {vocab_size})")
@@ -468,7 +470,14 @@ def profile_main(argv: list[str] | None = None) -> int:
         if args.plot and importlib.util.find_spec("matplotlib") is None:
             raise ValueError("--plot needs matplotlib: pip install 'deeptalk-hf[plot]'")
         if not Path(args.data).is_file():
-            raise DataError(f"data file {args.data} does not exist")
+            raise DataError(
+                f"data file {args.data} "
+                + (
+                    "is not a regular file (it is read twice: not a folder or a pipe)"
+                    if os.path.exists(args.data)
+                    else "does not exist"
+                )
+            )
         configs = _resolve_source(args.model, None)  # a hub id's weights once the rest is checked
         inputs = [configs, Path(args.data)]
         _check_load_files(args, configs)
@@ -535,9 +544,9 @@ def profile_main(argv: list[str] | None = None) -> int:
             raise DataError(f"{args.data} holds no token to profile")
         # The measured load first: it is what took long, and it stays useful if the assignment below fails.
         if args.output:
-            load.save(args.output)
+            load.save(args.output, overwrite=args.overwrite)
         if args.plot:
-            load.plot(args.plot)
+            load.plot(args.plot, overwrite=args.overwrite)
         chosen = None
         if args.assign_to:
             missing = [

@@ -158,9 +158,10 @@ class ModalityLoad:
             data[field.name] = [v.tolist() for v in value] if field.name.endswith(("counts", "mass")) else value
         return data
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the load as JSON (through a temporary file, so an existing file is never left half-written)."""
-        with atomic_output_file(path) as partial, open(partial, "w", encoding="utf-8") as file:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+        """Write the load as JSON (through a temporary file, so an existing file is never left half-written; without
+        `overwrite`, never replaced)."""
+        with atomic_output_file(path, overwrite=overwrite) as partial, open(partial, "w", encoding="utf-8") as file:
             json.dump(self.to_dict(), file, indent=1)
             file.write("\n")
 
@@ -207,8 +208,9 @@ class ModalityLoad:
             raise ValueError(f"{path}: name an image file ending in one of .{', .'.join(sorted(supported))}")
         return suffix
 
-    def plot(self, path: str | os.PathLike) -> None:
-        """Heatmaps (layers × experts) of ρA, ρT and ρA·(1−ρT) into an image file (needs the `plot` extra)."""
+    def plot(self, path: str | os.PathLike, *, overwrite: bool = True) -> None:
+        """Heatmaps (layers × experts) of ρA, ρT and ρA·(1−ρT) into an image file (needs the `plot` extra; without
+        `overwrite`, an existing file is never replaced)."""
         image_format = self.plot_format(path)
         from matplotlib.figure import Figure
 
@@ -227,7 +229,7 @@ class ModalityLoad:
             axes.set_ylabel("layer")
             axes.set_yticks(range(len(self.layers)), labels=[str(layer) for layer in self.layers])
             figure.colorbar(image, ax=axes)
-        with atomic_output_file(path) as partial:
+        with atomic_output_file(path, overwrite=overwrite) as partial:
             figure.savefig(partial, format=image_format)
 
 

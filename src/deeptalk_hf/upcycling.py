@@ -32,12 +32,15 @@ from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download, split_torch_state_dict_into_shards
+from huggingface_hub.errors import StrictDataclassError
 from peft import PeftModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.activations import ACT2FN
 from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import remove_tied_weights_from_state_dict, str_to_torch_dtype
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from transformers.utils.hub import convert_file_size_to_int
@@ -118,6 +121,18 @@ def _check_architecture(source: PretrainedConfig, supported: Iterable[str], what
         raise CheckpointError(f"cannot convert a quantized {kind} checkpoint ({method}): dequantize it first")
     if getattr(source, "mlp_bias", False):
         raise CheckpointError(f"cannot convert a {kind} model with mlp_bias=True: DeepTalk experts have no bias")
+    # Values the model would fail on only once built (a KeyError), or a checkpoint that could not be loaded again.
+    if source.hidden_act not in ACT2FN:
+        raise CheckpointError(
+            f"the source config's hidden_act={source.hidden_act!r} is not an activation transformers has"
+        )
+    rope_type = (source.rope_parameters or {}).get("rope_type", "default")
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        raise CheckpointError(f"the source config's rope_type={rope_type!r} is not one transformers has")
+    try:
+        _as_dtype(source.dtype)
+    except ValueError as error:
+        raise CheckpointError(f"the source config's {error}") from None
 
 
 def _common_fields(source: PretrainedConfig, speech_vocab_size: int, dtype: torch.dtype | None) -> dict[str, Any]:
@@ -602,8 +617,8 @@ def _read_config(source: Path) -> PretrainedConfig:
         raise CheckpointError(f"{source} has no config.json: is it a transformers checkpoint?")
     try:
         return AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read the config of {source}: {error}") from error
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as error:  # a field of the wrong type
+        raise CheckpointError(f"cannot read the config of {source}: {error!r}") from error
 
 
 class _SourceCheckpoint:
@@ -923,9 +938,9 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_output_file(destination: str | os.PathLike) -> Iterator[Path]:
+def atomic_output_file(destination: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `destination` that replaces it only once written: on any error it is removed and
-    an existing `destination` is untouched."""
+    an existing `destination` is untouched. Without `overwrite`, a `destination` that appeared meanwhile is kept."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
@@ -933,6 +948,8 @@ def atomic_output_file(destination: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(partial)
         os.chmod(partial, 0o666 & ~_umask())
+        if not overwrite and os.path.lexists(destination):
+            raise FileExistsError(f"{destination} was created while the output was written; it was kept")
         os.replace(partial, destination)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -942,7 +959,8 @@ def check_output_dir(
     destination: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
 ) -> None:
     """Raise unless `atomic_output_dir` may write `destination` (see there); for checking before long work."""
-    destination = Path(destination).resolve()
+    given = Path(destination).absolute()
+    destination = given.resolve()
     for source in map(Path, inputs):
         if destination in (source.resolve(), *source.resolve().parents):
             raise ValueError(f"destination {destination} is or holds the source {source}; write the output elsewhere")
@@ -951,8 +969,20 @@ def check_output_dir(
     blocking = next((parent for parent in destination.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise ValueError(f"destination {destination} cannot be created: {blocking} is a file, not a directory")
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} already exists (pass overwrite=True / --overwrite to replace it)")
+    exists = os.path.lexists(given)  # a dangling symlink too: the final rename could not replace it unasked
+    if exists and not overwrite:
+        raise FileExistsError(f"{given} already exists (pass overwrite=True / --overwrite to replace it)")
+    if exists and given.is_dir() and not given.is_symlink():
+        if os.path.ismount(given):
+            raise ValueError(f"{given} is a mount point, which cannot be replaced: write to a new folder inside it")
+        if next(given.iterdir(), None) is not None and not (given / "config.json").is_file():
+            raise FileExistsError(
+                f"{given} holds files but no config.json: it is not a model folder that overwrite would replace (all "
+                "of its files would be deleted); remove it yourself or write elsewhere"
+            )
+    writable = next(folder for folder in given.parents if folder.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):
+        raise ValueError(f"destination {given} cannot be written: no permission to write in {writable}")
 
 
 @contextmanager
@@ -964,7 +994,8 @@ def atomic_output_dir(
     On any error the temporary directory is removed and `destination` is untouched. With `overwrite`, an existing
     `destination` is moved aside, replaced, and deleted only once the new one is in place. `inputs` are the paths
     the output is made from (a source checkpoint): a `destination` that is one of them or a folder holding one is
-    refused, so replacing it can never delete them.
+    refused, so replacing it can never delete them; so is, even with `overwrite`, a folder holding files but no
+    `config.json` (not a model folder: "write into it" would delete them) and a mount point.
     """
     destination = Path(destination).absolute()
     check_output_dir(destination, overwrite=overwrite, inputs=inputs)
@@ -973,9 +1004,12 @@ def atomic_output_dir(
     try:
         yield staging
         staging.chmod(0o777 & ~_umask())
-        if destination.exists() and not overwrite:  # it appeared while this ran: never replace it unasked
+        for file in staging.rglob("*"):  # writers such as safetensors' make their files private (0600)
+            if file.is_file():
+                file.chmod(0o666 & ~_umask())
+        if os.path.lexists(destination) and not overwrite:  # it appeared while this ran: never replace it unasked
             raise FileExistsError(f"{destination} was created while the output was written; nothing was replaced")
-        if destination.exists():
+        if os.path.lexists(destination):
             previous = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
             try:
                 os.replace(destination, previous / destination.name)
@@ -988,7 +1022,12 @@ def atomic_output_dir(
                 os.replace(previous / destination.name, destination)
                 previous.rmdir()
                 raise
-            shutil.rmtree(previous)
+            shutil.rmtree(previous, ignore_errors=True)  # the output is in place: the old one's removal is a chore
+            if previous.exists():
+                logger.warning(
+                    f"{destination} was replaced, but not all of the files it held could be deleted: they "
+                    f"remain in {previous}"
+                )
         else:
             os.replace(staging, destination)
     finally:

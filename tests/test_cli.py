@@ -205,6 +205,8 @@ def test_upcycle_exit_codes(tmp_path, capsys):
         ({"hidden_act": "nope"}, "hidden_act='nope'"),
         ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1.0}}, "rope_type='bogus'"),
         ({"dtype": "int8"}, "dtype=torch.int8 is not a weights dtype"),
+        ({"vocab_size": -5}, "{'vocab_size': -5} must be positive"),
+        ({"num_key_value_heads": 3}, "not a multiple of its num_key_value_heads=3"),
     ]:
         (unknown / "config.json").write_text(json.dumps(None if edit is None else config | edit))
         assert upcycle_main([str(unknown), str(destination), *base]) == EXIT_SOURCE, edit

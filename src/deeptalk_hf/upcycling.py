@@ -133,6 +133,15 @@ def _check_architecture(source: PretrainedConfig, supported: Iterable[str], what
         _as_dtype(source.dtype)
     except ValueError as error:
         raise CheckpointError(f"the source config's {error}") from None
+    sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    small = {name: value for name in sizes if not (value := getattr(source, name, None)) or value < 0}
+    if small:  # else refused later as if an option were wrong, or a model that fails in its first forward
+        raise CheckpointError(f"the source config's {small} must be positive sizes")
+    if source.num_attention_heads % source.num_key_value_heads:
+        raise CheckpointError(
+            f"the source config's num_attention_heads={source.num_attention_heads} is not a multiple of its "
+            f"num_key_value_heads={source.num_key_value_heads}"
+        )
 
 
 def _common_fields(source: PretrainedConfig, speech_vocab_size: int, dtype: torch.dtype | None) -> dict[str, Any]:

@@ -749,6 +749,19 @@ def test_align_stage_trains_the_connector_only(top_layers):
         model.audio_encoder_top_layers(3)
 
 
+def test_stages_never_train_what_the_encoder_keeps_fixed(tmp_path):
+    """Whisper builds its sinusoidal positions frozen (and transformers' loading turns them trainable): no `also`
+    pattern unfreezes them, and one that names them alone is refused by name."""
+    DeepTalkForConditionalGeneration(whisper_audio_config()).save_pretrained(tmp_path)
+    model = DeepTalkForConditionalGeneration.from_pretrained(tmp_path)
+    fixed = "audio_encoder.embed_positions.weight"
+    encoder = {n for n, _ in model.named_parameters() if n.startswith("audio_encoder.")} - {fixed}
+    assert set(set_training_stage(model, "align", also=["audio_encoder.*"])) >= encoder
+    assert not model.get_parameter(fixed).requires_grad
+    with pytest.raises(ValueError, match="matches only .'audio_encoder.embed_positions.weight'., which WhisperEncoder"):
+        set_training_stage(model, "joint", also=["*.embed_positions.*"])
+
+
 def test_other_stages_keep_their_meaning_and_leave_the_encoder_frozen():
     model = DeepTalkForConditionalGeneration(whisper_audio_config())
     names = [n for n, _ in model.named_parameters()]

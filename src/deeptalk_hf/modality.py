@@ -616,7 +616,8 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[st
     - `"joint"`: everything except the audio encoder;
     - `"align"`: the speech connector only (a model without an audio encoder is an error).
 
-    `also` adds glob patterns over parameter names (e.g. `"*.self_attn.*"`); each must match something.
+    `also` adds glob patterns over parameter names (e.g. `"*.self_attn.*"`); each must match something. Tensors the
+    audio encoder's own model keeps fixed (Whisper's sinusoidal positions) stay frozen.
     """
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage={stage!r} is unknown; expected one of {TRAINING_STAGES}")
@@ -635,12 +636,19 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[st
         "joint": lambda name: "audio_encoder" not in name,
         "align": lambda name: "speech_connector" in name,
     }
+    encoder = getattr(model, "audio_encoder", None)
+    fixed = {canonical[id(encoder.get_parameter(n))] for n in getattr(model, "fixed_encoder_parameters", ())}
     aliases = [(alias, canonical[id(param)]) for alias, param in model.named_parameters(remove_duplicate=False)]
     for pattern in also:
-        if not any(fnmatchcase(alias, pattern) for alias, _ in aliases):
+        matched = {name for alias, name in aliases if fnmatchcase(alias, pattern)}
+        if not matched:
             raise ValueError(f"also pattern {pattern!r} matches no parameter of the model")
+        if matched <= fixed:
+            raise ValueError(
+                f"also pattern {pattern!r} matches only {sorted(matched)}, which {type(encoder).__name__} never trains"
+            )
     by_also = {name for alias, name in aliases if any(fnmatchcase(alias, pattern) for pattern in also)}
-    trainable = [name for name in names if rules[stage](name) or name in by_also]
+    trainable = [name for name in names if (rules[stage](name) or name in by_also) and name not in fixed]
     if not trainable:
         reason = {
             "speech": "it has no speech tensors (speech vocabulary, experts or attention): add them first, e.g. with "

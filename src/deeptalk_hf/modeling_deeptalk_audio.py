@@ -132,6 +132,10 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
     def __init__(self, config: DeepTalkAudioConfig):
         super().__init__(config)
         self.audio_encoder = audio_encoder_class(config.audio_config)(config.audio_config)
+        # What the encoder's own model never trains (Whisper's sinusoidal positions): no stage nor `also` unfreezes it.
+        self.fixed_encoder_parameters = tuple(
+            name for name, param in self.audio_encoder.named_parameters() if not param.requires_grad
+        )
         self.speech_connector = DeepTalkSpeechConnector(config)
         self.language_model = DeepTalkForCausalLM(config.text_config)
         # The placeholder is input only: a generated one would ask for audio that does not exist.

@@ -758,7 +758,9 @@ def test_stages_never_train_what_the_encoder_keeps_fixed(tmp_path):
     encoder = {n for n, _ in model.named_parameters() if n.startswith("audio_encoder.")} - {fixed}
     assert set(set_training_stage(model, "align", also=["audio_encoder.*"])) >= encoder
     assert not model.get_parameter(fixed).requires_grad
-    with pytest.raises(ValueError, match="matches only .'audio_encoder.embed_positions.weight'., which WhisperEncoder"):
+    with pytest.raises(
+        ValueError, match="matches only .'audio_encoder.embed_positions.weight'., which WhisperEncoder"
+    ):
         set_training_stage(model, "joint", also=["*.embed_positions.*"])
 
 

@@ -1009,6 +1009,27 @@ def test_a_replaced_folder_that_cannot_all_be_deleted_leaves_the_new_output_and_
     assert (destination / "config.json").read_text() == "new"
     (old,) = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
     assert f"they remain in {old}" in caplog.text and (old / "out" / "config.json").read_text() == "old"
+    # Interrupted while deleting the old output (Ctrl-C, or SIGTERM as the CLI raises it): it is named too.
+    monkeypatch.undo()
+    shutil.rmtree(old)
+    caplog.clear()
+    real_rmtree = shutil.rmtree
+
+    def interrupted(path, ignore_errors=False):
+        if str(path).endswith(".old"):
+            raise SystemExit(143)
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.shutil.rmtree", interrupted)
+    with (
+        pytest.raises(SystemExit),
+        caplog.at_level("WARNING"),
+        atomic_output_dir(destination, overwrite=True) as staging,
+    ):
+        (staging / "config.json").write_text("newer")
+    assert (destination / "config.json").read_text() == "newer"
+    (old,) = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert f"they remain in {old}" in caplog.text
 
 
 def test_output_files_follow_the_umask_and_a_file_created_meanwhile_is_kept(tmp_path):

@@ -1031,12 +1031,14 @@ def atomic_output_dir(
                 os.replace(previous / destination.name, destination)
                 previous.rmdir()
                 raise
-            shutil.rmtree(previous, ignore_errors=True)  # the output is in place: the old one's removal is a chore
-            if previous.exists():
-                logger.warning(
-                    f"{destination} was replaced, but not all of the files it held could be deleted: they "
-                    f"remain in {previous}"
-                )
+            try:
+                shutil.rmtree(previous, ignore_errors=True)  # the output is in place: the old one's removal is a chore
+            finally:  # cut short too (Ctrl-C, SIGTERM): say what is left
+                if previous.exists():
+                    logger.warning(
+                        f"{destination} was replaced, but not all of the files it held could be deleted: they "
+                        f"remain in {previous}"
+                    )
         else:
             os.replace(staging, destination)
     finally:

@@ -1164,6 +1164,26 @@ def test_audio_processor_refuses_bad_audio():
         processor(text="<|audio|> hello", truncation=True, max_length=2, **kwargs)
 
 
+def test_composite_resizes_pass_every_argument_on_and_keep_the_placeholder():
+    """The composite's resizes are the LLM's, with padding and `mean_resizing` as given; the placeholder check sees
+    the padded size, and a speech block that would lose a placeholder at its end is refused, nothing changed."""
+    model = DeepTalkForConditionalGeneration(
+        whisper_audio_config(text_config=tiny_config(speech_vocab_size=0), audio_token_id=40)
+    )
+    reference = copy.deepcopy(model.language_model)
+    for resize, size in ((model.resize_token_embeddings, 36), (reference.resize_token_embeddings, 48)):
+        torch.manual_seed(0)
+        resize(size, pad_to_multiple_of=48)  # 48 ids keep id 40
+        torch.manual_seed(1)
+        resize(96, mean_resizing=False)
+    assert torch.equal(model.get_input_embeddings().weight, reference.get_input_embeddings().weight)
+    # A placeholder added after the speech units (a tokenizer's new token lands there) is the last speech-block id.
+    model = DeepTalkForConditionalGeneration(whisper_audio_config(text_config=tiny_config(), audio_token_id=79))
+    with pytest.raises(ValueError, match="leaves out audio_token_id=79"):
+        model.resize_speech_vocab(4)
+    assert model.config.text_config.speech_vocab_size == 16 and model.get_input_embeddings().num_embeddings == 64
+
+
 def test_resizing_the_speech_vocabulary_keeps_the_tie_map_and_round_trips(tmp_path):
     """The composite's map of tied parameters (gathered from the parts when it is built, read by `init_weights`,
     loading and device maps) follows a resize made through the composite or `fit_speech_vocab`."""

@@ -204,6 +204,7 @@ def test_upcycle_exit_codes(tmp_path, capsys):
         ({"hidden_size": "abc"}, "hidden_size"),
         ({"hidden_act": "nope"}, "hidden_act='nope'"),
         ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1.0}}, "rope_type='bogus'"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1.0}}, "'factor'"),  # transformers: a KeyError
         ({"dtype": "int8"}, "dtype=torch.int8 is not a weights dtype"),
         ({"vocab_size": -5}, "{'vocab_size': -5} must be positive"),
         ({"num_key_value_heads": 3}, "not a multiple of its num_key_value_heads=3"),
@@ -417,6 +418,29 @@ def test_profile_checks_its_outputs_before_profiling_and_counts_what_it_reads(
     assert profile_main([model, str(data), "--batch-size", "3"]) == EXIT_OK  # not --quiet: a disabled bar counts none
     lines = sum(1 for line in data.read_text().split("\n") if line)
     assert [(bar.n, bar.total) for bar in bars] == [(lines, lines)]
+
+
+def test_profile_outputs_that_appear_while_profiling_are_kept_unless_overwrite(
+    deeptalk_checkpoint, tmp_path, monkeypatch
+):
+    """-o and --plot files created by someone else during the (long) profiling are kept (exit 4) without --overwrite,
+    and replaced with it."""
+    pytest.importorskip("matplotlib")
+    data, load, plot = write_data(tmp_path / "data.jsonl"), tmp_path / "load.json", tmp_path / "load.png"
+    profile = cli.profile_modality_load
+
+    def profile_while_others_write(model, batches):
+        for path in (load, plot):
+            path.write_text("theirs")
+        return profile(model, batches)
+
+    monkeypatch.setattr(cli, "profile_modality_load", profile_while_others_write)
+    for target in (load, plot):
+        for path in (load, plot):  # absent when the command checks its outputs, written while it profiles
+            path.unlink(missing_ok=True)
+        arguments = [str(deeptalk_checkpoint), str(data), "-o" if target is load else "--plot", str(target), "--quiet"]
+        assert profile_main(arguments) == EXIT_EXISTS and target.read_text() == "theirs"
+        assert profile_main([*arguments, "--overwrite"]) == EXIT_OK and target.read_bytes() != b"theirs"
 
 
 def test_profile_seed_chooses_the_random_split(deeptalk_checkpoint, tmp_path):

@@ -84,6 +84,8 @@ def test_speech_block_is_the_end_of_the_vocabulary():
             ),
             "clip_qkv",
         ),
+        (dict(router_dtype="bfloat16"), "router_dtype='bfloat16'"),
+        (dict(rope_complex=True), "rope_complex=True .* set kv_lora_rank"),  # V2's rotary exists only in MLA
     ],
 )
 def test_invalid_fields_raise_value_error_naming_them(overrides, field):

@@ -1222,6 +1222,22 @@ def test_low_precision_routing_scores_in_float32_like_transformers():
     assert torch.equal(weights, ref_weights.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("router_dtype", [None, "float32"])
+def test_router_dtype_decides_the_routers_precision_in_a_half_precision_model(router_dtype, tmp_path):
+    """`router_dtype="float32"` keeps both routers (text and speech) in float32 when loaded in bf16 and scores from
+    float32 inputs; without it the routers are plain bf16 linears, as in transformers' Qwen-MoE."""
+    DeepTalkForCausalLM(tiny_config(router_dtype=router_dtype)).save_pretrained(tmp_path)
+    model = DeepTalkForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    expected_dtype = torch.bfloat16 if router_dtype is None else torch.float32
+    for router in (model.model.layers[0].mlp.gate, model.model.layers[0].mlp.speech_gate):
+        assert router.weight.dtype == expected_dtype
+        with torch.no_grad():
+            logits = router(hidden)
+            reference = torch.nn.functional.linear(hidden.to(expected_dtype), router.weight)
+        assert logits.dtype == expected_dtype and torch.equal(logits, reference)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_dropout_applies_in_training_only(attn):
     """`attention_dropout` is a training regulariser: an eval model is deterministic, a training one is not."""

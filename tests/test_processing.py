@@ -806,8 +806,9 @@ def test_sanitized_control_tokens_of_user_text_are_text_and_speech_blocks_stay_s
     assert start + 3 in unsanitized and start + 3 not in reference["input_ids"][0]  # what sanitizing changed
     with pytest.raises(ValueError, match="2 <\\|speech\\|> placeholders but 1 speech segments"):
         chat("<|speech|>")  # the placeholder is no token to mark: refused, not filled with the block's units
-    with pytest.raises(ValueError, match="gives no character offsets"):
-        PROCESSOR(text="hello", sanitize_control_tokens=True, return_offsets_mapping=True)
+    for wanted in ("return_offsets_mapping", "return_text_replacement_offsets"):
+        with pytest.raises(ValueError, match="gives no character offsets"):
+            PROCESSOR(text="hello", sanitize_control_tokens=True, **{wanted: True})
 
 
 def test_what_the_default_template_cannot_render_is_refused_not_dropped():

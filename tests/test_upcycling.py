@@ -1003,7 +1003,12 @@ def test_a_replaced_folder_that_cannot_all_be_deleted_leaves_the_new_output_and_
     destination = tmp_path / "out"
     destination.mkdir()
     (destination / "config.json").write_text("old")
-    monkeypatch.setattr("deeptalk_hf.upcycling.shutil.rmtree", lambda path, ignore_errors=False: None)
+
+    def undeletable(path, ignore_errors=False):  # a file the user cannot delete: an error unless ignored
+        if not ignore_errors:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("deeptalk_hf.upcycling.shutil.rmtree", undeletable)
     with caplog.at_level("WARNING"), atomic_output_dir(destination, overwrite=True) as staging:
         (staging / "config.json").write_text("new")
     assert (destination / "config.json").read_text() == "new"
@@ -1030,6 +1035,41 @@ def test_a_replaced_folder_that_cannot_all_be_deleted_leaves_the_new_output_and_
     assert (destination / "config.json").read_text() == "newer"
     (old,) = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
     assert f"they remain in {old}" in caplog.text
+
+
+def test_symlinks_and_names_that_only_look_like_model_folders_as_destinations(tmp_path, monkeypatch):
+    """A symlink at the destination is the name to replace, never the folder it points to; a dangling one that
+    appears meanwhile is kept unasked, as a file would be; a `config.json` that is a folder makes no model folder; a
+    folder that cannot be entered cannot be written in."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(target)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name in ("link", "dangling"):
+        with atomic_output_dir(tmp_path / name, overwrite=True) as staging:
+            (staging / "config.json").write_text("new")
+        assert not (tmp_path / name).is_symlink() and (tmp_path / name / "config.json").read_text() == "new"
+    assert os.listdir(target) == ["notes.txt"] and leftovers(tmp_path) == []
+    with pytest.raises(FileExistsError, match="created while the output was written"):
+        with atomic_output_dir(tmp_path / "late") as staging:
+            (tmp_path / "late").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="created while the output was written"):
+        with atomic_output_file(tmp_path / "late.json", overwrite=False) as partial:
+            partial.write_text("ours")
+            (tmp_path / "late.json").symlink_to(tmp_path / "nowhere")
+    assert (tmp_path / "late").is_symlink() and (tmp_path / "late.json").is_symlink()
+    odd = tmp_path / "odd"
+    (odd / "config.json").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="holds files but no config.json"):
+        check_output_dir(odd, overwrite=True)
+    real_access = os.access
+    monkeypatch.setattr(
+        "deeptalk_hf.upcycling.os.access",
+        lambda path, mode: not (Path(path) == tmp_path and mode & os.X_OK) and real_access(path, mode),
+    )
+    with pytest.raises(ValueError, match="no permission to write in"):
+        check_output_dir(tmp_path / "new")
 
 
 def test_output_files_follow_the_umask_and_a_file_created_meanwhile_is_kept(tmp_path):
@@ -1200,12 +1240,13 @@ def test_a_head_that_differs_from_tied_embeddings_is_converted_untied_as_transfo
     options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
     dense, moe = untied_under_a_tied_config(tmp_path / "dense"), untied_under_a_tied_config(tmp_path / "moe", moe=True)
     ids = text_ids()
+    in_memory = AutoModelForCausalLM.from_pretrained(dense)
     for path, results in [
         (
             dense,
             lambda: [
                 upcycle_dense(dense, **options),
-                upcycle_dense(AutoModelForCausalLM.from_pretrained(dense), **options),
+                upcycle_dense(in_memory, **options),
                 load_checked(upcycle_checkpoint(dense, tmp_path / "out", progress=False, **options)),
             ],
         ),
@@ -1227,6 +1268,7 @@ def test_a_head_that_differs_from_tied_embeddings_is_converted_untied_as_transfo
             for model in upcycled:
                 assert not model.config.tie_word_embeddings
                 assert max_diff(model.eval()(ids).logits, expected) < 1e-5
+    assert in_memory.config.tie_word_embeddings  # the user's model is left as it was
 
 
 def test_a_tied_checkpoint_holding_the_head_alone_or_a_base_models_names_converts_what_transformers_loads(tmp_path):
@@ -1262,6 +1304,21 @@ def test_a_tied_checkpoint_holding_the_head_alone_or_a_base_models_names_convert
     randomize(LlamaModel(LlamaConfig(**COMMON))).save_pretrained(tmp_path / "untied_base")
     with pytest.raises(CheckpointError, match="missing \\(2\\): lm_head.weight, speech_lm_head.weight"):
         upcycle_dense(tmp_path / "untied_base", **options)
+    # A causal LM's names with the base model's prefix taken off: the head keeps its name, as transformers reads it.
+    untied = randomize(LlamaForCausalLM(LlamaConfig(**COMMON)))
+    untied.save_pretrained(tmp_path / "stripped")
+    stripped = {name.removeprefix("model."): tensor for name, tensor in untied.state_dict().items()}
+    save_file(stripped, tmp_path / "stripped" / "model.safetensors", metadata={"format": "pt"})
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "stripped").eval()
+    with torch.no_grad():
+        assert torch.equal(source(ids).logits, untied.eval()(ids).logits)
+        for model in (
+            upcycle_dense(tmp_path / "stripped", **options),
+            load_checked(
+                upcycle_checkpoint(tmp_path / "stripped", tmp_path / "stripped_out", progress=False, **options)
+            ),
+        ):
+            assert max_diff(model.eval()(ids).logits[..., :VOCAB], source(ids).logits) < 1e-5
 
 
 def test_a_state_dict_with_fused_experts_is_refused_naming_the_layout(tmp_path):

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.core_model_loading import revert_weight_conversion
+from transformers.core_model_loading import build_glob_alternation, revert_weight_conversion
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import remove_tied_weights_from_state_dict, str_to_torch_dtype
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
@@ -369,9 +369,29 @@ class _Converter:
     # if they hold elements after all.
     empty: re.Pattern | None = None
 
+    @functools.cached_property
+    def _meta_model(self) -> DeepTalkForCausalLM:
+        with torch.device("meta"):
+            return DeepTalkForCausalLM(copy.deepcopy(self.config))
+
+    @functools.cached_property
+    def _float32_names(self) -> re.Pattern | None:
+        """Output names the model keeps in float32 when loaded in half precision (`_keep_in_fp32_modules_strict`:
+        DeepSeek's correction bias, routers with `router_dtype="float32"`), matched as transformers' loading does: in
+        a half-precision conversion they stay float32, as transformers loads and saves them, instead of being rounded
+        (a rounded V3 bias moved ~1% of the tokens to other experts)."""
+        plan = self._meta_model._get_dtype_plan(self.dtype) if self.dtype is not None else {}
+        return build_glob_alternation(list(plan))[0] if plan else None
+
+    def _dtype(self, name: str, source_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of output `name`: the target dtype (the source's without one), float32 where the model keeps it."""
+        if self._float32_names is not None and self._float32_names.search(name):
+            return torch.float32
+        return self.dtype or source_dtype
+
     def _fresh(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Output `name` as a contiguous copy of `tensor` in the target dtype (never aliasing the source)."""
-        dtype = self.dtype or tensor.dtype
+        """Output `name` as a contiguous copy of `tensor` in its output dtype (never aliasing the source)."""
+        dtype = self._dtype(name, tensor.dtype)
         if self.allocate is None or tensor.is_meta:
             return torch.empty(tensor.shape, dtype=dtype, device=tensor.device).copy_(tensor)
         return self.allocate(name, tensor.shape, dtype).copy_(tensor)
@@ -390,7 +410,7 @@ class _Converter:
             name = re.sub(pattern, replacement, name)
         if name == _HEAD and config.tie_word_embeddings:
             return  # tied to the embeddings, in DeepTalk as in the source
-        unchanged = self.pass_through and tensor.is_contiguous() and self.dtype in (None, tensor.dtype)
+        unchanged = self.pass_through and tensor.is_contiguous() and self._dtype(name, tensor.dtype) == tensor.dtype
         result = tensor if unchanged else self._fresh(name, tensor)
         yield name, result
         if config.speech_vocab_size and name in _SPEECH_ROWS:
@@ -406,8 +426,7 @@ class _Converter:
                 if out in planned:  # the writer would save its shard twice, the second time with this tensor alone
                     raise CheckpointError(f"the source checkpoint gives {out} twice (the second time from {name})")
                 planned[out] = result
-        with torch.device("meta"):
-            model = DeepTalkForCausalLM(copy.deepcopy(self.config))
+        model = self._meta_model
         expected = revert_weight_conversion(model, remove_tied_weights_from_state_dict(model.state_dict(), model))
         missing = sorted(set(expected) - set(planned))
         unexpected = sorted(set(planned) - set(expected))
@@ -506,10 +525,9 @@ class _Upcycler(_Converter):
         if proj == "gate_proj":
             for router, count in (("gate", num_text), ("speech_gate", num_speech)):
                 if count:
-                    zeros = torch.zeros(
-                        count, config.hidden_size, dtype=self.dtype or dense.dtype, device=dense.device
-                    )
-                    yield f"{prefix}.{router}.weight", zeros
+                    name = f"{prefix}.{router}.weight"
+                    dtype = self._dtype(name, dense.dtype)
+                    yield name, torch.zeros(count, config.hidden_size, dtype=dtype, device=dense.device)
         stats = None
         for group, count in (("experts", num_text), ("speech_experts", num_speech)):
             for j in range(count):

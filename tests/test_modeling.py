@@ -1226,16 +1226,26 @@ def test_low_precision_routing_scores_in_float32_like_transformers():
 def test_router_dtype_decides_the_routers_precision_in_a_half_precision_model(router_dtype, tmp_path):
     """`router_dtype="float32"` keeps both routers (text and speech) in float32 when loaded in bf16 and scores from
     float32 inputs; without it the routers are plain bf16 linears, as in transformers' Qwen-MoE."""
-    DeepTalkForCausalLM(tiny_config(router_dtype=router_dtype)).save_pretrained(tmp_path)
-    model = DeepTalkForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    config = tiny_config(router_dtype=router_dtype)
+    DeepTalkForCausalLM(config).save_pretrained(tmp_path)
     hidden = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     expected_dtype = torch.bfloat16 if router_dtype is None else torch.float32
-    for router in (model.model.layers[0].mlp.gate, model.model.layers[0].mlp.speech_gate):
-        assert router.weight.dtype == expected_dtype
-        with torch.no_grad():
-            logits = router(hidden)
-            reference = torch.nn.functional.linear(hidden.to(expected_dtype), router.weight)
-        assert logits.dtype == expected_dtype and torch.equal(logits, reference)
+    # Loaded in bf16, or built in bf16 (transformers' DeepSeek routers are built in float32 too).
+    for model in (
+        DeepTalkForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16),
+        DeepTalkForCausalLM._from_config(config, dtype=torch.bfloat16),
+    ):
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+        for router in (model.model.layers[0].mlp.gate, model.model.layers[0].mlp.speech_gate):
+            assert router.weight.dtype == expected_dtype
+            with torch.no_grad():
+                logits = router(hidden)
+                reference = torch.nn.functional.linear(hidden.to(expected_dtype), router.weight)
+            assert logits.dtype == expected_dtype and torch.equal(logits, reference)
+    # DeepSeek-V3's correction bias is float32 whatever the routers' dtype, as in transformers' DeepSeek-V3.
+    noaux = tiny_config(router_dtype=router_dtype, topk_method="noaux_tc", n_group=1, topk_group=1)
+    model = DeepTalkForCausalLM._from_config(noaux, dtype=torch.bfloat16)
+    assert model.model.layers[0].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -460,12 +460,16 @@ class DeepTalkTopKRouter(nn.Linear):
     happens in the sparse block, per modality."""
 
     def __init__(self, config: DeepTalkConfig, num_experts: int):
-        super().__init__(config.hidden_size, num_experts, bias=False)
+        in_float32 = config.router_dtype == "float32"
+        # Built in float32 where they are kept so (as transformers' DeepSeek routers are), also in a model built in
+        # half precision (`_from_config(config, dtype=torch.bfloat16)`); loading keeps them so too (`post_init`).
+        super().__init__(config.hidden_size, num_experts, bias=False, dtype=torch.float32 if in_float32 else None)
+        self.in_float32 = in_float32
         # DeepSeek-V3's per-expert score correction (a checkpoint buffer that moves with its expert); None elsewhere.
         self.register_buffer(
-            "e_score_correction_bias", torch.zeros(num_experts) if config.topk_method == "noaux_tc" else None
+            "e_score_correction_bias",
+            torch.zeros(num_experts, dtype=torch.float32) if config.topk_method == "noaux_tc" else None,
         )
-        self.in_float32 = config.router_dtype == "float32"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Logits in the model's dtype, or (`router_dtype="float32"`) from float32 inputs and weight, as DeepSeek's

@@ -207,6 +207,11 @@ def test_upcycle_exit_codes(tmp_path, capsys):
         ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1.0}}, "'factor'"),  # transformers: a KeyError
         ({"dtype": "int8"}, "dtype=torch.int8 is not a weights dtype"),
         ({"vocab_size": -5}, "{'vocab_size': -5} must be positive"),
+        ({"hidden_size": 0, "num_hidden_layers": 0}, "{'hidden_size': 0, 'num_hidden_layers': 0} must be positive"),
+        (
+            {"num_attention_heads": -2, "num_key_value_heads": 0},
+            "'num_attention_heads': -2, 'num_key_value_heads': 0}",
+        ),
         ({"num_key_value_heads": 3}, "not a multiple of its num_key_value_heads=3"),
     ]:
         (unknown / "config.json").write_text(json.dumps(None if edit is None else config | edit))

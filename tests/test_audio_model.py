@@ -684,6 +684,8 @@ def test_only_encoders_whose_frames_can_be_counted_are_taken():
     ]:
         with pytest.raises(ValueError, match=message):
             audio_token_lengths(whisper_audio_config(audio_config=audio_config), torch.tensor([1600]))
+        with pytest.raises(ValueError, match=message):  # when the model is built, not at its first audio
+            DeepTalkForConditionalGeneration(whisper_audio_config(audio_config=audio_config))
 
 
 def test_from_parts_loads_whisper_checkpoints_without_a_decoder(tmp_path):

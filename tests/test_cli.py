@@ -627,7 +627,13 @@ def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         profile_main([model, str(data), "--strategy", "adaptive", "--num-speech-experts", "2", "--assign-to", "x"])
     assert exit_info.value.code == EXIT_USAGE
-    for option in (["--speech-attention"], ["--num-speech-experts", "2"], ["--strategy", "random"], ["--seed", "1"]):
+    for option in (
+        ["--speech-attention"],
+        ["--num-speech-experts", "2"],
+        ["--strategy", "random"],
+        ["--strategy", "paper"],  # the default, named: still a choice without effect (it was accepted and ignored)
+        ["--seed", "1"],
+    ):
         with pytest.raises(SystemExit) as exit_info:  # they shape the saved split, which only --assign-to writes
             profile_main([model, str(data), *option])
         assert exit_info.value.code == EXIT_USAGE

@@ -392,7 +392,7 @@ def profile_parser() -> argparse.ArgumentParser:
     assign.add_argument(
         "--strategy",
         choices=ASSIGNMENT_STRATEGIES,
-        default="paper",
+        default=None,  # None, not "paper": a --strategy given without --assign-to is refused, whichever it names
         help="paper: top experts by rhoA*(1-rhoT); adaptive: per-layer count where rhoA > rhoT; random: ablation "
         "(default: paper)",
     )
@@ -460,11 +460,12 @@ def profile_main(argv: list[str] | None = None) -> int:
         parser.error("--strategy adaptive chooses the counts itself; drop --num-speech-experts")
     if args.speech_attention and not args.assign_to:
         parser.error("--speech-attention changes the saved model: it needs --assign-to DIR")
-    chooses = counts is not None or args.strategy != "paper" or args.seed is not None
+    chooses = counts is not None or args.strategy is not None or args.seed is not None
     if chooses and not args.assign_to:
         parser.error(
             "--num-speech-experts, --strategy and --seed choose the experts to move: they need --assign-to DIR"
         )
+    args.strategy = args.strategy or "paper"
 
     def action():
         if args.plot and importlib.util.find_spec("matplotlib") is None:

@@ -131,6 +131,8 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: DeepTalkAudioConfig):
         super().__init__(config)
+        # An encoder whose frames cannot be counted would fail at the first audio: refused by name when built.
+        audio_frame_lengths(config.audio_config, torch.ones(1, dtype=torch.long))
         self.audio_encoder = audio_encoder_class(config.audio_config)(config.audio_config)
         # What the encoder's own model never trains (Whisper's sinusoidal positions): no stage nor `also` unfreezes it.
         self.fixed_encoder_parameters = tuple(

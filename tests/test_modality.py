@@ -476,6 +476,7 @@ def test_move_speech_experts_errors(model):
         ([[0.9, 2.5], []], "must be integer expert indices"),  # not truncated to 0 and 2
         ([[True], []], "must be integer expert indices"),
         (["ab", []], "must be integer expert indices"),
+        ({0: [1], 2: [0]}, "one list per MoE layer, in the order of config.moe_layers \\[0, 2\\], not a mapping"),
     ):
         moved = copy.deepcopy(model)
         with pytest.raises(ValueError, match=problem):

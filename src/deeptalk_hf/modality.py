@@ -514,6 +514,10 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     config = model.config
     layers = config.moe_layers
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
+    if isinstance(speech_expert_ids, Mapping):  # its keys would be read as the first layers' lists
+        raise ValueError(
+            f"speech_expert_ids is one list per MoE layer, in the order of config.moe_layers {layers}, not a mapping"
+        )
     if len(speech_expert_ids) != len(layers):
         raise ValueError(
             f"speech_expert_ids has {len(speech_expert_ids)} lists but the model has {len(layers)} MoE layers {layers}"

@@ -389,6 +389,8 @@ def test_assignment_errors(model):
     for counts in ([1], [1, 1, 1]):  # one count per MoE layer
         with pytest.raises(ValueError, match="for each of the 2 MoE layers"):
             speech_expert_counts(model.config, counts)
+    with pytest.raises(ValueError, match=r"order of config.moe_layers \[0, 2\], not a mapping"):
+        speech_expert_counts(model.config, {0: 2, 2: 1})  # its keys [0, 2] were taken as the counts
     with pytest.raises(ValueError, match="profile this model"):
         assign_modality_experts(model, hand_made_load([[1, 1]], [[1, 1]]), num_speech_experts=1)
     other_layers = hand_made_load([[1] * 6] * 2, [[1] * 6] * 2, layers=(0, 1))  # the right sizes, other layers

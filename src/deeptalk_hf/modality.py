@@ -429,6 +429,11 @@ def speech_expert_counts(config: DeepTalkConfig, num_speech_experts: int | Seque
                 "the model has no speech experts yet, so the default num_speech_experts (its current counts) would "
                 "move none: pass num_speech_experts"
             )
+    if isinstance(num_speech_experts, Mapping):  # its keys would be read as the counts, silently
+        raise ValueError(
+            f"num_speech_experts is one count, or one per MoE layer in the order of config.moe_layers {layers}, not a "
+            "mapping"
+        )
     # One number for every layer (any number or 0-d array: a fraction is refused below, not iterated) or one per layer.
     single = isinstance(num_speech_experts, Number) or getattr(num_speech_experts, "ndim", None) == 0
     try:

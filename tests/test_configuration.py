@@ -85,6 +85,7 @@ def test_speech_block_is_the_end_of_the_vocabulary():
             "clip_qkv",
         ),
         (dict(router_dtype="bfloat16"), "router_dtype='bfloat16'"),
+        (dict(routing_weights_dtype="float16"), "routing_weights_dtype='float16'"),
         (dict(rope_complex=True), "rope_complex=True .* set kv_lora_rank"),  # V2's rotary exists only in MLA
     ],
 )

@@ -1220,6 +1220,12 @@ def test_low_precision_routing_scores_in_float32_like_transformers():
     assert weights.dtype == torch.bfloat16
     assert torch.equal(indices, ref_indices)
     assert torch.equal(weights, ref_weights.to(torch.bfloat16))
+    # `routing_weights_dtype="float32"` (Mixtral): the same weights, not rounded.
+    mixtral = RoutingSettings.from_config(
+        tiny_config(num_experts=8, num_experts_per_tok=3, norm_topk_prob=True, routing_weights_dtype="float32")
+    )
+    weights, indices = topk_routing(logits, mixtral)
+    assert weights.dtype == torch.float32 and torch.equal(weights, ref_weights) and torch.equal(indices, ref_indices)
 
 
 @pytest.mark.parametrize("router_dtype", [None, "float32"])

@@ -407,6 +407,22 @@ def test_deepseek_imports_in_bf16_route_as_transformers_bf16_models(kind, tmp_pa
             torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_half_precision_imports_weigh_the_experts_as_their_family(kind, tmp_path):
+    """Mixtral multiplies its experts' outputs by float32 routing weights, Qwen-MoE by weights rounded to the model's
+    dtype: a bf16 import gives transformers' bf16 logits bit for bit either way (Mixtral's moved by up to ~0.05 when
+    its weights were rounded)."""
+    source = source_model(kind)
+    source.save_pretrained(tmp_path / "fp32")
+    reference = type(source).from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16).eval()
+    reference.save_pretrained(tmp_path / "bf16")
+    ids = text_ids()
+    for model in (upcycle_moe(tmp_path / "bf16"), upcycle_moe(tmp_path / "fp32", dtype="bfloat16")):
+        assert model.config.routing_weights_dtype == ("float32" if kind == "mixtral" else None)
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
 def test_deepseek_v3_multi_token_prediction_layers_are_left_out(tmp_path):
     """DeepSeek-V3 checkpoints carry a multi-token-prediction layer after the decoder layers; transformers leaves it
     out of the causal LM, and so does the import. Any other stray tensor is still an error."""

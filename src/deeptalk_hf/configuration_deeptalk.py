@@ -106,6 +106,9 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
       `mlp.speech_gate`) in float32 when loaded in half precision, as transformers' DeepSeek-V2/V3 do (imports of
       them set it); `None` computes them in the model's dtype, as Qwen-MoE and Mixtral do. V3's score-correction
       bias is kept in float32 always.
+    - `routing_weights_dtype`: `"float32"` multiplies the experts' outputs by the float32 routing weights, as
+      transformers' Mixtral does (its imports set it); `None` rounds the weights to the router logits' dtype first, as
+      Qwen-MoE and OLMoE do. The two differ in half precision only.
 
     Parallel text-speech decoding (DeepTalk / Mini-Omni style) is on when `num_audio_streams` (S) > 0: inputs are
     `[batch, 1 + S, seq]` (stream 0 text), each audio stream has `audio_codebook_size` codes followed by its pad,
@@ -207,6 +210,7 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     n_group: int | None = None
     topk_group: int | None = None
     router_dtype: str | None = None
+    routing_weights_dtype: str | None = None
     modality_routing: str = "hard"
     speech_expert_ids: list[list[int]] | None = None
     shared_expert_intermediate_size: int = 0
@@ -302,8 +306,9 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
             raise ValueError(f"clip_qkv={self.clip_qkv} must be positive and finite (or None for no clipping)")
         if not 0 < self.routed_scaling_factor < math.inf:
             raise ValueError(f"routed_scaling_factor={self.routed_scaling_factor} must be positive and finite")
-        if self.router_dtype not in (None, "float32"):
-            raise ValueError(f"router_dtype={self.router_dtype!r} must be None (the model's dtype) or 'float32'")
+        for name in ("router_dtype", "routing_weights_dtype"):
+            if getattr(self, name) not in (None, "float32"):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be None (the model's dtype) or 'float32'")
         if self.sliding_window is not None and self.sliding_window < 2:
             raise ValueError(
                 f"sliding_window={self.sliding_window} must be at least 2 (transformers' sliding-window cache gets a "

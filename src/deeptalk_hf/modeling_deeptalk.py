@@ -181,6 +181,7 @@ class RoutingSettings:
     topk_group: int | None
     norm_topk_prob: bool
     routed_scaling_factor: float
+    routing_weights_dtype: str | None = None
 
     @classmethod
     def from_config(cls, config: DeepTalkConfig) -> "RoutingSettings":
@@ -208,7 +209,7 @@ def topk_routing(
     but not the weights; with `group_limited` (a router that sees all of a layer's experts) DeepSeek's group-limited
     top-k keeps the `topk_group` best of `n_group` groups first. A group smaller than top-k uses all its experts: the
     spare slots carry the sentinel index `E` (the group size) with weight 0 (see `DeepTalkSparseMoeBlock._run`).
-    Returns `(weights, indices)`.
+    Returns `(weights, indices)`, the weights in the logits' dtype (float32 with `routing_weights_dtype="float32"`).
     """
     num_experts = logits.shape[-1]
     top_k, softmax, method = settings.num_experts_per_tok, settings.scoring_func == "softmax", settings.topk_method
@@ -238,7 +239,7 @@ def topk_routing(
     if k < top_k:
         weights = F.pad(weights, (0, top_k - k), value=0.0)
         indices = F.pad(indices, (0, top_k - k), value=num_experts)
-    return weights.to(logits.dtype), indices
+    return (weights if settings.routing_weights_dtype == "float32" else weights.to(logits.dtype)), indices
 
 
 class DeepTalkAttention(nn.Module):

@@ -295,7 +295,8 @@ MOE_ARCHITECTURES: dict[str, MoeFamily] = {
     ),
     "mixtral": MoeFamily(
         fields={**_EXPERT_WIDTH, **_same("head_dim sliding_window"), "num_experts": "num_local_experts"},
-        fixed={"norm_topk_prob": True, "use_qk_norm": False},  # Mixtral always renormalises its top-k
+        # Mixtral always renormalises its top-k, and weighs its experts' outputs in float32.
+        fixed={"norm_topk_prob": True, "use_qk_norm": False, "routing_weights_dtype": "float32"},
         renames=(
             (r"\.block_sparse_moe\.", ".mlp."),
             (r"(\.experts\.\d+)\.w1\.", r"\1.gate_proj."),

@@ -162,6 +162,26 @@ def test_sparse_step_and_first_dense_fold_into_mlp_only_layers():
         assert config.mlp_only_layers == [0, 1, 2] and config.moe_layers == []
 
 
+def test_deepseek_shared_expert_count_folds_into_the_shared_width(tmp_path):
+    """`n_shared_experts` (DeepSeek's spelling, beside `n_routed_experts` and `first_k_dense_replace`, which the config
+    also takes) gives shared experts of that many expert widths; it was stored and ignored: no shared experts."""
+    config = tiny_config(n_shared_experts=2)
+    assert config.shared_expert_intermediate_size == 2 * config.moe_intermediate_size and not hasattr(
+        config, "n_shared_experts"
+    )
+    shared = DeepTalkForCausalLM(config).model.layers[0].mlp.shared_experts
+    assert shared.gate_proj.weight.shape == (2 * config.moe_intermediate_size, config.hidden_size)
+    assert tiny_config(n_shared_experts=0).shared_expert_intermediate_size == 0
+    assert tiny_config(n_shared_experts=2, shared_expert_intermediate_size=32).shared_expert_intermediate_size == 32
+    with pytest.raises(ValueError, match="n_shared_experts=2 .*32 wide in all.* shared_expert_intermediate_size=24"):
+        tiny_config(n_shared_experts=2, shared_expert_intermediate_size=24)
+    with pytest.raises(ValueError, match=re.escape("n_shared_experts=-1 must be an integer >= 0")):
+        tiny_config(n_shared_experts=-1)
+    config.n_shared_experts = 1  # set later: refused, as the other construction-time keys
+    with pytest.raises(ValueError, match="read when the config is built"):
+        config.validate_deeptalk()
+
+
 def test_qwen3_moe_fields_build_an_equivalent_config():
     qwen = Qwen3MoeConfig(
         num_experts=6,

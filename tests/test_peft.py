@@ -194,6 +194,9 @@ def test_stage_config_options_and_errors():
         lora_config_for_stage(model, "text", also=("*norm*",))
     with pytest.raises(ValueError, match="stage='voice' is unknown"):
         lora_config_for_stage(model, "voice")
+    for field in ("target_modules", "modules_to_save"):  # PEFT's "got multiple values" blamed LoraConfig
+        with pytest.raises(ValueError, match=f"chooses \\['{field}'\\] from the stage: add tensors with also="):
+            lora_config_for_stage(model, "speech", **{field: ["lm_head"]})
     tied = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
     with pytest.raises(ValueError, match="model.speech_embed_tokens: the speech embeddings and output head are tied"):
         lora_config_for_stage(tied, "speech")

@@ -118,12 +118,12 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     stream and each audio stream in the loss. With S = 0 the model is the single-stream model, with no extra weights.
 
     `decoder_sparse_step` and `first_k_dense_replace` are accepted and folded into `mlp_only_layers`, the one place
-    that holds the dense layers.
+    that holds the dense layers; DeepSeek's `n_shared_experts` into `shared_expert_intermediate_size`.
     """
 
     model_type = "deeptalk"
     keys_to_ignore_at_inference = ["cache"]
-    construction_kwargs = ("decoder_sparse_step", "first_k_dense_replace", "use_sliding_window")
+    construction_kwargs = ("decoder_sparse_step", "first_k_dense_replace", "use_sliding_window", "n_shared_experts")
     attribute_map = {"num_local_experts": "num_experts", "n_routed_experts": "num_experts"}
 
     base_model_tp_plan = {
@@ -234,6 +234,16 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
         # Folded into `mlp_only_layers` (Qwen2/3-MoE `decoder_sparse_step`, DeepSeek `first_k_dense_replace`).
         sparse_step = _layout_count(kwargs, "decoder_sparse_step", 1)  # every step-th layer is MoE
         first_dense = _layout_count(kwargs, "first_k_dense_replace", 0)  # the first layers are dense
+        # DeepSeek's shared experts, each `moe_intermediate_size` wide: one shared MLP of their total width.
+        if shared := _layout_count(kwargs, "n_shared_experts", 0):
+            width = shared * self.moe_intermediate_size
+            if self.shared_expert_intermediate_size not in (0, width):
+                raise ValueError(
+                    f"n_shared_experts={shared} (shared experts of moe_intermediate_size={self.moe_intermediate_size}, "
+                    f"{width} wide in all) contradicts shared_expert_intermediate_size="
+                    f"{self.shared_expert_intermediate_size}"
+                )
+            self.shared_expert_intermediate_size = width
         # Qwen-style switch: a window given with `use_sliding_window=False` is not used.
         if not kwargs.pop("use_sliding_window", True):
             self.sliding_window = None
@@ -279,8 +289,8 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
         folded = [name for name in self.construction_kwargs if name in self.__dict__]
         if folded:
             raise ValueError(
-                f"{folded} are read when the config is built (folded into mlp_only_layers / sliding_window): set "
-                "mlp_only_layers or sliding_window instead"
+                f"{folded} are read when the config is built (folded into mlp_only_layers / sliding_window / "
+                "shared_expert_intermediate_size): set those instead"
             )
         if not 0 <= self.speech_vocab_size < self.vocab_size:
             raise ValueError(

@@ -29,6 +29,8 @@ NEW_SPEECH_MODULES = (
     "speech_connector",
 )
 TIED_SPEECH_MODULES = ("speech_embed_tokens", "speech_lm_head")  # tied to each other under `tie_word_embeddings`
+# `LoraConfig` fields the stage decides.
+_CHOSEN_BY_STAGE = {"target_modules", "target_parameters", "modules_to_save", "exclude_modules"}
 # Modules whose projections' weights they pass to `F.multi_head_attention_forward` themselves: a LoRA wrapper's
 # forward would never run (its factors would not train, and merging would change the model).
 _WEIGHTS_READ_DIRECTLY = ("WavLMAttention",)
@@ -76,8 +78,15 @@ def lora_config_for_stage(
     `also` adds glob patterns over parameter names (e.g. `("*.self_attn.*",)` in the speech stage); together they must
     reach a linear layer, a Conv1d or an experts tensor. `train_new_speech_modules=False` leaves the speech embeddings, heads and
     connector frozen (a model whose speech vocabulary is already trained). Other keywords (`r`, `lora_alpha`, ...) go
-    to `LoraConfig`; PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default).
+    to `LoraConfig`, but not the fields the stage decides (`target_modules`, `modules_to_save`, ...: set them on the
+    result); PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default).
     """
+    chosen = sorted(_CHOSEN_BY_STAGE & lora_kwargs.keys())
+    if chosen:  # PEFT would say "got multiple values", blaming LoraConfig
+        raise ValueError(
+            f"lora_config_for_stage chooses {chosen} from the stage: add tensors with also= patterns, or change "
+            "these fields on the LoraConfig it returns"
+        )
     also = also_patterns(also)
     stage_names = training_stage_parameters(model, stage, also=also)
     modules = dict(model.named_modules())

@@ -368,11 +368,13 @@ def _integer_ids(values: Any, error: str) -> list[int]:
 
 def _describe(value: Any) -> str:
     """A value's type, with its shape or length, for error messages."""
+    kind = type(value).__name__
+    kind = f"{'an' if kind[0].lower() in 'aeiou' else 'a'} {kind}"
     if isinstance(value, (torch.Tensor, np.ndarray)):
-        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+        return f"{kind} of shape {tuple(value.shape)}"
     if isinstance(value, (list, tuple)):
-        return f"a {type(value).__name__} of {len(value)} entries ({sorted({type(v).__name__ for v in value})})"
-    return f"a {type(value).__name__}"
+        return f"{kind} of {len(value)} entries ({sorted({type(v).__name__ for v in value})})"
+    return kind
 
 
 def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any], bool], name: str) -> list[list]:
@@ -387,7 +389,10 @@ def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any
             return [entry]
         if isinstance(entry, (list, tuple)) and all(is_leaf(e) or isinstance(e, (list, tuple)) for e in entry):
             return list(entry)
-        raise ValueError(f"{name}{where} must be a segment or a list of segments, got {type(entry).__name__}")
+        raise ValueError(
+            f"{name}{where} must be a segment (a non-empty 1-D sequence of integer ids) or a list of segments, got "
+            f"{_describe(entry)}" + (" (a batch of texts takes one such entry per text)" if where else "")
+        )
 
     if single:
         # A one-sample batch: `[[]]` (no speech, what apply_chat_template passes for a text-only conversation) or

@@ -391,6 +391,8 @@ def test_assignment_errors(model):
             speech_expert_counts(model.config, counts)
     with pytest.raises(ValueError, match=r"order of config.moe_layers \[0, 2\], not a mapping"):
         speech_expert_counts(model.config, {0: 2, 2: 1})  # its keys [0, 2] were taken as the counts
+    with pytest.raises(ValueError, match=r"one per MoE layer in the order of config.moe_layers \[0, 2\], not a set"):
+        speech_expert_counts(model.config, {3, 1})  # read as [1, 3]
     with pytest.raises(ValueError, match="profile this model"):
         assign_modality_experts(model, hand_made_load([[1, 1]], [[1, 1]]), num_speech_experts=1)
     other_layers = hand_made_load([[1] * 6] * 2, [[1] * 6] * 2, layers=(0, 1))  # the right sizes, other layers
@@ -479,6 +481,7 @@ def test_move_speech_experts_errors(model):
         ([[True], []], "must be integer expert indices"),
         (["ab", []], "must be integer expert indices"),
         ({0: [1], 2: [0]}, "one list per MoE layer, in the order of config.moe_layers \\[0, 2\\], not a mapping"),
+        ({(4, 5), (0,)}, "not a set \\(it has no order\\)"),  # iterated in hash order, not as written
     ):
         moved = copy.deepcopy(model)
         with pytest.raises(ValueError, match=problem):

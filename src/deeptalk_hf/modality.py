@@ -14,6 +14,7 @@ import operator
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import MISSING, dataclass, fields
 from fnmatch import fnmatchcase
 from numbers import Number
@@ -417,6 +418,14 @@ def _regroup(block: DeepTalkSparseMoeBlock, speech_ids: list[int]) -> None:
     block.num_text_experts, block.num_speech_experts = len(text_rows), len(speech_rows)
 
 
+def _check_layer_order(values: object, what: str, layers: list[int]) -> None:
+    """Per-layer values come in the order of `config.moe_layers`: a mapping (its keys would be read as the values,
+    silently) or a set (it has no order, and drops repeats) is refused."""
+    if isinstance(values, (Mapping, AbstractSet)):
+        kind = "a mapping" if isinstance(values, Mapping) else "a set (it has no order)"
+        raise ValueError(f"{what} in the order of config.moe_layers {layers}, not {kind}")
+
+
 def speech_expert_counts(config: DeepTalkConfig, num_speech_experts: int | Sequence[int] | None) -> list[int]:
     """The per-MoE-layer speech expert counts `assign_modality_experts` takes from `num_speech_experts`, checked (so
     a caller can check them before profiling)."""
@@ -429,11 +438,7 @@ def speech_expert_counts(config: DeepTalkConfig, num_speech_experts: int | Seque
                 "the model has no speech experts yet, so the default num_speech_experts (its current counts) would "
                 "move none: pass num_speech_experts"
             )
-    if isinstance(num_speech_experts, Mapping):  # its keys would be read as the counts, silently
-        raise ValueError(
-            f"num_speech_experts is one count, or one per MoE layer in the order of config.moe_layers {layers}, not a "
-            "mapping"
-        )
+    _check_layer_order(num_speech_experts, "num_speech_experts is one count, or one per MoE layer", layers)
     # One number for every layer (any number or 0-d array: a fraction is refused below, not iterated) or one per layer.
     single = isinstance(num_speech_experts, Number) or getattr(num_speech_experts, "ndim", None) == 0
     try:
@@ -519,10 +524,7 @@ def move_speech_experts(model: DeepTalkForCausalLM, speech_expert_ids: Sequence[
     config = model.config
     layers = config.moe_layers
     sizes = [sum(config.layer_experts(layer)) for layer in layers]
-    if isinstance(speech_expert_ids, Mapping):  # its keys would be read as the first layers' lists
-        raise ValueError(
-            f"speech_expert_ids is one list per MoE layer, in the order of config.moe_layers {layers}, not a mapping"
-        )
+    _check_layer_order(speech_expert_ids, "speech_expert_ids is one list per MoE layer,", layers)
     if len(speech_expert_ids) != len(layers):
         raise ValueError(
             f"speech_expert_ids has {len(speech_expert_ids)} lists but the model has {len(layers)} MoE layers {layers}"

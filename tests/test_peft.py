@@ -194,7 +194,8 @@ def test_stage_config_options_and_errors():
         lora_config_for_stage(model, "text", also=("*norm*",))
     with pytest.raises(ValueError, match="stage='voice' is unknown"):
         lora_config_for_stage(model, "voice")
-    for field in ("target_modules", "modules_to_save"):  # PEFT's "got multiple values" blamed LoraConfig
+    # PEFT's "got multiple values" blamed LoraConfig; an exclude_modules would drop the stage's own modules, silently.
+    for field in ("target_modules", "target_parameters", "modules_to_save", "exclude_modules"):
         with pytest.raises(ValueError, match=f"chooses \\['{field}'\\] from the stage: add tensors with also="):
             lora_config_for_stage(model, "speech", **{field: ["lm_head"]})
     tied = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))

@@ -1102,12 +1102,14 @@ def deepseek_pair(version: str):
     return source, upcycle_moe(source).eval()
 
 
-def test_a_checkpoint_with_tensors_the_config_has_no_place_for_is_refused(tmp_path):
-    """A DeepSeek-V2 checkpoint read as a DeepTalk config directly (its shared experts have no field there): loading
-    would drop them silently and compute another model; `upcycle_moe` is the way in."""
-    source, _ = deepseek_pair("v2")
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_a_deepseek_checkpoint_read_directly_is_refused(version, tmp_path):
+    """A DeepSeek checkpoint read as a DeepTalk config directly would load as another model in half precision (routers
+    and V2's rotary in the model's dtype; before `n_shared_experts` was read, without its shared experts):
+    `upcycle_moe` is the way in."""
+    source, _ = deepseek_pair(version)
     source.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="has 6 tensors this DeepTalk config has no place for .*shared_experts"):
+    with pytest.raises(ValueError, match=f"deepseek_{version} config is not read as a DeepTalk config: .*upcycle_moe"):
         DeepTalkForCausalLM.from_pretrained(tmp_path)
 
 

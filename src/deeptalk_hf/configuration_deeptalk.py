@@ -253,8 +253,14 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
         kwargs.pop("qk_head_dim", None)  # derived (a property)
         # A source checkpoint's type (a Qwen3-MoE config read into this class): the model is a DeepTalk model, and its
         # checkpoint conversion (experts fused on load) is registered under "deeptalk".
-        if kwargs.pop("model_type", None) == "qwen3_moe":  # whose model ignores a saved `layer_types`: a window
-            self.layer_types = None  # covers every layer
+        source_type = kwargs.pop("model_type", None)
+        if source_type == "qwen3_moe":  # whose model ignores a saved `layer_types`: a window covers every layer
+            self.layer_types = None
+        elif source_type in ("deepseek_v2", "deepseek_v3"):  # read directly, it would load as another model in bf16
+            raise ValueError(
+                f"a {source_type} config is not read as a DeepTalk config: import the checkpoint with upcycle_moe, "
+                "which keeps its routers in float32 (and, for V2, its rotary) as transformers does"
+            )
         if self.kv_lora_rank is not None:  # MLA: RoPE covers the rope part of each head (as in DeepSeek's configs)
             self.head_dim = self.qk_rope_head_dim
         elif self.head_dim is None and self.num_attention_heads > 0:  # 0 heads: refused by `validate_deeptalk`

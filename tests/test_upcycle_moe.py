@@ -407,6 +407,31 @@ def test_deepseek_imports_in_bf16_route_as_transformers_bf16_models(kind, tmp_pa
             torch.testing.assert_close(model.eval()(ids).logits, reference(ids).logits, rtol=0, atol=0)
 
 
+def test_half_precision_source_keeps_float32_routers_as_a_conversion_does(tmp_path):
+    """A DeepSeek checkpoint whose routers are stored in bf16 (cast with `.to`, not loaded by transformers) converts
+    with float32 routers and bias with or without `dtype="bfloat16"`, as transformers loads it: the files agree (the
+    kept names were chosen by the target dtype alone, so without one they stayed BF16)."""
+    source = source_model("deepseek_v3").to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "bf16")
+    reference = type(source).from_pretrained(tmp_path / "bf16").eval()
+    assert reference.model.layers[1].mlp.gate.weight.dtype == torch.float32
+    stored = {}
+    for dtype in (None, "bfloat16"):
+        out = tmp_path / f"out_{dtype}"
+        upcycle_moe_checkpoint(tmp_path / "bf16", out, dtype=dtype, progress=False)
+        with safe_open(out / "model.safetensors", "pt") as handle:
+            stored[dtype] = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
+        with torch.no_grad():
+            torch.testing.assert_close(
+                load_checked(out).eval()(text_ids()).logits, reference(text_ids()).logits, rtol=0, atol=0
+            )
+    assert stored[None] == stored["bfloat16"]
+    assert stored[None]["model.layers.1.mlp.gate.weight"] == "F32"
+    assert stored[None]["model.layers.1.mlp.gate.e_score_correction_bias"] == "F32"
+    model = upcycle_moe(tmp_path / "bf16")
+    assert model.model.layers[1].mlp.gate.weight.dtype == torch.float32 and model.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
 def test_half_precision_imports_weigh_the_experts_as_their_family(kind, tmp_path):
     """Mixtral multiplies its experts' outputs by float32 routing weights, Qwen-MoE by weights rounded to the model's

@@ -369,26 +369,29 @@ class _Converter:
     # Source tensors of a part the config gives width 0 (transformers still builds them, empty): dropped, and refused
     # if they hold elements after all.
     empty: re.Pattern | None = None
+    _float32_plans: dict[torch.dtype, re.Pattern | None] = field(default_factory=dict, init=False, repr=False)
 
     @functools.cached_property
     def _meta_model(self) -> DeepTalkForCausalLM:
         with torch.device("meta"):
             return DeepTalkForCausalLM(copy.deepcopy(self.config))
 
-    @functools.cached_property
-    def _float32_names(self) -> re.Pattern | None:
-        """Output names the model keeps in float32 when loaded in half precision (`_keep_in_fp32_modules_strict`:
-        DeepSeek's correction bias, routers with `router_dtype="float32"`), matched as transformers' loading does: in
-        a half-precision conversion they stay float32, as transformers loads and saves them, instead of being rounded
-        (a rounded V3 bias moved ~1% of the tokens to other experts)."""
-        plan = self._meta_model._get_dtype_plan(self.dtype) if self.dtype is not None else {}
-        return build_glob_alternation(list(plan))[0] if plan else None
+    def _float32_names(self, dtype: torch.dtype) -> re.Pattern | None:
+        """Output names the model keeps in float32 when loaded in `dtype` (`_keep_in_fp32_modules_strict` in half
+        precision: DeepSeek's correction bias, routers with `router_dtype="float32"`), matched as transformers' loading
+        does: they stay float32, as transformers loads and saves them, instead of being rounded (a rounded V3 bias
+        moved ~1% of the tokens to other experts)."""
+        if dtype not in self._float32_plans:
+            plan = self._meta_model._get_dtype_plan(dtype)
+            self._float32_plans[dtype] = build_glob_alternation(list(plan))[0] if plan else None
+        return self._float32_plans[dtype]
 
     def _dtype(self, name: str, source_dtype: torch.dtype) -> torch.dtype:
-        """The dtype of output `name`: the target dtype (the source's without one), float32 where the model keeps it."""
-        if self._float32_names is not None and self._float32_names.search(name):
-            return torch.float32
-        return self.dtype or source_dtype
+        """The dtype of output `name`: the target dtype (the source's without one), float32 where the model keeps it
+        in that dtype, so a half-precision source's routers come out as a conversion to that dtype gives them."""
+        dtype = self.dtype or source_dtype
+        names = self._float32_names(dtype)
+        return torch.float32 if names is not None and names.search(name) else dtype
 
     def _fresh(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Output `name` as a contiguous copy of `tensor` in its output dtype (never aliasing the source)."""

@@ -13,6 +13,7 @@ import itertools
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -891,6 +892,11 @@ def test_unsupported_layouts_are_named():
     with pytest.raises(NotImplementedError, match=r"biases.*transposed.*interleaved.*_apply_gate`;") as error:
         K.deeptalk_triton_experts_forward(GptOssExperts(config), *args)
     assert "activation" not in str(error.value)  # its gate is custom: no act_fn to name
+    experts, *args = tiny_experts_call()
+    # A gate patched onto one module (a clamped SwiGLU, say) is honoured by transformers' backends: refused, not ignored.
+    experts._apply_gate = types.MethodType(lambda self, gate_up: gate_up.chunk(2, dim=-1)[1], experts)
+    with pytest.raises(NotImplementedError, match="custom `_apply_gate`"):
+        K.deeptalk_triton_experts_forward(experts, *args)
     experts, *args = tiny_experts_call()
     experts.has_post_expert_norm = True  # skipping the norm would be a silent wrong result
     with pytest.raises(NotImplementedError, match=r"a post-expert norm \(has_post_expert_norm=True\)"):

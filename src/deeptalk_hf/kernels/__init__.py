@@ -70,7 +70,9 @@ def _check_interpreter_mode() -> bool:
 
 def _unsupported_features(experts: nn.Module) -> list[str]:
     """What, if anything, keeps an experts module off the kernels (they implement one layout)."""
-    custom_gate = getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate
+    # Read from the module, not its class: a gate patched onto one module (a bound method) is the module's gate too.
+    gate = getattr(experts, "_apply_gate", _default_apply_gate)
+    custom_gate = getattr(gate, "__func__", gate) is not _default_apply_gate
     act_fn = getattr(experts, "act_fn", None)
     # Most experts hold an activation module; some (LFM2-MoE) hold the function `F.silu` itself.
     silu = isinstance(act_fn, (SiLUActivation, nn.SiLU)) or act_fn is nn.functional.silu

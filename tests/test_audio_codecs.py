@@ -269,13 +269,25 @@ def test_a_snac_with_local_attention_decodes_any_number_of_frames(vq_strides):
     # decoder_dim 64: one attention head; noise=False: decoding is deterministic, so comparable
     model = tiny_snac(decoder_dim=64, attn_window_size=16, codebook_size=16, vq_strides=vq_strides, noise=False)
     codec = SnacCodec(model)
-    units = codec.to_units(codec.encode(0.1 * torch.randn(9000, generator=torch.Generator().manual_seed(0)), 24000))
-    codes = codec.from_units(units)
+    waveform = 0.1 * torch.randn(9000, generator=torch.Generator().manual_seed(0))
+    units = codec.to_units(codec.encode(waveform, 24000))
     with torch.inference_mode():
+        codes = [c[0] for c in model.encode(waveform[None, None])]  # whole windows, as SNAC decodes them
         torch.testing.assert_close(codec.decode(codes), model.decode([c[None] for c in codes])[0, 0])
     for frames in (1, 2, 3):
         audio = codec.decode(codec.from_units(units[: frames * codec.units_per_frame]))
         assert audio.shape == (frames * codec.samples_per_frame,) and torch.isfinite(audio).all()
+    # Encoding keeps the frames the audio fills (SNAC pads it to whole windows: 4 frames at strides 8/4/2/1, whose
+    # extra frames would be units of padding), each as SNAC codes it.
+    for samples in (1, codec.samples_per_frame, codec.samples_per_frame + 1, 5 * codec.samples_per_frame - 7):
+        waveform = 0.1 * torch.randn(samples, generator=torch.Generator().manual_seed(samples))
+        codes = codec.encode(waveform, 24000)
+        frames = -(-samples // codec.samples_per_frame)
+        with torch.inference_mode():
+            full = model.encode(waveform[None, None])
+        assert len(codes[0]) == frames * codec._codes_per_frame[0]
+        for ours, theirs in zip(codes, full, strict=True):
+            assert torch.equal(ours, theirs[0, : ours.numel()])
 
 
 @pytest.mark.parametrize("name", BOTH)
@@ -364,6 +376,9 @@ def test_processor_encodes_audio_into_speech_segments():
     assert processor.decode(ids).speech_units == [expected[0], [5]]
     with pytest.raises(ValueError, match="needs its sampling rate"):
         processor(text="<|speech|>", audio=question)
+    # Samples in a list are told how to pass them, not that they must be integer ids (the speech units' wording).
+    with pytest.raises(ValueError, match=r"audio must be a waveform .* torch\.tensor\(\.\.\.\)\) or a list of them"):
+        processor(text="<|speech|>", audio=question.tolist(), sampling_rate=16000)
 
 
 @needs_snac
@@ -394,8 +409,12 @@ def test_continuing_a_final_audio_block_continues_its_units():
     assert opened[0] == opened[1] and processor.decode(opened[0]).speech_units == [units]
     assert opened[0][-1] == processor.speech_token_start + units[-1]  # the segment stays open
     conversation[-1]["content"][-1] = {"type": "audio", "audio": waveform}
-    with pytest.raises(ValueError, match="needs its sampling rate"):
+    with pytest.raises(ValueError, match='holding samples needs its "sampling_rate"'):
         processor.apply_chat_template(conversation, continue_final_message=True)
+    # The call's rate is the one files are loaded at; an array's own rate goes in its block (the error said to pass
+    # sampling_rate=, which the call had).
+    with pytest.raises(ValueError, match=re.escape("a call's sampling_rate= is the rate audio files are loaded at")):
+        processor.apply_chat_template([conversation[-1]], sampling_rate=16000, tokenize=True)
 
 
 def test_the_codec_is_not_saved_with_the_processor_but_can_be_passed_back(tmp_path):

@@ -1203,6 +1203,9 @@ def test_resizing_the_speech_vocabulary_keeps_the_tie_map_and_round_trips(tmp_pa
     assert model.get_input_embeddings().num_embeddings == model.config.text_config.vocab_size == 64
     model.resize_token_embeddings(processor.speech_tokens.start)
     fit_speech_vocab(model, processor.speech_tokens)
+    processor.check_config(model.config)  # the LLM's config, read from the audio model's (an AttributeError before)
+    with pytest.raises(ValueError, match="speech_vocab_size=11"):
+        tiny_processor(4).check_config(model.config)
     assert speech_tie.items() <= model.all_tied_weights_keys.items()
     llm = model.language_model
     assert llm.speech_lm_head.weight is llm.model.speech_embed_tokens.weight

@@ -148,6 +148,12 @@ def test_fit_speech_vocab_moves_the_markers_with_the_end_of_the_block(tied):
     fit_speech_vocab(model, tiny_processor(2).speech_tokens)
     for table in (model.model.speech_embed_tokens.weight, model.speech_lm_head.weight):
         assert table[:, 0].tolist() == [0, 1, 4, 5, 6]
+    # Not a speech block (no unit, or not consecutive ids): refused, not taken as one that drops the markers' rows.
+    start = model.config.speech_token_start
+    for block in (range(start, start + 3), range(start, start + 10, 2), list(range(start, start + 5))):
+        with pytest.raises(ValueError, match="is not a speech block"):
+            fit_speech_vocab(model, block)
+    assert model.config.speech_vocab_size == 5
 
 
 def test_decode_takes_generates_one_row_batch_and_refuses_more():
@@ -671,6 +677,18 @@ def test_assistant_tokens_mask_follows_truncation(side):
     assert cut["input_ids"][0] == full["input_ids"][0][kept]
     assert cut["assistant_masks"][0] == full["assistant_masks"][0][kept]
     assert sum(full["assistant_masks"][0]) == 3 + 2 + 1 + 1  # units, markers, "ok", <|im_end|>
+
+
+def test_chat_template_refuses_what_it_would_drop_or_ignore():
+    """A text block without its "text" (e.g. "content" for "text") rendered as nothing: the user's words were gone
+    without a word; `speech_answer=True` without a generation prompt gave a text prompt."""
+    for block in ({"type": "text", "content": "hello"}, {"type": "text", "text": None}):
+        with pytest.raises(TemplateError, match=r'a text block needs its "text" string \(got the keys type, '):
+            PROCESSOR.apply_chat_template([{"role": "user", "content": [block]}])
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    with pytest.raises(ValueError, match="pass add_generation_prompt=True"):
+        PROCESSOR.apply_chat_template(conversation, speech_answer=True)
+    assert PROCESSOR.apply_chat_template(conversation) == "<|im_start|>user\nhi<|im_end|>\n"
 
 
 def test_chat_template_renders_speech_turns_and_a_speech_answer_prompt():

@@ -337,7 +337,11 @@ class SnacCodec(FlatUnitCodec):
         return cls(SNAC.from_pretrained(name_or_path, **kwargs))
 
     def _encode(self, waveform: torch.Tensor) -> list[torch.Tensor]:
-        return [codes[0] for codes in self.model.encode(waveform[None, None])]
+        """`SNAC.encode`, without the frames that encode only padding: the 32/44 kHz models pad the audio to whole
+        attention windows (up to 3 frames more than it fills), and those frames would be units of silence."""
+        frames = -(-waveform.shape[-1] // self.samples_per_frame)
+        codes = self.model.encode(waveform[None, None])
+        return [level[0, : frames * per_frame] for level, per_frame in zip(codes, self._codes_per_frame, strict=True)]
 
     def _decode(self, codes: list[torch.Tensor]) -> torch.Tensor:
         """`SNAC.decode`, for any number of frames: the 32/44 kHz models' local attention reads whole windows of

@@ -70,7 +70,9 @@ def _chat_template(audio_placeholder: str) -> str:
         "{%- macro content(message) -%}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for block in message['content'] -%}"
-        "{%- if block['type'] == 'text' -%}{{ block['text'] }}"
+        "{%- if block['type'] == 'text' -%}"
+        "{%- if block['text'] is not string -%}{{ raise_exception('a text block needs its \"text\" string (got the "
+        "keys ' + (block | list | join(', ')) + ')') }}{%- endif -%}{{ block['text'] }}"
         f"{{%- elif block['type'] == 'speech' -%}}{needs_processor}{{{{ '<|speech|>' }}}}"
         f"{{%- elif block['type'] == 'audio' -%}}{audio_check}{{{{ '{audio_placeholder}' }}}}"
         "{%- else -%}{{ raise_exception('the DeepTalk chat template renders text, speech and audio blocks, not ' "
@@ -117,7 +119,12 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
                         )
                     blocks.append(("speech", block["units"]))
                 elif block["type"] == "audio" and not isinstance(block.get("audio", ""), str):
-                    blocks.append(("audio", (block["audio"], block.get("sampling_rate"))))
+                    if block.get("sampling_rate") is None:
+                        raise ValueError(
+                            'an {"type": "audio"} block holding samples needs its "sampling_rate" (a call\'s '
+                            "sampling_rate= is the rate audio files are loaded at)"
+                        )
+                    blocks.append(("audio", (block["audio"], block["sampling_rate"])))
                 elif block["type"] == "audio":  # a file: "path", "url", or (transformers' chat format) "audio"
                     source = block.get("path", block.get("url", block.get("audio")))
                     waveform = load_audio(source, **audio_loading_params)
@@ -216,6 +223,11 @@ def fit_speech_vocab(model: DeepTalkForCausalLM | DeepTalkForConditionalGenerati
     the new end with them, and the units keep theirs."""
     llm = getattr(model, "language_model", model)  # the audio model resizes through its own method (its tie map)
     start = llm.config.speech_token_start
+    if not isinstance(speech_tokens, range) or speech_tokens.step != 1 or len(speech_tokens) <= len(SPEECH_MARKERS):
+        raise ValueError(
+            f"speech_tokens={speech_tokens!r} is not a speech block: add_speech_tokens' result, consecutive ids of at "
+            f"least one unit and the {len(SPEECH_MARKERS)} markers"
+        )
     if speech_tokens.start != start:
         raise ValueError(
             f"the speech block starts at id {speech_tokens.start} but the model's text vocabulary has {start} ids; "
@@ -377,6 +389,12 @@ def _describe(value: Any) -> str:
     return kind
 
 
+_SEGMENT_KINDS = {
+    "speech_units": "a segment (a non-empty 1-D sequence of integer ids)",
+    "audio": "a waveform (a 1-D or [channels, samples] tensor or array: samples in a list go in torch.tensor(...))",
+}
+
+
 def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any], bool], name: str) -> list[list]:
     """One list of segments per sample. A sample takes `None`, one segment, or a list of segments; a batch takes
     `None` (no speech) or a list with one such entry per text. A single text also accepts a one-sample batch (as
@@ -390,8 +408,8 @@ def _per_sample(spec: Any, batch_size: int, single: bool, is_leaf: Callable[[Any
         if isinstance(entry, (list, tuple)) and all(is_leaf(e) or isinstance(e, (list, tuple)) for e in entry):
             return list(entry)
         raise ValueError(
-            f"{name}{where} must be a segment (a non-empty 1-D sequence of integer ids) or a list of segments, got "
-            f"{_describe(entry)}" + (" (a batch of texts takes one such entry per text)" if where else "")
+            f"{name}{where} must be {_SEGMENT_KINDS[name]} or a list of them, got {_describe(entry)}"
+            + (" (a batch of texts takes one such entry per text)" if where else "")
         )
 
     if single:
@@ -519,8 +537,10 @@ class DeepTalkProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "modality_ids"]
 
-    def check_config(self, config: DeepTalkConfig) -> None:
-        """`ValueError` unless the tokenizer's speech block is exactly the config's."""
+    def check_config(self, config: DeepTalkConfig | DeepTalkAudioConfig) -> None:
+        """`ValueError` unless the tokenizer's speech block is exactly the config's (the LLM's, for the audio model's
+        config)."""
+        config = config.get_text_config()
         if (config.speech_token_start, config.vocab_size) != (self.speech_tokens.start, self.speech_tokens.stop):
             raise ValueError(
                 f"the tokenizer's speech block is ids {self.speech_tokens.start}..{self.speech_tokens.stop - 1} "
@@ -1034,6 +1054,11 @@ class DeepTalkProcessor(ProcessorMixin):
         # a template that reads it, as transformers hands any other keyword to `__call__`, with warnings.
         if _TEMPLATE_FLAG in self._resolve_chat_template(kwargs.get("chat_template", args[0] if args else None)):
             kwargs[_TEMPLATE_FLAG] = True
+        if kwargs.get(_TEMPLATE_FLAG) and kwargs.get("speech_answer") and not kwargs.get("add_generation_prompt"):
+            raise ValueError(
+                "speech_answer=True opens the assistant's answer with <|begin_of_speech|>, which only the generation "
+                "prompt has: pass add_generation_prompt=True"
+            )
         if kwargs.get("add_generation_prompt") or kwargs.get("continue_final_message"):
             kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), _OPEN_END: True}
         return super().apply_chat_template(conversation, *args, **kwargs)
@@ -1157,11 +1182,9 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
 
         rate = audio_loading_params["sampling_rate"]
 
-        def at_rate(waveform: Any, given: int | None) -> Any:
+        def at_rate(waveform: Any, given: int) -> Any:
             if given == rate:  # as given: `extract_audio_features` checks the samples
                 return waveform
-            if given is None:
-                raise ValueError("an audio block needs its 'sampling_rate'")
             return resample(torch.as_tensor(waveform), given, rate)  # which refuses integer samples
 
         units, audio = [], []

@@ -108,7 +108,7 @@ def deeptalk_triton_experts_forward(
 
 
 def triton_is_default(hidden_act: str) -> bool:
-    """Whether a DeepTalk model defaults to `"deeptalk_triton"`: CUDA is present, Triton imports, SiLU experts."""
+    """Whether a DeepTalk model defaults to `"deeptalk_triton"`: CUDA is present, Triton is installed, SiLU experts."""
     return hidden_act in ("silu", "swish") and torch.cuda.is_available() and is_triton_available()
 
 

@@ -286,8 +286,11 @@ def test_streamer_refuses_batches_and_bad_chunking():
     ids = [WORD_IDS[1], BEGIN, START + 2]  # and the streamer serves the next call as a fresh one would
     fresh = DeepTalkStreamer(PROCESSOR, skip_prompt=False)
     assert stream(streamer, [WORD_IDS[0]], ids, []) == stream(fresh, [WORD_IDS[0]], ids, [])
-    with pytest.raises(ValueError, match="audio_chunk_frames=0"):
-        DeepTalkStreamer(PROCESSOR, audio_chunk_frames=0)
+    for frames in (0, 1.5, True):  # 1.5 was taken, and chunks came at fractional frame counts
+        with pytest.raises(ValueError, match=f"audio_chunk_frames={frames!r} must be an integer >= 1"):
+            DeepTalkStreamer(PROCESSOR, audio_chunk_frames=frames)
+    with pytest.raises(ValueError, match=r"context_frames=2\.0 an integer >= 0"):
+        DeepTalkStreamer(PROCESSOR, context_frames=2.0)
     with pytest.raises(ValueError, match="the codec makes 128 distinct units but the tokenizer has 8"):
         DeepTalkStreamer(tiny_processor(8), MIMI)  # as the logits processor says, not a misplaced unit mid-generation
 

@@ -97,9 +97,9 @@ def _integer_tensor(values: object, name: str) -> torch.Tensor:
 _MAX_KERNEL_ELEMENTS = 1 << 22
 
 
-def _is_hertz(rate: object) -> bool:
-    """A sampling rate: a positive whole number of Hz (numpy integers too, not booleans)."""
-    return isinstance(rate, Integral) and not isinstance(rate, bool) and rate > 0
+def is_whole(value: object, least: int = 1) -> bool:
+    """A whole number `>= least` (numpy integers too; not booleans, which are flags, nor 2.0): a rate, a count."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= least
 
 
 def resample(
@@ -111,10 +111,10 @@ def resample(
     down / up` through its own kernel, low-passed below the lower of the two Nyquist frequencies (times `rolloff`).
     """
     rates = (orig_sampling_rate, new_sampling_rate)
-    if not all(map(_is_hertz, rates)):
+    if not all(map(is_whole, rates)):
         raise ValueError(f"sampling rates must be positive integers (Hz), got {rates}")
     orig_sampling_rate, new_sampling_rate = map(int, rates)
-    if not (isinstance(zeros, Integral) and not isinstance(zeros, bool) and zeros > 0) or not 0 < rolloff <= 1:
+    if not is_whole(zeros) or not 0 < rolloff <= 1:
         # zeros=0 gave NaNs, a rolloff above 1 a cutoff above Nyquist (aliasing, doubled amplitude)
         raise ValueError(f"zeros={zeros!r} must be a positive integer and rolloff={rolloff!r} in (0, 1]")
     if not isinstance(waveform, torch.Tensor) or not waveform.is_floating_point():
@@ -190,7 +190,7 @@ class FlatUnitCodec:
 
     def encode(self, waveform: torch.Tensor, sampling_rate: int) -> list[torch.LongTensor]:
         """Codes per level (1-D each) of a mono `[samples]` or `[channels, samples]` waveform at `sampling_rate`."""
-        if not _is_hertz(sampling_rate):
+        if not is_whole(sampling_rate):
             raise ValueError(f"sampling_rate={sampling_rate!r} must be a positive integer number of Hz")
         sampling_rate = int(sampling_rate)
         waveform = torch.as_tensor(waveform)

@@ -12,7 +12,6 @@ import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral
 from queue import Queue
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import _MARKED_RE, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokenizerBase, TruncationStrategy
 
-from .audio_codecs import has_integer_dtype
+from .audio_codecs import has_integer_dtype, is_whole
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
 from .generation_deeptalk import AudioStreamReader, audio_codes_per_stream, build_delay_pattern, text_pad_token_id
 
@@ -509,7 +508,7 @@ class DeepTalkProcessor(ProcessorMixin):
         if interleave not in INTERLEAVE_POLICIES:
             raise ValueError(f"interleave={interleave!r} is unknown; expected one of {INTERLEAVE_POLICIES}")
         pair = tuple(ratio) if isinstance(ratio, Iterable) else ()
-        if len(pair) != 2 or not all(isinstance(n, Integral) and not isinstance(n, bool) and n >= 1 for n in pair):
+        if len(pair) != 2 or not all(map(is_whole, pair)):
             raise ValueError(f"text_speech_ratio={ratio!r} must be two positive integers (text tokens, speech units)")
         return pair
 
@@ -1255,9 +1254,10 @@ class DeepTalkStreamer(BaseStreamer):
         timeout: float | None = None,
         **decode_kwargs: Any,
     ):
-        if audio_chunk_frames < 1 or context_frames < 0:
+        if not is_whole(audio_chunk_frames) or not is_whole(context_frames, 0):
             raise ValueError(
-                f"audio_chunk_frames={audio_chunk_frames} must be >= 1, context_frames={context_frames} >= 0"
+                f"audio_chunk_frames={audio_chunk_frames!r} must be an integer >= 1, context_frames={context_frames!r} "
+                "an integer >= 0"
             )
         if decode_kwargs.get("clean_up_tokenization_spaces"):
             raise ValueError(

@@ -685,6 +685,12 @@ def test_chat_template_refuses_what_it_would_drop_or_ignore():
     for block in ({"type": "text", "content": "hello"}, {"type": "text", "text": None}):
         with pytest.raises(TemplateError, match=r'a text block needs its "text" string \(got the keys type, '):
             PROCESSOR.apply_chat_template([{"role": "user", "content": [block]}])
+    with pytest.raises(ValueError, match="conversation 0 has no messages"):  # an IndexError in transformers
+        PROCESSOR.apply_chat_template([])
+    with pytest.raises(
+        ValueError, match="message 0: content must be a string or a list of content blocks, got an int"
+    ):
+        PROCESSOR.apply_chat_template([{"role": "user", "content": 5}])
     conversation = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     with pytest.raises(ValueError, match="pass add_generation_prompt=True"):
         PROCESSOR.apply_chat_template(conversation, speech_answer=True)

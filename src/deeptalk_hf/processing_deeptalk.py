@@ -1031,10 +1031,17 @@ class DeepTalkProcessor(ProcessorMixin):
         )
         conversation = conversations if batched else conversations[0]
         for i, messages in enumerate(conversations):
+            if not messages:  # transformers fails on it with an IndexError
+                raise ValueError(f"conversation {i} has no messages")
             for j, message in enumerate(messages):
                 if not isinstance(message, dict) or "role" not in message:  # else a template's or a KeyError
                     raise ValueError(f"conversation {i}, message {j} is not a dict with a 'role': {message!r:.80}")
                 content = message.get("content")
+                if content is not None and not isinstance(content, (str, list, tuple)):  # else the template's error
+                    raise ValueError(
+                        f"conversation {i}, message {j}: content must be a string or a list of content blocks, got "
+                        f"{_describe(content)}"
+                    )
                 for k, block in enumerate(content if isinstance(content, (list, tuple)) else []):
                     if not isinstance(block, dict) or "type" not in block:
                         raise ValueError(

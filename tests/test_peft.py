@@ -198,6 +198,11 @@ def test_stage_config_options_and_errors():
     for field in ("target_modules", "target_parameters", "modules_to_save", "exclude_modules"):
         with pytest.raises(ValueError, match=f"chooses \\['{field}'\\] from the stage: add tensors with also="):
             lora_config_for_stage(model, "speech", **{field: ["lm_head"]})
+    # PEFT refuses dropout on experts tensors naming its ParamWrapper: named here by the stage's experts.
+    with pytest.raises(
+        ValueError, match=r"lora_dropout=0.05: stage 'speech' adapts experts tensors .* pass lora_dropout=0"
+    ):
+        lora_config_for_stage(model, "speech", lora_dropout=0.05)
     tied = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
     with pytest.raises(ValueError, match="model.speech_embed_tokens: the speech embeddings and output head are tied"):
         lora_config_for_stage(tied, "speech")
@@ -330,8 +335,8 @@ def test_align_stage_config_on_the_audio_model():
     model = DeepTalkForConditionalGeneration(whisper_audio_config())
     with pytest.raises(ValueError, match="no linear layer or experts tensor to adapt"):
         lora_config_for_stage(model, "align")
-    config = lora_config_for_stage(model, "align", also=model.audio_encoder_top_layers(1))
-    assert config.modules_to_save == ["speech_connector"]
+    config = lora_config_for_stage(model, "align", also=model.audio_encoder_top_layers(1), lora_dropout=0.1)
+    assert config.modules_to_save == ["speech_connector"] and config.lora_dropout == 0.1  # linear layers only
     tied = DeepTalkForConditionalGeneration(whisper_audio_config(text_config=tiny_config(tie_word_embeddings=True)))
     assert lora_config_for_stage(tied, "align", also=tied.audio_encoder_top_layers(1)).modules_to_save == [
         "speech_connector"

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers.loss.loss_utils import ForCausalLMLoss
 
 from deeptalk_hf import (
     DeepTalkForCausalLM,
@@ -21,6 +22,7 @@ from deeptalk_hf import (
     lora_config_for_stage,
     set_training_stage,
 )
+from deeptalk_hf.modeling_deeptalk import accumulation_share
 
 from .conftest import tiny_config
 from .test_audio_model import whisper_audio_config
@@ -174,6 +176,46 @@ def test_gradient_accumulation_keeps_the_router_losses_weight(tmp_path):
     torch.testing.assert_close(torch.tensor(runs[2][0]), torch.tensor(runs[1][0]), rtol=1e-5, atol=1e-5)
     for name, param in runs[1][1].items():
         torch.testing.assert_close(runs[2][1][name], param, msg=name)
+
+
+def test_a_compute_loss_func_adds_the_router_losses_by_the_documented_share(tmp_path):
+    """docs/training.md: a `compute_loss_func` drops the router losses; added back weighted by `accumulation_share`
+    they keep their weight whatever the accumulation (at full weight they count G-fold)."""
+    config = tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    data = examples(config, count=1) * 8
+
+    def loss_func(outputs, labels, num_items_in_batch):
+        loss = ForCausalLMLoss(outputs.logits, labels, config.vocab_size, num_items_in_batch=num_items_in_batch)
+        share = accumulation_share(labels, {"num_items_in_batch": num_items_in_batch})
+        return loss + share * (
+            config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
+        )
+
+    runs = {}
+    for accumulation, func in ((1, None), (1, loss_func), (2, loss_func)):  # None: the model's own loss
+        torch.manual_seed(0)
+        model = DeepTalkForCausalLM(copy.deepcopy(config))
+        trainer = trainer_for(model, data, tmp_path / f"{accumulation}{func}", steps=1, accumulation=accumulation)
+        trainer.compute_loss_func = func
+        trainer.train()
+        runs[accumulation, func] = trainer.state.log_history[0]["loss"], dict(model.named_parameters())
+    own = runs[1, None]
+    for loss, params in (runs[1, loss_func], runs[2, loss_func]):
+        assert loss == pytest.approx(own[0], rel=1e-5)
+        for name, param in own[1].items():
+            torch.testing.assert_close(params[name], param, msg=name)
+
+
+def test_a_step_without_labels_leaves_the_weights_finite(tmp_path):
+    """A step whose rows have no label (a prompt-only row, its answer truncated away) counts 0 items: the router
+    losses' share was 0/0, so their NaN gradient reached every router and `Trainer` wrote NaN into every weight (a
+    transformers MoE model takes such a step unharmed)."""
+    config = tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    data = [{**row, "labels": torch.full_like(row["labels"], -100)} for row in examples(config, count=2)]
+    model = DeepTalkForCausalLM(config)
+    trainer_for(model, data, tmp_path, steps=1).train()
+    broken = [name for name, param in model.named_parameters() if not param.isfinite().all()]
+    assert not broken
 
 
 @pytest.mark.parametrize("backend", ["grouped_mm", "batched_mm"])

@@ -79,7 +79,8 @@ def lora_config_for_stage(
     reach a linear layer, a Conv1d or an experts tensor. `train_new_speech_modules=False` leaves the speech embeddings, heads and
     connector frozen (a model whose speech vocabulary is already trained). Other keywords (`r`, `lora_alpha`, ...) go
     to `LoraConfig`, but not the fields the stage decides (`target_modules`, `modules_to_save`, ...: set them on the
-    result); PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default).
+    result); PEFT's LoRA on experts tensors needs `lora_dropout=0` (the default; another value is refused for a stage
+    that adapts experts).
     """
     chosen = sorted(_CHOSEN_BY_STAGE & lora_kwargs.keys())
     if chosen:  # PEFT would say "got multiple values", blaming LoraConfig
@@ -122,6 +123,11 @@ def lora_config_for_stage(
         raise ValueError(
             f"stage {stage!r} has no linear layer or experts tensor to adapt in this model; train it in full with "
             f"set_training_stage(model, {stage!r}), or pass `also` patterns"
+        )
+    if target_parameters and lora_kwargs.get("lora_dropout"):  # PEFT would name its `ParamWrapper`, not the experts
+        raise ValueError(
+            f"lora_dropout={lora_kwargs['lora_dropout']}: stage {stage!r} adapts experts tensors (e.g. "
+            f"{min(target_parameters)}), on which PEFT's LoRA takes no dropout: pass lora_dropout=0 (the default)"
         )
     tied = sorted(name for name in modules_to_save if name.rpartition(".")[2] in TIED_SPEECH_MODULES)
     if tied and getattr(model.config.get_text_config(), "tie_word_embeddings", False):

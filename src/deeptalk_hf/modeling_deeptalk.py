@@ -1112,13 +1112,15 @@ def accumulation_share(labels: torch.Tensor, loss_kwargs: dict) -> torch.Tensor 
     `Trainer` with gradient accumulation sums the micro-batches' losses and hands each `num_items_in_batch`, the label
     count of them all (of every process, with `average_tokens_across_devices`), which normalises the language-model
     loss; weighting the router losses by the share keeps their coefficients' weight whatever the accumulation (each at
-    full weight would count G-fold)."""
+    full weight would count G-fold). A step without labels (a prompt-only row truncated to its prompt) has share 0, not
+    0/0: a NaN weight would send NaN into every router's gradient, and `Trainer` would write it into every weight."""
     num_items = loss_kwargs.get("num_items_in_batch")
     if num_items is None:
         return 1.0
     counted = loss_kwargs.get("shift_labels")
     counted = labels[..., 1:] if counted is None else counted  # what Trainer counts
-    return counted.ne(-100).sum(dtype=torch.float32) / num_items  # not the default dtype (float64 in gradient checks)
+    counted = counted.ne(-100).sum(dtype=torch.float32)  # not the default dtype (float64 in gradient checks)
+    return counted / torch.as_tensor(num_items, device=counted.device).clamp(min=1)
 
 
 def modality_router_losses(

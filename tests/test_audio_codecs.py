@@ -350,6 +350,9 @@ def test_mimi_codebook_count_is_checked():
         MimiCodec(MIMI.model, num_codebooks=9)
     with pytest.raises(ValueError, match=r"num_codebooks=0 must be in \[1, 8\]"):
         MimiCodec(MIMI.model, num_codebooks=0)
+    for flag_or_fraction in (True, 2.0):  # True made a one-codebook codec; 2.0 failed later in a bare TypeError
+        with pytest.raises(ValueError, match=f"num_codebooks={flag_or_fraction} must be"):
+            MimiCodec(MIMI.model, num_codebooks=flag_or_fraction)
 
 
 # ---- the processor's audio= path ---------------------------------------------------------------------------------
@@ -456,4 +459,12 @@ def test_audio_files_in_a_chat_are_loaded_at_the_codecs_rate(monkeypatch):
     for block in ({"type": "audio", "path": "q.wav"}, {"type": "audio", "audio": "q.wav"}):
         processor.apply_chat_template([{"role": "user", "content": [block]}], tokenize=True)
     processor.apply_chat_template([{"role": "user", "content": [block]}], tokenize=True, sampling_rate=16000)
-    assert asked == [("q.wav", 24000), ("q.wav", 24000), ("q.wav", 16000)]
+    # A `datasets` table gives every block every key, the unset ones None: the file is the one that is set (such a
+    # block was taken for one holding samples).
+    unset = dict.fromkeys(("text", "units", "audio", "path", "url", "sampling_rate"))
+    for key in ("path", "url", "audio"):
+        block = {**unset, "type": "audio", key: f"{key}.wav"}
+        processor.apply_chat_template([{"role": "user", "content": [block]}], tokenize=True)
+    assert asked == [("q.wav", 24000), ("q.wav", 24000), ("q.wav", 16000)] + [
+        (f"{key}.wav", 24000) for key in ("path", "url", "audio")
+    ]

@@ -4,6 +4,7 @@ hand-computed losses, and black-box modality isolation."""
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -692,6 +693,20 @@ def test_resize_speech_vocab_keeps_rows_ties_the_head_and_sizes_the_loss(tie):
     expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().reshape(-1, 88), ids[:, 1:].reshape(-1))
     assert out.logits.shape == (2, 7, 88)
     torch.testing.assert_close(out.loss.float(), expected)
+
+
+def test_resize_speech_vocab_refuses_what_is_not_a_count_before_changing_anything():
+    """A fraction or a flag was refused by the config only after the speech tables were deleted: the model was left
+    without them. A NumPy count is a count."""
+    model = DeepTalkForCausalLM(tiny_config())
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for size in (4.5, 2.0, True, -1):
+        with pytest.raises(ValueError, match=f"speech_vocab_size={size!r} must be an integer >= 0"):
+            model.resize_speech_vocab(size)
+    assert model.config.speech_vocab_size == 16 and model.config.vocab_size == 80
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    model.resize_speech_vocab(np.int64(9))
+    assert model.config.speech_vocab_size == 9 and model.speech_lm_head.weight.shape[0] == 9
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -99,8 +99,12 @@ def test_add_speech_tokens_rejects_a_text_model_smaller_than_the_tokenizer():
         with pytest.raises(ValueError, match=f"has {size} tokens, more than text_vocab_size={smaller}"):
             add_speech_tokens(tokenizer, 5, text_vocab_size=smaller)
         assert len(tokenizer) == size
-    with pytest.raises(ValueError, match="num_units=0"):
-        add_speech_tokens(tokenizer, 0)
+    for units in (0, True, 2.0):  # True made a one-unit block
+        with pytest.raises(ValueError, match=f"num_units={units!r} must be an integer >= 1"):
+            add_speech_tokens(tokenizer, units)
+    with pytest.raises(ValueError, match="text_vocab_size=64.0 one or None"):
+        add_speech_tokens(tokenizer, 4, text_vocab_size=64.0)
+    assert len(tokenizer) == size
 
 
 def test_model_speech_tensors_are_sized_from_the_tokenizer_and_checked_against_the_config():
@@ -602,8 +606,13 @@ def test_continuing_a_final_message_that_ends_in_speech_leaves_its_segment_open(
     conversation[-1]["content"] = [{"type": "speech", "units": [NUM_UNITS]}]
     with pytest.raises(ValueError, match=f"final speech block has unit {NUM_UNITS}"):
         PROCESSOR.apply_chat_template(conversation, continue_final_message=True)
-    conversation[-1]["content"] = None  # e.g. an assistant turn that only calls a tool
-    assert PROCESSOR.apply_chat_template(conversation, tokenize=True)
+    conversation[-1]["content"] = None  # only a turn that calls tools goes without content (else an empty turn)
+    with pytest.raises(ValueError, match="message 1: content must be a string or a list of content blocks"):
+        PROCESSOR.apply_chat_template(conversation, tokenize=True)
+    conversation[-1]["tool_calls"] = [{"type": "function", "function": {"name": "f", "arguments": {}}}]
+    with pytest.raises(TemplateError, match="renders no tool calls"):  # the default template's refusal, not ours
+        PROCESSOR.apply_chat_template(conversation, tokenize=True)
+    del conversation[-1]["tool_calls"]
     conversation[-1]["content"] = [{"type": "speech", "text": "hi"}]
     with pytest.raises(ValueError, match=r'block needs its "units" \(got the keys \['):
         PROCESSOR.apply_chat_template(conversation, tokenize=True)
@@ -691,9 +700,18 @@ def test_chat_template_refuses_what_it_would_drop_or_ignore():
         ValueError, match="message 0: content must be a string or a list of content blocks, got an int"
     ):
         PROCESSOR.apply_chat_template([{"role": "user", "content": 5}])
+    with pytest.raises(ValueError, match="content must be a string or a list of content blocks, got no content"):
+        PROCESSOR.apply_chat_template([{"role": "user", "text": "hello"}])  # an empty turn, silently
     conversation = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     with pytest.raises(ValueError, match="pass add_generation_prompt=True"):
         PROCESSOR.apply_chat_template(conversation, speech_answer=True)
+    # A continued final message is open already: speech_answer changes nothing there, as before.
+    answer = [*conversation, {"role": "assistant", "content": [{"type": "speech", "units": [3]}]}]
+    continued = PROCESSOR.apply_chat_template(answer, continue_final_message=True, tokenize=True)
+    assert (
+        PROCESSOR.apply_chat_template(answer, continue_final_message=True, speech_answer=True, tokenize=True)
+        == continued
+    )
     assert PROCESSOR.apply_chat_template(conversation) == "<|im_start|>user\nhi<|im_end|>\n"
 
 

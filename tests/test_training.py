@@ -186,6 +186,8 @@ def test_a_compute_loss_func_adds_the_router_losses_by_the_documented_share(tmp_
 
     def loss_func(outputs, labels, num_items_in_batch):
         loss = ForCausalLMLoss(outputs.logits, labels, config.vocab_size, num_items_in_batch=num_items_in_batch)
+        if outputs.aux_loss is None:  # evaluation: eval mode computes no router losses
+            return loss
         share = accumulation_share(labels, {"num_items_in_batch": num_items_in_batch})
         return loss + share * (
             config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
@@ -198,6 +200,7 @@ def test_a_compute_loss_func_adds_the_router_losses_by_the_documented_share(tmp_
         trainer = trainer_for(model, data, tmp_path / f"{accumulation}{func}", steps=1, accumulation=accumulation)
         trainer.compute_loss_func = func
         trainer.train()
+        assert trainer.evaluate(data[:2])["eval_loss"] > 0
         runs[accumulation, func] = trainer.state.log_history[0]["loss"], dict(model.named_parameters())
     own = runs[1, None]
     for loss, params in (runs[1, loss_func], runs[2, loss_func]):

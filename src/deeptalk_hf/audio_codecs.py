@@ -360,7 +360,9 @@ class MimiCodec(FlatUnitCodec):
         config = model.config
         self.model = model.eval()
         self.num_codebooks = config.num_quantizers if num_codebooks is None else num_codebooks
-        if not config.num_semantic_quantizers <= self.num_codebooks <= config.num_quantizers:
+        if not is_whole(self.num_codebooks) or not (
+            config.num_semantic_quantizers <= self.num_codebooks <= config.num_quantizers
+        ):
             raise ValueError(
                 f"num_codebooks={self.num_codebooks} must be in [{config.num_semantic_quantizers}, "
                 f"{config.num_quantizers}] for this Mimi model"

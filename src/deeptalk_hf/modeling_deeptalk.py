@@ -46,6 +46,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .audio_codecs import is_whole
 from .configuration_deeptalk import DeepTalkConfig, check_modality_routing
 from .kernels import EXPERTS_IMPLEMENTATION, triton_is_default
 
@@ -1256,8 +1257,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         New speech rows (embedding and output) start at the mean of the text rows, a neutral point that keeps the
         first speech logits in the range of the text logits. `vocab_size` grows or shrinks with the speech block.
         """
-        if speech_vocab_size < 0:
-            raise ValueError(f"speech_vocab_size={speech_vocab_size} must be >= 0")
+        if not is_whole(speech_vocab_size, 0):  # checked before anything changes (the config's own check came after)
+            raise ValueError(f"speech_vocab_size={speech_vocab_size!r} must be an integer >= 0")
+        speech_vocab_size = int(speech_vocab_size)  # a NumPy count too
         config = self.config
         old = config.speech_vocab_size
         if speech_vocab_size == old:

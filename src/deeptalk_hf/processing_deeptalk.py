@@ -117,7 +117,9 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
                             f'a {{"type": "speech"}} block needs its "units" (got the keys {list(block)})'
                         )
                     blocks.append(("speech", block["units"]))
-                elif block["type"] == "audio" and not isinstance(block.get("audio", ""), str):
+                elif (
+                    block["type"] == "audio" and block.get("audio") is not None and not isinstance(block["audio"], str)
+                ):
                     if block.get("sampling_rate") is None:
                         raise ValueError(
                             'an {"type": "audio"} block holding samples needs its "sampling_rate" (a call\'s '
@@ -125,7 +127,8 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
                         )
                     blocks.append(("audio", (block["audio"], block["sampling_rate"])))
                 elif block["type"] == "audio":  # a file: "path", "url", or (transformers' chat format) "audio"
-                    source = block.get("path", block.get("url", block.get("audio")))
+                    # The first one set: a `datasets` table gives every block every key, unset ones None.
+                    source = next((block[key] for key in ("path", "url", "audio") if block.get(key) is not None), None)
                     waveform = load_audio(source, **audio_loading_params)
                     blocks.append(("audio", (waveform, audio_loading_params["sampling_rate"])))
         batch.append(blocks)
@@ -173,8 +176,10 @@ def add_speech_tokens(
     `config.speech_token_start`. Returns the whole speech block (units and markers); calling it again with the same
     arguments returns the existing block.
     """
-    if num_units < 1:
-        raise ValueError(f"num_units={num_units} must be at least 1")
+    if not is_whole(num_units) or not (text_vocab_size is None or is_whole(text_vocab_size)):
+        raise ValueError(
+            f"num_units={num_units!r} must be an integer >= 1, and text_vocab_size={text_vocab_size!r} one or None"
+        )
     existing = _speech_block(tokenizer)
     if existing is not None:
         if len(existing) != num_units + len(SPEECH_MARKERS) or text_vocab_size not in (None, existing.start):
@@ -1037,10 +1042,12 @@ class DeepTalkProcessor(ProcessorMixin):
                 if not isinstance(message, dict) or "role" not in message:  # else a template's or a KeyError
                     raise ValueError(f"conversation {i}, message {j} is not a dict with a 'role': {message!r:.80}")
                 content = message.get("content")
-                if content is not None and not isinstance(content, (str, list, tuple)):  # else the template's error
+                # Else the template's TypeError, or (no content, e.g. {"role": "user", "text": ...}) an empty turn;
+                # transformers drops a None content, so only a turn that calls tools goes without one.
+                if not isinstance(content, (str, list, tuple)) and not message.get("tool_calls"):
+                    got = "no content" if content is None else _describe(content)
                     raise ValueError(
-                        f"conversation {i}, message {j}: content must be a string or a list of content blocks, got "
-                        f"{_describe(content)}"
+                        f"conversation {i}, message {j}: content must be a string or a list of content blocks, got {got}"
                     )
                 for k, block in enumerate(content if isinstance(content, (list, tuple)) else []):
                     if not isinstance(block, dict) or "type" not in block:
@@ -1060,12 +1067,13 @@ class DeepTalkProcessor(ProcessorMixin):
         # a template that reads it, as transformers hands any other keyword to `__call__`, with warnings.
         if _TEMPLATE_FLAG in self._resolve_chat_template(kwargs.get("chat_template", args[0] if args else None)):
             kwargs[_TEMPLATE_FLAG] = True
-        if kwargs.get(_TEMPLATE_FLAG) and kwargs.get("speech_answer") and not kwargs.get("add_generation_prompt"):
+        opens = kwargs.get("add_generation_prompt") or kwargs.get("continue_final_message")
+        if kwargs.get(_TEMPLATE_FLAG) and kwargs.get("speech_answer") and not opens:
             raise ValueError(
                 "speech_answer=True opens the assistant's answer with <|begin_of_speech|>, which only the generation "
-                "prompt has: pass add_generation_prompt=True"
+                "prompt has: pass add_generation_prompt=True (a continued final speech block is open already)"
             )
-        if kwargs.get("add_generation_prompt") or kwargs.get("continue_final_message"):
+        if opens:
             kwargs["processor_kwargs"] = {**(kwargs.get("processor_kwargs") or {}), _OPEN_END: True}
         return super().apply_chat_template(conversation, *args, **kwargs)
 

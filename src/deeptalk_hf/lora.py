@@ -31,9 +31,11 @@ NEW_SPEECH_MODULES = (
 TIED_SPEECH_MODULES = ("speech_embed_tokens", "speech_lm_head")  # tied to each other under `tie_word_embeddings`
 # `LoraConfig` fields the stage decides.
 _CHOSEN_BY_STAGE = {"target_modules", "target_parameters", "modules_to_save", "exclude_modules"}
-# Modules whose projections' weights they pass to `F.multi_head_attention_forward` themselves: a LoRA wrapper's
-# forward would never run (its factors would not train, and merging would change the model).
-_WEIGHTS_READ_DIRECTLY = ("WavLMAttention",)
+# Modules that read their layers' attributes instead of only calling them: WavLM's attention passes its projections'
+# weights to `F.multi_head_attention_forward` (a LoRA wrapper's forward would never run: its factors would not train,
+# and merging would change the model); Whisper-style encoders read their convolutions' `stride`, which PEFT's wrapper
+# lacks (every forward would fail). Such layers train in full (`set_training_stage(..., also=...)`).
+_LAYERS_READ_DIRECTLY = ("WavLMAttention", "WhisperEncoder", "Qwen2AudioEncoder", "VoxtralEncoder")
 
 
 def _shortest_suffixes(chosen: set[str], universe: Iterable[str]) -> list[str]:
@@ -92,7 +94,7 @@ def lora_config_for_stage(
     stage_names = training_stage_parameters(model, stage, also=also)
     modules = dict(model.named_modules())
     output_embeddings = model.get_output_embeddings()
-    target_modules, target_parameters, modules_to_save = set(), set(), set()
+    target_modules, target_parameters, modules_to_save, read_directly = set(), set(), set(), set()
     for name in stage_names:
         module_name, _, param_name = name.rpartition(".")
         path = module_name.split(".")
@@ -110,14 +112,23 @@ def lora_config_for_stage(
             isinstance(module, (nn.Linear, nn.Conv1d))
             and param_name == "weight"
             and module is not output_embeddings
-            and type(parent).__name__ not in _WEIGHTS_READ_DIRECTLY
             and getattr(module, "groups", 1) == 1
         ):
-            target_modules.add(module_name)
+            if type(parent).__name__ in _LAYERS_READ_DIRECTLY:
+                read_directly.add(name)
+            else:
+                target_modules.add(module_name)
     adapted = target_parameters | {f"{module}.weight" for module in target_modules}
     if also and not any(fnmatchcase(name, pattern) for name in adapted for pattern in also):
+        skipped = sorted(name for name in read_directly if any(fnmatchcase(name, pattern) for pattern in also))
         raise ValueError(
             f"also={list(also)} reaches no linear layer, convolution or experts tensor that LoRA can adapt"
+            + (
+                f" ({', '.join(skipped)}: their module reads their attributes directly, which a LoRA wrapper breaks; "
+                "train them in full with set_training_stage(..., also=...))"
+                if skipped
+                else ""
+            )
         )
     if not adapted:
         raise ValueError(

@@ -242,6 +242,10 @@ def test_bad_audio_input_raises_naming_the_problem():
     eighty_bins = WhisperFeatureExtractor(sampling_rate=SAMPLING_RATE, chunk_length=1)  # the default 80 mel bins
     with pytest.raises(ValueError, match="makes 80 mel bins but the audio encoder takes 16 \\(num_mel_bins\\)"):
         extract_audio_features([tone(440, 0.2)], SAMPLING_RATE, eighty_bins, config)
+    # A 30 s extractor for this 1 s encoder counted 30 positions for a 3 s audio: Whisper failed at the forward.
+    thirty_seconds = WhisperFeatureExtractor(feature_size=16, sampling_rate=SAMPLING_RATE)
+    with pytest.raises(ValueError, match=r"windows of 3000 frames but the audio encoder takes 100 \(2 × max_source"):
+        extract_audio_features([tone(440, 3.0)], SAMPLING_RATE, thirty_seconds, config)
     with pytest.raises(ValueError, match="has 2 audio placeholders.*but 1 audios"):
         expand_audio_placeholders([[BOS, audio_id, audio_id]], [3], config)
 
@@ -263,8 +267,14 @@ def test_bad_audio_input_raises_naming_the_problem():
         model.generate(**batch, assistant_model=model, max_new_tokens=2, do_sample=False)
     with pytest.raises(ValueError, match="cannot go with inputs_embeds"):  # the audio would be dropped silently
         model(inputs_embeds=model.get_input_embeddings()(batch["input_ids"]), **features_of(batch))
-    with pytest.raises(ValueError, match="input_features has 1 audios but input_features_mask 2"):
-        model(**dict(batch, input_features_mask=batch["input_features_mask"].repeat(2, 1)))
+    mask = batch["input_features_mask"]
+    frames = batch["input_features"].shape[-1]
+    with pytest.raises(ValueError, match=rf"\(1 audios of {frames} frames\) does not match input_features_mask \(2, "):
+        model(**dict(batch, input_features_mask=mask.repeat(2, 1)))
+    # A wider mask counted frames the features lack: a masked_scatter error, or a placeholder count that blamed the ids.
+    wider = torch.cat([mask, torch.ones_like(mask[:, :10])], dim=1)
+    with pytest.raises(ValueError, match=rf"does not match input_features_mask \(1, {frames + 10}\)"):
+        model(**dict(batch, input_features_mask=wider))
     with pytest.raises(ValueError, match="every audio fills at least one position"):
         expand_audio_placeholders([[BOS, audio_id]], [0], config)
     # Two audios given in another order than their placeholder runs: one would be split over two rows.

@@ -27,8 +27,8 @@ def extract_audio_features(
 
     A feature extractor with a fixed window (Whisper's `n_samples`) pads every audio to it, as its encoder requires,
     and refuses longer audio instead of cutting it; others pad to the longest audio. Raises `ValueError` for a
-    sampling rate other than the extractor's, a mel-bin count other than the encoder's, integer or non-finite samples,
-    an empty or multi-channel audio, or no audio at all.
+    sampling rate other than the extractor's, a mel-bin count or (Whisper) window other than the encoder's, integer or
+    non-finite samples, an empty or multi-channel audio, or no audio at all.
     """
     if sampling_rate != feature_extractor.sampling_rate:
         raise ValueError(
@@ -40,6 +40,17 @@ def extract_audio_features(
         raise ValueError(
             f"the feature extractor makes {feature_extractor.feature_size} mel bins but the audio encoder takes "
             f"{mel_bins} (num_mel_bins): use the encoder checkpoint's own feature extractor"
+        )
+    # Whisper-style encoders take windows of 2 × max_source_positions frames (their second convolution halves them);
+    # another extractor window would fail in the encoder, after the placeholders were counted for it.
+    positions, frames = (
+        getattr(config.audio_config, "max_source_positions", None),
+        getattr(feature_extractor, "nb_max_frames", None),
+    )
+    if positions is not None and frames is not None and frames != 2 * positions:
+        raise ValueError(
+            f"the feature extractor makes windows of {frames} frames but the audio encoder takes {2 * positions} "
+            f"(2 × max_source_positions): use the encoder checkpoint's own feature extractor (its chunk_length)"
         )
     if not len(audios):
         raise ValueError("no audio given")

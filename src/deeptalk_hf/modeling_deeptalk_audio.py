@@ -353,10 +353,11 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
                 f"input_features must be {dims}-D, a batch of audios as the feature extractor returns it "
                 f"(input_features_mask [audios, frames]); got {tuple(input_features.shape)}{mask}"
             )
-        if input_features_mask is not None and input_features_mask.shape[0] != input_features.shape[0]:
-            raise ValueError(
-                f"input_features has {input_features.shape[0]} audios but input_features_mask "
-                f"{input_features_mask.shape[0]}"
+        frames = input_features.shape[_frame_axis(self.config.audio_config, input_features)]
+        if input_features_mask is not None and input_features_mask.shape != (input_features.shape[0], frames):
+            raise ValueError(  # a wider mask counted frames the features lack (a masked_scatter error, or a count one)
+                f"input_features {tuple(input_features.shape)} ({input_features.shape[0]} audios of {frames} frames) "
+                f"does not match input_features_mask {tuple(input_features_mask.shape)}"
             )
         embeds, lengths = self.get_audio_features(input_features, input_features_mask)
         if num_placeholders != int(lengths.sum()):
@@ -515,14 +516,17 @@ def _placeholder_runs(input_ids: torch.Tensor, audio_token_id: int) -> torch.Ten
 def _feature_lengths(
     audio_config: PreTrainedConfig, input_features: torch.Tensor, input_features_mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """Valid feature frames of each audio (on CPU): the mask's count, or the whole padded length without one, which
-    is the last axis of waveforms and of Whisper's `[audios, mel bins, frames]`, axis 1 of w2v-bert's `[audios, frames,
-    features]`."""
+    """Valid feature frames of each audio (on CPU): the mask's count, or the whole padded length without one."""
     if input_features_mask is None:
-        bins_first = input_features.shape[1] == getattr(audio_config, "num_mel_bins", None)
-        axis = 1 if input_features.dim() == 3 and not bins_first else -1
-        return torch.full((input_features.shape[0],), input_features.shape[axis])
+        return torch.full((input_features.shape[0],), input_features.shape[_frame_axis(audio_config, input_features)])
     return input_features_mask.sum(-1).cpu()
+
+
+def _frame_axis(audio_config: PreTrainedConfig, input_features: torch.Tensor) -> int:
+    """The frames' axis: the last of waveforms and of Whisper's `[audios, mel bins, frames]`, 1 of w2v-bert's
+    `[audios, frames, features]`."""
+    bins_first = input_features.shape[1] == getattr(audio_config, "num_mel_bins", None)
+    return 1 if input_features.dim() == 3 and not bins_first else -1
 
 
 def _load_complete(model_class: type, path: str | os.PathLike, kept: str = "") -> PreTrainedModel:

@@ -122,6 +122,26 @@ def test_profile_counts_add_up(model):
         assert (load.speech_counts[i] > 0).sum() > 1  # the random router spreads tokens
 
 
+def test_profile_counts_top_k_slots_and_runs_without_dropout(tmp_path_factory):
+    """The load's top_k is the model's; a layer with fewer experts than top-k counts each real expert once per token
+    (the spare slots are no expert); dropout is off while profiling, so a batch's load does not change run to run."""
+    batches = [mixed_batch(0)]
+    for top_k, experts in ((1, 4), (3, 1)):  # (3, 1): two experts in all (one text, one speech) for three slots
+        small = make_model(
+            tmp_path_factory,
+            num_experts=experts,
+            num_speech_experts=1,
+            num_experts_per_tok=top_k,
+            norm_topk_prob=False,
+        )
+        load = profile_modality_load(small, batches)
+        assert load.top_k == top_k and load.num_experts == [experts + 1] * 2
+        for counts, tokens in ((load.speech_counts, load.speech_tokens), (load.text_counts, load.text_tokens)):
+            assert all(layer.sum() == tokens * min(top_k, experts + 1) for layer in counts)
+    noisy = make_model(tmp_path_factory, attention_dropout=0.5).train()
+    assert profile_modality_load(noisy, batches) == profile_modality_load(noisy, batches)
+
+
 def test_profile_excludes_padding_and_follows_modality_ids(model):
     batch = mixed_batch(2)
     load = profile_modality_load(model, [batch])
@@ -403,8 +423,12 @@ def test_assignment_errors(model):
         assign_modality_experts(model, text_only, num_speech_experts=1)
     with pytest.raises(ValueError, match="adaptive"):
         assign_modality_experts(model, load, strategy="adaptive", num_speech_experts=1)
-    with pytest.raises(ValueError, match="seed=None must be an integer"):
-        assign_modality_experts(copy.deepcopy(model), load, strategy="random", num_speech_experts=1, seed=None)
+    for seed in (None, 2.5, "7"):  # int(2.5) and int("7") would pass
+        with pytest.raises(ValueError, match=f"seed={seed!r} must be an integer"):
+            assign_modality_experts(copy.deepcopy(model), load, strategy="random", num_speech_experts=1, seed=seed)
+    other_sizes = hand_made_load([[1] * 5] * 2, [[1] * 5] * 2)  # the model's layers, 5 experts where it has 6
+    with pytest.raises(ValueError, match=r"with \[5, 5\] experts but the model has layers \[0, 2\] with \[6, 6\]"):
+        assign_modality_experts(copy.deepcopy(model), other_sizes, num_speech_experts=1)
     for count in (
         1.5,
         [1.0, 1],

@@ -199,6 +199,9 @@ def test_stage_config_options_and_errors():
     assert lora_config_for_stage(model, "speech", train_new_speech_modules=False).modules_to_save is None
     with pytest.raises(ValueError, match="reaches no linear layer, convolution or experts tensor"):
         lora_config_for_stage(model, "text", also=("*norm*",))
+    biased = DeepTalkForCausalLM(tiny_config(attention_bias=True))  # a bias alone trains in full, not by LoRA on q_proj
+    with pytest.raises(ValueError, match="reaches no linear layer, convolution or experts tensor"):
+        lora_config_for_stage(biased, "speech", also=("*.q_proj.bias",))
     with pytest.raises(ValueError, match="stage='voice' is unknown"):
         lora_config_for_stage(model, "voice")
     # PEFT's "got multiple values" blamed LoraConfig; an exclude_modules would drop the stage's own modules, silently.
@@ -460,6 +463,9 @@ def test_prefix_tuning_reaches_the_attention_and_trains():
     assert not torch.allclose(out.logits.detach(), plain)
     out.loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft_model.prompt_encoder.parameters())
+    # Its virtual tokens are PeftModel's, which profiling passes by: refused, not the base model measured silently.
+    with pytest.raises(ValueError, match="a PREFIX_TUNING adapter's virtual tokens would be left out"):
+        profile_modality_load(peft_model, [{"input_ids": input_ids}])
 
 
 def test_prompt_tuning_works_without_a_speech_block_and_fails_as_documented_with_one():

@@ -199,9 +199,10 @@ def test_stage_config_options_and_errors():
     assert lora_config_for_stage(model, "speech", train_new_speech_modules=False).modules_to_save is None
     with pytest.raises(ValueError, match="reaches no linear layer, convolution or experts tensor"):
         lora_config_for_stage(model, "text", also=("*norm*",))
-    biased = DeepTalkForCausalLM(tiny_config(attention_bias=True))  # a bias alone trains in full, not by LoRA on q_proj
-    with pytest.raises(ValueError, match="reaches no linear layer, convolution or experts tensor"):
-        lora_config_for_stage(biased, "speech", also=("*.q_proj.bias",))
+    # A layer's bias alone (named by also=) does not make LoRA adapt the layer's weight, which the stage keeps frozen.
+    biased = DeepTalkForCausalLM(tiny_config(attention_bias=True))
+    with_bias = lora_config_for_stage(biased, "speech", also=("*.q_proj.bias", "*.k_proj.weight"))
+    assert "k_proj" in with_bias.target_modules and "q_proj" not in with_bias.target_modules
     with pytest.raises(ValueError, match="stage='voice' is unknown"):
         lora_config_for_stage(model, "voice")
     # PEFT's "got multiple values" blamed LoraConfig; an exclude_modules would drop the stage's own modules, silently.

@@ -277,6 +277,8 @@ def test_bad_audio_input_raises_naming_the_problem():
         model(**dict(batch, input_features_mask=wider))
     with pytest.raises(ValueError, match="every audio fills at least one position"):
         expand_audio_placeholders([[BOS, audio_id]], [0], config)
+    with pytest.raises(ValueError, match="audios_per_sequence has 1 entries for 2 sequences"):  # zip's message before
+        expand_audio_placeholders([[BOS, audio_id], [BOS, audio_id]], [3, 3], config, audios_per_sequence=[2])
     # Two audios given in another order than their placeholder runs: one would be split over two rows.
     pair = audio_batch(config, extractor, [[BOS, audio_id], [BOS, audio_id]], [tone(440, 0.25), tone(440, 0.5)])
     swapped = dict(

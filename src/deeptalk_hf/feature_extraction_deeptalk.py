@@ -122,8 +122,11 @@ def expand_audio_placeholders(
     if any(count < 1 for count in counts):
         raise ValueError(f"num_audio_tokens={counts}: every audio fills at least one position")
     audio_id = config.audio_token_id
-    per_sequence = [] if audios_per_sequence is None else list(zip(token_ids, audios_per_sequence, strict=True))
-    for i, (ids, count) in enumerate(per_sequence):
+    if audios_per_sequence is not None and len(audios_per_sequence) != len(token_ids):
+        raise ValueError(
+            f"audios_per_sequence has {len(audios_per_sequence)} entries for {len(token_ids)} sequences: give one each"
+        )
+    for i, (ids, count) in enumerate(zip(token_ids, [] if audios_per_sequence is None else audios_per_sequence)):
         if list(ids).count(audio_id) != count:
             raise ValueError(
                 f"text[{i}] has {list(ids).count(audio_id)} audio placeholders (audio_token_id={audio_id}) but "

@@ -465,6 +465,8 @@ def test_audio_files_in_a_chat_are_loaded_at_the_codecs_rate(monkeypatch):
     for key in ("path", "url", "audio"):
         block = {**unset, "type": "audio", key: f"{key}.wav"}
         processor.apply_chat_template([{"role": "user", "content": [block]}], tokenize=True)
+    with pytest.raises(ValueError, match=r'needs its "audio" samples .* or a file in "path", "url" or "audio" \(got'):
+        processor.apply_chat_template([{"role": "user", "content": [{**unset, "type": "audio"}]}], tokenize=True)
     assert asked == [("q.wav", 24000), ("q.wav", 24000), ("q.wav", 16000)] + [
         (f"{key}.wav", 24000) for key in ("path", "url", "audio")
     ]

@@ -702,6 +702,10 @@ def test_chat_template_refuses_what_it_would_drop_or_ignore():
         PROCESSOR.apply_chat_template([{"role": "user", "content": 5}])
     with pytest.raises(ValueError, match="content must be a string or a list of content blocks, got no content"):
         PROCESSOR.apply_chat_template([{"role": "user", "text": "hello"}])  # an empty turn, silently
+    # Another template renders what it renders (a tool result's dict as JSON, a reasoning_content), as transformers does.
+    own = "{% for m in messages %}{{ m['content'] | tojson if m['content'] is defined else m['reasoning_content'] }}{% endfor %}"
+    other = [{"role": "tool", "content": {"temperature": 22}}, {"role": "assistant", "reasoning_content": "four"}]
+    assert PROCESSOR.apply_chat_template(other, chat_template=own) == '{"temperature": 22}four'
     conversation = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
     with pytest.raises(ValueError, match="pass add_generation_prompt=True"):
         PROCESSOR.apply_chat_template(conversation, speech_answer=True)
@@ -712,6 +716,9 @@ def test_chat_template_refuses_what_it_would_drop_or_ignore():
         PROCESSOR.apply_chat_template(answer, continue_final_message=True, speech_answer=True, tokenize=True)
         == continued
     )
+    text_answer = [*conversation, {"role": "assistant", "content": "Sure,"}]  # continued as text: no speech opens
+    with pytest.raises(ValueError, match="continues a final speech block, and conversation 0 ends in text"):
+        PROCESSOR.apply_chat_template(text_answer, continue_final_message=True, speech_answer=True)
     assert PROCESSOR.apply_chat_template(conversation) == "<|im_start|>user\nhi<|im_end|>\n"
 
 

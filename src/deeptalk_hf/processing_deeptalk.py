@@ -129,6 +129,11 @@ def _speech_blocks(conversations: list[list[dict]], audio_loading_params: dict) 
                 elif block["type"] == "audio":  # a file: "path", "url", or (transformers' chat format) "audio"
                     # The first one set: a `datasets` table gives every block every key, unset ones None.
                     source = next((block[key] for key in ("path", "url", "audio") if block.get(key) is not None), None)
+                    if source is None:
+                        raise ValueError(
+                            'an {"type": "audio"} block needs its "audio" samples (with "sampling_rate") or a file in '
+                            f'"path", "url" or "audio" (got the keys {list(block)})'
+                        )
                     waveform = load_audio(source, **audio_loading_params)
                     blocks.append(("audio", (waveform, audio_loading_params["sampling_rate"])))
         batch.append(blocks)
@@ -1035,6 +1040,9 @@ class DeepTalkProcessor(ProcessorMixin):
             self._normalize_conversations(conversation) if conversation else ([conversation], False)
         )
         conversation = conversations if batched else conversations[0]
+        # The flag that lets the default template render speech blocks (the tokenizer alone must not); passed only to
+        # a template that reads it, as transformers hands any other keyword to `__call__`, with warnings.
+        ours = _TEMPLATE_FLAG in self._resolve_chat_template(kwargs.get("chat_template", args[0] if args else None))
         for i, messages in enumerate(conversations):
             if not messages:  # transformers fails on it with an IndexError
                 raise ValueError(f"conversation {i} has no messages")
@@ -1042,9 +1050,10 @@ class DeepTalkProcessor(ProcessorMixin):
                 if not isinstance(message, dict) or "role" not in message:  # else a template's or a KeyError
                     raise ValueError(f"conversation {i}, message {j} is not a dict with a 'role': {message!r:.80}")
                 content = message.get("content")
-                # Else the template's TypeError, or (no content, e.g. {"role": "user", "text": ...}) an empty turn;
-                # transformers drops a None content, so only a turn that calls tools goes without one.
-                if not isinstance(content, (str, list, tuple)) and not message.get("tool_calls"):
+                # Else the default template's TypeError, or (no content, e.g. {"role": "user", "text": ...}) an empty
+                # turn; transformers drops a None content, so only a turn that calls tools goes without one. (Other
+                # templates may render other content, a tool result's dict, or other keys, a reasoning_content.)
+                if ours and not isinstance(content, (str, list, tuple)) and not message.get("tool_calls"):
                     got = "no content" if content is None else _describe(content)
                     raise ValueError(
                         f"conversation {i}, message {j}: content must be a string or a list of content blocks, got {got}"
@@ -1060,15 +1069,20 @@ class DeepTalkProcessor(ProcessorMixin):
                             f"conversation {i} has an {block['type']} block: DeepTalk processors take text, speech "
                             "and audio blocks"
                         )
+        speech_answer = ours and kwargs.get("speech_answer")
         if kwargs.get("continue_final_message"):
             opened = [self._open_final_speech(messages, i) for i, messages in enumerate(conversations)]
             conversation = opened if batched else opened[0]
-        # The flag that lets the default template render speech blocks (the tokenizer alone must not); passed only to
-        # a template that reads it, as transformers hands any other keyword to `__call__`, with warnings.
-        if _TEMPLATE_FLAG in self._resolve_chat_template(kwargs.get("chat_template", args[0] if args else None)):
+            text = [i for i, (new, old) in enumerate(zip(opened, conversations, strict=True)) if new is old]
+            if speech_answer and text:  # a continued text block stays text
+                raise ValueError(
+                    f"speech_answer=True with continue_final_message continues a final speech block, and conversation "
+                    f"{text[0]} ends in text: pass add_generation_prompt=True for a new answer in speech"
+                )
+        if ours:
             kwargs[_TEMPLATE_FLAG] = True
         opens = kwargs.get("add_generation_prompt") or kwargs.get("continue_final_message")
-        if kwargs.get(_TEMPLATE_FLAG) and kwargs.get("speech_answer") and not opens:
+        if speech_answer and not opens:
             raise ValueError(
                 "speech_answer=True opens the assistant's answer with <|begin_of_speech|>, which only the generation "
                 "prompt has: pass add_generation_prompt=True (a continued final speech block is open already)"

@@ -33,9 +33,9 @@ TIED_SPEECH_MODULES = ("speech_embed_tokens", "speech_lm_head")  # tied to each 
 _CHOSEN_BY_STAGE = {"target_modules", "target_parameters", "modules_to_save", "exclude_modules"}
 # Modules that read their layers' attributes instead of only calling them: WavLM's attention passes its projections'
 # weights to `F.multi_head_attention_forward` (a LoRA wrapper's forward would never run: its factors would not train,
-# and merging would change the model); Whisper-style encoders read their convolutions' `stride`, which PEFT's wrapper
+# and merging would change the model); Whisper's encoder reads its convolutions' `stride`, which PEFT's wrapper
 # lacks (every forward would fail). Such layers train in full (`set_training_stage(..., also=...)`).
-_LAYERS_READ_DIRECTLY = ("WavLMAttention", "WhisperEncoder", "Qwen2AudioEncoder", "VoxtralEncoder")
+_LAYERS_READ_DIRECTLY = ("WavLMAttention", "WhisperEncoder")
 
 
 def _shortest_suffixes(chosen: set[str], universe: Iterable[str]) -> list[str]:

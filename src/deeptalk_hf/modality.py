@@ -248,11 +248,12 @@ def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: I
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):  # profiling only reads the model
         model = model.module
     if isinstance(model, PeftModel):  # its adapters stay active: the load of the adapted model
-        if model.active_peft_config.is_prompt_learning:  # virtual tokens live in PeftModel's forward, not the base's
+        adapter = model.active_peft_config
+        if adapter.is_prompt_learning:  # virtual tokens live in PeftModel's forward, not the base's
             raise ValueError(
-                f"profile_modality_load measures the model on the batches' ids; a {model.active_peft_config.peft_type.value} "
-                "adapter's virtual tokens would be left out (the base model measured, silently): profile the base "
-                "model, or one with LoRA adapters"
+                f"profile_modality_load measures the model on the batches' ids; a {adapter.peft_type.value} adapter's "
+                "virtual tokens would be left out (the base model measured, silently): profile the base model, or one "
+                "with LoRA adapters"
             )
         model = model.get_base_model()
     if isinstance(getattr(model, "language_model", None), DeepTalkForCausalLM):

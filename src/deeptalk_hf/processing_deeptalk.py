@@ -1056,7 +1056,8 @@ class DeepTalkProcessor(ProcessorMixin):
                 if ours and not isinstance(content, (str, list, tuple)) and not message.get("tool_calls"):
                     got = "no content" if content is None else _describe(content)
                     raise ValueError(
-                        f"conversation {i}, message {j}: content must be a string or a list of content blocks, got {got}"
+                        f"conversation {i}, message {j}: content must be a string or a list of content blocks, got "
+                        f"{got}"
                     )
                 for k, block in enumerate(content if isinstance(content, (list, tuple)) else []):
                     if not isinstance(block, dict) or "type" not in block:

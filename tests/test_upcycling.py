@@ -340,7 +340,8 @@ def test_noise_and_drop_upcycling():
     gate, _, _ = expert_weights(noisy)
     plain_gate, _, _ = expert_weights(plain)
     relative = (gate - plain_gate).std() / dense.model.layers[0].mlp.gate_proj.weight.std()
-    assert 0.005 < relative < 0.02
+    # std × the dense matrix's std, measured over 3,072 entries (the sample's own spread is about 1.3%)
+    assert relative.item() == pytest.approx(0.01, rel=0.08)
     assert not torch.equal(gate[0], gate[2])  # copies of the same part now differ
     # Seeded per (layer, group, expert): text expert 0 and speech expert 0, copies of the same part, differ too.
     assert torch.equal(expert_weights(plain)[0][0], expert_weights(plain, group="speech_experts")[0][0])

@@ -88,18 +88,29 @@ def test_delay_pattern_round_trip(streams, frames, batch, data):
         assert all(torch.equal(a, b) for a, b in zip(audio_codes_per_stream(delayed, config)[item], codes[item]))
 
 
+def codes_between_begin_and_end(stream: list[int], config) -> list[int]:
+    """The documented rule on a whole stream: the codes after its first begin code (from the start without one), up
+    to the first end code after that, without pad or other non-code ids."""
+    start = stream.index(config.audio_bos_token_id) + 1 if config.audio_bos_token_id in stream else 0
+    rest = stream[start:]
+    stop = rest.index(config.audio_eos_token_id) if config.audio_eos_token_id in rest else len(rest)
+    return [code for code in rest[:stop] if code < config.audio_codebook_size]
+
+
 @given(data=st.data())
 def test_the_step_by_step_reader_reads_what_the_whole_answer_gives(data):
-    """Any ids (codes, pad, begin and end codes in any order, repeated): `AudioStreamReader` after each step holds
-    `audio_codes_per_stream` of the steps so far."""
+    """Any ids (codes, pad, begin and end codes in any order, repeated): `AudioStreamReader` after each step, and
+    `audio_codes_per_stream` of the steps so far, hold what the rule gives on the whole streams so far."""
     config = parallel_config()
     ids = st.integers(0, config.audio_codebook_size + 2)  # codes, then pad, begin and end codes
     steps = data.draw(st.lists(st.lists(ids, min_size=3, max_size=3), max_size=12))
     reader = AudioStreamReader(config)
     for t, step in enumerate(steps):
         reader.push(step)
-        expected = audio_codes_per_stream(torch.tensor(steps[: t + 1]).T[None], config)[0]
-        assert reader.codes == [codes.tolist() for codes in expected]
+        expected = [codes_between_begin_and_end(list(stream), config) for stream in zip(*steps[: t + 1])]
+        assert reader.codes == expected
+        read = audio_codes_per_stream(torch.tensor(steps[: t + 1]).T[None], config)[0]
+        assert [codes.tolist() for codes in read] == expected
 
 
 def test_build_delay_pattern_rejects_codes_out_of_range():

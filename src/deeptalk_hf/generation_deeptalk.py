@@ -76,21 +76,16 @@ def audio_codes_per_stream(streams: torch.LongTensor, config: DeepTalkConfig) ->
     _check_stream_count("streams", streams, config)
     result = []
     for item in streams:
-        per_stream = []
-        for row in item:
-            begins = (row == config.audio_bos_token_id).nonzero()
-            start = int(begins[0]) + 1 if len(begins) else 0
-            ends = (row[start:] == config.audio_eos_token_id).nonzero()
-            stop = start + int(ends[0]) if len(ends) else row.numel()
-            segment = row[start:stop]
-            per_stream.append(segment[segment < config.audio_codebook_size])
-        result.append(per_stream)
+        reader = AudioStreamReader(config)
+        for step in item.T.tolist():
+            reader.push(step)
+        result.append([torch.tensor(codes, dtype=item.dtype, device=item.device) for codes in reader.codes])
     return result
 
 
 class AudioStreamReader:
-    """`audio_codes_per_stream` of one item, read a step at a time (for streaming): each step costs one look at each
-    stream's new code, where reading the whole answer again at every step grows with the square of its length.
+    """The codes of one item's audio streams, read a step at a time (for streaming; `audio_codes_per_stream` reads a
+    whole answer with it): each step costs one look at each stream's new code.
 
     `codes[s]` holds stream s's codes so far: those after its first begin code (all of them while none came), up to
     its first end code after that point, without pad or other non-code ids."""

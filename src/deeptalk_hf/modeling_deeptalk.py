@@ -650,25 +650,17 @@ class DeepTalkSparseMoeBlock(nn.Module):
         if position is not None:
             # Back from source indices to `[experts; speech_experts]` positions (the sentinel stays the sentinel).
             indices = torch.cat([position, position.new_tensor([position.numel()])])[indices]
-        is_text = indices < num_text
-        is_speech = ~is_text & (indices < num_text + self.num_speech_experts)
-        text_out = self._run(
-            self.experts,
-            num_text,
-            hidden,
-            torch.where(is_text, indices, num_text),
-            weights.masked_fill(~is_text, 0.0),
-            sentinels=True,
-        )
-        speech_out = self._run(
-            self.speech_experts,
-            self.num_speech_experts,
-            hidden,
-            torch.where(is_speech, indices - num_text, self.num_speech_experts),
-            weights.masked_fill(~is_speech, 0.0),
-            sentinels=True,
-        )
-        return text_out + speech_out
+        output = 0
+        for experts, first, count in (
+            (self.experts, 0, num_text),
+            (self.speech_experts, num_text, self.num_speech_experts),
+        ):
+            mine = (indices >= first) & (indices < first + count)
+            masked = torch.where(mine, indices - first, count)
+            output = output + self._run(
+                experts, count, hidden, masked, weights.masked_fill(~mine, 0.0), sentinels=True
+            )
+        return output
 
     def forward(
         self,

@@ -225,12 +225,6 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         warn_if_checkpointing_stops_balancing(self.config.text_config, activation_checkpointing_kwargs)
         super().activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
-
     def get_output_embeddings(self) -> nn.Module:
         return self.language_model.get_output_embeddings()
 

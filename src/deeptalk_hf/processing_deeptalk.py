@@ -1192,16 +1192,6 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
     def model_input_names(self) -> list[str]:
         return super().model_input_names + ["input_features", "input_features_mask"]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The audio model config is written as a dict."""
-        config = self.__dict__.pop("audio_model_config")
-        try:
-            output = super().to_dict()
-        finally:
-            self.audio_model_config = config
-        output["audio_model_config"] = config.to_dict()
-        return output
-
     def _multimodal_inputs_from_conversations(
         self, conversations: list[list[dict]], audio_loading_params: dict, load_audio_from_video: bool = False
     ):

@@ -741,10 +741,6 @@ class _SourceCheckpoint:
                 for name in tensors:
                     yield name, self._get(handle, file, name)
 
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return None  # each tensor keeps its own unless a dtype is asked for
-
     def generation_config(self, config: DeepTalkConfig) -> GenerationConfig:
         """The source's, as transformers loads it: from the model config where the file is missing or unreadable."""
         if (self.source / "generation_config.json").is_file():

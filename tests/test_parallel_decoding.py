@@ -366,6 +366,12 @@ def test_stream_losses_are_weighted_means_of_each_stream():
     text_only = ids.clone()
     text_only[:, 1:] = -100
     torch.testing.assert_close(model(ids, labels=text_only).loss, terms[0])
+    # Streams with different label counts: each is the mean over its own labels.
+    fewer = ids.clone()
+    fewer[:, 2, :6] = -100
+    terms[2] = ce(out.audio_logits[:, 1, :-1].flatten(0, 1), fewer[:, 2, 1:].flatten())
+    expected = sum(w * t for w, t in zip(config.stream_loss_weights, terms)) / sum(config.stream_loss_weights)
+    torch.testing.assert_close(model(ids, labels=fewer).loss, expected)
     # No labels at all: a zero loss that still backpropagates (zeros, not NaN).
     nothing = model(ids, labels=torch.full_like(ids, -100)).loss
     nothing.backward()

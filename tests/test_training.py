@@ -209,6 +209,18 @@ def test_a_compute_loss_func_adds_the_router_losses_by_the_documented_share(tmp_
             torch.testing.assert_close(params[name], param, msg=name)
 
 
+def test_accumulation_share_counts_the_labels_trainer_counts():
+    """The share is this batch's count of scored labels (shifted by one, -100 left out, or `shift_labels` as given)
+    over Trainer's `num_items_in_batch`; 1 without it, 0 (not NaN) when nothing is counted."""
+    labels = torch.tensor([[5, 6, -100, -100], [5, 6, 7, 8]])  # scored after the shift: 1 + 3
+    assert float(accumulation_share(labels, {"num_items_in_batch": 8})) == 0.5
+    assert float(accumulation_share(labels, {"num_items_in_batch": torch.tensor(16)})) == 0.25
+    shifted = torch.tensor([[7, -100, -100], [-100, -100, -100]])  # a caller's own shift: 1 label
+    assert float(accumulation_share(labels, {"num_items_in_batch": 4, "shift_labels": shifted})) == 0.25
+    assert accumulation_share(labels, {}) == 1.0
+    assert float(accumulation_share(torch.full((2, 4), -100), {"num_items_in_batch": 0})) == 0.0
+
+
 def test_a_step_without_labels_leaves_the_weights_finite(tmp_path):
     """A step whose rows have no label (a prompt-only row, its answer truncated away) counts 0 items: the router
     losses' share was 0/0, so their NaN gradient reached every router and `Trainer` wrote NaN into every weight (a

@@ -163,6 +163,12 @@ def test_each_stream_reads_its_own_rows_of_the_shared_table():
     expected = text[5] + table[3] + table[2 * config.audio_stream_vocab_size + 7]
     with torch.no_grad():
         torch.testing.assert_close(decoder.embed(ids)[0, 0], expected, rtol=0, atol=1e-6)
+        # The fused heads likewise: stream s's logits come from rows `(s - 1) * V` to `s * V` of the head's weight.
+        hidden = torch.randn(1, 1, config.hidden_size)
+        logits, head = model.audio_stream_logits(hidden), model.speech_stream_heads.weight
+        vocab = config.audio_stream_vocab_size
+        for s in range(config.num_audio_streams):
+            torch.testing.assert_close(logits[0, s, 0], hidden[0, 0] @ head[s * vocab : (s + 1) * vocab].T)
 
 
 def test_parallel_generation_follows_the_pattern_and_cache_changes_nothing():
@@ -482,15 +488,16 @@ def test_audio_positions_route_as_speech():
     config = parallel_config(num_speech_experts=[2, 2])
     model = DeepTalkForCausalLM(config).eval()
     ids = text_query(config, batch=1, length=6)
-    ids[0, 1, 3:] = 4  # stream 1 carries codes from position 3 on
+    ids[0, 1, 3:5] = 4  # stream 1 carries codes at positions 3 and 4, the last stream alone at 5 (a delayed tail)
+    ids[0, -1, 5] = 4
     out = model(ids, output_router_logits=True)
     perturbed = DeepTalkForCausalLM(config).eval()
     perturbed.load_state_dict(model.state_dict())
     with torch.no_grad():
-        perturbed.model.layers[0].mlp.speech_experts.down_proj.add_(1.0)
+        # The last layer's: each position's logits then change only where that position itself routes as speech.
+        perturbed.model.layers[-1].mlp.speech_experts.down_proj.add_(1.0)
         changed = perturbed(ids).logits
-    assert torch.equal(changed[:, :3], out.logits[:, :3])
-    assert not torch.equal(changed[:, 3:], out.logits[:, 3:])
+    assert (changed[0] != out.logits[0]).any(-1).tolist() == [False] * 3 + [True] * 3
 
 
 def test_wrong_stream_count_no_prompt_or_a_mask_of_another_shape_is_refused():

@@ -9,6 +9,7 @@ SiLU). This module imports without Triton; the kernels load on first use.
 
 import importlib.util
 import os
+import types
 
 import torch
 from torch import nn
@@ -72,7 +73,9 @@ def _unsupported_features(experts: nn.Module) -> list[str]:
     """What, if anything, keeps an experts module off the kernels (they implement one layout)."""
     # Read from the module, not its class: a gate patched onto one module (a bound method) is the module's gate too.
     gate = getattr(experts, "_apply_gate", _default_apply_gate)
-    custom_gate = getattr(gate, "__func__", gate) is not _default_apply_gate
+    # Not `getattr(gate, "__func__", gate)`: torch 2.15's dynamo takes the default there, so a compiled model's
+    # default gate read as custom and `fullgraph=True` failed.
+    custom_gate = (gate.__func__ if isinstance(gate, types.MethodType) else gate) is not _default_apply_gate
     act_fn = getattr(experts, "act_fn", None)
     # Most experts hold an activation module; some (LFM2-MoE) hold the function `F.silu` itself.
     silu = isinstance(act_fn, (SiLUActivation, nn.SiLU)) or act_fn is nn.functional.silu

@@ -1350,3 +1350,27 @@ def test_training_with_a_z_loss_alone_adds_it_without_asking_for_router_logits()
     logits = out.logits[:, :-1].reshape(-1, config.vocab_size)
     cross_entropy = torch.nn.functional.cross_entropy(logits, data[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, cross_entropy + 0.01 * out.z_loss)
+
+
+def test_speech_id_reads_its_own_row_of_the_speech_tables():
+    """Speech id `speech_token_start + u` embeds as row u of `speech_embed_tokens` and scores with row u of
+    `speech_lm_head`, on every lookup path (mixed ids, all speech, a split given or not): a permuted row would leave
+    every test on random tables passing, and read a trained checkpoint's units from other units' rows."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    config, decoder = model.config, model.model
+    start, units = config.speech_token_start, torch.tensor([[3, 0, 15, 7]])
+    mixed = torch.tensor([[5, start + 3, 9, start + 15]])
+    with torch.no_grad():
+        for ids in (mixed, units + start):
+            is_speech = ids >= start
+            for split in (None, ModalitySplit(is_speech)):
+                embedded = decoder.embed(ids, split)
+                torch.testing.assert_close(
+                    embedded[is_speech], decoder.speech_embed_tokens.weight[ids[is_speech] - start]
+                )
+                torch.testing.assert_close(embedded[~is_speech], decoder.embed_tokens.weight[ids[~is_speech]])
+        hidden = torch.randn(1, 1, config.hidden_size)
+        logits = model.compute_logits(hidden)[0, 0]
+        torch.testing.assert_close(logits[start:], model.speech_lm_head.weight @ hidden[0, 0])
+        torch.testing.assert_close(logits[:start], model.lm_head.weight[:start] @ hidden[0, 0])

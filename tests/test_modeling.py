@@ -559,8 +559,9 @@ def test_generate_on_a_cached_prefix_reads_the_modality_ids_of_the_uncached_posi
 def test_generate_takes_transformers_positional_parameters_and_refuses_parallel_only_options():
     model = DeepTalkForCausalLM(tiny_config()).eval()
     prompt = torch.randint(3, model.config.vocab_size, (1, 6))
-    expected = model.generate(prompt, max_new_tokens=4, do_sample=False, eos_token_id=None)
-    config = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None)
+    # Both with the model's end id (a GenerationConfig's unset one is filled from the model's, as a kwarg-less call's).
+    expected = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    config = GenerationConfig(max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(prompt, config), expected)
     for option in [dict(batch_parallel=True), dict(speech_answer=False)]:
         with pytest.raises(ValueError, match="for models with parallel audio streams"):

@@ -94,7 +94,7 @@ def codes_between_begin_and_end(stream: list[int], config) -> list[int]:
     start = stream.index(config.audio_bos_token_id) + 1 if config.audio_bos_token_id in stream else 0
     rest = stream[start:]
     stop = rest.index(config.audio_eos_token_id) if config.audio_eos_token_id in rest else len(rest)
-    return [code for code in rest[:stop] if code < config.audio_codebook_size]
+    return [code for code in rest[:stop] if 0 <= code < config.audio_codebook_size]
 
 
 @given(data=st.data())
@@ -102,15 +102,16 @@ def test_the_step_by_step_reader_reads_what_the_whole_answer_gives(data):
     """Any ids (codes, pad, begin and end codes in any order, repeated): `AudioStreamReader` after each step, and
     `audio_codes_per_stream` of the steps so far, hold what the rule gives on the whole streams so far."""
     config = parallel_config()
-    ids = st.integers(0, config.audio_codebook_size + 2)  # codes, then pad, begin and end codes
+    ids = st.integers(-1, config.audio_codebook_size + 2)  # -1 (as a label's -100), codes, pad, begin and end codes
     steps = data.draw(st.lists(st.lists(ids, min_size=3, max_size=3), max_size=12))
     reader = AudioStreamReader(config)
     for t, step in enumerate(steps):
         reader.push(step)
         expected = [codes_between_begin_and_end(list(stream), config) for stream in zip(*steps[: t + 1])]
         assert reader.codes == expected
-        read = audio_codes_per_stream(torch.tensor(steps[: t + 1]).T[None], config)[0]
+        read = audio_codes_per_stream(torch.tensor(steps[: t + 1], dtype=torch.int32).T[None], config)[0]
         assert [codes.tolist() for codes in read] == expected
+        assert all(codes.dtype == torch.int32 for codes in read)  # the ids' own dtype
 
 
 def test_build_delay_pattern_rejects_codes_out_of_range():

@@ -105,7 +105,7 @@ class AudioStreamReader:
                 self._begun[s], self._ended[s], self.codes[s] = True, False, []
             elif code == config.audio_eos_token_id:
                 self._ended[s] = True
-            elif code < config.audio_codebook_size and not self._ended[s]:
+            elif 0 <= code < config.audio_codebook_size and not self._ended[s]:
                 self.codes[s].append(code)
 
 

@@ -267,6 +267,29 @@ def test_zero_router_picks_whole_sets_of_parts(granularity, shared_fraction, tex
         assert max_diff(moe(text_ids(1)).logits, dense(text_ids(1)).logits) <= 1e-5
 
 
+def test_expert_j_holds_routed_part_j_mod_the_routed_parts():
+    """docs/upcycling.md's map: the first s of the g parts are shared; expert j of each group holds routed part
+    j mod (g - s), gate and up rows and down columns alike (the zero-router test compares the parts as a multiset)."""
+    granularity, shared = 4, 1
+    routed = granularity - shared
+    dense = dense_model("llama")
+    moe = upcycle_dense(
+        dense,
+        num_text_experts=2 * routed,
+        num_speech_experts=routed,
+        num_experts_per_tok=routed,
+        granularity=granularity,
+        num_shared_experts=shared,
+    )
+    mlp, block, part = dense.model.layers[0].mlp, moe.model.layers[0].mlp, moe.config.moe_intermediate_size
+    for group in (block.experts, block.speech_experts):
+        for j in range(group.num_experts):
+            rows = slice((shared + j % routed) * part, (shared + j % routed + 1) * part)
+            assert torch.equal(group.gate_up_proj[j, :part], mlp.gate_proj.weight[rows]), j
+            assert torch.equal(group.gate_up_proj[j, part:], mlp.up_proj.weight[rows]), j
+            assert torch.equal(group.down_proj[j], mlp.down_proj.weight[:, rows]), j
+
+
 @pytest.mark.parametrize(
     "options, message",
     [

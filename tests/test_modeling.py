@@ -1375,3 +1375,13 @@ def test_speech_id_reads_its_own_row_of_the_speech_tables():
         logits = model.compute_logits(hidden)[0, 0]
         torch.testing.assert_close(logits[start:], model.speech_lm_head.weight @ hidden[0, 0])
         torch.testing.assert_close(logits[:start], model.lm_head.weight[:start] @ hidden[0, 0])
+
+
+def test_ten_or_more_experts_keep_their_order_on_disk(tmp_path):
+    """Experts are written one by one (`mlp.experts.{j}...`): with 10 or more, an order by name ("10" before "2")
+    would permute them on load."""
+    model = DeepTalkForCausalLM(tiny_config(num_experts=12, num_speech_experts=11))
+    model.save_pretrained(tmp_path)
+    loaded = DeepTalkForCausalLM.from_pretrained(tmp_path)
+    for (name, param), reloaded in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(param, reloaded), name

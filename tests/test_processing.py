@@ -642,6 +642,13 @@ TURN = st.tuples(
     conversations=st.lists(st.lists(TURN, min_size=1, max_size=4), min_size=1, max_size=3),
     padding_side=st.sampled_from(["left", "right"]),
 )
+@example(  # a left-padded batch of unequal lengths: the shorter row's mask moves with its padding
+    conversations=[
+        [(["hello"], []), (["hello", "world"], [])],
+        [(["hello", "world", "hello", "world"], []), (["hello"], [[1, 2, 3]])],
+    ],
+    padding_side="left",
+)
 def test_assistant_tokens_mask_is_exactly_the_answers(conversations, padding_side):
     """`return_assistant_tokens_mask=True` (TRL's assistant-only loss) marks each assistant turn's content, its
     spliced speech units and markers included, and its `<|im_end|>`; the user's turns, speech included, and padding

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from numbers import Integral
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .configuration_deeptalk import is_whole
 
 
 @runtime_checkable
@@ -95,11 +96,6 @@ def _integer_tensor(values: object, name: str) -> torch.Tensor:
 # Largest polyphase kernel `resample` builds (float64 elements, 32 MiB): rates whose ratio only reduces to large
 # coprime numbers (4001 -> 4800 Hz) would need gigabytes.
 _MAX_KERNEL_ELEMENTS = 1 << 22
-
-
-def is_whole(value: object, least: int = 1) -> bool:
-    """A whole number `>= least` (numpy integers too; not booleans, which are flags, nor 2.0): a rate, a count."""
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= least
 
 
 def resample(

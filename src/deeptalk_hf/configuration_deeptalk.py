@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from numbers import Integral
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig
@@ -53,6 +54,11 @@ def _merged(saved: dict, overrides: dict, aliases: dict[str, str]) -> dict:
     alias after its field)."""
     given = {aliases.get(key, key) for key in overrides}
     return {**{key: value for key, value in saved.items() if aliases.get(key, key) not in given}, **overrides}
+
+
+def is_whole(value: object, least: int = 1) -> bool:
+    """A whole number `>= least` (numpy integers too; not booleans, which are flags, nor 2.0): a rate, a count."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= least
 
 
 def _layout_count(kwargs: dict, name: str, default: int) -> int:

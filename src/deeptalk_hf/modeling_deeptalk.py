@@ -46,8 +46,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .audio_codecs import is_whole
-from .configuration_deeptalk import DeepTalkConfig, check_modality_routing
+from .configuration_deeptalk import DeepTalkConfig, check_modality_routing, is_whole
 from .kernels import EXPERTS_IMPLEMENTATION, triton_is_default
 
 logger = logging.get_logger(__name__)

@@ -25,7 +25,8 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.processing_utils import _MARKED_RE, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokenizerBase, TruncationStrategy
 
-from .audio_codecs import has_integer_dtype, is_whole
+from .audio_codecs import has_integer_dtype
+from .configuration_deeptalk import is_whole
 from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
 from .generation_deeptalk import AudioStreamReader, audio_codes_per_stream, build_delay_pattern, text_pad_token_id
 

@@ -17,6 +17,7 @@ from transformers import (
     AutoConfig,
     AutoModelForMultimodalLM,
     DataCollatorWithFlattening,
+    GenerationConfig,
     HubertConfig,
     LlamaConfig,
     LlamaForCausalLM,
@@ -462,6 +463,25 @@ def test_the_placeholder_stays_suppressed_when_the_caller_suppresses_other_token
         assert all((scores[0, 5] == -float("inf")) == (suppressed is not None) for scores in out.scores), suppressed
         assert audio_id not in out.sequences[0, batch["input_ids"].shape[1] :].tolist()
     assert model.generation_config.suppress_tokens == [audio_id]  # the model's own config is left as it was
+
+
+def test_a_placeholder_changed_at_load_replaces_the_saved_one_in_suppress_tokens(tmp_path):
+    """The saved generation config suppresses the placeholder it was saved with; a model loaded with another
+    `audio_token_id` suppresses the new placeholder, no longer the old one (now a token it may generate), and keeps the
+    user's own suppressed ids."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config())
+    old = model.config.audio_token_id
+    model.generation_config.suppress_tokens = [5, old]
+    model.save_pretrained(tmp_path)
+    loaded = DeepTalkForConditionalGeneration.from_pretrained(tmp_path, audio_token_id=old - 1)
+    assert loaded.generation_config.suppress_tokens == [5, old - 1]
+    assert DeepTalkForConditionalGeneration.from_pretrained(tmp_path).generation_config.suppress_tokens == [5, old]
+    # A generation config the caller passes is taken as it is.
+    settings = GenerationConfig(suppress_tokens=[old])
+    loaded = DeepTalkForConditionalGeneration.from_pretrained(
+        tmp_path, audio_token_id=old - 1, generation_config=settings
+    )
+    assert loaded.generation_config.suppress_tokens == [old]
 
 
 def test_text_only_input_is_the_language_model():

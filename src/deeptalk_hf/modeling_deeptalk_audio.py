@@ -461,6 +461,31 @@ class DeepTalkForConditionalGeneration(PreTrainedModel, GenerationMixin):
         input_ids, kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kwargs)
         return input_ids, kwargs | features
 
+    def adjust_generation_fn(
+        self,
+        generation_config: GenerationConfig | None,
+        from_auto_class: bool,
+        from_pipeline: str | None,
+        pretrained_model_name_or_path: str | os.PathLike | None,
+        **kwargs,
+    ) -> None:
+        """`from_pretrained` reads the saved generation config here; its `suppress_tokens` holds the placeholder the
+        model was saved with. When `audio_token_id` changed at load, the new placeholder takes the old one's place
+        (the old id is now a token like any other, which must not stay suppressed)."""
+        super().adjust_generation_fn(
+            generation_config, from_auto_class, from_pipeline, pretrained_model_name_or_path, **kwargs
+        )
+        if generation_config is not None or pretrained_model_name_or_path is None:
+            return  # the caller's own settings are taken as they are
+        download = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+        saved, _ = PreTrainedConfig.get_config_dict(
+            pretrained_model_name_or_path, **{key: kwargs[key] for key in download}
+        )
+        old, new = saved.get("audio_token_id"), self.config.audio_token_id
+        suppressed = self.generation_config.suppress_tokens or []
+        if old != new and old in suppressed:
+            self.generation_config.suppress_tokens = sorted({*suppressed, new} - {old})
+
     def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs) -> tuple:
         """Every generation suppresses the placeholder: a `suppress_tokens=` of the caller's adds to it rather than
         replaces it (a generated placeholder has no audio to fill it)."""

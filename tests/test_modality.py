@@ -26,6 +26,7 @@ from deeptalk_hf import (
     move_speech_experts,
     profile_modality_load,
     set_training_stage,
+    training_stage_parameters,
 )
 from deeptalk_hf.modality import speech_expert_counts
 
@@ -729,6 +730,20 @@ def test_joint_align_and_also(tmp_path_factory):
         assert "model.speech_connector.weight" in trainable
         assert not any("audio_encoder" in name for name in trainable)
     assert model.model.audio_encoder.speech_encoder.weight.requires_grad is False
+
+
+def test_stages_read_names_inside_the_deeptalk_model_not_a_wrappers_attribute():
+    """A DeepTalk model held by a user's module under a name that says "speech": each stage trains the same tensors
+    as on the bare model, under the wrapper's names (before, the speech stage trained every tensor and the text stage
+    none); the wrapper's own tensors follow the rules by their own names."""
+    model = DeepTalkForCausalLM(tiny_config())
+    wrapper = nn.Module()
+    wrapper.speech_llm = model
+    wrapper.speech_head = nn.Linear(2, 2)  # outside the model: a speech tensor by its own name
+    head = {"speech_head.weight", "speech_head.bias"}
+    for stage, extra in (("speech", head), ("text", set()), ("joint", head)):
+        bare = {f"speech_llm.{name}" for name in training_stage_parameters(model, stage)}
+        assert set(training_stage_parameters(wrapper, stage)) == bare | extra, stage
 
 
 def test_freezing_drops_stale_gradients(tmp_path_factory):

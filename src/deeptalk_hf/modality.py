@@ -13,7 +13,7 @@ import json
 import operator
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import MISSING, dataclass, fields
 from fnmatch import fnmatchcase
@@ -31,12 +31,14 @@ from .modeling_deeptalk import (
     DeepTalkExperts,
     DeepTalkForCausalLM,
     DeepTalkModel,
+    DeepTalkPreTrainedModel,
     DeepTalkSparseMoeBlock,
     DeepTalkTopKRouter,
     check_no_adapters,
     correction_bias,
     speech_positions,
 )
+from .modeling_deeptalk_audio import DeepTalkForConditionalGeneration
 from .upcycling import atomic_output_file
 
 TRAINING_STAGES = ("align", "speech", "text", "joint")
@@ -623,6 +625,17 @@ def also_patterns(also: Iterable[str]) -> tuple[str, ...]:
     return tuple(also)
 
 
+def _name_inside_deeptalk(model: nn.Module) -> Callable[[str], str]:
+    """A parameter's name inside the outermost DeepTalk model holding it (its own name elsewhere): the stage rules
+    read that, so a wrapper's attribute (`speech_llm`) cannot make every tensor a speech tensor."""
+    prefixes: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, DeepTalkPreTrainedModel | DeepTalkForConditionalGeneration):
+            if not any(name.startswith(prefix) for prefix in prefixes):
+                prefixes.append(f"{name}." if name else "")
+    return lambda name: name.removeprefix(next((p for p in prefixes if name.startswith(p)), ""))
+
+
 def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[str] = ()) -> list[str]:
     """Names of the parameters that training stage `stage` trains, plus those matching `also`; the model is unchanged.
 
@@ -646,7 +659,8 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[st
     # Each tensor once, by its first name; `also` may name a tied one by any (a tied `lm_head.weight` is the embeddings').
     canonical = {id(param): name for name, param in model.named_parameters()}
     names = list(canonical.values())
-    if stage == "align" and not any("audio_encoder" in name for name in names):
+    own_name = _name_inside_deeptalk(model)
+    if stage == "align" and not any("audio_encoder" in own_name(name) for name in names):
         raise ValueError("stage 'align' trains the speech connector of an audio encoder, but this model has none")
     rules = {
         "speech": lambda name: "speech" in name and "audio_encoder" not in name,
@@ -666,7 +680,7 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[st
                 f"also pattern {pattern!r} matches only {sorted(matched)}, which {type(encoder).__name__} never trains"
             )
     by_also = {name for alias, name in aliases if any(fnmatchcase(alias, pattern) for pattern in also)}
-    trainable = [name for name in names if (rules[stage](name) or name in by_also) and name not in fixed]
+    trainable = [name for name in names if (rules[stage](own_name(name)) or name in by_also) and name not in fixed]
     if not trainable:
         reason = {
             "speech": "it has no speech tensors (speech vocabulary, experts or attention): add them first, e.g. with "

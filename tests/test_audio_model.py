@@ -1098,6 +1098,13 @@ def test_audio_processor_expands_placeholders_and_round_trips(tmp_path):
     processor.save_pretrained(tmp_path / "layout")
     loaded = AutoProcessor.from_pretrained(tmp_path / "layout")
     assert (loaded.interleave, tuple(loaded.text_speech_ratio)) == ("speech_only", (4, 9))
+    # So is a chat template of the user's (transformers passes at load only what `__init__` names).
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
+    processor = type(processor)(processor.tokenizer, processor.feature_extractor, config, chat_template=template)
+    processor.save_pretrained(tmp_path / "template")
+    loaded = AutoProcessor.from_pretrained(tmp_path / "template")
+    chat = [{"role": "user", "content": "hello"}]
+    assert loaded.chat_template == template and loaded.apply_chat_template(chat) == "[user]hello\n"
 
 
 def test_audio_processor_takes_a_spoken_question_with_a_speech_answer_and_chat_turns():

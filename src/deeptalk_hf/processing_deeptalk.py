@@ -1151,6 +1151,7 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         tokenizer: as for `DeepTalkProcessor`, with a `<|audio|>` token whose id is `audio_model_config.audio_token_id`.
         feature_extractor: the audio encoder's transformers feature extractor (e.g. `WhisperFeatureExtractor`).
         audio_model_config: the `DeepTalkAudioConfig` (or its dict) of the model the inputs are for.
+        chat_template: as for `DeepTalkProcessor`; by default the ChatML template with audio and speech blocks.
     """
 
     audio_becomes_units = False  # `audio=` feeds the encoder, beside any `speech_units=`
@@ -1162,17 +1163,18 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         audio_model_config: DeepTalkAudioConfig | dict | None = None,
         interleave: str = "text_then_speech",
         text_speech_ratio: Sequence[int] = (13, 26),
+        chat_template: str | dict[str, str] | None = None,
         **kwargs: Any,
     ):
-        # `interleave` and `text_speech_ratio` are named here (not left in kwargs) so that `save_pretrained`, which
-        # writes the parameters of `__init__`, keeps them.
+        # `interleave`, `text_speech_ratio` and `chat_template` are named here (not left in kwargs) so that
+        # `save_pretrained`, which writes the parameters of `__init__`, keeps them, and `from_pretrained` passes them.
         from .configuration_deeptalk import DeepTalkAudioConfig
 
         if isinstance(audio_model_config, dict):
             audio_model_config = DeepTalkAudioConfig(**audio_model_config)
         if not isinstance(audio_model_config, DeepTalkAudioConfig):
             raise ValueError("audio_model_config= must be the model's DeepTalkAudioConfig (or its dict)")
-        chat_template = kwargs.pop("chat_template", None) or AUDIO_CHAT_TEMPLATE
+        chat_template = chat_template or AUDIO_CHAT_TEMPLATE
         super().__init__(
             tokenizer,
             chat_template,

@@ -479,6 +479,17 @@ def test_decode_path_needs_no_sort(monkeypatch):
         assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_decode_path_takes_one_token_or_at_most_a_quarter_of_the_experts_pairs():
+    """docs/kernels.md: inference on one token, or on at most E/4 (token, slot) pairs, takes the per-pair kernels;
+    more pairs take the grouped ones (per-pair kernels re-read an expert's weights for every pair)."""
+    for num_experts in (4, 8, 16, 64, 65):
+        for top_k in (1, 2, 4):
+            for num_tokens in range(0, 40):
+                expected = num_tokens == 1 or 0 < num_tokens * top_k <= num_experts / 4
+                chosen = fused_moe_module.use_decode_path(num_tokens, top_k, num_experts)
+                assert chosen == expected, (num_tokens, top_k, num_experts)
+
+
 @pytest.mark.parametrize("grad", [False, True])  # the decode path (no autograd, few pairs) and the grouped one
 def test_ids_outside_the_experts_are_skipped_on_both_paths(grad):
     """docs/kernels.md: an expert id outside [0, E) skips its slot, as `grouped_mm` does; a negative one too."""

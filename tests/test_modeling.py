@@ -2,6 +2,7 @@
 hand-computed losses, and black-box modality isolation."""
 
 import copy
+import itertools
 import os
 
 import numpy as np
@@ -316,6 +317,22 @@ def test_modality_ids_override_the_id_block_for_inputs_embeds():
     assert not torch.equal(all_text, reference)
     with pytest.raises(ValueError, match="modality_ids has shape"):
         model(input_ids, modality_ids=modality_ids[:, :3])
+
+
+def test_modality_ids_route_ids_of_either_block_as_told():
+    """With ids, `modality_ids` decides routing both ways (docs/concepts.md): speech-block ids marked 0 route as text,
+    text ids marked 1 as speech; the same as their embeddings given with those `modality_ids`, router losses too."""
+    model = DeepTalkForCausalLM(tiny_config(speech_attention=True)).eval()
+    start = model.config.speech_token_start
+    input_ids = torch.cat([torch.randint(3, start, (2, 4)), torch.randint(start, model.config.vocab_size, (2, 4))], 1)
+    embeds = model.model.embed(input_ids)
+    with torch.no_grad():
+        for modality_ids in (torch.zeros_like(input_ids), torch.ones_like(input_ids), 1 - (input_ids >= start).long()):
+            by_ids = model(input_ids, modality_ids=modality_ids, output_router_logits=True)
+            by_embeds = model(inputs_embeds=embeds, modality_ids=modality_ids, output_router_logits=True)
+            torch.testing.assert_close(by_ids.logits, by_embeds.logits, rtol=0, atol=1e-6)
+            torch.testing.assert_close(by_ids.aux_loss, by_embeds.aux_loss)
+        assert not torch.equal(by_ids.logits, model(input_ids).logits)  # the swapped modalities route differently
 
 
 def test_modality_ids_other_than_0_and_1_are_refused_except_on_padding():
@@ -913,6 +930,20 @@ def test_router_losses_count_the_experts_the_routing_picks_among_tied_scores():
     assert aux.item() == pytest.approx(expected_aux, rel=1e-6) and z.item() == pytest.approx(expected_z, rel=1e-6)
 
 
+def test_router_losses_count_the_experts_the_routing_picks_where_float32_scores_tie():
+    """Logits a hair apart (1e-9, a near-zero router's start) round to equal float32 softmax scores: the routing
+    then picks the lowest experts, and the balancing loss must count those, not the ones the raw logits rank first."""
+    config = tiny_config(num_speech_experts=0, num_experts=4, num_experts_per_tok=2)
+    tokens = 6
+    logits = torch.tensor([0.0, 0.0, 1e-9, 0.0]).repeat(tokens, 1).requires_grad_()
+    _, indices = topk_routing(logits.detach(), RoutingSettings.from_config(config))
+    assert indices.tolist() == [[0, 1]] * tokens  # tied scores: the lowest experts win
+    aux, _ = modality_router_losses((logits,), torch.zeros(1, tokens, dtype=torch.bool), config)
+    aux.backward()
+    picked = torch.zeros(4).index_fill_(0, indices[0], 1.0)  # uniform probabilities: d aux/d logit = (f_j - k/E) / T
+    torch.testing.assert_close(logits.grad, ((picked - 2 / 4) / tokens).expand(tokens, 4))
+
+
 def test_the_loss_adds_each_router_loss_with_its_own_coefficient():
     """`loss` is the language-model cross entropy (plain torch) + router_aux_loss_coef * aux_loss +
     router_z_loss_coef * z_loss."""
@@ -1306,6 +1337,44 @@ def test_a_sparse_block_called_without_a_split_routes_every_token_as_text():
         speech, _ = block(hidden, ModalitySplit(torch.ones(2, 5, dtype=torch.bool)))
     assert torch.equal(out, text) and torch.equal(logits, text_logits)
     assert not torch.equal(out, speech)
+
+
+@pytest.mark.parametrize("num_speech_experts", [3, 4])
+def test_hard_routing_chooses_with_each_groups_own_correction_bias(num_speech_experts):
+    """DeepSeek-V3 routing (sigmoid, noaux_tc) under hard routing, in a batch of both modalities: each token's experts
+    are the top-k of its own group's scores plus that group's `e_score_correction_bias`, its weights the renormalised
+    scores times `routed_scaling_factor`: a plain-torch sum over the picked experts."""
+    config = tiny_config(
+        num_speech_experts=num_speech_experts, scoring_func="sigmoid", topk_method="noaux_tc", n_group=1,
+        topk_group=1, routed_scaling_factor=2.5, experts_implementation="eager",
+    )  # fmt: skip
+    model = DeepTalkForCausalLM(config).eval()
+    block = model.model.layers[0].mlp
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for gate in (block.gate, block.speech_gate):
+            gate.weight.normal_(std=0.5)
+            gate.e_score_correction_bias.uniform_(-0.5, 0.5)  # large enough to change the choice
+        for experts in (block.experts, block.speech_experts):
+            experts.gate_up_proj.normal_(std=0.3)
+            experts.down_proj.normal_(std=0.3)
+        hidden = torch.randn(2, 6, config.hidden_size)
+        mixed = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+        # a mixed batch, and batches of one modality (a decoding step's path)
+        for is_speech in (mixed, torch.ones_like(mixed), torch.zeros_like(mixed)):
+            out, _ = block(hidden, ModalitySplit(is_speech))
+            expected = torch.zeros_like(hidden)
+            for b, t in itertools.product(range(2), range(6)):
+                h = hidden[b, t]
+                speech = is_speech[b, t]
+                gate, experts = (block.speech_gate, block.speech_experts) if speech else (block.gate, block.experts)
+                scores = (h @ gate.weight.T).sigmoid()
+                picked = (scores + gate.e_score_correction_bias).argsort(descending=True)[:2]
+                weights = scores[picked] / scores[picked].sum() * 2.5
+                for e, w in zip(picked.tolist(), weights):
+                    g, u = (experts.gate_up_proj[e] @ h).chunk(2)
+                    expected[b, t] += w * (experts.down_proj[e] @ (torch.nn.functional.silu(g) * u))
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ignore_mismatched_sizes_loads_a_checkpoint_of_other_shapes(tmp_path):

@@ -470,3 +470,22 @@ def test_audio_files_in_a_chat_are_loaded_at_the_codecs_rate(monkeypatch):
     assert asked == [("q.wav", 24000), ("q.wav", 24000), ("q.wav", 16000)] + [
         (f"{key}.wav", 24000) for key in ("path", "url", "audio")
     ]
+
+
+def test_mimi_levels_are_the_models_codebooks_in_order():
+    """Level l of MimiCodec's codes is the model's codebook l (Moshi's order, the semantic codebook first), in encoding
+    and decoding alike: a round trip alone would not see the levels swapped consistently, or decoded in another
+    order. (The tiny Mimi's codebooks start at zero, so every code is 0: they are drawn at random here.)"""
+    model, generator = tiny_mimi(), torch.Generator().manual_seed(0)
+    for name, buffer in model.named_buffers():
+        if name.endswith("codebook.embed_sum"):
+            buffer.copy_(torch.randn(buffer.shape, generator=generator))
+    codec = MimiCodec(model, num_codebooks=4)
+    waveform = 0.1 * torch.randn(8000, generator=generator)
+    codes = codec.encode(waveform, codec.sampling_rate)
+    with torch.no_grad():
+        direct = model.encode(waveform[None, None], num_quantizers=4).audio_codes[0]
+        reference = model.decode(direct[None]).audio_values[0, 0]
+    assert len({tuple(level.tolist()) for level in direct}) == 4  # levels the test can tell apart
+    assert all(torch.equal(level, model_level) for level, model_level in zip(codes, direct, strict=True))
+    assert torch.allclose(codec.decode(codes), reference)

@@ -152,14 +152,15 @@ def test_decode_parallel_takes_text_only_from_the_text_block():
     audio = build_delay_pattern(SNAC.to_streams(codes)[None], CONFIG)[0]
     words = PROCESSOR.tokenizer("hello how are you today")["input_ids"]
     block = PROCESSOR.speech_tokens
-    pattern = [words[0], block.start, words[1], block.stop - 1, words[2], block.start + 1, words[3], words[4]]
+    pad = PROCESSOR.tokenizer.pad_token_id  # a special text token: kept under skip_special_tokens=False
+    pattern = [words[0], block.start, words[1], block.stop - 1, pad, words[2], block.start + 1, words[3], words[4]]
     row = (pattern * audio.shape[1])[: audio.shape[1]]
     decoded = PROCESSOR.decode_parallel(
         torch.cat([torch.tensor([row]), audio])[None], CONFIG, skip_special_tokens=False
     )
     kept = [token for token in row if token not in block]
     assert decoded[0].text == PROCESSOR.tokenizer.decode(kept, skip_special_tokens=False)
-    assert "speech" not in decoded[0].text
+    assert "speech" not in decoded[0].text and "[PAD]" in decoded[0].text
     assert all(torch.equal(a, b) for a, b in zip(decoded[0].codes, codes, strict=True))
 
 

@@ -13,7 +13,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from jinja2.exceptions import TemplateError
-from tokenizers import Tokenizer, models, normalizers, processors
+from tokenizers import AddedToken, Tokenizer, models, normalizers, processors
 from transformers import AutoProcessor, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import TruncationStrategy
 
@@ -1078,3 +1078,83 @@ def test_the_default_layout_is_text_then_speech_and_interleaving_is_glm4_voices_
     assert p(text=text, speech_units=units)["input_ids"][0] == text_ids + [begin, *speech, end]
     interleaved = p(text=text, speech_units=units, interleave="interleaved")["input_ids"][0]
     assert interleaved == text_ids[:13] + [begin] + speech[:26] + text_ids[13:] + speech[26:] + [end]
+
+
+@pytest.mark.parametrize("template", ["<s> $A", "$A </s>", "<s> $A </s>"])
+def test_a_prompt_for_generation_loses_only_the_end_token_the_tokenizer_appends(template):
+    """A generation prompt is the rendered chat's own ids after any BOS: a token the tokenizer appends (an EOS) is
+    dropped, and with a BOS-only tokenizer (Llama's default) nothing is cut from the end (the last token would be
+    `<|begin_of_speech|>` or the assistant header's)."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    bos, eos = tokenizer.convert_tokens_to_ids(["<s>", "</s>"])
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    add_speech_tokens(tokenizer, NUM_UNITS, text_vocab_size=TEXT_VOCAB_SIZE)
+    processor = DeepTalkProcessor(tokenizer)
+    chat = [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "speech", "units": [1, 2]}]}]
+    for speech_answer in (False, True):
+        options = dict(add_generation_prompt=True, speech_answer=speech_answer)
+        ids = processor.apply_chat_template(chat, tokenize=True, return_dict=True, **options)["input_ids"][0]
+        rendered = processor.apply_chat_template(chat, **options)
+        body = processor(text=rendered, speech_units=[1, 2], add_special_tokens=False)["input_ids"][0]
+        assert ids == [bos] * template.startswith("<s>") + body
+        assert body[-1] == (
+            processor.begin_of_speech_id if speech_answer else tokenizer.convert_tokens_to_ids("assistant")
+        )
+
+
+def test_a_custom_chat_template_is_rendered_and_kept_through_save_and_load(tmp_path):
+    """`chat_template=` given at construction is the processor's template, and the saved one comes back at load (the
+    default template must not replace it)."""
+    template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
+    processor = tiny_processor(NUM_UNITS, chat_template=template)
+    chat = [{"role": "user", "content": "hello"}]
+    assert processor.chat_template == template and processor.apply_chat_template(chat) == "[user]hello\n"
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == template and loaded.apply_chat_template(chat) == "[user]hello\n"
+
+
+def test_assistant_tokens_mask_leaves_out_the_newlines_around_an_answer():
+    """With a tokenizer that keeps "\n" as a token (Qwen's do; the word-level test tokenizer drops it), the assistant
+    mask covers the answer and its `<|im_end|>`, not the header's newline before it nor the turn's newline after it."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_tokens([AddedToken("\n", normalized=False)])
+    add_speech_tokens(tokenizer, NUM_UNITS, text_vocab_size=TEXT_VOCAB_SIZE)
+    processor = DeepTalkProcessor(tokenizer)
+    conversation = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": [{"type": "speech", "units": [1, 2]}, {"type": "text", "text": "world"}]},
+        {"role": "user", "content": "hello"},
+    ]
+    out = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    start, end, newline, user, assistant, hello, world = tokenizer.convert_tokens_to_ids(
+        ["<|im_start|>", "<|im_end|>", "\n", "user", "assistant", "hello", "world"]
+    )
+    speech = [processor.speech_token_start + 1, processor.speech_token_start + 2]
+    question = [start, user, newline, hello, end, newline]
+    header = [start, assistant, newline]
+    answer = [processor.begin_of_speech_id, *speech, processor.end_of_speech_id, world, end]
+    assert out["input_ids"][0] == question + header + answer + [newline] + question
+    assert out["assistant_masks"][0] == [0] * 9 + [1] * len(answer) + [0] * 7
+
+
+def test_batch_decode_passes_the_tokenizers_options_on():
+    """`batch_decode(ids, skip_special_tokens=True)` (docs/processor.md's example) decodes every row with the option,
+    as `decode` does."""
+    hello, pad = PROCESSOR.tokenizer.convert_tokens_to_ids(["hello", "[PAD]"])
+    rows = [[hello, pad, PROCESSOR.speech_token_start + 1], [pad, hello]]
+    decoded = PROCESSOR.batch_decode(rows, skip_special_tokens=True)
+    assert [(d.text, d.speech_units) for d in decoded] == [("hello", [[1]]), ("hello", [])]
+    assert all("[PAD]" in d.text for d in PROCESSOR.batch_decode(rows))
+
+
+def test_return_attention_mask_false_leaves_the_mask_out_as_the_tokenizer_does():
+    options = dict(padding=True, return_attention_mask=False)
+    out = PROCESSOR(text=["hello <|speech|>", "world"], speech_units=[[1, 2], None], **options)
+    assert set(out) == {"input_ids", "modality_ids"}
+    assert "attention_mask" not in PROCESSOR.tokenizer(["hello", "world"], **options)

@@ -377,6 +377,34 @@ def test_noise_and_drop_upcycling():
         )
 
 
+def test_noise_reaches_gate_up_and_down_of_every_routed_expert_and_spares_the_shared_one():
+    """docs/upcycling.md: `init_noise=σ` adds noise of std σ × std(dense matrix) to each routed expert's gate_proj,
+    up_proj and down_proj (each matrix's own std: here 1x, 3x and 0.5x apart); the shared expert stays the dense
+    parts (the test above measures the gate alone)."""
+    dense = dense_model("llama")
+    with torch.no_grad():
+        dense.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+        dense.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    options = dict(
+        num_text_experts=3, num_speech_experts=3, num_experts_per_tok=3, granularity=4, num_shared_experts=1
+    )
+    plain, noisy = upcycle_dense(dense, **options), upcycle_dense(dense, init_noise=0.01, seed=1, **options)
+    mlp = dense.model.layers[0].mlp
+    for i, proj in enumerate((mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        change = torch.cat(
+            [
+                (expert_weights(noisy, group=g)[i] - expert_weights(plain, group=g)[i]).reshape(-1)
+                for g in ("experts", "speech_experts")
+            ]
+        )
+        assert change.count_nonzero() == change.numel(), i  # every entry of every routed expert
+        # 2,304 entries: the sample's own spread is about 1.5%
+        assert (change.std() / proj.weight.std()).item() == pytest.approx(0.01, rel=0.08), i
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        shared = (getattr(m.model.layers[0].mlp.shared_experts, name).weight for m in (noisy, plain))
+        assert torch.equal(*shared), name
+
+
 def test_noise_and_dropped_channels_are_seeded_per_layer():
     """Two layers holding the same dense MLP get different noise and different re-initialised channels."""
     dense = dense_model("llama")

@@ -494,6 +494,25 @@ def test_generate_modality_ids_may_cover_a_prefix_and_work_with_an_assistant():
     assert torch.equal(model.generate(prompt, modality_ids=flipped, assistant_model=assistant, **options), expected)
 
 
+def test_generate_modality_ids_of_a_prefix_route_the_speech_blocks_first_id_after_it_as_speech():
+    """Prompt positions after a shorter `modality_ids` take their modality from their ids from `speech_token_start`
+    on (unit 0 included), as a recomputation with every position's modality given does."""
+    torch.manual_seed(0)
+    model = DeepTalkForCausalLM(tiny_config(initializer_range=0.3)).eval()
+    start = model.config.speech_token_start
+    prompt = torch.tensor([[5, 9, 12, start, start, start + 3, 7, start]])  # the block's first id after the prefix
+    prefix = torch.tensor([[1, 0, 0]])  # not what the ids say, so it must be read
+    options = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    got = model.generate(prompt, modality_ids=prefix, **options)
+    sequence = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            modality = torch.cat([prefix, (sequence[:, 3:] >= start).long()], dim=1)
+            next_id = model(sequence, modality_ids=modality).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_id], dim=1)
+    assert torch.equal(got, sequence)
+
+
 def test_generate_with_a_text_draft_model_and_modality_ids():
     """transformers hands the assistant every model kwarg; a plain text LM as draft takes no `modality_ids`, and the
     verified answer is the one without an assistant."""

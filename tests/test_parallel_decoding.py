@@ -191,6 +191,19 @@ def test_parallel_generation_follows_the_pattern_and_cache_changes_nothing():
             assert ((codes >= 0) & (codes < config.audio_codebook_size)).all()
 
 
+def test_each_audio_stream_follows_its_own_delay_in_any_order():
+    """Delays need not increase with the stream (the config takes any >= 1): stream s pads for its own
+    `delay - 1` steps, then emits its begin code, then codes."""
+    torch.manual_seed(3)
+    model = DeepTalkForCausalLM(parallel_config(audio_stream_delays=[4, 1, 2])).eval()
+    config = model.config
+    answer = model.generate(text_query(config, batch=1), max_new_tokens=6, do_sample=False)[:, 1:, 5:]
+    for s, delay in enumerate(config.audio_stream_delays):
+        assert (answer[:, s, : delay - 1] == config.audio_pad_token_id).all()
+        assert (answer[:, s, delay - 1] == config.audio_bos_token_id).all()
+        assert (answer[:, s, delay:] != config.audio_bos_token_id).all()
+
+
 class PreferAudioEnd(LogitsProcessor):
     """A user processor: every row prefers the audio end code (the pattern still decides where it may go)."""
 
@@ -351,6 +364,11 @@ def test_a_speech_prompt_with_a_padded_text_stream_is_not_padding(delays):
     padded = torch.cat([text_query(config, length=2).fill_(config.pad_token_id), query], dim=-1)
     padded[:, 1:, :2] = config.audio_pad_token_id  # two columns of left padding, masked as such
     assert torch.equal(model.generate(padded, **options)[:, :, 2:], expected)
+    # A prompt that opens with the speech: its first column (text pad, a begin code beside streams still in their
+    # delay) is part of it too. (With every delay above 1 that column is all pad: left padding, without the mask.)
+    if min(delays) == 1:
+        ones = torch.ones(2, spoken.shape[-1], dtype=torch.long)
+        assert torch.equal(model.generate(spoken, **options), model.generate(spoken, attention_mask=ones, **options))
 
 
 def test_stream_losses_are_weighted_means_of_each_stream():
@@ -678,6 +696,18 @@ class EndFirstItemEarly(LogitsProcessor):
         return scores
 
 
+class NeverEnds(LogitsProcessor):
+    """No audio stream ends."""
+
+    def __init__(self, config):
+        self.eos = config.audio_eos_token_id
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.eos] = -float("inf")
+        return scores
+
+
 def test_an_item_that_has_ended_only_pads_while_the_batch_goes_on():
     torch.manual_seed(3)
     model = DeepTalkForCausalLM(parallel_config()).eval()
@@ -690,6 +720,8 @@ def test_an_item_that_has_ended_only_pads_while_the_batch_goes_on():
     assert length < batch.shape[-1] and torch.equal(batch[:1, :, :length], alone)
     assert (batch[0, 0, length:] == config.pad_token_id).all()
     assert (batch[0, 1:, length:] == config.audio_pad_token_id).all()
+    # The items that go on are not cut by another item's end: each is what it gives alone.
+    assert torch.equal(batch[1:], model.generate(query[1:], **kwargs | {"logits_processor": [NeverEnds(config)]}))
 
 
 def test_profiling_the_modality_load_is_refused_by_name():

@@ -336,6 +336,50 @@ def test_an_answer_continuing_the_prompts_speech_voices_the_frames_it_completes(
     assert sum(e.waveform.shape[0] for e in events if isinstance(e, AudioChunk)) == MIMI.samples_per_frame
 
 
+def test_a_segments_last_audio_goes_out_at_its_end_before_what_follows():
+    """`<|end_of_speech|>` voices the frames still pending (fewer than `audio_chunk_frames`) right away: a player
+    gets all of a segment's audio before the text or speech that follows it, not at the next segment or the end."""
+    units = MIMI.to_units(
+        [torch.zeros(3 * MIMI.frame_levels.count(level), dtype=torch.long) for level in range(MIMI.num_codebooks)]
+    ).tolist()
+    per_frame = MIMI.units_per_frame
+    ids = [BEGIN] + [START + u for u in units] + [END, WORD_IDS[1], BEGIN] + [START + u for u in units[:per_frame]]
+    cuts = [1 + per_frame * frame for frame in range(4)] + [2 + 3 * per_frame]  # a frame a step, the end, the word
+    streamer = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=2, context_frames=0)
+    events = stream(streamer, [WORD_IDS[0]], ids, cuts)
+    text = next(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    first = [i for i, e in enumerate(events) if isinstance(e, AudioChunk) and e.segment == 0]
+    assert sum(events[i].waveform.shape[0] for i in first) == 3 * MIMI.samples_per_frame
+    assert max(first) < text
+
+
+def continued_prompt_units() -> list[int]:
+    generator = torch.Generator().manual_seed(1)
+    codes = [
+        torch.randint(0, MIMI.codebook_size, (4 * MIMI.frame_levels.count(level),), generator=generator)
+        for level in range(MIMI.num_codebooks)
+    ]
+    return MIMI.to_units(codes).tolist()
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["begin-after-an-open-segment", "units-after-a-closed-segment"])
+def test_an_answer_that_opens_a_new_segment_does_not_continue_the_prompts(closed):
+    """The answer's speech continues the prompt's segment only while that is open and no marker came: a new segment
+    (opened by `<|begin_of_speech|>`, or by a unit after the prompt's segment was closed) is voiced from its own
+    frames alone, with none of the prompt's as context."""
+    units, per_frame = continued_prompt_units(), MIMI.units_per_frame
+    split = 2 * per_frame if closed else per_frame + 2  # a closed segment of whole frames, or an open mid-frame
+    prompt = [WORD_IDS[0], BEGIN] + [START + u for u in units[:split]] + ([END] if closed else [])
+    own = units[2 * per_frame :]
+    answer = ([] if closed else [BEGIN]) + [START + u for u in own] + [END]
+    streamer = DeepTalkStreamer(PROCESSOR, MIMI, audio_chunk_frames=1, context_frames=8)
+    events = stream(streamer, prompt, answer, [3])
+    assert sum((e.units for e in events if isinstance(e, SpeechChunk)), []) == own
+    waveform = torch.cat([e.waveform for e in events if isinstance(e, AudioChunk)])
+    full = MIMI.decode(MIMI.from_units(own))
+    assert waveform.shape == full.shape and (waveform - full).abs().max() <= 1e-5
+
+
 # ---- the logits processor ----------------------------------------------------------------------------------------
 
 

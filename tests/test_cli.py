@@ -48,6 +48,7 @@ from deeptalk_hf.upcycling import atomic_output_dir
 sys.path.insert(0, str(Path(__file__).parent))
 from test_upcycling import (  # noqa: E402
     ARCHITECTURES,
+    create_while_writing,
     dense_model,
     fake_hub,
     load_checked,
@@ -239,17 +240,9 @@ def test_upcycle_exit_codes(tmp_path, capsys):
 def test_a_destination_created_while_the_cli_writes_is_kept_without_overwrite(tmp_path, monkeypatch, capsys):
     """DST is checked up front and again at the end: one that appears during the run (another job, a second
     invocation) is kept and the command exits 4 unless --overwrite was given, when it is replaced."""
-    from safetensors.torch import save_file
-
     source = save_dense(dense_model("llama"), tmp_path / "dense")
     destination = tmp_path / "moe"
-
-    def save_while_someone_creates_the_destination(tensors, filename, metadata=None):
-        save_file(tensors, filename, metadata=metadata)
-        destination.mkdir(exist_ok=True)
-        (destination / "config.json").write_text("{}")
-
-    monkeypatch.setattr("deeptalk_hf.upcycling.save_file", save_while_someone_creates_the_destination)
+    create_while_writing(monkeypatch, destination, "config.json", "{}")
     arguments = [str(source), str(destination), "--num-text-experts", "2", "--top-k", "1", "--quiet"]
     assert upcycle_main(arguments) == EXIT_EXISTS
     assert "created while the output was written" in capsys.readouterr().err

@@ -1214,18 +1214,22 @@ def test_upcycle_dense_and_moe_in_memory_from_a_hub_id(tmp_path, monkeypatch):
         assert max_diff(model(ids).logits, AutoModelForCausalLM.from_pretrained(repo)(ids).logits) <= 1e-5
 
 
-def test_a_destination_created_during_the_run_is_never_replaced_unasked(tmp_path, monkeypatch):
-    source = save_dense(dense_model("llama"), tmp_path / "dense")
-    destination = tmp_path / "moe"
+def create_while_writing(monkeypatch, destination: Path, file: str, text: str) -> None:
+    """Someone else (another job, a second run) creates `destination` holding `file` while the output is written."""
+    from safetensors.torch import save_file
 
     def save_while_someone_creates_the_destination(tensors, filename, metadata=None):
         save_file(tensors, filename, metadata=metadata)
         destination.mkdir(exist_ok=True)
-        (destination / "notes.txt").write_text("mine")
-
-    from safetensors.torch import save_file
+        (destination / file).write_text(text)
 
     monkeypatch.setattr("deeptalk_hf.upcycling.save_file", save_while_someone_creates_the_destination)
+
+
+def test_a_destination_created_during_the_run_is_never_replaced_unasked(tmp_path, monkeypatch):
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    destination = tmp_path / "moe"
+    create_while_writing(monkeypatch, destination, "notes.txt", "mine")
     options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False)
     with pytest.raises(FileExistsError, match="created while the output was written"):
         upcycle_checkpoint(source, destination, **options)

@@ -436,6 +436,18 @@ def test_a_cache_passed_by_its_old_name_past_key_values_is_used():
     torch.testing.assert_close(hidden, model.model(ids).last_hidden_state[:, -1])
 
 
+def greedy_recomputed(model, prompt: torch.Tensor, modality_ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by full recomputation: `modality_ids` for the first positions, the ids' own block after them."""
+    start, sequence = model.config.speech_token_start, prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            given = modality_ids.shape[1]
+            modality = torch.cat([modality_ids, (sequence[:, given:] >= start).long()], dim=1)
+            next_id = model(sequence, modality_ids=modality).logits[:, -1].argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, next_id], dim=1)
+    return sequence
+
+
 def test_generation_extends_modality_ids_from_new_ids():
     """A prompt whose modality comes from `modality_ids` must decode like a full recomputation that uses them."""
     model = DeepTalkForCausalLM(tiny_config()).eval()
@@ -447,13 +459,7 @@ def test_generation_extends_modality_ids_from_new_ids():
         prompt, modality_ids=modality_ids, max_new_tokens=8, do_sample=False, eos_token_id=None, use_cache=False
     )
     assert torch.equal(out, uncached)
-    sequence = prompt
-    with torch.no_grad():
-        for _ in range(8):
-            full_modality = torch.cat([modality_ids, (sequence[:, 6:] >= start).long()], dim=1)
-            next_id = model(sequence, modality_ids=full_modality).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, next_id], dim=1)
-    assert torch.equal(out, sequence)
+    assert torch.equal(out, greedy_recomputed(model, prompt, modality_ids, 8))
     # The same prompt given as embeddings (as from an audio encoder): the same new ids.
     embeds = model.get_input_embeddings()(prompt)
     from_embeds = model.generate(
@@ -504,13 +510,7 @@ def test_generate_modality_ids_of_a_prefix_route_the_speech_blocks_first_id_afte
     prefix = torch.tensor([[1, 0, 0]])  # not what the ids say, so it must be read
     options = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
     got = model.generate(prompt, modality_ids=prefix, **options)
-    sequence = prompt
-    with torch.no_grad():
-        for _ in range(6):
-            modality = torch.cat([prefix, (sequence[:, 3:] >= start).long()], dim=1)
-            next_id = model(sequence, modality_ids=modality).logits[:, -1].argmax(-1, keepdim=True)
-            sequence = torch.cat([sequence, next_id], dim=1)
-    assert torch.equal(got, sequence)
+    assert torch.equal(got, greedy_recomputed(model, prompt, prefix, 6))
 
 
 def test_generate_with_a_text_draft_model_and_modality_ids():

@@ -148,6 +148,21 @@ def test_two_audio_lengths_give_their_positions_and_masked_batches_match_single_
         assert not torch.allclose(louder[:, -1], logits[:, -1])
 
 
+def test_audio_positions_are_speech_whatever_modality_ids_say():
+    """The placeholders' positions are always routed as speech: modality ids marking them text (0) change nothing,
+    while the same ids marking a text position speech do (the model still reads the caller's ids)."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    batch = audio_batch(config, whisper_features(), [[BOS, config.audio_token_id, 5, 6]], [tone(440, 0.25)])
+    assert batch["modality_ids"].tolist() == [[0, 1, 1, 1, 0, 0]]
+    with torch.no_grad():
+        logits = model(**batch).logits
+        as_text = model(**dict(batch, modality_ids=torch.zeros_like(batch["modality_ids"]))).logits
+        torch.testing.assert_close(as_text, logits, rtol=0, atol=0)
+        marked = model(**dict(batch, modality_ids=torch.tensor([[0, 0, 0, 0, 1, 0]]))).logits
+        assert not torch.allclose(marked[0, 4:], logits[0, 4:])
+
+
 def test_each_position_is_the_connector_over_its_consecutive_valid_encoder_frames():
     """Position j of an audio is `linear_2(act(linear_1([f_sj; ...; f_sj+s-1])))` over consecutive encoder frames,
     the frames past its valid length (Whisper's padded window, the tail of a partial last stack) reading as zeros.
@@ -305,6 +320,19 @@ def test_bad_audio_input_raises_naming_the_problem():
     empty["input_features_mask"][1] = 0
     with pytest.raises(ValueError, match="audio 1 \\(0 valid features\\) is too short for the encoder to make a"):
         model(**empty)
+
+
+def test_an_audio_is_not_split_over_a_rows_end_and_the_next_rows_start():
+    """A run of placeholders ends with its row, also where the next row starts with placeholders: an audio of 3
+    positions cannot fill the last 2 of one row and the first of the next (two runs, of 2 and 1)."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    audio_id = config.audio_token_id
+    one = audio_batch(config, whisper_features(), [[BOS, audio_id, 5]], [tone(440, 0.25)])
+    assert one["input_ids"][0].tolist().count(audio_id) == 3
+    split = torch.tensor([[BOS, 5, audio_id, audio_id], [audio_id, 6, 7, SEP]])
+    with pytest.raises(ValueError, match=r"runs \(reading order\) hold \[2, 1\] positions"):
+        model(input_ids=split, **features_of(one))
 
 
 @pytest.mark.parametrize(

@@ -380,10 +380,9 @@ def test_load_time_override_is_checked(tmp_path):
         AutoConfig.from_pretrained(tmp_path, stack_factor=0)
     assert AutoConfig.from_pretrained(tmp_path, stack_factor=2).stack_factor == 2
     # a text_config dict updates the saved LLM config, and the composite's checks see the result
-    assert (
-        AutoConfig.from_pretrained(tmp_path, text_config={"num_experts_per_tok": 1}).text_config.num_experts_per_tok
-        == 1
-    )
+    updated = AutoConfig.from_pretrained(tmp_path, text_config={"num_experts_per_tok": 1}).text_config
+    saved_text = whisper_audio_config().text_config.to_dict()
+    assert updated.to_dict() == saved_text | {"num_experts_per_tok": 1}  # the other saved LLM fields kept
     with pytest.raises(ValueError, match="num_audio_streams=1"):
         AutoConfig.from_pretrained(tmp_path, text_config={"num_audio_streams": 1})
     saved = json.loads((tmp_path / "config.json").read_text())  # the LLM's field spelled by an alias
@@ -396,6 +395,8 @@ def test_config_defaults_and_dict_round_trip():
     config = whisper_audio_config()
     assert config.audio_token_id == config.text_config.speech_token_start - 1  # the last text-block id
     assert config.connector_hidden_size == config.text_config.hidden_size
+    narrow = whisper_audio_config(audio_config=WhisperConfig(**WHISPER | {"d_model": 16}))  # not the LLM's 32
+    assert narrow.connector_hidden_size == narrow.text_config.hidden_size == 32
     rebuilt = AutoConfig.for_model(**config.to_dict())
     assert isinstance(rebuilt, DeepTalkAudioConfig) and isinstance(rebuilt.text_config, DeepTalkConfig)
     assert rebuilt.audio_config.model_type == "whisper" and rebuilt.to_dict() == config.to_dict()

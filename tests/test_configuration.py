@@ -87,6 +87,34 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(router_dtype="bfloat16"), "router_dtype='bfloat16'"),
         (dict(routing_weights_dtype="float16"), "routing_weights_dtype='float16'"),
         (dict(rope_complex=True), "rope_complex=True .* set kv_lora_rank"),  # V2's rotary exists only in MLA
+        # Checks that reach a layer's own counts or every entry, not only the common case:
+        (dict(shared_expert_intermediate_size=-1), "shared_expert_intermediate_size=-1"),  # else a torch error
+        (dict(speech_expert_ids=[[-1, 1, 2], [0, 1, 2]]), r"speech_expert_ids\[0\]=\[-1, 1, 2\]"),  # not from the end
+        (dict(speech_expert_ids=[[0, 0, 1], [0, 1, 2]]), r"speech_expert_ids\[0\]=\[0, 0, 1\] must list 3 distinct"),
+        (dict(speech_expert_ids=[[0, 1, 2]]), "speech_expert_ids has 1 entries but the model has 2 MoE layers"),
+        (  # the second MoE layer has 3 + 2 experts: ids valid for the first layer's 4 + 3 are not its
+            dict(num_experts=[4, 3], num_speech_experts=[3, 2], speech_expert_ids=[[0, 1, 2], [0, 1, 2]]),
+            r"speech_expert_ids\[1\]=\[0, 1, 2\] must list 2 distinct expert indices in \[0, 5\) for layer 2",
+        ),
+        (
+            dict(num_experts=[4, 3], num_speech_experts=0, topk_method="noaux_tc", n_group=2, topk_group=1),
+            "n_group=2 does not divide the 3 experts of layer 2",  # the first layer's 4 would divide
+        ),
+        (  # the pad code on the last audio code: that code would read as padding
+            dict(num_audio_streams=2, audio_codebook_size=10, audio_pad_token_id=9, audio_bos_token_id=10),
+            "must be distinct and above the 10 codes",
+        ),
+        (
+            dict(
+                kv_lora_rank=8,
+                q_lora_rank=0,
+                qk_nope_head_dim=8,
+                qk_rope_head_dim=4,
+                v_head_dim=6,
+                num_key_value_heads=4,
+            ),
+            "{'q_lora_rank': 0}",  # None is no query compression; 0 is not a rank
+        ),
     ],
 )
 def test_invalid_fields_raise_value_error_naming_them(overrides, field):
@@ -266,3 +294,26 @@ def test_mla_head_dim_is_the_rope_part():
     edited.kv_lora_rank, edited.qk_nope_head_dim, edited.qk_rope_head_dim, edited.v_head_dim = 8, 4, 4, 8
     with pytest.raises(ValueError, match="head_dim=8 must equal qk_rope_head_dim=4"):
         DeepTalkForCausalLM(edited)
+
+
+def test_derived_defaults_follow_the_documented_rules():
+    """docs/configuration.md's defaults of the derived fields, each where tiny_config does not set the field."""
+    assert tiny_config(num_key_value_heads=None).num_key_value_heads == 4  # None: multi-head attention
+    assert tiny_config(head_dim=None).head_dim == 32 // 4  # hidden_size // num_attention_heads
+    assert tiny_config().expert_order(0) is None  # no speech_expert_ids: speech experts follow the text experts
+    streams = tiny_config(num_audio_streams=2, audio_codebook_size=10)
+    assert (streams.audio_pad_token_id, streams.audio_bos_token_id, streams.audio_eos_token_id) == (10, 11, 12)
+    assert streams.stream_loss_weights == [1.0, 1.0, 1.0] and streams.audio_stream_vocab_size == 13
+    # A stream's table covers every special code, whichever is the largest.
+    for specials in ((12, 10, 11), (10, 12, 11), (10, 11, 12)):
+        pad, bos, eos = specials
+        config = tiny_config(
+            num_audio_streams=1,
+            audio_codebook_size=10,
+            audio_pad_token_id=pad,
+            audio_bos_token_id=bos,
+            audio_eos_token_id=eos,
+        )
+        assert config.audio_stream_vocab_size == 13
+    # The dense MLP's width is checked only where a layer is dense (DeepSeek-style all-MoE configs may leave it 0).
+    assert tiny_config(mlp_only_layers=[], intermediate_size=0).moe_layers == [0, 1, 2]

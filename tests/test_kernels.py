@@ -315,6 +315,44 @@ def test_no_read_outside_the_inputs():
             assert_close(K.fused_moe_experts(*inputs), expected, TOLERANCE[torch.float32], "decode output")
 
 
+def test_an_experts_nan_weights_reach_only_its_own_tokens():
+    """A row tile's rows past its expert's last row are masked: nothing of them may reach an output, not even the
+    zeros they compute, which are NaN where the expert's weights are (masked atomic adds land on token 0, pair 0).
+    Expert 1 (5 pairs, a ragged tile) holds NaN weights and token 0 does not use it: every output, input gradient,
+    routing gradient and other expert's weight gradient that does not involve expert 1 must equal the reference
+    computed with expert 1 zeroed, on the training path and in deterministic mode."""
+    case = dict(
+        num_tokens=13, hidden=40, inter=24, num_experts=4, top_k=2, num_used=4, sentinel_rate=0.0,
+        layout="contiguous", trainable="all", seed=15,
+    )  # fmt: skip
+    inputs, grad_out = build_case(case, torch.float32, DEVICE)
+    x, gate_up, down, index, weights = inputs
+    index[:] = torch.tensor([0, 2], device=DEVICE)
+    index[[2, 4, 7, 8, 12], 1] = 1  # 5 pairs on expert 1, none of them token 0's
+    ref_inputs = upcast(inputs)
+    with torch.no_grad():
+        for w in ref_inputs[1:3]:
+            w[1] = 0.0
+        gate_up[1], down[1] = float("nan"), float("nan")
+    ref_out, ref_grads = outputs_and_grads(K.moe_experts_reference, ref_inputs, grad_out.double())
+    clean = (index != 1).all(1)  # tokens not routed to expert 1
+    for deterministic in (False, True):
+        with deterministic_algorithms(deterministic):
+            out, (grad_x, grad_gate_up, grad_down, grad_routing) = outputs_and_grads(
+                K.fused_moe_experts, inputs, grad_out
+            )
+        pairs = [
+            ("output", out[clean], ref_out[clean]),
+            ("grad hidden", grad_x[clean], ref_grads[0][clean]),
+            ("grad gate_up_proj", grad_gate_up[[0, 2, 3]], ref_grads[1][[0, 2, 3]]),
+            ("grad down_proj", grad_down[[0, 2, 3]], ref_grads[2][[0, 2, 3]]),
+            ("grad routing", grad_routing[index != 1], ref_grads[3][index != 1]),
+        ]
+        for name, ours, ref in pairs:
+            assert ours.isfinite().all(), f"{name} (deterministic={deterministic}): NaN outside expert 1's tokens"
+            assert_close(ours, ref, TOLERANCE[torch.float32], f"{name} (deterministic={deterministic})")
+
+
 def test_the_decode_path_never_reads_a_sentinel_pairs_expert():
     """A sentinel id E (a group smaller than top-k) names no expert: the gate/up decode kernel must skip its pair, not
     read `gate_up_proj[E]`, one expert past the tensor (the down kernel skipping it too hid such a read). The weights
@@ -432,6 +470,37 @@ def test_fp16_sums_accumulate_in_fp32():
             assert_close(ours, ref, TOLERANCE[torch.float16], name)
 
 
+def test_fp16_gate_and_up_sums_accumulate_in_fp32():
+    """The gate/up products reduce over H: fp16 hidden states whose second half repeats the first, and gate (for half
+    the intermediate columns) or up rows (the other half) whose second half is minus the first plus small terms, so
+    that the sum over the second half of H cancels the first's up to a small remainder. fp32 accumulators keep it,
+    fp16 ones round the first half's sum to 11 bits and lose it; on the grouped path (training and inference, any
+    `BLOCK_K` up to H/2) and the decode path (seen under the interpreter: errors 0.18 (grouped) and 0.06 (decode) of
+    the largest output with fp16 accumulators, <= 5e-4 with fp32 ones)."""
+    hidden, inter, half = 128, 32, 64
+    case = dict(
+        num_tokens=16, hidden=hidden, inter=inter, num_experts=1, top_k=1, num_used=1, sentinel_rate=0.0,
+        layout="contiguous", trainable="none", seed=14,
+    )  # fmt: skip
+    (x, gate_up, down, index, weights), _ = build_case(case, torch.float16, DEVICE)
+    gen = torch.Generator().manual_seed(14)
+    small = torch.randn(2 * inter, half, generator=gen) / hidden**0.5 / 1024
+    # The first half of the gate rows, the second half of the up rows.
+    cancelled = torch.cat([torch.arange(inter // 2), torch.arange(inter + inter // 2, 2 * inter)])
+    with torch.no_grad():
+        x[:, half:] = x[:, :half]
+        mirrored = -gate_up[0, :, :half].float() + small.to(DEVICE)
+        gate_up[0, cancelled, half:] = mirrored[cancelled].half()
+    expected = K.moe_experts_reference(*upcast((x, gate_up, down, index, weights)))
+    for path, rows in (("grouped", slice(None)), ("decode", slice(0, 1))):
+        args = (x[rows], gate_up, down, index[rows], weights[rows])
+        assert fused_moe_module.use_decode_path(args[0].shape[0], 1, 1) == (path == "decode")
+        with torch.no_grad():
+            assert_close(K.fused_moe_experts(*args), expected[rows], TOLERANCE[torch.float16], f"{path} output")
+    x.requires_grad_()  # the training path keeps the pre-activation too
+    assert_close(K.fused_moe_experts(x, gate_up, down, index, weights), expected, TOLERANCE[torch.float16], "output")
+
+
 def test_eager_experts_agree():
     """transformers' eager experts, the reference and the kernels agree (ties the oracle to transformers' math)."""
     case = dict(
@@ -518,6 +587,8 @@ def test_weights_of_another_dtype_are_refused():
     for grad in (False, True):
         with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="gate_up_proj is torch.float64"):
             K.fused_moe_experts(x.double(), gate_up.double(), down.double(), index, weights.double())
+        with torch.set_grad_enabled(grad), pytest.raises(TypeError, match="down_proj is torch.float64"):  # either
+            K.fused_moe_experts(x, gate_up, down.double(), index, weights)
 
 
 def test_decode_path_returns_the_hidden_states_dtype():

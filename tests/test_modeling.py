@@ -25,7 +25,9 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 from transformers.generation.streamers import BaseStreamer
-from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import AttentionInterface
+from transformers.models.qwen3_moe.modeling_qwen3_moe import eager_attention_forward, load_balancing_loss_func
 
 from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM, DeepTalkModel, upcycle_moe
 from deeptalk_hf.modeling_deeptalk import (
@@ -135,6 +137,19 @@ def test_qwen3_moe_checkpoint_loads_without_a_config_and_other_layouts_are_refus
             ValueError, match=r"lacks 2 tensors .*\(lm_head.weight, speech_lm_head.weight\)\. Only output heads"
         ):
             DeepTalkForCausalLM.from_pretrained(tmp_path / folder, **overrides)
+
+
+def test_a_checkpoint_with_tensors_the_config_has_no_place_for_is_refused(tmp_path):
+    """Dropped tensors would make another model: speech attention read without it, or a head bias (which DeepTalk's
+    heads do not have), is refused by name; the base model leaves a causal LM's heads out as not its own."""
+    DeepTalkForCausalLM(tiny_config(speech_attention=True)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"18 tensors .* no place for \(model\.layers\.0\.self_attn\.speech_k_norm"):
+        DeepTalkForCausalLM.from_pretrained(tmp_path, speech_attention=False)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file(weights | {"lm_head.bias": torch.ones(64)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 tensors .* no place for \(lm_head\.bias\)"):
+        DeepTalkForCausalLM.from_pretrained(tmp_path)
+    assert DeepTalkModel.from_pretrained(tmp_path).config.speech_attention
 
 
 def test_qwen2_moe_shared_expert_gate_and_qkv_bias_match(tmp_path):
@@ -314,6 +329,8 @@ def test_modality_ids_override_the_id_block_for_inputs_embeds():
         reference = model(input_ids).logits
         assert torch.equal(model(inputs_embeds=embeds, modality_ids=modality_ids).logits, reference)
         all_text = model(inputs_embeds=embeds).logits
+        # without either, every position is text (docs/concepts.md)
+        assert torch.equal(all_text, model(inputs_embeds=embeds, modality_ids=torch.zeros_like(input_ids)).logits)
     assert not torch.equal(all_text, reference)
     with pytest.raises(ValueError, match="modality_ids has shape"):
         model(input_ids, modality_ids=modality_ids[:, :3])
@@ -360,6 +377,30 @@ def test_modality_ids_other_than_0_and_1_are_refused_except_on_padding():
         model.generate(input_ids, modality_ids=padded + 2 * (padded == 0), cache_implementation="static", **kwargs)
     with pytest.raises(ValueError, match=r"modality_ids has shape \(1, 3\) but the input has \(2, 3\)"):
         model(input_ids, attention_mask=attention_mask, modality_ids=padded[:1])
+
+
+def test_the_pad_row_of_the_text_table_gets_no_gradient_as_in_transformers():
+    """`embed_tokens` has Qwen3-MoE's `padding_idx` (the pad id, where it is a text id): its row stays as loaded."""
+    model = DeepTalkForCausalLM(tiny_config()).train()  # pad_token_id 0
+    reference = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=64, hidden_size=32, pad_token_id=0, num_hidden_layers=1))
+    assert model.model.embed_tokens.padding_idx == reference.model.embed_tokens.padding_idx == 0
+    ids = torch.tensor([[0, 5, 0, 70, 9]])
+    model(ids, labels=ids).loss.backward()
+    grad = model.model.embed_tokens.weight.grad
+    assert not grad[0].any() and grad[5].any()
+    assert DeepTalkModel(tiny_config(pad_token_id=70)).embed_tokens.padding_idx is None  # a speech id: no text row
+
+
+def test_modality_ids_of_new_ids_are_checked_against_the_masks_last_columns():
+    """Decoding from a cache by hand: `modality_ids` covers the new ids, the mask the whole sequence, so the padding
+    that may hold anything is read from the mask's last columns (a left-padded row's first columns are padding)."""
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    prompt, mask = torch.tensor([[0, 3, 4], [5, 6, 7]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    with torch.no_grad():
+        cache = model(prompt, attention_mask=mask, use_cache=True).cache
+        step = dict(attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache)
+        with pytest.raises(ValueError, match=r"got \[2\]"):
+            model(torch.tensor([[70], [8]]), modality_ids=torch.tensor([[2], [0]]), **step)
 
 
 @pytest.mark.parametrize("grad", [True, False])  # without autograd a one-modality batch reads only its own table
@@ -1322,6 +1363,21 @@ def test_router_dtype_decides_the_routers_precision_in_a_half_precision_model(ro
     assert model.model.layers[0].mlp.gate.e_score_correction_bias.dtype == torch.float32
 
 
+def test_deferred_initialisation_zeroes_the_score_correction_bias():
+    """A model built on the meta device and initialised later (`to_empty`, then `init_weights`, as FSDP and accelerate
+    do) starts with DeepSeek-V3's correction bias at zero, as transformers' DeepSeek-V3 does: whatever the memory held
+    would pick other experts."""
+    with torch.device("meta"):
+        model = DeepTalkForCausalLM(tiny_config(topk_method="noaux_tc", n_group=1, topk_group=1))
+    model.to_empty(device="cpu")
+    biases = [buffer for name, buffer in model.named_buffers() if name.endswith("e_score_correction_bias")]
+    with torch.no_grad():
+        for bias in biases:
+            bias.fill_(float("nan"))
+    model.init_weights()
+    assert len(biases) == 4 and all(torch.equal(bias, torch.zeros_like(bias)) for bias in biases)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_dropout_applies_in_training_only(attn):
     """`attention_dropout` is a training regulariser: an eval model is deterministic, a training one is not."""
@@ -1333,6 +1389,37 @@ def test_attention_dropout_applies_in_training_only(attn):
         assert torch.equal(first, second)
         model.train()
         assert not torch.equal(model(ids).logits, first)
+
+
+MLA = dict(
+    kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=4
+)
+
+
+@pytest.mark.parametrize("mla", [False, True])
+def test_each_layer_calls_the_configured_attention_function_and_records_its_weights(mla):
+    """A registered attention function (a kernel of the user's) is what every layer calls, with the sliding window of
+    its layer type only (as transformers' Qwen3-MoE passes it; flash attention reads it), and `output_attentions`
+    returns each layer's weights, for the standard and the latent attention alike."""
+    calls = []
+
+    def recording(module, *args, **kwargs):
+        calls.append((module.layer_idx, kwargs.get("sliding_window")))
+        return eager_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("deeptalk_test_recording", recording)
+    AttentionMaskInterface.register("deeptalk_test_recording", eager_mask)
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    config = tiny_config(**MLA) if mla else tiny_config(sliding_window=4, layer_types=layer_types)
+    model = DeepTalkForCausalLM(config).eval()
+    ids = torch.randint(3, 80, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        model.set_attn_implementation("deeptalk_test_recording")
+        outputs = model(ids, output_attentions=True)
+    assert calls == ([(0, None), (1, None), (2, None)] if mla else [(0, 4), (1, None), (2, 4)])
+    torch.testing.assert_close(outputs.logits, reference, rtol=1e-5, atol=1e-5)
+    assert [tuple(weights.shape) for weights in outputs.attentions] == [(2, 4, 7, 7)] * 3
 
 
 def test_reentrant_checkpointing_warns_with_a_z_loss_alone(caplog):

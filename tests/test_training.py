@@ -377,4 +377,6 @@ def test_loading_an_expert_given_again_one_by_one_leaves_the_callers_tensors_alo
     model = DeepTalkForCausalLM(tiny_config())
     model.load_state_dict(source.state_dict() | {"model.layers.0.mlp.experts.1.down_proj.weight": torch.ones(32, 16)})
     assert torch.equal(model.model.layers[0].mlp.experts.down_proj[1], torch.ones(32, 16))
+    # the other experts are the dict's fused tensor's, not what the loading model had
+    assert torch.equal(model.model.layers[0].mlp.experts.down_proj[[0, 2, 3]], before[[0, 2, 3]])
     assert torch.equal(source.model.layers[0].mlp.experts.down_proj, before)

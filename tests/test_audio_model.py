@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForMultimodalLM,
@@ -812,19 +813,25 @@ def test_align_stage_trains_the_connector_only(top_layers):
         model.audio_encoder_top_layers(3)
 
 
-def test_stages_never_train_what_the_encoder_keeps_fixed(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "speech_llm."])
+def test_stages_never_train_what_the_encoder_keeps_fixed(tmp_path, prefix):
     """Whisper builds its sinusoidal positions frozen (and transformers' loading turns them trainable): no `also`
-    pattern unfreezes them, and one that names them alone is refused by name."""
+    pattern unfreezes them, and one that names them alone is refused by name; the same where the model is held by a
+    user's module (`prefix`), whose stage also puts the frozen encoder in eval mode."""
     DeepTalkForConditionalGeneration(whisper_audio_config()).save_pretrained(tmp_path)
-    model = DeepTalkForConditionalGeneration.from_pretrained(tmp_path)
+    model = holder = DeepTalkForConditionalGeneration.from_pretrained(tmp_path)
+    if prefix:
+        holder = nn.Module()
+        holder.speech_llm = model
     fixed = "audio_encoder.embed_positions.weight"
-    encoder = {n for n, _ in model.named_parameters() if n.startswith("audio_encoder.")} - {fixed}
-    assert set(set_training_stage(model, "align", also=["audio_encoder.*"])) >= encoder
+    encoder = {prefix + n for n, _ in model.named_parameters() if n.startswith("audio_encoder.")} - {prefix + fixed}
+    assert set(set_training_stage(holder, "align", also=[f"{prefix}audio_encoder.*"])) >= encoder
     assert not model.get_parameter(fixed).requires_grad
-    with pytest.raises(
-        ValueError, match="matches only .'audio_encoder.embed_positions.weight'., which WhisperEncoder"
-    ):
-        set_training_stage(model, "joint", also=["*.embed_positions.*"])
+    with pytest.raises(ValueError, match=f"matches only .'{prefix}{fixed}'., which WhisperEncoder"):
+        set_training_stage(holder, "joint", also=["*.embed_positions.*"])
+    holder.train()
+    set_training_stage(holder, "align")
+    assert model.training and not model.audio_encoder.training
 
 
 def test_other_stages_keep_their_meaning_and_leave_the_encoder_frozen():

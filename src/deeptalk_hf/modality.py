@@ -636,6 +636,11 @@ def _name_inside_deeptalk(model: nn.Module) -> Callable[[str], str]:
     return lambda name: name.removeprefix(next((p for p in prefixes if name.startswith(p)), ""))
 
 
+def _audio_models(model: nn.Module) -> list[DeepTalkForConditionalGeneration]:
+    """The speech-input models in `model`: itself, or held by a user's module."""
+    return [module for module in model.modules() if isinstance(module, DeepTalkForConditionalGeneration)]
+
+
 def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[str] = ()) -> list[str]:
     """Names of the parameters that training stage `stage` trains, plus those matching `also`; the model is unchanged.
 
@@ -668,16 +673,21 @@ def training_stage_parameters(model: nn.Module, stage: str, *, also: Iterable[st
         "joint": lambda name: "audio_encoder" not in name,
         "align": lambda name: "speech_connector" in name,
     }
-    encoder = getattr(model, "audio_encoder", None)
-    fixed = {canonical[id(encoder.get_parameter(n))] for n in getattr(model, "fixed_encoder_parameters", ())}
+    # What each audio encoder's own model never trains, by the encoder's class (the composite may sit in a wrapper).
+    fixed = {
+        canonical[id(composite.audio_encoder.get_parameter(n))]: type(composite.audio_encoder).__name__
+        for composite in _audio_models(model)
+        for n in composite.fixed_encoder_parameters
+    }
     aliases = [(alias, canonical[id(param)]) for alias, param in model.named_parameters(remove_duplicate=False)]
     for pattern in also:
         matched = {name for alias, name in aliases if fnmatchcase(alias, pattern)}
         if not matched:
             raise ValueError(f"also pattern {pattern!r} matches no parameter of the model")
-        if matched <= fixed:
+        if matched <= fixed.keys():
             raise ValueError(
-                f"also pattern {pattern!r} matches only {sorted(matched)}, which {type(encoder).__name__} never trains"
+                f"also pattern {pattern!r} matches only {sorted(matched)}, which "
+                f"{' and '.join(sorted({fixed[name] for name in matched}))} never trains"
             )
     by_also = {name for alias, name in aliases if any(fnmatchcase(alias, pattern) for pattern in also)}
     trainable = [name for name in names if (rules[stage](own_name(name)) or name in by_also) and name not in fixed]
@@ -707,8 +717,8 @@ def set_training_stage(model: nn.Module, stage: str, *, also: Iterable[str] = ()
         param.requires_grad_(name in selected)
         if name not in selected:
             param.grad = None
-    if hasattr(model, "audio_encoder"):  # its encoder's modes follow which parts are frozen (see its `train`)
-        model.train(model.training)
+    for composite in _audio_models(model):  # its encoder's modes follow which parts are frozen (see its `train`)
+        composite.train(composite.training)
     return trainable
 
 

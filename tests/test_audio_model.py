@@ -845,6 +845,9 @@ def test_other_stages_keep_their_meaning_and_leave_the_encoder_frozen():
     assert all(n.startswith("language_model.") for n in text)
     joint = set_training_stage(model, "joint")
     assert set(joint) == {n for n in names if not n.startswith("audio_encoder.")}
+    model.eval()  # a stage chosen on a model in eval mode leaves it there
+    set_training_stage(model, "speech")
+    assert not model.training and not any(module.training for module in model.modules())
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

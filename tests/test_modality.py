@@ -732,11 +732,13 @@ def test_joint_align_and_also(tmp_path_factory):
     assert model.model.audio_encoder.speech_encoder.weight.requires_grad is False
 
 
-def test_stages_read_names_inside_the_deeptalk_model_not_a_wrappers_attribute():
-    """A DeepTalk model held by a user's module under a name that says "speech": each stage trains the same tensors
-    as on the bare model, under the wrapper's names (before, the speech stage trained every tensor and the text stage
-    none); the wrapper's own tensors follow the rules by their own names."""
-    model = DeepTalkForCausalLM(tiny_config())
+@pytest.mark.parametrize("model_class", [DeepTalkForCausalLM, DeepTalkModel])
+def test_stages_read_names_inside_the_deeptalk_model_not_a_wrappers_attribute(model_class):
+    """A DeepTalk model (the causal LM, or the bare `DeepTalkModel` that `AutoModel` gives) held by a user's module
+    under a name that says "speech": each stage trains the same tensors as on the bare model, under the wrapper's names
+    (before, the speech stage trained every tensor and the text stage none); the wrapper's own tensors follow the rules
+    by their own names."""
+    model = model_class(tiny_config())
     wrapper = nn.Module()
     wrapper.speech_llm = model
     wrapper.speech_head = nn.Linear(2, 2)  # outside the model: a speech tensor by its own name
@@ -744,6 +746,8 @@ def test_stages_read_names_inside_the_deeptalk_model_not_a_wrappers_attribute():
     for stage, extra in (("speech", head), ("text", set()), ("joint", head)):
         bare = {f"speech_llm.{name}" for name in training_stage_parameters(model, stage)}
         assert set(training_stage_parameters(wrapper, stage)) == bare | extra, stage
+        if stage == "speech":  # and not every tensor of the model: its text attention stays out
+            assert not any(".self_attn.q_proj." in name for name in bare)
 
 
 def test_freezing_drops_stale_gradients(tmp_path_factory):

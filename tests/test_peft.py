@@ -214,6 +214,7 @@ def test_stage_config_options_and_errors():
         ValueError, match=r"lora_dropout=0.05: stage 'speech' adapts experts tensors .* pass lora_dropout=0"
     ):
         lora_config_for_stage(model, "speech", lora_dropout=0.05)
+    assert lora_config_for_stage(model, "speech", lora_dropout=0.0).lora_dropout == 0  # the default, said explicitly
     tied = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True))
     with pytest.raises(ValueError, match="model.speech_embed_tokens: the speech embeddings and output head are tied"):
         lora_config_for_stage(tied, "speech")
@@ -486,6 +487,10 @@ def test_prompt_tuning_works_without_a_speech_block_and_fails_as_documented_with
     encoder_model = get_peft_model(DeepTalkForCausalLM(tiny_config(speech_vocab_size=0)), p_tuning)
     encoder_model(input_ids=input_ids, labels=input_ids).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder_model.prompt_encoder.parameters())
+    # Their virtual tokens are PeftModel's, which profiling passes by: refused as prefix tuning is, not measured without.
+    for prompted, kind in ((peft_model, "PROMPT_TUNING"), (encoder_model, "P_TUNING")):
+        with pytest.raises(ValueError, match=f"a {kind} adapter's virtual tokens would be left out"):
+            profile_modality_load(prompted, [{"input_ids": input_ids}])
     audio_model = whisper_audio_config(text_config=tiny_config(speech_vocab_size=0))
     for prompt_config in (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), p_tuning):
         for failing in (DeepTalkForCausalLM(tiny_config()), DeepTalkForConditionalGeneration(audio_model)):

@@ -197,6 +197,10 @@ def test_stage_config_options_and_errors():
     from_generator = lora_config_for_stage(model, "speech", also=(pattern for pattern in ["*.self_attn.*"]))
     assert from_generator.target_modules == with_attention.target_modules
     assert lora_config_for_stage(model, "speech", train_new_speech_modules=False).modules_to_save is None
+    wrapper = nn.Module()
+    wrapper.speech_llm = model
+    with pytest.raises(TypeError, match="takes a transformers model, got Module: pass the DeepTalk model it holds"):
+        lora_config_for_stage(wrapper, "speech")
     with pytest.raises(ValueError, match="reaches no linear layer, convolution or experts tensor"):
         lora_config_for_stage(model, "text", also=("*norm*",))
     # A layer's bias alone (named by also=) does not make LoRA adapt the layer's weight, which the stage keeps frozen.

@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 
 from peft import LoraConfig
 from torch import nn
+from transformers import PreTrainedModel
 
 from .modality import also_patterns, training_stage_parameters
 from .modeling_deeptalk import DeepTalkExperts
@@ -92,6 +93,11 @@ def lora_config_for_stage(
         )
     also = also_patterns(also)
     stage_names = training_stage_parameters(model, stage, also=also)
+    if not isinstance(model, PreTrainedModel):  # its output embeddings and config decide what LoRA may wrap
+        raise TypeError(
+            f"lora_config_for_stage takes a transformers model, got {type(model).__name__}: pass the DeepTalk model "
+            "it holds and give the config to get_peft_model with that model (PEFT adapts its layers in place)"
+        )
     modules = dict(model.named_modules())
     output_embeddings = model.get_output_embeddings()
     target_modules, target_parameters, modules_to_save, read_directly = set(), set(), set(), set()

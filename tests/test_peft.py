@@ -190,6 +190,21 @@ def test_stage_config_adapts_what_the_stage_trains(stage):
         assert all(".mlp.experts." in name or ".mlp.gate." in name for name in adapted)
 
 
+def test_a_model_held_by_a_users_module_takes_the_stage_adapter_in_place():
+    """docs/lora.md: the config comes from the held DeepTalk model, `get_peft_model` adapts that model's layers in
+    place, so the user's module, which keeps the same object, runs the adapters."""
+    model = DeepTalkForCausalLM(lora_model_config()).eval()
+    wrapper = nn.Module()
+    wrapper.speech_llm = model
+    ids = mixed_batch(model.config)
+    with torch.no_grad():
+        base = wrapper.speech_llm(ids).logits
+        peft_model = get_peft_model(model, lora_config_for_stage(model, "speech", init_lora_weights=False))
+        adapted = wrapper.speech_llm(ids).logits
+        assert wrapper.speech_llm is model and torch.equal(adapted, peft_model(input_ids=ids).logits)
+    assert not torch.equal(adapted, base)
+
+
 def test_stage_config_options_and_errors():
     model = DeepTalkForCausalLM(lora_model_config())
     with_attention = lora_config_for_stage(model, "speech", also=("*.self_attn.*",))

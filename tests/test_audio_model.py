@@ -424,6 +424,19 @@ def test_cached_generation_equals_uncached_from_audio_and_text(cache_implementat
     assert torch.equal(cached, uncached)
 
 
+def test_assisted_decoding_with_audio_inputs_is_refused():
+    """docs/speech_input.md: an assistant model gets none of the audio inputs, so the composite as its own assistant
+    is refused saying so, and a text assistant meets transformers' check of unused kwargs (as Qwen2-Audio does)."""
+    config = whisper_audio_config()
+    model = DeepTalkForConditionalGeneration(config).eval()
+    batch = audio_batch(config, whisper_features(), [[BOS, config.audio_token_id, SEP]], [tone(300, 0.4)])
+    kwargs = dict(max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="assisted generation does not support audio inputs"):
+        model.generate(**batch, assistant_model=model, **kwargs)
+    with pytest.raises(ValueError, match="not used by the model.*input_features"):
+        model.generate(**batch, assistant_model=model.language_model, **kwargs)
+
+
 def test_a_second_turn_from_the_first_turns_cache_takes_the_new_audios_only():
     """The next turn of a dialogue continues from the cache: only the uncached ids are read, so only their audios are
     given (as transformers' own multimodal models take them); all of them is refused, saying so."""

@@ -38,6 +38,7 @@ draws (c2, c3) through the same stages. docs/forgetting.md explains the design a
 import argparse
 import copy
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -1072,6 +1073,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         help="folder of the result files (NAME.json, .md, .png)",
     )
     args = parser.parse_args(argv)
+    check_output(parser, "--out", args.out, folder=True)  # before the pre-training, which takes long
     if args.collect:
         runs = []
         for path in args.collect:
@@ -1092,7 +1094,8 @@ def main(argv: Iterable[str] | None = None) -> None:
         (args.out / f"{name}.md").write_text(markdown)
         print(markdown)
         return
-    check_output(parser, "--out", args.out, folder=True)  # before the pre-training, which takes long
+    if importlib.util.find_spec("matplotlib") is None:  # the curves (NAME.png) are written after the whole run
+        parser.error("the curves (NAME.png) need matplotlib: pip install 'deeptalk-hf[plot]'")
     if args.text_steps is not None and args.text_steps < 0:
         parser.error(f"--text-steps must be at least 0, got {args.text_steps}")
     if args.seed < 0:

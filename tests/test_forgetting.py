@@ -292,6 +292,11 @@ def test_collect_names_a_file_that_is_not_a_run(forgetting, tmp_path, capsys):
             forgetting.main(["--collect", str(tmp_path / bad), "--out", str(tmp_path)])
         assert bad in capsys.readouterr().err
     assert not list(tmp_path.glob("forgetting_matched_speech.*"))
+    # an --out that names a file is a usage error here too (it was a FileExistsError traceback)
+    (tmp_path / "run.json").write_text(json.dumps(_run_record(0.001, dict.fromkeys(forgetting.ARMS, (1.0, 1.0)))))
+    with pytest.raises(SystemExit):
+        forgetting.main(["--collect", str(tmp_path / "run.json"), "--out", str(tmp_path / "other.json")])
+    assert "is a file; name a folder" in capsys.readouterr().err
 
 
 def test_split_study(forgetting, tmp_path):
@@ -384,3 +389,61 @@ def test_evaluate_recomputed_one_sequence_at_a_time_and_docs_name_each_softmax(f
     assert metrics["text_ppl_full_vocab"] > metrics["text_ppl"]  # the two measures differ
     docs = (ROOT / "docs" / "forgetting.md").read_text()
     assert "under the speech block's softmax" in docs and "under the text block's softmax" in docs
+
+
+def test_report_table_goal_line_and_split_study_sentence_in_closed_form(forgetting, tmp_path, monkeypatch):
+    """The markdown report from a hand-made record: each number in its column (after split, after speech, final;
+    speech loss after the speech phase, then final), what each arm trained, the goal's verdict, and the split study's
+    sentence: the median and range of the random draws and how many of them cost more text than (d)'s split."""
+    arm = {
+        "title": "(d) DeepTalk: load split + stages",
+        "trainable": {"speech": {"parameters": 1234}},
+        "speech_expert_ids": [[0, 1]],
+        "pretrained": {"text_ppl": 10.0},
+        "final": {"text_ppl": 10.5, "speech_loss": 1.25},
+        "after_speech": {"speech_loss": 1.5},
+        "text_ppl_change_after_split_pct": 1.0,
+        "text_ppl_change_after_speech_pct": 2.0,
+        "text_ppl_change_pct": 5.0,
+    }
+    dense = dict(arm, title="(a) dense, full fine-tuning", speech_expert_ids=None)
+    results = {
+        "settings": {"speech_also": ["*.self_attn.*"]},
+        "arms": {"dense": dense, "deeptalk": arm},
+        "goal": {"deeptalk_text_change_at_most_a_third_of_dense": False, "deeptalk_text_change_below_pure_moe": True},
+        "wall_seconds": 12.0,
+        "machine": {"torch_threads": 1, "processor": "cpu"},
+        "data": {"optimal_text_ppl": 9.0},
+        "split_study": {
+            "after_split_text_change_pct": {"deeptalk": 2.0, "oracle": 0.5, "random_draws": [1.0, 3.0, 4.0, 2.5, 6.0]}
+        },
+    }
+    results["goal"]["met"] = False
+    rows = forgetting.table(results).splitlines()
+    assert rows[2] == (
+        "| (a) dense, full fine-tuning | everything (1,234 params) | 10.000 → 10.500 | +1.0% | +2.0% | **+5.0%** | "
+        "1.500 | **1.250** |"
+    )
+    assert rows[3].startswith("| (d) DeepTalk: load split + stages | speech tensors + `*.self_attn.*` (1,234 params)")
+    monkeypatch.setattr(forgetting, "plot", lambda results, path: None)
+    forgetting.write_results(results, tmp_path, "r")
+    report = (tmp_path / "r.md").read_text()
+    assert (
+        "equal or better speech loss; (d) below (b) and (c)): not met — deeptalk_text_change_at_most_a_third_of_dense: "
+        "False, deeptalk_text_change_below_pure_moe: True" in report
+    )
+    assert (
+        "(d) +2.0%, oracle +0.5%, 5 random draws median +3.0% (range +1.0% to +6.0%); (d)'s split costs less than 4 of "
+        "the 5 draws." in report
+    )
+    assert json.loads((tmp_path / "r.json").read_text()) == results
+
+
+def test_a_run_without_matplotlib_is_refused_before_it_starts(forgetting, tmp_path, monkeypatch, capsys):
+    """The curves are written after the whole run (eleven minutes): without matplotlib (not a dependency, the `plot`
+    extra) the run is refused at once, naming the extra, instead of ending in a traceback without its summary."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_code:
+        forgetting.main(["--fast", "--out", str(tmp_path)])
+    assert exit_code.value.code == 2 and "pip install 'deeptalk-hf[plot]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

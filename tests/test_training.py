@@ -364,6 +364,9 @@ def test_stagewise_example_runs_the_three_stages(mode):
     assert result.returncode == 0, result.stderr
     output = result.stdout
     assert "text logits after the speech stage: bit-identical" in output
+    # the recipe's order (the text model checked right after the speech stage)
+    lines = [line.split(":")[0] for line in output.splitlines()]
+    assert lines == ["speech stage", "text logits after the speech stage", "text stage", "joint stage"], output
     for stage, task in (("speech", "speech"), ("text", "text"), ("joint", "speech")):
         before, after = losses_of(stage, task, output)
         assert after < before, (stage, task, output)

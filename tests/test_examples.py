@@ -45,3 +45,5 @@ def test_quickstart_reloads_through_the_auto_class_and_routes_every_moe_layer(mo
     output = capsys.readouterr().out
     assert len(loaded) == 1 and generated == loaded
     assert "reloaded as DeepTalkForCausalLM" in output and "3 MoE layers routed 28 tokens" in output
+    streamed = next(line for line in output.splitlines() if line.startswith("generated:")).split()[1:]
+    assert len(streamed) == 16  # the new tokens only, as generate yields them (not the prompt)

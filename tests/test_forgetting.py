@@ -447,3 +447,24 @@ def test_a_run_without_matplotlib_is_refused_before_it_starts(forgetting, tmp_pa
         forgetting.main(["--fast", "--out", str(tmp_path)])
     assert exit_code.value.code == 2 and "pip install 'deeptalk-hf[plot]'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_goal_speech_loss_is_equal_within_one_percent_of_dense(forgetting):
+    """The goal's "at equal or better speech loss": (d)'s final speech loss at most 1% above (a)'s counts as equal,
+    2% above does not."""
+    from types import SimpleNamespace
+
+    def arm(name, ppl, speech):
+        point = {"text_ppl": ppl, "speech_loss": speech}
+        return forgetting.ArmResult(
+            name, name, {"text_ppl": 10.0}, point, point, point, point, {}, False, speech_expert_ids=None
+        )
+
+    corpus = SimpleNamespace(text_vocab_size=1, speech_vocab_size=1, optimal_text_ppl=1, paired_train=1, paired_eval=1)
+    load = SimpleNamespace(layers=[], rho_speech=[], rho_text=[])
+    others = {"pure_moe": arm("pure_moe", 12.0, 1.0), "random_split": arm("random_split", 12.0, 1.0)}
+    for speech, equal in ((1.0099, True), (1.02, False)):
+        arms = {"dense": arm("dense", 13.0, 1.0), "deeptalk": arm("deeptalk", 10.9, speech), **others}  # +30%, +9%
+        goal = forgetting.summarize(forgetting.FAST, corpus, arms, load, 1.0)["goal"]
+        assert goal["deeptalk_speech_loss_equal_or_better_than_dense"] is equal
+        assert goal["deeptalk_text_change_at_most_a_third_of_dense"] and goal["met"] is equal

@@ -247,7 +247,7 @@ def test_bench_moe_kernels_fastest_baseline_is_never_deeptalk_triton_itself(monk
     assert "| out of memory |" in bench_moe_kernels.format_row(rows[2], rows)
 
 
-def test_bench_moe_kernels_counts_the_useful_flops_of_each_mode(monkeypatch, tmp_path):
+def test_bench_moe_kernels_counts_the_useful_flops_of_each_mode(monkeypatch, tmp_path, capsys):
     """TFLOP/s = 6·H·I FLOPs per routed (token, slot) pair forward (gate_up 2·H·2I + down 2·I·H), three times that
     forward+backward, over the measured milliseconds; the forward+backward step computes the four gradients the
     docstring names (hidden states, both expert weights, routing weights)."""
@@ -263,6 +263,9 @@ def test_bench_moe_kernels_counts_the_useful_flops_of_each_mode(monkeypatch, tmp
     assert [g.shape for g in gradients] == [x.shape, module.gate_up_proj.shape, module.down_proj.shape, weights.shape]
     assert all(g.abs().sum() > 0 for g in gradients)
 
+    with pytest.raises(SystemExit):  # no routed pairs, no FLOPs: refused before any problem is built
+        bench_moe_kernels.main(["--tokens", "4", "0", "--out", str(tmp_path)])
+    assert "--tokens must be positive" in capsys.readouterr().err
     monkeypatch.setattr(bench_moe_kernels, "bench_one", lambda *args, **kwargs: 2.0)  # 2 ms each
     bench_moe_kernels.main(["--tokens", "4", "--backends", "grouped_mm", "--out", str(tmp_path)])
     record = json.loads(next(tmp_path.glob("*.json")).read_text())

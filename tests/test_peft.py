@@ -594,6 +594,33 @@ def test_trainable_tokens_on_both_tied_tables_are_refused_where_a_head_follows_t
         peft_model(input_ids=torch.tensor([[5, 6, 70]]))
 
 
+@pytest.mark.parametrize(
+    "lora_config",
+    [
+        LoraConfig(target_modules="all-linear", init_lora_weights=False),  # takes speech_lm_head (docs/lora.md)
+        LoraConfig(target_modules=["speech_embed_tokens"], init_lora_weights=False),
+        LoraConfig(target_modules=["q_proj"], modules_to_save=["speech_lm_head"]),
+    ],
+    ids=["all-linear", "lora-on-the-table", "modules-to-save"],
+)
+def test_adapters_on_the_tied_speech_pair_are_refused_and_leaving_it_out_merges_exactly(lora_config):
+    """PEFT ties adapters to the text table only: an adapter on one side of the tied speech pair trains it apart from
+    the other, and merging it changes the shared tensor, so both sides (the merged model's speech embeddings differed
+    from the adapter's by ~2 in the logits, silently). Leaving the pair out, the merged model is the adapter's."""
+    model = DeepTalkForCausalLM(tiny_config(tie_word_embeddings=True)).eval()
+    input_ids = mixed_batch(model.config)
+    peft_model = get_peft_model(copy.deepcopy(model), copy.deepcopy(lora_config))
+    with pytest.raises(ValueError, match="PEFT adapter on .*speech.* of a model with tie_word_embeddings"):
+        peft_model(input_ids)
+    left_out = LoraConfig(target_modules="all-linear", exclude_modules=["speech_lm_head"], init_lora_weights=False)
+    peft_model = get_peft_model(model, left_out).eval()
+    with torch.no_grad():
+        adapter_logits = peft_model(input_ids).logits
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids).logits, adapter_logits, rtol=1e-5, atol=1e-5)
+    assert merged.speech_lm_head.weight is merged.model.speech_embed_tokens.weight
+
+
 def test_a_transformers_4_expert_adapter_applies_once_resaved_through_the_source_model(tmp_path):
     """docs/lora.md: an adapter in transformers 4's per-expert layout (`mlp.experts.{j}.gate_proj`, ...) loads on an
     imported MoE without its experts (PEFT converts it for the model types it knows only); loaded on the source model

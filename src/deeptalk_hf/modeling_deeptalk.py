@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import AuxiliaryTrainingWrapper, TrainableTokensWrapper
+from peft.utils import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, TrainableTokensWrapper
 from torch import nn
 from transformers import PretrainedConfig
 from transformers import initialization as init
@@ -1303,16 +1303,18 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
         config = self.config
         if config.tie_word_embeddings:
-            self._check_tied_tokens()
+            self._check_tied_adapters()
         if config.speech_vocab_size:
             logits = torch.cat([logits, self.speech_lm_head(hidden_states)], dim=-1)
         return logits
 
-    def _check_tied_tokens(self) -> None:
-        """PEFT's trainable tokens on a tied model: PEFT ties a head to the text table only (and only where the model's
-        own config says it is tied, which the audio model's does not), and picks modules by name suffix (`"lm_head"`
-        also names `speech_lm_head`). A head that does not train with its table's rows makes the adapter and its merge
-        different models: refused at the first forward, naming the pair."""
+    def _check_tied_adapters(self) -> None:
+        """PEFT adapters on a tied model: PEFT ties adapters to the text table only (and only where the model's own
+        config says it is tied, which the audio model's does not), and picks modules by name suffix (`"lm_head"` also
+        names `speech_lm_head`). A side of a tied pair that does not train with the other makes the adapter and its
+        merge different models (merging changes the shared tensor): refused at the first forward, naming it. That is
+        any adapter on the speech pair (LoRA, e.g. from `"all-linear"`, or a `modules_to_save` copy), and trainable
+        tokens on either pair unless PEFT tied the head's to the table's."""
         pairs = [("embed_tokens / lm_head", self.model.embed_tokens, self.lm_head)]
         if self.config.speech_vocab_size:
             pairs.append(("speech_embed_tokens / speech_lm_head", self.model.speech_embed_tokens, self.speech_lm_head))
@@ -1326,6 +1328,23 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 and head.token_adapter.tied_adapter is table.token_adapter
             )
         ]
+        if self.config.speech_vocab_size:
+            adapted = [
+                name
+                for name, module in (
+                    ("model.speech_embed_tokens", self.model.speech_embed_tokens),
+                    ("speech_lm_head", self.speech_lm_head),
+                )
+                if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+            ]
+            if adapted:
+                raise ValueError(
+                    f"a PEFT adapter on {', '.join(adapted)} of a model with tie_word_embeddings: PEFT does not know "
+                    "that speech_lm_head is tied to speech_embed_tokens (it ties a head to the text table only), so "
+                    "the pair would train apart and merging would change both tensors, giving another model. Leave "
+                    "the speech pair out (with target_modules='all-linear', exclude_modules=['speech_lm_head']), use "
+                    "an untied model, or train the pair in full (set_training_stage)"
+                )
         if broken:
             raise ValueError(
                 f"PEFT trainable tokens on a model with tie_word_embeddings leave the tied pair {', '.join(broken)} "

@@ -1159,6 +1159,51 @@ def test_audio_processor_expands_placeholders_and_round_trips(tmp_path):
     assert loaded.chat_template == template and loaded.apply_chat_template(chat) == "[user]hello\n"
 
 
+def test_audio_processor_passes_its_audio_kwargs_to_the_feature_extractor():
+    # As transformers' processors (Qwen2-Audio) do: `audio_kwargs={"do_normalize": True}` reaches Whisper's extractor,
+    # while the text's padding stays the text's (the extractor's own padding is set by the encoder's window).
+    processor, _ = audio_processor()
+    clip = 0.3 * tone(300, 0.5) + 0.1  # an offset that normalising removes
+    extractor = processor.feature_extractor
+
+    def features(**options):
+        return extractor([clip], sampling_rate=SAMPLING_RATE, padding="max_length", return_tensors="pt", **options)
+
+    plain = processor(text="hello <|audio|>", audio=clip, sampling_rate=SAMPLING_RATE, padding=True)
+    normalised = processor(
+        text="hello <|audio|>",
+        audio=clip,
+        sampling_rate=SAMPLING_RATE,
+        padding=True,
+        audio_kwargs={"do_normalize": True},
+    )
+    assert not torch.allclose(features()["input_features"], features(do_normalize=True)["input_features"])
+    torch.testing.assert_close(plain["input_features"], features()["input_features"])
+    torch.testing.assert_close(normalised["input_features"], features(do_normalize=True)["input_features"])
+    assert normalised["input_ids"] == plain["input_ids"]
+
+
+def test_audio_processor_loads_from_a_checkpoint_folder_without_a_saved_processor(tmp_path):
+    # As AutoProcessor loads DeepTalkProcessor (and transformers' Qwen2-Audio) from a model folder: config.json,
+    # tokenizer and feature extractor files, no processor_config.json.
+    from transformers import AutoProcessor, WhisperConfig
+
+    processor, config = audio_processor()
+    config.save_pretrained(tmp_path)
+    processor.tokenizer.save_pretrained(tmp_path)
+    processor.feature_extractor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    saved = {**loaded.audio_model_config.to_dict(), "_name_or_path": ""}  # the folder's path: the rest is the config
+    assert type(loaded) is type(processor) and saved == config.to_dict()
+    clip = tone(300, 0.5)
+    inputs = {"text": "hello <|audio|>", "audio": clip, "sampling_rate": SAMPLING_RATE, "return_tensors": "pt"}
+    for key, value in processor(**inputs).items():
+        torch.testing.assert_close(loaded(**inputs)[key], value)
+    WhisperConfig().save_pretrained(tmp_path)  # not the model's config: still refused, saying what to pass
+    with pytest.raises(ValueError, match="pass audio_model_config="):
+        type(processor).from_pretrained(tmp_path)
+
+
 def test_audio_processor_takes_a_spoken_question_with_a_speech_answer_and_chat_turns():
     """`audio=` feeds the encoder and `speech_units=` the speech block in one call; the chat template renders audio
     blocks as `<|audio|>` and speech blocks as `<|speech|>`, and tokenizes to the same inputs as that call."""

@@ -16,19 +16,33 @@ from .configuration_deeptalk import DeepTalkAudioConfig
 from .modeling_deeptalk import speech_positions
 from .modeling_deeptalk_audio import audio_token_lengths
 
+# set by `extract_audio_features` itself (a processor's text options such as `padding=True` reach its audio_kwargs too)
+_OWN_OPTIONS = {
+    "sampling_rate",
+    "padding",
+    "truncation",
+    "max_length",
+    "pad_to_multiple_of",
+    "return_attention_mask",
+    "return_tensors",
+}
+
 
 def extract_audio_features(
     audios: Sequence[np.ndarray | torch.Tensor | Sequence[float]],
     sampling_rate: int,
     feature_extractor: SequenceFeatureExtractor,
     config: DeepTalkAudioConfig,
+    feature_kwargs: dict | None = None,
 ) -> BatchFeature:
     """Mono waveforms -> `input_features`, `input_features_mask` (one row per audio) and `num_audio_tokens`.
 
     A feature extractor with a fixed window (Whisper's `n_samples`) pads every audio to it, as its encoder requires,
     and refuses longer audio instead of cutting it; others pad to the longest audio. Raises `ValueError` for a
     sampling rate other than the extractor's, a mel-bin count or (Whisper) window other than the encoder's, integer or
-    non-finite samples, an empty or multi-channel audio, or no audio at all.
+    non-finite samples, an empty or multi-channel audio, or no audio at all. `feature_kwargs` (a processor's
+    `audio_kwargs`, e.g. Whisper's `do_normalize=True`) go to the feature extractor, but for the padding, truncation
+    and output options, which this function sets.
     """
     if sampling_rate != feature_extractor.sampling_rate:
         raise ValueError(
@@ -75,7 +89,10 @@ def extract_audio_features(
                 "split it into several audios"
             )
         waveforms.append(waveform)
-    options = dict(sampling_rate=sampling_rate, return_attention_mask=True, return_tensors="pt")
+    options = {
+        key: value for key, value in (feature_kwargs or {}).items() if value is not None and key not in _OWN_OPTIONS
+    }
+    options.update(sampling_rate=sampling_rate, return_attention_mask=True, return_tensors="pt")
     try:
         features = feature_extractor(waveforms, padding="max_length" if window is not None else "longest", **options)
     except ValueError as error:  # an fbank extractor (w2v-bert's) fails on an audio shorter than its window

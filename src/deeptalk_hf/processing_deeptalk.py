@@ -624,7 +624,7 @@ class DeepTalkProcessor(ProcessorMixin):
         audio_features = None
         if audio is not None:
             audio_units, audio_features = self._read_audio(
-                audio, merged["audio_kwargs"].get("sampling_rate"), len(texts), single
+                audio, merged["audio_kwargs"].get("sampling_rate"), len(texts), single, merged["audio_kwargs"]
             )
             speech_units = speech_units if audio_units is None else audio_units
         samples = _per_sample(speech_units, len(texts), single, _is_unit_segment, "speech_units")
@@ -802,10 +802,10 @@ class DeepTalkProcessor(ProcessorMixin):
         return units
 
     def _read_audio(
-        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool
+        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool, audio_kwargs: dict | None = None
     ) -> tuple[list[list] | None, BatchFeature | None]:
         """`audio=` as `(speech_units, encoder_features)`: here the codec path, each waveform's units;
-        `DeepTalkAudioProcessor` overrides it with the audio-encoder path."""
+        `DeepTalkAudioProcessor` overrides it with the audio-encoder path (`audio_kwargs`: the feature extractor's)."""
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples], None
 
@@ -1140,6 +1140,10 @@ class DeepTalkProcessor(ProcessorMixin):
         return empty, empty, [], {"speech_units": batch, _FROM_CONVERSATION: True}
 
 
+class _NoAudioModelConfig(ValueError):
+    """`DeepTalkAudioProcessor` built without the model's config."""
+
+
 class DeepTalkAudioProcessor(DeepTalkProcessor):
     r"""
     The processor of `DeepTalkForConditionalGeneration`: `DeepTalkProcessor` plus the audio encoder's feature
@@ -1172,6 +1176,8 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
 
         if isinstance(audio_model_config, dict):
             audio_model_config = DeepTalkAudioConfig(**audio_model_config)
+        if audio_model_config is None:  # `from_pretrained` then reads the checkpoint's own config
+            raise _NoAudioModelConfig("audio_model_config= must be the model's DeepTalkAudioConfig (or its dict)")
         if not isinstance(audio_model_config, DeepTalkAudioConfig):
             raise ValueError("audio_model_config= must be the model's DeepTalkAudioConfig (or its dict)")
         chat_template = chat_template or AUDIO_CHAT_TEMPLATE
@@ -1190,6 +1196,31 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
                 f"the tokenizer's id {audio_id} (audio_token_id) is {self.tokenizer.convert_ids_to_tokens(audio_id)!r}, "
                 f"not {AUDIO_PLACEHOLDER!r}"
             )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> DeepTalkAudioProcessor:
+        """transformers' `from_pretrained`; a folder where no processor was saved (a checkpoint: `config.json`,
+        tokenizer and feature extractor files) takes the `DeepTalkAudioConfig` of its `config.json`."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except _NoAudioModelConfig:
+            from transformers import AutoConfig
+
+            from .configuration_deeptalk import DeepTalkAudioConfig
+
+            loading = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            try:
+                config = AutoConfig.from_pretrained(
+                    pretrained_model_name_or_path, **{k: kwargs[k] for k in loading if k in kwargs}
+                )
+            except (OSError, ValueError):
+                config = None
+            if "audio_model_config" in kwargs or not isinstance(config, DeepTalkAudioConfig):
+                raise _NoAudioModelConfig(
+                    f"{pretrained_model_name_or_path} has no saved DeepTalkAudioProcessor (processor_config.json) nor "
+                    "a DeepTalkAudioConfig in config.json: pass audio_model_config= (the model's config)"
+                ) from None
+            return super().from_pretrained(pretrained_model_name_or_path, *args, audio_model_config=config, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -1217,7 +1248,7 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         return empty, empty, audio if any(audio) else [], {"speech_units": units, _FROM_CONVERSATION: True}
 
     def _read_audio(
-        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool
+        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool, audio_kwargs: dict | None = None
     ) -> tuple[list[list] | None, BatchFeature | None]:
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         waveforms = [waveform for segments in samples for waveform in segments]  # reading order
@@ -1225,7 +1256,9 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
             return None, None
         if sampling_rate is None:
             raise ValueError("audio= needs sampling_rate= (the waveforms' rate)")
-        features = extract_audio_features(waveforms, sampling_rate, self.feature_extractor, self.audio_model_config)
+        features = extract_audio_features(
+            waveforms, sampling_rate, self.feature_extractor, self.audio_model_config, audio_kwargs
+        )
         features["audios_per_sequence"] = [len(segments) for segments in samples]  # checked against the placeholders
         return None, features
 

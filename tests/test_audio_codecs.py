@@ -379,6 +379,11 @@ def test_processor_encodes_audio_into_speech_segments():
     assert processor.decode(ids).speech_units == [expected[0], [5]]
     with pytest.raises(ValueError, match="needs its sampling rate"):
         processor(text="<|speech|>", audio=question)
+    # A feature extractor's option means nothing to a codec: refused, not ignored (the text's padding is not one).
+    with pytest.raises(ValueError, match=r"encodes audio with its codec, which takes no \['do_normalize'\]"):
+        processor(text="<|speech|>", audio=question, sampling_rate=16000, audio_kwargs={"do_normalize": True})
+    padded = processor(text=["<|speech|>", "hello"], audio=[[question], []], sampling_rate=16000, padding=True)
+    assert processor.decode(padded["input_ids"][0]).speech_units == [expected[0]]
     # Samples in a list are told how to pass them, not that they must be integer ids (the speech units' wording).
     with pytest.raises(ValueError, match=r"audio must be a waveform .* torch\.tensor\(\.\.\.\)\) or a list of them"):
         processor(text="<|speech|>", audio=question.tolist(), sampling_rate=16000)

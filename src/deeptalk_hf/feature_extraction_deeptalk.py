@@ -16,8 +16,9 @@ from .configuration_deeptalk import DeepTalkAudioConfig
 from .modeling_deeptalk import speech_positions
 from .modeling_deeptalk_audio import audio_token_lengths
 
-# set by `extract_audio_features` itself (a processor's text options such as `padding=True` reach its audio_kwargs too)
-_OWN_OPTIONS = {
+# `audio_kwargs` a processor sets itself (rate, padding, output), not options of a feature extractor or codec: a
+# processor's text options such as `padding=True` reach its audio_kwargs too
+PROCESSOR_AUDIO_OPTIONS = {
     "sampling_rate",
     "padding",
     "truncation",
@@ -90,7 +91,9 @@ def extract_audio_features(
             )
         waveforms.append(waveform)
     options = {
-        key: value for key, value in (feature_kwargs or {}).items() if value is not None and key not in _OWN_OPTIONS
+        key: value
+        for key, value in (feature_kwargs or {}).items()
+        if value is not None and key not in PROCESSOR_AUDIO_OPTIONS
     }
     options.update(sampling_rate=sampling_rate, return_attention_mask=True, return_tensors="pt")
     try:

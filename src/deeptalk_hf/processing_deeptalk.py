@@ -27,7 +27,7 @@ from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokeni
 
 from .audio_codecs import has_integer_dtype
 from .configuration_deeptalk import is_whole
-from .feature_extraction_deeptalk import expand_audio_placeholders, extract_audio_features
+from .feature_extraction_deeptalk import PROCESSOR_AUDIO_OPTIONS, expand_audio_placeholders, extract_audio_features
 from .generation_deeptalk import AudioStreamReader, audio_codes_per_stream, build_delay_pattern, text_pad_token_id
 
 if TYPE_CHECKING:
@@ -805,7 +805,11 @@ class DeepTalkProcessor(ProcessorMixin):
         self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool, audio_kwargs: dict | None = None
     ) -> tuple[list[list] | None, BatchFeature | None]:
         """`audio=` as `(speech_units, encoder_features)`: here the codec path, each waveform's units;
-        `DeepTalkAudioProcessor` overrides it with the audio-encoder path (`audio_kwargs`: the feature extractor's)."""
+        `DeepTalkAudioProcessor` overrides it with the audio-encoder path (`audio_kwargs`: the feature extractor's).
+        A codec takes no options: feature-extractor ones (e.g. `do_normalize`) are refused rather than ignored."""
+        unsupported = sorted(k for k, v in (audio_kwargs or {}).items() if v and k not in PROCESSOR_AUDIO_OPTIONS)
+        if unsupported:
+            raise ValueError(f"{type(self).__name__} encodes audio with its codec, which takes no {unsupported}")
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples], None
 

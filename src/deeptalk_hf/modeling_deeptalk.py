@@ -1315,9 +1315,25 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         merge different models (merging changes the shared tensor): refused at the first forward, naming it. That is
         any adapter on the speech pair (LoRA, e.g. from `"all-linear"`, or a `modules_to_save` copy), and trainable
         tokens on either pair unless PEFT tied the head's to the table's."""
+        speech_pair = (
+            {"model.speech_embed_tokens": self.model.speech_embed_tokens, "speech_lm_head": self.speech_lm_head}
+            if self.config.speech_vocab_size
+            else {}
+        )
+        adapted = [
+            name for name, module in speech_pair.items() if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+        ]
+        if adapted:
+            raise ValueError(
+                f"a PEFT adapter on {', '.join(adapted)} of a model with tie_word_embeddings: PEFT does not know "
+                "that speech_lm_head is tied to speech_embed_tokens (it ties a head to the text table only), so "
+                "the pair would train apart and merging would change both tensors, giving another model. Leave "
+                "the speech pair out (with target_modules='all-linear', exclude_modules=['speech_lm_head']), use "
+                "an untied model, or train the pair in full (set_training_stage)"
+            )
         pairs = [("embed_tokens / lm_head", self.model.embed_tokens, self.lm_head)]
-        if self.config.speech_vocab_size:
-            pairs.append(("speech_embed_tokens / speech_lm_head", self.model.speech_embed_tokens, self.speech_lm_head))
+        if speech_pair:
+            pairs.append(("speech_embed_tokens / speech_lm_head", *speech_pair.values()))
         broken = [
             name
             for name, table, head in pairs
@@ -1328,23 +1344,6 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 and head.token_adapter.tied_adapter is table.token_adapter
             )
         ]
-        if self.config.speech_vocab_size:
-            adapted = [
-                name
-                for name, module in (
-                    ("model.speech_embed_tokens", self.model.speech_embed_tokens),
-                    ("speech_lm_head", self.speech_lm_head),
-                )
-                if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
-            ]
-            if adapted:
-                raise ValueError(
-                    f"a PEFT adapter on {', '.join(adapted)} of a model with tie_word_embeddings: PEFT does not know "
-                    "that speech_lm_head is tied to speech_embed_tokens (it ties a head to the text table only), so "
-                    "the pair would train apart and merging would change both tensors, giving another model. Leave "
-                    "the speech pair out (with target_modules='all-linear', exclude_modules=['speech_lm_head']), use "
-                    "an untied model, or train the pair in full (set_training_stage)"
-                )
         if broken:
             raise ValueError(
                 f"PEFT trainable tokens on a model with tie_word_embeddings leave the tied pair {', '.join(broken)} "

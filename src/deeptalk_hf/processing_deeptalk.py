@@ -623,9 +623,7 @@ class DeepTalkProcessor(ProcessorMixin):
             raise ValueError("pass speech as speech_units= or as audio=, not both")
         audio_features = None
         if audio is not None:
-            audio_units, audio_features = self._read_audio(
-                audio, merged["audio_kwargs"].get("sampling_rate"), len(texts), single, merged["audio_kwargs"]
-            )
+            audio_units, audio_features = self._read_audio(audio, merged["audio_kwargs"], len(texts), single)
             speech_units = speech_units if audio_units is None else audio_units
         samples = _per_sample(speech_units, len(texts), single, _is_unit_segment, "speech_units")
         samples = [
@@ -802,16 +800,17 @@ class DeepTalkProcessor(ProcessorMixin):
         return units
 
     def _read_audio(
-        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool, audio_kwargs: dict | None = None
+        self, audio: Any, audio_kwargs: dict, batch_size: int, single: bool
     ) -> tuple[list[list] | None, BatchFeature | None]:
         """`audio=` as `(speech_units, encoder_features)`: here the codec path, each waveform's units;
         `DeepTalkAudioProcessor` overrides it with the audio-encoder path (`audio_kwargs`: the feature extractor's).
         A codec takes no options: feature-extractor ones (e.g. `do_normalize`) are refused rather than ignored."""
-        unsupported = sorted(k for k, v in (audio_kwargs or {}).items() if v and k not in PROCESSOR_AUDIO_OPTIONS)
+        unsupported = sorted(k for k, v in audio_kwargs.items() if v and k not in PROCESSOR_AUDIO_OPTIONS)
         if unsupported:
             raise ValueError(f"{type(self).__name__} encodes audio with its codec, which takes no {unsupported}")
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
-        return [[self._encode_audio(waveform, sampling_rate) for waveform in segments] for segments in samples], None
+        rate = audio_kwargs.get("sampling_rate")
+        return [[self._encode_audio(waveform, rate) for waveform in segments] for segments in samples], None
 
     def _require_codec(self) -> AudioCodec:
         if self.codec is None:
@@ -1252,12 +1251,13 @@ class DeepTalkAudioProcessor(DeepTalkProcessor):
         return empty, empty, audio if any(audio) else [], {"speech_units": units, _FROM_CONVERSATION: True}
 
     def _read_audio(
-        self, audio: Any, sampling_rate: int | None, batch_size: int, single: bool, audio_kwargs: dict | None = None
+        self, audio: Any, audio_kwargs: dict, batch_size: int, single: bool
     ) -> tuple[list[list] | None, BatchFeature | None]:
         samples = _per_sample(audio, batch_size, single, _is_waveform, "audio")
         waveforms = [waveform for segments in samples for waveform in segments]  # reading order
         if not waveforms:  # `[None, None]`: text only, as `audio=None`
             return None, None
+        sampling_rate = audio_kwargs.get("sampling_rate")
         if sampling_rate is None:
             raise ValueError("audio= needs sampling_rate= (the waveforms' rate)")
         features = extract_audio_features(

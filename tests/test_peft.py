@@ -676,3 +676,15 @@ def test_a_transformers_4_expert_adapter_applies_once_resaved_through_the_source
         PeftModel.from_pretrained(copy.deepcopy(source), tmp_path / "v4").save_pretrained(tmp_path / "v5")
         converted = PeftModel.from_pretrained(upcycled, tmp_path / "v5").eval()(ids).logits
         torch.testing.assert_close(converted, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_replication_is_refused_at_the_first_forward():
+    """PEFT copies decoder layers but none of the per-layer settings the model reads (`layer_types`, MoE layers)."""
+    model = DeepTalkForCausalLM(tiny_config())
+    layers = model.config.num_hidden_layers
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["q_proj"], layer_replication=[[0, layers], [1, layers]])
+    )
+    assert len(model.model.layers) == layers + layers - 1
+    with pytest.raises(ValueError, match=f"holds {2 * layers - 1} decoder layers but its config describes {layers}"):
+        peft_model(mixed_batch(model.config))

@@ -1055,6 +1055,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         layer_types = config.layer_types
+        if len(self.layers) != len(layer_types):
+            # PEFT's `layer_replication` copies decoder layers and raises `num_hidden_layers` only: the per-layer
+            # settings (attention types, MoE layers and their expert groups, router-loss layers) would not follow.
+            raise ValueError(
+                f"the model holds {len(self.layers)} decoder layers but its config describes {len(layer_types)} "
+                "(`layer_types`): copied layers, as LoRA's `layer_replication` makes, are not supported"
+            )
         if not isinstance(causal_mask_mapping := attention_mask, dict):
             mask_kwargs = {
                 "config": config,

@@ -1075,6 +1075,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_output(parser, "--out", args.out, folder=True)  # before the pre-training, which takes long
     if args.collect:
+        name = args.name or "forgetting_matched_speech"
+        if (args.out / f"{name}.json").resolve() in {path.resolve() for path in args.collect}:
+            parser.error(f"--collect: --name {name} in --out {args.out} would replace a collected run; name another")
         runs = []
         for path in args.collect:
             try:
@@ -1087,7 +1090,6 @@ def main(argv: Iterable[str] | None = None) -> None:
             matched = matched_speech(runs)
         except ValueError as error:
             parser.error(str(error))
-        name = args.name or "forgetting_matched_speech"
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{name}.json").write_text(json.dumps(matched, indent=1) + "\n")
         markdown = matched_speech_table(matched)

@@ -299,6 +299,19 @@ def test_collect_names_a_file_that_is_not_a_run(forgetting, tmp_path, capsys):
     assert "is a file; name a folder" in capsys.readouterr().err
 
 
+def test_collect_never_writes_over_a_collected_run(forgetting, tmp_path, capsys):
+    """`--name` naming one of the runs it reads (in the same `--out`) would replace that run's results with the table."""
+    paths = []
+    for lr in (0.001, 0.002):
+        paths.append(tmp_path / f"run_lr{lr}.json")
+        paths[-1].write_text(json.dumps(_run_record(lr, dict.fromkeys(forgetting.ARMS, (1.0, 1.0)))))
+    before = [path.read_text() for path in paths]
+    with pytest.raises(SystemExit):
+        forgetting.main(["--collect", *map(str, paths), "--out", str(tmp_path), "--name", "run_lr0.002"])
+    assert "would replace a collected run" in capsys.readouterr().err
+    assert [path.read_text() for path in paths] == before and not (tmp_path / "run_lr0.002.md").exists()
+
+
 def test_split_study(forgetting, tmp_path):
     """`--split-study`: the oracle takes the experts of lowest single text cost, each cost is the text loss of an
     independently built MoE without that expert, and the study's after-split numbers are those of arms (e), (c2), (c3)."""

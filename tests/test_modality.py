@@ -277,7 +277,7 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
     assert ModalityLoad.load(tmp_path / "numpy.json").to_dict() == numpy_load.to_dict()
     with pytest.raises(ValueError, match="layers=5 must be decoder-layer indices"):
         ModalityLoad(5, 1, [[1, 0]], [[0, 1]], [[1.0, 0.0]], [[0.0, 1.0]])
-    for text in (b"\xff{}", b"{"):  # not UTF-8, not JSON
+    for text in (b"\xff{}", b"{", b"[" * 100_000 + b"]" * 100_000):  # not UTF-8, not JSON, nested too deep
         (tmp_path / "bad.json").write_bytes(text)
         with pytest.raises(ValueError, match="bad.json is not a DeepTalk modality load"):
             ModalityLoad.load(tmp_path / "bad.json")

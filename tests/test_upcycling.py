@@ -1149,6 +1149,17 @@ def test_an_index_whose_weight_map_is_not_names_to_files_is_refused(tmp_path):
     assert not (tmp_path / "moe").exists()
 
 
+def test_atomic_output_file_without_overwrite_says_a_file_exists_before_writing(tmp_path):
+    """An existing file is refused up front as existing (it was written first, then refused as "created while the
+    output was written", which it was not)."""
+    target = tmp_path / "load.json"
+    target.write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        with atomic_output_file(target, overwrite=False) as partial:
+            raise AssertionError(f"{partial} is written although {target} exists")
+    assert os.listdir(tmp_path) == ["load.json"] and target.read_text() == "mine"
+
+
 def test_atomic_output_file_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "load.json"
     target.write_text("old")

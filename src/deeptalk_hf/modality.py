@@ -173,7 +173,7 @@ class ModalityLoad:
         try:
             with open(path, encoding="utf-8") as file:
                 data = json.load(file)
-        except ValueError as error:  # not UTF-8 or not JSON: neither error names the file
+        except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested too deep: none names the file
             raise ValueError(f"{path} is not a DeepTalk modality load: {error}") from error
         if not isinstance(data, dict) or data.pop("format", None) != _LOAD_FORMAT:
             raise ValueError(

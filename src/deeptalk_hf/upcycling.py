@@ -967,8 +967,11 @@ def _umask() -> int:
 @contextmanager
 def atomic_output_file(destination: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `destination` that replaces it only once written: on any error it is removed and
-    an existing `destination` is untouched. Without `overwrite`, a `destination` that appeared meanwhile is kept."""
+    an existing `destination` is untouched. Without `overwrite`, an existing `destination` is refused before writing,
+    and one that appeared meanwhile is kept."""
     destination = Path(destination)
+    if not overwrite and os.path.lexists(destination):
+        raise FileExistsError(f"{destination} already exists (pass overwrite=True / --overwrite to replace it)")
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
     os.close(handle)

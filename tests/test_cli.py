@@ -289,6 +289,30 @@ def test_sigterm_unwinds_and_removes_a_half_written_output(tmp_path):
     assert results == [EXIT_OK]
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+def test_a_hangup_unwinds_and_removes_a_half_written_output_unless_it_is_ignored(tmp_path):
+    """A closed terminal or dropped ssh session sends SIGHUP, whose default ends the process on the spot: the hidden
+    partial output (up to a whole model's size) stayed beside DST. Under `nohup` (SIGHUP ignored) the run goes on."""
+
+    def action():
+        with atomic_output_dir(tmp_path / "out") as staging:
+            (staging / "shard.safetensors").write_bytes(b"0" * 1024)
+            if signal.getsignal(signal.SIGHUP) is not signal.SIG_DFL:  # (else it would end the test run itself)
+                os.kill(os.getpid(), signal.SIGHUP)
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            _run("deeptalk-upcycle", action)
+        assert exit_info.value.code == 128 + signal.SIGHUP
+        assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        assert _run("deeptalk-upcycle", action) == EXIT_OK
+        assert os.listdir(tmp_path) == ["out"] and signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_a_sigterm_handler_installed_outside_python_is_left_in_place(monkeypatch):
     """`getsignal` gives None for a handler Python did not install: replacing it could not be undone."""
     installed = []
@@ -597,6 +621,22 @@ def test_profile_reads_and_counts_the_same_lines(deeptalk_checkpoint, tmp_path, 
     data.write_bytes(b'\xef\xbb\xbf\r\n{"input_ids": [1, 2]}\r{"input_ids": [3, 70]}\r\n\xc2\xa0\n{"input_ids": [4]}')
     assert profile_main([str(deeptalk_checkpoint), str(data), "--quiet"]) == EXIT_OK
     assert totals == [3] and "tokens: 1 speech, 4 text" in capsys.readouterr().out
+
+
+def test_profile_never_replaces_the_folder_a_model_of_symlinks_points_into(deeptalk_checkpoint, tmp_path, capsys):
+    """MODEL as a folder of symlinks to files kept elsewhere: --assign-to that folder would leave MODEL's links
+    pointing at the split model."""
+    store = tmp_path / "store"
+    shutil.copytree(deeptalk_checkpoint, store)
+    view = tmp_path / "view"
+    view.mkdir()
+    for file in store.iterdir():
+        (view / file.name).symlink_to(file)
+    before = {file.name: file.read_bytes() for file in store.iterdir()}
+    arguments = [str(view), str(write_data(tmp_path / "data.jsonl")), "--assign-to", str(store)]
+    assert profile_main([*arguments, "--num-speech-experts", "1", "--overwrite", "--quiet"]) == EXIT_USAGE
+    assert "holds the source" in capsys.readouterr().err
+    assert {file.name: file.read_bytes() for file in store.iterdir()} == before
 
 
 def test_profile_exit_codes(deeptalk_checkpoint, tmp_path, capsys):

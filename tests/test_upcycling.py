@@ -997,6 +997,21 @@ def test_destination_rules(tmp_path):
         upcycle_checkpoint(source, tmp_path / "a_file" / "moe", overwrite=True, **options)
 
 
+def test_a_folder_holding_the_files_a_source_links_to_is_not_replaced(tmp_path):
+    """A source folder of symlinks (files kept elsewhere): the folder holding their targets is the source too; replacing
+    it left the source's links pointing at the new output."""
+    store = save_dense(dense_model("llama"), tmp_path / "store")
+    view = tmp_path / "view"
+    view.mkdir()
+    for file in store.iterdir():
+        (view / file.name).symlink_to(file)
+    before = {file.name: file.read_bytes() for file in store.iterdir()}
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False)
+    with pytest.raises(ValueError, match="is or holds the source"):
+        upcycle_checkpoint(view, store, overwrite=True, **options)
+    assert {file.name: file.read_bytes() for file in store.iterdir()} == before and leftovers(tmp_path) == []
+
+
 def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch):
     destination = tmp_path / "out"
     destination.mkdir()

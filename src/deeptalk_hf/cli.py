@@ -104,14 +104,23 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run(prog: str, action: Callable[[], None]) -> int:
-    """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments).
+def _unwinding_signals() -> list[signal.Signals]:
+    """The signals to unwind like Ctrl-C, so a half-written output is removed: SIGTERM (`timeout`, Slurm, `docker
+    stop`) unless a handler installed outside Python holds it (`getsignal` gives None for it, so it could not be put
+    back), and SIGHUP (a closed terminal, a dropped ssh session) where it would end the process, not where it is
+    ignored (`nohup`: the run goes on). Only from the main thread, the only one Python lets set a handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    taken = [signal.SIGTERM] if signal.getsignal(signal.SIGTERM) is not None else []
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+        taken.append(signal.SIGHUP)
+    return taken
 
-    SIGTERM (`timeout`, Slurm, `docker stop`) unwinds like Ctrl-C, so a half-written output is removed (when called
-    from the main thread, the only one Python lets set a signal handler, and unless a handler installed outside
-    Python holds SIGTERM: `getsignal` gives None for it, so it could not be put back)."""
-    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is not None
-    previous = signal.signal(signal.SIGTERM, _terminated) if own else None
+
+def _run(prog: str, action: Callable[[], None]) -> int:
+    """Map the library's errors to exit codes (argparse itself exits with 2 on bad arguments), with the signals of
+    `_unwinding_signals` unwinding the action."""
+    previous = {signum: signal.signal(signum, _terminated) for signum in _unwinding_signals()}
     try:
         action()
     except FileExistsError as error:
@@ -124,8 +133,8 @@ def _run(prog: str, action: Callable[[], None]) -> int:
         traceback.print_exc()
         return _fail(prog, EXIT_FAILURE, f"{type(error).__name__}: {error}")
     finally:
-        if own:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return EXIT_OK
 
 

@@ -991,7 +991,11 @@ def check_output_dir(
     """Raise unless `atomic_output_dir` may write `destination` (see there); for checking before long work."""
     given = Path(destination).absolute()
     destination = given.resolve()
-    for source in map(Path, inputs):
+    sources = list(map(Path, inputs))
+    # A folder's symlinks too: a folder of links to files kept elsewhere (as the hub cache's snapshots are) reads the
+    # folders they point into.
+    sources += [entry for source in sources if source.is_dir() for entry in source.iterdir() if entry.is_symlink()]
+    for source in sources:
         if destination in (source.resolve(), *source.resolve().parents):
             raise ValueError(f"destination {destination} is or holds the source {source}; write the output elsewhere")
         if destination.exists() and source.resolve() in destination.parents:

@@ -443,13 +443,14 @@ def test_bench_latency_times_the_first_event_of_each_kind_and_reports_medians(mo
     monkeypatch.setattr(bench_latency, "build", lambda args: (None, fake_model, codec))
     monkeypatch.setattr(bench_latency, "new_parallel_model", lambda *args: fake_model)
     monkeypatch.setattr(bench_latency, "breakdown", lambda *args: {"decode_step_s": 0.1})
-    monkeypatch.setattr(bench_latency, "run_once", fake_run([100.0, 3.0, 2.0, 1.0], "single"))
+    # runs 9, 2, 1 (after the warm-up's 100): median 2, mean 4
+    monkeypatch.setattr(bench_latency, "run_once", fake_run([100.0, 9.0, 2.0, 1.0], "single"))
     monkeypatch.setattr(bench_latency, "run_parallel_once", lambda *args: fake_run([0.5], ("parallel", args[-1]))())
     monkeypatch.setattr(sys, "argv", ["bench_latency.py", "--runs", "3", "--parallel", "--out", str(tmp_path)])
     bench_latency.main()
     record = json.loads((tmp_path / "latency_cpu_tiny_text_then_speech_parallel.json").read_text())
     assert record["median_of_runs"] == dict(fixed, first_audio_s=2.0, prompt_to_first_audio_s=1.5)
-    assert [run["first_audio_s"] for run in record["runs"]] == [3.0, 2.0, 1.0]
+    assert [run["first_audio_s"] for run in record["runs"]] == [9.0, 2.0, 1.0]
     assert order == ["single", ("parallel", False), ("parallel", True)] * 4
     parallel = record["parallel"]["median_of_runs"]
     assert set(parallel) == {"parallel", "parallel_batch_parallel"}
@@ -555,7 +556,17 @@ def test_bench_latency_breakdown_times_one_decode_step_and_one_audio_chunk(monke
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import bench_latency
 
-    step_seconds = [0.3, 0.1, 0.2]
+    # `timed` itself, on a fake clock: the median of the calls (1, 3, 9 s: not the first, last, fastest or mean)
+    clock, durations = [0.0], iter([1.0, 3.0, 9.0])
+
+    def call():
+        clock[0] += next(durations)
+        return "result"
+
+    monkeypatch.setattr(bench_latency, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert bench_latency.timed(call, torch.device("cpu"), repeats=3) == ("result", 3.0)
+
+    step_seconds = [0.9, 0.1, 0.2]  # median 0.2 (mean 0.4, sum 1.2)
     decoded = []
 
     def timed(fn, device, repeats=1):

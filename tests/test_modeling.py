@@ -401,6 +401,9 @@ def test_modality_ids_of_new_ids_are_checked_against_the_masks_last_columns():
         step = dict(attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache)
         with pytest.raises(ValueError, match=r"got \[2\]"):
             model(torch.tensor([[70], [8]]), modality_ids=torch.tensor([[2], [0]]), **step)
+        # and a new position that the mask's last column pads may hold anything, as without a cache
+        padded_step = dict(step, attention_mask=torch.cat([mask, torch.tensor([[0], [1]])], 1))
+        model(torch.tensor([[70], [8]]), modality_ids=torch.tensor([[2], [0]]), **padded_step)
 
 
 @pytest.mark.parametrize("grad", [True, False])  # without autograd a one-modality batch reads only its own table

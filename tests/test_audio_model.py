@@ -642,6 +642,26 @@ def test_composed_from_checkpoints_saves_and_loads_identically(tmp_path):
         AutoModelForMultimodalLM.from_pretrained(tmp_path / "composite")
 
 
+def test_loading_the_other_deeptalk_models_checkpoint_says_which_it_is(tmp_path):
+    """The audio model's checkpoint loaded as a language model (as it is, or with `key_mapping` taking its
+    `language_model.` prefix off), and a language model's loaded as the audio model, are refused naming the way that
+    works, not upcycling (whose hint was given for any missing or extra tensor)."""
+    model = DeepTalkForConditionalGeneration(whisper_audio_config())
+    model.save_pretrained(tmp_path / "audio")
+    model.language_model.save_pretrained(tmp_path / "llm")
+    for overrides in ({}, {"key_mapping": {r"^language_model\.": ""}}):
+        with pytest.raises(ValueError, match=r"audio model's checkpoint .*AutoModelForMultimodalLM") as refused:
+            DeepTalkForCausalLM.from_pretrained(tmp_path / "audio", **overrides)
+        assert "upcycl" not in str(refused.value)
+        assert ("no place for (audio_encoder." in str(refused.value)) == bool(overrides)  # the renamed LLM loaded
+    with pytest.raises(ValueError, match=r"language model's checkpoint .*from_parts") as refused:
+        DeepTalkForConditionalGeneration.from_pretrained(tmp_path / "llm", config=model.config)
+    assert "upcycl" not in str(refused.value)
+    # A language model's checkpoint that only lacks the speech attention asked for still points there.
+    with pytest.raises(ValueError, match="add_speech_attention"):
+        DeepTalkForCausalLM.from_pretrained(tmp_path / "llm", speech_attention=True)
+
+
 def test_generation_entries_of_the_language_model_work_on_the_composite():
     """What transformers reaches through the composite: a prompt given as embeddings (accepted only where
     `prepare_inputs_for_generation` names `inputs_embeds`), a text LM as draft beside `modality_ids`, the output

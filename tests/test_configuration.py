@@ -2,9 +2,9 @@ import json
 import re
 
 import pytest
-from transformers import AutoConfig, Qwen3MoeConfig
+from transformers import AutoConfig, Qwen3MoeConfig, WhisperConfig
 
-from deeptalk_hf import DeepTalkConfig, DeepTalkForCausalLM
+from deeptalk_hf import DeepTalkAudioConfig, DeepTalkConfig, DeepTalkForCausalLM
 
 from .conftest import tiny_config
 
@@ -271,6 +271,31 @@ def test_load_time_overrides_are_checked_and_derive_fields(tmp_path):
     # Qwen/DeepSeek's layout keys, read at construction only, fold into the layout as they do when given to it.
     for override, dense in (({"decoder_sparse_step": 2}, [0, 1, 2]), ({"first_k_dense_replace": 1}, [0, 1])):
         assert AutoConfig.from_pretrained(tmp_path, **override).mlp_only_layers == dense  # with the saved [1]
+
+
+def test_load_time_overrides_derive_again_what_the_saved_config_derived(tmp_path):
+    """A saved config holds the values `__post_init__` derived (`layer_types`, the audio ids, ...): overriding a field
+    they come from derives them again, as a new config with that field does (a saved full-attention `layer_types` kept
+    a window given at load from sliding anything, silently), unless they were set to values of their own."""
+    tiny_config().save_pretrained(tmp_path / "full")
+    for override in ({"sliding_window": 4}, {"num_hidden_layers": 4}):
+        loaded = AutoConfig.from_pretrained(tmp_path / "full", **override)
+        assert loaded.layer_types == tiny_config(**override).layer_types, override
+    tiny_config(sliding_window=4).save_pretrained(tmp_path / "sliding")
+    for override in ({"use_sliding_window": False}, {"sliding_window": None}):  # refused: sliding layers, no window
+        assert AutoConfig.from_pretrained(tmp_path / "sliding", **override).layer_types == ["full_attention"] * 3
+    mixed = ["full_attention", "sliding_attention", "full_attention"]  # a layout of its own stays
+    tiny_config(sliding_window=4, layer_types=mixed).save_pretrained(tmp_path / "mixed")
+    assert AutoConfig.from_pretrained(tmp_path / "mixed", sliding_window=8, num_experts_per_tok=1).layer_types == mixed
+    tiny_config(num_audio_streams=2, audio_codebook_size=8).save_pretrained(tmp_path / "streams")
+    loaded = AutoConfig.from_pretrained(tmp_path / "streams", audio_codebook_size=16, num_audio_streams=3)
+    fresh = tiny_config(num_audio_streams=3, audio_codebook_size=16)
+    for name in ("audio_pad_token_id", "audio_eos_token_id", "audio_stream_delays", "stream_loss_weights"):
+        assert getattr(loaded, name) == getattr(fresh, name), name
+    # The audio model's LLM config, overridden by a dict, likewise.
+    DeepTalkAudioConfig(audio_config=WhisperConfig(), text_config=tiny_config()).save_pretrained(tmp_path / "audio")
+    loaded = AutoConfig.from_pretrained(tmp_path / "audio", text_config={"sliding_window": 4})
+    assert loaded.text_config.layer_types == ["sliding_attention"] * 3
 
 
 def test_auto_config_round_trip(tmp_path):

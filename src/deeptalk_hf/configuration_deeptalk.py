@@ -33,6 +33,10 @@ class ChecksOverrides:
     bad value then went unchecked until `save_pretrained` refused it (or failed in the model with a torch error), and
     fields derived from it (audio ids, `head_dim`, ...) kept the saved values."""
 
+    # Fields `__post_init__` derives when they are None. A saved config holds the derived values: those it would
+    # derive again from its own fields are dropped when overrides are given, so they follow the overrides.
+    derived_fields: tuple[str, ...] = ()
+
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         aliases = getattr(cls, "attribute_map", {})
@@ -45,8 +49,25 @@ class ChecksOverrides:
             saved = config_dict.get(key)
             if isinstance(overrides.get(key), dict) and saved is not None:
                 saved = saved.to_dict() if isinstance(saved, PreTrainedConfig) else saved
-                overrides[key] = _merged(saved, overrides[key], getattr(spec.config_class, "attribute_map", {}))
-        return super().from_dict(_merged(config_dict, overrides, aliases), **kwargs)
+                sub_class = spec.config_class
+                if issubclass(sub_class, ChecksOverrides):
+                    overrides[key] = sub_class._overridden(saved, overrides[key])
+                else:
+                    overrides[key] = _merged(saved, overrides[key], getattr(sub_class, "attribute_map", {}))
+        return super().from_dict(cls._overridden(config_dict, overrides), **kwargs)
+
+    @classmethod
+    def _overridden(cls, saved: dict, overrides: dict) -> dict:
+        """`saved` updated by `overrides`, less the saved `derived_fields` that are what `saved` alone derives (not
+        values of their own) and that `overrides` does not give: derived again, from the overridden fields."""
+        merged = _merged(saved, overrides, getattr(cls, "attribute_map", {}))
+        stale = [name for name in cls.derived_fields if name in saved and name not in overrides]
+        if overrides and stale:
+            rederived = super().from_dict({k: v for k, v in saved.items() if k not in stale})
+            for name in stale:
+                if getattr(rederived, name) == saved[name]:
+                    del merged[name]
+        return merged
 
 
 def _merged(saved: dict, overrides: dict, aliases: dict[str, str]) -> dict:
@@ -130,6 +151,15 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     model_type = "deeptalk"
     keys_to_ignore_at_inference = ["cache"]
     construction_kwargs = ("decoder_sparse_step", "first_k_dense_replace", "use_sliding_window", "n_shared_experts")
+    derived_fields = (
+        "layer_types",
+        "head_dim",
+        "audio_pad_token_id",
+        "audio_bos_token_id",
+        "audio_eos_token_id",
+        "audio_stream_delays",
+        "stream_loss_weights",
+    )
     attribute_map = {"num_local_experts": "num_experts", "n_routed_experts": "num_experts"}
 
     base_model_tp_plan = {

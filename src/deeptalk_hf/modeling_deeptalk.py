@@ -760,6 +760,27 @@ def warn_if_checkpointing_stops_balancing(
         )
 
 
+def _other_deeptalk_checkpoint(model: nn.Module, missing: list[str], unexpected: list[str]) -> str | None:
+    """The hint where the checkpoint is the other DeepTalk model's: the audio model's loaded as its language model (its
+    keys under `language_model.`, or renamed by `key_mapping` with the encoder's left over), or a language model's
+    loaded as the audio model."""
+    parts = ("audio_encoder.", "speech_connector.")
+    if not hasattr(model, "language_model"):
+        if any(key.startswith(("language_model.", *parts)) for key in unexpected):
+            return (
+                "It is an audio model's checkpoint (DeepTalkForConditionalGeneration): load it with "
+                "AutoModelForMultimodalLM and take its .language_model"
+            )
+    elif any(key.startswith("language_model.") for key in missing) and any(
+        key.split(".")[0] in ("model", *_OUTPUT_HEADS) for key in unexpected
+    ):
+        return (
+            "It is a language model's checkpoint (DeepTalkForCausalLM): build the audio model from it and an audio "
+            "encoder with DeepTalkForConditionalGeneration.from_parts(audio_encoder, path)"
+        )
+    return None
+
+
 def _adds_stream_tables(model: nn.Module, missing: list[str], load_config) -> bool:
     """Whether the missing tensors are exactly the parallel-stream tables of a checkpoint saved without streams (its
     own config.json, its LLM's for the audio model, read before any load-time override): streams asked for at load."""
@@ -815,11 +836,15 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
         missing = sorted(loading_info.missing_keys)
+        unexpected = sorted(loading_info.unexpected_keys)
+        other = _other_deeptalk_checkpoint(model, missing, unexpected)
         if missing and _adds_stream_tables(model, missing, load_config):
             # A checkpoint without parallel streams, loaded with `num_audio_streams` set: new tables, as asked.
             logger.warning(f"parallel audio streams added: {', '.join(missing)} are new (initialised), train them")
         elif missing:  # they would stay random: a checkpoint of another layout, or a config override
-            if all(key.split(".")[0] in _OUTPUT_HEADS for key in missing):
+            if other:
+                hint = other
+            elif all(key.split(".")[0] in _OUTPUT_HEADS for key in missing):
                 hint = (
                     "Only output heads are missing: a checkpoint of the base model (load it with AutoModel), or one "
                     "saved with tied embeddings and loaded with tie_word_embeddings=False (load it tied)"
@@ -834,14 +859,17 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 f"the checkpoint lacks {len(missing)} tensors this DeepTalk config needs ({', '.join(missing[:4])}"
                 f"{', ...' if len(missing) > 4 else ''}). {hint}"
             )
-        unexpected = sorted(loading_info.unexpected_keys)
         if isinstance(model, DeepTalkModel):  # the base model of a causal LM's checkpoint: the heads are not its
             unexpected = [key for key in unexpected if key.split(".")[0] not in _OUTPUT_HEADS]
         if unexpected:  # dropped weights: the model would compute something else than the source
             raise ValueError(
                 f"the checkpoint has {len(unexpected)} tensors this DeepTalk config has no place for "
-                f"({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}): it is another model's "
-                "checkpoint (import an MoE with upcycle_moe / deeptalk-upcycle) or the config was overridden"
+                f"({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}): "
+                + (
+                    other
+                    or "it is another model's checkpoint (import an MoE with upcycle_moe / deeptalk-upcycle) or the "
+                    "config was overridden"
+                )
             )
         return loading_info
 

@@ -151,8 +151,10 @@ def test_a_config_broken_after_construction_is_named_when_a_model_is_built():
         ({"num_speech_experts": [2, 1, 1, 1]}, "num_speech_experts has 4 entries"),
         ({"speech_vocab_size": 100}, "speech_vocab_size=100 does not fit"),
         ({"num_experts": 0}, "num_experts=0"),
+        ({"layer_types": None}, "['layer_types'] are None: they are derived when the config is built"),
+        ({"mlp_only_layers": None, "audio_stream_delays": None}, "['mlp_only_layers', 'audio_stream_delays'] are"),
     ):
-        config = tiny_config()
+        config = tiny_config(num_audio_streams=1, audio_codebook_size=8)
         config.update(change)
         with pytest.raises(ValueError, match=re.escape(field)):
             DeepTalkForCausalLM(config)

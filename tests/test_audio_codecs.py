@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 
 from deeptalk_hf.audio_codecs import AudioCodec, FlatUnitCodec, MimiCodec, SnacCodec, _snac_frame_levels, resample
@@ -343,6 +344,16 @@ def test_codecs_load_from_a_folder(tmp_path):
             torch.equal(a, b)
             for a, b in zip(loaded.encode(waveform, 24000), original.encode(waveform, 24000), strict=True)
         )
+
+
+def test_a_mimi_checkpoint_missing_weights_is_refused(tmp_path):
+    """transformers leaves a missing weight random (a logged report only): the codec would make noise of units."""
+    MIMI.model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["decoder.layers.0.conv.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"does not hold every weight of MimiModel: missing .*decoder"):
+        MimiCodec.from_pretrained(tmp_path, 4)
 
 
 def test_mimi_codebook_count_is_checked():

@@ -370,10 +370,13 @@ class MimiCodec(FlatUnitCodec):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "kyutai/mimi", num_codebooks: int | None = 8, **kwargs) -> MimiCodec:
-        """Load a `MimiModel` from a hub id or a local folder; Moshi uses its first 8 codebooks."""
+        """Load a `MimiModel` from a hub id or a local folder; Moshi uses its first 8 codebooks. A checkpoint that leaves
+        weights missing is refused (transformers would leave them random: units and audio would be noise)."""
         from transformers import MimiModel
 
-        return cls(MimiModel.from_pretrained(name_or_path, **kwargs), num_codebooks)
+        from .modeling_deeptalk_audio import _load_complete
+
+        return cls(_load_complete(MimiModel, name_or_path, **kwargs), num_codebooks)
 
     def _encode(self, waveform: torch.Tensor) -> list[torch.Tensor]:
         codes = self.model.encode(waveform[None, None], num_quantizers=self.num_codebooks).audio_codes

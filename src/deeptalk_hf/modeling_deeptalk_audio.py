@@ -548,11 +548,11 @@ def _frame_axis(audio_config: PreTrainedConfig, input_features: torch.Tensor) ->
     return 1 if input_features.dim() == 3 and not bins_first else -1
 
 
-def _load_complete(model_class: type, path: str | os.PathLike, kept: str = "") -> PreTrainedModel:
-    """`from_pretrained` that refuses a checkpoint leaving weights missing (they would silently stay random); only
-    those under the prefix `kept` count, where the rest of the model is dropped. (A weight of the wrong shape
-    `from_pretrained` refuses itself.)"""
-    model, info = model_class.from_pretrained(path, output_loading_info=True)
+def _load_complete(model_class: type, path: str | os.PathLike, kept: str = "", **kwargs) -> PreTrainedModel:
+    """`from_pretrained` (with `kwargs`) that refuses a checkpoint leaving weights missing (they would silently stay
+    random); only those under the prefix `kept` count, where the rest of the model is dropped. (A weight of the wrong
+    shape `from_pretrained` refuses itself.)"""
+    model, info = model_class.from_pretrained(path, output_loading_info=True, **kwargs)
     if missing := sorted(key for key in info["missing_keys"] if key.startswith(kept)):
         raise ValueError(
             f"{path} does not hold every weight of {type(model).__name__}{f' under {kept}' if kept else ''}: "

@@ -1074,6 +1074,8 @@ def main(argv: Iterable[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     check_output(parser, "--out", args.out, folder=True)  # before the pre-training, which takes long
+    if args.name is not None and (args.name in ("", ".", "..") or Path(args.name).name != args.name):
+        parser.error(f"--name {args.name!r} is a file stem (NAME.json, .md, .png); name their folder with --out")
     if args.collect:
         name = args.name or "forgetting_matched_speech"
         if (args.out / f"{name}.json").resolve() in {path.resolve() for path in args.collect}:

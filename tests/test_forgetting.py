@@ -209,6 +209,7 @@ def test_command_line_refuses_a_rate_that_is_not_positive(forgetting, tmp_path, 
         (["--seed", "-1"], "--seed must be at least 0"),
         (["--threads", "0"], "--threads must be at least 1"),
         (["--top-k", "3"], "--top-k 3 must be in \\[1, 2\\]"),  # fast mode: 2 of its 4 experts stay text
+        (["--name", "sub/run1"], "--name 'sub/run1' is a file stem"),  # its folder was missing when the results came
     ],
 )
 def test_command_line_refuses_options_that_would_fail_after_pretraining(

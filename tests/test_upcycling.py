@@ -1012,6 +1012,18 @@ def test_a_folder_holding_the_files_a_source_links_to_is_not_replaced(tmp_path):
     assert {file.name: file.read_bytes() for file in store.iterdir()} == before and leftovers(tmp_path) == []
 
 
+def test_a_destination_ending_in_dotdot_is_the_folder_it_names(tmp_path):
+    """`deeptalk-upcycle SRC .. --overwrite` from a folder inside a model folder: the temporary folders went inside the
+    folder to replace, whose rename then failed (EBUSY) after the whole conversion."""
+    old = tmp_path / "old"
+    (old / "additional_chat_templates").mkdir(parents=True)  # a folder a model folder may hold
+    (old / "config.json").write_text("old")
+    with atomic_output_dir(old / "additional_chat_templates" / "..", overwrite=True) as staging:
+        (staging / "config.json").write_text("new")
+    assert os.listdir(tmp_path) == ["old"] and os.listdir(old) == ["config.json"]
+    assert (old / "config.json").read_text() == "new"
+
+
 def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch):
     destination = tmp_path / "out"
     destination.mkdir()

@@ -1032,6 +1032,8 @@ def atomic_output_dir(
     `config.json` (not a model folder: "write into it" would delete them) and a mount point.
     """
     destination = Path(destination).absolute()
+    if destination.name == "..":  # the folder itself: its temporary siblings would sit inside it, its rename fails
+        destination = destination.resolve()
     check_output_dir(destination, overwrite=overwrite, inputs=inputs)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))

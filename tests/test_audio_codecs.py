@@ -164,6 +164,19 @@ def test_codes_units_and_streams_must_be_integers(name):
             call(value)
 
 
+def test_from_units_takes_one_stream_not_a_batch_or_a_list_of_segments():
+    """`SpeechTextOutput.speech_units` is a list of segments and `generate` gives rows: two of them were concatenated
+    into one audio (equal lengths) or failed in torch's words (unequal)."""
+    units = MIMI.to_units([torch.arange(2) for _ in range(MIMI.num_codebooks)])  # 2 frames
+    frame = MIMI.units_per_frame
+    assert all(torch.equal(a, b) for a, b in zip(MIMI.from_units(units[None]), MIMI.from_units(units), strict=True))
+    for value in (units.reshape(2, frame), units.reshape(2, frame).tolist()):
+        with pytest.raises(ValueError, match=r"units must be one unit stream, got shape \(2, "):
+            MIMI.from_units(value)
+    with pytest.raises(ValueError, match="units must be integers in one rectangular sequence"):
+        MIMI.from_units([units.tolist(), units[:frame].tolist()])
+
+
 @needs_snac
 def test_to_units_checks_the_codes():
     with pytest.raises(ValueError, match="codes for 3 codebook levels, got 2"):

@@ -87,7 +87,10 @@ def has_integer_dtype(value: torch.Tensor | np.ndarray) -> bool:
 
 def _integer_tensor(values: object, name: str) -> torch.Tensor:
     """`values` as a long tensor: a float or boolean code is corrupt, so it is refused rather than truncated."""
-    tensor = torch.as_tensor(values)
+    try:
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError) as error:  # nested lists of unequal lengths, or of other objects
+        raise ValueError(f"{name} must be integers in one rectangular sequence: {error}") from error
     if tensor.numel() and not has_integer_dtype(tensor):
         raise ValueError(f"{name} must be integers, got {tensor.dtype}")
     return tensor.long()
@@ -252,8 +255,12 @@ class FlatUnitCodec:
         return table[:, self._frame_order].reshape(-1)
 
     def from_units(self, units: torch.LongTensor | list[int]) -> list[torch.LongTensor]:
-        """Codes per level from a unit stream of whole frames; a `ValueError` names the first misplaced unit."""
-        units = _integer_tensor(units, "units").reshape(-1)
+        """Codes per level from one unit stream of whole frames (`[units]`, or `generate`'s `[1, units]`); a
+        `ValueError` names the first misplaced unit."""
+        units = _integer_tensor(units, "units")
+        if units.shape[:-1].numel() != 1:  # a batch, or a list of segments: each is an audio of its own
+            raise ValueError(f"units must be one unit stream, got shape {tuple(units.shape)}: decode each on its own")
+        units = units.reshape(-1)
         if units.numel() % self.units_per_frame:
             raise ValueError(f"{units.numel()} units are not whole frames of {self.units_per_frame} units")
         levels = units.div(self.codebook_size, rounding_mode="floor")

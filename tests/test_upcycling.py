@@ -1024,6 +1024,25 @@ def test_a_destination_ending_in_dotdot_is_the_folder_it_names(tmp_path):
     assert (old / "config.json").read_text() == "new"
 
 
+def test_overwrite_never_replaces_a_project_folder_that_has_a_config_json(tmp_path):
+    """`deeptalk-upcycle SRC . --overwrite` in a project keeping its own config.json deleted the whole project (code,
+    .git, data): a model folder holds files only (a tokenizer's additional_chat_templates/ aside)."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("work")
+    (project / "config.json").write_text('{"lr": 0.001}')
+    with pytest.raises(FileExistsError, match=r"holds folders \(src\) besides its config.json"):
+        with atomic_output_dir(project, overwrite=True) as staging:
+            (staging / "config.json").write_text("{}")
+    assert (project / "src" / "train.py").read_text() == "work" and leftovers(tmp_path) == []
+    (project / "src" / "train.py").unlink()
+    (project / "src").rmdir()
+    (project / "additional_chat_templates").mkdir()  # a saved tokenizer's folder: a model folder still
+    with atomic_output_dir(project, overwrite=True) as staging:
+        (staging / "config.json").write_text("{}")
+    assert os.listdir(project) == ["config.json"] and leftovers(tmp_path) == []
+
+
 def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch):
     destination = tmp_path / "out"
     destination.mkdir()

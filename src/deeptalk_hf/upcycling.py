@@ -77,6 +77,8 @@ _TOKENIZER_FILES = (
     "tokenization_*.py",
     "additional_chat_templates",
 )
+# Folders a saved model's folder may hold (a tokenizer's templates; `hf download --local-dir`'s metadata).
+_MODEL_FOLDER_SUBFOLDERS = ("additional_chat_templates", ".cache")
 # Tensors that transformers drops when loading a source (Llama-2-era checkpoints hold the rotary frequencies).
 _IGNORED_SOURCE_TENSORS = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 # Weight dtypes a converted checkpoint may take.
@@ -1013,6 +1015,15 @@ def check_output_dir(
             raise FileExistsError(
                 f"{given} holds files but no config.json: it is not a model folder that overwrite would replace (all "
                 "of its files would be deleted); remove it yourself or write elsewhere"
+            )
+        # A model folder holds files; a project that keeps its own config.json (src/, .git/, runs/, checkpoints) does
+        # not become one by it.
+        folders = sorted(e.name for e in given.iterdir() if e.is_dir() and e.name not in _MODEL_FOLDER_SUBFOLDERS)
+        if folders:
+            raise FileExistsError(
+                f"{given} holds folders ({', '.join(folders[:3])}{', ...' if len(folders) > 3 else ''}) besides its "
+                "config.json: it is not a model folder that overwrite would replace (all of it would be deleted); "
+                "remove it yourself or write elsewhere"
             )
     writable = next(folder for folder in given.parents if folder.exists())
     if not os.access(writable, os.W_OK | os.X_OK):

@@ -908,11 +908,13 @@ def test_a_folder_holding_a_single_file_and_an_index_converts_what_transformers_
         assert max_diff(moe(ids).logits, loaded(ids).logits) < 1e-5
 
 
-def test_an_unreadable_generation_config_falls_back_to_the_model_configs(tmp_path, caplog):
-    """As transformers loads such a folder (it failed after every shard was written, as an unexpected error)."""
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"max_new_tokens": "x"}', '{"watermarking_config": 5}'])
+def test_an_unreadable_generation_config_falls_back_to_the_model_configs(tmp_path, caplog, text):
+    """As transformers loads such a folder (it failed after every shard was written, as an unexpected error: not
+    JSON, then a JSON list or a field of the wrong type, a TypeError, or a sub-config that is not one)."""
     dense = dense_model("llama")
     source = save_dense(dense, tmp_path / "dense")
-    (source / "generation_config.json").write_text("{not json")
+    (source / "generation_config.json").write_text(text)
     with caplog.at_level("WARNING", logger="deeptalk_hf.upcycling"):
         upcycle_checkpoint(
             source, tmp_path / "moe", num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False

@@ -748,7 +748,9 @@ class _SourceCheckpoint:
         if (self.source / "generation_config.json").is_file():
             try:
                 return GenerationConfig.from_pretrained(self.source)
-            except (OSError, ValueError) as error:
+            # TypeError: not a JSON object, or a field of the wrong type (`"max_new_tokens": "x"`); AttributeError: a
+            # sub-config that is not one (`"watermarking_config": 5`)
+            except (OSError, ValueError, TypeError, AttributeError) as error:
                 logger.warning(
                     f"{self.source}/generation_config.json is unreadable ({error}); using the model config's"
                 )

@@ -468,10 +468,33 @@ def test_bad_stream_ids_and_layouts_are_refused_by_name():
     for stream, bad in [(1, model.config.audio_stream_vocab_size), (3, -1)]:
         wrong = ids.clone()
         wrong[0, stream, 2] = bad  # the streams share one table: it would read another stream's row
-        with pytest.raises(ValueError, match=f"audio stream {stream} has ids outside"):
+        with pytest.raises(ValueError, match=f"input_ids: audio stream {stream} holds {bad}, outside"):
             model(wrong)
     with pytest.raises(ValueError, match="for a model with parallel audio streams"):
         DeepTalkForCausalLM(tiny_config())(ids[:, :1])
+
+
+def test_labels_outside_their_streams_vocabulary_are_refused_by_name():
+    """torch's cross entropy said "Target 13 is out of bounds" (a device assert on a GPU), naming no stream; -100 and
+    every id of a stream's own vocabulary (codes, pad, begin, end) stay labels."""
+    model = DeepTalkForCausalLM(parallel_config()).eval()
+    config = model.config
+    ids = text_query(config, batch=1)
+    labels = ids.clone()
+    labels[0, 1:, 1:] = torch.arange(config.audio_stream_vocab_size - 4, config.audio_stream_vocab_size)
+    labels[0, :, 0] = -100
+    model(ids, labels=labels)  # accepted
+    for stream, bad in [(2, config.audio_stream_vocab_size), (3, -1)]:
+        wrong = labels.clone()
+        wrong[0, stream, 3] = bad
+        with pytest.raises(ValueError, match=f"labels: audio stream {stream} holds {bad}, outside"):
+            model(ids, labels=wrong)
+        with pytest.raises(ValueError, match=f"audio stream {stream}"):  # generate's flattened rows too
+            model(ids.flatten(0, 1), labels=wrong.flatten(0, 1))
+    wrong = labels.clone()
+    wrong[0, 0, 2] = config.vocab_size
+    with pytest.raises(ValueError, match=f"labels: the text stream holds {config.vocab_size}, outside"):
+        model(ids, labels=wrong)
 
 
 def test_flattened_input_takes_one_row_per_stream_and_refuses_other_layouts():

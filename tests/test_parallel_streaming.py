@@ -138,10 +138,36 @@ def test_parallel_helpers_check_their_inputs():
         torch.zeros(1, 8, 3, dtype=torch.long), wider)):  # fmt: skip
         with pytest.raises(ValueError, match=f"from a codebook of {SNAC.codebook_size}; the config has"):
             call()
+    with pytest.raises(ValueError, match="text= is an empty batch"):  # max() of nothing before
+        PROCESSOR.parallel_prompt([], CONFIG)
+    with pytest.raises(ValueError, match=r"text\[1\] gives no token"):  # torch.cat of nothing before
+        PROCESSOR.parallel_prompt([TYPED, ""], CONFIG)
     splitting = tiny_processor(1, codec=SNAC)
     splitting.tokenizer.split_special_tokens = True  # the placeholder's marker in pieces: named as such
     with pytest.raises(ValueError, match="split_special_tokens=True"):
         splitting.parallel_prompt(SPOKEN, CONFIG, audio=QUESTION, sampling_rate=16000)
+
+
+def test_decode_parallel_refuses_ids_outside_their_streams_vocabulary():
+    """An audio id outside its stream's vocabulary was skipped, shifting the stream's later codes into other frames
+    (other codes, silently); a text id of -100 (a label's padding) failed in the tokenizer (OverflowError), one beyond
+    the vocabulary was dropped."""
+    codes = random_codes(SNAC, 3, seed=2)
+    audio = build_delay_pattern(SNAC.to_streams(codes)[None], CONFIG)[0]
+    words = PROCESSOR.tokenizer("hello how are you today")["input_ids"]
+    answer = torch.cat([torch.tensor([(words * audio.shape[1])[: audio.shape[1]]]), audio])[None]
+    decoded = PROCESSOR.decode_parallel(answer, CONFIG)[0]
+    assert all(torch.equal(a, b) for a, b in zip(decoded.codes, codes, strict=True))
+    for stream, bad, named in [
+        (0, -100, "text stream holds -100"),
+        (0, CONFIG.vocab_size, f"text stream holds {CONFIG.vocab_size}"),
+        (3, CONFIG.audio_stream_vocab_size, f"audio stream 3 holds {CONFIG.audio_stream_vocab_size}"),
+        (5, -1, "audio stream 5 holds -1"),
+    ]:
+        wrong = answer.clone()
+        wrong[0, stream, 4] = bad
+        with pytest.raises(ValueError, match=f"{named}, outside"):
+            PROCESSOR.decode_parallel(wrong, CONFIG)
 
 
 def test_decode_parallel_takes_text_only_from_the_text_block():

@@ -68,6 +68,22 @@ def revert_delay_pattern(streams: torch.LongTensor, config: DeepTalkConfig) -> t
     return torch.stack([streams[:, s, delay : delay + frames] for s, delay in enumerate(delays)], dim=1)
 
 
+def stream_id_outside(ids: torch.LongTensor, config: DeepTalkConfig, ignored: int | None = None) -> str | None:
+    """Where `ids` (`[batch, 1 + S, seq]`) first holds an id outside its stream's vocabulary (the text stream's: the
+    whole vocabulary; an audio stream's: its codes and the pad/bos/eos ids after them), `ignored` aside; None where
+    every id fits. A host sync."""
+    sizes = torch.full((ids.shape[1], 1), config.audio_stream_vocab_size, device=ids.device)
+    sizes[0] = config.vocab_size
+    outside = (ids < 0) | (ids >= sizes)
+    if ignored is not None:
+        outside &= ids != ignored
+    if not outside.any():
+        return None
+    item, stream, position = outside.nonzero()[0].tolist()
+    name = "the text stream" if stream == 0 else f"audio stream {stream}"
+    return f"{name} holds {ids[item, stream, position].item()}, outside [0, {sizes[stream].item()})"
+
+
 def audio_codes_per_stream(streams: torch.LongTensor, config: DeepTalkConfig) -> list[list[torch.LongTensor]]:
     """The codes each generated audio stream carries between its begin and end codes (or the sequence end).
 

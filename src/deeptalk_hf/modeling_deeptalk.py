@@ -47,6 +47,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deeptalk import DeepTalkConfig, check_modality_routing, is_whole
+from .generation_deeptalk import stream_id_outside
 from .kernels import EXPERTS_IMPLEMENTATION, triton_is_default
 
 logger = logging.get_logger(__name__)
@@ -986,15 +987,10 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                     f"input_ids has {input_ids.shape[1]} streams but the model has 1 text + "
                     f"{config.num_audio_streams} audio streams"
                 )
-            audio_ids = input_ids[:, 1:]
-            outside = (audio_ids < 0) | (audio_ids >= config.audio_stream_vocab_size)
             # The streams share one table: a wrong id would read another stream's row (checked eagerly: a host sync).
-            if not torch.compiler.is_compiling() and outside.any():
-                stream = int(outside.nonzero()[0, 1]) + 1
-                raise ValueError(
-                    f"audio stream {stream} has ids outside [0, {config.audio_stream_vocab_size}) (codes and the "
-                    "pad/bos/eos ids after them)"
-                )
+            if not torch.compiler.is_compiling() and (outside := stream_id_outside(input_ids, config)):
+                raise ValueError(f"input_ids: {outside}")
+            audio_ids = input_ids[:, 1:]
             offsets = torch.arange(config.num_audio_streams, device=input_ids.device) * config.audio_stream_vocab_size
             audio = self.speech_stream_embed(audio_ids + offsets[:, None])
             # Pad adds nothing, so a text position (all audio streams pad) is exactly the single-stream model's.
@@ -1497,6 +1493,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                     raise ValueError(
                         f"labels has shape {tuple(labels.shape)}; the streams need [batch, 1 + S, seq] = {expected}"
                     )
+                # torch's cross entropy would name no stream ("Target 18 is out of bounds"; a device assert on GPU).
+                if not torch.compiler.is_compiling() and (outside := stream_id_outside(labels, config, -100)):
+                    raise ValueError(f"labels: {outside} (and is not -100, the ignored label)")
                 loss = self._stream_loss(logits, audio_logits, labels)
 
         aux_loss = z_loss = None

@@ -28,7 +28,13 @@ from transformers.tokenization_utils_base import LARGE_INTEGER, PreTrainedTokeni
 from .audio_codecs import has_integer_dtype
 from .configuration_deeptalk import is_whole
 from .feature_extraction_deeptalk import PROCESSOR_AUDIO_OPTIONS, expand_audio_placeholders, extract_audio_features
-from .generation_deeptalk import AudioStreamReader, audio_codes_per_stream, build_delay_pattern, text_pad_token_id
+from .generation_deeptalk import (
+    AudioStreamReader,
+    audio_codes_per_stream,
+    build_delay_pattern,
+    stream_id_outside,
+    text_pad_token_id,
+)
 
 if TYPE_CHECKING:
     from .audio_codecs import AudioCodec
@@ -967,6 +973,8 @@ class DeepTalkProcessor(ProcessorMixin):
         codec = self._stream_codec(self.codec, config)
         single = isinstance(text, str)
         texts = [text] if single else list(text)
+        if not texts:
+            raise ValueError("text= is an empty batch")
         samples = _per_sample(audio, len(texts), single, _is_waveform, "audio")
         # As `apply_chat_template` tokenizes a rendered chat: no BOS before one the text has, nothing after the text.
         tokenized = [t.replace(SPEECH_PLACEHOLDER, BEGIN_OF_SPEECH) for t in texts]
@@ -996,6 +1004,8 @@ class DeepTalkProcessor(ProcessorMixin):
                     columns.append(torch.cat([pad[:1].expand(1, audio_streams.shape[1]), audio_streams]))
                 else:
                     columns.append(torch.cat([torch.tensor([[token]]), pad[1:]]))
+            if not columns:  # a tokenizer without BOS makes no token of ""
+                raise ValueError(f"text[{i}] gives no token: a prompt needs at least one")
             rows.append(torch.cat(columns, dim=1))
         length = max(row.shape[1] for row in rows)
         input_ids = torch.stack([torch.cat([pad.expand(-1, length - row.shape[1]), row], dim=1) for row in rows])
@@ -1009,8 +1019,13 @@ class DeepTalkProcessor(ProcessorMixin):
         generated part of `generate`'s result (the prompt's streams would be read as the answer's)."""
         codec = self._stream_codec(self.codec, config)
         decode_kwargs = {"skip_special_tokens": True, **decode_kwargs}
+        per_stream = audio_codes_per_stream(answer[:, 1:], config)  # (checks the layout)
+        # The reader skips ids that are no code, so a corrupt one would shift its stream's later codes into other
+        # frames, silently; the tokenizer fails on a negative text id in its own words.
+        if outside := stream_id_outside(answer, config):
+            raise ValueError(f"the answer: {outside} (labels' -100 padding is not an id: drop it before decoding)")
         outputs = []
-        for item, streams in zip(answer, audio_codes_per_stream(answer[:, 1:], config), strict=True):
+        for item, streams in zip(answer, per_stream, strict=True):
             codes = codec.from_streams(_frame_groups(streams))
             waveform = codec.decode(codes) if codes[0].numel() else torch.zeros(0)
             text = self.tokenizer.decode(self._text_ids(item[0].tolist()), **decode_kwargs)

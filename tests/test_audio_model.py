@@ -244,6 +244,9 @@ def test_bad_audio_input_raises_naming_the_problem():
     audio_id = config.audio_token_id
     with pytest.raises(ValueError, match="8000 Hz.*16000 Hz"):
         extract_audio_features([tone(440, 0.2)], 8000, extractor, config)
+    # A rate read from a text file: it read "sampled at 16000 Hz but ... expects 16000 Hz; resample it first".
+    with pytest.raises(ValueError, match="sampled at '16000' Hz.*give the rate as a number"):
+        extract_audio_features([tone(440, 0.2)], "16000", extractor, config)
     with pytest.raises(ValueError, match="audio 1 is empty"):
         extract_audio_features([tone(440, 0.2), np.zeros(0)], SAMPLING_RATE, extractor, config)
     with pytest.raises(ValueError, match=r"audio 0 has shape \(2, 100\)"):

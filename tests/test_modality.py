@@ -283,6 +283,20 @@ def test_load_json_round_trip_and_validation(model, tmp_path):
             ModalityLoad.load(tmp_path / "bad.json")
 
 
+def test_profiling_a_model_that_is_not_deeptalk_is_refused_by_name():
+    """A Qwen3-MoE source (recipe step 2 before step 1) failed with an AttributeError on a DeepTalk config field."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    source = Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        )
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="measures a DeepTalk LLM, got a Qwen3MoeForCausalLM: import the MoE first"):
+        profile_modality_load(source, [{"input_ids": torch.tensor([[1, 2, 3]])}])
+
+
 def test_profiling_refuses_malformed_batches_by_number(model):
     good = mixed_batch(0)
     speech = (good["input_ids"] >= TEXT_VOCAB).long()

@@ -525,6 +525,11 @@ def test_generate_refuses_modality_ids_of_another_shape_than_the_prompt():
     embeds = model.get_input_embeddings()(prompt)
     with pytest.raises(ValueError, match="modality_ids has shape"):
         model.generate(inputs_embeds=embeds, modality_ids=torch.ones(2, 5, dtype=torch.long), max_new_tokens=2)
+    # a list (as a processor returns without return_tensors): an AttributeError on `.dtype` / `.shape` before
+    with pytest.raises(ValueError, match="modality_ids must be a tensor .* got a list"):
+        model.generate(prompt, modality_ids=[[0] * 6] * 2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="modality_ids must be a tensor .* got a list"):
+        model(prompt, modality_ids=[[0] * 6] * 2)
 
 
 def test_generate_modality_ids_may_cover_a_prefix_and_work_with_an_assistant():

@@ -6,6 +6,7 @@ id lists into that many placeholders, with the matching modality ids. A processo
 """
 
 from collections.abc import Sequence
+from numbers import Number
 
 import numpy as np
 import torch
@@ -47,8 +48,9 @@ def extract_audio_features(
     """
     if sampling_rate != feature_extractor.sampling_rate:
         raise ValueError(
-            f"audio sampled at {sampling_rate} Hz but the feature extractor expects "
-            f"{feature_extractor.sampling_rate} Hz; resample it first"
+            f"audio sampled at {sampling_rate!r} Hz but the feature extractor expects "
+            f"{feature_extractor.sampling_rate!r} Hz; "
+            + ("resample it first" if isinstance(sampling_rate, Number) else "give the rate as a number")
         )
     mel_bins = getattr(config.audio_config, "num_mel_bins", None)  # a log-mel encoder (Whisper) takes its own count
     if mel_bins is not None and getattr(feature_extractor, "feature_size", mel_bins) != mel_bins:

@@ -264,6 +264,11 @@ def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: I
             "(audio features are not taken)"
         )
     config = model.config
+    if not isinstance(config, DeepTalkConfig):  # else an AttributeError on the first DeepTalk field read
+        raise ValueError(
+            f"profile_modality_load measures a DeepTalk LLM, got a {type(model).__name__}: import the MoE first "
+            "(upcycle_moe), then profile the DeepTalk model"
+        )
     if config.num_audio_streams:
         raise ValueError(
             f"profile_modality_load reads single-stream batches; this model has num_audio_streams="

@@ -57,7 +57,13 @@ DeepTalkMLP = Qwen3MoeMLP
 DeepTalkRotaryEmbedding = Qwen3MoeRotaryEmbedding
 
 
+def check_modality_ids_is_tensor(modality_ids: object) -> None:
+    if not isinstance(modality_ids, torch.Tensor):  # else an AttributeError on `.shape` or `.dtype`
+        raise ValueError(f"modality_ids must be a tensor [batch, seq] of 0/1, got a {type(modality_ids).__name__}")
+
+
 def check_modality_ids_shape(modality_ids: torch.Tensor, shape: tuple[int, ...]) -> None:
+    check_modality_ids_is_tensor(modality_ids)
     if tuple(modality_ids.shape) != tuple(shape):
         raise ValueError(f"modality_ids has shape {tuple(modality_ids.shape)} but the input has {tuple(shape)}")
 
@@ -105,7 +111,10 @@ def check_modality_ids_values(modality_ids: torch.Tensor | None, attention_mask:
     are the input's) may hold anything. Checked eagerly, on integer ids of a known shape (a host sync): booleans are
     0 and 1 (what `generate` passes at each step, having checked the prompt's), and where the mask is prepared (a
     per-layer dict, 4D) the padding is not known."""
-    if modality_ids is None or modality_ids.dtype == torch.bool or torch.compiler.is_compiling():
+    if modality_ids is None or torch.compiler.is_compiling():
+        return
+    check_modality_ids_is_tensor(modality_ids)
+    if modality_ids.dtype == torch.bool:
         return
     wrong = (modality_ids != 0) & (modality_ids != 1)
     if attention_mask is not None:

@@ -572,6 +572,15 @@ def test_unsupported_sources_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("kind", ["qwen2_moe", "mixtral", "olmoe"])
+def test_an_moe_checkpoint_loaded_directly_points_to_upcycle_moe(kind, tmp_path):
+    """Its config reads as a DeepTalk config; its tensors then miss (renamed experts) or have other shapes (OLMoE's
+    fused q/k norms): each refusal names the import, which OLMoE's did not."""
+    checkpoint = save_dense(source_model(kind), tmp_path / kind)
+    with pytest.raises(ValueError, match="converted with upcycle_checkpoint / upcycle_moe_checkpoint"):
+        DeepTalkForCausalLM.from_pretrained(checkpoint)
+
+
 @pytest.mark.parametrize("kind", ["truncated", "garbage-header", "missing-shard", "missing-tensor", "no-weights"])
 def test_corrupt_source_fails_cleanly(kind, tmp_path):
     checkpoint = save_dense(source_model("qwen2_moe"), tmp_path / "source", max_shard_size="30KB")

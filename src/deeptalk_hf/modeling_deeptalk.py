@@ -770,6 +770,12 @@ def warn_if_checkpointing_stops_balancing(
         )
 
 
+# The hint for a checkpoint of another architecture, which transformers' loading reads into a DeepTalk config.
+_CONVERTED = (
+    "A dense or other MoE checkpoint is converted with upcycle_checkpoint / upcycle_moe_checkpoint (deeptalk-upcycle)"
+)
+
+
 def _other_deeptalk_checkpoint(model: nn.Module, missing: list[str], unexpected: list[str]) -> str | None:
     """The hint where the checkpoint is the other DeepTalk model's: the audio model's loaded as its language model (its
     keys under `language_model.`, or renamed by `key_mapping` with the encoder's left over), or a language model's
@@ -843,7 +849,9 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 f"{key}: checkpoint {tuple(found)} vs model {tuple(expected)}"
                 for key, found, expected in sorted(loading_info.mismatched_keys)
             )
-            raise ValueError(f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}")
+            raise ValueError(
+                f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}. {_CONVERTED}"
+            )
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
         missing = sorted(loading_info.missing_keys)
         unexpected = sorted(loading_info.unexpected_keys)
@@ -861,9 +869,8 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 )
             else:
                 hint = (
-                    "A dense or other MoE checkpoint is converted with upcycle_checkpoint / upcycle_moe_checkpoint "
-                    "(deeptalk-upcycle); speech attention is added with add_speech_attention, the speech vocabulary "
-                    "with resize_speech_vocab"
+                    f"{_CONVERTED}; speech attention is added with add_speech_attention, the speech vocabulary with "
+                    "resize_speech_vocab"
                 )
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} tensors this DeepTalk config needs ({', '.join(missing[:4])}"
@@ -875,11 +882,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
             raise ValueError(
                 f"the checkpoint has {len(unexpected)} tensors this DeepTalk config has no place for "
                 f"({', '.join(unexpected[:4])}{', ...' if len(unexpected) > 4 else ''}): "
-                + (
-                    other
-                    or "it is another model's checkpoint (import an MoE with upcycle_moe / deeptalk-upcycle) or the "
-                    "config was overridden"
-                )
+                + (other or f"another model's checkpoint, or the config was overridden. {_CONVERTED}")
             )
         return loading_info
 

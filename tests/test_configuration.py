@@ -344,3 +344,46 @@ def test_derived_defaults_follow_the_documented_rules():
         assert config.audio_stream_vocab_size == 13
     # The dense MLP's width is checked only where a layer is dense (DeepSeek-style all-MoE configs may leave it 0).
     assert tiny_config(mlp_only_layers=[], intermediate_size=0).moe_layers == [0, 1, 2]
+
+
+def test_load_time_text_config_overrides_derive_the_audio_models_fields_again(tmp_path):
+    """The audio model's placeholder (the last text-block id) and connector width are derived from its LLM's config:
+    a load-time `text_config` override derives them again, as a new config does (the saved placeholder stayed, an
+    ordinary text id once the speech block moved), unless they were set to values of their own."""
+    DeepTalkAudioConfig(audio_config=WhisperConfig(), text_config=tiny_config()).save_pretrained(tmp_path / "audio")
+    for text in ({"vocab_size": 100}, {"hidden_size": 64}):
+        loaded = AutoConfig.from_pretrained(tmp_path / "audio", text_config=text)
+        fresh = DeepTalkAudioConfig(audio_config=WhisperConfig(), text_config=tiny_config(**text))
+        assert (loaded.audio_token_id, loaded.connector_hidden_size) == (
+            fresh.audio_token_id,
+            fresh.connector_hidden_size,
+        ), text
+    own = DeepTalkAudioConfig(audio_config=WhisperConfig(), text_config=tiny_config(), audio_token_id=5)
+    own.save_pretrained(tmp_path / "own")
+    assert AutoConfig.from_pretrained(tmp_path / "own", text_config={"vocab_size": 100}).audio_token_id == 5
+
+
+def test_a_load_time_override_keeps_the_saved_head_dim_as_qwen3_moe_does(tmp_path):
+    """`head_dim` is saved and kept whatever the override of the width or head count (Qwen3's is 128 at every size),
+    as transformers' Qwen3-MoE and Llama configs keep it."""
+    tiny_config(hidden_size=32, num_attention_heads=4, head_dim=8).save_pretrained(tmp_path / "deeptalk")
+    Qwen3MoeConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8).save_pretrained(
+        tmp_path / "qwen3_moe"
+    )
+    for override in ({"hidden_size": 64}, {"num_attention_heads": 2, "num_key_value_heads": 1}):
+        expected = AutoConfig.from_pretrained(tmp_path / "qwen3_moe", **override).head_dim
+        assert AutoConfig.from_pretrained(tmp_path / "deeptalk", **override).head_dim == expected == 8, override
+
+
+def test_a_saved_config_the_checks_refuse_loads_repaired_by_an_override(tmp_path):
+    """An override that repairs the refused field (as the refusal says: "set layer_types too") loads, derived fields
+    and all; the saved config alone, which the re-derivation compares with, was built first and refused."""
+    tiny_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(saved, num_hidden_layers=2)))  # layer_types: 3 entries
+    with pytest.raises(ValueError, match="must have num_hidden_layers=2 entries"):
+        AutoConfig.from_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path, layer_types=["full_attention"] * 2)
+    assert loaded.layer_types == ["full_attention"] * 2 and loaded.num_hidden_layers == 2
+    (tmp_path / "config.json").write_text(json.dumps(dict(saved, num_experts_per_tok="2")))  # a field of a wrong type
+    assert AutoConfig.from_pretrained(tmp_path, num_experts_per_tok=2).num_experts_per_tok == 2

@@ -1497,6 +1497,10 @@ def test_ignore_mismatched_sizes_loads_a_checkpoint_of_other_shapes(tmp_path):
     config = tiny_config(moe_intermediate_size=24)
     with pytest.raises(ValueError, match="wrong shape"):
         DeepTalkForCausalLM.from_pretrained(tmp_path, config=config)
+    # A config of other sizes is named as a cause beside another model's checkpoint (only the conversion was named)
+    for other in ({"config": config}, {"speech_vocab_size": 20, "vocab_size": 84}):
+        with pytest.raises(ValueError, match="the config was given or overridden with other sizes"):
+            DeepTalkForCausalLM.from_pretrained(tmp_path, **other)
     model, info = DeepTalkForCausalLM.from_pretrained(
         tmp_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True
     )
@@ -1568,3 +1572,17 @@ def test_ten_or_more_experts_keep_their_order_on_disk(tmp_path):
     loaded = DeepTalkForCausalLM.from_pretrained(tmp_path)
     for (name, param), reloaded in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(param, reloaded), name
+
+
+def test_a_model_cut_to_its_first_layers_runs_them_as_the_full_model_does():
+    """Pruning or early exit keeps the first decoder layers (`model.layers[:k]`, `num_hidden_layers = k`), as
+    transformers' MoE models allow: the cut model's output is the full model's after those layers."""
+    mixed = ["full_attention", "sliding_attention", "full_attention"]
+    model = DeepTalkForCausalLM(tiny_config(sliding_window=2, layer_types=mixed)).eval()
+    ids = torch.tensor([[5, 70, 9, 71, 12, 3]])
+    with torch.no_grad():
+        after_two = model.model.norm(model.model(ids, output_hidden_states=True).hidden_states[2])
+        model.model.layers = model.model.layers[:2]
+        model.config.num_hidden_layers = 2
+        torch.testing.assert_close(model.model(ids).last_hidden_state, after_two, rtol=0, atol=0)
+        assert torch.isfinite(model(ids, labels=ids, output_router_logits=True).loss)

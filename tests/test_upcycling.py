@@ -1014,6 +1014,15 @@ def test_a_folder_holding_the_files_a_source_links_to_is_not_replaced(tmp_path):
     assert {file.name: file.read_bytes() for file in store.iterdir()} == before and leftovers(tmp_path) == []
 
 
+def test_a_source_holding_a_symlink_loop_converts(tmp_path):
+    """A link that points at nothing (a loop) is no file the source reads: the folder converted before its links were
+    taken as sources, then failed with "RuntimeError: Symlink loop"."""
+    source = save_dense(dense_model("llama"), tmp_path / "dense")
+    (source / "latest").symlink_to("latest")
+    options = dict(num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1, progress=False)
+    assert upcycle_checkpoint(source, tmp_path / "moe", **options) == tmp_path / "moe"
+
+
 def test_a_destination_ending_in_dotdot_is_the_folder_it_names(tmp_path):
     """`deeptalk-upcycle SRC .. --overwrite` from a folder inside a model folder: the temporary folders went inside the
     folder to replace, whose rename then failed (EBUSY) after the whole conversion."""
@@ -1043,6 +1052,31 @@ def test_overwrite_never_replaces_a_project_folder_that_has_a_config_json(tmp_pa
     with atomic_output_dir(project, overwrite=True) as staging:
         (staging / "config.json").write_text("{}")
     assert os.listdir(project) == ["config.json"] and leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_a_model_folder_holding_hf_downloads_metadata(tmp_path):
+    """`hf download REPO --local-dir DIR` leaves its metadata in DIR/.cache/huggingface/: DIR is still a model folder
+    that --overwrite replaces (a project's other folders are refused)."""
+    model = tmp_path / "model"
+    (model / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (model / ".cache" / "huggingface" / "download" / "config.json.metadata").write_text("commit")
+    (model / "config.json").write_text("old")
+    with atomic_output_dir(model, overwrite=True) as staging:
+        (staging / "config.json").write_text("new")
+    assert os.listdir(model) == ["config.json"] and leftovers(tmp_path) == []
+
+
+def test_overwrite_never_replaces_a_git_checkout_that_has_a_config_json(tmp_path):
+    """A hidden folder counts as any other (.git/: the repository's whole history); only the model folder's own
+    (`additional_chat_templates/`, `.cache/`) do not."""
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (project / "config.json").write_text('{"lr": 0.001}')
+    with pytest.raises(FileExistsError, match=r"holds folders \(\.git\) besides its config.json"):
+        with atomic_output_dir(project, overwrite=True) as staging:
+            (staging / "config.json").write_text("{}")
+    assert (project / ".git" / "HEAD").is_file() and leftovers(tmp_path) == []
 
 
 def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ import math
 from numbers import Integral
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from transformers.modeling_rope_utils import RopeParameters
@@ -63,7 +64,10 @@ class ChecksOverrides:
         merged = _merged(saved, overrides, getattr(cls, "attribute_map", {}))
         stale = [name for name in cls.derived_fields if name in saved and name not in overrides]
         if overrides and stale:
-            rederived = super().from_dict({k: v for k, v in saved.items() if k not in stale})
+            try:
+                rederived = super().from_dict({k: v for k, v in saved.items() if k not in stale})
+            except (ValueError, TypeError, StrictDataclassError):  # refused as saved, repaired by an override: keep
+                return merged
             for name in stale:
                 if getattr(rederived, name) == saved[name]:
                     del merged[name]
@@ -152,8 +156,7 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
     keys_to_ignore_at_inference = ["cache"]
     construction_kwargs = ("decoder_sparse_step", "first_k_dense_replace", "use_sliding_window", "n_shared_experts")
     derived_fields = (
-        "layer_types",
-        "head_dim",
+        "layer_types",  # (not `head_dim`, which transformers' configs keep at load, as Qwen3's 128 whatever the width)
         "audio_pad_token_id",
         "audio_bos_token_id",
         "audio_eos_token_id",
@@ -584,6 +587,7 @@ class DeepTalkAudioConfig(ChecksOverrides, PreTrainedConfig):
     """
 
     model_type = "deeptalk_audio"
+    derived_fields = ("audio_token_id", "connector_hidden_size")  # from the LLM's config (see `ChecksOverrides`)
     sub_configs_defaults = {
         "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper"),
         "text_config": SubConfigSpec(config_class=DeepTalkConfig),

@@ -850,7 +850,9 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 for key, found, expected in sorted(loading_info.mismatched_keys)
             )
             raise ValueError(
-                f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}. {_CONVERTED}"
+                f"Checkpoint tensors have the wrong shape for this DeepTalk config: {details}: the config was given or "
+                "overridden with other sizes (`ignore_mismatched_sizes=True` initialises those tensors anew; the "
+                f"speech vocabulary is resized with resize_speech_vocab), or it is another model's checkpoint. {_CONVERTED}"
             )
         loading_info = PreTrainedModel._finalize_model_loading(model, load_config, loading_info)  # ties drop out
         missing = sorted(loading_info.missing_keys)
@@ -1091,9 +1093,10 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         layer_types = config.layer_types
-        if len(self.layers) != len(layer_types):
+        if len(self.layers[: config.num_hidden_layers]) > len(layer_types):
             # PEFT's `layer_replication` copies decoder layers and raises `num_hidden_layers` only: the per-layer
             # settings (attention types, MoE layers and their expert groups, router-loss layers) would not follow.
+            # (Fewer layers, the first ones kept, run as the full model's first layers do: pruning, early exit.)
             raise ValueError(
                 f"the model holds {len(self.layers)} decoder layers but its config describes {len(layer_types)} "
                 "(`layer_types`): copied layers, as LoRA's `layer_replication` makes, are not supported"

@@ -989,6 +989,18 @@ def atomic_output_file(destination: str | os.PathLike, *, overwrite: bool = True
         Path(partial).unlink(missing_ok=True)
 
 
+def _links_somewhere(entry: Path) -> bool:
+    """Whether `entry` is a symlink that resolves (a symlink loop points at nothing: `resolve` raises before Python
+    3.13)."""
+    if not entry.is_symlink():
+        return False
+    try:
+        entry.resolve()
+    except RuntimeError:
+        return False
+    return True
+
+
 def check_output_dir(
     destination: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
 ) -> None:
@@ -998,7 +1010,9 @@ def check_output_dir(
     sources = list(map(Path, inputs))
     # A folder's symlinks too: a folder of links to files kept elsewhere (as the hub cache's snapshots are) reads the
     # folders they point into.
-    sources += [entry for source in sources if source.is_dir() for entry in source.iterdir() if entry.is_symlink()]
+    sources += [
+        entry for source in sources if source.is_dir() for entry in source.iterdir() if _links_somewhere(entry)
+    ]
     for source in sources:
         if destination in (source.resolve(), *source.resolve().parents):
             raise ValueError(f"destination {destination} is or holds the source {source}; write the output elsewhere")

@@ -300,6 +300,8 @@ def test_expert_j_holds_routed_part_j_mod_the_routed_parts():
         (dict(num_text_experts=0), "at least one text expert"),
         (dict(init_noise=-1.0), "init_noise"),
         (dict(drop_fraction=1.5), "drop_fraction"),
+        (dict(speech_vocab_size=-1), "speech_vocab_size=-1 must be a whole number of speech ids, >= 0"),
+        (dict(speech_vocab_size=2.5), "speech_vocab_size=2.5 must be a whole number"),
     ],
 )
 def test_invalid_options_are_refused(options, message):

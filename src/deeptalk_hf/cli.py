@@ -238,8 +238,9 @@ def upcycle_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         default=False,
-        help="replace an existing DST: a model folder, an empty folder or a file (only once the new one is complete; "
-        "a folder holding other files is refused)",
+        help="replace an existing DST: a model folder (a config.json and no sub-folders; replaced whole, other "
+        "files included), an empty folder or a file, only once the new one is complete; a folder without a "
+        "config.json, or holding other folders, is refused",
     )
     output.add_argument("--quiet", action="store_true", default=False, help="no progress bar")
     return parser

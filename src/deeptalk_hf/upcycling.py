@@ -45,7 +45,7 @@ from transformers.modeling_utils import remove_tied_weights_from_state_dict, str
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 from transformers.utils.hub import convert_file_size_to_int
 
-from .configuration_deeptalk import DeepTalkConfig
+from .configuration_deeptalk import DeepTalkConfig, is_whole
 from .modeling_deeptalk import DeepTalkForCausalLM, check_no_adapters
 
 logger = logging.get_logger(__name__)
@@ -148,6 +148,8 @@ def _check_architecture(source: PretrainedConfig, supported: Iterable[str], what
 
 def _common_fields(source: PretrainedConfig, speech_vocab_size: int, dtype: torch.dtype | None) -> dict[str, Any]:
     """The DeepTalk config fields that every supported family carries under the same name."""
+    if not is_whole(speech_vocab_size, 0):  # (added to the source's vocabulary before the config checks it)
+        raise ValueError(f"speech_vocab_size={speech_vocab_size!r} must be a whole number of speech ids, >= 0")
     return dict(
         vocab_size=source.vocab_size + speech_vocab_size,
         speech_vocab_size=speech_vocab_size,

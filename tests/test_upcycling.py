@@ -1037,6 +1037,24 @@ def test_a_destination_ending_in_dotdot_is_the_folder_it_names(tmp_path):
     assert (old / "config.json").read_text() == "new"
 
 
+def test_replacing_the_current_directory_is_refused(tmp_path, monkeypatch):
+    """`deeptalk-upcycle SRC . --overwrite` (or `..` from inside the model folder), or the library called so from a
+    notebook: the process's current directory was the replaced folder, deleted, so every relative path failed after
+    (`os.getcwd()`: FileNotFoundError). A new folder inside the current directory is written as ever."""
+    model = tmp_path / "model"
+    (model / "additional_chat_templates").mkdir(parents=True)
+    (model / "config.json").write_text("old")
+    for inside, destination in (("", "."), ("additional_chat_templates", "..")):
+        monkeypatch.chdir(model / inside)
+        with pytest.raises(ValueError, match="is or holds the current directory"):
+            with atomic_output_dir(destination, overwrite=True) as staging:
+                (staging / "config.json").write_text("new")
+        assert os.getcwd() == str((model / inside).resolve()) and (model / "config.json").read_text() == "old"
+    with atomic_output_dir("new", overwrite=True) as staging:
+        (staging / "config.json").write_text("new")
+    assert (model / "additional_chat_templates" / "new" / "config.json").is_file() and leftovers(tmp_path) == []
+
+
 def test_overwrite_never_replaces_a_project_folder_that_has_a_config_json(tmp_path):
     """`deeptalk-upcycle SRC . --overwrite` in a project keeping its own config.json deleted the whole project (code,
     .git, data): a model folder holds files only (a tokenizer's additional_chat_templates/ aside)."""

@@ -1029,6 +1029,15 @@ def check_output_dir(
     if exists and given.is_dir() and not given.is_symlink():
         if os.path.ismount(given):
             raise ValueError(f"{given} is a mount point, which cannot be replaced: write to a new folder inside it")
+        try:
+            cwd = Path.cwd().resolve()
+        except FileNotFoundError:  # the process's folder was deleted already: it is in no destination
+            cwd = None
+        if cwd is not None and destination in (cwd, *cwd.parents):
+            raise ValueError(
+                f"{given} is or holds the current directory: replacing it would leave this process in a deleted "
+                "folder (every relative path would fail); change directory first, or write elsewhere"
+            )
         if next(given.iterdir(), None) is not None and not (given / "config.json").is_file():
             raise FileExistsError(
                 f"{given} holds files but no config.json: it is not a model folder that overwrite would replace (all "

@@ -60,6 +60,12 @@ def test_speech_block_is_the_end_of_the_vocabulary():
         (dict(num_key_value_heads=8), "multiple of num_key_value_heads=8"),
         (dict(num_attention_heads=0), "num_attention_heads"),
         (dict(head_dim=3), "head_dim=3 must be even"),
+        # A head_dim derived from the width is named as such (the user gave no head_dim):
+        (
+            dict(head_dim=None, hidden_size=28),
+            r"head_dim=7 must be even.*defaults to hidden_size=28 // num_attention_heads=4",
+        ),
+        (dict(head_dim=None, hidden_size=2), r"\{'head_dim': 0\} must be positive sizes \(head_dim defaults to"),
         (dict(moe_intermediate_size=0), "moe_intermediate_size"),
         (dict(intermediate_size=-4), "{'intermediate_size': -4}"),  # the dense layer's MLP (mlp_only_layers=[1])
         (dict(intermediate_size=0), "{'intermediate_size': 0}"),

@@ -649,7 +649,7 @@ def test_generate_takes_transformers_positional_parameters_and_refuses_parallel_
     config = GenerationConfig(max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(prompt, config), expected)
     for option in [dict(batch_parallel=True), dict(speech_answer=False)]:
-        with pytest.raises(ValueError, match="for models with parallel audio streams"):
+        with pytest.raises(ValueError, match=r"for models with parallel audio streams.*apply_chat_template\("):
             model.generate(prompt, max_new_tokens=2, **option)
 
 
@@ -725,6 +725,15 @@ def test_sharded_and_other_dtype_round_trips(tmp_path):
             assert torch.equal(tensor, narrow.state_dict()[name].to(tensor.dtype)), name
 
 
+def test_a_checkpoint_missing_tensors_of_an_overridden_config_names_the_override(tmp_path):
+    """A DeepTalk checkpoint loaded with a config override that adds tensors (a dense layer, shared experts) is not
+    another model's checkpoint to convert: the refusal names the override first."""
+    DeepTalkForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    for override in (dict(mlp_only_layers=[0, 1]), dict(shared_expert_intermediate_size=16)):
+        with pytest.raises(ValueError, match=r"lacks \d+ tensors.*\. The config was given or overridden"):
+            DeepTalkForCausalLM.from_pretrained(tmp_path, **override)
+
+
 def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path):
     """transformers' resize grows the text block of a model without speech ids (old ids keep their logits); with a
     speech block, only a call that changes nothing is allowed (`len(tokenizer)` of a matching tokenizer)."""
@@ -741,7 +750,7 @@ def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path
     for size, multiple in ((88, None), (None, None), (88, 8), (None, 11), (81, 11)):  # sizes that stay 88
         assert model.resize_token_embeddings(size, pad_to_multiple_of=multiple) is model.get_input_embeddings()
     for size, multiple in ((96, None), (80, None), (88, 64), (None, 64)):
-        with pytest.raises(ValueError, match="72 text ids, then 16 speech ids.*resize_speech_vocab"):
+        with pytest.raises(ValueError, match="72 text ids, then 16 speech ids.*resize_speech_vocab.*discard"):
             model.resize_token_embeddings(size, pad_to_multiple_of=multiple)
     assert model.config.vocab_size == 88
     assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())

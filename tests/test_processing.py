@@ -133,8 +133,12 @@ def test_fit_speech_vocab_refuses_a_tokenizer_padded_to_another_text_size():
     tokenizer = tiny_tokenizer()
     block = add_speech_tokens(tokenizer, 4)  # not padded to the model's 48 text rows
     model = tiny_model(PROCESSOR)
-    with pytest.raises(ValueError, match=f"text_vocab_size={model.config.speech_token_start}"):
+    with pytest.raises(ValueError, match=f"text_vocab_size={model.config.speech_token_start}.*reload"):
         fit_speech_vocab(model, block)
+    with pytest.raises(ValueError, match="already has a speech block"):  # why the advice names a reloaded tokenizer
+        add_speech_tokens(tokenizer, 4, text_vocab_size=model.config.speech_token_start)
+    fit_speech_vocab(model, add_speech_tokens(tiny_tokenizer(), 4, text_vocab_size=model.config.speech_token_start))
+    assert model.config.speech_token_start == 48 and model.config.speech_vocab_size == 7
 
 
 @pytest.mark.parametrize("tied", [False, True])

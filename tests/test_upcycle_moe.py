@@ -557,8 +557,11 @@ def test_unsupported_sources_are_refused(tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
     with pytest.raises(CheckpointError, match="model_type 'gpt2'"):
         upcycle_moe(gpt2)
-    with pytest.raises(CheckpointError, match=r"model_type 'mixtral'.*use upcycle_moe"):
+    with pytest.raises(CheckpointError, match=r"model_type 'mixtral'.*use upcycle_moe, or upcycle_moe_checkpoint"):
         upcycle_dense(source_model("mixtral"), num_text_experts=2, num_speech_experts=0, num_experts_per_tok=1)
+    llama.save_pretrained(tmp_path / "llama")  # the checkpoint-writing entry points name their counterpart too
+    with pytest.raises(CheckpointError, match=r"model_type 'llama'.*or upcycle_checkpoint to write a checkpoint"):
+        upcycle_moe_checkpoint(tmp_path / "llama", tmp_path / "out", progress=False)
     deeptalk = upcycle_moe(source_model("mixtral"))
     with pytest.raises(CheckpointError, match=r"model_type 'deeptalk'.*already a DeepTalk model"):
         upcycle_moe(deeptalk)

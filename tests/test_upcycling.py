@@ -294,8 +294,9 @@ def test_expert_j_holds_routed_part_j_mod_the_routed_parts():
     "options, message",
     [
         (dict(granularity=5), "granularity=5"),
-        (dict(granularity=2, num_text_experts=3), "multiples"),
-        (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+        (dict(granularity=2, num_text_experts=3), r"^\{'num_text_experts': 3\} must be multiples"),
+        (dict(num_experts_per_tok=0), "num_experts_per_tok=0 >= 1"),
+        (dict(num_speech_experts=-1), "num_speech_experts=-1 >= 0"),  # not "multiples of 1"
         (dict(granularity=2, num_shared_experts=2), "num_shared_experts=2"),
         (dict(num_text_experts=0), "at least one text expert"),
         (dict(init_noise=-1.0), "init_noise"),
@@ -969,9 +970,10 @@ def test_destination_rules(tmp_path):
     destination = tmp_path / "moe"
     destination.mkdir()
     (destination / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="overwrite"):
+    # Not a model folder: `overwrite` would delete what it holds (a user asking to "write into" it), so it is kept,
+    # and said so at once (not "pass --overwrite", which would only lead to this refusal).
+    with pytest.raises(FileExistsError, match="holds files but no config.json"):
         upcycle_checkpoint(source, destination, **options)
-    # Not a model folder: `overwrite` would delete what it holds (a user asking to "write into" it), so it is kept.
     with pytest.raises(FileExistsError, match="holds files but no config.json"):
         upcycle_checkpoint(source, destination, overwrite=True, **options)
     assert os.listdir(destination) == ["notes.txt"]

@@ -415,12 +415,26 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
             }
         else:
             sizes["head_dim"] = self.head_dim
+        # A head_dim the user may not have given: the default, hidden_size // num_attention_heads.
+        default = (
+            f" (head_dim defaults to hidden_size={self.hidden_size} // num_attention_heads="
+            f"{self.num_attention_heads}: set head_dim, or change those)"
+            if not mla
+            and self.num_attention_heads > 0
+            and self.head_dim == self.hidden_size // self.num_attention_heads
+            else ""
+        )
         small = {name: value for name, value in sizes.items() if value is None or value < 1}
         if small or (mla and self.qk_nope_head_dim < 0):
-            raise ValueError(f"{small or {'qk_nope_head_dim': self.qk_nope_head_dim}} must be positive sizes")
+            raise ValueError(
+                f"{small or {'qk_nope_head_dim': self.qk_nope_head_dim}} must be positive sizes"
+                + (default if "head_dim" in small else "")
+            )
         rope = "qk_rope_head_dim" if mla else "head_dim"
         if getattr(self, rope) % 2:
-            raise ValueError(f"{rope}={getattr(self, rope)} must be even: rotary embeddings turn pairs of dimensions")
+            raise ValueError(
+                f"{rope}={getattr(self, rope)} must be even: rotary embeddings turn pairs of dimensions{default}"
+            )
         if not mla and self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} must be a multiple of "

@@ -871,8 +871,9 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 )
             else:
                 hint = (
-                    f"{_CONVERTED}; speech attention is added with add_speech_attention, the speech vocabulary with "
-                    "resize_speech_vocab"
+                    "The config was given or overridden with other fields than the checkpoint's (e.g. mlp_only_layers, "
+                    f"shared experts), or it is another model's checkpoint. {_CONVERTED}; speech attention is added "
+                    "with add_speech_attention, the speech vocabulary with resize_speech_vocab"
                 )
             raise ValueError(
                 f"the checkpoint lacks {len(missing)} tensors this DeepTalk config needs ({', '.join(missing[:4])}"
@@ -937,8 +938,9 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 f"resize_token_embeddings({new_num_tokens}, pad_to_multiple_of={pad_to_multiple_of}): this model's "
                 f"{config.vocab_size} ids are {config.speech_token_start} text ids, then {config.speech_vocab_size} "
                 "speech ids, and new tokenizer tokens land after the speech units, where no text row can be. Size the "
-                "speech block with resize_speech_vocab; add text tokens to the text model before its speech "
-                "vocabulary (resize_token_embeddings with speech_vocab_size=0, then resize_speech_vocab)"
+                "speech block with resize_speech_vocab; text tokens are added before the speech vocabulary, to the "
+                "text model and its tokenizer before add_speech_tokens and resize_speech_vocab (resize_speech_vocab(0) "
+                "here would discard this model's speech rows and move its speech ids away from the tokenizer's)"
             )
         if config.speech_vocab_size:
             return self.get_input_embeddings()
@@ -1612,7 +1614,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         config = self.config
         if not config.num_audio_streams:
             if speech_answer is not None or batch_parallel:
-                raise ValueError("speech_answer and batch_parallel are for models with parallel audio streams")
+                raise ValueError(
+                    "speech_answer and batch_parallel are for models with parallel audio streams; a single-stream "
+                    "model answers in speech from a prompt that opens the answer's speech "
+                    "(processor.apply_chat_template(..., speech_answer=True))"
+                )
             check_prompt_modality_ids(inputs if inputs is not None else kwargs.get("input_ids"), kwargs)
             return super().generate(inputs, generation_config, logits_processor, stopping_criteria, **kwargs)
         from .generation_deeptalk import (

@@ -247,7 +247,8 @@ def fit_speech_vocab(model: DeepTalkForCausalLM | DeepTalkForConditionalGenerati
     if speech_tokens.start != start:
         raise ValueError(
             f"the speech block starts at id {speech_tokens.start} but the model's text vocabulary has {start} ids; "
-            f"call add_speech_tokens(tokenizer, num_units, text_vocab_size={start})"
+            f"call add_speech_tokens(tokenizer, num_units, text_vocab_size={start}) on the tokenizer as loaded, "
+            "without speech tokens (reload it: one that has a speech block keeps its ids)"
         )
     old, new, markers = llm.config.speech_vocab_size, len(speech_tokens), len(SPEECH_MARKERS)
 

@@ -108,9 +108,9 @@ def _check_architecture(source: PretrainedConfig, supported: Iterable[str], what
         names = ", ".join(getattr(source, "architectures", None) or []) or type(source).__name__
         hint = ""
         if kind in SUPPORTED_ARCHITECTURES:
-            hint = " (it is a dense model: use upcycle_dense)"
+            hint = " (it is a dense model: use upcycle_dense, or upcycle_checkpoint to write a checkpoint)"
         elif kind in MOE_ARCHITECTURES:
-            hint = " (it is an MoE: use upcycle_moe)"
+            hint = " (it is an MoE: use upcycle_moe, or upcycle_moe_checkpoint to write a checkpoint)"
         elif kind == DeepTalkConfig.model_type:
             hint = " (it is already a DeepTalk model: load it with from_pretrained)"
         raise CheckpointError(
@@ -216,11 +216,16 @@ def deeptalk_config_from_dense(
         "num_speech_experts": num_speech_experts,
         "num_experts_per_tok": num_experts_per_tok,
     }
-    bad = {name: value for name, value in counts.items() if value % routed_parts}
-    if bad or num_text_experts < 1 or num_speech_experts < 0 or num_experts_per_tok < 1:
+    if num_text_experts < 1 or num_speech_experts < 0 or num_experts_per_tok < 1:
         raise ValueError(
-            f"{counts} must be multiples of granularity - num_shared_experts = {routed_parts} (so the top-k picks of a "
-            "zero router hold whole sets of the MLP's parts), with at least one text expert and num_experts_per_tok >= 1"
+            f"num_text_experts={num_text_experts} must be >= 1 (at least one text expert), num_speech_experts="
+            f"{num_speech_experts} >= 0 and num_experts_per_tok={num_experts_per_tok} >= 1"
+        )
+    bad = {name: value for name, value in counts.items() if value % routed_parts}
+    if bad:
+        raise ValueError(
+            f"{bad} must be multiples of granularity - num_shared_experts = {routed_parts} (so the top-k picks of a "
+            "zero router hold whole sets of the MLP's parts)"
         )
     part = intermediate // granularity
     return DeepTalkConfig(
@@ -1024,8 +1029,7 @@ def check_output_dir(
     if blocking is not None:
         raise ValueError(f"destination {destination} cannot be created: {blocking} is a file, not a directory")
     exists = os.path.lexists(given)  # a dangling symlink too: the final rename could not replace it unasked
-    if exists and not overwrite:
-        raise FileExistsError(f"{given} already exists (pass overwrite=True / --overwrite to replace it)")
+    # A folder overwrite would not replace is named as such first: "pass --overwrite" would only lead to it.
     if exists and given.is_dir() and not given.is_symlink():
         if os.path.ismount(given):
             raise ValueError(f"{given} is a mount point, which cannot be replaced: write to a new folder inside it")
@@ -1052,6 +1056,8 @@ def check_output_dir(
                 "config.json: it is not a model folder that overwrite would replace (all of it would be deleted); "
                 "remove it yourself or write elsewhere"
             )
+    if exists and not overwrite:
+        raise FileExistsError(f"{given} already exists (pass overwrite=True / --overwrite to replace it)")
     writable = next(folder for folder in given.parents if folder.exists())
     if not os.access(writable, os.W_OK | os.X_OK):
         raise ValueError(f"destination {given} cannot be written: no permission to write in {writable}")

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -1057,19 +1058,19 @@ def test_replacing_the_current_directory_is_refused(tmp_path, monkeypatch):
     assert (model / "additional_chat_templates" / "new" / "config.json").is_file() and leftovers(tmp_path) == []
 
 
-def test_overwrite_never_replaces_a_project_folder_that_has_a_config_json(tmp_path):
+@pytest.mark.parametrize("folder", ["src", ".git"])  # a hidden folder counts as any other (.git/: all the history)
+def test_overwrite_never_replaces_a_project_folder_that_has_a_config_json(tmp_path, folder):
     """`deeptalk-upcycle SRC . --overwrite` in a project keeping its own config.json deleted the whole project (code,
     .git, data): a model folder holds files only (a tokenizer's additional_chat_templates/ aside)."""
     project = tmp_path / "project"
-    (project / "src").mkdir(parents=True)
-    (project / "src" / "train.py").write_text("work")
+    (project / folder).mkdir(parents=True)
+    (project / folder / "work").write_text("work")
     (project / "config.json").write_text('{"lr": 0.001}')
-    with pytest.raises(FileExistsError, match=r"holds folders \(src\) besides its config.json"):
+    with pytest.raises(FileExistsError, match=rf"holds folders \({re.escape(folder)}\) besides its config.json"):
         with atomic_output_dir(project, overwrite=True) as staging:
             (staging / "config.json").write_text("{}")
-    assert (project / "src" / "train.py").read_text() == "work" and leftovers(tmp_path) == []
-    (project / "src" / "train.py").unlink()
-    (project / "src").rmdir()
+    assert (project / folder / "work").read_text() == "work" and leftovers(tmp_path) == []
+    shutil.rmtree(project / folder)
     (project / "additional_chat_templates").mkdir()  # a saved tokenizer's folder: a model folder still
     with atomic_output_dir(project, overwrite=True) as staging:
         (staging / "config.json").write_text("{}")
@@ -1086,19 +1087,6 @@ def test_overwrite_replaces_a_model_folder_holding_hf_downloads_metadata(tmp_pat
     with atomic_output_dir(model, overwrite=True) as staging:
         (staging / "config.json").write_text("new")
     assert os.listdir(model) == ["config.json"] and leftovers(tmp_path) == []
-
-
-def test_overwrite_never_replaces_a_git_checkout_that_has_a_config_json(tmp_path):
-    """A hidden folder counts as any other (.git/: the repository's whole history); only the model folder's own
-    (`additional_chat_templates/`, `.cache/`) do not."""
-    project = tmp_path / "project"
-    (project / ".git").mkdir(parents=True)
-    (project / ".git" / "HEAD").write_text("ref: refs/heads/main")
-    (project / "config.json").write_text('{"lr": 0.001}')
-    with pytest.raises(FileExistsError, match=r"holds folders \(\.git\) besides its config.json"):
-        with atomic_output_dir(project, overwrite=True) as staging:
-            (staging / "config.json").write_text("{}")
-    assert (project / ".git" / "HEAD").is_file() and leftovers(tmp_path) == []
 
 
 def test_a_destination_that_cannot_be_moved_aside_is_kept(tmp_path, monkeypatch):

@@ -975,6 +975,10 @@ def _umask() -> int:
     return mask
 
 
+def _already_exists(path: Path) -> FileExistsError:
+    return FileExistsError(f"{path} already exists (pass overwrite=True / --overwrite to replace it)")
+
+
 @contextmanager
 def atomic_output_file(destination: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `destination` that replaces it only once written: on any error it is removed and
@@ -982,7 +986,7 @@ def atomic_output_file(destination: str | os.PathLike, *, overwrite: bool = True
     and one that appeared meanwhile is kept."""
     destination = Path(destination)
     if not overwrite and os.path.lexists(destination):
-        raise FileExistsError(f"{destination} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise _already_exists(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent)
     os.close(handle)
@@ -1057,7 +1061,7 @@ def check_output_dir(
                 "remove it yourself or write elsewhere"
             )
     if exists and not overwrite:
-        raise FileExistsError(f"{given} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise _already_exists(given)
     writable = next(folder for folder in given.parents if folder.exists())
     if not os.access(writable, os.W_OK | os.X_OK):
         raise ValueError(f"destination {given} cannot be written: no permission to write in {writable}")
@@ -1071,9 +1075,10 @@ def atomic_output_dir(
 
     On any error the temporary directory is removed and `destination` is untouched. With `overwrite`, an existing
     `destination` is moved aside, replaced, and deleted only once the new one is in place. `inputs` are the paths
-    the output is made from (a source checkpoint): a `destination` that is one of them or a folder holding one is
-    refused, so replacing it can never delete them; so is, even with `overwrite`, a folder holding files but no
-    `config.json` (not a model folder: "write into it" would delete them) and a mount point.
+    the output is made from (a source checkpoint; a folder's symlinks count too): a `destination` that is one of them
+    or a folder holding one is refused, so replacing it can never delete them; so is, even with `overwrite`, a folder
+    that is not a model folder (files but no `config.json`, or folders besides it: "write into it" would delete
+    them), a mount point, and the current directory or a folder holding it.
     """
     destination = Path(destination).absolute()
     if destination.name == "..":  # the folder itself: its temporary siblings would sit inside it, its rename fails

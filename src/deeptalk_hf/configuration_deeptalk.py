@@ -337,10 +337,8 @@ class DeepTalkConfig(ChecksOverrides, PreTrainedConfig):
                 f"{folded} are read when the config is built (folded into mlp_only_layers / sliding_window / "
                 "shared_expert_intermediate_size): set those instead"
             )
-        built = ["mlp_only_layers", "layer_types"]  # from other fields when None, at construction only
-        if self.num_audio_streams:
-            built += ["audio_pad_token_id", "audio_bos_token_id", "audio_eos_token_id"]
-            built += ["audio_stream_delays", "stream_loss_weights"]
+        # Derived from other fields when None, at construction only (the streams' fields only for a model with them).
+        built = ("mlp_only_layers", *(self.derived_fields if self.num_audio_streams else ("layer_types",)))
         unset = [name for name in built if getattr(self, name) is None]
         if unset:
             raise ValueError(f"{unset} are None: they are derived when the config is built, not later; set them")

@@ -1095,7 +1095,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
 
         layer_types = config.layer_types
-        if len(self.layers[: config.num_hidden_layers]) > len(layer_types):
+        if min(len(self.layers), config.num_hidden_layers) > len(layer_types):  # (a ModuleList slice registers anew)
             # PEFT's `layer_replication` copies decoder layers and raises `num_hidden_layers` only: the per-layer
             # settings (attention types, MoE layers and their expert groups, router-loss layers) would not follow.
             # (Fewer layers, the first ones kept, run as the full model's first layers do: pruning, early exit.)

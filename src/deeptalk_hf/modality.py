@@ -94,13 +94,14 @@ class ModalityLoad:
             counts = name.endswith("counts")
             # Masses in float64 from the start: a list of floats (what `load` reads) would pass through float32.
             try:
-                values = [
-                    torch.as_tensor(v, dtype=None if counts else torch.float64).cpu().reshape(-1)
-                    for v in getattr(self, name)
-                ]
+                values = [torch.as_tensor(v, dtype=None if counts else torch.float64).cpu() for v in getattr(self, name)]
             except (TypeError, ValueError, RuntimeError) as error:  # e.g. a null in a file: "could not infer dtype"
                 raise ValueError(f"ModalityLoad.{name} must hold numbers per layer and expert ({error})") from error
-            if counts and any(v.numel() and not has_integer_dtype(v) for v in values):
+            if any(v.dim() != 1 for v in values):
+                raise ValueError(f"ModalityLoad.{name} must hold one list of numbers per layer (one per expert)")
+            # torch reads [True, 2] as integers: a boolean among counts is a flag, as `_integer` has it
+            flags = any(isinstance(x, bool) for v in getattr(self, name) if isinstance(v, (list, tuple)) for x in v)
+            if counts and (flags or any(v.numel() and not has_integer_dtype(v) for v in values)):
                 raise ValueError(
                     f"ModalityLoad.{name} must hold whole assignment counts (integers, not fractions or booleans)"
                 )

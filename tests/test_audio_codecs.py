@@ -12,7 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor
+from transformers import AutoProcessor, ProcessorMixin
 
 from deeptalk_hf.audio_codecs import AudioCodec, FlatUnitCodec, MimiCodec, SnacCodec, _snac_frame_levels, resample
 
@@ -459,6 +459,22 @@ def test_the_codec_is_not_saved_with_the_processor_but_can_be_passed_back(tmp_pa
     waveform = 0.1 * torch.randn(3000, generator=torch.Generator().manual_seed(3))
     sample = {"text": "hello <|speech|>", "audio": waveform, "sampling_rate": 24000}
     assert loaded(**sample)["input_ids"] == processor(**sample)["input_ids"]
+
+
+def test_serializing_the_processor_never_takes_its_codec_away(monkeypatch):
+    """`to_dict` (`repr`, `save_pretrained`) leaves the codec out of the copy without taking it off the processor:
+    a thread encoding audio meanwhile found none (AttributeError)."""
+    processor = tiny_processor(MIMI.num_units, codec=MIMI)
+    seen = []
+    serialize = ProcessorMixin.to_dict
+
+    def spy(self):
+        seen.append(processor.__dict__.get("codec"))
+        return serialize(self)
+
+    monkeypatch.setattr(ProcessorMixin, "to_dict", spy)
+    assert "codec" not in processor.to_dict() and "codec" not in repr(processor).split("\n\n", 1)[1]
+    assert len(seen) == 2 and all(codec is MIMI for codec in seen) and processor.codec is MIMI
 
 
 def test_resampling_to_the_same_rate_returns_the_waveform_unchanged():

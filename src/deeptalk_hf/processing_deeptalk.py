@@ -8,6 +8,7 @@ segment, `<|begin_of_speech|> units <|end_of_speech|>`.
 
 from __future__ import annotations
 
+import copy
 import operator
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -566,12 +567,11 @@ class DeepTalkProcessor(ProcessorMixin):
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The codec is a model: it is neither deep-copied nor written to `processor_config.json`."""
-        codec = self.__dict__.pop("codec")
-        try:
-            return super().to_dict()
-        finally:
-            self.codec = codec
+        """The codec is a model: it is neither deep-copied nor written to `processor_config.json`. Read from a shallow
+        copy without it, so `self` is never left without its codec (another thread may be using it meanwhile)."""
+        view = copy.copy(self)
+        del view.__dict__["codec"]
+        return super(DeepTalkProcessor, view).to_dict()
 
     def __call__(
         self,

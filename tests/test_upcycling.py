@@ -1216,6 +1216,21 @@ def test_symlinks_and_names_that_only_look_like_model_folders_as_destinations(tm
         check_output_dir(tmp_path / "new")
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc (Linux)")
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_the_umask_is_read_without_being_changed(monkeypatch, mask):
+    """Reading the umask by setting it changed it for every thread meanwhile: a file another thread created then got
+    0644 under a 077 umask."""
+    previous = os.umask(mask)
+    try:
+        set_to = []
+        umask = os.umask
+        monkeypatch.setattr(os, "umask", lambda value: set_to.append(value) or umask(value))
+        assert _umask() == mask and set_to == []
+    finally:
+        os.umask(previous)
+
+
 def test_output_files_follow_the_umask_and_a_file_created_meanwhile_is_kept(tmp_path):
     """safetensors writes its files 0600: the weights of an output meant for a group stayed private. A file that
     appears while an output file is written is kept unless `overwrite` (it was replaced silently)."""

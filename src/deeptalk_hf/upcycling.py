@@ -970,6 +970,15 @@ class _ShardBuffers:
 
 
 def _umask() -> int:
+    """The process umask, read without setting it where the system tells it (Linux's /proc/self/status): setting it
+    to read it changes it for every thread meanwhile, so a file another thread created then could get 0644 under 077."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -1088,10 +1097,11 @@ def atomic_output_dir(
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent))
     try:
         yield staging
-        staging.chmod(0o777 & ~_umask())
+        umask = _umask()
+        staging.chmod(0o777 & ~umask)
         for file in staging.rglob("*"):  # writers such as safetensors' make their files private (0600)
             if file.is_file():
-                file.chmod(0o666 & ~_umask())
+                file.chmod(0o666 & ~umask)
         if os.path.lexists(destination) and not overwrite:  # it appeared while this ran: never replace it unasked
             raise FileExistsError(f"{destination} was created while the output was written; nothing was replaced")
         if os.path.lexists(destination):

@@ -123,6 +123,24 @@ def test_profile_counts_add_up(model):
         assert (load.speech_counts[i] > 0).sum() > 1  # the random router spreads tokens
 
 
+def test_profile_switches_routing_and_mode_around_the_forwards_only(model):
+    """`batches` may run the model itself (answers generated lazily, batch by batch): it sees the model as its caller
+    left it (hard routing, its modes), not the profile's settings, and the load is that of the same batches given
+    as a list."""
+    batches = [mixed_batch(0), mixed_batch(1)]
+    model.train()
+    seen = []
+
+    def lazily():
+        for batch in batches:
+            seen.append((model.config.modality_routing, model.training, torch.is_grad_enabled()))
+            yield batch
+
+    load = profile_modality_load(model, lazily())
+    assert seen == [("hard", True, True)] * 2
+    assert load == profile_modality_load(model, batches)
+
+
 def test_profile_counts_top_k_slots_and_runs_without_dropout(tmp_path_factory):
     """The load's top_k is the model's; a layer with fewer experts than top-k counts each real expert once per token
     (the spare slots are no expert); dropout is off while profiling, so a batch's load does not change run to run."""

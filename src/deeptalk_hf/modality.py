@@ -94,7 +94,9 @@ class ModalityLoad:
             counts = name.endswith("counts")
             # Masses in float64 from the start: a list of floats (what `load` reads) would pass through float32.
             try:
-                values = [torch.as_tensor(v, dtype=None if counts else torch.float64).cpu() for v in getattr(self, name)]
+                values = [
+                    torch.as_tensor(v, dtype=None if counts else torch.float64).cpu() for v in getattr(self, name)
+                ]
             except (TypeError, ValueError, RuntimeError) as error:  # e.g. a null in a file: "could not infer dtype"
                 raise ValueError(f"ModalityLoad.{name} must hold numbers per layer and expert ({error})") from error
             if any(v.dim() != 1 for v in values):
@@ -237,7 +239,6 @@ class ModalityLoad:
             figure.savefig(partial, format=image_format)
 
 
-@torch.no_grad()
 def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: Iterable[Mapping]) -> ModalityLoad:
     """Measure how `model` (a DeepTalk LLM, or the `DeepTalkModel` that `AutoModel` loads) routes speech and text
     tokens, with modality routing off.
@@ -284,33 +285,33 @@ def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: I
     counts = {modality: [torch.zeros(n, dtype=torch.int64) for n in sizes] for modality in ("speech", "text")}
     mass = {modality: [torch.zeros(n, dtype=torch.float64) for n in sizes] for modality in ("speech", "text")}
     tokens = {"speech": 0, "text": 0}
-    routing, training = config.modality_routing, {module: module.training for module in model.modules()}
-    config.modality_routing = "none"
-    model.eval()
-    try:
-        for number, batch in enumerate(batches):
-            input_ids, extra = _profile_batch(number, batch, model.device, config.vocab_size)
-            outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False, **extra)
-            is_speech = speech_positions(
-                config, input_ids, extra.get("modality_ids"), input_ids.shape, model.device
-            ).reshape(-1)
-            valid = (
-                extra["attention_mask"].reshape(-1).bool() if "attention_mask" in extra else torch.ones_like(is_speech)
-            )
-            selections = {"speech": valid & is_speech, "text": valid & ~is_speech}
+    for number, batch in enumerate(batches):
+        input_ids, extra = _profile_batch(number, batch, model.device, config.vocab_size)
+        # Switched around the forward only, not while `batches` makes the next batch (it may run the model itself).
+        routing, training = config.modality_routing, {module: module.training for module in model.modules()}
+        config.modality_routing = "none"
+        model.eval()
+        try:
+            with torch.no_grad():
+                outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False, **extra)
+        finally:
+            config.modality_routing = routing
+            for module, mode in training.items():  # each module's own (`model.train(mode)` would set them all alike)
+                module.training = mode
+        is_speech = speech_positions(
+            config, input_ids, extra.get("modality_ids"), input_ids.shape, model.device
+        ).reshape(-1)
+        valid = extra["attention_mask"].reshape(-1).bool() if "attention_mask" in extra else torch.ones_like(is_speech)
+        selections = {"speech": valid & is_speech, "text": valid & ~is_speech}
+        for modality, selected in selections.items():
+            tokens[modality] += int(selected.sum())
+        for i, logits in enumerate(outputs.router_logits):
+            probs, _, indices = blocks[i].route_all(logits.float())
             for modality, selected in selections.items():
-                tokens[modality] += int(selected.sum())
-            for i, logits in enumerate(outputs.router_logits):
-                probs, _, indices = blocks[i].route_all(logits.float())
-                for modality, selected in selections.items():
-                    selected = selected.to(indices.device)  # under a device_map each layer routes on its own device
-                    picked = indices[selected].reshape(-1).cpu()
-                    counts[modality][i] += torch.bincount(picked, minlength=sizes[i] + 1)[: sizes[i]]
-                    mass[modality][i] += probs[selected].sum(0).double().cpu()
-    finally:
-        config.modality_routing = routing
-        for module, mode in training.items():  # each module's own (`model.train(mode)` would set them all alike)
-            module.training = mode
+                selected = selected.to(indices.device)  # under a device_map each layer routes on its own device
+                picked = indices[selected].reshape(-1).cpu()
+                counts[modality][i] += torch.bincount(picked, minlength=sizes[i] + 1)[: sizes[i]]
+                mass[modality][i] += probs[selected].sum(0).double().cpu()
     return ModalityLoad(
         layers=layers,
         top_k=config.num_experts_per_tok,

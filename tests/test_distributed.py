@@ -1,6 +1,6 @@
 """The config's tensor- and expert-parallel plans on two CPU processes (gloo): a training step of a tiny DeepTalk model
 under TP, TP+EP (eager and compiled) and FSDP+EP gives the single-process logits, loss and gradients, for each kind of
-attention."""
+attention; so do the training stages on those layouts, and a LoRA adapter added before FSDP2 shards the model."""
 
 import os
 import subprocess
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed
+from peft import PeftModel, get_peft_model
 
-from deeptalk_hf import DeepTalkForCausalLM
+from deeptalk_hf import DeepTalkForCausalLM, lora_config_for_stage, set_training_stage
 
 from .conftest import tiny_config
 
@@ -101,3 +102,75 @@ def test_data_parallel_takes_a_one_modality_batch(tmp_path):
     result = run_workers(tmp_path, "ddp")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert result.stdout.count("ddp: ok") == 2, result.stdout
+
+
+def _save_speech_model_and_batches(path: Path) -> list[torch.Tensor]:
+    """A tiny model with speech experts, a shared expert and speech attention saved in `path`, and two mixed batches
+    (one per rank where ranks take a batch each)."""
+    DeepTalkForCausalLM(
+        tiny_config(num_speech_experts=2, shared_expert_intermediate_size=16, speech_attention=True)
+    ).save_pretrained(path)
+    generator = torch.Generator().manual_seed(0)
+    text, speech = (
+        torch.randint(3, 64, (2, 2, 6), generator=generator),
+        torch.randint(64, 80, (2, 2, 6), generator=generator),
+    )
+    return list(torch.cat([text, speech], 2))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_training_stages_under_parallel_plans(tmp_path):
+    """`set_training_stage` on a TP, TP+EP and FSDP+EP model, the stages in turn with an optimizer step each: the
+    trainable set, loss and gradients are one process's (frozen tensors get none and stay bit-equal). FSDP ranks take a
+    batch each, so their gradients must be the mean of both batches'."""
+    batches = _save_speech_model_and_batches(tmp_path)
+    reference = {"batches": batches}
+    for key, rank_batches in (("shared", batches[:1]), ("per_rank", batches)):
+        model = DeepTalkForCausalLM.from_pretrained(tmp_path).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        reference[key] = {}
+        for stage in ("speech", "text", "joint"):
+            trainable = set(set_training_stage(model, stage))
+            loss = sum(model(batch, labels=batch).loss for batch in rank_batches) / len(rank_batches)
+            loss.backward()
+            grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            after = {name: param.detach().clone() for name, param in model.named_parameters()}
+            reference[key][stage] = {"trainable": trainable, "loss": loss.detach(), "grads": grads, "after": after}
+    torch.save(reference, tmp_path / "reference.pt")
+    result = run_workers(tmp_path, "stages")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    for layout in ("tp", "tp+ep", "fsdp+ep"):
+        for stage in ("speech", "text", "joint"):
+            assert result.stdout.count(f"stages {layout} {stage}: ok") == 2, result.stdout
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_lora_added_before_fsdp_sharding(tmp_path):
+    """The joint stage's adapter (attention, dense MLP, shared experts, routers, both experts groups, speech tables in
+    full), added before FSDP2 shards the model, a batch per rank: one process's logits and averaged gradients, and the
+    adapter saved from rank 0 loads back. (Added after sharding, PEFT's LoRA fails or is not averaged: the helper
+    refuses a sharded model, see `test_training_stages_under_parallel_plans`.)"""
+    batches = _save_speech_model_and_batches(tmp_path)
+    model = DeepTalkForCausalLM.from_pretrained(tmp_path)
+    get_peft_model(model, lora_config_for_stage(model, "joint", r=4, init_lora_weights=False)).save_pretrained(
+        tmp_path / "adapter"
+    )
+    peft_model = PeftModel.from_pretrained(
+        DeepTalkForCausalLM.from_pretrained(tmp_path), tmp_path / "adapter", is_trainable=True
+    )
+    peft_model.train()
+    logits = []
+    for batch in batches:
+        outputs = peft_model(batch, labels=batch)
+        (outputs.loss / 2).backward()
+        logits.append(outputs.logits.detach())
+    grads = {name: param.grad.clone() for name, param in peft_model.named_parameters() if param.grad is not None}
+    torch.optim.SGD(peft_model.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        after = peft_model.eval()(batches[0]).logits
+    torch.save({"batches": batches, "logits": logits, "grads": grads, "after": after}, tmp_path / "reference.pt")
+    result = run_workers(tmp_path, "lora")
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert result.stdout.count("lora: ok") == 2, result.stdout

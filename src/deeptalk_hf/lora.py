@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 
+import torch
 from peft import LoraConfig
 from torch import nn
 from transformers import PreTrainedModel
@@ -60,6 +61,26 @@ def _shortest_suffixes(chosen: set[str], universe: Iterable[str]) -> list[str]:
     return sorted(suffixes)
 
 
+def _check_not_sharded(model: nn.Module) -> None:
+    """PEFT's LoRA added to a model whose tensors are already sharded (DTensors: `from_pretrained(...,
+    distributed_config=...)` or FSDP2) fails under tensor parallelism (PEFT 0.21 sizes the factors by the local shard,
+    transformers' TP hooks read them as the whole: a shape error at the first forward) and on the experts tensors, and
+    under FSDP trains factors that are not sharded, so not averaged across ranks (the ranks' adapters drift apart):
+    transformers' own MoE models alike. Adding the adapter first and sharding after works."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = next((name for name, param in model.named_parameters() if isinstance(param, DTensor)), None)
+    if sharded is not None:
+        raise ValueError(
+            f"lora_config_for_stage on a sharded model ({sharded} is a DTensor: loaded with a distributed_config, or "
+            "FSDP-wrapped): PEFT's LoRA does not work on sharded tensors (tensor or expert parallelism: it fails; FSDP: "
+            "the adapter's gradients are not averaged across ranks). Add the adapter to the model loaded without "
+            "distributed_config, then shard it (FSDP2: fully_shard on each decoder layer, then on the model)"
+        )
+
+
 def lora_config_for_stage(
     model: nn.Module,
     stage: str,
@@ -98,6 +119,7 @@ def lora_config_for_stage(
             f"lora_config_for_stage takes a transformers model, got {type(model).__name__}: pass the DeepTalk model "
             "it holds and give the config to get_peft_model with that model (PEFT adapts its layers in place)"
         )
+    _check_not_sharded(model)
     modules = dict(model.named_modules())
     output_embeddings = model.get_output_embeddings()
     target_modules, target_parameters, modules_to_save, read_directly = set(), set(), set(), set()

@@ -734,6 +734,26 @@ def test_a_checkpoint_missing_tensors_of_an_overridden_config_names_the_override
             DeepTalkForCausalLM.from_pretrained(tmp_path, **override)
 
 
+def test_a_checkpoint_whose_config_json_holds_an_unused_n_shared_experts_names_the_override(tmp_path):
+    """deeptalk_hf before 2026-11-29 stored a given `n_shared_experts` in config.json without using it; it is read now,
+    so such a checkpoint lacks the shared experts its config asks for: the refusal names `n_shared_experts=0`, which
+    loads the model as it was saved."""
+    import json
+
+    model = DeepTalkForCausalLM(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "n_shared_experts": 1}))  # as the old code wrote it
+    with pytest.raises(
+        ValueError, match=r"lacks 6 tensors .*shared_experts.*load such a checkpoint with n_shared_experts=0"
+    ):
+        DeepTalkForCausalLM.from_pretrained(tmp_path)
+    ids = torch.randint(0, 80, (2, 7))
+    loaded = DeepTalkForCausalLM.from_pretrained(tmp_path, n_shared_experts=0).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
 def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path):
     """transformers' resize grows the text block of a model without speech ids (old ids keep their logits); with a
     speech block, only a call that changes nothing is allowed (`len(tokenizer)` of a matching tokenizer)."""

@@ -869,6 +869,12 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                     "Only output heads are missing: a checkpoint of the base model (load it with AutoModel), or one "
                     "saved with tied embeddings and loaded with tie_word_embeddings=False (load it tied)"
                 )
+            elif all(".mlp.shared_experts." in key for key in missing):
+                hint = (
+                    "The config was given or overridden with shared experts the checkpoint does not have, or its "
+                    "config.json holds an `n_shared_experts`, which deeptalk_hf saved unused before 2026-11-29 and now "
+                    "reads as shared experts: load such a checkpoint with n_shared_experts=0 to keep the model it was"
+                )
             else:
                 hint = (
                     "The config was given or overridden with other fields than the checkpoint's (e.g. mlp_only_layers, "

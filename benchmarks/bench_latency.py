@@ -419,7 +419,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_parallel" if args.parallel else ""
     path = args.out / f"latency_{model.device.type}_{args.size}_{args.policy}{suffix}.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
     print(
         f"{device_name} | {args.size} ({report['parameters'] / 1e6:.1f}M params) | {args.policy} | {report['codec']}"

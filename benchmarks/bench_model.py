@@ -172,7 +172,7 @@ def main() -> None:
         "ratio_deeptalk_over_qwen3_moe": ratios,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 
 

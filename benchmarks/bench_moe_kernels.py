@@ -204,7 +204,7 @@ HEADER = (
 def write(path: Path, text: str) -> None:
     """The whole of `text`, or the file as it was: a run stopped while writing leaves no half a file."""
     with atomic_output_file(path) as partial:
-        partial.write_text(text)
+        partial.write_text(text, encoding="utf-8")
 
 
 def slug(text: str) -> str:

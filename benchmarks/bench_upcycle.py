@@ -101,7 +101,7 @@ def dense_parameters(path: Path) -> int:
     """The checkpoint's parameter count (a one-shard checkpoint, `--size tiny`, has no index to read it from)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return json.loads(index.read_text())["metadata"]["total_parameters"]
+        return json.loads(index.read_text(encoding="utf-8"))["metadata"]["total_parameters"]
     from safetensors import safe_open
 
     with safe_open(path / "model.safetensors", "pt") as f:
@@ -194,7 +194,7 @@ def main() -> None:
             "results": results,
         }
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         gib = 2**30
         print(f"dense: {report['dense_parameters']} parameters, {report['input_bytes'] / gib:.2f} GiB")
         print(f"{'step':28} {'work s':>8} {'peak RSS GiB':>13} {'output GiB':>11} {'x time':>7} {'x shards':>9}")

@@ -809,7 +809,7 @@ def run(
 def _cpu_name() -> str:
     """The CPU model from /proc/cpuinfo where there is one (`platform.processor()` is often empty on Linux)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     except OSError:
@@ -983,7 +983,7 @@ def plot(results: dict, path: Path) -> None:
 
 def write_results(results: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     goal = results["goal"]
     summary = (
         f"{table(results)}\nGoal (d's text change ≤ 1/3 of (a)'s at equal or better speech loss; (d) below (b) and (c)): "
@@ -994,7 +994,7 @@ def write_results(results: dict, out_dir: Path, name: str) -> None:
     )
     if "split_study" in results:
         summary += split_study_line(results["split_study"])
-    (out_dir / f"{name}.md").write_text(summary)
+    (out_dir / f"{name}.md").write_text(summary, encoding="utf-8")
     plot(results, out_dir / f"{name}.png")
 
 
@@ -1083,7 +1083,7 @@ def main(argv: Iterable[str] | None = None) -> None:
         runs = []
         for path in args.collect:
             try:
-                runs.append(json.loads(path.read_text()))
+                runs.append(json.loads(path.read_text(encoding="utf-8")))
             except (OSError, ValueError) as error:
                 parser.error(f"--collect: cannot read {path}: {error}")
             if not isinstance(runs[-1], dict) or runs[-1].get("benchmark") != "forgetting":
@@ -1093,9 +1093,9 @@ def main(argv: Iterable[str] | None = None) -> None:
         except ValueError as error:
             parser.error(str(error))
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{name}.json").write_text(json.dumps(matched, indent=1) + "\n")
+        (args.out / f"{name}.json").write_text(json.dumps(matched, indent=1) + "\n", encoding="utf-8")
         markdown = matched_speech_table(matched)
-        (args.out / f"{name}.md").write_text(markdown)
+        (args.out / f"{name}.md").write_text(markdown, encoding="utf-8")
         print(markdown)
         return
     if importlib.util.find_spec("matplotlib") is None:  # the curves (NAME.png) are written after the whole run

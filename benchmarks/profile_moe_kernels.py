@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
             print(tables[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"moe_profile_{slug(device_name())}_{args.shape if HAS_CUDA else 'tiny'}_{tokens}.txt"
-    path.write_text("\n\n".join(tables) + "\n")
+    path.write_text("\n\n".join(tables) + "\n", encoding="utf-8")
     print(f"wrote {path}")
 
 

@@ -623,7 +623,7 @@ def _copy_tokenizer(source: Path, destination: Path, extra: tuple[str, ...] = ()
 def _weight_map(index: Path) -> dict[str, str]:
     """A safetensors index's tensor -> shard file map."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"{index} is not a valid safetensors index: {error!r}") from error
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -1193,7 +1193,9 @@ def _write_checkpoint(
                 "metadata": {"total_parameters": sum(t.numel() for t in planned.values()), **split.metadata},
                 "weight_map": split.tensor_to_filename,
             }
-            (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
         converter.config.save_pretrained(staging)
         checkpoint.generation_config(converter.config).save_pretrained(staging)
         _copy_tokenizer(checkpoint.source, staging)

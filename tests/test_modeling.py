@@ -1615,3 +1615,32 @@ def test_a_model_cut_to_its_first_layers_runs_them_as_the_full_model_does():
         model.config.num_hidden_layers = 2
         torch.testing.assert_close(model.model(ids).last_hidden_state, after_two, rtol=0, atol=0)
         assert torch.isfinite(model(ids, labels=ids, output_router_logits=True).loss)
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm", "batched_mm"])
+def test_hard_routing_keeps_no_copy_of_the_groups_outputs_for_backward(backend):
+    """Merging the two groups' outputs into the token order must not keep them for the backward (autograd's
+    `index_copy_` keeps its whole source, `[rows, hidden]` per group and layer, for its shape alone): training would
+    hold one more activation per MoE layer than Qwen3-MoE does."""
+    torch.manual_seed(0)
+    block = DeepTalkForCausalLM(tiny_config(experts_implementation=backend)).train().model.layers[0].mlp
+    hidden = torch.randn(1, 10, 32, requires_grad=True)
+    split = ModalitySplit(torch.arange(10) % 3 == 0)
+    outputs, saved = [], set()
+    run = block._run
+
+    def recorded(*args, **kwargs):
+        outputs.append(run(*args, **kwargs))
+        return outputs[-1]
+
+    block._run = recorded
+
+    def pack(tensor):
+        saved.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output, _ = block(hidden, split)
+    assert len(outputs) == 2 and not saved & {o.untyped_storage().data_ptr() for o in outputs}
+    output.sum().backward()
+    assert hidden.grad is not None

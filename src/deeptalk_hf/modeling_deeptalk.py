@@ -617,7 +617,9 @@ class DeepTalkSparseMoeBlock(nn.Module):
             (split.speech_rows, speech_logits, speech_group),
         ):
             weights, indices = self._route(logits[rows], router)
-            output.index_copy_(0, rows, self._run(experts, count, hidden[rows], indices, weights))
+            # index_put_, not index_copy_: autograd's index_copy keeps the whole source ([rows, H] per group and layer)
+            # for its shape alone; index_put_ keeps only the rows.
+            output.index_put_((rows,), self._run(experts, count, hidden[rows], indices, weights))
         return output, router_logits
 
     def _on_no_tokens(self, hidden: torch.Tensor, router: nn.Module, experts: nn.Module) -> torch.Tensor:

@@ -141,6 +141,27 @@ def test_profile_switches_routing_and_mode_around_the_forwards_only(model):
     assert load == profile_modality_load(model, batches)
 
 
+def test_profile_runs_the_head_on_one_position_only(model, monkeypatch):
+    """Profiling reads the router logits only: full `[batch, seq, vocab]` logits (gigabytes per batch with a 150k
+    vocabulary) are not computed, and the load is the one the router logits of a full forward give."""
+    batches = [mixed_batch(0), mixed_batch(1)]
+    full = type(model).forward
+
+    def forward(self, *args, **kwargs):
+        outputs = full(self, *args, **kwargs)
+        rows.append(outputs.logits.shape[1])
+        return outputs
+
+    rows = []
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: full(self, *a, **{**k, "logits_to_keep": 0}))
+    reference = profile_modality_load(model, batches)
+    monkeypatch.setattr(type(model), "forward", forward)
+    load = profile_modality_load(model, batches)
+    assert rows == [1, 1]
+    for name in ("speech_counts", "text_counts", "speech_mass", "text_mass"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(load, name), getattr(reference, name), strict=True))
+
+
 def test_profile_counts_top_k_slots_and_runs_without_dropout(tmp_path_factory):
     """The load's top_k is the model's; a layer with fewer experts than top-k counts each real expert once per token
     (the spare slots are no expert); dropout is off while profiling, so a batch's load does not change run to run."""

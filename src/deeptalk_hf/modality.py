@@ -285,6 +285,9 @@ def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: I
     counts = {modality: [torch.zeros(n, dtype=torch.int64) for n in sizes] for modality in ("speech", "text")}
     mass = {modality: [torch.zeros(n, dtype=torch.float64) for n in sizes] for modality in ("speech", "text")}
     tokens = {"speech": 0, "text": 0}
+    # Only the router logits are read: the language-model head runs on one position, not on [batch, seq, vocab]
+    # logits (with a 150k vocabulary, gigabytes per batch).
+    head = {"logits_to_keep": 1} if isinstance(model, DeepTalkForCausalLM) else {}
     for number, batch in enumerate(batches):
         input_ids, extra = _profile_batch(number, batch, model.device, config.vocab_size)
         # Switched around the forward only, not while `batches` makes the next batch (it may run the model itself).
@@ -293,7 +296,7 @@ def profile_modality_load(model: DeepTalkForCausalLM | DeepTalkModel, batches: I
         model.eval()
         try:
             with torch.no_grad():
-                outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False, **extra)
+                outputs = model(input_ids=input_ids, output_router_logits=True, use_cache=False, **head, **extra)
         finally:
             config.modality_routing = routing
             for module, mode in training.items():  # each module's own (`model.train(mode)` would set them all alike)

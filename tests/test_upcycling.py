@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -1228,6 +1229,28 @@ def test_the_umask_is_read_without_being_changed(monkeypatch, mask):
         monkeypatch.setattr(os, "umask", lambda value: set_to.append(value) or umask(value))
         assert _umask() == mask and set_to == []
     finally:
+        os.umask(previous)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process names (prctl) and /proc are Linux's")
+def test_the_umask_is_read_without_being_changed_whatever_the_process_name(monkeypatch):
+    """/proc/self/status starts with the process name, cut to 15 bytes: a non-ASCII name (a script's own name, or
+    one set as setproctitle does) can end inside a character, which is no UTF-8 text: the umask must still be read
+    from it, not by setting it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    name = ctypes.create_string_buffer(16)
+    libc.prctl(16, name, 0, 0, 0)  # PR_GET_NAME
+    previous = os.umask(0o077)
+    try:
+        assert libc.prctl(15, "обучение-модели".encode()[:15], 0, 0, 0) == 0  # PR_SET_NAME: ends in half a character
+        set_to = []
+        umask = os.umask
+        monkeypatch.setattr(os, "umask", lambda value: set_to.append(value) or umask(value))
+        assert _umask() == 0o077 and set_to == []
+    finally:
+        libc.prctl(15, name.value, 0, 0, 0)
         os.umask(previous)
 
 

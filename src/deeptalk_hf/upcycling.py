@@ -973,9 +973,10 @@ def _umask() -> int:
     """The process umask, read without setting it where the system tells it (Linux's /proc/self/status): setting it
     to read it changes it for every thread meanwhile, so a file another thread created then could get 0644 under 077."""
     try:
-        with open("/proc/self/status") as status:
+        # In bytes: the file starts with the process name, cut to 15 bytes, so not always text in any encoding.
+        with open("/proc/self/status", "rb") as status:
             for line in status:
-                if line.startswith("Umask:"):
+                if line.startswith(b"Umask:"):
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass

@@ -754,6 +754,33 @@ def test_a_checkpoint_whose_config_json_holds_an_unused_n_shared_experts_names_t
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def test_another_moes_checkpoint_whose_shared_expert_is_named_otherwise_is_pointed_to_the_import(tmp_path):
+    """A Qwen2-MoE checkpoint (`mlp.shared_expert.*`) loaded as a DeepTalk model lacks only `mlp.shared_experts.*`:
+    the refusal points to the import, not to `n_shared_experts=0` (which its config.json does not hold and which would
+    not load it)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    Qwen2MoeForCausalLM(
+        Qwen2MoeConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+        )
+    ).save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"shared_experts.*another model's checkpoint.*upcycle_moe_checkpoint"
+    ) as error:
+        DeepTalkForCausalLM.from_pretrained(tmp_path, use_qk_norm=False)
+    assert "n_shared_experts=0" not in str(error.value)
+
+
 def test_resize_token_embeddings_keeps_the_text_and_speech_blocks_apart(tmp_path):
     """transformers' resize grows the text block of a model without speech ids (old ids keep their logits); with a
     speech block, only a call that changes nothing is allowed (`len(tokenizer)` of a matching tokenizer)."""

@@ -871,7 +871,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                     "Only output heads are missing: a checkpoint of the base model (load it with AutoModel), or one "
                     "saved with tied embeddings and loaded with tie_word_embeddings=False (load it tied)"
                 )
-            elif all(".mlp.shared_experts." in key for key in missing):
+            elif not unexpected and all(".mlp.shared_experts." in key for key in missing):  # (another MoE's: its own)
                 hint = (
                     "The config was given or overridden with shared experts the checkpoint does not have, or its "
                     "config.json holds an `n_shared_experts`, which deeptalk_hf saved unused before 2026-11-29 and now "

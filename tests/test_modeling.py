@@ -748,6 +748,8 @@ def test_a_checkpoint_whose_config_json_holds_an_unused_n_shared_experts_names_t
         ValueError, match=r"lacks 6 tensors .*shared_experts.*load such a checkpoint with n_shared_experts=0"
     ):
         DeepTalkForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"load such a checkpoint with n_shared_experts=0"):  # its heads unexpected
+        AutoModel.from_pretrained(tmp_path)
     ids = torch.randint(0, 80, (2, 7))
     loaded = DeepTalkForCausalLM.from_pretrained(tmp_path, n_shared_experts=0).eval()
     with torch.no_grad():

@@ -1232,7 +1232,10 @@ def test_the_umask_is_read_without_being_changed(monkeypatch, mask):
         os.umask(previous)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process names (prctl) and /proc are Linux's")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.path.exists("/proc/self/status"),
+    reason="process names (prctl) and /proc are Linux's",
+)
 def test_the_umask_is_read_without_being_changed_whatever_the_process_name(monkeypatch):
     """/proc/self/status starts with the process name, cut to 15 bytes: a non-ASCII name (a script's own name, or
     one set as setproctitle does) can end inside a character, which is no UTF-8 text: the umask must still be read

@@ -860,6 +860,8 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
         missing = sorted(loading_info.missing_keys)
         unexpected = sorted(loading_info.unexpected_keys)
         other = _other_deeptalk_checkpoint(model, missing, unexpected)
+        if isinstance(model, DeepTalkModel):  # the base model of a causal LM's checkpoint: the heads are not its
+            unexpected = [key for key in unexpected if key.split(".")[0] not in _OUTPUT_HEADS]
         if missing and _adds_stream_tables(model, missing, load_config):
             # A checkpoint without parallel streams, loaded with `num_audio_streams` set: new tables, as asked.
             logger.warning(f"parallel audio streams added: {', '.join(missing)} are new (initialised), train them")
@@ -887,8 +889,6 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
                 f"the checkpoint lacks {len(missing)} tensors this DeepTalk config needs ({', '.join(missing[:4])}"
                 f"{', ...' if len(missing) > 4 else ''}). {hint}"
             )
-        if isinstance(model, DeepTalkModel):  # the base model of a causal LM's checkpoint: the heads are not its
-            unexpected = [key for key in unexpected if key.split(".")[0] not in _OUTPUT_HEADS]
         if unexpected:  # dropped weights: the model would compute something else than the source
             raise ValueError(
                 f"the checkpoint has {len(unexpected)} tensors this DeepTalk config has no place for "

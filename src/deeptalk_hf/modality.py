@@ -129,12 +129,14 @@ class ModalityLoad:
 
     @property
     def rho_speech(self) -> list[torch.Tensor]:
-        """ρA: each expert's share of the speech tokens' assignments in its layer (sums to 1 over the layer)."""
+        """ρA: each expert's share of the speech tokens' assignments in its layer (sums to 1 over the layer, or is
+        all 0 without speech tokens)."""
         return self._shares(self.speech_counts)
 
     @property
     def rho_text(self) -> list[torch.Tensor]:
-        """ρT: each expert's share of the text tokens' assignments in its layer (sums to 1 over the layer)."""
+        """ρT: each expert's share of the text tokens' assignments in its layer (sums to 1 over the layer, or is
+        all 0 without text tokens)."""
         return self._shares(self.text_counts)
 
     @property

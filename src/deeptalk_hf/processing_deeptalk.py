@@ -582,7 +582,8 @@ class DeepTalkProcessor(ProcessorMixin):
     ) -> BatchFeature:
         r"""
         Args:
-            text: one text or a batch; `None` for speech only (one sample).
+            text: one text or a batch; `None` for speech only (one sample of one segment: more segments need a
+                text with `<|speech|>` placeholders).
             speech_units: per sample `None`, one segment (`list[int]` or 1-D tensor of unit indices in
                 `[0, num_speech_units)`) or a list of segments; for a batch, a list with one such entry per text.
             audio: like `speech_units`, with waveforms (1-D, or `[channels, samples]` mixed down) that the codec

@@ -990,6 +990,7 @@ def test_numpy_integer_ratio_saves_and_loads(tmp_path):
             "2 <|speech|> placeholders but 1 speech segments",
         ),
         ({"text": "hello", "speech_units": [[1], [2]]}, "no <|speech|> placeholder for its 2 speech segments"),
+        ({"speech_units": [[1], [2]]}, "(or text=None) takes one segment; mark where each goes with <|speech|>"),
         ({"text": ["a", "b"], "speech_units": [[1]]}, "one entry per text"),
         ({"text": "hello", "speech_units": [1.5]}, "must be a segment (a non-empty 1-D sequence of integer ids)"),
         ({"text": "hello", "speech_units": [1.0, 2.0]}, "got a list of 2 entries (['float'])"),

@@ -786,7 +786,8 @@ class DeepTalkProcessor(ProcessorMixin):
             )
         if len(segments) > 1:
             raise ValueError(
-                f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments"
+                f"text[{i}] has no {SPEECH_PLACEHOLDER} placeholder for its {len(segments)} speech segments: a text "
+                f"without placeholders (or text=None) takes one segment; mark where each goes with {SPEECH_PLACEHOLDER}"
             )
         if not segments:
             return ids, list(range(len(ids)))

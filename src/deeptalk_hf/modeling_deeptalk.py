@@ -291,8 +291,15 @@ class DeepTalkAttention(nn.Module):
         for name in names:
             self.add_module(f"speech_{name}", copy.deepcopy(getattr(self, name)))
 
-    def _project(self, name: str, states: torch.Tensor, speech_index: SpeechIndex | None) -> torch.Tensor:
-        """`name` (e.g. `"q_proj"`) applied to `states` `[batch, seq, ...]`, its speech copy at `speech_index`."""
+    def _project(
+        self,
+        name: str,
+        states: torch.Tensor,
+        speech_index: SpeechIndex | None,
+        speech_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`name` (e.g. `"q_proj"`) applied to `states` `[batch, seq, ...]`, its speech copy at `speech_index`.
+        `speech_states`: `states[speech_index]`, gathered once for q, k and v (each gather is kept for backward)."""
         # The text module runs on every row (speech rows are overwritten) so that text rows see exactly the matmul of
         # a model without speech attention: projecting only the text rows would change the float rounding.
         out = getattr(self, name)(states)
@@ -307,7 +314,7 @@ class DeepTalkAttention(nn.Module):
                     speech_index, torch.tensor(True, device=out.device)
                 )
             return torch.where(speech_index.view(*speech_index.shape, *[1] * (out.dim() - 2)), speech(states), out)
-        return out.index_put(speech_index, speech(states[speech_index]))
+        return out.index_put(speech_index, speech(states[speech_index] if speech_states is None else speech_states))
 
     def forward(
         self,
@@ -326,9 +333,10 @@ class DeepTalkAttention(nn.Module):
         config = self.config
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self._project("q_proj", hidden_states, speech_index)
-        key_states = self._project("k_proj", hidden_states, speech_index)
-        value_states = self._project("v_proj", hidden_states, speech_index)
+        speech_states = hidden_states[speech_index] if isinstance(speech_index, tuple) else None
+        query_states = self._project("q_proj", hidden_states, speech_index, speech_states)
+        key_states = self._project("k_proj", hidden_states, speech_index, speech_states)
+        value_states = self._project("v_proj", hidden_states, speech_index, speech_states)
         if self.qk_norm_type == "full":  # OLMoE: before the head split
             query_states = self._project("q_norm", query_states, speech_index)
             key_states = self._project("k_norm", key_states, speech_index)
